@@ -1,0 +1,409 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/daemon"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/pkg/backend"
+	"github.com/leased/leased/pkg/lease"
+	"github.com/leased/leased/pkg/subnetenv"
+)
+
+// agent runs the data flow config → lease → peers → backend → kernel for
+// one host. Its state is owned by the goroutine running run; nothing else
+// touches it.
+type agent struct {
+	o    *options
+	cli  *clientv3.Client
+	reg  *lease.Registry
+	ext  backend.ExtIface
+	node string
+
+	view      lease.View // etcd as the watch has shown it
+	cfg       *lease.Config
+	rejected  map[string]string // node → reason last logged
+	exhausted string            // last "out of subnets" message logged
+
+	seenRaw  []byte // the config value last parsed
+	sess     *concurrency.Session
+	self     *lease.Record // the lease record, nil while not (re)claimed
+	held     lease.Record  // the subnets the datapath is programmed for
+	hint     subnetenv.Env
+	be       backend.Backend
+	beRaw    []byte
+	beCancel context.CancelFunc
+	started  bool // be.Start ran for self
+	ready    bool
+	status   string
+}
+
+func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node string) *agent {
+	a := &agent{o: o, cli: cli, reg: lease.NewRegistry(cli, o.etcdPrefix), ext: ext, node: node,
+		rejected: map[string]string{}}
+	if env, err := subnetenv.Read(o.subnetFile); err == nil {
+		a.hint = env
+	}
+	return a
+}
+
+// run drives the agent until ctx is done. It returns nil on cancellation:
+// the lease is left to expire on its own and the kernel state stays, so a
+// restarted agent picks up where this one stopped without disturbing traffic.
+func (a *agent) run(ctx context.Context) error {
+	batches := make(chan lease.Batch, 16)
+	go a.reg.Watch(ctx, batches) //nolint:errcheck // returns ctx.Err()
+	a.setStatus("waiting for etcd at " + a.o.etcdEndpoints)
+	retry := time.NewTimer(time.Hour)
+	defer retry.Stop()
+	bo := time.Second
+	defer func() {
+		if a.sess != nil {
+			a.sess.Orphan()
+		}
+		if a.beCancel != nil {
+			a.beCancel()
+		}
+	}()
+	for {
+		var sessDone <-chan struct{}
+		if a.sess != nil {
+			sessDone = a.sess.Done()
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case b := <-batches:
+			a.apply(b)
+			// Take whatever else is queued before acting: one step per burst.
+			for drained := false; !drained; {
+				select {
+				case b := <-batches:
+					a.apply(b)
+				default:
+					drained = true
+				}
+			}
+		case <-sessDone:
+			klog.Warningf("lease of %s lost (no keep-alive answer within --lease-ttl %s); claiming it again, the datapath stays as it is", a.node, a.o.leaseTTL)
+			a.sess = nil
+			a.self = nil
+		case <-retry.C:
+		}
+		if err := a.step(ctx); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			klog.ErrorS(err, "retrying", "in", bo)
+			retry.Reset(bo)
+			if bo *= 2; bo > 30*time.Second {
+				bo = 30 * time.Second
+			}
+		} else {
+			bo = time.Second
+		}
+	}
+}
+
+// apply folds one watch batch into the agent's view of etcd and logs
+// malformed lease records once each.
+func (a *agent) apply(b lease.Batch) {
+	a.view.Apply(b)
+	for node, err := range a.view.Malformed {
+		if a.rejected[node] != err.Error() {
+			klog.Warningf("ignoring malformed lease of %q: %v", node, err)
+			a.rejected[node] = err.Error()
+		}
+	}
+}
+
+// step brings everything downstream of the view in line: config, backend,
+// lease, subnet.env, peers. It returns an error when something transient
+// failed and the step should be retried.
+func (a *agent) step(ctx context.Context) error {
+	if !a.view.Synced {
+		return nil
+	}
+	a.updateConfig()
+	if a.cfg == nil {
+		return nil
+	}
+	if err := a.ensureBackend(); err != nil {
+		return err
+	}
+	if err := a.ensureLease(ctx); err != nil {
+		var ex *lease.ExhaustedError
+		if errors.As(err, &ex) {
+			if msg := err.Error(); msg != a.exhausted {
+				klog.ErrorS(nil, "out of subnets", "range", ex.Pool.String(), "inUse", ex.InUse,
+					"remedy", "raise SubnetMax/IPv6SubnetMax in the config or remove stale leases; leased acquires a subnet as soon as one frees up")
+				a.exhausted = msg
+			}
+			a.setStatus("out of subnets in " + ex.Pool.String() + "; waiting for one to free up")
+			return nil // a lease deletion or config change triggers the next try
+		}
+		return err
+	}
+	a.exhausted = ""
+	local := backend.Local{Node: a.node, Subnet4: a.self.Subnet, Subnet6: a.self.IPv6Subnet}
+	if a.cfg.IPv4 != nil {
+		local.Network4 = a.cfg.IPv4.Network
+	}
+	if a.cfg.IPv6 != nil {
+		local.Network6 = a.cfg.IPv6.Network
+	}
+	if !a.started {
+		if err := a.be.Start(ctx, local); err != nil {
+			return fmt.Errorf("starting the %s backend: %w", a.be.Type(), err)
+		}
+		a.started = true
+	}
+	if err := a.writeSubnetEnv(); err != nil {
+		return err
+	}
+	peers, rejected := lease.Peers(a.cfg, a.self, a.view.Records)
+	for node, err := range rejected {
+		if a.rejected[node] != err.Error() {
+			klog.Warningf("ignoring lease of %q: %v", node, err)
+			a.rejected[node] = err.Error()
+		}
+	}
+	for node := range a.rejected { // forget reasons that no longer apply
+		_, bad := rejected[node]
+		_, malformed := a.view.Malformed[node]
+		if !bad && !malformed {
+			delete(a.rejected, node)
+		}
+	}
+	if err := a.be.SetPeers(ctx, toPeers(peers)); err != nil {
+		// The backend retries on its own resync; keep the agent moving.
+		klog.ErrorS(err, "programming peers; the backend retries on its next pass")
+	}
+	if !a.ready {
+		a.ready = true
+		klog.InfoS("ready", "node", a.node, "subnets", a.self.Subnets(), "peers", len(peers))
+	}
+	a.setStatus(fmt.Sprintf("lease %v held; %d peers", a.self.Subnets(), len(peers)))
+	return nil
+}
+
+// updateConfig adopts the config in etcd when it is valid and compatible
+// with the lease this host holds; otherwise it says why and keeps the last
+// good config (and with it the datapath).
+func (a *agent) updateConfig() {
+	if a.view.Config == nil {
+		if a.cfg == nil && a.status != "waiting for config" {
+			key := a.reg.Keys().Config()
+			klog.ErrorS(nil, "Key not found: no network config in etcd; waiting for it",
+				"key", key,
+				"create", fmt.Sprintf(`ETCDCTL_API=3 etcdctl --endpoints=%s put %s '{"Network":"10.100.0.0/16","IPv6Network":"2001:db8:1::/48","Backend":{"Type":"host-gw"}}'`, a.o.etcdEndpoints, key),
+				"note", "the v2-era 'etcdctl set' writes the v2 keyspace, which leased (an etcd v3 client) never sees")
+			a.setStatus("waiting for config")
+		} else if a.cfg != nil && a.status != "config deleted" {
+			klog.Warningf("network config %s was deleted; keeping the last good config and the datapath", a.reg.Keys().Config())
+			a.status = "config deleted"
+		}
+		return
+	}
+	if bytes.Equal(a.view.Config, a.seenRaw) {
+		return // nothing new since the last look
+	}
+	a.seenRaw = a.view.Config
+	cfg, warnings, err := lease.ParseConfig(a.view.Config)
+	for _, w := range warnings {
+		klog.Warningf("network config %s: %s", a.reg.Keys().Config(), w)
+	}
+	if err != nil {
+		klog.ErrorS(err, "invalid network config; keeping the last good one", "key", a.reg.Keys().Config(),
+			"remedy", "fix the JSON and put it again (leased config validate FILE checks a file offline)")
+		a.setStatus("invalid network config: " + err.Error())
+		return
+	}
+	if a.cfg != nil {
+		if why := incompatible(a.cfg, cfg, a.self); why != "" {
+			klog.ErrorS(nil, "network config change would invalidate this host's lease; keeping the last good config and the datapath",
+				"why", why, "remedy", "revert the change, or drain this host and restart leased to take a subnet under the new config")
+			return
+		}
+		klog.InfoS("network config changed; applying", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
+	} else {
+		klog.InfoS("network config", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
+	}
+	a.cfg = cfg
+}
+
+func poolString(p *lease.Pool) string {
+	if p == nil {
+		return "disabled"
+	}
+	return p.String()
+}
+
+// incompatible says why moving from old to new config would invalidate the
+// lease self holds, or "" when the change can be applied in place.
+func incompatible(old, new *lease.Config, self *lease.Record) string {
+	if old.Backend.Type != new.Backend.Type {
+		return fmt.Sprintf("Backend.Type changed from %s to %s: switching backends needs every host restarted", old.Backend.Type, new.Backend.Type)
+	}
+	if self == nil {
+		return ""
+	}
+	for _, s := range self.Subnets() {
+		pool, fam := new.IPv4, "IPv4"
+		if s.Addr().Is6() {
+			pool, fam = new.IPv6, "IPv6"
+		}
+		if pool == nil {
+			return fmt.Sprintf("%s is disabled in the new config but this host holds %s", fam, s)
+		}
+		if !pool.Contains(s) {
+			return fmt.Sprintf("this host's subnet %s is not in the new range %s", s, pool)
+		}
+	}
+	return ""
+}
+
+// ensureBackend creates the backend for the config's Backend object, and
+// recreates it when the object changed (same type; options such as the VNI).
+func (a *agent) ensureBackend() error {
+	if a.be != nil && bytes.Equal(a.cfg.Backend.Raw, a.beRaw) {
+		return nil
+	}
+	be, err := backend.New(a.cfg.Backend.Raw, a.ext, a.node, backend.Options{IPMasq: a.o.ipMasq, Resync: a.o.resync})
+	if err != nil {
+		if a.be != nil {
+			klog.ErrorS(err, "new backend options rejected; keeping the running backend")
+			a.beRaw = a.cfg.Backend.Raw
+			return nil
+		}
+		return fmt.Errorf("creating the %s backend: %w", a.cfg.Backend.Type, err)
+	}
+	if a.beCancel != nil {
+		a.beCancel()
+	}
+	var bctx context.Context
+	bctx, a.beCancel = context.WithCancel(context.Background())
+	go func() {
+		if err := be.Run(bctx); err != nil {
+			klog.ErrorS(err, "backend stopped", "backend", be.Type())
+		}
+	}()
+	a.be, a.beRaw, a.started = be, a.cfg.Backend.Raw, false
+	klog.InfoS("backend", "type", be.Type(), "mtu", be.MTU(), "iface", a.ext.Name)
+	return nil
+}
+
+// ensureLease makes sure the host holds a lease covering every family the
+// config enables, with its record naming the current backend data.
+func (a *agent) ensureLease(ctx context.Context) error {
+	if a.sess == nil {
+		// Grant with a deadline so an unreachable etcd is reported and
+		// retried; the session then keeps the lease alive with ctx.
+		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		ttl := int64(a.o.leaseTTL.Round(time.Second) / time.Second)
+		g, err := a.cli.Grant(gctx, ttl)
+		cancel()
+		if err != nil {
+			a.setStatus("waiting for etcd at " + a.o.etcdEndpoints)
+			return fmt.Errorf("creating an etcd lease at %s (is etcd up and reachable? check --etcd-endpoints and the TLS flags): %w", a.o.etcdEndpoints, err)
+		}
+		sess, err := concurrency.NewSession(a.cli, concurrency.WithLease(g.ID), concurrency.WithContext(ctx))
+		if err != nil {
+			return fmt.Errorf("keeping the etcd lease alive: %w", err)
+		}
+		a.sess = sess
+	}
+	want := a.self == nil ||
+		(a.cfg.IPv4 != nil && !a.self.Subnet.IsValid()) ||
+		(a.cfg.IPv6 != nil && !a.self.IPv6Subnet.IsValid())
+	if !want {
+		if a.self.BackendType == a.be.Type() && bytes.Equal(a.self.BackendData, a.be.LeaseData()) {
+			return nil
+		}
+		rec := *a.self
+		rec.BackendType, rec.BackendData = a.be.Type(), a.be.LeaseData()
+		if err := a.reg.Publish(ctx, a.sess, &rec); err != nil {
+			return err
+		}
+		a.self = &rec
+		return nil
+	}
+	c := lease.Claim{
+		Node: a.node, PublicIP: a.ext.Public4, PublicIPv6: a.ext.Public6,
+		BackendType: a.be.Type(), BackendData: a.be.LeaseData(),
+		Hint4: a.hint.Subnet4, Hint6: a.hint.Subnet6,
+		Keep4: a.held.Subnet, Keep6: a.held.IPv6Subnet,
+	}
+	if a.cfg.IPv4 != nil {
+		klog.InfoS("Picking subnet in range", "range", a.cfg.IPv4.String())
+	}
+	if a.cfg.IPv6 != nil {
+		klog.InfoS("Picking subnet in range", "range", a.cfg.IPv6.String())
+	}
+	rec, err := a.reg.Acquire(ctx, a.sess, a.cfg, c)
+	if err != nil {
+		return err
+	}
+	if a.held.Node != "" && (a.held.Subnet != rec.Subnet || a.held.IPv6Subnet != rec.IPv6Subnet) {
+		klog.Warningf("this host's subnets changed from %v to %v: containers on the old subnet lose connectivity; restart docker.service so that dockerd takes the new subnet.env", a.held.Subnets(), rec.Subnets())
+		a.started = false
+	}
+	if a.held.Node == "" {
+		a.started = false
+	}
+	klog.InfoS("Lease acquired", "node", a.node, "subnet", rec.Subnet, "ipv6Subnet", rec.IPv6Subnet, "ttl", a.o.leaseTTL)
+	a.self = rec
+	a.held = *rec
+	return nil
+}
+
+func (a *agent) writeSubnetEnv() error {
+	env := subnetenv.Env{Subnet4: a.self.Subnet, Subnet6: a.self.IPv6Subnet, MTU: a.be.MTU(), IPMasq: a.o.ipMasq, Backend: a.be.Type()}
+	if a.self.Subnet.IsValid() {
+		env.Network4 = a.cfg.IPv4.Network
+	}
+	if a.self.IPv6Subnet.IsValid() {
+		env.Network6 = a.cfg.IPv6.Network
+	}
+	changed, err := subnetenv.Write(a.o.subnetFile, env)
+	if err != nil {
+		return fmt.Errorf("writing %s (check the directory exists and is writable): %w", a.o.subnetFile, err)
+	}
+	if changed {
+		klog.InfoS("wrote subnet file", "path", a.o.subnetFile, "subnet", env.Subnet4, "ipv6Subnet", env.Subnet6, "mtu", env.MTU)
+	}
+	return nil
+}
+
+// setStatus reports what the agent is doing to systemd (STATUS=, and
+// READY=1 once the host is ready). Without systemd it is a no-op.
+func (a *agent) setStatus(s string) {
+	if s == a.status {
+		return
+	}
+	a.status = s
+	msg := "STATUS=" + s
+	if a.ready {
+		msg = "READY=1\n" + msg
+	}
+	daemon.SdNotify(false, msg) //nolint:errcheck // best effort
+}
+
+func toPeers(recs []*lease.Record) []backend.Peer {
+	out := make([]backend.Peer, 0, len(recs))
+	for _, r := range recs {
+		out = append(out, backend.Peer{
+			Node: r.Node, Subnet4: r.Subnet, Subnet6: r.IPv6Subnet,
+			PublicIP4: r.PublicIP, PublicIP6: r.PublicIPv6,
+			BackendType: r.BackendType, BackendData: r.BackendData,
+		})
+	}
+	return out
+}

@@ -1,0 +1,115 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/leased/leased/pkg/lease"
+)
+
+// options are the agent's settings, from flags or LEASED_<FLAG> variables.
+type options struct {
+	etcdEndpoints    string
+	etcdPrefix       string
+	etcdCAFile       string
+	etcdCertFile     string
+	etcdKeyFile      string
+	etcdUsername     string
+	etcdPassword     string
+	etcdPasswordFile string
+	ifaces           stringList
+	ifaceRegex       string
+	publicIP         string
+	publicIPv6       string
+	subnetFile       string
+	nodeName         string
+	leaseTTL         time.Duration
+	ipMasq           bool
+	resync           time.Duration
+}
+
+// DefaultLeaseTTL is how long a host's lease outlives its last keep-alive.
+// Ten minutes: a host cut off from etcd (or an agent stopped for an
+// upgrade) keeps its subnet that long with no chance of another host taking
+// it, while a host that died for good is dropped by its peers within minutes
+// rather than flannel's 24 hours. Renewals cost one keep-alive per host per
+// TTL/3.
+const DefaultLeaseTTL = 10 * time.Minute
+
+type stringList []string
+
+func (s *stringList) String() string { return strings.Join(*s, ",") }
+func (s *stringList) Set(v string) error {
+	for _, p := range strings.Split(v, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			*s = append(*s, p)
+		}
+	}
+	return nil
+}
+
+func (o *options) register(fs *flag.FlagSet) {
+	fs.StringVar(&o.etcdEndpoints, "etcd-endpoints", "http://127.0.0.1:2379", "comma-separated etcd endpoints")
+	fs.StringVar(&o.etcdPrefix, "etcd-prefix", lease.DefaultPrefix, "etcd key prefix of the network (config at <prefix>/config)")
+	fs.StringVar(&o.etcdCAFile, "etcd-cafile", "", "CA bundle that signs the etcd server certificates")
+	fs.StringVar(&o.etcdCertFile, "etcd-certfile", "", "client certificate for etcd")
+	fs.StringVar(&o.etcdKeyFile, "etcd-keyfile", "", "client key for etcd")
+	fs.StringVar(&o.etcdUsername, "etcd-username", "", "etcd user name")
+	fs.StringVar(&o.etcdPassword, "etcd-password", "", "etcd password (prefer --etcd-password-file or LEASED_ETCD_PASSWORD: command lines are visible in /proc)")
+	fs.StringVar(&o.etcdPasswordFile, "etcd-password-file", "", "file holding the etcd password")
+	fs.Var(&o.ifaces, "iface", "interface (name or address) for inter-host traffic; repeatable, the first that exists is used")
+	fs.StringVar(&o.ifaceRegex, "iface-regex", "", "regular expression of interface names to use when --iface is not given")
+	fs.StringVar(&o.publicIP, "public-ip", "", "IPv4 address peers use to reach this host (default: the interface's)")
+	fs.StringVar(&o.publicIPv6, "public-ipv6", "", "IPv6 address peers use to reach this host (default: the interface's)")
+	fs.StringVar(&o.subnetFile, "subnet-file", "/run/leased/subnet.env", "where to write the leased subnets for dockerd")
+	fs.StringVar(&o.nodeName, "node-name", "", "this host's node name (default: from /etc/machine-id, else the hostname)")
+	fs.DurationVar(&o.leaseTTL, "lease-ttl", DefaultLeaseTTL, "lease lifetime without keep-alive (Go duration, e.g. 10s, 24h)")
+	fs.BoolVar(&o.ipMasq, "ip-masq", false, "masquerade IPv4 traffic leaving the cluster network (IPv6 is never NATed)")
+	fs.DurationVar(&o.resync, "resync-interval", 10*time.Second, "how often the datapath is compared with the kernel in full")
+}
+
+// applyEnv sets every flag not given on the command line from
+// LEASED_<FLAG> (upper case, '-' as '_'), e.g. LEASED_ETCD_ENDPOINTS.
+func applyEnv(fs *flag.FlagSet) error {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		if set[f.Name] || err != nil {
+			return
+		}
+		env := "LEASED_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v, ok := os.LookupEnv(env); ok {
+			if e := fs.Set(f.Name, v); e != nil {
+				err = fmt.Errorf("%s=%q: %w", env, v, e)
+			}
+		}
+	})
+	return err
+}
+
+func (o *options) validate() error {
+	if o.leaseTTL < 5*time.Second {
+		return fmt.Errorf("--lease-ttl %s is too short: use at least 5s (etcd rounds leases to seconds)", o.leaseTTL)
+	}
+	for _, a := range []struct{ name, v string }{{"--public-ip", o.publicIP}, {"--public-ipv6", o.publicIPv6}} {
+		if a.v == "" {
+			continue
+		}
+		ip, err := netip.ParseAddr(a.v)
+		if err != nil {
+			return fmt.Errorf("%s %q is not an IP address", a.name, a.v)
+		}
+		if (a.name == "--public-ip") != ip.Is4() {
+			return fmt.Errorf("%s %s has the wrong address family", a.name, a.v)
+		}
+	}
+	if o.etcdPassword != "" && o.etcdPasswordFile != "" {
+		return fmt.Errorf("give --etcd-password or --etcd-password-file, not both")
+	}
+	return nil
+}

@@ -1,0 +1,3 @@
+package main
+
+func runLab(args []string) int { return 2 }

@@ -1,0 +1,104 @@
+// Command leased is the node agent: it leases this host a slice of the
+// cluster network from etcd, writes it to subnet.env for dockerd and
+// programs routes to every other host's slice.
+//
+//	leased [flags]          run the agent
+//	leased lab [flags]      bring up a multi-host lab in network namespaces
+//	leased help             this text
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"k8s.io/klog/v2"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+// run is the one place that decides the exit code.
+func run(args []string) int {
+	if len(args) > 0 {
+		switch args[0] {
+		case "lab":
+			return runLab(args[1:])
+		case "help", "-h", "--help":
+			fmt.Fprint(os.Stderr, usage)
+			newFlagSet("leased", &options{}).PrintDefaults()
+			return 0
+		}
+	}
+	o := &options{}
+	fs := newFlagSet("leased", o)
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "leased: unknown command %q\n%s", fs.Arg(0), usage)
+		return 2
+	}
+	if err := applyEnv(fs); err != nil {
+		fmt.Fprintf(os.Stderr, "leased: %v\n", err)
+		return 2
+	}
+	if err := o.validate(); err != nil {
+		fmt.Fprintf(os.Stderr, "leased: %v\n", err)
+		return 2
+	}
+	defer klog.Flush()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := runAgent(ctx, o); err != nil {
+		klog.ErrorS(err, "leased stopped")
+		return 1
+	}
+	klog.InfoS("leased stopped; the lease and the datapath stay in place until the lease expires")
+	return 0
+}
+
+const usage = `usage:
+  leased [flags]        run the agent
+  leased lab [flags]    run a multi-host lab in network namespaces (leased lab -h)
+
+flags (each also settable as LEASED_<FLAG>, e.g. LEASED_ETCD_ENDPOINTS):
+`
+
+func newFlagSet(name string, o *options) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	o.register(fs)
+	klog.InitFlags(fs)
+	return fs
+}
+
+func runAgent(ctx context.Context, o *options) error {
+	node := o.nodeName
+	if node == "" {
+		var err error
+		if node, err = defaultNodeName(); err != nil {
+			return err
+		}
+	}
+	ext, why, err := findExtIface(o)
+	if err != nil {
+		return fmt.Errorf("choosing the interface for inter-host traffic: %w", err)
+	}
+	klog.InfoS("Using interface", "iface", ext.Name, "chosenBy", why, "publicIP", ext.Public4, "publicIPv6", ext.Public6, "mtu", ext.MTU)
+	cli, err := newEtcdClient(o)
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	a := newAgent(o, cli, ext, node)
+	err = a.run(ctx)
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}

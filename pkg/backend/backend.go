@@ -1,0 +1,107 @@
+// Package backend turns the lease set into kernel state: routes, VXLAN
+// devices with FDB and neighbour entries, forwarding rules. It never talks to
+// etcd; callers hand it the host's own lease and the peer set.
+//
+// Every backend is a desired-state reconciler: SetPeers describes the whole
+// world and may be called any number of times with the same input; Run keeps
+// the kernel in line with the last description until its context ends.
+package backend
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/netip"
+	"time"
+)
+
+// Backend type names as they appear in the network config's Backend.Type.
+const (
+	TypeHostGW   = "host-gw"
+	TypeVXLAN    = "vxlan"
+	TypeProxyNDP = "proxy-ndp"
+)
+
+// ErrUnknownType is returned by New for a Backend.Type this build does not know.
+var ErrUnknownType = errors.New("backend: unknown backend type")
+
+// Peer is another host's lease as the datapath needs it. A zero Subnet4 or
+// Subnet6 means the peer holds no subnet of that family.
+type Peer struct {
+	Node      string
+	Subnet4   netip.Prefix
+	Subnet6   netip.Prefix
+	PublicIP4 netip.Addr
+	PublicIP6 netip.Addr
+	// BackendType and BackendData are what the peer's own backend published
+	// in its lease (LeaseData); each backend decodes its own format and
+	// ignores peers whose data it cannot use, with a log line.
+	BackendType string
+	BackendData json.RawMessage
+}
+
+// Local is this host's own lease and the cluster networks it belongs to. A
+// zero Subnet4/Network4 (Subnet6/Network6) means the family is disabled.
+type Local struct {
+	Node     string
+	Subnet4  netip.Prefix
+	Subnet6  netip.Prefix
+	Network4 netip.Prefix
+	Network6 netip.Prefix
+}
+
+// ExtIface is the interface that carries traffic between hosts.
+type ExtIface struct {
+	Name  string
+	Index int
+	MTU   int
+	// Addr4/Addr6 are addresses configured on the interface (zero if the
+	// family has none); they are the VXLAN underlay source addresses.
+	Addr4 netip.Addr
+	Addr6 netip.Addr
+	// Public4/Public6 are the addresses peers use to reach this host
+	// (--public-ip/--public-ipv6, else Addr4/Addr6).
+	Public4 netip.Addr
+	Public6 netip.Addr
+	// HardwareAddr is the interface's MAC (used by proxy-ndp).
+	HardwareAddr net.HardwareAddr
+}
+
+// Options are the settings every backend shares, from flags.
+type Options struct {
+	// IPMasq masquerades IPv4 traffic from the local subnet that leaves the
+	// cluster network (--ip-masq). IPv6 is never NATed.
+	IPMasq bool
+	// Resync is the period of the full kernel comparison in Run (0: 10s).
+	Resync time.Duration
+}
+
+// Backend programs the datapath for one host.
+//
+// Call order: New, then Start once the host holds a lease (again whenever
+// the lease changes), then SetPeers any number of times, with Run running in
+// its own goroutine for the backend's lifetime. SetPeers and Start may be
+// called from any goroutine; the backend serialises them.
+type Backend interface {
+	// Type returns the backend type name (TypeHostGW, ...).
+	Type() string
+	// LeaseData returns what this host publishes in its lease for peers'
+	// backends (e.g. the VTEP MAC); nil when there is nothing.
+	LeaseData() json.RawMessage
+	// MTU returns the MTU containers on this host must use.
+	MTU() int
+	// Start programs host-local state for the lease: devices, addresses,
+	// sysctls, forwarding rules. Idempotent.
+	Start(ctx context.Context, local Local) error
+	// SetPeers replaces the desired peer set and runs one reconcile pass
+	// before returning. Peers that are invalid for this backend are skipped
+	// with a log line. The error joins every failure of the pass; what failed
+	// is retried by the next pass.
+	SetPeers(ctx context.Context, peers []Peer) error
+	// Run keeps the kernel in line with the desired state — reacting to
+	// netlink events and resyncing periodically — until ctx is done. It
+	// returns nil when ctx is cancelled. Kernel state is left in place so
+	// that a restarted agent disturbs no traffic.
+	Run(ctx context.Context) error
+}

@@ -1,0 +1,129 @@
+package backend
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// RouteProtocol is the rtnetlink protocol number that marks a route as
+// leased's own. It is 76 (0x4c, "L"), which neither the kernel's
+// include/uapi/linux/rtnetlink.h nor iproute2's rt_protos assigns; `ip route`
+// shows it as "proto 76" (an rt_protos.d entry "76 leased" names it).
+//
+// The reconciler lists, replaces and deletes only routes in the main table
+// that carry this protocol; every other route on the host is left alone.
+//
+// systemd-networkd: with its default ManageForeignRoutes=yes, networkd removes
+// routes it did not configure (it keeps only proto kernel routes) when it
+// starts or reconfigures a link. Routes of this protocol are therefore
+// removed whenever networkd reconfigures the external interface; Run sees the
+// deletion event and restores them within a pass (logged as "route
+// restored"). To avoid that window set ManageForeignRoutes=no in
+// networkd.conf. Marking our routes proto kernel, as some agents do, would
+// hide them from networkd but would also make them indistinguishable from the
+// kernel's own routes, so the reconciler could not tell what it owns.
+const RouteProtocol netlink.RouteProtocol = 76
+
+// kernel holds only the netlink calls the backends make. netlinkKernel
+// implements it over one *netlink.Handle; tests use an in-memory fake.
+// Lists return complete dumps: an interrupted dump is retried.
+type kernel interface {
+	// RouteList returns the main-table routes of family that carry RouteProtocol.
+	RouteList(family int) ([]netlink.Route, error)
+	RouteReplace(r *netlink.Route) error
+	RouteDel(r *netlink.Route) error
+	// NeighList returns every neighbour entry of family (AF_BRIDGE for FDB)
+	// on every link.
+	NeighList(family int) ([]netlink.Neigh, error)
+	NeighSet(n *netlink.Neigh) error
+	NeighDel(n *netlink.Neigh) error
+
+	LinkByName(name string) (netlink.Link, error)
+	LinkAdd(l netlink.Link) error
+	LinkDel(l netlink.Link) error
+	LinkSetUp(l netlink.Link) error
+	LinkSetMTU(l netlink.Link, mtu int) error
+	LinkSetHardwareAddr(l netlink.Link, mac []byte) error
+	// AddrList returns the addresses of family on the link with index.
+	AddrList(index, family int) ([]netlink.Addr, error)
+	AddrReplace(l netlink.Link, a *netlink.Addr) error
+	AddrDel(l netlink.Link, a *netlink.Addr) error
+}
+
+// netlinkKernel is the production kernel: every call goes through one handle,
+// which is bound to the backend's network namespace. It is not safe for
+// concurrent use; the backend serialises calls with its mutex.
+type netlinkKernel struct {
+	h *netlink.Handle
+}
+
+const dumpTries = 5
+
+// retryDump repeats a dump the kernel interrupted because the table changed
+// while it was being read.
+func retryDump[T any](what string, list func() ([]T, error)) ([]T, error) {
+	var err error
+	for range dumpTries {
+		var out []T
+		out, err = list()
+		if err == nil {
+			return out, nil
+		}
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return nil, fmt.Errorf("listing %s: %w", what, err)
+		}
+	}
+	return nil, fmt.Errorf("listing %s: %w (after %d tries)", what, err, dumpTries)
+}
+
+func (k netlinkKernel) RouteList(family int) ([]netlink.Route, error) {
+	return retryDump("routes", func() ([]netlink.Route, error) {
+		return k.h.RouteListFiltered(family, &netlink.Route{Protocol: RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
+	})
+}
+
+func (k netlinkKernel) RouteReplace(r *netlink.Route) error { return k.h.RouteReplace(r) }
+func (k netlinkKernel) RouteDel(r *netlink.Route) error     { return k.h.RouteDel(r) }
+
+func (k netlinkKernel) NeighList(family int) ([]netlink.Neigh, error) {
+	return retryDump("neighbours", func() ([]netlink.Neigh, error) { return k.h.NeighList(0, family) })
+}
+
+func (k netlinkKernel) NeighSet(n *netlink.Neigh) error { return k.h.NeighSet(n) }
+func (k netlinkKernel) NeighDel(n *netlink.Neigh) error { return k.h.NeighDel(n) }
+
+func (k netlinkKernel) LinkByName(name string) (netlink.Link, error) { return k.h.LinkByName(name) }
+func (k netlinkKernel) LinkAdd(l netlink.Link) error                 { return k.h.LinkAdd(l) }
+func (k netlinkKernel) LinkDel(l netlink.Link) error                 { return k.h.LinkDel(l) }
+func (k netlinkKernel) LinkSetUp(l netlink.Link) error               { return k.h.LinkSetUp(l) }
+func (k netlinkKernel) LinkSetMTU(l netlink.Link, mtu int) error     { return k.h.LinkSetMTU(l, mtu) }
+func (k netlinkKernel) LinkSetHardwareAddr(l netlink.Link, mac []byte) error {
+	return k.h.LinkSetHardwareAddr(l, mac)
+}
+
+func (k netlinkKernel) AddrList(index, family int) ([]netlink.Addr, error) {
+	attrs := netlink.NewLinkAttrs()
+	attrs.Index = index
+	link := &netlink.Device{LinkAttrs: attrs}
+	return retryDump("addresses", func() ([]netlink.Addr, error) { return k.h.AddrList(link, family) })
+}
+
+func (k netlinkKernel) AddrReplace(l netlink.Link, a *netlink.Addr) error {
+	return k.h.AddrReplace(l, a)
+}
+func (k netlinkKernel) AddrDel(l netlink.Link, a *netlink.Addr) error { return k.h.AddrDel(l, a) }
+
+// isGone reports whether a delete failed only because the object did not
+// exist, which the reconciler treats as success.
+func isGone(err error) bool {
+	return errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) || errors.Is(err, unix.ENODEV)
+}
+
+// isLinkNotFound reports whether LinkByName failed because no such link exists.
+func isLinkNotFound(err error) bool {
+	var nf netlink.LinkNotFoundError
+	return errors.As(err, &nf) || errors.Is(err, unix.ENODEV)
+}

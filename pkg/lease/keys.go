@@ -1,0 +1,102 @@
+package lease
+
+import (
+	"fmt"
+	"net/netip"
+	"regexp"
+	"strconv"
+	"strings"
+)
+
+// DefaultPrefix is the etcd key prefix under which leased keeps its data.
+const DefaultPrefix = "/leased/network"
+
+// Keys is the etcd key layout under one prefix. See
+// Documentation/etcd-data-model.md.
+//
+//	<prefix>/config                 network config (JSON, written by the operator)
+//	<prefix>/leases/<node>          a host's lease record (JSON, under the host's etcd lease)
+//	<prefix>/subnets/<a.b.c.d-len>  owner lock of one IPv4 subnet (value: node; under the lease)
+//	<prefix>/subnets6/<addr-len>    owner lock of one IPv6 subnet (value: node; under the lease)
+//	<prefix>/nodes/<node>           the subnets a node last held (JSON, no TTL; affinity)
+//	<prefix>/reservations/<node>    subnets pinned to a node (JSON, no TTL; written by operators)
+type Keys struct{ prefix string }
+
+// NewKeys returns the layout under prefix (trailing slashes are dropped).
+func NewKeys(prefix string) Keys {
+	p := strings.TrimRight(prefix, "/")
+	if p == "" {
+		p = DefaultPrefix
+	}
+	return Keys{prefix: p}
+}
+
+// Prefix returns the root prefix with a trailing slash, for prefix watches.
+func (k Keys) Prefix() string { return k.prefix + "/" }
+
+// Config returns the config key.
+func (k Keys) Config() string { return k.prefix + "/config" }
+
+// Leases returns the prefix of all lease records.
+func (k Keys) Leases() string { return k.prefix + "/leases/" }
+
+// Lease returns the lease record key of node.
+func (k Keys) Lease(node string) string { return k.Leases() + node }
+
+// Nodes returns the prefix of the affinity records.
+func (k Keys) Nodes() string { return k.prefix + "/nodes/" }
+
+// Node returns the affinity record key of node.
+func (k Keys) Node(node string) string { return k.Nodes() + node }
+
+// Reservations returns the prefix of reservations.
+func (k Keys) Reservations() string { return k.prefix + "/reservations/" }
+
+// Reservation returns the reservation key of node.
+func (k Keys) Reservation(node string) string { return k.Reservations() + node }
+
+// SubnetLocks returns the prefix of the owner locks of the family of p.
+func (k Keys) SubnetLocks(v6 bool) string {
+	if v6 {
+		return k.prefix + "/subnets6/"
+	}
+	return k.prefix + "/subnets/"
+}
+
+// SubnetLock returns the owner-lock key of subnet s.
+func (k Keys) SubnetLock(s netip.Prefix) string {
+	return k.SubnetLocks(s.Addr().Is6()) + SubnetKey(s)
+}
+
+// SubnetKey renders s as it appears in keys: "10.100.15.0-24".
+func SubnetKey(s netip.Prefix) string {
+	return s.Addr().String() + "-" + strconv.Itoa(s.Bits())
+}
+
+// ParseSubnetKey parses the last element of a subnet lock key.
+func ParseSubnetKey(s string) (netip.Prefix, error) {
+	i := strings.LastIndexByte(s, '-')
+	if i < 0 {
+		return netip.Prefix{}, fmt.Errorf("lease: subnet key %q: want <address>-<length>", s)
+	}
+	p, err := netip.ParsePrefix(s[:i] + "/" + s[i+1:])
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("lease: subnet key %q: %w", s, err)
+	}
+	if p.Masked() != p {
+		return netip.Prefix{}, fmt.Errorf("lease: subnet key %q is not a network address", s)
+	}
+	return p, nil
+}
+
+var nodeNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$`)
+
+// ValidNodeName reports whether name can be used as a node name: 1-253
+// characters of letters, digits, '.', '_' and '-', starting with a letter or
+// digit (so that it is one etcd key element and safe in logs).
+func ValidNodeName(name string) error {
+	if !nodeNameRE.MatchString(name) {
+		return fmt.Errorf("lease: node name %q is invalid: use 1-253 letters, digits, '.', '_' or '-', starting with a letter or digit", name)
+	}
+	return nil
+}

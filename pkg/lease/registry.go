@@ -1,0 +1,353 @@
+package lease
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+	"k8s.io/klog/v2"
+)
+
+// ErrNoFreeSubnet is the sentinel for "out of subnets"; Acquire wraps it in
+// an *ExhaustedError that tells which range and how many are in use.
+var ErrNoFreeSubnet = errors.New("lease: out of subnets")
+
+// ExhaustedError says that a pool has no free subnet.
+type ExhaustedError struct {
+	Pool  *Pool
+	InUse int
+}
+
+func (e *ExhaustedError) Error() string {
+	return fmt.Sprintf("out of subnets in %s: %d of %s in use; raise SubnetMax/IPv6SubnetMax, widen the network or remove stale leases (waiting for one to free up)",
+		e.Pool, e.InUse, e.Pool.count())
+}
+
+func (e *ExhaustedError) Is(target error) bool { return target == ErrNoFreeSubnet }
+
+// Registry reads and writes leases in etcd under one key prefix. It is safe
+// for concurrent use; it does not own the client.
+type Registry struct {
+	cli  *clientv3.Client
+	keys Keys
+}
+
+// NewRegistry returns a registry under prefix ("" means DefaultPrefix).
+func NewRegistry(cli *clientv3.Client, prefix string) *Registry {
+	return &Registry{cli: cli, keys: NewKeys(prefix)}
+}
+
+// Keys returns the registry's key layout.
+func (r *Registry) Keys() Keys { return r.keys }
+
+// Claim describes the lease a host asks for.
+type Claim struct {
+	Node        string
+	PublicIP    netip.Addr
+	PublicIPv6  netip.Addr
+	BackendType string
+	BackendData json.RawMessage
+	// Hint4/Hint6 are subnets the host used before (e.g. read back from
+	// subnet.env); they are tried after the host's records in etcd.
+	Hint4, Hint6 netip.Prefix
+	// Keep4/Keep6 are the subnets the host holds now; they are tried first.
+	Keep4, Keep6 netip.Prefix
+}
+
+// randomTries is how many random candidates Acquire tries per family before
+// it lists the family's taken subnets and picks from the gaps.
+const randomTries = 8
+
+// Acquire claims one subnet per family enabled in cfg for c.Node, all
+// attached to sess's lease, and publishes the lease record. It prefers, in
+// order: the node's reservation, c.Keep*, the node's current lease record,
+// the subnets the node held last (its affinity record), c.Hint*; then a
+// random free subnet. Every claim is an etcd transaction that succeeds only
+// if no other node holds the subnet; a lost race moves on to another
+// candidate. It returns an error wrapping ErrNoFreeSubnet when a pool is
+// full, and ctx's error when cancelled.
+func (r *Registry) Acquire(ctx context.Context, sess *concurrency.Session, cfg *Config, c Claim) (*Record, error) {
+	if err := ValidNodeName(c.Node); err != nil {
+		return nil, err
+	}
+	k := r.keys
+	resp, err := r.cli.Txn(ctx).Then(
+		clientv3.OpGet(k.Lease(c.Node)),
+		clientv3.OpGet(k.Node(c.Node)),
+		clientv3.OpGet(k.Reservations(), clientv3.WithPrefix()),
+	).Commit()
+	if err != nil {
+		return nil, fmt.Errorf("reading lease records of %s: %w", c.Node, err)
+	}
+	var prev *Record
+	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+		if prev, err = DecodeRecord(c.Node, kvs[0].Value); err != nil {
+			klog.Warningf("ignoring this node's own malformed lease record: %v", err)
+			prev = nil
+		}
+	}
+	var aff affinity
+	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
+		aff, _ = decodeAffinity(kvs[0].Value)
+	}
+	var mine affinity
+	reservedForOthers := map[netip.Prefix]string{}
+	for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
+		node := strings.TrimPrefix(string(kv.Key), k.Reservations())
+		a, err := decodeAffinity(kv.Value)
+		if err != nil {
+			klog.Warningf("ignoring malformed reservation %s: %v", kv.Key, err)
+			continue
+		}
+		if node == c.Node {
+			mine = a
+			continue
+		}
+		for _, s := range []netip.Prefix{a.Subnet, a.IPv6Subnet} {
+			if s.IsValid() {
+				reservedForOthers[s] = node
+			}
+		}
+	}
+
+	fams := []*family{}
+	if cfg.IPv4 != nil {
+		f := &family{pool: cfg.IPv4, taken: map[netip.Prefix]bool{}, reserved: reservedForOthers}
+		f.prefs = []netip.Prefix{mine.Subnet, c.Keep4, prev.subnet4(), aff.Subnet, c.Hint4}
+		fams = append(fams, f)
+	}
+	if cfg.IPv6 != nil {
+		f := &family{pool: cfg.IPv6, taken: map[netip.Prefix]bool{}, reserved: reservedForOthers}
+		f.prefs = []netip.Prefix{mine.IPv6Subnet, c.Keep6, prev.subnet6(), aff.IPv6Subnet, c.Hint6}
+		fams = append(fams, f)
+	}
+	if len(fams) == 0 {
+		return nil, errors.New("lease: the config enables no address family")
+	}
+
+	for attempt := 0; ; attempt++ {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		for _, f := range fams {
+			if err := r.pick(ctx, f, c.Node); err != nil {
+				return nil, err
+			}
+		}
+		rec := &Record{
+			Node: c.Node, PublicIP: c.PublicIP, PublicIPv6: c.PublicIPv6,
+			BackendType: c.BackendType, BackendData: c.BackendData,
+			Acquired: time.Now().UTC().Truncate(time.Second),
+		}
+		for _, f := range fams {
+			if f.cand.Addr().Is4() {
+				rec.Subnet = f.cand
+			} else {
+				rec.IPv6Subnet = f.cand
+			}
+		}
+		if prev != nil && prev.Subnet == rec.Subnet && prev.IPv6Subnet == rec.IPv6Subnet && !prev.Acquired.IsZero() {
+			rec.Acquired = prev.Acquired
+		}
+		ok, err := r.commit(ctx, sess, rec, prev, fams)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			return rec, nil
+		}
+		klog.V(2).InfoS("claim lost a race, trying another subnet", "node", c.Node, "attempt", attempt+1)
+	}
+}
+
+// family is Acquire's per-address-family state.
+type family struct {
+	pool     *Pool
+	prefs    []netip.Prefix
+	taken    map[netip.Prefix]bool   // held by other nodes, as far as we know
+	reserved map[netip.Prefix]string // reserved for other nodes
+	listed   bool                    // taken holds every lock of the family
+	misses   int                     // random candidates found taken
+
+	cand    netip.Prefix // the candidate of this attempt
+	modRev  int64        // mod revision of cand's lock when it is already ours
+	ownLock bool
+}
+
+func (r *Record) subnet4() netip.Prefix {
+	if r == nil {
+		return netip.Prefix{}
+	}
+	return r.Subnet
+}
+
+func (r *Record) subnet6() netip.Prefix {
+	if r == nil {
+		return netip.Prefix{}
+	}
+	return r.IPv6Subnet
+}
+
+func (f *family) usable(s netip.Prefix) bool {
+	_, res := f.reserved[s]
+	return s.IsValid() && f.pool.Contains(s) && !f.taken[s] && !res
+}
+
+// pick sets f.cand for the next attempt, keeping the current candidate if it
+// is still usable (e.g. the lock turned out to be ours already).
+func (r *Registry) pick(ctx context.Context, f *family, node string) error {
+	if f.usable(f.cand) {
+		return nil
+	}
+	f.ownLock, f.modRev = false, 0
+	for _, s := range f.prefs {
+		if f.usable(s) {
+			f.cand = s
+			return nil
+		}
+	}
+	if !f.listed && f.misses < randomTries {
+		f.misses++
+		if s := f.pool.randomSubnet(); f.usable(s) {
+			f.cand = s
+			return nil
+		}
+	}
+	if !f.listed {
+		if err := r.listTaken(ctx, f, node); err != nil {
+			return err
+		}
+	}
+	all := make(map[netip.Prefix]bool, len(f.taken)+len(f.reserved))
+	for s := range f.taken {
+		all[s] = true
+	}
+	for s := range f.reserved {
+		all[s] = true
+	}
+	s, ok := f.pool.freeSubnet(all)
+	if !ok {
+		inUse := 0
+		for s := range all {
+			if f.pool.Contains(s) {
+				inUse++
+			}
+		}
+		return &ExhaustedError{Pool: f.pool, InUse: inUse}
+	}
+	f.cand = s
+	return nil
+}
+
+// listTaken reads every lock of f's family (keys only) into f.taken.
+func (r *Registry) listTaken(ctx context.Context, f *family, node string) error {
+	v6 := f.pool.Network.Addr().Is6()
+	pfx := r.keys.SubnetLocks(v6)
+	resp, err := r.cli.Get(ctx, pfx, clientv3.WithPrefix())
+	if err != nil {
+		return fmt.Errorf("listing subnets in use under %s: %w", pfx, err)
+	}
+	for _, kv := range resp.Kvs {
+		s, err := ParseSubnetKey(strings.TrimPrefix(string(kv.Key), pfx))
+		if err != nil || string(kv.Value) == node {
+			continue
+		}
+		f.taken[s] = true
+	}
+	f.listed = true
+	return nil
+}
+
+// commit runs the claim transaction. It reports false when another node
+// holds a candidate (recorded in the family's taken set) or the candidate's
+// lock changed under us.
+func (r *Registry) commit(ctx context.Context, sess *concurrency.Session, rec, prev *Record, fams []*family) (bool, error) {
+	k := r.keys
+	lease := clientv3.WithLease(sess.Lease())
+	val, err := json.Marshal(rec)
+	if err != nil {
+		return false, fmt.Errorf("encoding lease record: %w", err)
+	}
+	aff, _ := json.Marshal(affinity{Subnet: rec.Subnet, IPv6Subnet: rec.IPv6Subnet})
+	var cmps []clientv3.Cmp
+	var thens, elses []clientv3.Op
+	for _, f := range fams {
+		key := k.SubnetLock(f.cand)
+		if f.ownLock {
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(key), "=", f.modRev))
+		} else {
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(key), "=", 0))
+		}
+		thens = append(thens, clientv3.OpPut(key, rec.Node, lease))
+		elses = append(elses, clientv3.OpGet(key))
+	}
+	thens = append(thens,
+		clientv3.OpPut(k.Lease(rec.Node), string(val), lease),
+		clientv3.OpPut(k.Node(rec.Node), string(aff)),
+	)
+	// Release locks of subnets this node held before and no longer wants,
+	// but only while they are still ours.
+	if prev != nil {
+		for _, old := range prev.Subnets() {
+			if old == rec.Subnet || old == rec.IPv6Subnet {
+				continue
+			}
+			key := k.SubnetLock(old)
+			thens = append(thens, clientv3.OpTxn(
+				[]clientv3.Cmp{clientv3.Compare(clientv3.Value(key), "=", rec.Node)},
+				[]clientv3.Op{clientv3.OpDelete(key)}, nil))
+		}
+	}
+	resp, err := r.cli.Txn(ctx).If(cmps...).Then(thens...).Else(elses...).Commit()
+	if err != nil {
+		return false, fmt.Errorf("claiming %v for %s: %w", rec.Subnets(), rec.Node, err)
+	}
+	if resp.Succeeded {
+		return true, nil
+	}
+	for i, f := range fams {
+		kvs := resp.Responses[i].GetResponseRange().Kvs
+		switch {
+		case len(kvs) == 0:
+			// Free now (it was ours with another revision, or was released).
+			f.ownLock, f.modRev = false, 0
+		case string(kvs[0].Value) == rec.Node:
+			// Already ours (a previous run of this node): take it over.
+			f.ownLock, f.modRev = true, kvs[0].ModRevision
+		default:
+			klog.V(2).InfoS("subnet is held by another node", "subnet", f.cand, "holder", string(kvs[0].Value))
+			f.taken[f.cand] = true
+			f.misses++
+		}
+	}
+	return false, nil
+}
+
+// Publish rewrites the node's lease record (e.g. new backend data) under
+// the same lease, as long as it still holds its subnet locks.
+func (r *Registry) Publish(ctx context.Context, sess *concurrency.Session, rec *Record) error {
+	val, err := json.Marshal(rec)
+	if err != nil {
+		return fmt.Errorf("encoding lease record: %w", err)
+	}
+	var cmps []clientv3.Cmp
+	for _, s := range rec.Subnets() {
+		cmps = append(cmps, clientv3.Compare(clientv3.Value(r.keys.SubnetLock(s)), "=", rec.Node))
+	}
+	resp, err := r.cli.Txn(ctx).If(cmps...).Then(
+		clientv3.OpPut(r.keys.Lease(rec.Node), string(val), clientv3.WithLease(sess.Lease())),
+	).Commit()
+	if err != nil {
+		return fmt.Errorf("updating lease record of %s: %w", rec.Node, err)
+	}
+	if !resp.Succeeded {
+		return fmt.Errorf("updating lease record of %s: it no longer holds %v", rec.Node, rec.Subnets())
+	}
+	return nil
+}

@@ -1,0 +1,253 @@
+package lease
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"k8s.io/klog/v2"
+)
+
+// EventKind says what an Event is about.
+type EventKind int
+
+const (
+	// LeasePut: a lease record was created or changed. Record is set, or
+	// Err when the value is malformed.
+	LeasePut EventKind = iota
+	// LeaseDelete: a lease record was deleted or expired.
+	LeaseDelete
+	// ConfigPut: the config key was written; Value is its raw content.
+	ConfigPut
+	// ConfigDelete: the config key was deleted.
+	ConfigDelete
+	// ReservationChange: a reservation was written or deleted; the watcher
+	// does not interpret it (Acquire reads reservations itself).
+	ReservationChange
+)
+
+// Event is one change under the registry's prefix.
+type Event struct {
+	Kind   EventKind
+	Node   string
+	Record *Record
+	Err    error
+	Value  []byte
+}
+
+// Batch is the changes of one etcd watch response, or a full listing.
+type Batch struct {
+	// Rev is the etcd revision the batch brings the consumer to.
+	Rev int64
+	// Reset means the batch is a full listing: the consumer must forget
+	// every lease and the config it knew and apply Events from scratch (a
+	// missing ConfigPut means the config key does not exist).
+	Reset  bool
+	Events []Event
+}
+
+// Watch lists the config and every lease record in one round trip, sends
+// that as a Reset batch, then watches the whole prefix from the listing's
+// revision onwards and sends each change. After a disconnect it resumes from
+// the last revision it delivered; when that revision has been compacted it
+// lists again (another Reset batch). Sends block until the consumer
+// receives. Watch returns ctx's error when ctx is done; it never closes out.
+func (r *Registry) Watch(ctx context.Context, out chan<- Batch) error {
+	backoff := newBackoff()
+	for {
+		rev, err := r.list(ctx, out)
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			klog.ErrorS(err, "listing leases failed; retrying (check --etcd-endpoints and that etcd is up)", "retry", backoff.peek())
+			if !backoff.wait(ctx) {
+				return ctx.Err()
+			}
+			continue
+		}
+		backoff.reset()
+		if err := r.watchFrom(ctx, rev+1, out); !errors.Is(err, rpctypes.ErrCompacted) {
+			return err
+		}
+		klog.InfoS("lease watch fell behind a compaction; listing again", "rev", rev)
+	}
+}
+
+func (r *Registry) list(ctx context.Context, out chan<- Batch) (int64, error) {
+	k := r.keys
+	resp, err := r.cli.Txn(ctx).Then(
+		clientv3.OpGet(k.Config()),
+		clientv3.OpGet(k.Leases(), clientv3.WithPrefix()),
+	).Commit()
+	if err != nil {
+		return 0, fmt.Errorf("listing %s: %w", k.Prefix(), err)
+	}
+	b := Batch{Rev: resp.Header.Revision, Reset: true}
+	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
+		b.Events = append(b.Events, Event{Kind: ConfigPut, Value: kv.Value})
+	}
+	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
+		b.Events = append(b.Events, r.leaseEvent(kv, false))
+	}
+	select {
+	case out <- b:
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+	return b.Rev, nil
+}
+
+// watchFrom watches from rev until ctx is done (returning ctx's error) or
+// the revision is compacted (returning rpctypes.ErrCompacted).
+func (r *Registry) watchFrom(ctx context.Context, rev int64, out chan<- Batch) error {
+	backoff := newBackoff()
+	for {
+		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+		wch := r.cli.Watch(wctx, r.keys.Prefix(), clientv3.WithPrefix(), clientv3.WithRev(rev))
+		for resp := range wch {
+			if resp.CompactRevision != 0 || errors.Is(resp.Err(), rpctypes.ErrCompacted) {
+				cancel()
+				return rpctypes.ErrCompacted
+			}
+			if err := resp.Err(); err != nil {
+				klog.InfoS("lease watch interrupted; resuming", "rev", rev, "err", err)
+				break
+			}
+			backoff.reset()
+			b := Batch{Rev: resp.Header.Revision}
+			for _, ev := range resp.Events {
+				if e, ok := r.event(ev); ok {
+					b.Events = append(b.Events, e)
+				}
+			}
+			if len(resp.Events) > 0 {
+				rev = resp.Events[len(resp.Events)-1].Kv.ModRevision + 1
+			}
+			if len(b.Events) == 0 {
+				continue
+			}
+			select {
+			case out <- b:
+			case <-ctx.Done():
+				cancel()
+				return ctx.Err()
+			}
+		}
+		cancel()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		klog.V(2).InfoS("lease watch closed; resuming", "rev", rev, "retry", backoff.peek())
+		if !backoff.wait(ctx) {
+			return ctx.Err()
+		}
+	}
+}
+
+func (r *Registry) event(ev *clientv3.Event) (Event, bool) {
+	k := r.keys
+	key := string(ev.Kv.Key)
+	del := ev.Type == mvccpb.DELETE
+	switch {
+	case key == k.Config():
+		if del {
+			return Event{Kind: ConfigDelete}, true
+		}
+		return Event{Kind: ConfigPut, Value: ev.Kv.Value}, true
+	case strings.HasPrefix(key, k.Leases()):
+		return r.leaseEvent(ev.Kv, del), true
+	case strings.HasPrefix(key, k.Reservations()):
+		return Event{Kind: ReservationChange, Node: strings.TrimPrefix(key, k.Reservations())}, true
+	}
+	return Event{}, false
+}
+
+func (r *Registry) leaseEvent(kv *mvccpb.KeyValue, del bool) Event {
+	node := strings.TrimPrefix(string(kv.Key), r.keys.Leases())
+	if del {
+		return Event{Kind: LeaseDelete, Node: node}
+	}
+	if err := ValidNodeName(node); err != nil {
+		return Event{Kind: LeasePut, Node: node, Err: err}
+	}
+	rec, err := DecodeRecord(node, kv.Value)
+	if err != nil {
+		return Event{Kind: LeasePut, Node: node, Err: err}
+	}
+	rec.Rev, rec.Lease = kv.CreateRevision, kv.Lease
+	return Event{Kind: LeasePut, Node: node, Record: rec}
+}
+
+// backoff is a capped exponential delay for retry loops.
+type backoff struct{ d time.Duration }
+
+func newBackoff() *backoff { return &backoff{d: 100 * time.Millisecond} }
+
+func (b *backoff) peek() time.Duration { return b.d }
+func (b *backoff) reset()              { b.d = 100 * time.Millisecond }
+
+// wait sleeps for the current delay, doubles it (up to 5s) and reports
+// false when ctx ended first.
+func (b *backoff) wait(ctx context.Context) bool {
+	t := time.NewTimer(b.d)
+	defer t.Stop()
+	if b.d *= 2; b.d > 5*time.Second {
+		b.d = 5 * time.Second
+	}
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// View is a consumer's picture of the prefix, built by applying Watch's
+// batches in order. The zero value is ready to use; it is not safe for
+// concurrent use.
+type View struct {
+	// Synced is true once the first listing has been applied.
+	Synced bool
+	// Config is the raw config value; nil when the key does not exist.
+	Config []byte
+	// Records holds the well-formed lease records by node.
+	Records map[string]*Record
+	// Malformed holds why each malformed lease record was refused, by node.
+	Malformed map[string]error
+	// Rev is the revision the view reflects.
+	Rev int64
+}
+
+// Apply folds one batch into the view.
+func (v *View) Apply(b Batch) {
+	if b.Reset || v.Records == nil {
+		v.Records, v.Malformed, v.Config = map[string]*Record{}, map[string]error{}, nil
+	}
+	v.Synced = v.Synced || b.Reset
+	v.Rev = b.Rev
+	for _, e := range b.Events {
+		switch e.Kind {
+		case ConfigPut:
+			v.Config = e.Value
+		case ConfigDelete:
+			v.Config = nil
+		case LeasePut:
+			if e.Err != nil {
+				delete(v.Records, e.Node)
+				v.Malformed[e.Node] = e.Err
+				continue
+			}
+			delete(v.Malformed, e.Node)
+			v.Records[e.Node] = e.Record
+		case LeaseDelete:
+			delete(v.Records, e.Node)
+			delete(v.Malformed, e.Node)
+		}
+	}
+}

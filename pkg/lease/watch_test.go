@@ -1,0 +1,204 @@
+package lease
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+)
+
+// watcher runs Registry.Watch into a View that the test can inspect.
+type watcher struct {
+	mu     sync.Mutex
+	view   View
+	n      int // batches applied
+	resets int
+}
+
+func startWatch(t *testing.T, reg *Registry) *watcher {
+	w := &watcher{}
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := make(chan Batch)
+	done := make(chan struct{})
+	go func() { defer close(done); reg.Watch(ctx, ch) }()
+	go func() {
+		for {
+			select {
+			case b := <-ch:
+				w.mu.Lock()
+				w.view.Apply(b)
+				w.n++
+				if b.Reset {
+					w.resets++
+				}
+				w.mu.Unlock()
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	return w
+}
+
+// waitFor polls cond on the view for up to 15s.
+func (w *watcher) waitFor(t *testing.T, what string, cond func(v *View) bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		w.mu.Lock()
+		ok := cond(&w.view)
+		w.mu.Unlock()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			t.Fatalf("timed out waiting for %s; view has %d records, config %q", what, len(w.view.Records), w.view.Config)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func putRecord(t *testing.T, cli *clientv3.Client, reg *Registry, node, subnet string) {
+	t.Helper()
+	v := fmt.Sprintf(`{"Node":%q,"Subnet":%q,"PublicIP":"192.0.2.%d","BackendType":"host-gw"}`, node, subnet, len(node))
+	if _, err := cli.Put(ctxT(t), reg.Keys().Lease(node), v); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestWatchListsThenFollowsAndSurvivesRestart(t *testing.T) {
+	srv, cli := startEtcd(t)
+	reg := NewRegistry(cli, "")
+	putRecord(t, cli, reg, "a", "10.100.1.0/24")
+	w := startWatch(t, reg)
+	w.waitFor(t, "initial listing", func(v *View) bool { return v.Synced && v.Config == nil && v.Records["a"] != nil })
+
+	// Missing config, then put: the watch delivers it.
+	cli.Put(ctxT(t), reg.Keys().Config(), `{"Network":"10.100.0.0/16"}`)
+	w.waitFor(t, "config", func(v *View) bool { return string(v.Config) == `{"Network":"10.100.0.0/16"}` })
+
+	// Malformed leases are reported, not used.
+	cli.Put(ctxT(t), reg.Keys().Lease("bad"), `{not json`)
+	cli.Put(ctxT(t), reg.Keys().Lease("liar"), `{"Node":"someone-else","Subnet":"10.100.9.0/24"}`)
+	w.waitFor(t, "malformed leases", func(v *View) bool {
+		return v.Malformed["bad"] != nil && v.Malformed["liar"] != nil && v.Records["bad"] == nil && v.Records["liar"] == nil
+	})
+
+	// etcd restarts; changes after the restart still arrive.
+	if err := srv.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	putRecord(t, cli, reg, "b", "10.100.2.0/24")
+	cli.Delete(ctxT(t), reg.Keys().Lease("a"))
+	w.waitFor(t, "changes after an etcd restart", func(v *View) bool { return v.Records["b"] != nil && v.Records["a"] == nil })
+}
+
+// proxy is a TCP proxy that can cut every connection and refuse new ones,
+// to disconnect one client from etcd while others keep writing.
+type proxy struct {
+	l      net.Listener
+	target string
+	mu     sync.Mutex
+	down   bool
+	conns  []net.Conn
+}
+
+func newProxy(t *testing.T, target string) *proxy {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &proxy{l: l, target: target}
+	t.Cleanup(func() { l.Close(); p.setDown(true) })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			p.mu.Lock()
+			if p.down {
+				p.mu.Unlock()
+				c.Close()
+				continue
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				p.mu.Unlock()
+				c.Close()
+				continue
+			}
+			p.conns = append(p.conns, c, u)
+			p.mu.Unlock()
+			go func() { io.Copy(u, c); u.Close() }()
+			go func() { io.Copy(c, u); c.Close() }()
+		}
+	}()
+	return p
+}
+
+func (p *proxy) setDown(down bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.down = down
+	if down {
+		for _, c := range p.conns {
+			c.Close()
+		}
+		p.conns = nil
+	}
+}
+
+// While the watcher is cut off, leases change and etcd compacts past its
+// revision: on reconnect it lists again and ends with exactly etcd's state.
+func TestWatchRelistsAfterCompaction(t *testing.T) {
+	srv, direct := startEtcd(t)
+	p := newProxy(t, srv.ClientURL[len("http://"):])
+	cut, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + p.l.Addr().String()}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cut.Close()
+	reg := NewRegistry(direct, "")
+	for i := range 5 {
+		putRecord(t, direct, reg, fmt.Sprintf("n%d", i), fmt.Sprintf("10.100.%d.0/24", i))
+	}
+	w := startWatch(t, NewRegistry(cut, ""))
+	w.waitFor(t, "initial listing", func(v *View) bool { return len(v.Records) == 5 })
+
+	p.setDown(true)
+	direct.Delete(ctxT(t), reg.Keys().Lease("n0"))
+	direct.Delete(ctxT(t), reg.Keys().Lease("n1"))
+	putRecord(t, direct, reg, "n2", "10.100.42.0/24") // changed
+	putRecord(t, direct, reg, "n9", "10.100.9.0/24")  // added
+	resp, err := direct.Put(ctxT(t), "/unrelated", "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := direct.Compact(ctxT(t), resp.Header.Revision, clientv3.WithCompactPhysical()); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	p.setDown(false)
+
+	w.waitFor(t, "relist after compaction", func(v *View) bool {
+		r2 := v.Records["n2"]
+		return len(v.Records) == 4 && v.Records["n0"] == nil && v.Records["n1"] == nil &&
+			r2 != nil && r2.Subnet == netip.MustParsePrefix("10.100.42.0/24") && v.Records["n9"] != nil
+	})
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.resets < 2 {
+		t.Errorf("%d listings, want a second one after the compaction", w.resets)
+	}
+}
