@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -26,6 +27,8 @@ type agent struct {
 	reg  *lease.Registry
 	ext  backend.ExtIface
 	node string
+	// newBackend is backend.New; tests of the agent's own logic replace it.
+	newBackend func(raw json.RawMessage, ext backend.ExtIface, node string, o backend.Options) (backend.Backend, error)
 
 	view      lease.View // etcd as the watch has shown it
 	cfg       *lease.Config
@@ -46,7 +49,7 @@ type agent struct {
 }
 
 func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node string) *agent {
-	a := &agent{o: o, cli: cli, reg: lease.NewRegistry(cli, o.etcdPrefix), ext: ext, node: node,
+	a := &agent{o: o, cli: cli, reg: lease.NewRegistry(cli, o.etcdPrefix), ext: ext, node: node, newBackend: backend.New,
 		rejected: map[string]string{}}
 	if env, err := subnetenv.Read(o.subnetFile); err == nil {
 		a.hint = env
@@ -276,7 +279,7 @@ func (a *agent) ensureBackend() error {
 	if a.be != nil && bytes.Equal(a.cfg.Backend.Raw, a.beRaw) {
 		return nil
 	}
-	be, err := backend.New(a.cfg.Backend.Raw, a.ext, a.node, backend.Options{IPMasq: a.o.ipMasq, Resync: a.o.resync})
+	be, err := a.newBackend(a.cfg.Backend.Raw, a.ext, a.node, backend.Options{IPMasq: a.o.ipMasq, Resync: a.o.resync})
 	if err != nil {
 		if a.be != nil {
 			klog.ErrorS(err, "new backend options rejected; keeping the running backend")

@@ -18,6 +18,8 @@ import (
 type Server struct {
 	Dir       string
 	ClientURL string // e.g. http://127.0.0.1:23790
+	// ExtraURLs are further client URLs (e.g. unix:///dir/etcd.sock).
+	ExtraURLs []string
 	peerURL   string
 	e         *embed.Etcd
 }
@@ -56,6 +58,14 @@ func (s *Server) start() error {
 	cu, _ := url.Parse(s.ClientURL)
 	pu, _ := url.Parse(s.peerURL)
 	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
+	for _, x := range s.ExtraURLs {
+		u, err := url.Parse(x)
+		if err != nil {
+			return fmt.Errorf("client URL %q: %w", x, err)
+		}
+		cfg.ListenClientUrls = append(cfg.ListenClientUrls, *u)
+	}
+	cfg.EnableGRPCGateway = false
 	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
 	cfg.InitialCluster = cfg.Name + "=" + s.peerURL
 	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
@@ -77,6 +87,17 @@ func (s *Server) start() error {
 	}
 	s.e = e
 	return nil
+}
+
+// StartIn is Start with the listening sockets created in the network
+// namespace ns (a path such as /var/run/netns/NAME): clients inside that
+// namespace reach clientAddr; extraURLs (unix sockets) are reachable from
+// anywhere on the file system. The server's goroutines keep running in the
+// calling process.
+func StartIn(ns, dir, clientAddr, peerAddr string, extraURLs ...string) (*Server, error) {
+	s := &Server{Dir: dir, ClientURL: "http://" + clientAddr, peerURL: "http://" + peerAddr, ExtraURLs: extraURLs}
+	err := inNetns(ns, s.start)
+	return s, err
 }
 
 // Stop stops the member; its data stays in Dir.

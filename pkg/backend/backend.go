@@ -75,6 +75,10 @@ type Options struct {
 	IPMasq bool
 	// Resync is the period of the full kernel comparison in Run (0: 10s).
 	Resync time.Duration
+	// NetNS is the path of the network namespace to program (e.g.
+	// /var/run/netns/NAME); empty means the agent's own. Tests use it to
+	// run several hosts in one process.
+	NetNS string
 }
 
 // Backend programs the datapath for one host.

@@ -111,7 +111,7 @@ func intField(v json.RawMessage, name string, lo, hi int, dst *int) error {
 	var n json.Number
 	dec := json.NewDecoder(bytes.NewReader(v))
 	dec.UseNumber()
-	if err := dec.Decode(&n); err != nil {
+	if err := dec.Decode(&n); err != nil || bytes.HasPrefix(bytes.TrimSpace(v), []byte(`"`)) {
 		return fmt.Errorf("backend: Backend.%s must be an integer in %d..%d, got %s", name, lo, hi, v)
 	}
 	i, err := n.Int64()

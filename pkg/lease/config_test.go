@@ -203,7 +203,7 @@ func TestParseConfigErrors(t *testing.T) {
 		want []string // substrings of the error
 	}{
 		{"empty", ``, []string{"empty", "Network"}},
-		{"syntax error with position", "{\n  \"Network\": \"10.100.0.0/16\",\n}", []string{"not valid JSON", "line 3, column 1 (byte offset 31)"}},
+		{"syntax error with position", "{\n  \"Network\": \"10.100.0.0/16\",\n}", []string{"not valid JSON", "line 3, column 1 (byte offset 32)"}},
 		{"truncated", `{"Network": "10.1`, []string{"not valid JSON", "line 1, column 17", "unexpected end"}},
 		{"not an object", `["10.100.0.0/16"]`, []string{"JSON object", "an array"}},
 		{"null", `null`, []string{"JSON object"}},

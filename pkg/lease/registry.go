@@ -60,9 +60,14 @@ type Claim struct {
 	Keep4, Keep6 netip.Prefix
 }
 
-// randomTries is how many random candidates Acquire tries per family before
-// it lists the family's taken subnets and picks from the gaps.
-const randomTries = 8
+// Acquire looks at probeSize random candidates per family in one read
+// (probeRounds times at most) before it lists every taken subnet of the
+// family and picks from the gaps. With the range 76% full, one round finds
+// a free subnet with probability 1-0.76^32 > 0.9998.
+const (
+	probeSize   = 32
+	probeRounds = 3
+)
 
 // Acquire claims one subnet per family enabled in cfg for c.Node, all
 // attached to sess's lease, and publishes the lease record. It prefers, in
@@ -173,7 +178,8 @@ type family struct {
 	taken    map[netip.Prefix]bool   // held by other nodes, as far as we know
 	reserved map[netip.Prefix]string // reserved for other nodes
 	listed   bool                    // taken holds every lock of the family
-	misses   int                     // random candidates found taken
+	probes   int                     // probe rounds done
+	free     []netip.Prefix          // random candidates found free by the last probe
 
 	cand    netip.Prefix // the candidate of this attempt
 	modRev  int64        // mod revision of cand's lock when it is already ours
@@ -212,11 +218,20 @@ func (r *Registry) pick(ctx context.Context, f *family, node string) error {
 			return nil
 		}
 	}
-	if !f.listed && f.misses < randomTries {
-		f.misses++
-		if s := f.pool.randomSubnet(); f.usable(s) {
-			f.cand = s
-			return nil
+	for !f.listed {
+		for len(f.free) > 0 {
+			s := f.free[0]
+			f.free = f.free[1:]
+			if f.usable(s) {
+				f.cand = s
+				return nil
+			}
+		}
+		if f.probes == probeRounds {
+			break
+		}
+		if err := r.probe(ctx, f, node); err != nil {
+			return err
 		}
 	}
 	if !f.listed {
@@ -242,6 +257,43 @@ func (r *Registry) pick(ctx context.Context, f *family, node string) error {
 		return &ExhaustedError{Pool: f.pool, InUse: inUse}
 	}
 	f.cand = s
+	return nil
+}
+
+// probe reads the locks of up to probeSize random candidates in one
+// transaction and keeps the free ones in f.free, the taken ones in f.taken.
+func (r *Registry) probe(ctx context.Context, f *family, node string) error {
+	f.probes++
+	seen := map[netip.Prefix]bool{}
+	var cands []netip.Prefix
+	var ops []clientv3.Op
+	for range probeSize * 2 {
+		s := f.pool.randomSubnet()
+		if seen[s] || !f.usable(s) {
+			continue
+		}
+		seen[s] = true
+		cands = append(cands, s)
+		ops = append(ops, clientv3.OpGet(r.keys.SubnetLock(s)))
+		if len(cands) == probeSize {
+			break
+		}
+	}
+	if len(ops) == 0 {
+		return nil
+	}
+	resp, err := r.cli.Txn(ctx).Then(ops...).Commit()
+	if err != nil {
+		return fmt.Errorf("probing free subnets in %s: %w", f.pool, err)
+	}
+	for i, s := range cands {
+		kvs := resp.Responses[i].GetResponseRange().Kvs
+		if len(kvs) == 0 || string(kvs[0].Value) == node {
+			f.free = append(f.free, s)
+		} else {
+			f.taken[s] = true
+		}
+	}
 	return nil
 }
 
@@ -323,7 +375,6 @@ func (r *Registry) commit(ctx context.Context, sess *concurrency.Session, rec, p
 		default:
 			klog.V(2).InfoS("subnet is held by another node", "subnet", f.cand, "holder", string(kvs[0].Value))
 			f.taken[f.cand] = true
-			f.misses++
 		}
 	}
 	return false, nil

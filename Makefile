@@ -1,0 +1,24 @@
+# leased — see README.md.
+GO ?= go
+
+.PHONY: build lab test bench clean
+
+build:
+	$(GO) build -o bin/leased ./cmd/leased
+
+# The main job: a 3-host lab with real etcd, leases and cross-host traffic.
+lab: build
+	./bin/leased lab $(LAB_ARGS)
+
+# Every test, as root (network namespaces, a real etcd, real kernel).
+test:
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 40m ./...
+	$(GO) test -run '^$$' -fuzz FuzzParseConfig -fuzztime 20s ./pkg/lease
+	$(GO) test -run '^$$' -fuzz FuzzDecodeRecord -fuzztime 20s ./pkg/lease
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 3x ./...
+
+clean:
+	rm -rf bin

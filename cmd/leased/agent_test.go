@@ -1,0 +1,238 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"github.com/leased/leased/internal/etcdserver"
+	"github.com/leased/leased/pkg/backend"
+	"github.com/leased/leased/pkg/lease"
+	"github.com/leased/leased/pkg/subnetenv"
+)
+
+// recorder stands in for the kernel-facing backend in tests of the agent's
+// own logic (config handling, leasing, peer filtering). The datapath itself
+// is tested against a real kernel in pkg/backend and in the lab tests.
+type recorder struct {
+	mu      sync.Mutex
+	peers   []backend.Peer
+	starts  []backend.Local
+	applied int
+}
+
+func (r *recorder) Type() string                  { return backend.TypeHostGW }
+func (r *recorder) LeaseData() json.RawMessage    { return nil }
+func (r *recorder) MTU() int                      { return 1500 }
+func (r *recorder) Run(ctx context.Context) error { <-ctx.Done(); return nil }
+func (r *recorder) Start(_ context.Context, l backend.Local) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.starts = append(r.starts, l)
+	return nil
+}
+func (r *recorder) SetPeers(_ context.Context, p []backend.Peer) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.peers = p
+	r.applied++
+	return nil
+}
+func (r *recorder) peerNodes() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var n []string
+	for _, p := range r.peers {
+		n = append(n, p.Node)
+	}
+	return strings.Join(n, ",")
+}
+
+type testAgent struct {
+	*agent
+	rec    *recorder
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func startTestAgent(t *testing.T, endpoint, node, ip string) *testAgent {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := &options{etcdEndpoints: endpoint, etcdPrefix: lease.DefaultPrefix, leaseTTL: 10 * time.Second,
+		subnetFile: filepath.Join(t.TempDir(), "subnet.env")}
+	ext := backend.ExtIface{Name: "eth0", MTU: 1500, Public4: netip.MustParseAddr(ip), Addr4: netip.MustParseAddr(ip)}
+	rec := &recorder{}
+	a := newAgent(o, cli, ext, node)
+	a.newBackend = func(json.RawMessage, backend.ExtIface, string, backend.Options) (backend.Backend, error) {
+		return rec, nil
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ta := &testAgent{agent: a, rec: rec, cancel: cancel, done: make(chan struct{})}
+	go func() { defer close(ta.done); a.run(ctx) }()
+	t.Cleanup(func() { ta.stop(); cli.Close() })
+	return ta
+}
+
+func (ta *testAgent) stop() {
+	ta.cancel()
+	<-ta.done
+}
+
+func (ta *testAgent) env(t *testing.T) (subnetenv.Env, error) {
+	return subnetenv.Read(ta.o.subnetFile)
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func put(t *testing.T, endpoint, key, val string) {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := cli.Put(ctx, key, val); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func startEtcd(t *testing.T) *etcdserver.Server {
+	srv, err := etcdserver.Start(t.TempDir(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Stop)
+	return srv
+}
+
+var cfgKey = lease.NewKeys("").Config()
+
+// The agent waits for a missing config and proceeds as soon as it appears;
+// it writes subnet.env and hands the backend exactly the valid peers.
+func TestAgentMissingConfigThenPeers(t *testing.T) {
+	srv := startEtcd(t)
+	a := startTestAgent(t, srv.ClientURL, "a", "192.168.1.1")
+	time.Sleep(500 * time.Millisecond)
+	if _, err := a.env(t); err == nil {
+		t.Fatal("subnet.env written without a config")
+	}
+	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48","IPv6SubnetLen":80}`)
+	eventually(t, "subnet.env", func() bool { _, err := a.env(t); return err == nil })
+	env, _ := a.env(t)
+	if env.Subnet4.Bits() != 24 || env.Subnet6.Bits() != 80 || env.Network4.String() != "10.100.0.0/16" || env.MTU != 1500 {
+		t.Errorf("subnet.env %+v", env)
+	}
+	b := startTestAgent(t, srv.ClientURL, "b", "192.168.1.2")
+	eventually(t, "a sees b", func() bool { return a.rec.peerNodes() == "b" })
+	eventually(t, "b sees a", func() bool { return b.rec.peerNodes() == "a" })
+	// A hostile lease claiming a's subnet, and garbage, are never programmed.
+	put(t, srv.ClientURL, lease.NewKeys("").Lease("evil"), fmt.Sprintf(`{"Node":"evil","Subnet":%q,"PublicIP":"192.168.1.66"}`, env.Subnet4))
+	put(t, srv.ClientURL, lease.NewKeys("").Lease("junk"), `{"Node":`)
+	put(t, srv.ClientURL, lease.NewKeys("").Lease("c"), `{"Node":"c","Subnet":"10.100.250.0/24","PublicIP":"192.168.1.3"}`)
+	eventually(t, "a sees c but not evil or junk", func() bool { return a.rec.peerNodes() == "b,c" || a.rec.peerNodes() == "c,b" })
+}
+
+// With the range full the agent says "out of subnets", keeps running, and
+// takes a subnet as soon as SubnetMax is raised — no restart.
+func TestAgentExhaustedThenSubnetMaxRaised(t *testing.T) {
+	srv := startEtcd(t)
+	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","SubnetLen":25,"SubnetMin":"10.100.0.0","SubnetMax":"10.100.1.0"}`)
+	var agents []*testAgent
+	for i := range 3 {
+		ag := startTestAgent(t, srv.ClientURL, fmt.Sprintf("h%d", i), fmt.Sprintf("192.168.1.%d", i+1))
+		eventually(t, "lease", func() bool { _, err := ag.env(t); return err == nil })
+		agents = append(agents, ag)
+	}
+	fourth := startTestAgent(t, srv.ClientURL, "h3", "192.168.1.4")
+	time.Sleep(time.Second)
+	if _, err := fourth.env(t); err == nil {
+		t.Fatal("fourth host got a subnet in a range of three")
+	}
+	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","SubnetLen":25,"SubnetMin":"10.100.0.0","SubnetMax":"10.100.1.128"}`)
+	eventually(t, "fourth host's lease after SubnetMax raise", func() bool {
+		env, err := fourth.env(t)
+		return err == nil && env.Subnet4 == netip.MustParsePrefix("10.100.1.128/25")
+	})
+	eventually(t, "the others see the fourth", func() bool { return strings.Contains(agents[0].rec.peerNodes(), "h3") })
+}
+
+// Bad configs never take effect: invalid JSON, a change that would
+// invalidate the lease, a different backend type. The next valid config does.
+func TestAgentKeepsLastGoodConfig(t *testing.T) {
+	srv := startEtcd(t)
+	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
+	a := startTestAgent(t, srv.ClientURL, "a", "192.168.1.1")
+	eventually(t, "lease", func() bool { _, err := a.env(t); return err == nil })
+	before, _ := os.ReadFile(a.o.subnetFile)
+	for _, bad := range []string{`{"Network":`, `{"Network":"10.200.0.0/16"}`, `{"Network":"10.100.0.0/16","Backend":{"Type":"vxlan"}}`} {
+		put(t, srv.ClientURL, cfgKey, bad)
+		time.Sleep(300 * time.Millisecond)
+		after, _ := os.ReadFile(a.o.subnetFile)
+		if string(after) != string(before) {
+			t.Fatalf("config %s changed subnet.env:\n%s\nto\n%s", bad, before, after)
+		}
+		if a.cfg.IPv4.Network.String() != "10.100.0.0/16" || a.cfg.Backend.Type != "host-gw" {
+			t.Fatalf("config %s was adopted", bad)
+		}
+	}
+	// Enabling IPv6 is compatible: the host adds an IPv6 subnet, keeps IPv4.
+	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
+	env0, _ := subnetenv.Read(a.o.subnetFile)
+	eventually(t, "IPv6 subnet added", func() bool {
+		env, err := a.env(t)
+		return err == nil && env.Subnet6.IsValid() && env.Subnet4 == env0.Subnet4
+	})
+}
+
+// When the lease is lost (revoked, as after a long partition) the agent
+// claims again and gets the same subnets back.
+func TestAgentReclaimsLostLease(t *testing.T) {
+	srv := startEtcd(t)
+	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
+	a := startTestAgent(t, srv.ClientURL, "a", "192.168.1.1")
+	eventually(t, "lease", func() bool { _, err := a.env(t); return err == nil })
+	env0, _ := a.env(t)
+	cli, _ := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
+	defer cli.Close()
+	ctx := context.Background()
+	resp, err := cli.Get(ctx, lease.NewKeys("").Lease("a"))
+	if err != nil || len(resp.Kvs) != 1 {
+		t.Fatal("no lease record", err)
+	}
+	id := resp.Kvs[0].Lease
+	if _, err := cli.Revoke(ctx, clientv3.LeaseID(id)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the record is back under a new lease", func() bool {
+		r, err := cli.Get(ctx, lease.NewKeys("").Lease("a"))
+		return err == nil && len(r.Kvs) == 1 && r.Kvs[0].Lease != id
+	})
+	env1, _ := a.env(t)
+	if env1 != env0 {
+		t.Errorf("subnet.env changed from %+v to %+v", env0, env1)
+	}
+}

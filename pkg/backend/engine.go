@@ -1,0 +1,211 @@
+package backend
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"k8s.io/klog/v2"
+)
+
+// Default timings of Run.
+const (
+	DefaultResync   = 10 * time.Second
+	defaultCoalesce = 75 * time.Millisecond
+)
+
+// datapath is what differs between backend types: the host-local devices
+// and the desired kernel objects for a peer set. Methods are called with the
+// engine's mutex held.
+type datapath interface {
+	// ensure creates or repairs host-local devices for local and returns the
+	// ifindexes whose neighbour and FDB entries the reconciler owns.
+	ensure(k kernel, local Local) ([]int, error)
+	// desired computes the wanted kernel objects; peers it cannot serve are
+	// reported as skips.
+	desired(in input) (state, []skip)
+	// mtu is the container MTU for local (zero Local: before Start).
+	mtu(local Local) int
+	leaseData() json.RawMessage
+}
+
+// input is everything a desired state is computed from.
+type input struct {
+	local Local
+	peers []Peer
+	ext   ExtIface
+	// connected are the prefixes configured on ext: a gateway inside one of
+	// them is on-link.
+	connected []netip.Prefix
+}
+
+// skip is a peer (family) left out of the desired state, and why.
+type skip struct {
+	node    string
+	subnet  netip.Prefix
+	gateway netip.Addr
+	reason  string
+}
+
+// engine is the Backend implementation shared by every type: it owns the
+// netlink handle, the desired state and the reconcile loop.
+type engine struct {
+	typ  string
+	ext  ExtIface
+	opts Options
+	ns   nsExec
+	k    kernel
+	dp   datapath
+
+	// resync is the period of full passes in Run and coalesce the delay
+	// between the first event and the pass it triggers. Set before Run.
+	resync   time.Duration
+	coalesce time.Duration
+
+	kick  chan struct{}         // capacity 1: a pass is wanted
+	owned atomic.Pointer[[]int] // device ifindexes, read by event goroutines
+
+	mu      sync.Mutex // guards everything below and every kernel call
+	local   Local
+	started bool
+	peers   []Peer
+	applied state           // what the last pass left in the kernel
+	skipped map[string]bool // skips already logged
+	passes  int
+	// lastChanges counts the puts and deletes of the last pass.
+	lastChanges int
+}
+
+// New returns the backend that raw (the network config's Backend object)
+// selects, for the host node whose external interface is ext. It opens one
+// netlink handle in opts.NetNS (default: the agent's namespace) and changes
+// nothing in the kernel; Start does. An unknown or unimplemented type wraps
+// ErrUnknownType.
+func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend, error) {
+	cfg, err := parseConfig(raw)
+	if err != nil {
+		return nil, err
+	}
+	if node == "" {
+		return nil, errors.New("backend: node name is empty")
+	}
+	if ext.Index <= 0 || ext.MTU <= 0 {
+		return nil, fmt.Errorf("backend: external interface %q needs an index and an MTU", ext.Name)
+	}
+	var dp datapath
+	switch cfg.Type {
+	case TypeHostGW:
+		dp = &hostGW{}
+	case TypeVXLAN:
+		if !ext.Addr4.IsValid() && !ext.Addr6.IsValid() {
+			return nil, fmt.Errorf("backend: vxlan needs an address on %s for the underlay; it has none", ext.Name)
+		}
+		dp = newVXLAN(cfg, ext, node)
+	default:
+		return nil, fmt.Errorf("%w: %q is not implemented yet", ErrUnknownType, cfg.Type)
+	}
+	ns := nsExec{path: opts.NetNS}
+	h, err := ns.handle()
+	if err != nil {
+		return nil, fmt.Errorf("opening netlink handle: %w", err)
+	}
+	return newEngine(cfg.Type, ext, opts, netlinkKernel{h: h}, dp), nil
+}
+
+func newEngine(typ string, ext ExtIface, opts Options, k kernel, dp datapath) *engine {
+	e := &engine{
+		typ:      typ,
+		ext:      ext,
+		opts:     opts,
+		ns:       nsExec{path: opts.NetNS},
+		k:        k,
+		dp:       dp,
+		resync:   DefaultResync,
+		coalesce: defaultCoalesce,
+		kick:     make(chan struct{}, 1),
+		applied:  newState(),
+		skipped:  map[string]bool{},
+	}
+	if opts.Resync > 0 {
+		e.resync = opts.Resync
+	}
+	e.owned.Store(&[]int{})
+	return e
+}
+
+func (e *engine) Type() string { return e.typ }
+
+func (e *engine) LeaseData() json.RawMessage { return e.dp.leaseData() }
+
+func (e *engine) MTU() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if m := e.dp.mtu(e.local); m > 0 {
+		return m
+	}
+	return e.ext.MTU
+}
+
+// Start records the lease, enables forwarding, installs the forward and
+// masquerade rules, creates devices and runs a pass, which also removes what
+// an earlier run left for peers that are gone. Calling it again with a new
+// lease moves the host-local state to it. It is idempotent.
+func (e *engine) Start(ctx context.Context, local Local) error {
+	if !local.Subnet4.IsValid() && !local.Subnet6.IsValid() {
+		return errors.New("backend: the local lease holds no subnet")
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.local = local
+	e.started = true
+	klog.InfoS("backend starting", "type", e.typ, "node", local.Node, "subnet4", local.Subnet4, "subnet6", local.Subnet6, "iface", e.ext.Name)
+	err := e.ns.do(func() error {
+		return errors.Join(
+			enableForwarding(e.ext.Name, local.Network4.IsValid(), local.Network6.IsValid()),
+			setupForwarding(local, e.opts.IPMasq),
+		)
+	})
+	return errors.Join(err, e.passLocked(ctx))
+}
+
+// SetPeers replaces the peer set and runs one pass. Before Start it only
+// records the set.
+func (e *engine) SetPeers(ctx context.Context, peers []Peer) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	logPeerChanges(e.peers, peers)
+	e.peers = append([]Peer(nil), peers...)
+	return e.passLocked(ctx)
+}
+
+// pass runs one reconcile pass.
+func (e *engine) pass(ctx context.Context) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.passLocked(ctx)
+}
+
+func (e *engine) kickPass() {
+	select {
+	case e.kick <- struct{}{}:
+	default:
+	}
+}
+
+// logSkips logs each skipped peer once, until it stops being skipped.
+func (e *engine) logSkips(skips []skip) {
+	now := make(map[string]bool, len(skips))
+	for _, s := range skips {
+		k := s.node + "|" + s.subnet.String() + "|" + s.reason
+		now[k] = true
+		if !e.skipped[k] {
+			klog.InfoS(s.reason, "node", s.node, "subnet", s.subnet, "gateway", s.gateway)
+		}
+	}
+	e.skipped = now
+}

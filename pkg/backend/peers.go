@@ -1,0 +1,79 @@
+package backend
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"k8s.io/klog/v2"
+)
+
+// peerFamily is one address family of a peer's lease.
+type peerFamily struct {
+	v6      bool
+	subnet  netip.Prefix // the peer's subnet of this family
+	public  netip.Addr   // the peer's public address of this family
+	network netip.Prefix // our cluster network of this family
+	own     netip.Prefix // our own subnet of this family
+}
+
+// families returns the families both the peer and this host have, so that
+// v4 and v6 go through the same code.
+func families(local Local, p Peer) []peerFamily {
+	var out []peerFamily
+	if local.Network4.IsValid() && p.Subnet4.IsValid() {
+		out = append(out, peerFamily{false, p.Subnet4.Masked(), p.PublicIP4, local.Network4, local.Subnet4})
+	}
+	if local.Network6.IsValid() && p.Subnet6.IsValid() {
+		out = append(out, peerFamily{true, p.Subnet6.Masked(), p.PublicIP6, local.Network6, local.Subnet6})
+	}
+	return out
+}
+
+// check returns why the peer's subnet must not be routed, or "".
+func (f peerFamily) check() string {
+	switch {
+	case f.subnet.Addr().Is4() == f.v6 || f.subnet.Bits() < f.network.Bits() || !f.network.Contains(f.subnet.Addr()):
+		return fmt.Sprintf("peer subnet is outside the cluster network %s: skipped", f.network)
+	case f.own.IsValid() && f.own.Overlaps(f.subnet):
+		return fmt.Sprintf("peer subnet overlaps this host's subnet %s: skipped", f.own)
+	}
+	return ""
+}
+
+// onLink reports whether a is inside one of the connected prefixes.
+func onLink(a netip.Addr, connected []netip.Prefix) bool {
+	return slices.ContainsFunc(connected, func(p netip.Prefix) bool { return p.Contains(a) })
+}
+
+// peerRoute is how a peer is reached: its subnets and public addresses.
+type peerRoute struct{ node, subnet, via string }
+
+func peerRoutes(peers []Peer) map[peerRoute]bool {
+	out := map[peerRoute]bool{}
+	for _, p := range peers {
+		if p.Subnet4.IsValid() {
+			out[peerRoute{p.Node, p.Subnet4.String(), p.PublicIP4.String()}] = true
+		}
+		if p.Subnet6.IsValid() {
+			out[peerRoute{p.Node, p.Subnet6.String(), p.PublicIP6.String()}] = true
+		}
+	}
+	return out
+}
+
+// logPeerChanges logs each subnet that appeared or disappeared between two
+// peer sets.
+func logPeerChanges(before, after []Peer) {
+	b, a := peerRoutes(before), peerRoutes(after)
+	for r := range a {
+		if !b[r] {
+			klog.InfoS("Subnet added", "node", r.node, "subnet", r.subnet, "via", r.via)
+		}
+	}
+	for r := range b {
+		if !a[r] {
+			klog.InfoS("Subnet removed", "node", r.node, "subnet", r.subnet, "via", r.via)
+		}
+	}
+}

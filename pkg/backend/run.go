@@ -1,0 +1,144 @@
+package backend
+
+import (
+	"context"
+	"slices"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"k8s.io/klog/v2"
+)
+
+// resubscribeDelay is the wait before re-subscribing after a netlink
+// subscription failed (e.g. ENOBUFS after an event burst).
+const resubscribeDelay = time.Second
+
+// Run reconciles until ctx is done: a pass within e.coalesce of the first
+// route, link or neighbour event that concerns us, and a full pass every
+// e.resync regardless. It returns nil once ctx is cancelled and leaves the
+// kernel state in place. Pass errors are logged, not returned: the next pass
+// retries. Run must be called at most once per backend.
+func (e *engine) Run(ctx context.Context) error {
+	nsh, closeNS, err := e.ns.subscribeNS()
+	if err != nil {
+		return err
+	}
+	defer closeNS()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done := make(chan struct{})
+	go func() { defer close(done); e.watch(ctx, nsh) }()
+	defer func() { cancel(); <-done }()
+
+	ticker := time.NewTicker(e.resync)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-ticker.C:
+		case <-e.kick:
+			t := time.NewTimer(e.coalesce)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return nil
+			case <-t.C:
+			}
+			select { // events during the wait are covered by this pass
+			case <-e.kick:
+			default:
+			}
+		}
+		if err := e.pass(ctx); err != nil && ctx.Err() == nil {
+			klog.ErrorS(err, "reconcile pass failed; retrying on the next pass", "type", e.typ)
+		}
+	}
+}
+
+// watch runs the three netlink subscriptions until ctx is done.
+func (e *engine) watch(ctx context.Context, nsh *netns.NsHandle) {
+	ours := func(idx int) bool { return idx == e.ext.Index || slices.Contains(*e.owned.Load(), idx) }
+	const buf = 1 << 22
+	routes := func(ch chan netlink.RouteUpdate, done chan struct{}, cb func(error)) error {
+		return netlink.RouteSubscribeWithOptions(ch, done, netlink.RouteSubscribeOptions{Namespace: nsh, ErrorCallback: cb, ReceiveBufferSize: buf})
+	}
+	links := func(ch chan netlink.LinkUpdate, done chan struct{}, cb func(error)) error {
+		return netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{Namespace: nsh, ErrorCallback: cb, ReceiveBufferSize: buf})
+	}
+	neighs := func(ch chan netlink.NeighUpdate, done chan struct{}, cb func(error)) error {
+		return netlink.NeighSubscribeWithOptions(ch, done, netlink.NeighSubscribeOptions{Namespace: nsh, ErrorCallback: cb, ReceiveBufferSize: buf})
+	}
+	finished := make(chan struct{}, 3)
+	go func() {
+		subscribe(ctx, e, "route", routes, func(u netlink.RouteUpdate) bool { return u.Protocol == RouteProtocol })
+		finished <- struct{}{}
+	}()
+	go func() {
+		subscribe(ctx, e, "link", links, func(u netlink.LinkUpdate) bool {
+			a := u.Attrs()
+			return a.Name == VXLANDev4 || a.Name == VXLANDev6 || ours(a.Index)
+		})
+		finished <- struct{}{}
+	}()
+	go func() {
+		subscribe(ctx, e, "neighbour", neighs, func(u netlink.NeighUpdate) bool {
+			return slices.Contains(*e.owned.Load(), u.LinkIndex)
+		})
+		finished <- struct{}{}
+	}()
+	for range 3 {
+		<-finished
+	}
+}
+
+// subscribe keeps one netlink subscription alive until ctx is done, turning
+// relevant events into pass requests. When the subscription fails it
+// subscribes again and requests a pass, since events may have been lost.
+func subscribe[T any](ctx context.Context, e *engine, kind string,
+	sub func(chan T, chan struct{}, func(error)) error, relevant func(T) bool) {
+	for ctx.Err() == nil {
+		ch := make(chan T, 1024)
+		done := make(chan struct{})
+		err := sub(ch, done, func(err error) {
+			if ctx.Err() == nil {
+				klog.ErrorS(err, "netlink subscription failed; subscribing again", "kind", kind)
+			}
+		})
+		if err != nil {
+			klog.ErrorS(err, "subscribing to netlink events", "kind", kind)
+			close(done)
+		} else {
+			e.kickPass()
+			consume(ctx, ch, relevant, e.kickPass)
+			close(done)
+			go func() { // let the library's reader finish and close ch
+				for range ch {
+				}
+			}()
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(resubscribeDelay):
+		}
+	}
+}
+
+// consume reads events until ch closes or ctx is done.
+func consume[T any](ctx context.Context, ch chan T, relevant func(T) bool, kick func()) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case u, ok := <-ch:
+			if !ok {
+				return
+			}
+			if relevant(u) {
+				klog.V(4).InfoS("netlink event", "event", u)
+				kick()
+			}
+		}
+	}
+}

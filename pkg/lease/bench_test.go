@@ -1,0 +1,116 @@
+package lease
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+)
+
+const benchConfig = `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`
+
+// fillLeases writes n dual-stack leases (record plus both subnet locks)
+// under one etcd lease, 40 hosts per transaction.
+func fillLeases(b *testing.B, cli *clientv3.Client, reg *Registry, n int) {
+	b.Helper()
+	ctx := context.Background()
+	g, err := cli.Grant(ctx, 3600)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var ops []clientv3.Op
+	flush := func() {
+		if len(ops) == 0 {
+			return
+		}
+		if _, err := cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+			b.Fatal(err)
+		}
+		ops = ops[:0]
+	}
+	for i := range n {
+		// Spread IPv4 subnets over the /8 (every index of 65536 scaled), IPv6 at random-looking indices.
+		i4 := uint32(i) * 65536 / uint32(n)
+		s4 := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i4 >> 8), byte(i4), 0}), 24)
+		var a6 [16]byte
+		a6[0], a6[1], a6[2], a6[3] = 0x20, 0x01, 0x0d, 0xb8
+		binary.BigEndian.PutUint32(a6[4:8], uint32(i)*2654435761)
+		s6 := netip.PrefixFrom(netip.AddrFrom16(a6), 64)
+		node := fmt.Sprintf("filler-%05d", i)
+		rec := Record{Node: node, Subnet: s4, IPv6Subnet: s6, PublicIP: netip.AddrFrom4([4]byte{172, 16, byte(i >> 8), byte(i)}), BackendType: "host-gw"}
+		v, _ := json.Marshal(rec)
+		l := clientv3.WithLease(g.ID)
+		ops = append(ops, clientv3.OpPut(reg.Keys().SubnetLock(s4), node, l), clientv3.OpPut(reg.Keys().SubnetLock(s6), node, l),
+			clientv3.OpPut(reg.Keys().Lease(node), string(v), l))
+		if len(ops) >= 120 {
+			flush()
+		}
+	}
+	flush()
+}
+
+var benchN = 50000
+
+// BenchmarkAcquire50k: a new host joins a network that already has 50,000
+// dual-stack leases (/8 with /24s: 76% full; /32 with /64s): grant its etcd
+// lease and claim an IPv4 and an IPv6 subnet.
+func BenchmarkAcquire50k(b *testing.B) {
+	_, cli := startEtcd(b)
+	reg := NewRegistry(cli, "")
+	cfg := mustConfig(b, benchConfig)
+	fillLeases(b, cli, reg, benchN)
+	ctx := context.Background()
+	i := 0
+	b.ResetTimer()
+	for b.Loop() {
+		sess, err := concurrency.NewSession(cli, concurrency.WithTTL(60))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := reg.Acquire(ctx, sess, cfg, Claim{Node: fmt.Sprintf("new-%d", i), PublicIP: netip.MustParseAddr("192.0.2.1")}); err != nil {
+			b.Fatal(err)
+		}
+		i++
+		sess.Orphan()
+	}
+}
+
+// BenchmarkReady50k: what a starting agent does before it can program the
+// datapath, with 50,000 leases present: claim its lease, list the config
+// and every lease in one read, decode them and filter the peers.
+func BenchmarkReady50k(b *testing.B) {
+	_, cli := startEtcd(b)
+	reg := NewRegistry(cli, "")
+	cfg := mustConfig(b, benchConfig)
+	fillLeases(b, cli, reg, benchN)
+	i := 0
+	b.ResetTimer()
+	for b.Loop() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		sess, err := concurrency.NewSession(cli, concurrency.WithTTL(60))
+		if err != nil {
+			b.Fatal(err)
+		}
+		self, err := reg.Acquire(ctx, sess, cfg, Claim{Node: fmt.Sprintf("ready-%d", i), PublicIP: netip.MustParseAddr("192.0.2.1")})
+		if err != nil {
+			b.Fatal(err)
+		}
+		ch := make(chan Batch, 1)
+		go reg.Watch(ctx, ch)
+		var v View
+		v.Apply(<-ch)
+		peers, _ := Peers(cfg, self, v.Records)
+		if len(peers) < benchN {
+			b.Fatalf("%d peers, want at least %d", len(peers), benchN)
+		}
+		cancel()
+		sess.Orphan()
+		i++
+	}
+}

@@ -1,0 +1,414 @@
+// Package subnetenv reads and writes subnet.env, the file through which
+// dockerd learns the host's leased subnets. dockerd's unit loads it with a
+// systemd drop-in:
+//
+//	[Service]
+//	EnvironmentFile=/run/leased/subnet.env
+//	ExecStart=
+//	ExecStart=/usr/bin/dockerd $LEASED_DOCKER_OPTS
+//
+// The file holds one KEY=VALUE per line, in systemd EnvironmentFile syntax:
+//
+//	# written by leased; do not edit
+//	LEASED_NETWORK=10.100.0.0/16
+//	LEASED_SUBNET=10.100.15.1/24
+//	LEASED_NETWORK6=2001:db8:cd11::/48
+//	LEASED_SUBNET6=2001:db8:cd11:0:8000::/80
+//	LEASED_MTU=1450
+//	LEASED_IPMASQ=true
+//	LEASED_BACKEND=vxlan
+//	LEASED_DOCKER_OPTS="--bip=10.100.15.1/24 --mtu=1450 --ipv6 --fixed-cidr-v6=2001:db8:cd11:0:8000::/80 --ip-masq=false"
+//
+// The IPv4 lines appear only when IPv4 is enabled, the IPv6 lines only when
+// IPv6 is. The package only reads and writes the file; it knows nothing of
+// etcd or the datapath.
+package subnetenv
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+)
+
+// Variable names in the file.
+const (
+	KeyNetwork    = "LEASED_NETWORK"
+	KeySubnet     = "LEASED_SUBNET"
+	KeyNetwork6   = "LEASED_NETWORK6"
+	KeySubnet6    = "LEASED_SUBNET6"
+	KeyMTU        = "LEASED_MTU"
+	KeyIPMasq     = "LEASED_IPMASQ"
+	KeyBackend    = "LEASED_BACKEND"
+	KeyDockerOpts = "LEASED_DOCKER_OPTS"
+)
+
+// Header is the comment line the file starts with.
+const Header = "# written by leased; do not edit"
+
+// Env is the content of subnet.env.
+type Env struct {
+	// Network4 is the cluster's IPv4 network and Subnet4 the host's leased
+	// IPv4 subnet (a masked prefix); both zero when IPv4 is disabled.
+	Network4, Subnet4 netip.Prefix
+	// Network6 and Subnet6 are the same for IPv6.
+	Network6, Subnet6 netip.Prefix
+	// MTU is the MTU containers must use (docker0's --mtu).
+	MTU int
+	// IPMasq says that leased masquerades IPv4 traffic leaving the cluster
+	// network, so dockerd must not (--ip-masq=false).
+	IPMasq bool
+	// Backend is the backend type, e.g. "vxlan".
+	Backend string
+}
+
+var backendRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
+
+// Validate reports whether e can be written: at least one family, each
+// enabled family with both a network and a leased subnet of that family,
+// masked, the subnet inside the network and with room for hosts (IPv4 at
+// most /30, IPv6 at most /126); an MTU from 68 (1280 with IPv6) to 65535;
+// and a backend name of letters, digits, '.', '_' and '-'.
+func (e Env) Validate() error {
+	fams := 0
+	for _, f := range []struct {
+		network, subnet netip.Prefix
+		nKey, sKey      string
+		v6              bool
+		maxBits         int
+	}{
+		{e.Network4, e.Subnet4, "Network4", "Subnet4", false, 30},
+		{e.Network6, e.Subnet6, "Network6", "Subnet6", true, 126},
+	} {
+		if !f.network.IsValid() && !f.subnet.IsValid() {
+			continue
+		}
+		fams++
+		if !f.network.IsValid() || !f.subnet.IsValid() {
+			return fmt.Errorf("subnetenv: %s is %v but %s is %v: set both or neither", f.nKey, f.network, f.sKey, f.subnet)
+		}
+		for _, p := range []struct {
+			key string
+			p   netip.Prefix
+		}{{f.nKey, f.network}, {f.sKey, f.subnet}} {
+			a := p.p.Addr()
+			if f.v6 != a.Is6() || a.Is4In6() {
+				want := "IPv4"
+				if f.v6 {
+					want = "IPv6"
+				}
+				return fmt.Errorf("subnetenv: %s %s is not an %s prefix", p.key, p.p, want)
+			}
+			if p.p.Masked() != p.p {
+				return fmt.Errorf("subnetenv: %s %s is not a network address: use %s", p.key, p.p, p.p.Masked())
+			}
+		}
+		if f.subnet.Bits() < f.network.Bits() || !f.network.Contains(f.subnet.Addr()) {
+			return fmt.Errorf("subnetenv: %s %s is not inside %s %s", f.sKey, f.subnet, f.nKey, f.network)
+		}
+		if f.subnet.Bits() > f.maxBits {
+			return fmt.Errorf("subnetenv: %s %s is too small for containers: use a /%d or shorter subnet", f.sKey, f.subnet, f.maxBits)
+		}
+	}
+	if fams == 0 {
+		return errors.New("subnetenv: no subnet to write: set Network4/Subnet4 and/or Network6/Subnet6")
+	}
+	minMTU := 68
+	if e.Subnet6.IsValid() {
+		minMTU = 1280
+	}
+	if e.MTU < minMTU || e.MTU > 65535 {
+		return fmt.Errorf("subnetenv: MTU %d is out of range: use %d to 65535", e.MTU, minMTU)
+	}
+	if !backendRE.MatchString(e.Backend) {
+		return fmt.Errorf("subnetenv: backend name %q is invalid: use letters, digits, '.', '_' or '-'", e.Backend)
+	}
+	return nil
+}
+
+// BridgeIP returns the address docker0 takes in Subnet4 (dockerd --bip): the
+// first address after the network address, with the subnet's length. It is
+// the zero prefix when IPv4 is disabled.
+func (e Env) BridgeIP() netip.Prefix {
+	if !e.Subnet4.IsValid() {
+		return netip.Prefix{}
+	}
+	return netip.PrefixFrom(e.Subnet4.Addr().Next(), e.Subnet4.Bits())
+}
+
+// DockerOpts returns the dockerd flags for e, in order: --bip, --mtu, then
+// --ipv6 --fixed-cidr-v6, then --ip-masq=false when leased masquerades.
+//
+// --ip-masq=false is needed with IPMasq: dockerd's own rule masquerades
+// everything from docker0's subnet that leaves through another interface,
+// which includes traffic to containers on other hosts; leased's rules
+// exclude the cluster network. Without IPMasq dockerd keeps its default, as
+// flannel's mk-docker-opts.sh does.
+func (e Env) DockerOpts() []string {
+	var opts []string
+	if e.Subnet4.IsValid() {
+		opts = append(opts, "--bip="+e.BridgeIP().String())
+	}
+	opts = append(opts, "--mtu="+strconv.Itoa(e.MTU))
+	if e.Subnet6.IsValid() {
+		opts = append(opts, "--ipv6", "--fixed-cidr-v6="+e.Subnet6.String())
+	}
+	if e.IPMasq {
+		opts = append(opts, "--ip-masq=false")
+	}
+	return opts
+}
+
+// Render returns the file content for e. It does not validate e; Write
+// does.
+func (e Env) Render() []byte {
+	var b bytes.Buffer
+	line := func(k, v string) { b.WriteString(k + "=" + quote(v) + "\n") }
+	b.WriteString(Header + "\n")
+	if e.Subnet4.IsValid() || e.Network4.IsValid() {
+		line(KeyNetwork, prefixString(e.Network4))
+		line(KeySubnet, prefixString(e.BridgeIP()))
+	}
+	if e.Subnet6.IsValid() || e.Network6.IsValid() {
+		line(KeyNetwork6, prefixString(e.Network6))
+		line(KeySubnet6, prefixString(e.Subnet6))
+	}
+	line(KeyMTU, strconv.Itoa(e.MTU))
+	line(KeyIPMasq, strconv.FormatBool(e.IPMasq))
+	line(KeyBackend, e.Backend)
+	line(KeyDockerOpts, strings.Join(e.DockerOpts(), " "))
+	return b.Bytes()
+}
+
+func prefixString(p netip.Prefix) string {
+	if !p.IsValid() {
+		return ""
+	}
+	return p.String()
+}
+
+// quote double-quotes v when systemd's EnvironmentFile parser (or a shell
+// sourcing the file) would otherwise split or reinterpret it.
+func quote(v string) string {
+	if !strings.ContainsAny(v, " \t\"'\\$`#;") {
+		return v
+	}
+	r := strings.NewReplacer(`\`, `\\`, `"`, `\"`, "$", `\$`, "`", "\\`")
+	return `"` + r.Replace(v) + `"`
+}
+
+// Write atomically replaces the file at path with e's content and reports
+// whether it changed anything. If the file already holds exactly that
+// content, Write leaves it alone (same inode and mtime) and returns false.
+// Otherwise it writes a temporary file in the same directory, syncs it, sets
+// mode 0644, renames it over path and syncs the directory, so that a reader
+// sees either the old or the new content, never a mix, even across a crash.
+// It creates the directory (mode 0755) if missing. e must pass Validate.
+// Concurrent Writes to one path are safe: the last rename wins.
+func Write(path string, e Env) (changed bool, err error) {
+	if err := e.Validate(); err != nil {
+		return false, fmt.Errorf("writing %s: %w", path, err)
+	}
+	data := e.Render()
+	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, data) {
+		return false, nil
+	}
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return false, fmt.Errorf("creating directory for %s: %w", path, err)
+	}
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return false, fmt.Errorf("writing %s: %w", path, err)
+	}
+	defer func() {
+		if err != nil {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	if _, err = tmp.Write(data); err != nil {
+		return false, fmt.Errorf("writing %s: %w", tmp.Name(), err)
+	}
+	if err = tmp.Chmod(0o644); err != nil {
+		return false, fmt.Errorf("setting mode of %s: %w", tmp.Name(), err)
+	}
+	if err = tmp.Sync(); err != nil {
+		return false, fmt.Errorf("syncing %s: %w", tmp.Name(), err)
+	}
+	if err = tmp.Close(); err != nil {
+		return false, fmt.Errorf("closing %s: %w", tmp.Name(), err)
+	}
+	if err = os.Rename(tmp.Name(), path); err != nil {
+		return false, fmt.Errorf("replacing %s: %w", path, err)
+	}
+	// The new content is in place; a failed directory sync only means the
+	// rename might not survive a crash, so it is reported but changed=true.
+	if err := syncDir(dir); err != nil {
+		return true, fmt.Errorf("syncing directory %s after writing %s: %w", dir, path, err)
+	}
+	return true, nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// Read parses the file at path. An error for a missing file wraps
+// fs.ErrNotExist. See Parse.
+func Read(path string) (Env, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Env{}, fmt.Errorf("reading subnet env: %w", err)
+	}
+	e, err := Parse(data)
+	if err != nil {
+		return Env{}, fmt.Errorf("%s: %w", path, err)
+	}
+	return e, nil
+}
+
+// Parse parses subnet.env content as Render writes it. Blank lines, '#'
+// comments, LEASED_DOCKER_OPTS (derived from the rest) and unknown keys are
+// ignored; when a key repeats, the last value wins, as with systemd. Values
+// may be double- or single-quoted. LEASED_SUBNET holds the bridge address
+// (e.g. 10.100.15.1/24) and comes back as the masked subnet
+// (10.100.15.0/24). The result must pass Validate. Errors name the line.
+func Parse(data []byte) (Env, error) {
+	var e Env
+	seen := map[string]bool{}
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(nil, 1<<20)
+	for n := 1; sc.Scan(); n++ {
+		text := strings.TrimSpace(sc.Text())
+		if text == "" || text[0] == '#' || text[0] == ';' {
+			continue
+		}
+		k, raw, ok := strings.Cut(text, "=")
+		if !ok {
+			return Env{}, fmt.Errorf("line %d: %q is not KEY=VALUE", n, short(text))
+		}
+		k = strings.TrimSpace(k)
+		v, err := unquote(strings.TrimSpace(raw))
+		if err != nil {
+			return Env{}, fmt.Errorf("line %d: %s: %w", n, k, err)
+		}
+		if err := e.set(k, v); err != nil {
+			return Env{}, fmt.Errorf("line %d: %w", n, err)
+		}
+		seen[k] = v != ""
+	}
+	if err := sc.Err(); err != nil {
+		return Env{}, fmt.Errorf("reading subnet env: %w", err)
+	}
+	for _, pair := range [][2]string{{KeyNetwork, KeySubnet}, {KeyNetwork6, KeySubnet6}} {
+		if seen[pair[0]] != seen[pair[1]] {
+			return Env{}, fmt.Errorf("%s and %s must both be set or both be absent", pair[0], pair[1])
+		}
+	}
+	if !seen[KeySubnet] && !seen[KeySubnet6] {
+		return Env{}, fmt.Errorf("neither %s nor %s is set: the file holds no subnet", KeySubnet, KeySubnet6)
+	}
+	for _, k := range []string{KeyMTU, KeyIPMasq, KeyBackend} {
+		if !seen[k] {
+			return Env{}, fmt.Errorf("%s is missing", k)
+		}
+	}
+	if err := e.Validate(); err != nil {
+		return Env{}, err
+	}
+	return e, nil
+}
+
+// set assigns the value of one known key; unknown keys are ignored.
+func (e *Env) set(k, v string) error {
+	prefix := func(dst *netip.Prefix, mask bool, example string) error {
+		if v == "" {
+			*dst = netip.Prefix{}
+			return nil
+		}
+		p, err := netip.ParsePrefix(v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: want a CIDR prefix such as %s: %w", k, short(v), example, err)
+		}
+		if mask {
+			p = p.Masked()
+		}
+		*dst = p
+		return nil
+	}
+	switch k {
+	case KeyNetwork:
+		return prefix(&e.Network4, false, "10.100.0.0/16")
+	case KeySubnet:
+		return prefix(&e.Subnet4, true, "10.100.15.1/24")
+	case KeyNetwork6:
+		return prefix(&e.Network6, false, "2001:db8:cd11::/48")
+	case KeySubnet6:
+		return prefix(&e.Subnet6, false, "2001:db8:cd11:0:8000::/80")
+	case KeyMTU:
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: want a number such as 1450", k, short(v))
+		}
+		e.MTU = n
+	case KeyIPMasq:
+		switch v {
+		case "true":
+			e.IPMasq = true
+		case "false":
+			e.IPMasq = false
+		default:
+			return fmt.Errorf("%s=%q: want true or false", k, short(v))
+		}
+	case KeyBackend:
+		e.Backend = v
+	}
+	return nil
+}
+
+// unquote strips one level of double or single quotes, undoing the
+// backslash escapes quote adds inside double quotes.
+func unquote(v string) (string, error) {
+	if v == "" || (v[0] != '"' && v[0] != '\'') {
+		return v, nil
+	}
+	q := v[0]
+	if len(v) < 2 || v[len(v)-1] != q {
+		return "", fmt.Errorf("unterminated %c quote in %s", q, short(v))
+	}
+	inner := v[1 : len(v)-1]
+	if q == '\'' {
+		return inner, nil
+	}
+	var b strings.Builder
+	for i := 0; i < len(inner); i++ {
+		c := inner[i]
+		if c == '\\' && i+1 < len(inner) {
+			i++
+			c = inner[i]
+		} else if c == '"' {
+			return "", fmt.Errorf("unescaped '\"' inside quotes in %s", short(v))
+		}
+		b.WriteByte(c)
+	}
+	return b.String(), nil
+}
+
+func short(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "..."
+	}
+	return s
+}
