@@ -467,3 +467,12 @@ func (l *Lab) Close() {
 		l.tmpDir = false
 	}
 }
+
+// IP runs `ip args...` inside h's namespace and returns its output.
+func (h *Host) IP(args ...string) (string, error) {
+	out, err := nsExec(h.NS, append([]string{"ip"}, args...)...)
+	return string(out), err
+}
+
+// Env reads h's subnet.env.
+func (h *Host) Env() (subnetenv.Env, error) { return subnetenv.Read(h.SubnetFile()) }

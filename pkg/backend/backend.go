@@ -96,7 +96,9 @@ type Backend interface {
 	// MTU returns the MTU containers on this host must use.
 	MTU() int
 	// Start programs host-local state for the lease: devices, addresses,
-	// sysctls, forwarding rules. Idempotent.
+	// sysctls, forwarding rules. Idempotent. It leaves peer state (routes,
+	// FDB, neighbours) alone until the first SetPeers, so that a restarted
+	// agent never prunes against a peer set it has not yet received.
 	Start(ctx context.Context, local Local) error
 	// SetPeers replaces the desired peer set and runs one reconcile pass
 	// before returning. Peers that are invalid for this backend are skipped

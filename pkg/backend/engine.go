@@ -73,6 +73,9 @@ type engine struct {
 	mu      sync.Mutex // guards everything below and every kernel call
 	local   Local
 	started bool
+	// peersSet is true once SetPeers has given the full peer set; no pass
+	// runs before, so a restart never prunes against an empty set.
+	peersSet bool
 	peers   []Peer
 	applied state           // what the last pass left in the kernel
 	skipped map[string]bool // skips already logged
@@ -152,8 +155,9 @@ func (e *engine) MTU() int {
 }
 
 // Start records the lease, enables forwarding, installs the forward and
-// masquerade rules, creates devices and runs a pass, which also removes what
-// an earlier run left for peers that are gone. Calling it again with a new
+// masquerade rules and creates devices. Once SetPeers has been called it
+// also runs a pass; the first pass after SetPeers removes what an earlier
+// run left for peers that are gone, and nothing before it does. Calling it again with a new
 // lease moves the host-local state to it. It is idempotent.
 func (e *engine) Start(ctx context.Context, local Local) error {
 	if !local.Subnet4.IsValid() && !local.Subnet6.IsValid() {
@@ -170,6 +174,14 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 			setupForwarding(local, e.opts.IPMasq),
 		)
 	})
+	if !e.peersSet {
+		// Until the agent has handed over the full peer set, peer state
+		// from an earlier run is left alone: pruning against an empty set
+		// would drop traffic across a restart. Devices are set up now.
+		owned, derr := e.dp.ensure(e.k, e.local)
+		e.owned.Store(&owned)
+		return errors.Join(err, derr)
+	}
 	return errors.Join(err, e.passLocked(ctx))
 }
 
@@ -180,6 +192,7 @@ func (e *engine) SetPeers(ctx context.Context, peers []Peer) error {
 	defer e.mu.Unlock()
 	logPeerChanges(e.peers, peers)
 	e.peers = append([]Peer(nil), peers...)
+	e.peersSet = true
 	return e.passLocked(ctx)
 }
 

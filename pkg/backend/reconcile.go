@@ -18,7 +18,7 @@ import (
 // is ours and no longer wanted. Failures do not stop the pass; they are
 // joined and retried by the next one.
 func (e *engine) passLocked(ctx context.Context) error {
-	if !e.started {
+	if !e.started || !e.peersSet {
 		return nil
 	}
 	if err := ctx.Err(); err != nil {

@@ -5,11 +5,13 @@ import (
 	"fmt"
 	"net/netip"
 	"os/exec"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // vxHost is one host of the vxlan lab: a host namespace with eth0 on the
@@ -168,6 +170,25 @@ func TestVXLANIPv6Underlay(t *testing.T) {
 		}
 		if vx := l.(*netlink.Vxlan); vx.VxlanId != vni || vx.Port != 4789 || !vx.SrcAddr.Equal(a.ext.Addr6.AsSlice()) {
 			t.Errorf("%s = vni %d port %d local %s, want vni %d port 4789 local %s", dev, vx.VxlanId, vx.Port, vx.SrcAddr, vni, a.ext.Addr6)
+		}
+	}
+
+	// A peer that leaves takes its route, neighbour and FDB entries along.
+	if err := a.b.SetPeers(context.Background(), nil); err != nil {
+		t.Fatal(err)
+	}
+	if rs := ourRoutes(t, a.h); len(rs) != 0 {
+		t.Errorf("routes left: %v", rs)
+	}
+	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6, unix.AF_BRIDGE} {
+		ns, err := a.h.NeighList(0, fam)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range ns {
+			if slices.Contains(*a.b.owned.Load(), n.LinkIndex) && n.State&netlink.NUD_PERMANENT != 0 && n.HardwareAddr[0]&1 == 0 {
+				t.Errorf("entry left on our device: %s", n.String())
+			}
 		}
 	}
 }

@@ -286,9 +286,9 @@ func (f *famSpec) checkFamily(key, s string, a netip.Addr) error {
 	case a.Zone() != "":
 		return cfgErrorf("%s %q has a zone: remove the %%%s suffix", key, shorten(s), a.Zone())
 	case !f.v6 && !a.Is4():
-		return cfgErrorf("%s %q is not an IPv4 address: put IPv6 networks in IPv6Network and keep Network for IPv4 (e.g. %q)", key, shorten(s), family4.example)
+		return cfgErrorf("%s %q is IPv6, not IPv4: put IPv6 networks in IPv6Network; Network and its keys are for IPv4 (e.g. %q)", key, shorten(s), family4.example)
 	case f.v6 && a.Is4():
-		return cfgErrorf("%s %q is not an IPv6 address: put IPv4 networks in Network and keep IPv6Network for IPv6 (e.g. %q)", key, shorten(s), family6.example)
+		return cfgErrorf("%s %q is IPv4, not IPv6: put IPv4 networks in Network; IPv6Network and its keys are for IPv6 (e.g. %q)", key, shorten(s), family6.example)
 	case f.v6 && a.Is4In6():
 		return cfgErrorf("%s %q is an IPv4-mapped IPv6 address: write IPv4 networks in dotted form in Network", key, shorten(s))
 	}
@@ -303,8 +303,8 @@ func (f *famSpec) parseSubnetLen(top map[string]json.RawMessage, network netip.P
 		if network.Bits() <= f.defaultLen-2 {
 			return f.defaultLen, nil
 		}
-		return 0, cfgErrorf("%s is not set and %s %s is too small for the default of %d: set %s to a value from %d to %d",
-			f.subnetLen, f.network, network, f.defaultLen, f.subnetLen, lo, hi)
+		return 0, cfgErrorf("%s is required when %s is longer than /%d (it is %s): set %s to a value from %d to %d",
+			f.subnetLen, f.network, f.defaultLen-2, network, f.subnetLen, lo, hi)
 	}
 	var n int
 	if err := decodeField(f.subnetLen, raw, &n, fmt.Sprintf("an integer such as %d", f.defaultLen)); err != nil {

@@ -210,10 +210,12 @@ func quote(v string) string {
 // mode 0644, renames it over path and syncs the directory, so that a reader
 // sees either the old or the new content, never a mix, even across a crash.
 // It creates the directory (mode 0755) if missing. e must pass Validate.
-// Concurrent Writes to one path are safe: the last rename wins.
+// Concurrent Writes to one path are safe: the last rename wins. Errors do
+// not repeat path (the os errors they wrap name the files); the caller adds
+// it. A directory-sync failure returns changed=true with the error.
 func Write(path string, e Env) (changed bool, err error) {
 	if err := e.Validate(); err != nil {
-		return false, fmt.Errorf("writing %s: %w", path, err)
+		return false, err
 	}
 	data := e.Render()
 	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, data) {
@@ -221,11 +223,11 @@ func Write(path string, e Env) (changed bool, err error) {
 	}
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return false, fmt.Errorf("creating directory for %s: %w", path, err)
+		return false, fmt.Errorf("creating directory: %w", err)
 	}
 	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
 	if err != nil {
-		return false, fmt.Errorf("writing %s: %w", path, err)
+		return false, fmt.Errorf("creating temporary file: %w", err)
 	}
 	defer func() {
 		if err != nil {
@@ -234,24 +236,24 @@ func Write(path string, e Env) (changed bool, err error) {
 		}
 	}()
 	if _, err = tmp.Write(data); err != nil {
-		return false, fmt.Errorf("writing %s: %w", tmp.Name(), err)
+		return false, fmt.Errorf("writing temporary file: %w", err)
 	}
 	if err = tmp.Chmod(0o644); err != nil {
-		return false, fmt.Errorf("setting mode of %s: %w", tmp.Name(), err)
+		return false, fmt.Errorf("setting mode of temporary file: %w", err)
 	}
 	if err = tmp.Sync(); err != nil {
-		return false, fmt.Errorf("syncing %s: %w", tmp.Name(), err)
+		return false, fmt.Errorf("syncing temporary file: %w", err)
 	}
 	if err = tmp.Close(); err != nil {
-		return false, fmt.Errorf("closing %s: %w", tmp.Name(), err)
+		return false, fmt.Errorf("closing temporary file: %w", err)
 	}
 	if err = os.Rename(tmp.Name(), path); err != nil {
-		return false, fmt.Errorf("replacing %s: %w", path, err)
+		return false, fmt.Errorf("renaming temporary file into place: %w", err)
 	}
 	// The new content is in place; a failed directory sync only means the
 	// rename might not survive a crash, so it is reported but changed=true.
 	if err := syncDir(dir); err != nil {
-		return true, fmt.Errorf("syncing directory %s after writing %s: %w", dir, path, err)
+		return true, fmt.Errorf("syncing directory after rename: %w", err)
 	}
 	return true, nil
 }

@@ -350,3 +350,35 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+func TestWriteErrors(t *testing.T) {
+	e := Env{Network4: net4, Subnet4: sub4, MTU: 1450, Backend: "vxlan"}
+	tests := []struct {
+		name  string
+		setup func(dir string) string // returns the path to write
+	}{
+		{"parent is a file", func(dir string) string {
+			os.WriteFile(filepath.Join(dir, "f"), nil, 0o644)
+			return filepath.Join(dir, "f", "subnet.env")
+		}},
+		{"path is a directory", func(dir string) string {
+			os.Mkdir(filepath.Join(dir, "subnet.env"), 0o755)
+			return filepath.Join(dir, "subnet.env")
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := tt.setup(dir)
+			if changed, err := Write(path, e); err == nil || changed {
+				t.Fatalf("Write = %v, %v; want false and an error", changed, err)
+			}
+			entries, _ := os.ReadDir(dir)
+			for _, en := range entries {
+				if strings.Contains(en.Name(), ".tmp") {
+					t.Errorf("temporary file %s left behind", en.Name())
+				}
+			}
+		})
+	}
+}
