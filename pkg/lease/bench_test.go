@@ -17,7 +17,7 @@ const benchConfig = `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6
 
 // fillLeases writes n dual-stack leases (record plus both subnet locks)
 // under one etcd lease, 40 hosts per transaction.
-func fillLeases(b *testing.B, cli *clientv3.Client, reg *Registry, n int) {
+func fillLeases(b testing.TB, cli *clientv3.Client, reg *Registry, n int) {
 	b.Helper()
 	ctx := context.Background()
 	g, err := cli.Grant(ctx, 3600)

@@ -3,7 +3,6 @@ package lease
 import (
 	"fmt"
 	"net/netip"
-	"regexp"
 	"strconv"
 	"strings"
 )
@@ -89,13 +88,17 @@ func ParseSubnetKey(s string) (netip.Prefix, error) {
 	return p, nil
 }
 
-var nodeNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$`)
-
 // ValidNodeName reports whether name can be used as a node name: 1-253
 // characters of letters, digits, '.', '_' and '-', starting with a letter or
 // digit (so that it is one etcd key element and safe in logs).
 func ValidNodeName(name string) error {
-	if !nodeNameRE.MatchString(name) {
+	ok := len(name) > 0 && len(name) <= 253
+	for i := 0; ok && i < len(name); i++ {
+		c := name[i]
+		alnum := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+		ok = alnum || i > 0 && (c == '.' || c == '_' || c == '-')
+	}
+	if !ok {
 		return fmt.Errorf("lease: node name %q is invalid: use 1-253 letters, digits, '.', '_' or '-', starting with a letter or digit", name)
 	}
 	return nil

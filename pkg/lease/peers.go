@@ -40,7 +40,8 @@ func Peers(cfg *Config, self *Record, records map[string]*Record) (peers []*Reco
 		}
 		return 0
 	})
-	held := map[netip.Prefix]string{}
+	held := make(map[netip.Prefix]string, 2*len(ordered)+2)
+	peers = make([]*Record, 0, len(ordered))
 	if self != nil {
 		for _, s := range self.Subnets() {
 			held[s] = self.Node + " (this host)"
@@ -51,8 +52,10 @@ func Peers(cfg *Config, self *Record, records map[string]*Record) (peers []*Reco
 			rejected[r.Node] = err
 			continue
 		}
-		for _, s := range r.Subnets() {
-			held[s] = r.Node
+		for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
+			if s.IsValid() {
+				held[s] = r.Node
+			}
 		}
 		peers = append(peers, r)
 	}
@@ -61,7 +64,10 @@ func Peers(cfg *Config, self *Record, records map[string]*Record) (peers []*Reco
 
 func checkPeer(cfg *Config, self *Record, r *Record, held map[netip.Prefix]string) error {
 	n := 0
-	for _, s := range r.Subnets() {
+	for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
+		if !s.IsValid() {
+			continue
+		}
 		pool := cfg.IPv4
 		if s.Addr().Is6() {
 			pool = cfg.IPv6
@@ -81,7 +87,7 @@ func checkPeer(cfg *Config, self *Record, r *Record, held map[netip.Prefix]strin
 		return fmt.Errorf("holds no subnet of a family enabled in the config")
 	}
 	pubs := 0
-	for _, a := range []netip.Addr{r.PublicIP, r.PublicIPv6} {
+	for _, a := range [2]netip.Addr{r.PublicIP, r.PublicIPv6} {
 		if !a.IsValid() {
 			continue
 		}

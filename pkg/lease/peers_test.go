@@ -1,7 +1,11 @@
 package lease
 
 import (
+	"bytes"
+	"encoding/json"
 	"net/netip"
+	"reflect"
+	"time"
 	"strings"
 	"testing"
 )
@@ -93,6 +97,28 @@ func FuzzParseSubnetKey(f *testing.F) {
 		p, err := ParseSubnetKey(s)
 		if err == nil && SubnetKey(p) != s && p.Masked() != p {
 			t.Fatalf("%q parsed to unmasked %v", s, p)
+		}
+	})
+}
+
+// The fast decoder agrees with encoding/json on every input it accepts.
+func FuzzDecodeRecordFast(f *testing.F) {
+	f.Add([]byte(`{"Node":"x","Subnet":"10.0.0.0/24","PublicIP":"192.0.2.1","Acquired":"2026-11-22T07:00:00Z"}`))
+	f.Add([]byte(`{"Node":"n","IPv6Subnet":"2001:db8::/64","BackendData":{"VtepMAC":"aa:bb:cc:dd:ee:ff","x":[1,{"y":"}"}]}}`))
+	f.Add([]byte(` { "node" : "x" } `))
+	f.Add([]byte(`{"Node":"x","Acquired":"2026-11-22T7:00:00Z"}`))
+	_ = time.RFC3339
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var fast Record
+		if !decodeRecordFast(data, &fast) {
+			return
+		}
+		var slow Record
+		if err := json.Unmarshal(data, &slow); err != nil {
+			t.Fatalf("fast path accepted %q, encoding/json: %v", data, err)
+		}
+		if !reflect.DeepEqual(fast.Subnets(), slow.Subnets()) || fast.Node != slow.Node || fast.PublicIP != slow.PublicIP || fast.PublicIPv6 != slow.PublicIPv6 || !fast.Acquired.Equal(slow.Acquired) || fast.BackendType != slow.BackendType || !bytes.Equal(fast.BackendData, slow.BackendData) {
+			t.Fatalf("%q: fast %+v, encoding/json %+v", data, fast, slow)
 		}
 	})
 }

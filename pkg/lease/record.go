@@ -46,8 +46,11 @@ func (r *Record) Subnets() []netip.Prefix {
 // network is the peer filter's job. It never panics.
 func DecodeRecord(node string, data []byte) (*Record, error) {
 	var r Record
-	if err := json.Unmarshal(data, &r); err != nil {
-		return nil, fmt.Errorf("lease: decoding lease of %q: %w", node, err)
+	if !decodeRecordFast(data, &r) {
+		r = Record{}
+		if err := json.Unmarshal(data, &r); err != nil {
+			return nil, fmt.Errorf("lease: decoding lease of %q: %w", node, err)
+		}
 	}
 	if r.Node != node {
 		return nil, fmt.Errorf("lease: lease under key %q names node %q", node, r.Node)

@@ -202,3 +202,18 @@ func TestWatchRelistsAfterCompaction(t *testing.T) {
 		t.Errorf("%d listings, want a second one after the compaction", w.resets)
 	}
 }
+
+// The initial listing is paged; every record of every page arrives once.
+func TestWatchListsManyPages(t *testing.T) {
+	_, cli := startEtcd(t)
+	reg := NewRegistry(cli, "")
+	n := 2*listPage + 17
+	fillLeases(t, cli, reg, n)
+	w := startWatch(t, reg)
+	w.waitFor(t, "all records", func(v *View) bool { return v.Synced && len(v.Records) == n })
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.view.Records["filler-00000"] == nil || w.view.Records[fmt.Sprintf("filler-%05d", n-1)] == nil {
+		t.Error("first or last record missing")
+	}
+}

@@ -1,0 +1,141 @@
+package lease
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/netip"
+)
+
+// decodeRecordFast decodes the common shape of a lease value — one flat
+// object of string fields plus a BackendData object — without reflection.
+// It reports ok=false whenever the input is anything else (escapes, other
+// value types, case-mismatched keys, trailing data ...), and the caller
+// then uses encoding/json, so the result never differs from
+// json.Unmarshal's; FuzzDecodeRecordFast checks exactly that. Listing
+// 50,000 leases at start-up is dominated by this decoding.
+func decodeRecordFast(data []byte, r *Record) (ok bool) {
+	p := skipWS(data, 0)
+	if p >= len(data) || data[p] != '{' {
+		return false
+	}
+	p = skipWS(data, p+1)
+	if p < len(data) && data[p] == '}' {
+		return skipWS(data, p+1) == len(data)
+	}
+	for {
+		key, q, ok := scanString(data, p)
+		if !ok {
+			return false
+		}
+		p = skipWS(data, q)
+		if p >= len(data) || data[p] != ':' {
+			return false
+		}
+		p = skipWS(data, p+1)
+		if p >= len(data) {
+			return false
+		}
+		if string(key) == "BackendData" {
+			end, ok := scanComposite(data, p)
+			if !ok {
+				return false
+			}
+			r.BackendData = json.RawMessage(bytes.Clone(data[p:end]))
+			p = end
+		} else {
+			val, q, ok := scanString(data, p)
+			if !ok || !setField(r, key, val) {
+				return false
+			}
+			p = q
+		}
+		p = skipWS(data, p)
+		if p >= len(data) {
+			return false
+		}
+		if data[p] == '}' {
+			return skipWS(data, p+1) == len(data)
+		}
+		if data[p] != ',' {
+			return false
+		}
+		p = skipWS(data, p+1)
+	}
+}
+
+func setField(r *Record, key, val []byte) bool {
+	var err error
+	switch string(key) {
+	case "Node":
+		r.Node = string(val)
+	case "Subnet":
+		r.Subnet, err = netip.ParsePrefix(string(val))
+	case "IPv6Subnet":
+		r.IPv6Subnet, err = netip.ParsePrefix(string(val))
+	case "PublicIP":
+		r.PublicIP, err = netip.ParseAddr(string(val))
+	case "PublicIPv6":
+		r.PublicIPv6, err = netip.ParseAddr(string(val))
+	case "BackendType":
+		r.BackendType = string(val)
+	case "Acquired":
+		err = r.Acquired.UnmarshalText(val) // strict RFC 3339, as encoding/json
+	default:
+		return false // unknown or case-mismatched key: let encoding/json decide
+	}
+	return err == nil
+}
+
+func skipWS(d []byte, p int) int {
+	for p < len(d) && (d[p] == ' ' || d[p] == '\t' || d[p] == '\n' || d[p] == '\r') {
+		p++
+	}
+	return p
+}
+
+// scanString reads a string without escapes or control characters at p
+// and returns its content and the position after the closing quote.
+func scanString(d []byte, p int) ([]byte, int, bool) {
+	if p >= len(d) || d[p] != '"' {
+		return nil, 0, false
+	}
+	for q := p + 1; q < len(d); q++ {
+		switch c := d[q]; {
+		case c == '"':
+			return d[p+1 : q], q + 1, true
+		case c == '\\' || c < 0x20 || c >= 0x80:
+			return nil, 0, false
+		}
+	}
+	return nil, 0, false
+}
+
+// scanComposite finds the end of a JSON object at p whose strings carry no
+// escapes; it does not validate the content beyond that (encoding/json
+// would accept any valid JSON value as RawMessage, so anything that is not
+// plainly an object goes to the slow path, which validates).
+func scanComposite(d []byte, p int) (int, bool) {
+	if d[p] != '{' {
+		return 0, false
+	}
+	depth := 0
+	for q := p; q < len(d); q++ {
+		switch d[q] {
+		case '"':
+			_, e, ok := scanString(d, q)
+			if !ok {
+				return 0, false
+			}
+			q = e - 1
+		case '{', '[':
+			depth++
+		case '}', ']':
+			depth--
+			if depth == 0 {
+				end := q + 1
+				return end, json.Valid(d[p:end])
+			}
+		}
+	}
+	return 0, false
+}
