@@ -5,9 +5,9 @@ import (
 	"encoding/json"
 	"net/netip"
 	"reflect"
-	"time"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestPeersRefusesHostileRecords(t *testing.T) {
