@@ -1,17 +1,21 @@
 # leased — see README.md.
 GO ?= go
 
-.PHONY: build lab test bench clean
+.PHONY: build deps lab test bench clean
 
 build:
 	$(GO) build -o bin/leased ./cmd/leased
 
+# System packages the lab and the tests need (apt-get, when missing).
+deps:
+	test/deps.sh
+
 # The main job: a 3-host lab with real etcd, leases and cross-host traffic.
-lab: build
+lab: deps build
 	./bin/leased lab $(LAB_ARGS)
 
 # Every test, as root (network namespaces, a real etcd, real kernel).
-test:
+test: deps
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 40m ./...
 	$(GO) test -run '^$$' -fuzz FuzzParseConfig -fuzztime 20s ./pkg/lease

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the system packages the lab and the tests use, when missing.
+# Debian/Ubuntu, as root. Extra package names can be passed as arguments.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+need=()
+for pkg_cmd in iproute2:ip iptables:iptables iputils-ping:ping procps:sysctl "$@"; do
+  pkg=${pkg_cmd%%:*} cmd=${pkg_cmd#*:}
+  if [ "$pkg" = "$cmd" ]; then
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+  else
+    command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+  fi
+done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing packages: ${need[*]} (run as root, or apt-get install them)" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
