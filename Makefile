@@ -18,8 +18,8 @@ lab: deps build
 test: deps
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 40m ./...
-	$(GO) test -run '^$$' -fuzz FuzzParseConfig -fuzztime 20s ./pkg/lease
-	$(GO) test -run '^$$' -fuzz FuzzDecodeRecord -fuzztime 20s ./pkg/lease
+	for f in FuzzParseConfig FuzzDecodeRecord FuzzDecodeRecordFast FuzzParseSubnetKey; do \
+	  $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime 15s ./pkg/lease || exit 1; done
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./...
