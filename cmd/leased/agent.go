@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -118,6 +120,16 @@ func (a *agent) run(ctx context.Context) error {
 // apply folds one watch batch into the agent's view of etcd and logs
 // malformed lease records once each.
 func (a *agent) apply(b lease.Batch) {
+	for _, e := range b.Events {
+		if a.self == nil {
+			break
+		}
+		ownLock := e.Kind == lease.LockDelete && slices.Contains(a.self.Subnets(), e.Subnet)
+		if (e.Kind == lease.LeaseDelete && e.Node == a.node) || ownLock {
+			klog.Warningf("this host's lease keys were deleted in etcd (by hand?); claiming its subnets %v again", a.self.Subnets())
+			a.self = nil // ensureLease claims again, preferring the held subnets
+		}
+	}
 	a.view.Apply(b)
 	for node, err := range a.view.Malformed {
 		if a.rejected[node] != err.Error() {
@@ -220,6 +232,9 @@ func (a *agent) updateConfig() {
 	}
 	a.seenRaw = a.view.Config
 	cfg, warnings, err := lease.ParseConfig(a.view.Config)
+	if err == nil {
+		err = backend.ValidateConfig(cfg.Backend.Raw)
+	}
 	for _, w := range warnings {
 		klog.Warningf("network config %s: %s", a.reg.Keys().Config(), w)
 	}
@@ -354,14 +369,18 @@ func (a *agent) ensureLease(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if a.held.Node != "" && (a.held.Subnet != rec.Subnet || a.held.IPv6Subnet != rec.IPv6Subnet) {
+	moved := func(old, new netip.Prefix) bool { return old.IsValid() && old != new }
+	switch {
+	case a.held.Node == "":
+		a.started = false
+	case moved(a.held.Subnet, rec.Subnet) || moved(a.held.IPv6Subnet, rec.IPv6Subnet):
 		klog.Warningf("this host's subnets changed from %v to %v: containers on the old subnet lose connectivity; restart docker.service so that dockerd takes the new subnet.env", a.held.Subnets(), rec.Subnets())
 		a.started = false
-	}
-	if a.held.Node == "" {
+	case a.held.Subnet != rec.Subnet || a.held.IPv6Subnet != rec.IPv6Subnet:
+		klog.InfoS("this host gained a subnet; restart docker.service to use it (the existing subnets are unchanged)", "subnets", rec.Subnets())
 		a.started = false
 	}
-	klog.InfoS("Lease acquired", "node", a.node, "subnet", rec.Subnet, "ipv6Subnet", rec.IPv6Subnet, "ttl", a.o.leaseTTL)
+	klog.InfoS("Lease acquired", "node", a.node, "subnets", rec.Subnets(), "ttl", a.o.leaseTTL)
 	a.self = rec
 	a.held = *rec
 	return nil

@@ -236,3 +236,31 @@ func TestAgentReclaimsLostLease(t *testing.T) {
 		t.Errorf("subnet.env changed from %+v to %+v", env0, env1)
 	}
 }
+
+// Keys of a live host deleted by hand (its record, or a subnet lock) are
+// put back: the subnet must stay locked while the host uses it.
+func TestAgentRepairsDeletedKeys(t *testing.T) {
+	srv := startEtcd(t)
+	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
+	a := startTestAgent(t, srv.ClientURL, "a", "192.168.1.1")
+	eventually(t, "lease", func() bool { _, err := a.env(t); return err == nil })
+	env, _ := a.env(t)
+	cli, _ := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
+	defer cli.Close()
+	ctx := context.Background()
+	k := lease.NewKeys("")
+	for _, key := range []string{k.Lease("a"), k.SubnetLock(env.Subnet6)} {
+		if _, err := cli.Delete(ctx, key); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, key+" put back", func() bool {
+			r1, _ := cli.Get(ctx, k.Lease("a"))
+			r2, _ := cli.Get(ctx, k.SubnetLock(env.Subnet4))
+			r3, _ := cli.Get(ctx, k.SubnetLock(env.Subnet6))
+			return len(r1.Kvs) == 1 && len(r2.Kvs) == 1 && len(r3.Kvs) == 1 && string(r3.Kvs[0].Value) == "a"
+		})
+		if now, _ := a.env(t); now != env {
+			t.Fatalf("subnet.env changed from %+v to %+v", env, now)
+		}
+	}
+}

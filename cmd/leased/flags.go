@@ -66,7 +66,7 @@ func (o *options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.publicIP, "public-ip", "", "IPv4 address peers use to reach this host (default: the interface's)")
 	fs.StringVar(&o.publicIPv6, "public-ipv6", "", "IPv6 address peers use to reach this host (default: the interface's)")
 	fs.StringVar(&o.subnetFile, "subnet-file", "/run/leased/subnet.env", "where to write the leased subnets for dockerd")
-	fs.StringVar(&o.nodeName, "node-name", "", "this host's node name (default: from /etc/machine-id, else the hostname)")
+	fs.StringVar(&o.nodeName, "node-name", "", "this host's node name (default: the hostname, else derived from /etc/machine-id); subnets are remembered by it")
 	fs.DurationVar(&o.leaseTTL, "lease-ttl", DefaultLeaseTTL, "lease lifetime without keep-alive (Go duration, e.g. 10s, 24h)")
 	fs.BoolVar(&o.ipMasq, "ip-masq", false, "masquerade IPv4 traffic leaving the cluster network (IPv6 is never NATed)")
 	fs.DurationVar(&o.resync, "resync-interval", 10*time.Second, "how often the datapath is compared with the kernel in full")

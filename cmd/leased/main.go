@@ -4,6 +4,7 @@
 //
 //	leased [flags]          run the agent
 //	leased lab [flags]      bring up a multi-host lab in network namespaces
+//	leased bench-datapath   the datapath benchmark (Documentation/performance.md)
 //	leased help             this text
 package main
 
@@ -14,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
 
 	"k8s.io/klog/v2"
@@ -29,6 +31,8 @@ func run(args []string) int {
 		switch args[0] {
 		case "lab":
 			return runLab(args[1:])
+		case "bench-datapath":
+			return runBench(args[1:])
 		case "help", "-h", "--help":
 			fmt.Fprint(os.Stderr, usage)
 			newFlagSet("leased", &options{}).PrintDefaults()
@@ -55,6 +59,12 @@ func run(args []string) int {
 	defer klog.Flush()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	if p := os.Getenv("LEASED_CPUPROFILE"); p != "" { // for performance work
+		if f, err := os.Create(p); err == nil {
+			pprof.StartCPUProfile(f) //nolint:errcheck
+			defer pprof.StopCPUProfile()
+		}
+	}
 	if err := runAgent(ctx, o); err != nil {
 		klog.ErrorS(err, "leased stopped")
 		return 1

@@ -50,6 +50,10 @@ type Config struct {
 	AgentArgs []string
 	// Log receives progress lines (default: discarded).
 	Log func(format string, args ...any)
+
+	// NoContainers skips the stand-in container (bridge cbr0 and namespace
+	// CNS) of each host, for tests that run a real dockerd instead.
+	NoContainers bool
 }
 
 // Host is one lab host.
@@ -84,9 +88,13 @@ type Lab struct {
 	namespaces   []string
 	tmpDir       bool
 	mu           sync.Mutex
+
+	// Upstream is the upstream router of a proxy-ndp lab (ndp.go), else nil.
+	Upstream *Upstream
 }
 
 func (c *Config) defaults() error {
+	c.upstreamDefaults() // proxy-ndp (ndp.go)
 	if c.Hosts == 0 {
 		c.Hosts = 3
 	}
@@ -179,6 +187,9 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 	if err := l.buildNetwork(); err != nil {
 		return l, err
 	}
+	if err := l.buildUpstream(); err != nil { // proxy-ndp only (ndp.go)
+		return l, err
+	}
 	if err := l.startEtcd(); err != nil {
 		return l, err
 	}
@@ -194,6 +205,9 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 	for _, h := range l.Hosts {
 		if err := l.WaitSubnetFile(ctx, h); err != nil {
 			return l, err
+		}
+		if l.Cfg.NoContainers {
+			continue
 		}
 		if err := l.addContainer(h); err != nil {
 			return l, err

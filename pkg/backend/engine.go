@@ -69,6 +69,11 @@ type engine struct {
 
 	kick  chan struct{}         // capacity 1: a pass is wanted
 	owned atomic.Pointer[[]int] // device ifindexes, read by event goroutines
+	// wanted is the desired state of the current or last pass, published
+	// before its kernel calls and never modified afterwards: event
+	// goroutines compare events with it so that the agent's own changes do
+	// not trigger passes, while anything else does.
+	wanted atomic.Pointer[state]
 
 	mu      sync.Mutex // guards everything below and every kernel call
 	local   Local
@@ -76,10 +81,16 @@ type engine struct {
 	// peersSet is true once SetPeers has given the full peer set; no pass
 	// runs before, so a restart never prunes against an empty set.
 	peersSet bool
-	peers   []Peer
-	applied state           // what the last pass left in the kernel
-	skipped map[string]bool // skips already logged
-	passes  int
+	peers    []Peer
+	applied  state // what the last pass left in the kernel
+	// trusted means applied mirrors the kernel: the last full pass
+	// succeeded and every later change went through us. SetPeers then
+	// diffs against applied instead of dumping the kernel; netlink events
+	// and the periodic resync run full passes that catch any drift.
+	trusted        bool
+	connectedCache []netip.Prefix  // ext's prefixes as of the last full pass
+	skipped        map[string]bool // skips already logged
+	passes         int
 	// lastChanges counts the puts and deletes of the last pass.
 	lastChanges int
 }
@@ -109,6 +120,8 @@ func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend,
 			return nil, fmt.Errorf("backend: vxlan needs an address on %s for the underlay; it has none", ext.Name)
 		}
 		dp = newVXLAN(cfg, ext, node)
+	case TypeProxyNDP:
+		dp = hostGW{} // peers are routed as host-gw does; ndp.go answers on the link
 	default:
 		return nil, fmt.Errorf("%w: %q is not implemented yet", ErrUnknownType, cfg.Type)
 	}
@@ -117,7 +130,11 @@ func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend,
 	if err != nil {
 		return nil, fmt.Errorf("opening netlink handle: %w", err)
 	}
-	return newEngine(cfg.Type, ext, opts, netlinkKernel{h: h}, dp), nil
+	e := newEngine(cfg.Type, ext, opts, netlinkKernel{h: h}, dp)
+	if cfg.Type == TypeProxyNDP {
+		return newProxyNDP(e, cfg), nil
+	}
+	return e, nil
 }
 
 func newEngine(typ string, ext ExtIface, opts Options, k kernel, dp datapath) *engine {
@@ -193,7 +210,7 @@ func (e *engine) SetPeers(ctx context.Context, peers []Peer) error {
 	logPeerChanges(e.peers, peers)
 	e.peers = append([]Peer(nil), peers...)
 	e.peersSet = true
-	return e.passLocked(ctx)
+	return e.quickPassLocked(ctx)
 }
 
 // pass runs one reconcile pass.

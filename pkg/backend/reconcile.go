@@ -31,13 +31,16 @@ func (e *engine) passLocked(ctx context.Context) error {
 	errs = append(errs, err)
 	e.owned.Store(&owned)
 
+	e.trusted = false
 	connected, err := e.connected()
 	if err != nil {
 		// Without ext's prefixes every host-gw peer would look off-link
 		// and its route would be deleted: change nothing this pass.
 		return errors.Join(append(errs, err)...)
 	}
+	e.connectedCache = connected
 	want, skips := e.dp.desired(input{local: e.local, peers: e.peers, ext: e.ext, connected: connected})
+	e.wanted.Store(&want)
 	e.logSkips(skips)
 
 	reached := newState()
@@ -64,7 +67,47 @@ func (e *engine) passLocked(ctx context.Context) error {
 	}
 	errs = append(errs, err)
 	e.applied = reached
-	return errors.Join(errs...)
+	joined := errors.Join(errs...)
+	e.trusted = joined == nil
+	return joined
+}
+
+// quickPassLocked applies a new peer set against what the last pass left
+// in the kernel (e.applied), without dumping routes and neighbours: the
+// cost is proportional to the peer set, not to the kernel's tables. When
+// applied cannot be trusted it runs a full pass instead. e.mu must be held.
+func (e *engine) quickPassLocked(ctx context.Context) error {
+	if !e.trusted || !e.started || !e.peersSet {
+		return e.passLocked(ctx)
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	e.passes++
+	want, skips := e.dp.desired(input{local: e.local, peers: e.peers, ext: e.ext, connected: e.connectedCache})
+	e.wanted.Store(&want)
+	e.logSkips(skips)
+	reached := newState()
+	var errF, errN, errR error
+	var nF, nN, nR int
+	reached.fdbs, nF, errF = applyKind(want.fdbs, values(e.applied.fdbs), e.applied.fdbs, e.putFDB, e.delFDB, "fdb entry")
+	reached.neighs, nN, errN = applyKind(want.neighs, values(e.applied.neighs), e.applied.neighs, e.putNeigh, e.delNeigh, "neighbour")
+	reached.routes, nR, errR = applyKind(want.routes, values(e.applied.routes), e.applied.routes, e.putRoute, e.delRoute, "route")
+	e.lastChanges = nF + nN + nR
+	e.applied = reached
+	err := errors.Join(errF, errN, errR)
+	if err != nil {
+		e.trusted = false // the next pass looks at the kernel again
+	}
+	return err
+}
+
+func values[K comparable, V any](m map[K]V) []V {
+	out := make([]V, 0, len(m))
+	for _, v := range m {
+		out = append(out, v)
+	}
+	return out
 }
 
 // applyKind diffs one kind of object, puts then deletes, and returns the

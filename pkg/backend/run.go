@@ -7,6 +7,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 )
 
@@ -72,7 +73,7 @@ func (e *engine) watch(ctx context.Context, nsh *netns.NsHandle) {
 	}
 	finished := make(chan struct{}, 3)
 	go func() {
-		subscribe(ctx, e, "route", routes, func(u netlink.RouteUpdate) bool { return u.Protocol == RouteProtocol })
+		subscribe(ctx, e, "route", routes, e.routeEventMatters)
 		finished <- struct{}{}
 	}()
 	go func() {
@@ -84,7 +85,7 @@ func (e *engine) watch(ctx context.Context, nsh *netns.NsHandle) {
 	}()
 	go func() {
 		subscribe(ctx, e, "neighbour", neighs, func(u netlink.NeighUpdate) bool {
-			return slices.Contains(*e.owned.Load(), u.LinkIndex)
+			return slices.Contains(*e.owned.Load(), u.LinkIndex) && e.neighEventMatters(u)
 		})
 		finished <- struct{}{}
 	}()
@@ -141,4 +142,57 @@ func consume[T any](ctx context.Context, ch chan T, relevant func(T) bool, kick 
 			}
 		}
 	}
+}
+
+// routeEventMatters reports whether a route event shows the kernel
+// departing from the wanted state: one of our routes deleted while wanted,
+// or added/changed to something other than wanted. The agent's own puts
+// and deletes match the wanted state and trigger nothing.
+func (e *engine) routeEventMatters(u netlink.RouteUpdate) bool {
+	if u.Protocol != RouteProtocol {
+		return false
+	}
+	w := e.wanted.Load()
+	r, ok := routeFromNetlink(u.Route)
+	if w == nil || !ok {
+		return true
+	}
+	want, in := w.routes[r.key()]
+	if u.Type == unix.RTM_DELROUTE {
+		return in
+	}
+	return !in || want != r
+}
+
+// neighEventMatters is routeEventMatters for neighbour and FDB entries on
+// our devices.
+func (e *engine) neighEventMatters(u netlink.NeighUpdate) bool {
+	w := e.wanted.Load()
+	if w == nil {
+		return true
+	}
+	del := u.Type == unix.RTM_DELNEIGH
+	if u.Family == unix.AF_BRIDGE {
+		f, ok := fdbFromNetlink(u.Neigh)
+		if !ok {
+			return true
+		}
+		want, in := w.fdbs[f.key()]
+		if del {
+			return in
+		}
+		return !in || want != f
+	}
+	if u.State&netlink.NUD_PERMANENT == 0 && !del {
+		return false // the kernel's own dynamic entries
+	}
+	n, ok := neighFromNetlink(u.Neigh)
+	if !ok {
+		return true
+	}
+	want, in := w.neighs[n.key()]
+	if del {
+		return in
+	}
+	return !in || want != n
 }

@@ -135,6 +135,12 @@ func (r *Registry) Acquire(ctx context.Context, sess *concurrency.Session, cfg *
 	if len(fams) == 0 {
 		return nil, errors.New("lease: the config enables no address family")
 	}
+	for _, f := range fams {
+		if r := f.prefs[0]; r.IsValid() && !f.pool.Contains(r) {
+			klog.Warningf("reservation %s of %s is not a subnet of %s; ignoring it (fix %s)", r, c.Node, f.pool, k.Reservation(c.Node))
+		}
+		f.reservation = f.prefs[0]
+	}
 
 	for attempt := 0; ; attempt++ {
 		if err := ctx.Err(); err != nil {
@@ -180,6 +186,8 @@ type family struct {
 	listed   bool                    // taken holds every lock of the family
 	probes   int                     // probe rounds done
 	free     []netip.Prefix          // random candidates found free by the last probe
+
+	reservation netip.Prefix // the node's reservation in this family, if any
 
 	cand    netip.Prefix // the candidate of this attempt
 	modRev  int64        // mod revision of cand's lock when it is already ours
@@ -373,6 +381,9 @@ func (r *Registry) commit(ctx context.Context, sess *concurrency.Session, rec, p
 			// Already ours (a previous run of this node): take it over.
 			f.ownLock, f.modRev = true, kvs[0].ModRevision
 		default:
+			if f.cand == f.reservation {
+				klog.Warningf("subnet %s is reserved for %s but held by %s; taking another subnet (remove the reservation, or free the subnet and restart leased on %s)", f.cand, rec.Node, kvs[0].Value, rec.Node)
+			}
 			klog.V(2).InfoS("subnet is held by another node", "subnet", f.cand, "holder", string(kvs[0].Value))
 			f.taken[f.cand] = true
 		}

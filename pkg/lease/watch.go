@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"runtime"
 	"strings"
 	"sync"
@@ -32,12 +33,15 @@ const (
 	// ReservationChange: a reservation was written or deleted; the watcher
 	// does not interpret it (Acquire reads reservations itself).
 	ReservationChange
+	// LockDelete: the owner lock of Subnet was deleted or expired.
+	LockDelete
 )
 
 // Event is one change under the registry's prefix.
 type Event struct {
 	Kind   EventKind
 	Node   string
+	Subnet netip.Prefix // LockDelete
 	Record *Record
 	Err    error
 	Value  []byte
@@ -211,6 +215,12 @@ func (r *Registry) event(ev *clientv3.Event) (Event, bool) {
 		return r.leaseEvent(ev.Kv, del), true
 	case strings.HasPrefix(key, k.Reservations()):
 		return Event{Kind: ReservationChange, Node: strings.TrimPrefix(key, k.Reservations())}, true
+	case del && (strings.HasPrefix(key, k.SubnetLocks(false)) || strings.HasPrefix(key, k.SubnetLocks(true))):
+		s, err := ParseSubnetKey(key[strings.LastIndexByte(key, '/')+1:])
+		if err != nil {
+			return Event{}, false
+		}
+		return Event{Kind: LockDelete, Subnet: s}, true
 	}
 	return Event{}, false
 }
