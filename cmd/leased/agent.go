@@ -12,11 +12,11 @@ import (
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/client/v3/concurrency"
 	"k8s.io/klog/v2"
 
 	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/lease"
+	"github.com/leased/leased/pkg/metrics"
 	"github.com/leased/leased/pkg/subnetenv"
 )
 
@@ -38,7 +38,7 @@ type agent struct {
 	exhausted string            // last "out of subnets" message logged
 
 	seenRaw  []byte // the config value last parsed
-	sess     *concurrency.Session
+	sess     *lease.Session
 	self     *lease.Record // the lease record, nil while not (re)claimed
 	held     lease.Record  // the subnets the datapath is programmed for
 	hint     subnetenv.Env
@@ -48,6 +48,7 @@ type agent struct {
 	started  bool // be.Start ran for self
 	ready    bool
 	status   string
+	health   health // what /readyz reports
 }
 
 func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node string) *agent {
@@ -100,6 +101,7 @@ func (a *agent) run(ctx context.Context) error {
 			klog.Warningf("lease of %s lost (no keep-alive answer within --lease-ttl %s); claiming it again, the datapath stays as it is", a.node, a.o.leaseTTL)
 			a.sess = nil
 			a.self = nil
+			a.setStatus("lease lost; claiming it again")
 		case <-retry.C:
 		}
 		if err := a.step(ctx); err != nil {
@@ -197,12 +199,16 @@ func (a *agent) step(ctx context.Context) error {
 			delete(a.rejected, node)
 		}
 	}
+	metrics.PeersKnown.Set(float64(len(a.view.Records) + len(a.view.Malformed) - btoi(a.view.Records[a.node] != nil)))
+	metrics.PeersRejected.Set(float64(len(rejected) + len(a.view.Malformed)))
+	metrics.PeersProgrammed.Set(float64(len(peers)))
 	if err := a.be.SetPeers(ctx, toPeers(peers)); err != nil {
 		// The backend retries on its own resync; keep the agent moving.
 		klog.ErrorS(err, "programming peers; the backend retries on its next pass")
 	}
 	if !a.ready {
 		a.ready = true
+		metrics.Ready.Set(1)
 		klog.InfoS("ready", "node", a.node, "subnets", a.self.Subnets(), "peers", len(peers))
 	}
 	a.setStatus(fmt.Sprintf("lease %v held; %d peers", a.self.Subnets(), len(peers)))
@@ -322,19 +328,12 @@ func (a *agent) ensureBackend() error {
 // config enables, with its record naming the current backend data.
 func (a *agent) ensureLease(ctx context.Context) error {
 	if a.sess == nil {
-		// Grant with a deadline so an unreachable etcd is reported and
-		// retried; the session then keeps the lease alive with ctx.
-		gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		ttl := int64(a.o.leaseTTL.Round(time.Second) / time.Second)
-		g, err := a.cli.Grant(gctx, ttl)
-		cancel()
+		// The grant waits at most 10s so that an unreachable etcd is
+		// reported and retried.
+		sess, err := lease.NewSession(ctx, a.cli, a.o.leaseTTL, 10*time.Second)
 		if err != nil {
 			a.setStatus("waiting for etcd at " + a.o.etcdEndpoints)
 			return fmt.Errorf("creating an etcd lease at %s (is etcd up and reachable? check --etcd-endpoints and the TLS flags): %w", a.o.etcdEndpoints, err)
-		}
-		sess, err := concurrency.NewSession(a.cli, concurrency.WithLease(g.ID), concurrency.WithContext(ctx))
-		if err != nil {
-			return fmt.Errorf("keeping the etcd lease alive: %w", err)
 		}
 		a.sess = sess
 	}
@@ -347,7 +346,7 @@ func (a *agent) ensureLease(ctx context.Context) error {
 		}
 		rec := *a.self
 		rec.BackendType, rec.BackendData = a.be.Type(), a.be.LeaseData()
-		if err := a.reg.Publish(ctx, a.sess, &rec); err != nil {
+		if err := a.reg.Publish(ctx, a.sess.Lease(), &rec); err != nil {
 			return err
 		}
 		a.self = &rec
@@ -365,7 +364,7 @@ func (a *agent) ensureLease(ctx context.Context) error {
 	if a.cfg.IPv6 != nil {
 		klog.InfoS("Picking subnet in range", "range", a.cfg.IPv6.String())
 	}
-	rec, err := a.reg.Acquire(ctx, a.sess, a.cfg, c)
+	rec, err := a.reg.Acquire(ctx, a.sess.Lease(), a.cfg, c)
 	if err != nil {
 		return err
 	}
@@ -407,6 +406,7 @@ func (a *agent) writeSubnetEnv() error {
 // setStatus reports what the agent is doing to systemd (STATUS=, and
 // READY=1 once the host is ready). Without systemd it is a no-op.
 func (a *agent) setStatus(s string) {
+	a.health.set(a.ready && a.self != nil && a.exhausted == "", s)
 	if s == a.status {
 		return
 	}
@@ -416,6 +416,13 @@ func (a *agent) setStatus(s string) {
 		msg = "READY=1\n" + msg
 	}
 	daemon.SdNotify(false, msg) //nolint:errcheck // best effort
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func toPeers(recs []*lease.Record) []backend.Peer {

@@ -1,7 +1,10 @@
 package main
 
 import (
+	"context"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"os"
 	"strings"
@@ -10,6 +13,9 @@ import (
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // newEtcdClient builds the etcd client from the options. It does not wait
@@ -42,7 +48,10 @@ func newEtcdClient(o *options) (*clientv3.Client, error) {
 		if (o.etcdCertFile == "") != (o.etcdKeyFile == "") {
 			return nil, fmt.Errorf("--etcd-certfile and --etcd-keyfile go together: give both or neither")
 		}
-		info := transport.TLSInfo{CertFile: o.etcdCertFile, KeyFile: o.etcdKeyFile, TrustedCAFile: o.etcdCAFile}
+		// The client certificate is read again at every handshake, so a
+		// renewed certificate is used without a restart. Logger must be
+		// set: TLSInfo logs through it when a file has gone missing.
+		info := transport.TLSInfo{CertFile: o.etcdCertFile, KeyFile: o.etcdKeyFile, TrustedCAFile: o.etcdCAFile, Logger: zap.NewNop()}
 		var tc *tls.Config
 		var err error
 		if info.Empty() && o.etcdCAFile == "" {
@@ -52,9 +61,115 @@ func newEtcdClient(o *options) (*clientv3.Client, error) {
 		}
 		cfg.TLS = tc
 	}
+	cfg.DialOptions = append(cfg.DialOptions, grpc.WithChainUnaryInterceptor(explainConnErrors(o)))
 	cli, err := clientv3.New(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("creating etcd client for %s: %w", o.etcdEndpoints, err)
 	}
 	return cli, nil
+}
+
+// connError is a request that timed out because no connection to etcd
+// could be made. It says why (gRPC only keeps the last connection error in
+// the status text, and the etcd client replaces a timed-out status with the
+// bare context error), naming the flag or file at fault where it can. It
+// wraps the context error, so errors.Is(err, context.DeadlineExceeded)
+// holds.
+type connError struct {
+	why   string // what is wrong, for an operator
+	cause string // the connection error as gRPC reported it
+	ctx   error
+}
+
+func (e *connError) Error() string {
+	return fmt.Sprintf("connecting to etcd: %s (%s): %v", e.why, e.cause, e.ctx)
+}
+
+func (e *connError) Unwrap() error { return e.ctx }
+
+// explainConnErrors returns an interceptor that turns the timeout of a
+// request that never got a connection into a connError. It runs inside the
+// etcd client's retry interceptor and only acts once the caller's context is
+// done, so the client's own retries are unchanged.
+func explainConnErrors(o *options) grpc.UnaryClientInterceptor {
+	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		err := invoker(ctx, method, req, reply, cc, opts...)
+		if err == nil || ctx.Err() == nil {
+			return err
+		}
+		st, ok := status.FromError(err)
+		if !ok || st.Code() != codes.DeadlineExceeded {
+			return err
+		}
+		msg := st.Message()
+		i := strings.Index(msg, "connection error: ")
+		if i < 0 {
+			return err
+		}
+		cause := strings.TrimSpace(msg[i+len("connection error: "):])
+		cause = strings.TrimPrefix(cause, "desc = ")
+		cause = strings.Trim(cause, `"`)
+		return &connError{why: explainConn(o, cause), cause: cause, ctx: ctx.Err()}
+	}
+}
+
+// explainConn says in an operator's terms what a gRPC connection error
+// means, naming the flag and file concerned.
+func explainConn(o *options, cause string) string {
+	has := func(s string) bool { return strings.Contains(cause, s) }
+	cert := "--etcd-certfile " + o.etcdCertFile
+	switch {
+	case has("x509: certificate signed by unknown authority"):
+		if o.etcdCAFile == "" {
+			return "etcd's server certificate is not signed by a CA this host trusts: give the CA that signed it with --etcd-cafile"
+		}
+		return "etcd's server certificate is not signed by the CA in --etcd-cafile " + o.etcdCAFile
+	case has("x509: certificate has expired or is not yet valid"):
+		return "etcd's server certificate has expired or is not yet valid (check the server's certificate and this host's clock)"
+	case has("x509: certificate is valid for"):
+		return "etcd's server certificate does not name the host of --etcd-endpoints " + o.etcdEndpoints
+	case has("remote error: tls: expired certificate"):
+		return "etcd refused the client certificate " + cert + ": " + certValidity(o.etcdCertFile)
+	case has("remote error: tls: unknown certificate authority"):
+		return "etcd refused the client certificate " + cert + ": it is not signed by a CA etcd trusts (etcd's --trusted-ca-file)"
+	case has("remote error: tls: certificate required"):
+		if o.etcdCertFile == "" {
+			return "etcd requires a client certificate: give --etcd-certfile and --etcd-keyfile"
+		}
+		return "etcd did not get the client certificate " + cert
+	case has("remote error: tls: bad certificate"), has("remote error: tls: unsupported certificate"):
+		return "etcd refused the client certificate " + cert + " (is it a client certificate, with the clientAuth key usage?)"
+	case has("first record does not look like a TLS handshake"):
+		return "etcd at " + o.etcdEndpoints + " does not speak TLS: use http:// endpoints or enable TLS on etcd"
+	case has("authentication handshake failed"), has("remote error: tls:"):
+		return "the TLS handshake with etcd failed (check --etcd-cafile, --etcd-certfile and --etcd-keyfile)"
+	case has("connection refused"), has("no route to host"), has("i/o timeout"), has("network is unreachable"):
+		return "etcd at " + o.etcdEndpoints + " is not reachable (is it up? check --etcd-endpoints)"
+	}
+	return "no connection to etcd at " + o.etcdEndpoints
+}
+
+// certValidity describes the validity period of the first certificate in
+// file, e.g. "it expired at 2026-01-02T03:04:05Z".
+func certValidity(file string) string {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "it has expired (reading it: " + err.Error() + ")"
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		return "it has expired"
+	}
+	c, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		return "it has expired"
+	}
+	now := time.Now()
+	switch {
+	case now.After(c.NotAfter):
+		return "it expired at " + c.NotAfter.UTC().Format(time.RFC3339)
+	case now.Before(c.NotBefore):
+		return "it is not valid before " + c.NotBefore.UTC().Format(time.RFC3339) + " (check this host's clock)"
+	}
+	return "etcd says it has expired, yet it is valid here until " + c.NotAfter.UTC().Format(time.RFC3339) + " (check the clocks)"
 }

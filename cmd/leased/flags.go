@@ -30,6 +30,7 @@ type options struct {
 	leaseTTL         time.Duration
 	ipMasq           bool
 	resync           time.Duration
+	metricsAddr      string
 }
 
 // DefaultLeaseTTL is how long a host's lease outlives its last keep-alive.
@@ -52,7 +53,15 @@ func (s *stringList) Set(v string) error {
 	return nil
 }
 
+// register adds every agent flag.
 func (o *options) register(fs *flag.FlagSet) {
+	o.registerEtcd(fs)
+	o.registerAgent(fs)
+}
+
+// registerEtcd adds the flags that say how to reach etcd (shared by the
+// agent and the CLI commands).
+func (o *options) registerEtcd(fs *flag.FlagSet) {
 	fs.StringVar(&o.etcdEndpoints, "etcd-endpoints", "http://127.0.0.1:2379", "comma-separated etcd endpoints")
 	fs.StringVar(&o.etcdPrefix, "etcd-prefix", lease.DefaultPrefix, "etcd key prefix of the network (config at <prefix>/config)")
 	fs.StringVar(&o.etcdCAFile, "etcd-cafile", "", "CA bundle that signs the etcd server certificates")
@@ -61,6 +70,9 @@ func (o *options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.etcdUsername, "etcd-username", "", "etcd user name")
 	fs.StringVar(&o.etcdPassword, "etcd-password", "", "etcd password (prefer --etcd-password-file or LEASED_ETCD_PASSWORD: command lines are visible in /proc)")
 	fs.StringVar(&o.etcdPasswordFile, "etcd-password-file", "", "file holding the etcd password")
+}
+
+func (o *options) registerAgent(fs *flag.FlagSet) {
 	fs.Var(&o.ifaces, "iface", "interface (name or address) for inter-host traffic; repeatable, the first that exists is used")
 	fs.StringVar(&o.ifaceRegex, "iface-regex", "", "regular expression of interface names to use when --iface is not given")
 	fs.StringVar(&o.publicIP, "public-ip", "", "IPv4 address peers use to reach this host (default: the interface's)")
@@ -69,6 +81,7 @@ func (o *options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.nodeName, "node-name", "", "this host's node name (default: the hostname, else derived from /etc/machine-id); subnets are remembered by it")
 	fs.DurationVar(&o.leaseTTL, "lease-ttl", DefaultLeaseTTL, "lease lifetime without keep-alive (Go duration, e.g. 10s, 24h)")
 	fs.BoolVar(&o.ipMasq, "ip-masq", false, "masquerade IPv4 traffic leaving the cluster network (IPv6 is never NATed)")
+	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve /healthz, /readyz and /metrics on this address (e.g. 127.0.0.1:9464); off when empty")
 	fs.DurationVar(&o.resync, "resync-interval", 10*time.Second, "how often the datapath is compared with the kernel in full")
 }
 

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/leaseview"
 )
 
 const labUsage = `usage: leased lab [flags]
@@ -34,12 +35,12 @@ func runLab(args []string) int {
 	fs := flag.NewFlagSet("leased lab", flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(os.Stderr, labUsage); fs.PrintDefaults() }
 	fs.IntVar(&cfg.Hosts, "hosts", 3, "number of hosts")
-	fs.StringVar(&cfg.Backend, "backend", "host-gw", "backend: host-gw or vxlan")
+	fs.StringVar(&cfg.Backend, "backend", "host-gw", "backend: host-gw, vxlan or proxy-ndp (proxy-ndp adds an upstream router that knows only the hosts' on-link /64)")
 	fs.StringVar(&families, "families", "dual", "leased families: dual, ipv4 or ipv6")
 	fs.StringVar(&cfg.Network, "network", "10.100.0.0/16", "IPv4 cluster network")
 	fs.IntVar(&cfg.SubnetLen, "subnet-len", 24, "IPv4 subnet length")
-	fs.StringVar(&cfg.IPv6Network, "ipv6-network", "2001:db8:cd11::/48", "IPv6 cluster network")
-	fs.IntVar(&cfg.IPv6SubnetLen, "ipv6-subnet-len", 64, "IPv6 subnet length (64, 80, ... 126)")
+	fs.StringVar(&cfg.IPv6Network, "ipv6-network", "", "IPv6 cluster network (default 2001:db8:cd11::/48; proxy-ndp: 2001:db8:ab11:0:8000::/65)")
+	fs.IntVar(&cfg.IPv6SubnetLen, "ipv6-subnet-len", 0, "IPv6 subnet length (64, 80, ... 126; default 64, proxy-ndp: 80)")
 	fs.StringVar(&cfg.Underlay, "underlay", "dual", "families of the LAN between hosts: dual, v4 or v6")
 	fs.BoolVar(&cfg.Routed, "routed", false, "put every second host on a second LAN behind a router (use with vxlan)")
 	fs.DurationVar(&cfg.LeaseTTL, "lease-ttl", 30*time.Second, "the agents' --lease-ttl")
@@ -80,18 +81,19 @@ func runLab(args []string) int {
 		fmt.Println("lab: torn down (namespaces, agents, etcd)")
 	}()
 	fmt.Printf("lab: %d hosts up with %s in %s (tag %s, etcd at %s)\n", len(l.Hosts), cfg.Backend, time.Since(start).Round(time.Millisecond), l.Tag, l.EtcdEndpoint)
-	recs, err := l.Leases(ctx)
+	rows, _, err := leaseview.Read(ctx, l.Client, "")
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "leased lab: reading leases: %v\n", err)
 		return 1
 	}
-	fmt.Println("\nleases in etcd:")
-	lab.PrintLeases(os.Stdout, recs)
+	fmt.Println("\nleases in etcd (leased leases):")
+	leaseview.Table(os.Stdout, rows, time.Now())
 	for _, h := range l.Hosts {
 		b, _ := os.ReadFile(h.SubnetFile())
 		fmt.Printf("\n%s %s:\n  %s\n", h.Name, h.SubnetFile(), strings.ReplaceAll(strings.TrimSpace(string(b)), "\n", "\n  "))
 	}
 	failed := lab.PrintMatrix(os.Stdout, l, l.Matrix(ctx, 10*time.Second))
+	failed += lab.PrintUpstream(os.Stdout, l, l.UpstreamMatrix(ctx, 10*time.Second)) // proxy-ndp only
 	if failed > 0 {
 		for _, h := range l.Hosts {
 			fmt.Printf("\n--- agent log of %s (last lines) ---\n%s\n", h.Name, l.LogTail(h, 15))

@@ -3,6 +3,7 @@
 // programs routes to every other host's slice.
 //
 //	leased [flags]          run the agent
+//	leased config validate|put|get, leases, status   operator commands
 //	leased lab [flags]      bring up a multi-host lab in network namespaces
 //	leased bench-datapath   the datapath benchmark (Documentation/performance.md)
 //	leased help             this text
@@ -33,6 +34,12 @@ func run(args []string) int {
 			return runLab(args[1:])
 		case "bench-datapath":
 			return runBench(args[1:])
+		case "config":
+			return runConfig(args[1:])
+		case "leases":
+			return runLeases(args[1:])
+		case "status":
+			return runStatus(args[1:])
 		case "help", "-h", "--help":
 			fmt.Fprint(os.Stderr, usage)
 			newFlagSet("leased", &options{}).PrintDefaults()
@@ -74,8 +81,15 @@ func run(args []string) int {
 }
 
 const usage = `usage:
-  leased [flags]        run the agent
-  leased lab [flags]    run a multi-host lab in network namespaces (leased lab -h)
+  leased [flags]                 run the agent
+  leased config validate FILE    check a network config offline
+  leased config put FILE         validate, then write it to etcd
+  leased config get              print the network config in etcd
+  leased leases [-o table|json]  every host's lease
+  leased status                  this host: lease, subnet.env, kernel vs leases
+  leased lab [flags]             a multi-host lab in network namespaces
+  leased bench-datapath          the datapath benchmark
+Each command takes -h.
 
 flags (each also settable as LEASED_<FLAG>, e.g. LEASED_ETCD_ENDPOINTS):
 `
@@ -106,6 +120,11 @@ func runAgent(ctx context.Context, o *options) error {
 	}
 	defer cli.Close()
 	a := newAgent(o, cli, ext, node)
+	if o.metricsAddr != "" {
+		if err := serveHTTP(ctx, o.metricsAddr, &a.health); err != nil {
+			return err
+		}
+	}
 	err = a.run(ctx)
 	if errors.Is(err, context.Canceled) {
 		return nil

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
+
+	"github.com/leased/leased/internal/nsutil"
 	"go.uber.org/zap"
 )
 
@@ -96,7 +98,7 @@ func (s *Server) start() error {
 // calling process.
 func StartIn(ns, dir, clientAddr, peerAddr string, extraURLs ...string) (*Server, error) {
 	s := &Server{Dir: dir, ClientURL: "http://" + clientAddr, peerURL: "http://" + peerAddr, ExtraURLs: extraURLs}
-	err := inNetns(ns, s.start)
+	err := nsutil.Do(ns, s.start)
 	return s, err
 }
 

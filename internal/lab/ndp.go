@@ -77,8 +77,8 @@ func (l *Lab) buildUpstream() error {
 	lan := l.ns("lan1")
 	_, etcd6 := lanAddr(0, 254)
 	cmds := []string{
-		"-n " + r + " link add eth0 type veth peer name up netns " + lan,
-		"-n " + lan + " link set up master br0 up",
+		"-n " + r + " link add eth0 type veth peer name upr netns " + lan,
+		"-n " + lan + " link set upr master br0 up",
 		"-n " + r + " link set eth0 up",
 		"-n " + r + " addr add " + netip.PrefixFrom(UpstreamRouter, UpstreamPrefix.Bits()).String() + " dev eth0 nodad",
 		// etcd's namespace reaches the hosts' new addresses on-link.

@@ -166,22 +166,3 @@ func (l *Lab) Leases(ctx context.Context) ([]*lease.Record, error) {
 	sort.Slice(out, func(i, j int) bool { return out[i].Node < out[j].Node })
 	return out, nil
 }
-
-// PrintLeases writes the lease table.
-func PrintLeases(w io.Writer, recs []*lease.Record) {
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "NODE\tSUBNET\tIPV6 SUBNET\tPUBLIC IP\tPUBLIC IPV6\tBACKEND")
-	for _, r := range recs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Node, dash(r.Subnet.String(), r.Subnet.IsValid()),
-			dash(r.IPv6Subnet.String(), r.IPv6Subnet.IsValid()), dash(r.PublicIP.String(), r.PublicIP.IsValid()),
-			dash(r.PublicIPv6.String(), r.PublicIPv6.IsValid()), r.BackendType)
-	}
-	tw.Flush()
-}
-
-func dash(s string, ok bool) string {
-	if !ok {
-		return "-"
-	}
-	return s
-}

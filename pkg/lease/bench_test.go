@@ -10,7 +10,6 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/client/v3/concurrency"
 )
 
 const benchConfig = `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`
@@ -69,11 +68,11 @@ func BenchmarkAcquire50k(b *testing.B) {
 	i := 0
 	b.ResetTimer()
 	for b.Loop() {
-		sess, err := concurrency.NewSession(cli, concurrency.WithTTL(60))
+		sess, err := NewSession(context.Background(), cli, time.Minute, 10*time.Second)
 		if err != nil {
 			b.Fatal(err)
 		}
-		if _, err := reg.Acquire(ctx, sess, cfg, Claim{Node: fmt.Sprintf("new-%d", i), PublicIP: netip.MustParseAddr("192.0.2.1")}); err != nil {
+		if _, err := reg.Acquire(ctx, sess.Lease(), cfg, Claim{Node: fmt.Sprintf("new-%d", i), PublicIP: netip.MustParseAddr("192.0.2.1")}); err != nil {
 			b.Fatal(err)
 		}
 		i++
@@ -93,11 +92,11 @@ func BenchmarkReady50k(b *testing.B) {
 	b.ResetTimer()
 	for b.Loop() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		sess, err := concurrency.NewSession(cli, concurrency.WithTTL(60))
+		sess, err := NewSession(context.Background(), cli, time.Minute, 10*time.Second)
 		if err != nil {
 			b.Fatal(err)
 		}
-		self, err := reg.Acquire(ctx, sess, cfg, Claim{Node: fmt.Sprintf("ready-%d", i), PublicIP: netip.MustParseAddr("192.0.2.1")})
+		self, err := reg.Acquire(ctx, sess.Lease(), cfg, Claim{Node: fmt.Sprintf("ready-%d", i), PublicIP: netip.MustParseAddr("192.0.2.1")})
 		if err != nil {
 			b.Fatal(err)
 		}

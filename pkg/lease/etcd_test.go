@@ -6,7 +6,6 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
 
 	"github.com/leased/leased/internal/etcdserver"
@@ -34,9 +33,9 @@ func newClient(t testing.TB, srv *etcdserver.Server) *clientv3.Client {
 	return cli
 }
 
-func newSession(t testing.TB, cli *clientv3.Client, ttl int) *concurrency.Session {
+func newSession(t testing.TB, cli *clientv3.Client, ttl int) *Session {
 	t.Helper()
-	s, err := concurrency.NewSession(cli, concurrency.WithTTL(ttl))
+	s, err := NewSession(context.Background(), cli, time.Duration(ttl)*time.Second, 10*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/client/v3/concurrency"
 	"k8s.io/klog/v2"
 )
 
@@ -77,7 +76,7 @@ const (
 // if no other node holds the subnet; a lost race moves on to another
 // candidate. It returns an error wrapping ErrNoFreeSubnet when a pool is
 // full, and ctx's error when cancelled.
-func (r *Registry) Acquire(ctx context.Context, sess *concurrency.Session, cfg *Config, c Claim) (*Record, error) {
+func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *Config, c Claim) (*Record, error) {
 	if err := ValidNodeName(c.Node); err != nil {
 		return nil, err
 	}
@@ -166,7 +165,7 @@ func (r *Registry) Acquire(ctx context.Context, sess *concurrency.Session, cfg *
 		if prev != nil && prev.Subnet == rec.Subnet && prev.IPv6Subnet == rec.IPv6Subnet && !prev.Acquired.IsZero() {
 			rec.Acquired = prev.Acquired
 		}
-		ok, err := r.commit(ctx, sess, rec, prev, fams)
+		ok, err := r.commit(ctx, leaseID, rec, prev, fams)
 		if err != nil {
 			return nil, err
 		}
@@ -327,9 +326,9 @@ func (r *Registry) listTaken(ctx context.Context, f *family, node string) error 
 // commit runs the claim transaction. It reports false when another node
 // holds a candidate (recorded in the family's taken set) or the candidate's
 // lock changed under us.
-func (r *Registry) commit(ctx context.Context, sess *concurrency.Session, rec, prev *Record, fams []*family) (bool, error) {
+func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, prev *Record, fams []*family) (bool, error) {
 	k := r.keys
-	lease := clientv3.WithLease(sess.Lease())
+	lease := clientv3.WithLease(leaseID)
 	val, err := json.Marshal(rec)
 	if err != nil {
 		return false, fmt.Errorf("encoding lease record: %w", err)
@@ -393,7 +392,7 @@ func (r *Registry) commit(ctx context.Context, sess *concurrency.Session, rec, p
 
 // Publish rewrites the node's lease record (e.g. new backend data) under
 // the same lease, as long as it still holds its subnet locks.
-func (r *Registry) Publish(ctx context.Context, sess *concurrency.Session, rec *Record) error {
+func (r *Registry) Publish(ctx context.Context, leaseID clientv3.LeaseID, rec *Record) error {
 	val, err := json.Marshal(rec)
 	if err != nil {
 		return fmt.Errorf("encoding lease record: %w", err)
@@ -403,7 +402,7 @@ func (r *Registry) Publish(ctx context.Context, sess *concurrency.Session, rec *
 		cmps = append(cmps, clientv3.Compare(clientv3.Value(r.keys.SubnetLock(s)), "=", rec.Node))
 	}
 	resp, err := r.cli.Txn(ctx).If(cmps...).Then(
-		clientv3.OpPut(r.keys.Lease(rec.Node), string(val), clientv3.WithLease(sess.Lease())),
+		clientv3.OpPut(r.keys.Lease(rec.Node), string(val), clientv3.WithLease(leaseID)),
 	).Commit()
 	if err != nil {
 		return fmt.Errorf("updating lease record of %s: %w", rec.Node, err)

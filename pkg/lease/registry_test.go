@@ -33,7 +33,7 @@ func TestAcquireFamiliesAndLengths(t *testing.T) {
 			seen := map[netip.Prefix]string{}
 			for n := 0; n < 3; n++ {
 				node := fmt.Sprintf("host-%d", n)
-				rec, err := reg.Acquire(ctxT(t), newSession(t, cli, 30), cfg, Claim{Node: node, PublicIP: netip.MustParseAddr("192.0.2.1")})
+				rec, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: node, PublicIP: netip.MustParseAddr("192.0.2.1")})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -83,7 +83,7 @@ func TestConcurrentClaimsDistinct(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			<-start
-			recs[i], errs[i] = NewRegistry(cli, "").Acquire(ctxT(t), sess, cfg, Claim{Node: fmt.Sprintf("host-%02d", i), PublicIP: netip.MustParseAddr("192.0.2.1")})
+			recs[i], errs[i] = NewRegistry(cli, "").Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: fmt.Sprintf("host-%02d", i), PublicIP: netip.MustParseAddr("192.0.2.1")})
 		}()
 	}
 	close(start)
@@ -111,12 +111,12 @@ func TestReclaimAfterRestartAndExpiry(t *testing.T) {
 	_, cli := startEtcd(t)
 	cfg := mustConfig(t, `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
 	reg := NewRegistry(cli, "")
-	first, err := reg.Acquire(ctxT(t), newSession(t, cli, 2), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1")})
+	first, err := reg.Acquire(ctxT(t), newSession(t, cli, 2).Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1")})
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Restart: a new process with a new session, a different IP.
-	again, err := reg.Acquire(ctxT(t), newSession(t, cli, 30), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.99")})
+	again, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.99")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,7 +128,7 @@ func TestReclaimAfterRestartAndExpiry(t *testing.T) {
 	}
 	// Expiry: revoke the lease (what a dead host's TTL does), then claim anew.
 	sess := newSession(t, cli, 30)
-	third, err := reg.Acquire(ctxT(t), sess, cfg, Claim{Node: "a"})
+	third, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "a"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -140,11 +140,11 @@ func TestReclaimAfterRestartAndExpiry(t *testing.T) {
 	}
 	// Meanwhile other hosts come and go.
 	for i := range 5 {
-		if _, err := reg.Acquire(ctxT(t), newSession(t, cli, 30), cfg, Claim{Node: fmt.Sprintf("other-%d", i), PublicIP: netip.MustParseAddr("192.0.2.2")}); err != nil {
+		if _, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: fmt.Sprintf("other-%d", i), PublicIP: netip.MustParseAddr("192.0.2.2")}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	back, err := reg.Acquire(ctxT(t), newSession(t, cli, 30), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1")})
+	back, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -159,7 +159,7 @@ func TestLeaseExpiresWithTTL(t *testing.T) {
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16"}`)
 	reg := NewRegistry(cli, "")
 	sess := newSession(t, cli, 2)
-	rec, err := reg.Acquire(ctxT(t), sess, cfg, Claim{Node: "dying", PublicIP: netip.MustParseAddr("192.0.2.1")})
+	rec, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "dying", PublicIP: netip.MustParseAddr("192.0.2.1")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -193,7 +193,7 @@ func TestExhaustionAndReservation(t *testing.T) {
 	}
 	got := map[netip.Prefix]bool{}
 	for i := range 2 {
-		rec, err := reg.Acquire(ctxT(t), newSession(t, cli, 30), cfg, Claim{Node: fmt.Sprintf("h%d", i)})
+		rec, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: fmt.Sprintf("h%d", i)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -202,18 +202,18 @@ func TestExhaustionAndReservation(t *testing.T) {
 		}
 		got[rec.Subnet] = true
 	}
-	_, err := reg.Acquire(ctxT(t), newSession(t, cli, 30), cfg, Claim{Node: "h2"})
+	_, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: "h2"})
 	var ex *ExhaustedError
 	if !errors.Is(err, ErrNoFreeSubnet) || !errors.As(err, &ex) || ex.InUse != 3 {
 		t.Fatalf("fourth host: err %v, want out of subnets with 3 in use", err)
 	}
-	pinned, err := reg.Acquire(ctxT(t), newSession(t, cli, 30), cfg, Claim{Node: "pinned"})
+	pinned, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: "pinned"})
 	if err != nil || pinned.Subnet != netip.MustParsePrefix("10.100.0.128/25") {
 		t.Fatalf("pinned got %v, %v; want its reservation", pinned, err)
 	}
 	// Raising SubnetMax makes room without anything else changing.
 	bigger := mustConfig(t, `{"Network":"10.100.0.0/16","SubnetLen":25,"SubnetMin":"10.100.0.0","SubnetMax":"10.100.1.128"}`)
-	rec, err := reg.Acquire(ctxT(t), newSession(t, cli, 30), bigger, Claim{Node: "h2"})
+	rec, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), bigger, Claim{Node: "h2"})
 	if err != nil || rec.Subnet != netip.MustParsePrefix("10.100.1.128/25") {
 		t.Fatalf("after raising SubnetMax: %v, %v", rec, err)
 	}
@@ -225,7 +225,7 @@ func TestHugeRangeAndNearlyFull(t *testing.T) {
 	_, cli := startEtcd(t)
 	reg := NewRegistry(cli, "")
 	huge := mustConfig(t, `{"IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
-	if _, err := reg.Acquire(ctxT(t), newSession(t, cli, 30), huge, Claim{Node: "x"}); err != nil {
+	if _, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), huge, Claim{Node: "x"}); err != nil {
 		t.Fatal(err)
 	}
 	// 16 subnets, 15 taken: the random probes mostly miss, the gap search finds the last one.
@@ -233,11 +233,11 @@ func TestHugeRangeAndNearlyFull(t *testing.T) {
 	reg2 := NewRegistry(cli, "/small")
 	sess := newSession(t, cli, 30)
 	for i := range 16 {
-		if _, err := reg2.Acquire(ctxT(t), sess, small, Claim{Node: fmt.Sprintf("n%d", i)}); err != nil {
+		if _, err := reg2.Acquire(ctxT(t), sess.Lease(), small, Claim{Node: fmt.Sprintf("n%d", i)}); err != nil {
 			t.Fatalf("n%d: %v", i, err)
 		}
 	}
-	if _, err := reg2.Acquire(ctxT(t), sess, small, Claim{Node: "n16"}); !errors.Is(err, ErrNoFreeSubnet) {
+	if _, err := reg2.Acquire(ctxT(t), sess.Lease(), small, Claim{Node: "n16"}); !errors.Is(err, ErrNoFreeSubnet) {
 		t.Fatalf("17th claim in 16 subnets: %v", err)
 	}
 	resp, _ := cli.Get(ctxT(t), reg2.Keys().SubnetLocks(false), clientv3.WithPrefix(), clientv3.WithCountOnly())

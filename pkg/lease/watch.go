@@ -15,6 +15,8 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/pkg/metrics"
 )
 
 // EventKind says what an Event is about.
@@ -83,6 +85,7 @@ func (r *Registry) Watch(ctx context.Context, out chan<- Batch) error {
 			return err
 		}
 		klog.InfoS("lease watch fell behind a compaction; listing again", "rev", rev)
+		metrics.WatchRestarts.WithLabelValues("compaction").Inc()
 	}
 }
 
@@ -195,6 +198,7 @@ func (r *Registry) watchFrom(ctx context.Context, rev int64, out chan<- Batch) e
 			return ctx.Err()
 		}
 		klog.V(2).InfoS("lease watch closed; resuming", "rev", rev, "retry", backoff.peek())
+		metrics.WatchRestarts.WithLabelValues("resume").Inc()
 		if !backoff.wait(ctx) {
 			return ctx.Err()
 		}
@@ -223,6 +227,17 @@ func (r *Registry) event(ev *clientv3.Event) (Event, bool) {
 		return Event{Kind: LockDelete, Subnet: s}, true
 	}
 	return Event{}, false
+}
+
+// LeaseEvents turns lease-record key-values read under k.Leases() into
+// LeasePut events, for callers that list leases themselves.
+func LeaseEvents(k Keys, kvs []*mvccpb.KeyValue) []Event {
+	r := &Registry{keys: k}
+	out := make([]Event, 0, len(kvs))
+	for _, kv := range kvs {
+		out = append(out, r.leaseEvent(kv, false))
+	}
+	return out
 }
 
 func (r *Registry) leaseEvent(kv *mvccpb.KeyValue, del bool) Event {

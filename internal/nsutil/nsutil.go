@@ -1,4 +1,5 @@
-package etcdserver
+// Package nsutil runs code with its sockets in another network namespace.
+package nsutil
 
 import (
 	"fmt"
@@ -8,11 +9,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// inNetns runs fn on an OS thread switched into the network namespace at
-// path. Sockets fn creates stay in that namespace. The thread is switched
-// back afterwards; if that fails it is left locked, so the runtime retires
-// it rather than reuse it in the wrong namespace.
-func inNetns(path string, fn func() error) error {
+// Do runs fn on an OS thread switched into the network namespace at path
+// (e.g. /var/run/netns/NAME). Sockets fn creates stay in that namespace. The
+// thread is switched back afterwards; if that fails it is left locked, so
+// the runtime retires it rather than reuse it in the wrong namespace. fn
+// must not start goroutines that expect to run in the namespace.
+func Do(path string, fn func() error) error {
 	target, err := netns.GetFromPath(path)
 	if err != nil {
 		return fmt.Errorf("opening network namespace %s: %w", path, err)

@@ -1,0 +1,383 @@
+package main
+
+// Reliability scenarios of issue 6 that need only etcd and the agent's own
+// logic (the datapath side is in test/e2e/reliability_test.go):
+//   1. 50 agents start at the same moment.
+//   6. watch compaction while an agent is cut off from etcd.
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"github.com/leased/leased/pkg/backend"
+	"github.com/leased/leased/pkg/lease"
+	"github.com/leased/leased/pkg/subnetenv"
+)
+
+// histBackend is a recording backend that keeps every peer set it was
+// given, to check what the datapath would have seen in between.
+type histBackend struct {
+	mu   sync.Mutex
+	sets [][]backend.Peer
+}
+
+func (h *histBackend) Type() string                               { return backend.TypeHostGW }
+func (h *histBackend) LeaseData() json.RawMessage                 { return nil }
+func (h *histBackend) MTU() int                                   { return 1500 }
+func (h *histBackend) Run(ctx context.Context) error              { <-ctx.Done(); return nil }
+func (h *histBackend) Start(context.Context, backend.Local) error { return nil }
+func (h *histBackend) SetPeers(_ context.Context, p []backend.Peer) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.sets = append(h.sets, slices.Clone(p))
+	return nil
+}
+
+// last returns the latest peer set as node → IPv4 subnet, and how many sets
+// the backend received.
+func (h *histBackend) last() (map[string]netip.Prefix, int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if len(h.sets) == 0 {
+		return nil, 0
+	}
+	m := map[string]netip.Prefix{}
+	for _, p := range h.sets[len(h.sets)-1] {
+		m[p.Node] = p.Subnet4
+	}
+	return m, len(h.sets)
+}
+
+// idleAgent is an agent built but not yet running, so that many can be
+// started at the same instant.
+type idleAgent struct {
+	*agent
+	be   backend.Backend
+	done chan struct{}
+	err  error
+}
+
+func newIdleAgent(t *testing.T, endpoint, node, ip string, be backend.Backend) *idleAgent {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := &options{etcdEndpoints: endpoint, etcdPrefix: lease.DefaultPrefix, leaseTTL: 10 * time.Second,
+		subnetFile: filepath.Join(t.TempDir(), "subnet.env")}
+	ext := backend.ExtIface{Name: "eth0", MTU: 1500, Public4: netip.MustParseAddr(ip), Addr4: netip.MustParseAddr(ip)}
+	a := newAgent(o, cli, ext, node)
+	a.newBackend = func(json.RawMessage, backend.ExtIface, string, backend.Options) (backend.Backend, error) {
+		return be, nil
+	}
+	ia := &idleAgent{agent: a, be: be, done: make(chan struct{})}
+	t.Cleanup(func() { cli.Close() })
+	return ia
+}
+
+// run starts the agent loop; it stops when ctx ends.
+func (ia *idleAgent) run(ctx context.Context) {
+	go func() { defer close(ia.done); ia.err = ia.agent.run(ctx) }()
+}
+
+func (ia *idleAgent) exited() bool {
+	select {
+	case <-ia.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// Scenario 1: 50 agents, each with its own etcd client, start at the same
+// instant in a range of 64 subnets per family (so their random first picks
+// collide often). Every one ends with a distinct subnet of each family, its
+// record in etcd says so, every one sees the 49 others as peers, and none
+// exits.
+func TestFiftyAgentsStartTogether(t *testing.T) {
+	srv := startEtcd(t)
+	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","SubnetLen":22,"IPv6Network":"2001:db8::/58","IPv6SubnetLen":64}`)
+	const n = 50
+	agents := make([]*idleAgent, n)
+	recs := make([]*recorder, n)
+	for i := range n {
+		recs[i] = &recorder{}
+		agents[i] = newIdleAgent(t, srv.ClientURL, fmt.Sprintf("host%02d", i), fmt.Sprintf("192.168.1.%d", i+1), recs[i])
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(func() {
+		cancel()
+		for _, a := range agents {
+			<-a.done
+		}
+	})
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for _, a := range agents {
+		wg.Add(1)
+		go func() { defer wg.Done(); <-start; a.run(ctx) }()
+	}
+	t0 := time.Now()
+	close(start)
+	wg.Wait()
+
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		ready := 0
+		for _, a := range agents {
+			if _, err := subnetEnvOf(a); err == nil {
+				ready++
+			}
+		}
+		if ready == n {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d agents wrote subnet.env within 90s", ready, n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("50 agents held leases %s after the simultaneous start", time.Since(t0).Round(time.Millisecond))
+
+	seen4, seen6 := map[netip.Prefix]string{}, map[netip.Prefix]string{}
+	for i, a := range agents {
+		env, _ := subnetEnvOf(a)
+		node := fmt.Sprintf("host%02d", i)
+		if !env.Subnet4.IsValid() || !env.Subnet6.IsValid() {
+			t.Errorf("%s: subnet.env lacks a family: %+v", node, env)
+		}
+		if o, dup := seen4[env.Subnet4]; dup {
+			t.Errorf("%s and %s both hold %s", o, node, env.Subnet4)
+		}
+		if o, dup := seen6[env.Subnet6]; dup {
+			t.Errorf("%s and %s both hold %s", o, node, env.Subnet6)
+		}
+		seen4[env.Subnet4], seen6[env.Subnet6] = node, node
+	}
+	// etcd agrees: 50 records, each naming the subnets of its subnet.env.
+	cli, _ := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
+	defer cli.Close()
+	resp, err := cli.Get(context.Background(), lease.NewKeys("").Leases(), clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Kvs) != n {
+		t.Errorf("%d lease records in etcd, want %d", len(resp.Kvs), n)
+	}
+	for _, kv := range resp.Kvs {
+		node := strings.TrimPrefix(string(kv.Key), lease.NewKeys("").Leases())
+		r, err := lease.DecodeRecord(node, kv.Value)
+		if err != nil {
+			t.Errorf("record of %s: %v", node, err)
+			continue
+		}
+		if seen4[r.Subnet] != node || seen6[r.IPv6Subnet] != node {
+			t.Errorf("etcd says %s holds %v, its subnet.env says otherwise", node, r.Subnets())
+		}
+	}
+	// Everyone programs the 49 others.
+	deadline = time.Now().Add(60 * time.Second)
+	for i := 0; i < n; {
+		if got := strings.Count(recs[i].peerNodes(), ",") + 1; got == n-1 {
+			i++
+			continue
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("host%02d programs peers %q, want the 49 others", i, recs[i].peerNodes())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for i, a := range agents {
+		if a.exited() {
+			t.Errorf("agent host%02d exited: %v", i, a.err)
+		}
+	}
+}
+
+func subnetEnvOf(a *idleAgent) (subnetenv.Env, error) { return subnetenv.Read(a.o.subnetFile) }
+
+// cutProxy forwards TCP to an etcd member and can cut every connection and
+// refuse new ones, to disconnect one agent while etcd stays up for others.
+type cutProxy struct {
+	l      net.Listener
+	target string
+	mu     sync.Mutex
+	down   bool
+	conns  []net.Conn
+}
+
+func newCutProxy(t *testing.T, target string) *cutProxy {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &cutProxy{l: l, target: target}
+	t.Cleanup(func() { l.Close(); p.setDown(true) })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			p.mu.Lock()
+			if p.down {
+				p.mu.Unlock()
+				c.Close()
+				continue
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				p.mu.Unlock()
+				c.Close()
+				continue
+			}
+			p.conns = append(p.conns, c, u)
+			p.mu.Unlock()
+			go func() { io.Copy(u, c); u.Close() }()
+			go func() { io.Copy(c, u); c.Close() }()
+		}
+	}()
+	return p
+}
+
+func (p *cutProxy) url() string { return "http://" + p.l.Addr().String() }
+
+func (p *cutProxy) setDown(down bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.down = down
+	if down {
+		for _, c := range p.conns {
+			c.Close()
+		}
+		p.conns = nil
+	}
+}
+
+// Scenario 6: while an agent is cut off from etcd, peers leave, move and
+// arrive, and etcd compacts past the agent's watch revision. On reconnect
+// the agent lists again and the backend gets exactly etcd's peer set; in
+// between it is never handed a set that drops a peer that did not change
+// (which on a real host would withdraw a working route).
+func TestAgentRelistsAfterCompaction(t *testing.T) {
+	srv := startEtcd(t)
+	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	keys := lease.NewKeys("")
+	putPeer := func(node, subnet string) *clientv3.PutResponse {
+		t.Helper()
+		v := fmt.Sprintf(`{"Node":%q,"Subnet":%q,"PublicIP":"192.168.7.%d","BackendType":"host-gw"}`, node, subnet, len(node)+10)
+		r, err := cli.Put(context.Background(), keys.Lease(node), v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	for i, n := range []string{"b", "c", "d", "e"} {
+		putPeer(n, fmt.Sprintf("10.100.%d.0/24", 200+i))
+	}
+	p := newCutProxy(t, strings.TrimPrefix(srv.ClientURL, "http://"))
+	hb := &histBackend{}
+	a := newIdleAgent(t, p.url(), "a", "192.168.1.1", hb)
+	ctx, cancel := context.WithCancel(context.Background())
+	a.run(ctx)
+	defer func() { cancel(); <-a.done }()
+	want := map[string]netip.Prefix{"b": pfx("10.100.200.0/24"), "c": pfx("10.100.201.0/24"), "d": pfx("10.100.202.0/24"), "e": pfx("10.100.203.0/24")}
+	waitPeers(t, hb, want)
+	own, err := cli.Get(context.Background(), keys.Lease("a"))
+	if err != nil || len(own.Kvs) != 1 {
+		t.Fatalf("a's lease record: %v %v", own, err)
+	}
+	_, setsBefore := hb.last()
+
+	p.setDown(true)
+	cli.Delete(context.Background(), keys.Lease("b")) // left
+	putPeer("c", "10.100.42.0/24")                    // moved
+	putPeer("f", "10.100.43.0/24")                    // arrived
+	for i := range 20 {                               // unrelated churn
+		cli.Put(context.Background(), "/unrelated", fmt.Sprint(i))
+	}
+	last := putPeer("g", "10.100.44.0/24")
+	cli.Delete(context.Background(), keys.Lease("g")) // came and went while a was away
+	if _, err := cli.Compact(context.Background(), last.Header.Revision+1, clientv3.WithCompactPhysical()); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // shorter than a's 10s lease TTL: a keeps its lease
+	p.setDown(false)
+
+	want = map[string]netip.Prefix{"c": pfx("10.100.42.0/24"), "d": pfx("10.100.202.0/24"), "e": pfx("10.100.203.0/24"), "f": pfx("10.100.43.0/24")}
+	waitPeers(t, hb, want)
+	// Nothing more arrives afterwards: no stale event replays over the relist.
+	time.Sleep(500 * time.Millisecond)
+	if got, _ := hb.last(); !mapsEqual(got, want) {
+		t.Errorf("after settling the backend has %v, want %v", got, want)
+	}
+	hb.mu.Lock()
+	for i, set := range hb.sets[setsBefore:] {
+		has := map[string]bool{}
+		for _, p := range set {
+			has[p.Node] = true
+			if p.Node == "g" {
+				t.Errorf("peer set %d after reconnect programs g, which came and went while a was away", setsBefore+i)
+			}
+		}
+		if !has["d"] || !has["e"] {
+			t.Errorf("peer set %d after reconnect drops unchanged peers d or e: %v", setsBefore+i, set)
+		}
+	}
+	hb.mu.Unlock()
+	now, err := cli.Get(context.Background(), keys.Lease("a"))
+	if err != nil || len(now.Kvs) != 1 || now.Kvs[0].Lease != own.Kvs[0].Lease {
+		t.Errorf("a's lease changed across a 1s disconnect: before %v, after %v (%v)", own.Kvs, now.Kvs, err)
+	}
+	if a.exited() {
+		t.Errorf("agent exited: %v", a.err)
+	}
+}
+
+func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
+
+func mapsEqual(a, b map[string]netip.Prefix) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
+}
+
+func waitPeers(t *testing.T, hb *histBackend, want map[string]netip.Prefix) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		got, _ := hb.last()
+		if mapsEqual(got, want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("backend peers %v, want %v", got, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

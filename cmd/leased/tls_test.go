@@ -1,0 +1,264 @@
+package main
+
+// Scenario 9 of issue 6: the agent's etcd client over TLS (client
+// certificates, server-only TLS) and with user/password authentication.
+// Each case builds the client exactly as the agent does (newEtcdClient from
+// the options the flags fill) and makes a real request.
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.etcd.io/etcd/client/pkg/v3/transport"
+	"go.etcd.io/etcd/server/v3/embed"
+
+	"github.com/leased/leased/internal/etcdserver"
+)
+
+// pki is a throwaway certificate authority writing PEM files into dir.
+type pki struct {
+	dir  string
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	file string // the CA certificate
+}
+
+var serial int64 = 1
+
+func newPKI(t *testing.T, dir, name string) *pki {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	serial++
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	p := &pki{dir: dir, cert: cert, key: key, file: filepath.Join(dir, name+".pem")}
+	writePEM(t, p.file, "CERTIFICATE", der)
+	return p
+}
+
+func writePEM(t *testing.T, path, typ string, der []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// issue signs a leaf certificate and returns its cert and key file. server
+// certificates are for 127.0.0.1; notAfter in the past makes an expired one.
+func (p *pki) issue(t *testing.T, name string, server bool, notAfter time.Time) (certFile, keyFile string) {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	serial++
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name},
+		NotBefore: notAfter.Add(-48 * time.Hour), NotAfter: notAfter,
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	if server {
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
+		tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
+		tmpl.DNSNames = []string{"localhost"}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.cert, &key.PublicKey, p.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, _ := x509.MarshalECPrivateKey(key)
+	certFile, keyFile = filepath.Join(p.dir, name+".pem"), filepath.Join(p.dir, name+"-key.pem")
+	writePEM(t, certFile, "CERTIFICATE", der)
+	writePEM(t, keyFile, "EC PRIVATE KEY", kder)
+	return certFile, keyFile
+}
+
+// startTLSEtcd runs a one-member etcd serving clients over TLS with the
+// server certificate of ca; clientCertAuth makes it demand client
+// certificates signed by ca.
+func startTLSEtcd(t *testing.T, ca *pki, clientCertAuth bool) string {
+	t.Helper()
+	cert, key := ca.issue(t, "server", true, time.Now().Add(24*time.Hour))
+	c, err := etcdserver.StartCluster(t.TempDir(), 1, etcdserver.ClusterOptions{Configure: func(cfg *embed.Config) {
+		// etcd demands client certificates whenever it has a trusted CA file.
+		cfg.ClientTLSInfo = transport.TLSInfo{CertFile: cert, KeyFile: key, ClientCertAuth: clientCertAuth}
+		if clientCertAuth {
+			cfg.ClientTLSInfo.TrustedCAFile = ca.file
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Stop)
+	return c.Members[0].ClientURL
+}
+
+// tryClient builds the agent's client from o and makes one request, as the
+// agent's first step does; it returns the error the agent would log.
+func tryClient(t *testing.T, o *options) error {
+	t.Helper()
+	cli, err := newEtcdClient(o)
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err = cli.Get(ctx, "/leased/network/config")
+	return err
+}
+
+func TestEtcdClientCertificates(t *testing.T) {
+	dir := t.TempDir()
+	ca := newPKI(t, dir, "ca")
+	wrongCA := newPKI(t, dir, "wrong-ca")
+	ep := startTLSEtcd(t, ca, true)
+	good, goodKey := ca.issue(t, "client", false, time.Now().Add(24*time.Hour))
+	expired, expiredKey := ca.issue(t, "expired-client", false, time.Now().Add(-time.Hour))
+	foreign, foreignKey := wrongCA.issue(t, "foreign-client", false, time.Now().Add(24*time.Hour))
+
+	tests := []struct {
+		name      string
+		o         options
+		wantError []string // substrings the error must contain; nil = must work
+	}{
+		{"right CA and client cert", options{etcdCAFile: ca.file, etcdCertFile: good, etcdKeyFile: goodKey}, nil},
+		{"wrong CA for the server", options{etcdCAFile: wrongCA.file, etcdCertFile: good, etcdKeyFile: goodKey},
+			[]string{"certificate signed by unknown authority"}},
+		{"expired client cert", options{etcdCAFile: ca.file, etcdCertFile: expired, etcdKeyFile: expiredKey},
+			[]string{expired, "expired"}},
+		{"client cert from another CA", options{etcdCAFile: ca.file, etcdCertFile: foreign, etcdKeyFile: foreignKey},
+			[]string{"unknown certificate authority"}},
+		{"missing client cert", options{etcdCAFile: ca.file},
+			[]string{"certificate required"}},
+		{"cert without its key", options{etcdCAFile: ca.file, etcdCertFile: good},
+			[]string{"--etcd-keyfile"}},
+		{"key of another cert", options{etcdCAFile: ca.file, etcdCertFile: good, etcdKeyFile: expiredKey},
+			[]string{"private key does not match public key"}},
+		{"CA file missing", options{etcdCAFile: filepath.Join(dir, "nope.pem"), etcdCertFile: good, etcdKeyFile: goodKey},
+			[]string{"nope.pem"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			o := tc.o
+			o.etcdEndpoints = ep
+			start := time.Now()
+			err := tryClient(t, &o)
+			t.Logf("after %s: %v", time.Since(start).Round(time.Millisecond), err)
+			if tc.wantError == nil {
+				if err != nil {
+					t.Fatalf("request failed: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("request worked")
+			}
+			for _, w := range tc.wantError {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error does not name the problem (%q):\n%v", w, err)
+				}
+			}
+		})
+	}
+}
+
+// Server-only TLS: the server has a certificate, clients need only the CA.
+func TestEtcdServerOnlyTLS(t *testing.T) {
+	dir := t.TempDir()
+	ca := newPKI(t, dir, "ca")
+	ep := startTLSEtcd(t, ca, false)
+	if err := tryClient(t, &options{etcdEndpoints: ep, etcdCAFile: ca.file}); err != nil {
+		t.Fatalf("CA only: %v", err)
+	}
+	// Without the CA the system roots do not know the server: refused, and said so.
+	err := tryClient(t, &options{etcdEndpoints: ep})
+	if err == nil || !strings.Contains(err.Error(), "certificate signed by unknown authority") {
+		t.Errorf("https without the CA: %v", err)
+	}
+}
+
+// An https:// endpoint is only ever spoken to in TLS: what reaches the
+// server is a TLS ClientHello, never a plaintext HTTP/2 preface, and the
+// request fails against a plaintext server.
+func TestHTTPSEndpointNeverPlaintext(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var mu sync.Mutex
+	var firsts [][]byte
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				c.SetReadDeadline(time.Now().Add(3 * time.Second))
+				b := make([]byte, 24)
+				n, _ := c.Read(b)
+				mu.Lock()
+				firsts = append(firsts, b[:n])
+				mu.Unlock()
+				c.Write([]byte("HTTP/1.1 400 Bad Request\r\n\r\n")) // a plaintext server's answer
+			}()
+		}
+	}()
+	for _, o := range []options{
+		{etcdEndpoints: "https://" + l.Addr().String()},
+		{etcdEndpoints: "https://" + l.Addr().String(), etcdCAFile: newPKI(t, t.TempDir(), "ca").file},
+	} {
+		if err := tryClient(t, &o); err == nil {
+			t.Errorf("%+v: a request to a plaintext server over https:// worked", o)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(firsts) == 0 {
+		t.Fatal("the client never connected")
+	}
+	for _, b := range firsts {
+		if len(b) == 0 {
+			continue
+		}
+		if bytes.HasPrefix(b, []byte("PRI * HTTP/2")) || b[0] != 0x16 {
+			t.Errorf("an https:// endpoint was sent %q, not a TLS handshake", b)
+		}
+	}
+	// The same server with a plain http:// endpoint does get plaintext: the
+	// check above can tell the two apart.
+	firsts = nil
+	mu.Unlock()
+	tryClient(t, &options{etcdEndpoints: "http://" + l.Addr().String()})
+	mu.Lock()
+	plain := false
+	for _, b := range firsts {
+		plain = plain || bytes.HasPrefix(b, []byte("PRI * HTTP/2"))
+	}
+	if !plain {
+		t.Errorf("control: an http:// endpoint sent %q, expected the HTTP/2 preface", firsts)
+	}
+}

@@ -1,0 +1,57 @@
+// Package metrics holds leased's Prometheus metrics. They are registered
+// with the default registry (alongside the Go and process collectors) and
+// served on --metrics-addr at /metrics. Documentation/metrics.md lists them.
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promauto"
+)
+
+var (
+	// PeersKnown is the number of well-formed peer leases in etcd, before
+	// the peer filter.
+	PeersKnown = promauto.NewGauge(prometheus.GaugeOpts{
+		Name: "leased_peers_known", Help: "Peer leases seen in etcd (other hosts), well-formed or not.",
+	})
+	// PeersProgrammed is the number of peers handed to the backend.
+	PeersProgrammed = promauto.NewGauge(prometheus.GaugeOpts{
+		Name: "leased_peers_programmed", Help: "Peers that passed the lease filter and were handed to the datapath.",
+	})
+	// PeersRejected is the number of peer leases refused by the filter.
+	PeersRejected = promauto.NewGauge(prometheus.GaugeOpts{
+		Name: "leased_peers_rejected", Help: "Peer leases refused as malformed, outside the network, overlapping or hostile.",
+	})
+	// ReconcileDuration times datapath passes by kind (full, quick).
+	ReconcileDuration = promauto.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "leased_reconcile_duration_seconds",
+		Help:    "Duration of datapath reconcile passes: full passes list the kernel, quick ones apply a peer change.",
+		Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10), // 100µs .. 26s
+	}, []string{"pass"})
+	// ReconcileErrors counts failed kernel operations by object kind.
+	ReconcileErrors = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "leased_reconcile_errors_total", Help: "Kernel operations that failed in reconcile passes, by object kind (route, neighbour, fdb entry, device, list).",
+	}, []string{"kind"})
+	// WatchRestarts counts re-established etcd watches by reason.
+	WatchRestarts = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "leased_etcd_watch_restarts_total", Help: "etcd watch restarts: resumed after a disconnect, or relisted after a compaction.",
+	}, []string{"reason"})
+	// LeaseRenewals counts keep-alive responses for the host's lease.
+	LeaseRenewals = promauto.NewCounter(prometheus.CounterOpts{
+		Name: "leased_lease_renewals_total", Help: "Keep-alive answers received for this host's etcd lease.",
+	})
+	// LeaseFailures counts lost leases and failed grants.
+	LeaseFailures = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "leased_lease_failures_total", Help: "Lease problems: a lease lost (no keep-alive answer within the TTL), or a grant that failed.",
+	}, []string{"reason"})
+	// NDPSolicitations counts Neighbor Solicitations seen by the proxy-NDP
+	// responder, by outcome (answered, ignored).
+	NDPSolicitations = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "leased_ndp_solicitations_total", Help: "Neighbor Solicitations seen by the proxy-ndp backend, by result: answered or ignored (target outside this host's slice).",
+	}, []string{"result"})
+	// Ready is 1 once the host is ready (lease held, subnet.env written,
+	// datapath applied).
+	Ready = promauto.NewGauge(prometheus.GaugeOpts{
+		Name: "leased_ready", Help: "1 once the lease is held, subnet.env is written and the datapath applied.",
+	})
+)
