@@ -47,8 +47,13 @@ func runLab(args []string) int {
 	fs.StringVar(&cfg.Dir, "dir", "", "keep etcd data, subnet files and agent logs here (default: a temporary directory, removed)")
 	fs.BoolVar(&hold, "hold", false, "keep the lab up until Ctrl-C (inspect with: ip netns; ip netns exec <ns> ip route)")
 	fs.IntVar(&verbose, "agent-v", 0, "the agents' klog verbosity (-v)")
+	var endpoints string
+	fs.StringVar(&endpoints, "etcd-endpoints", "", "use this external etcd (comma-separated http:// URLs) instead of the embedded one; the lab relays it into the LAN")
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	if endpoints != "" {
+		cfg.EtcdEndpoints = strings.Split(endpoints, ",")
 	}
 	switch families {
 	case "dual":

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -48,6 +49,9 @@ type Config struct {
 	LeaseTTL time.Duration
 	// AgentArgs are extra arguments for every agent (e.g. -v=2).
 	AgentArgs []string
+	// EtcdEndpoints are an external etcd's client URLs (plain http) to use
+	// instead of the embedded member; the lab relays them into the LAN.
+	EtcdEndpoints []string
 	// Log receives progress lines (default: discarded).
 	Log func(format string, args ...any)
 
@@ -87,6 +91,7 @@ type Lab struct {
 	EtcdEndpoint string
 	namespaces   []string
 	tmpDir       bool
+	relay        io.Closer // the external-etcd relay, if any
 	mu           sync.Mutex
 
 	// Upstream is the upstream router of a proxy-ndp lab (ndp.go), else nil.
@@ -336,6 +341,9 @@ func (l *Lab) startEtcd() error {
 		listen = "[" + a6.String() + "]:2379"
 		l.EtcdEndpoint = "http://" + listen
 	}
+	if len(l.Cfg.EtcdEndpoints) > 0 {
+		return l.useExternalEtcd(listen)
+	}
 	sock := filepath.Join(l.Cfg.Dir, "etcd.sock")
 	srv, err := etcdserver.StartIn(netnsPath(l.ns("lan1")), filepath.Join(l.Cfg.Dir, "etcd"), listen, "127.0.0.1:2380", "unix://"+sock)
 	if err != nil {
@@ -468,6 +476,10 @@ func (l *Lab) Close() {
 	if l.Etcd != nil {
 		l.Etcd.Stop()
 		l.Etcd = nil
+	}
+	if l.relay != nil {
+		l.relay.Close()
+		l.relay = nil
 	}
 	l.mu.Lock()
 	nss := l.namespaces
