@@ -4,7 +4,8 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for pkg_cmd in iproute2:ip iptables:iptables iputils-ping:ping procps:sysctl etcd-server:etcd "$@"; do
+for pkg_cmd in iproute2:ip iptables:iptables iputils-ping:ping procps:sysctl etcd-server:etcd \
+    systemd:systemd-analyze docker.io:dockerd busybox-static:busybox-static "$@"; do
   pkg=${pkg_cmd%%:*} cmd=${pkg_cmd#*:}
   if [ "$pkg" = "$cmd" ]; then
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")

@@ -370,6 +370,9 @@ func (a *agent) ensureLease(ctx context.Context) error {
 	}
 	moved := func(old, new netip.Prefix) bool { return old.IsValid() && old != new }
 	switch {
+	case a.held.Node == "" && (moved(a.hint.Subnet4, rec.Subnet) || moved(a.hint.Subnet6, rec.IPv6Subnet)):
+		klog.Warningf("this host's subnets changed since the last run (%s held %v, now %v): restart docker.service so that dockerd takes the new subnet.env", a.o.subnetFile, []netip.Prefix{a.hint.Subnet4, a.hint.Subnet6}, rec.Subnets())
+		a.started = false
 	case a.held.Node == "":
 		a.started = false
 	case moved(a.held.Subnet, rec.Subnet) || moved(a.held.IPv6Subnet, rec.IPv6Subnet):
