@@ -22,34 +22,65 @@ type keyed[K comparable] interface {
 // the desired value produce nothing, so a restart touches nothing that is
 // already right. Callers apply puts before deletes.
 func diff[K comparable, V keyed[K]](want map[K]V, have []V) (put, del []V) {
-	byKey := make(map[K][]V, len(have))
+	byKey := make(map[K]V, len(have))
+	var multi map[K][]V // the keys held more than once, with every object
 	for _, h := range have {
-		byKey[h.key()] = append(byKey[h.key()], h)
+		k := h.key()
+		first, dup := byKey[k]
+		if !dup {
+			byKey[k] = h
+			continue
+		}
+		if multi == nil {
+			multi = map[K][]V{}
+		}
+		if len(multi[k]) == 0 {
+			multi[k] = []V{first}
+		}
+		multi[k] = append(multi[k], h)
 	}
 	for k, w := range want {
-		if !slices.Contains(byKey[k], w) {
+		if hs, ok := multi[k]; ok {
+			if !slices.Contains(hs, w) {
+				put = append(put, w)
+			}
+		} else if h, ok := byKey[k]; !ok || h != w {
 			put = append(put, w)
 		}
 	}
-	for k, hs := range byKey {
+	for k, h := range byKey {
 		w, wanted := want[k]
-		if !wanted {
+		hs, several := multi[k]
+		switch {
+		case !wanted && several:
 			del = append(del, hs...)
-			continue
-		}
-		if len(hs) < 2 {
-			continue
-		}
-		for _, h := range hs {
-			if h != w {
-				del = append(del, h)
+		case !wanted:
+			del = append(del, h)
+		case several:
+			for _, x := range hs {
+				if x != w {
+					del = append(del, x)
+				}
 			}
 		}
 	}
 	return put, del
 }
 
-// sortByString orders objects for deterministic application and logs.
+// object is a kernel object value the reconciler applies: keyed,
+// printable, and ordered by compare for deterministic application and logs.
+type object[K comparable, V any] interface {
+	keyed[K]
+	String() string
+	compare(V) int
+}
+
+// sortObjects orders objects by their compare method.
+func sortObjects[V interface{ compare(V) int }](vs []V) {
+	slices.SortFunc(vs, func(a, b V) int { return a.compare(b) })
+}
+
+// sortByString orders objects by their text.
 func sortByString[V interface{ String() string }](vs []V) {
 	slices.SortFunc(vs, func(a, b V) int { return cmp.Compare(a.String(), b.String()) })
 }

@@ -50,6 +50,8 @@ type skip struct {
 	subnet  netip.Prefix
 	gateway netip.Addr
 	reason  string
+	// dup: skipped because another peer already wants the object.
+	dup bool
 }
 
 // engine is the Backend implementation shared by every type: it owns the
@@ -69,11 +71,16 @@ type engine struct {
 
 	kick  chan struct{}         // capacity 1: a pass is wanted
 	owned atomic.Pointer[[]int] // device ifindexes, read by event goroutines
-	// wanted is the desired state of the current or last pass, published
-	// before its kernel calls and never modified afterwards: event
-	// goroutines compare events with it so that the agent's own changes do
-	// not trigger passes, while anything else does.
-	wanted atomic.Pointer[state]
+
+	// fullPasses counts the full passes started (each lists the kernel
+	// after it starts); kickedAt is the count when the latest kick came.
+	// Run skips a kicked pass when a full pass started after the kick.
+	fullPasses, kickedAt atomic.Uint64
+	// wanted is the desired state of the current or last pass, updated
+	// before its kernel calls: event goroutines compare events with it so
+	// that the agent's own changes do not trigger passes, while anything
+	// else does (see wantedSet for its locking).
+	wanted wantedSet
 
 	mu      sync.Mutex // guards everything below and every kernel call
 	local   Local
@@ -82,7 +89,8 @@ type engine struct {
 	// runs before, so a restart never prunes against an empty set.
 	peersSet bool
 	peers    []Peer
-	applied  state // what the last pass left in the kernel
+	idx      peerIndex // peers by node, for SetPeers' incremental path
+	applied  state     // what the last pass left in the kernel
 	// trusted means applied mirrors the kernel: the last full pass
 	// succeeded and every later change went through us. SetPeers then
 	// diffs against applied instead of dumping the kernel; netlink events
@@ -130,7 +138,12 @@ func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend,
 	if err != nil {
 		return nil, fmt.Errorf("opening netlink handle: %w", err)
 	}
-	e := newEngine(cfg.Type, ext, opts, netlinkKernel{h: h}, dp)
+	b, err := newRouteBatcher(ns)
+	if err != nil {
+		h.Close()
+		return nil, err
+	}
+	e := newEngine(cfg.Type, ext, opts, netlinkKernel{h: h, b: b}, dp)
 	if cfg.Type == TypeProxyNDP {
 		return newProxyNDP(e, cfg), nil
 	}
@@ -149,6 +162,7 @@ func newEngine(typ string, ext ExtIface, opts Options, k kernel, dp datapath) *e
 		coalesce: defaultCoalesce,
 		kick:     make(chan struct{}, 1),
 		applied:  newState(),
+		idx:      newPeerIndex(),
 		skipped:  map[string]bool{},
 	}
 	if opts.Resync > 0 {
@@ -202,15 +216,12 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 	return errors.Join(err, e.passLocked(ctx))
 }
 
-// SetPeers replaces the peer set and runs one pass. Before Start it only
-// records the set.
+// SetPeers replaces the peer set and runs one pass, whose cost follows the
+// peers that changed (incremental.go). Before Start it only records the set.
 func (e *engine) SetPeers(ctx context.Context, peers []Peer) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	logPeerChanges(e.peers, peers)
-	e.peers = append([]Peer(nil), peers...)
-	e.peersSet = true
-	return e.quickPassLocked(ctx)
+	return e.setPeersLocked(ctx, peers)
 }
 
 // pass runs one reconcile pass.
@@ -221,6 +232,13 @@ func (e *engine) pass(ctx context.Context) error {
 }
 
 func (e *engine) kickPass() {
+	seen := e.fullPasses.Load()
+	for {
+		old := e.kickedAt.Load()
+		if seen <= old || e.kickedAt.CompareAndSwap(old, seen) {
+			break
+		}
+	}
 	select {
 	case e.kick <- struct{}{}:
 	default:

@@ -53,6 +53,22 @@ func (f *fakeKernel) RouteReplace(r *netlink.Route) error {
 	return nil
 }
 
+func (f *fakeKernel) RoutesReplace(rs []*netlink.Route) []error {
+	errs := make([]error, len(rs))
+	for i, r := range rs {
+		errs[i] = f.RouteReplace(r)
+	}
+	return errs
+}
+
+func (f *fakeKernel) RoutesDel(rs []*netlink.Route) []error {
+	errs := make([]error, len(rs))
+	for i, r := range rs {
+		errs[i] = f.RouteDel(r)
+	}
+	return errs
+}
+
 func (f *fakeKernel) RouteDel(r *netlink.Route) error {
 	f.calls++
 	id := routeID(r)

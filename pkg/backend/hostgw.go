@@ -17,7 +17,7 @@ func (hostGW) mtu(Local) int { return 0 } // the engine substitutes ext.MTU
 func (hostGW) leaseData() json.RawMessage { return nil }
 
 func (hostGW) desired(in input) (state, []skip) {
-	st := newState()
+	st := newStateFor(len(in.peers))
 	var skips []skip
 	for _, p := range in.peers {
 		for _, f := range families(in.local, p) {
@@ -51,7 +51,7 @@ func directRoute(in input, p Peer, f peerFamily, st *state) (skip, bool) {
 	}
 	r := route{Dst: f.subnet, Priority: defaultPriority(f.subnet), Gw: f.public, Link: in.ext.Index}
 	if old, dup := st.routes[r.key()]; dup {
-		sk.reason = fmt.Sprintf("peer subnet is already routed via %s: skipped", old.Gw)
+		sk.reason, sk.dup = fmt.Sprintf("peer subnet is already routed via %s: skipped", old.Gw), true
 		return sk, false
 	}
 	st.routes[r.key()] = r

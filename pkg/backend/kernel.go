@@ -33,8 +33,11 @@ const RouteProtocol netlink.RouteProtocol = 76
 type kernel interface {
 	// RouteList returns the main-table routes of family that carry RouteProtocol.
 	RouteList(family int) ([]netlink.Route, error)
-	RouteReplace(r *netlink.Route) error
-	RouteDel(r *netlink.Route) error
+	// RoutesReplace replaces or creates each route and RoutesDel deletes
+	// each; errs[i] is the outcome for rs[i]. The production kernel sends
+	// many requests per system call; a failure does not stop the others.
+	RoutesReplace(rs []*netlink.Route) (errs []error)
+	RoutesDel(rs []*netlink.Route) (errs []error)
 	// NeighList returns every neighbour entry of family (AF_BRIDGE for FDB)
 	// on every link.
 	NeighList(family int) ([]netlink.Neigh, error)
@@ -58,6 +61,7 @@ type kernel interface {
 // concurrent use; the backend serialises calls with its mutex.
 type netlinkKernel struct {
 	h *netlink.Handle
+	b *routeBatcher // route puts and deletes, in the handle's namespace
 }
 
 const dumpTries = 5
@@ -85,8 +89,10 @@ func (k netlinkKernel) RouteList(family int) ([]netlink.Route, error) {
 	})
 }
 
-func (k netlinkKernel) RouteReplace(r *netlink.Route) error { return k.h.RouteReplace(r) }
-func (k netlinkKernel) RouteDel(r *netlink.Route) error     { return k.h.RouteDel(r) }
+func (k netlinkKernel) RoutesReplace(rs []*netlink.Route) []error {
+	return k.b.do(unix.RTM_NEWROUTE, rs)
+}
+func (k netlinkKernel) RoutesDel(rs []*netlink.Route) []error { return k.b.do(unix.RTM_DELROUTE, rs) }
 
 func (k netlinkKernel) NeighList(family int) ([]netlink.Neigh, error) {
 	return retryDump("neighbours", func() ([]netlink.Neigh, error) { return k.h.NeighList(0, family) })

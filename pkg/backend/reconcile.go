@@ -25,6 +25,7 @@ func (e *engine) passLocked(ctx context.Context) error {
 		return err
 	}
 	e.passes++
+	e.fullPasses.Add(1) // before the lists: this pass sees every earlier event
 	e.lastChanges = 0
 	var errs []error
 	owned, err := e.dp.ensure(e.k, e.local)
@@ -40,7 +41,8 @@ func (e *engine) passLocked(ctx context.Context) error {
 	}
 	e.connectedCache = connected
 	want, skips := e.dp.desired(input{local: e.local, peers: e.peers, ext: e.ext, connected: connected})
-	e.wanted.Store(&want)
+	e.wanted.store(want)
+	e.idx.clean = isClean(want, skips)
 	e.logSkips(skips)
 
 	reached := newState()
@@ -52,8 +54,8 @@ func (e *engine) passLocked(ctx context.Context) error {
 			// route points at it.
 			var errF, errN error
 			var nF, nN int
-			reached.fdbs, nF, errF = applyKind(want.fdbs, fdbs, e.applied.fdbs, e.putFDB, e.delFDB, "fdb entry")
-			reached.neighs, nN, errN = applyKind(want.neighs, neighs, e.applied.neighs, e.putNeigh, e.delNeigh, "neighbour")
+			reached.fdbs, nF, errF = applyKind(want.fdbs, fdbs, e.applied.fdbs, e.putFDBs, e.delFDBs, "fdb entry")
+			reached.neighs, nN, errN = applyKind(want.neighs, neighs, e.applied.neighs, e.putNeighs, e.delNeighs, "neighbour")
 			e.lastChanges += nF + nN
 			err = errors.Join(errF, errN)
 		}
@@ -62,7 +64,7 @@ func (e *engine) passLocked(ctx context.Context) error {
 	routes, err := e.listRoutes()
 	if err == nil {
 		var n int
-		reached.routes, n, err = applyKind(want.routes, routes, e.applied.routes, e.putRoute, e.delRoute, "route")
+		reached.routes, n, err = applyKind(want.routes, routes, e.applied.routes, e.putRoutes, e.delRoutes, "route")
 		e.lastChanges += n
 	}
 	errs = append(errs, err)
@@ -85,14 +87,15 @@ func (e *engine) quickPassLocked(ctx context.Context) error {
 	}
 	e.passes++
 	want, skips := e.dp.desired(input{local: e.local, peers: e.peers, ext: e.ext, connected: e.connectedCache})
-	e.wanted.Store(&want)
+	e.wanted.store(want)
+	e.idx.clean = isClean(want, skips)
 	e.logSkips(skips)
 	reached := newState()
 	var errF, errN, errR error
 	var nF, nN, nR int
-	reached.fdbs, nF, errF = applyKind(want.fdbs, values(e.applied.fdbs), e.applied.fdbs, e.putFDB, e.delFDB, "fdb entry")
-	reached.neighs, nN, errN = applyKind(want.neighs, values(e.applied.neighs), e.applied.neighs, e.putNeigh, e.delNeigh, "neighbour")
-	reached.routes, nR, errR = applyKind(want.routes, values(e.applied.routes), e.applied.routes, e.putRoute, e.delRoute, "route")
+	reached.fdbs, nF, errF = applyKind(want.fdbs, values(e.applied.fdbs), e.applied.fdbs, e.putFDBs, e.delFDBs, "fdb entry")
+	reached.neighs, nN, errN = applyKind(want.neighs, values(e.applied.neighs), e.applied.neighs, e.putNeighs, e.delNeighs, "neighbour")
+	reached.routes, nR, errR = applyKind(want.routes, values(e.applied.routes), e.applied.routes, e.putRoutes, e.delRoutes, "route")
 	e.lastChanges = nF + nN + nR
 	e.applied = reached
 	err := errors.Join(errF, errN, errR)
@@ -113,41 +116,60 @@ func values[K comparable, V any](m map[K]V) []V {
 // applyKind diffs one kind of object, puts then deletes, and returns the
 // objects now known to be in the kernel as wanted. applied is what the last
 // pass left; a put of an object it held is drift being repaired.
-func applyKind[K comparable, V interface {
-	keyed[K]
-	String() string
-}](want map[K]V, have []V, applied map[K]V, put, del func(V) error, kind string) (reached map[K]V, changes int, err error) {
+func applyKind[K comparable, V object[K, V]](want map[K]V, have []V, applied map[K]V, put, del func([]V) []error, kind string) (reached map[K]V, changes int, err error) {
 	puts, dels := diff(want, have)
-	sortByString(puts)
-	sortByString(dels)
-	if klog.V(4).Enabled() {
-		klog.V(4).InfoS("reconcile diff", "kind", kind, "want", len(want), "have", len(have), "put", puts, "delete", dels)
-	}
-	changes += len(puts) + len(dels)
 	reached = make(map[K]V, len(want))
 	for k, w := range want {
 		reached[k] = w
 	}
+	changes, err = applyChanges(puts, dels, applied, reached, put, del, kind)
+	return reached, changes, err
+}
+
+// applyChanges puts then deletes objects of one kind, in a deterministic
+// order, logging each at V(2). A put that fails is removed from reached.
+// It returns the number of changes and the joined failures; deletes that
+// find the object already gone succeed.
+func applyChanges[K comparable, V object[K, V]](puts, dels []V, applied, reached map[K]V, put, del func([]V) []error, kind string) (int, error) {
+	if len(puts) == 0 && len(dels) == 0 {
+		return 0, nil
+	}
+	sortObjects(puts)
+	sortObjects(dels)
+	if v := klog.V(4); v.Enabled() {
+		v.InfoS("reconcile diff", "kind", kind, "want", len(reached), "put", puts, "delete", dels)
+	}
 	var errs []error
-	for _, p := range puts {
-		if a, ok := applied[p.key()]; ok && a == p {
-			klog.Warningf("%s restored: %s (it was changed or removed outside leased)", kind, p)
-		} else {
-			klog.V(2).InfoS("setting "+kind, kind, p.String())
+	if len(puts) > 0 {
+		v2 := klog.V(2)
+		for _, p := range puts {
+			if a, ok := applied[p.key()]; ok && a == p {
+				klog.Warningf("%s restored: %s (it was changed or removed outside leased)", kind, p)
+			} else if v2.Enabled() {
+				v2.InfoS("setting "+kind, kind, p.String())
+			}
 		}
-		if err := put(p); err != nil {
-			delete(reached, p.key())
-			errs = append(errs, fmt.Errorf("setting %s %s: %w", kind, p, err))
-		}
-	}
-	for _, d := range dels {
-		klog.V(2).InfoS("deleting "+kind, kind, d.String())
-		if err := del(d); err != nil && !isGone(err) {
-			// ENOENT/ESRCH: it was already gone, which is what we wanted.
-			errs = append(errs, fmt.Errorf("deleting %s %s: %w", kind, d, err))
+		for i, err := range put(puts) {
+			if err != nil {
+				delete(reached, puts[i].key())
+				errs = append(errs, fmt.Errorf("setting %s %s: %w", kind, puts[i], err))
+			}
 		}
 	}
-	return reached, changes, errors.Join(errs...)
+	if len(dels) > 0 {
+		if v2 := klog.V(2); v2.Enabled() {
+			for _, d := range dels {
+				v2.InfoS("deleting "+kind, kind, d.String())
+			}
+		}
+		for i, err := range del(dels) {
+			if err != nil && !isGone(err) {
+				// ENOENT/ESRCH: it was already gone, which is what we wanted.
+				errs = append(errs, fmt.Errorf("deleting %s %s: %w", kind, dels[i], err))
+			}
+		}
+	}
+	return len(puts) + len(dels), errors.Join(errs...)
 }
 
 // connected returns the prefixes configured on the external interface.
@@ -220,9 +242,47 @@ func (e *engine) listNeighs(owned []int) ([]neigh, []fdb, error) {
 	return neighs, fdbs, nil
 }
 
-func (e *engine) putRoute(r route) error { return e.k.RouteReplace(r.netlink()) }
-func (e *engine) delRoute(r route) error { return e.k.RouteDel(r.netlink()) }
-func (e *engine) putNeigh(n neigh) error { return e.k.NeighSet(n.netlink()) }
-func (e *engine) delNeigh(n neigh) error { return e.k.NeighDel(n.netlink()) }
-func (e *engine) putFDB(f fdb) error     { return e.k.NeighSet(f.netlink()) }
-func (e *engine) delFDB(f fdb) error     { return e.k.NeighDel(f.netlink()) }
+func (e *engine) putRoutes(rs []route) []error { return inChunks(rs, e.k.RoutesReplace) }
+func (e *engine) delRoutes(rs []route) []error { return inChunks(rs, e.k.RoutesDel) }
+func (e *engine) putNeighs(ns []neigh) []error {
+	return each(ns, func(n neigh) error { return e.k.NeighSet(n.netlink()) })
+}
+func (e *engine) delNeighs(ns []neigh) []error {
+	return each(ns, func(n neigh) error { return e.k.NeighDel(n.netlink()) })
+}
+func (e *engine) putFDBs(fs []fdb) []error {
+	return each(fs, func(f fdb) error { return e.k.NeighSet(f.netlink()) })
+}
+func (e *engine) delFDBs(fs []fdb) []error {
+	return each(fs, func(f fdb) error { return e.k.NeighDel(f.netlink()) })
+}
+
+// inChunks converts routes to netlink.Route a chunk at a time, so that a
+// pass over thousands of routes does not hold a netlink.Route for each.
+func inChunks(rs []route, fn func([]*netlink.Route) []error) []error {
+	const chunk = 256
+	errs := make([]error, 0, len(rs))
+	for len(rs) > 0 {
+		n := min(chunk, len(rs))
+		errs = append(errs, fn(routesNetlink(rs[:n]))...)
+		rs = rs[n:]
+	}
+	return errs
+}
+
+func routesNetlink(rs []route) []*netlink.Route {
+	out := make([]*netlink.Route, len(rs))
+	for i, r := range rs {
+		out[i] = r.netlink()
+	}
+	return out
+}
+
+// each runs fn on every object and returns the outcomes.
+func each[V any](vs []V, fn func(V) error) []error {
+	errs := make([]error, len(vs))
+	for i, v := range vs {
+		errs[i] = fn(v)
+	}
+	return errs
+}

@@ -51,6 +51,11 @@ func (e *engine) Run(ctx context.Context) error {
 			case <-e.kick:
 			default:
 			}
+			if e.fullPasses.Load() > e.kickedAt.Load() {
+				// A full pass (e.g. the first SetPeers) started after
+				// the last event and listed the kernel after it.
+				continue
+			}
 		}
 		if err := e.pass(ctx); err != nil && ctx.Err() == nil {
 			klog.ErrorS(err, "reconcile pass failed; retrying on the next pass", "type", e.typ)
@@ -152,22 +157,26 @@ func (e *engine) routeEventMatters(u netlink.RouteUpdate) bool {
 	if u.Protocol != RouteProtocol {
 		return false
 	}
-	w := e.wanted.Load()
 	r, ok := routeFromNetlink(u.Route)
-	if w == nil || !ok {
-		return true
-	}
-	want, in := w.routes[r.key()]
-	if u.Type == unix.RTM_DELROUTE {
-		return in
-	}
-	return !in || want != r
+	return e.wanted.read(func(w *state) bool {
+		if w == nil || !ok {
+			return true
+		}
+		want, in := w.routes[r.key()]
+		if u.Type == unix.RTM_DELROUTE {
+			return in
+		}
+		return !in || want != r
+	})
 }
 
 // neighEventMatters is routeEventMatters for neighbour and FDB entries on
 // our devices.
 func (e *engine) neighEventMatters(u netlink.NeighUpdate) bool {
-	w := e.wanted.Load()
+	return e.wanted.read(func(w *state) bool { return neighEventMatters(w, u) })
+}
+
+func neighEventMatters(w *state, u netlink.NeighUpdate) bool {
 	if w == nil {
 		return true
 	}

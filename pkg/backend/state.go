@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"cmp"
 	"fmt"
 	"net"
 	"net/netip"
@@ -38,11 +39,34 @@ func (r route) String() string {
 	return s
 }
 
+func (r route) compare(o route) int {
+	return cmp.Or(comparePrefix(r.Dst, o.Dst), cmp.Compare(r.Priority, o.Priority), r.Gw.Compare(o.Gw),
+		cmp.Compare(r.Link, o.Link), compareBool(r.OnLink, o.OnLink))
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+}
+
+func compareBool(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case a:
+		return 1
+	}
+	return -1
+}
+
 // neigh is a permanent neighbour (ARP/NDP) entry on one of our VXLAN devices.
 type neigh struct {
 	Link int
 	IP   netip.Addr
 	MAC  string // net.HardwareAddr.String()
+}
+
+func (n neigh) compare(o neigh) int {
+	return cmp.Or(cmp.Compare(n.Link, o.Link), n.IP.Compare(o.IP), cmp.Compare(n.MAC, o.MAC))
 }
 
 type neighKey struct {
@@ -62,6 +86,10 @@ type fdb struct {
 	Dst  netip.Addr
 }
 
+func (f fdb) compare(o fdb) int {
+	return cmp.Or(cmp.Compare(f.Link, o.Link), cmp.Compare(f.MAC, o.MAC), f.Dst.Compare(o.Dst))
+}
+
 type fdbKey struct {
 	Link int
 	MAC  string
@@ -79,6 +107,11 @@ type state struct {
 
 func newState() state {
 	return state{routes: map[routeKey]route{}, neighs: map[neighKey]neigh{}, fdbs: map[fdbKey]fdb{}}
+}
+
+// newStateFor is newState with room for the routes of n peers.
+func newStateFor(n int) state {
+	return state{routes: make(map[routeKey]route, 2*n), neighs: map[neighKey]neigh{}, fdbs: map[fdbKey]fdb{}}
 }
 
 // defaultPriority is the metric the kernel gives a route added with none.

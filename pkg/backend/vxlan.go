@@ -351,11 +351,11 @@ func (v *vxlan) overlayPeer(in input, p Peer, f peerFamily, data VXLANLeaseData,
 	r := route{Dst: f.subnet, Priority: defaultPriority(f.subnet), Gw: gw, Link: idx, OnLink: true}
 	fe := fdb{Link: idx, MAC: mac.String(), Dst: dst}
 	if _, dup := st.fdbs[fe.key()]; dup {
-		sk.reason = "peer VTEP MAC " + fe.MAC + " is already used by another peer: skipped"
+		sk.reason, sk.dup = "peer VTEP MAC "+fe.MAC+" is already used by another peer: skipped", true
 		return sk, false
 	}
 	if _, dup := st.routes[r.key()]; dup {
-		sk.reason = "peer subnet is already routed: skipped"
+		sk.reason, sk.dup = "peer subnet is already routed: skipped", true
 		return sk, false
 	}
 	st.fdbs[fe.key()] = fe

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 )
 
 // Peers filters lease records down to the peers a host may program. A record
@@ -15,46 +16,48 @@ import (
 // logged and never programmed.
 //
 // Because every accepted subnet is an aligned prefix of the pool's fixed
-// length, overlap is equality, and Peers runs in O(n log n).
+// length, overlap is equality, and Peers runs in O(n log n). It is called
+// on every watch event with every record, so it sorts compact entries and
+// keys its overlap index by integers instead of netip.Prefix values.
 func Peers(cfg *Config, self *Record, records map[string]*Record) (peers []*Record, rejected map[string]error) {
 	rejected = map[string]error{}
-	ordered := make([]*Record, 0, len(records))
+	type entry struct {
+		rev  int64
+		node string
+		r    *Record
+	}
+	ordered := make([]entry, 0, len(records))
 	for _, r := range records {
 		if self != nil && r.Node == self.Node {
 			continue
 		}
-		ordered = append(ordered, r)
+		ordered = append(ordered, entry{r.Rev, r.Node, r})
 	}
-	slices.SortFunc(ordered, func(a, b *Record) int {
-		if a.Rev != b.Rev {
-			if a.Rev < b.Rev {
+	slices.SortFunc(ordered, func(a, b entry) int {
+		if a.rev != b.rev {
+			if a.rev < b.rev {
 				return -1
 			}
 			return 1
 		}
-		if a.Node < b.Node {
-			return -1
-		}
-		if a.Node > b.Node {
-			return 1
-		}
-		return 0
+		return strings.Compare(a.node, b.node)
 	})
-	held := make(map[netip.Prefix]string, 2*len(ordered)+2)
+	held := newHeldSet(len(ordered) + 1)
 	peers = make([]*Record, 0, len(ordered))
 	if self != nil {
 		for _, s := range self.Subnets() {
-			held[s] = self.Node + " (this host)"
+			held.add(s, self.Node+" (this host)")
 		}
 	}
-	for _, r := range ordered {
+	for _, e := range ordered {
+		r := e.r
 		if err := checkPeer(cfg, self, r, held); err != nil {
 			rejected[r.Node] = err
 			continue
 		}
 		for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
 			if s.IsValid() {
-				held[s] = r.Node
+				held.add(s, r.Node)
 			}
 		}
 		peers = append(peers, r)
@@ -62,7 +65,46 @@ func Peers(cfg *Config, self *Record, records map[string]*Record) (peers []*Reco
 	return peers, rejected
 }
 
-func checkPeer(cfg *Config, self *Record, r *Record, held map[netip.Prefix]string) error {
+// heldSet maps the subnets held so far to their holders.
+type heldSet struct {
+	v4 map[uint64]string // address<<8 | bits
+	v6 map[prefix6]string
+}
+
+type prefix6 struct {
+	addr [16]byte
+	bits int
+}
+
+func newHeldSet(n int) heldSet {
+	return heldSet{v4: make(map[uint64]string, n), v6: make(map[prefix6]string, n)}
+}
+
+func (h heldSet) add(s netip.Prefix, holder string) {
+	if s.Addr().Is4() {
+		h.v4[prefix4Key(s)] = holder
+	} else {
+		h.v6[prefix6{s.Addr().As16(), s.Bits()}] = holder
+	}
+}
+
+func (h heldSet) get(s netip.Prefix) (string, bool) {
+	var holder string
+	var ok bool
+	if s.Addr().Is4() {
+		holder, ok = h.v4[prefix4Key(s)]
+	} else {
+		holder, ok = h.v6[prefix6{s.Addr().As16(), s.Bits()}]
+	}
+	return holder, ok
+}
+
+func prefix4Key(s netip.Prefix) uint64 {
+	a := s.Addr().As4()
+	return uint64(a[0])<<32 | uint64(a[1])<<24 | uint64(a[2])<<16 | uint64(a[3])<<8 | uint64(s.Bits())
+}
+
+func checkPeer(cfg *Config, self *Record, r *Record, held heldSet) error {
 	n := 0
 	for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
 		if !s.IsValid() {
@@ -79,7 +121,7 @@ func checkPeer(cfg *Config, self *Record, r *Record, held map[netip.Prefix]strin
 		if s.Bits() != pool.SubnetLen || !pool.Network.Contains(s.Addr()) {
 			return fmt.Errorf("subnet %s is not a /%d inside the network %s", s, pool.SubnetLen, pool.Network)
 		}
-		if other, ok := held[s]; ok {
+		if other, ok := held.get(s); ok {
 			return fmt.Errorf("subnet %s overlaps the lease of %s", s, other)
 		}
 	}

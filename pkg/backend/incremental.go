@@ -1,0 +1,392 @@
+package backend
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"sync"
+
+	"k8s.io/klog/v2"
+)
+
+// SetPeers costs what changed, not the size of the peer set. The engine
+// keeps the last peer set indexed by node name (peerIndex); one scan of the
+// new set finds the peers added, changed and removed. When the kernel is
+// trusted to hold exactly the applied state and the desired state is
+// "clean" (no two peers want an object with the same key, so it is the
+// disjoint union of what each peer wants alone), only the changed peers'
+// objects are computed and applied, and the wanted and applied states are
+// updated in place. Everything else — duplicate node names in the set, a
+// new peer colliding with another's subnet or VTEP MAC, an untrusted
+// kernel — takes the whole-set path (quickPassLocked or passLocked), which
+// remains the reference: TestIncrementalMatchesFullPass checks that both
+// leave the same kernel state.
+
+// peerIndex is the last peer set by node name. Guarded by engine.mu.
+type peerIndex struct {
+	// byNode is nil while the last set held two peers with one node name;
+	// the next set is then compared with the whole-set logPeerChanges.
+	byNode map[string]*indexedPeer
+	gen    uint64
+	// clean is true when the desired state last computed from the whole
+	// set had no collision between peers (see isClean).
+	clean bool
+}
+
+type indexedPeer struct {
+	p   Peer
+	gen uint64 // the last SetPeers that held the node
+}
+
+// peerChanges are the differences between two peer sets.
+type peerChanges struct {
+	added   []Peer
+	removed []Peer
+	changed [][2]Peer // old, new
+}
+
+func (c peerChanges) empty() bool {
+	return len(c.added) == 0 && len(c.removed) == 0 && len(c.changed) == 0
+}
+
+func newPeerIndex() peerIndex { return peerIndex{byNode: map[string]*indexedPeer{}} }
+
+// update makes the index hold peers and returns what changed. It returns
+// ok=false, with the index reset from peers, when the index was invalid or
+// peers holds a node name twice; changes are then not known.
+func (x *peerIndex) update(peers []Peer) (ch peerChanges, ok bool) {
+	if x.byNode == nil {
+		x.rebuild(peers)
+		return ch, false
+	}
+	x.gen++
+	matched := 0
+	for _, p := range peers {
+		ip := x.byNode[p.Node]
+		switch {
+		case ip == nil:
+			ch.added = append(ch.added, p)
+		case ip.gen == x.gen:
+			x.rebuild(peers) // node name twice in one set
+			return peerChanges{}, false
+		default:
+			matched++
+			if !samePeer(ip.p, p) {
+				ch.changed = append(ch.changed, [2]Peer{ip.p, p})
+			}
+		}
+		if ip != nil {
+			ip.gen = x.gen
+		}
+	}
+	if matched < len(x.byNode) {
+		for node, ip := range x.byNode {
+			if ip.gen != x.gen {
+				ch.removed = append(ch.removed, ip.p)
+				delete(x.byNode, node)
+			}
+		}
+	}
+	for _, c := range ch.changed {
+		x.byNode[c[1].Node].p = clonePeer(c[1])
+	}
+	for _, p := range ch.added {
+		x.byNode[p.Node] = &indexedPeer{p: clonePeer(p), gen: x.gen}
+	}
+	return ch, true
+}
+
+func (x *peerIndex) rebuild(peers []Peer) {
+	x.gen++
+	x.byNode = make(map[string]*indexedPeer, len(peers))
+	for _, p := range peers {
+		if _, dup := x.byNode[p.Node]; dup {
+			x.byNode = nil
+			return
+		}
+		x.byNode[p.Node] = &indexedPeer{p: clonePeer(p), gen: x.gen}
+	}
+}
+
+// samePeer compares two peers by value, BackendData by its bytes.
+func samePeer(a, b Peer) bool {
+	return a.Node == b.Node && a.Subnet4 == b.Subnet4 && a.Subnet6 == b.Subnet6 &&
+		a.PublicIP4 == b.PublicIP4 && a.PublicIP6 == b.PublicIP6 &&
+		a.BackendType == b.BackendType && bytes.Equal(a.BackendData, b.BackendData)
+}
+
+// clonePeer copies BackendData, which the caller may reuse after SetPeers.
+func clonePeer(p Peer) Peer {
+	if p.BackendData != nil {
+		p.BackendData = bytes.Clone(p.BackendData)
+	}
+	return p
+}
+
+// isClean reports whether a desired state computed from a whole peer set
+// is the disjoint union of what each peer wants alone: no peer was skipped
+// for wanting an object another peer already has, and no neighbour entry
+// was claimed twice (every overlay peer family adds one FDB entry, with a
+// unique key, and one neighbour entry).
+func isClean(want state, skips []skip) bool {
+	for _, s := range skips {
+		if s.dup {
+			return false
+		}
+	}
+	return len(want.neighs) == len(want.fdbs)
+}
+
+// wantedSet is the desired state of the current or last pass. Netlink
+// event goroutines compare events with it, so that the agent's own changes
+// do not trigger passes while anything else does; it is therefore updated
+// before the kernel calls that realise it. Writers hold engine.mu and mu;
+// event goroutines read under mu.RLock only.
+type wantedSet struct {
+	mu  sync.RWMutex
+	st  state
+	set bool // false before the first pass
+}
+
+// store replaces the wanted state; st must not be modified afterwards
+// except through the wantedSet.
+func (w *wantedSet) store(st state) {
+	w.mu.Lock()
+	w.st, w.set = st, true
+	w.mu.Unlock()
+}
+
+// read calls fn with the wanted state (nil before the first pass) under
+// the read lock; fn must not keep st.
+func (w *wantedSet) read(fn func(st *state) bool) bool {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	if !w.set {
+		return fn(nil)
+	}
+	return fn(&w.st)
+}
+
+// errNotIncremental makes setPeersLocked take the whole-set path.
+var errNotIncremental = errors.New("backend: change needs a whole-set pass")
+
+// setPeersLocked is SetPeers with e.mu held.
+func (e *engine) setPeersLocked(ctx context.Context, peers []Peer) error {
+	ch, known := e.idx.update(peers)
+	if !known {
+		logPeerChanges(e.peers, peers)
+	}
+	if len(peers) < len(e.peers) {
+		clear(e.peers[len(peers):]) // drop references past the new end
+	}
+	e.peers = append(e.peers[:0], peers...)
+	e.peersSet = true
+	var err error
+	switch {
+	case known && ch.empty() && e.trusted && e.started:
+		// Nothing to do: applied is the wanted state, which only changes
+		// with the peer set or in a full pass.
+		e.passes++
+		e.lastChanges = 0
+	case known && e.trusted && e.started && e.idx.clean:
+		err = e.applyPeerChangesLocked(ctx, ch)
+		if errors.Is(err, errNotIncremental) {
+			err = e.quickPassLocked(ctx)
+		}
+	default:
+		err = e.quickPassLocked(ctx)
+	}
+	if known {
+		logChanges(ch) // after the kernel work: routes first, then the lines
+	}
+	return err
+}
+
+// logChanges logs each subnet that appeared or disappeared ("Subnet added",
+// "Subnet removed"), as logPeerChanges does for whole sets.
+func logChanges(ch peerChanges) {
+	if !klog.V(0).Enabled() {
+		return
+	}
+	for _, p := range ch.added {
+		logSubnets("Subnet added", p, Peer{})
+	}
+	for _, c := range ch.changed {
+		logSubnets("Subnet added", c[1], c[0])
+	}
+	for _, c := range ch.changed {
+		logSubnets("Subnet removed", c[0], c[1])
+	}
+	for _, p := range ch.removed {
+		logSubnets("Subnet removed", p, Peer{})
+	}
+}
+
+// logSubnets logs msg for each subnet of p whose route (subnet, via) is not
+// also one of other's.
+func logSubnets(msg string, p, other Peer) {
+	if p.Subnet4.IsValid() && (p.Subnet4 != other.Subnet4 || p.PublicIP4 != other.PublicIP4) {
+		klog.InfoS(msg, "node", p.Node, "subnet", p.Subnet4.String(), "via", p.PublicIP4.String())
+	}
+	if p.Subnet6.IsValid() && (p.Subnet6 != other.Subnet6 || p.PublicIP6 != other.PublicIP6) {
+		klog.InfoS(msg, "node", p.Node, "subnet", p.Subnet6.String(), "via", p.PublicIP6.String())
+	}
+}
+
+// applyPeerChangesLocked applies ch against the applied state without
+// looking at the other peers. It requires e.trusted, e.started and
+// e.idx.clean, and returns errNotIncremental, having changed nothing, when
+// a new object collides with one another peer wants.
+func (e *engine) applyPeerChangesLocked(ctx context.Context, ch peerChanges) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	in := input{local: e.local, ext: e.ext, connected: e.connectedCache}
+	alone := func(p Peer) (state, []skip) {
+		in.peers = []Peer{p}
+		return e.dp.desired(in)
+	}
+	var oldSkips, newSkips []skip
+	gone, added := newState(), newState()
+	drop := func(p Peer) {
+		st, sk := alone(p)
+		oldSkips = append(oldSkips, sk...)
+		mergeInto(gone.routes, st.routes)
+		mergeInto(gone.neighs, st.neighs)
+		mergeInto(gone.fdbs, st.fdbs)
+	}
+	for _, p := range ch.removed {
+		drop(p)
+	}
+	for _, c := range ch.changed {
+		drop(c[0])
+	}
+	// Each new object must not collide with one that stays wanted, nor
+	// with another new one: the first peer in the set would win, which
+	// only the whole-set computation knows.
+	conflict := false
+	take := func(p Peer) {
+		st, sk := alone(p)
+		newSkips = append(newSkips, sk...)
+		e.wanted.read(func(w *state) bool {
+			conflict = conflict || collides(w.routes, gone.routes, added.routes, st.routes) ||
+				collides(w.neighs, gone.neighs, added.neighs, st.neighs) ||
+				collides(w.fdbs, gone.fdbs, added.fdbs, st.fdbs)
+			return false
+		})
+		mergeInto(added.routes, st.routes)
+		mergeInto(added.neighs, st.neighs)
+		mergeInto(added.fdbs, st.fdbs)
+	}
+	for _, p := range ch.added {
+		take(p)
+	}
+	for _, c := range ch.changed {
+		take(c[1])
+	}
+	if conflict {
+		return errNotIncremental
+	}
+	e.passes++
+	e.updateSkips(oldSkips, newSkips)
+
+	fPut, fDel := changesOf(e.applied.fdbs, gone.fdbs, added.fdbs)
+	nPut, nDel := changesOf(e.applied.neighs, gone.neighs, added.neighs)
+	rPut, rDel := changesOf(e.applied.routes, gone.routes, added.routes)
+	// Publish before the kernel calls, so that their events match.
+	e.wanted.mu.Lock()
+	updateMap(e.wanted.st.fdbs, gone.fdbs, added.fdbs)
+	updateMap(e.wanted.st.neighs, gone.neighs, added.neighs)
+	updateMap(e.wanted.st.routes, gone.routes, added.routes)
+	e.wanted.mu.Unlock()
+	updateMap(e.applied.fdbs, gone.fdbs, added.fdbs)
+	updateMap(e.applied.neighs, gone.neighs, added.neighs)
+	updateMap(e.applied.routes, gone.routes, added.routes)
+
+	// FDB entries, then neighbours, then routes, as in a full pass; a
+	// failed put is removed from applied again.
+	nF, errF := applyChanges(fPut, fDel, nil, e.applied.fdbs, e.putFDBs, e.delFDBs, "fdb entry")
+	nN, errN := applyChanges(nPut, nDel, nil, e.applied.neighs, e.putNeighs, e.delNeighs, "neighbour")
+	nR, errR := applyChanges(rPut, rDel, nil, e.applied.routes, e.putRoutes, e.delRoutes, "route")
+	e.lastChanges = nF + nN + nR
+	err := errors.Join(errF, errN, errR)
+	if err != nil {
+		e.trusted = false // the next pass looks at the kernel again
+	}
+	return err
+}
+
+// collides reports whether an object of add has the key of one that stays
+// wanted (in want and not in gone) or of one already added.
+func collides[K comparable, V any](want, gone, added, add map[K]V) bool {
+	for k := range add {
+		if _, ok := added[k]; ok {
+			return true
+		}
+		if _, ok := want[k]; ok {
+			if _, going := gone[k]; !going {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// changesOf returns the puts and deletes that take the kernel, holding
+// applied, from wanting gone to wanting added instead.
+func changesOf[K comparable, V comparable](applied, gone, added map[K]V) (puts, dels []V) {
+	for k, v := range added {
+		if a, ok := applied[k]; !ok || a != v {
+			puts = append(puts, v)
+		}
+	}
+	for k := range gone {
+		if _, again := added[k]; again {
+			continue // replaced in place by its put
+		}
+		if a, ok := applied[k]; ok {
+			dels = append(dels, a)
+		}
+	}
+	return puts, dels
+}
+
+// updateMap removes the keys of gone from m and adds added.
+func updateMap[K comparable, V any](m, gone, added map[K]V) {
+	for k := range gone {
+		delete(m, k)
+	}
+	mergeInto(m, added)
+}
+
+func mergeInto[K comparable, V any](dst, src map[K]V) {
+	for k, v := range src {
+		dst[k] = v
+	}
+}
+
+// updateSkips logs the skips of changed peers that are new, as logSkips
+// does for a whole set.
+func (e *engine) updateSkips(old, now []skip) {
+	if len(old) == 0 && len(now) == 0 {
+		return
+	}
+	keep := make(map[string]bool, len(now))
+	for _, s := range now {
+		k := s.logKey()
+		keep[k] = true
+		if !e.skipped[k] {
+			klog.InfoS(s.reason, "node", s.node, "subnet", s.subnet, "gateway", s.gateway)
+		}
+	}
+	for _, s := range old {
+		if k := s.logKey(); !keep[k] {
+			delete(e.skipped, k)
+		}
+	}
+	for k := range keep {
+		e.skipped[k] = true
+	}
+}
+
+func (s skip) logKey() string { return s.node + "|" + s.subnet.String() + "|" + s.reason }

@@ -1,0 +1,28 @@
+package lease
+
+import (
+	"fmt"
+	"net/netip"
+	"testing"
+)
+
+// BenchmarkPeers5000 is the agent's per-event cost of filtering 5,000
+// dual-stack lease records down to peers.
+func BenchmarkPeers5000(b *testing.B) {
+	cfg := mustConfig(b, `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
+	records := map[string]*Record{}
+	for i := range 5000 {
+		n := fmt.Sprintf("peer-%d", i)
+		records[n] = &Record{Node: n, Rev: int64(i / 100),
+			Subnet:     netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte((i + 1) >> 8), byte(i + 1), 0}), 24),
+			IPv6Subnet: netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0, byte((i + 1) >> 8), byte(i + 1)}), 64),
+			PublicIP:   netip.AddrFrom4([4]byte{192, 168, byte(i >> 8), byte(i)}),
+			PublicIPv6: netip.AddrFrom16([16]byte{0xfd, 0, 14: byte(i >> 8), 15: byte(i)}),
+		}
+	}
+	for b.Loop() {
+		if peers, _ := Peers(cfg, nil, records); len(peers) != 5000 {
+			b.Fatalf("%d peers", len(peers))
+		}
+	}
+}
