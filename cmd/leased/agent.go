@@ -32,7 +32,12 @@ type agent struct {
 	// newBackend is backend.New; tests of the agent's own logic replace it.
 	newBackend func(raw json.RawMessage, ext backend.ExtIface, node string, o backend.Options) (backend.Backend, error)
 
-	view      lease.View // etcd as the watch has shown it
+	view      lease.View      // etcd as the watch has shown it
+	dirty     map[string]bool // nodes whose lease changed since the last step
+	peers     *lease.PeerSet  // the peer filter, kept up to date with dirty
+	peersCfg  *lease.Config   // the config and
+	peersSelf *lease.Record   // own lease peers was computed for
+	bePeers   []backend.Peer  // what was last handed to the backend
 	cfg       *lease.Config
 	rejected  map[string]string // node → reason last logged
 	exhausted string            // last "out of subnets" message logged
@@ -53,7 +58,7 @@ type agent struct {
 
 func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node string) *agent {
 	a := &agent{o: o, cli: cli, reg: lease.NewRegistry(cli, o.etcdPrefix), ext: ext, node: node, newBackend: backend.New,
-		rejected: map[string]string{}}
+		rejected: map[string]string{}, dirty: map[string]bool{}}
 	if env, err := subnetenv.Read(o.subnetFile); err == nil {
 		a.hint = env
 	}
@@ -133,6 +138,14 @@ func (a *agent) apply(b lease.Batch) {
 		}
 	}
 	a.view.Apply(b)
+	if b.Reset {
+		a.peers = nil // the view has a new records map
+	}
+	for _, e := range b.Events {
+		if e.Kind == lease.LeasePut || e.Kind == lease.LeaseDelete {
+			a.dirty[e.Node] = true
+		}
+	}
 	for node, err := range a.view.Malformed {
 		if a.rejected[node] != err.Error() {
 			klog.Warningf("ignoring malformed lease of %q: %v", node, err)
@@ -185,24 +198,38 @@ func (a *agent) step(ctx context.Context) error {
 	if err := a.writeSubnetEnv(); err != nil {
 		return err
 	}
-	peers, rejected := lease.Peers(a.cfg, a.self, a.view.Records)
-	for node, err := range rejected {
-		if a.rejected[node] != err.Error() {
-			klog.Warningf("ignoring lease of %q: %v", node, err)
-			a.rejected[node] = err.Error()
+	changed := false
+	if a.peers == nil || a.peersCfg != a.cfg || a.peersSelf != a.self {
+		a.peers, a.peersCfg, a.peersSelf = lease.NewPeerSet(a.cfg, a.self, a.view.Records), a.cfg, a.self
+		changed = true
+	} else {
+		for node := range a.dirty {
+			changed = a.peers.Update(node) || changed
 		}
 	}
-	for node := range a.rejected { // forget reasons that no longer apply
-		_, bad := rejected[node]
-		_, malformed := a.view.Malformed[node]
-		if !bad && !malformed {
-			delete(a.rejected, node)
+	clear(a.dirty)
+	rejected := a.peers.Rejected()
+	if changed {
+		for node, err := range rejected {
+			if a.rejected[node] != err.Error() {
+				klog.Warningf("ignoring lease of %q: %v", node, err)
+				a.rejected[node] = err.Error()
+			}
 		}
+		for node := range a.rejected { // forget reasons that no longer apply
+			_, bad := rejected[node]
+			_, malformed := a.view.Malformed[node]
+			if !bad && !malformed {
+				delete(a.rejected, node)
+			}
+		}
+		a.bePeers = toPeers(a.peers.Accepted())
 	}
+	peers := a.bePeers
 	metrics.PeersKnown.Set(float64(len(a.view.Records) + len(a.view.Malformed) - btoi(a.view.Records[a.node] != nil)))
 	metrics.PeersRejected.Set(float64(len(rejected) + len(a.view.Malformed)))
 	metrics.PeersProgrammed.Set(float64(len(peers)))
-	if err := a.be.SetPeers(ctx, toPeers(peers)); err != nil {
+	if err := a.be.SetPeers(ctx, peers); err != nil {
 		// The backend retries on its own resync; keep the agent moving.
 		klog.ErrorS(err, "programming peers; the backend retries on its next pass")
 	}
@@ -428,7 +455,7 @@ func btoi(b bool) int {
 	return 0
 }
 
-func toPeers(recs []*lease.Record) []backend.Peer {
+func toPeers(recs map[string]*lease.Record) []backend.Peer {
 	out := make([]backend.Peer, 0, len(recs))
 	for _, r := range recs {
 		out = append(out, backend.Peer{

@@ -268,7 +268,8 @@ func runStatus(args []string) int {
 		fail("datapath:    %v", err)
 		return code
 	}
-	peers, rejected := lease.Peers(cfg, self, view.Records)
+	ps := lease.NewPeerSet(cfg, self, view.Records)
+	peers, rejected := ps.Accepted(), ps.Rejected()
 	local := backend.Local{Node: node, Subnet4: self.Subnet, Subnet6: self.IPv6Subnet}
 	if cfg.IPv4 != nil {
 		local.Network4 = cfg.IPv4.Network

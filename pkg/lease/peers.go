@@ -88,6 +88,14 @@ func (h heldSet) add(s netip.Prefix, holder string) {
 	}
 }
 
+func (h heldSet) del(s netip.Prefix) {
+	if s.Addr().Is4() {
+		delete(h.v4, prefix4Key(s))
+	} else {
+		delete(h.v6, prefix6{s.Addr().As16(), s.Bits()})
+	}
+}
+
 func (h heldSet) get(s netip.Prefix) (string, bool) {
 	var holder string
 	var ok bool

@@ -1,0 +1,100 @@
+package lease
+
+import "net/netip"
+
+// PeerSet is the result of Peers kept up to date record by record, so that
+// one changed lease costs O(1) instead of a pass over every lease. It gives
+// exactly what Peers would give for the same records: whenever a change
+// could alter which of two overlapping records wins (a rejected record
+// exists, or the changed one is refused), it recomputes everything with
+// Peers. Not safe for concurrent use.
+type PeerSet struct {
+	cfg      *Config
+	self     *Record
+	records  map[string]*Record // the caller's map, read on recomputes
+	accepted map[string]*Record
+	rejected map[string]error
+	held     heldSet
+}
+
+// NewPeerSet filters records (a map the caller keeps updating and reports
+// changes of through Update) for cfg and self.
+func NewPeerSet(cfg *Config, self *Record, records map[string]*Record) *PeerSet {
+	ps := &PeerSet{cfg: cfg, self: self, records: records}
+	ps.recompute()
+	return ps
+}
+
+func (ps *PeerSet) recompute() {
+	peers, rejected := Peers(ps.cfg, ps.self, ps.records)
+	ps.accepted = make(map[string]*Record, len(peers))
+	ps.held = newHeldSet(len(peers) + 1)
+	if ps.self != nil {
+		for _, s := range ps.self.Subnets() {
+			ps.held.add(s, ps.self.Node+" (this host)")
+		}
+	}
+	for _, r := range peers {
+		ps.accepted[r.Node] = r
+		ps.addHeld(r)
+	}
+	ps.rejected = rejected
+}
+
+func (ps *PeerSet) addHeld(r *Record) {
+	for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
+		if s.IsValid() {
+			ps.held.add(s, r.Node)
+		}
+	}
+}
+
+func (ps *PeerSet) delHeld(r *Record) {
+	for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
+		if s.IsValid() {
+			ps.held.del(s)
+		}
+	}
+}
+
+// Update takes the change of node's record in the records map (already
+// applied there; a missing entry means deleted) and reports whether the set
+// of accepted peers changed.
+func (ps *PeerSet) Update(node string) bool {
+	if ps.self != nil && node == ps.self.Node {
+		return false
+	}
+	rec := ps.records[node]
+	old, wasAccepted := ps.accepted[node]
+	if wasAccepted && rec == old {
+		return false
+	}
+	if len(ps.rejected) > 0 {
+		// A rejected record may win or lose differently now: start over.
+		ps.recompute()
+		return true
+	}
+	if wasAccepted {
+		ps.delHeld(old)
+		delete(ps.accepted, node)
+	}
+	if rec == nil {
+		return wasAccepted
+	}
+	if err := checkPeer(ps.cfg, ps.self, rec, ps.held); err != nil {
+		// Which of two overlapping records wins depends on their age:
+		// let Peers decide.
+		ps.recompute()
+		return true
+	}
+	ps.accepted[node] = rec
+	ps.addHeld(rec)
+	return true
+}
+
+// Accepted returns the peers to program, keyed by node. The map is owned by
+// the PeerSet; do not modify it.
+func (ps *PeerSet) Accepted() map[string]*Record { return ps.accepted }
+
+// Rejected returns the refused records with the reason, keyed by node.
+func (ps *PeerSet) Rejected() map[string]error { return ps.rejected }

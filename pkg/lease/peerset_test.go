@@ -1,0 +1,69 @@
+package lease
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"sort"
+	"testing"
+)
+
+// PeerSet, fed one change at a time, always equals Peers run from scratch,
+// including overlaps, hostile records and deletions.
+func TestPeerSetMatchesPeers(t *testing.T) {
+	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48","IPv6SubnetLen":64}`)
+	self := &Record{Node: "me", Subnet: netip.MustParsePrefix("10.100.1.0/24"), PublicIP: netip.MustParseAddr("192.168.0.1")}
+	for seed := range uint64(30) {
+		rng := rand.New(rand.NewPCG(seed, 7))
+		records := map[string]*Record{"me": self}
+		ps := NewPeerSet(cfg, self, records)
+		rev := int64(10)
+		for step := range 300 {
+			node := fmt.Sprintf("n%d", rng.IntN(12))
+			if rng.IntN(4) == 0 {
+				delete(records, node)
+			} else {
+				rev++
+				r := &Record{Node: node, Rev: rev, PublicIP: netip.AddrFrom4([4]byte{192, 168, 0, byte(2 + rng.IntN(3))})}
+				if old := records[node]; old != nil && rng.IntN(2) == 0 {
+					r.Rev = old.Rev // a modification keeps the create revision
+				}
+				// Few subnets, so that overlaps (with peers and self) are common.
+				r.Subnet = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100, byte(rng.IntN(8)), 0}), 24)
+				if rng.IntN(3) == 0 {
+					r.IPv6Subnet = netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, byte(rng.IntN(8))}), 64)
+				}
+				if rng.IntN(15) == 0 {
+					r.PublicIP = netip.MustParseAddr("127.0.0.1") // hostile
+				}
+				records[node] = r
+			}
+			ps.Update(node)
+			want, wantRej := Peers(cfg, self, records)
+			if got := nodesOf(ps.Accepted()); fmt.Sprint(got) != fmt.Sprint(sortedNodes(want)) {
+				t.Fatalf("seed %d step %d: PeerSet %v, Peers %v", seed, step, got, sortedNodes(want))
+			}
+			if len(ps.Rejected()) != len(wantRej) {
+				t.Fatalf("seed %d step %d: %d rejected, Peers %d", seed, step, len(ps.Rejected()), len(wantRej))
+			}
+		}
+	}
+}
+
+func nodesOf(m map[string]*Record) []string {
+	var out []string
+	for n := range m {
+		out = append(out, n)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func sortedNodes(rs []*Record) []string {
+	var out []string
+	for _, r := range rs {
+		out = append(out, r.Node)
+	}
+	sort.Strings(out)
+	return out
+}
