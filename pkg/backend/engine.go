@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/pkg/metrics"
 )
 
 // Default timings of Run.
@@ -221,13 +223,20 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 func (e *engine) SetPeers(ctx context.Context, peers []Peer) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	defer observe("peers", time.Now())
 	return e.setPeersLocked(ctx, peers)
+}
+
+// observe records a pass's duration in leased_reconcile_duration_seconds.
+func observe(pass string, start time.Time) {
+	metrics.ReconcileDuration.WithLabelValues(pass).Observe(time.Since(start).Seconds())
 }
 
 // pass runs one reconcile pass.
 func (e *engine) pass(ctx context.Context) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	defer observe("full", time.Now())
 	return e.passLocked(ctx)
 }
 

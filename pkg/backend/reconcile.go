@@ -10,6 +10,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/pkg/metrics"
 )
 
 // passLocked is one reconcile pass; e.mu must be held. It repairs devices,
@@ -152,6 +154,7 @@ func applyChanges[K comparable, V object[K, V]](puts, dels []V, applied, reached
 		for i, err := range put(puts) {
 			if err != nil {
 				delete(reached, puts[i].key())
+				metrics.ReconcileErrors.WithLabelValues(kind).Inc()
 				errs = append(errs, fmt.Errorf("setting %s %s: %w", kind, puts[i], err))
 			}
 		}
@@ -165,6 +168,7 @@ func applyChanges[K comparable, V object[K, V]](puts, dels []V, applied, reached
 		for i, err := range del(dels) {
 			if err != nil && !isGone(err) {
 				// ENOENT/ESRCH: it was already gone, which is what we wanted.
+				metrics.ReconcileErrors.WithLabelValues(kind).Inc()
 				errs = append(errs, fmt.Errorf("deleting %s %s: %w", kind, dels[i], err))
 			}
 		}
