@@ -106,6 +106,12 @@ func (a *agent) run(ctx context.Context) error {
 			klog.Warningf("lease of %s lost (no keep-alive answer within --lease-ttl %s); claiming it again, the datapath stays as it is", a.node, a.o.leaseTTL)
 			a.sess = nil
 			a.self = nil
+			if w, ok := a.be.(backend.Withdrawer); ok {
+				// proxy-ndp must not answer for a slice it no longer
+				// holds; Start runs again once the lease is back.
+				w.Withdraw()
+				a.started = false
+			}
 			a.setStatus("lease lost; claiming it again")
 		case <-retry.C:
 		}

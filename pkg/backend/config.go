@@ -27,13 +27,17 @@ type Config struct {
 	// DirectRouting makes vxlan route directly, as host-gw does, to peers
 	// whose public address is on-link on the external interface.
 	DirectRouting bool
+	// Mode is what proxy-ndp answers for: ModeSubnet (the default) every
+	// address of the host's IPv6 subnet, ModePresent only addresses
+	// present behind the host. Empty for other types.
+	Mode string
 }
 
 // options lists the keys each backend type accepts besides "Type".
 var options = map[string][]string{
 	TypeHostGW:   nil,
 	TypeVXLAN:    {"VNI", "Port", "DirectRouting"},
-	TypeProxyNDP: nil,
+	TypeProxyNDP: {"Mode"},
 }
 
 // ValidateConfig checks the network config's Backend object: a known Type,
@@ -90,6 +94,14 @@ func parseConfig(raw json.RawMessage) (Config, error) {
 	if v, ok := fields["DirectRouting"]; ok {
 		if err := json.Unmarshal(v, &cfg.DirectRouting); err != nil {
 			return cfg, fmt.Errorf("backend: Backend.DirectRouting must be true or false, got %s", v)
+		}
+	}
+	if cfg.Type == TypeProxyNDP {
+		cfg.Mode = ModeSubnet
+		if v, ok := fields["Mode"]; ok {
+			if err := json.Unmarshal(v, &cfg.Mode); err != nil || (cfg.Mode != ModeSubnet && cfg.Mode != ModePresent) {
+				return cfg, fmt.Errorf("backend: Backend.Mode must be %q (answer for the whole subnet, the default) or %q (only addresses present behind the host), got %s", ModeSubnet, ModePresent, v)
+			}
 		}
 	}
 	return cfg, nil

@@ -19,7 +19,14 @@ func TestValidateConfig(t *testing.T) {
 		{raw: `{"Type":""}`, want: Config{Type: TypeHostGW, VNI: 1, Port: 8472}},
 		{raw: `{"Type":"vxlan","VNI":1,"Port":8472,"DirectRouting":false}`, want: Config{Type: TypeVXLAN, VNI: 1, Port: 8472}},
 		{raw: `{"Type":"vxlan","VNI":16777215,"Port":65535,"DirectRouting":true}`, want: Config{Type: TypeVXLAN, VNI: 16777215, Port: 65535, DirectRouting: true}},
-		{raw: `{"Type":"proxy-ndp"}`, want: Config{Type: TypeProxyNDP, VNI: 1, Port: 8472}},
+		{raw: `{"Type":"proxy-ndp"}`, want: Config{Type: TypeProxyNDP, VNI: 1, Port: 8472, Mode: ModeSubnet}},
+		{raw: `{"Type":"proxy-ndp","Mode":"present"}`, want: Config{Type: TypeProxyNDP, VNI: 1, Port: 8472, Mode: ModePresent}},
+		{raw: `{"Type":"proxy-ndp","Mode":"subnet"}`, want: Config{Type: TypeProxyNDP, VNI: 1, Port: 8472, Mode: ModeSubnet}},
+		{raw: `{"Type":"proxy-ndp","Mode":"auto"}`, errHas: []string{"Backend.Mode", `"subnet"`, `"present"`}},
+		{raw: `{"Type":"proxy-ndp","Mode":1}`, errHas: []string{"Backend.Mode"}},
+		{raw: `{"Type":"proxy-ndp","mode":"present"}`, errHas: []string{"Backend.mode", `did you mean "Mode"`}},
+		{raw: `{"Type":"proxy-ndp","VNI":3}`, errHas: []string{"Backend.VNI", "it takes Mode"}},
+		{raw: `{"Type":"host-gw","Mode":"subnet"}`, errHas: []string{"Backend.Mode", "no options"}},
 		{raw: `{"Type":"vxlan","VNI":0}`, errHas: []string{"Backend.VNI", "1..16777215"}},
 		{raw: `{"Type":"vxlan","VNI":16777216}`, errHas: []string{"Backend.VNI", "1..16777215"}},
 		{raw: `{"Type":"vxlan","VNI":"1"}`, errHas: []string{"Backend.VNI", "integer"}},
@@ -64,11 +71,19 @@ func TestValidateConfig(t *testing.T) {
 	}
 }
 
-func TestNewProxyNDPNotImplemented(t *testing.T) {
-	_, err := New([]byte(`{"Type":"proxy-ndp"}`), ExtIface{Name: "eth0", Index: 2, MTU: 1500}, "n", Options{})
-	if !errors.Is(err, ErrUnknownType) || !strings.Contains(err.Error(), "not implemented yet") {
-		t.Fatalf("New(proxy-ndp) = %v, want ErrUnknownType saying not implemented yet", err)
+func TestNewProxyNDP(t *testing.T) {
+	b, err := New([]byte(`{"Type":"proxy-ndp","Mode":"present"}`), ExtIface{Name: "eth0", Index: 2, MTU: 1500}, "n", Options{})
+	if err != nil {
+		t.Fatalf("New(proxy-ndp) = %v", err)
 	}
+	p, ok := b.(*proxyNDP)
+	if !ok || b.Type() != TypeProxyNDP || p.r.mode != ModePresent {
+		t.Fatalf("New(proxy-ndp) = %T type %q", b, b.Type())
+	}
+	if _, ok := b.(Withdrawer); !ok {
+		t.Error("proxy-ndp does not implement Withdrawer")
+	}
+	p.k.(netlinkKernel).h.Close()
 }
 
 func TestVTEPMAC(t *testing.T) {

@@ -1,0 +1,178 @@
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+	"k8s.io/klog/v2"
+)
+
+// ErrNotOnLink is returned by the proxy-ndp backend's Start when the IPv6
+// network is not part of a prefix on-link on the external interface, or
+// holds one of that interface's own addresses.
+var ErrNotOnLink = errors.New("backend: proxy-ndp: IPv6Network must be a part of a prefix that is on-link on the external interface")
+
+// proxyNDP is the proxy-ndp backend. Hosts share an on-link IPv6 prefix
+// (a /64 the upstream router treats as on-link and routes nowhere), the
+// cluster's IPv6Network is a part of it, and each host's leased slice is
+// made reachable on the link by answering Neighbor Solicitations for its
+// addresses with the host's MAC (ndpResponder). Nothing happens per
+// container.
+//
+// Peers' subnets of both families are routed via the peer's address on the
+// link exactly as host-gw does (the engine with the hostGW datapath), so
+// traffic between hosts' containers does not depend on NDP. IPv4 is routed
+// the same way; it has no NDP side.
+//
+// No kernel proxy entries are used, so net.ipv6.conf.*.proxy_ndp and
+// proxy_delay are left alone; the sysctls set are IPv6 forwarding and, on
+// the uplink, accept_ra 1→2 (enableForwarding).
+type proxyNDP struct {
+	*engine
+	r *ndpResponder
+}
+
+// Withdrawer is implemented by backends that answer for the host's lease on
+// the link (proxy-ndp). Withdraw stops answering at once, before the lease
+// could be claimed by another host; the next Start resumes. The agent calls
+// it when its lease session ends and then calls Start again once it holds a
+// lease, even if the subnet is the same.
+type Withdrawer interface {
+	Withdraw()
+}
+
+func newProxyNDP(e *engine, cfg Config) *proxyNDP {
+	return &proxyNDP{engine: e, r: newNDPResponder(e.ns, e.ext.Name, e.ext.Index, cfg.Mode)}
+}
+
+// Start checks that the IPv6 network lies inside a prefix on-link on the
+// external interface and holds none of its addresses, programs what the
+// engine programs for host-gw (forwarding sysctls, forward rules, routes
+// to peers once known), then answers for local.Subnet6 from now on,
+// opening the packet socket on the first call. A Start with a new lease
+// moves the answering to the new slice; the old one is no longer answered.
+// It is idempotent. It refuses a lease without IPv6: proxy-ndp exists for
+// IPv6 (use host-gw for an IPv4-only network).
+func (b *proxyNDP) Start(ctx context.Context, local Local) error {
+	if !local.Network6.IsValid() || !local.Subnet6.IsValid() {
+		return fmt.Errorf("backend: proxy-ndp needs IPv6: set IPv6Network in the network config (a part of the on-link prefix of %s), or use Backend.Type %q for an IPv4-only network", b.ext.Name, TypeHostGW)
+	}
+	b.mu.Lock()
+	addrs, err := b.k.AddrList(b.ext.Index, netlink.FAMILY_V6)
+	mac := b.ext.HardwareAddr
+	if err == nil && len(mac) != 6 {
+		var l netlink.Link
+		if l, err = b.k.LinkByName(b.ext.Name); err == nil {
+			mac = l.Attrs().HardwareAddr
+		}
+	}
+	b.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("reading %s: %w", b.ext.Name, err)
+	}
+	if len(mac) != 6 {
+		return fmt.Errorf("backend: proxy-ndp: %s has no Ethernet address (%q); it needs an Ethernet-like link", b.ext.Name, mac)
+	}
+	var ifAddrs []netip.Prefix
+	var src netip.Addr
+	for _, a := range addrs {
+		if p, ok := prefixFromIPNet(a.IPNet); ok {
+			ifAddrs = append(ifAddrs, p)
+			if p.Addr().IsLinkLocalUnicast() && !src.IsValid() {
+				src = p.Addr()
+			}
+		}
+	}
+	if err := checkOnLink(b.ext.Name, local.Network6, ifAddrs); err != nil {
+		return err
+	}
+	err = b.engine.Start(ctx, local)
+	rerr := b.r.start(answerCfg{slice: local.Subnet6.Masked(), mac: [6]byte(mac), src: src})
+	if rerr == nil {
+		klog.InfoS("proxy-ndp answering", "subnet", local.Subnet6.Masked(), "iface", b.ext.Name, "mac", mac.String(), "mode", b.r.mode, "source", src)
+	}
+	b.logSysctls()
+	return errors.Join(err, rerr)
+}
+
+// Run runs the engine's reconcile loop and stops answering when it ends:
+// whatever ends the agent's use of the backend ends the answers too (the
+// packet socket closes, which also drops its all-multicast membership).
+func (b *proxyNDP) Run(ctx context.Context) error {
+	defer b.r.close()
+	return b.engine.Run(ctx)
+}
+
+// Withdraw stops answering until the next Start (see Withdrawer).
+func (b *proxyNDP) Withdraw() {
+	if err := b.r.withdraw(); err != nil {
+		klog.ErrorS(err, "proxy-ndp: withdrawing the solicitation filter; answering is off in user space")
+	}
+	klog.InfoS("proxy-ndp stopped answering until the lease is held again", "iface", b.ext.Name)
+}
+
+// logSysctls logs the sysctls the backend depends on, as they are now.
+func (b *proxyNDP) logSysctls() {
+	names := []string{"net/ipv6/conf/all/forwarding", "net/ipv6/conf/" + b.ext.Name + "/forwarding", "net/ipv6/conf/" + b.ext.Name + "/accept_ra"}
+	kv := make([]any, 0, 2*len(names))
+	_ = b.ns.do(func() error {
+		for _, n := range names {
+			v, err := getSysctl(n)
+			if err != nil {
+				v = "?"
+			}
+			kv = append(kv, strings.ReplaceAll(n, "/", "."), v)
+		}
+		return nil
+	})
+	klog.InfoS("proxy-ndp sysctls (kernel proxy entries unused: proxy_ndp, proxy_delay untouched)", kv...)
+}
+
+// checkOnLink returns why the IPv6 network cannot be served by proxy NDP on
+// iface, whose addresses (with prefix lengths) are ifAddrs, or nil. The
+// network must lie inside a prefix on-link on iface — otherwise the
+// upstream router never solicits its addresses there — and must not hold
+// an address of iface, or this host would answer for other hosts'
+// addresses on the same link.
+func checkOnLink(iface string, network netip.Prefix, ifAddrs []netip.Prefix) error {
+	network = network.Masked()
+	var globals []string
+	for _, a := range ifAddrs {
+		if !a.Addr().Is6() || a.Addr().IsLinkLocalUnicast() {
+			continue
+		}
+		p := a.Masked()
+		globals = append(globals, a.String())
+		if network.Contains(a.Addr()) {
+			return fmt.Errorf("%w: IPv6Network %s contains %s, an address of %s, so this host would answer for its neighbours' addresses; set IPv6Network to a part of %s that holds no host address, e.g. %s",
+				ErrNotOnLink, network, a.Addr(), iface, p, upperHalf(p))
+		}
+	}
+	for _, a := range ifAddrs {
+		p := a.Masked()
+		if a.Addr().Is6() && !a.Addr().IsLinkLocalUnicast() && p.Bits() <= network.Bits() && p.Contains(network.Addr()) {
+			return nil
+		}
+	}
+	if len(globals) == 0 {
+		return fmt.Errorf("%w: %s has no global IPv6 address, so no prefix is on-link there; add the host's address in the shared /64 to %s (or pick the interface that has it with --iface)",
+			ErrNotOnLink, iface, iface)
+	}
+	return fmt.Errorf("%w: IPv6Network %s is not inside a prefix on-link on %s (it has %s); set IPv6Network to a part of that prefix, e.g. %s, or pick the interface on that prefix with --iface",
+		ErrNotOnLink, network, iface, strings.Join(globals, ", "), upperHalf(netip.MustParsePrefix(globals[0]).Masked()))
+}
+
+// upperHalf returns the upper half of p (p with one more bit, set), the
+// usual choice for container slices when hosts number from the bottom.
+func upperHalf(p netip.Prefix) netip.Prefix {
+	if p.Bits() >= 128 {
+		return p
+	}
+	a := p.Masked().Addr().As16()
+	a[p.Bits()/8] |= 0x80 >> (p.Bits() % 8)
+	return netip.PrefixFrom(netip.AddrFrom16(a), p.Bits()+1)
+}

@@ -1,0 +1,586 @@
+package backend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/net/bpf"
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/pkg/metrics"
+)
+
+// Proxy-NDP modes (Backend.Mode).
+const (
+	// ModeSubnet answers for every address of the host's IPv6 slice.
+	ModeSubnet = "subnet"
+	// ModePresent answers only for addresses present behind the host: a
+	// neighbour entry or an address on a link other than the uplink.
+	ModePresent = "present"
+)
+
+// Timings of the present mode.
+const (
+	// pendingTTL is how long a solicitation for an address not (yet) known
+	// present is remembered; if the address shows up within it, the
+	// solicitor gets an advertisement at once instead of at its next retry.
+	pendingTTL = 3 * time.Second
+	// probeInterval limits local probes to one per address per interval.
+	probeInterval = time.Second
+	// presentRefresh is the period of the full neighbour and address dump
+	// that backs up the netlink subscription.
+	presentRefresh = 10 * time.Second
+)
+
+// answerCfg is what the responder answers for; replaced as a whole.
+type answerCfg struct {
+	slice netip.Prefix // invalid: answer nothing
+	mac   [6]byte      // the uplink's MAC: the target link-layer address
+	src   netip.Addr   // source of advertisements: the uplink's link-local address
+}
+
+// ndpResponder answers Neighbor Solicitations arriving on the uplink for
+// addresses of the host's slice with Neighbor Advertisements carrying the
+// uplink's MAC. It reads from one AF_PACKET socket bound to the uplink,
+// filtered in the kernel by nsFilter, with the uplink in all-multicast mode
+// for as long as the socket is open (a membership of the socket, so the
+// kernel drops it when the socket closes, however the agent ends).
+//
+// start may be called any number of times; it opens the socket once and
+// replaces what is answered. withdraw stops answering until the next start.
+// close stops for good: the socket is closed and every goroutine has ended
+// when it returns. All three may be called from any goroutine.
+type ndpResponder struct {
+	ns      nsExec
+	ifname  string
+	ifindex int
+	mode    string
+
+	cfg atomic.Pointer[answerCfg]
+
+	mu      sync.Mutex // guards the fields below
+	f       *os.File   // the packet socket; nil before start and after close
+	closed  bool
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	present *presence // nil in subnet mode
+}
+
+// Counters of leased_ndp_solicitations_total: solicitations answered, and
+// solicitations ignored because their target is not this host's to answer
+// (outside the slice, not present in present mode after its wait, or sent
+// by this host). Malformed frames are not counted.
+var (
+	ndpAnswered = metrics.NDPSolicitations.WithLabelValues("answered")
+	ndpIgnored  = metrics.NDPSolicitations.WithLabelValues("ignored")
+)
+
+func newNDPResponder(ns nsExec, ifname string, ifindex int, mode string) *ndpResponder {
+	r := &ndpResponder{ns: ns, ifname: ifname, ifindex: ifindex, mode: mode}
+	r.cfg.Store(&answerCfg{})
+	return r
+}
+
+// errResponderClosed is returned by start after close.
+var errResponderClosed = errors.New("backend: proxy-ndp responder is stopped (its Run ended)")
+
+// start answers for cfg.slice from now on, opening the socket on first use.
+func (r *ndpResponder) start(cfg answerCfg) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return errResponderClosed
+	}
+	if r.f == nil {
+		if err := r.openLocked(); err != nil {
+			return err
+		}
+	}
+	old := r.cfg.Load()
+	r.cfg.Store(&cfg)
+	if old.slice != cfg.slice {
+		if err := r.setFilterLocked(cfg.slice); err != nil {
+			return err
+		}
+	}
+	if r.present != nil {
+		r.present.refresh()
+	}
+	return nil
+}
+
+// withdraw stops answering (the kernel filter passes nothing) until the
+// next start. The socket stays open.
+func (r *ndpResponder) withdraw() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	c := *r.cfg.Load()
+	c.slice = netip.Prefix{}
+	r.cfg.Store(&c)
+	if r.f == nil {
+		return nil
+	}
+	return r.setFilterLocked(netip.Prefix{})
+}
+
+// close stops answering for good and waits for the goroutines to end.
+func (r *ndpResponder) close() {
+	r.mu.Lock()
+	r.closed = true
+	r.cfg.Store(&answerCfg{})
+	f, cancel := r.f, r.cancel
+	r.f, r.cancel = nil, nil
+	r.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+	if f != nil {
+		f.Close() // wakes the reader with os.ErrClosed
+	}
+	r.wg.Wait()
+}
+
+// openLocked creates the socket in the backend's namespace: protocol 0
+// first (it receives nothing), then the filter, then the bind to the uplink
+// for IPv6, so that no unfiltered frame is ever queued.
+func (r *ndpResponder) openLocked() error {
+	var fd int
+	err := r.ns.do(func() error {
+		var err error
+		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+		if err != nil {
+			return fmt.Errorf("opening a packet socket (needs CAP_NET_RAW): %w", err)
+		}
+		if err := attachFilter(fd, nsFilter(netip.Prefix{})); err != nil {
+			return err
+		}
+		// Frames we send are not looped back to us (Linux ≥ 4.20; older
+		// kernels deliver them and parseNS drops them as advertisements).
+		_ = unix.SetsockoptInt(fd, unix.SOL_PACKET, unix.PACKET_IGNORE_OUTGOING, 1)
+		// Room for bursts: a router resolving many addresses at once.
+		if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 4<<20) != nil {
+			_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
+		}
+		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_IPV6), Ifindex: r.ifindex}); err != nil {
+			return fmt.Errorf("binding a packet socket to %s: %w", r.ifname, err)
+		}
+		// Solicitations go to solicited-node multicast groups this host
+		// never joined; a NIC filters those unless it is in all-multicast.
+		mreq := unix.PacketMreq{Ifindex: int32(r.ifindex), Type: unix.PACKET_MR_ALLMULTI}
+		if err := unix.SetsockoptPacketMreq(fd, unix.SOL_PACKET, unix.PACKET_ADD_MEMBERSHIP, &mreq); err != nil {
+			return fmt.Errorf("setting %s to all-multicast: %w", r.ifname, err)
+		}
+		return nil
+	})
+	if err != nil {
+		if fd > 0 {
+			unix.Close(fd)
+		}
+		return err
+	}
+	r.f = os.NewFile(uintptr(fd), "ndp@"+r.ifname) // non-blocking: uses the poller
+	ctx, cancel := context.WithCancel(context.Background())
+	r.cancel = cancel
+	if r.mode == ModePresent {
+		p, err := newPresence(r.ns, r.ifindex, r)
+		if err != nil {
+			cancel()
+			r.f.Close()
+			r.f, r.cancel = nil, nil
+			return err
+		}
+		r.present = p
+		r.wg.Add(1)
+		go func() { defer r.wg.Done(); p.run(ctx) }()
+	}
+	r.wg.Add(1)
+	go func(f *os.File) { defer r.wg.Done(); r.serve(f) }(r.f)
+	klog.InfoS("proxy-ndp responder listening", "iface", r.ifname, "mode", r.mode)
+	return nil
+}
+
+func (r *ndpResponder) setFilterLocked(slice netip.Prefix) error {
+	rc, err := r.f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("setting the solicitation filter: %w", err)
+	}
+	var ferr error
+	if err := rc.Control(func(fd uintptr) { ferr = attachFilter(int(fd), nsFilter(slice)) }); err != nil {
+		return fmt.Errorf("setting the solicitation filter: %w", err)
+	}
+	return ferr
+}
+
+func attachFilter(fd int, prog []bpf.Instruction) error {
+	raw, err := bpf.Assemble(prog)
+	if err != nil {
+		return fmt.Errorf("assembling the solicitation filter: %w", err)
+	}
+	fs := make([]unix.SockFilter, len(raw))
+	for i, in := range raw {
+		fs[i] = unix.SockFilter{Code: in.Op, Jt: in.Jt, Jf: in.Jf, K: in.K}
+	}
+	fprog := unix.SockFprog{Len: uint16(len(fs)), Filter: &fs[0]}
+	if err := unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &fprog); err != nil {
+		return fmt.Errorf("attaching the solicitation filter: %w", err)
+	}
+	return nil
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// serve reads solicitations until f is closed and answers them in place:
+// one read, one check, one write per solicitation, no allocation.
+func (r *ndpResponder) serve(f *os.File) {
+	buf := make([]byte, 1<<16)
+	out := make([]byte, 0, naLen)
+	var s solicitation
+	var lastErr time.Time
+	for {
+		n, err := f.Read(buf)
+		if err != nil {
+			if errors.Is(err, os.ErrClosed) {
+				return
+			}
+			// ENETDOWN while the uplink is down, and the like: keep
+			// reading, but neither spin nor flood the log.
+			if time.Since(lastErr) > time.Minute {
+				klog.Warningf("proxy-ndp: reading solicitations on %s: %v (retrying)", r.ifname, err)
+				lastErr = time.Now()
+			}
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		if parseNS(buf[:n], &s) != nil {
+			continue
+		}
+		cfg := r.cfg.Load()
+		switch r.decide(cfg, &s) {
+		case verdictAnswer:
+			r.answer(f, cfg, &s, out)
+		case verdictPending:
+			r.present.solicited(s)
+		default:
+			ndpIgnored.Inc()
+		}
+	}
+}
+
+type verdict int
+
+const (
+	verdictDrop verdict = iota
+	verdictAnswer
+	// verdictPending: in the slice, not known present (present mode).
+	verdictPending
+)
+
+// decide is the target filter: a solicitation is answered only when its
+// target lies in the slice the host holds now and, in present mode, is
+// known to be behind the host. Solicitations from the host itself (an
+// Ethernet source equal to the uplink's MAC) are never answered.
+func (r *ndpResponder) decide(cfg *answerCfg, s *solicitation) verdict {
+	if !cfg.slice.IsValid() || !cfg.slice.Contains(s.target) || s.ethSrc == cfg.mac {
+		return verdictDrop
+	}
+	if r.present == nil || r.present.has(s.target) {
+		return verdictAnswer
+	}
+	return verdictPending
+}
+
+func (r *ndpResponder) answer(f *os.File, cfg *answerCfg, s *solicitation, buf []byte) {
+	src := cfg.src
+	if !src.IsValid() {
+		src = s.target
+	}
+	if _, err := f.Write(appendNA(buf[:0], s, cfg.mac, src)); err != nil {
+		if !errors.Is(err, os.ErrClosed) {
+			klog.V(2).InfoS("proxy-ndp: sending an advertisement failed", "target", s.target, "to", s.src, "err", err)
+		}
+		return
+	}
+	ndpAnswered.Inc()
+	if klog.V(5).Enabled() {
+		klog.V(5).InfoS("proxy-ndp: answered", "target", s.target, "to", s.src)
+	}
+}
+
+// sendNA answers a remembered solicitation (present mode), if the
+// responder still answers for its target.
+func (r *ndpResponder) sendNA(s solicitation) {
+	r.mu.Lock()
+	f := r.f
+	r.mu.Unlock()
+	cfg := r.cfg.Load()
+	if f == nil || r.decide(cfg, &s) != verdictAnswer {
+		return
+	}
+	r.answer(f, cfg, &s, make([]byte, 0, naLen))
+}
+
+// presence tracks, for the present mode, which addresses are behind the
+// host: neighbour entries in a usable state and addresses on links other
+// than the uplink. A netlink neighbour subscription keeps it current and a
+// periodic dump repairs what the subscription missed. A solicitation for
+// an address of the slice that is not known triggers one probe towards it
+// (an empty UDP datagram to its discard port, which makes the kernel
+// resolve it on the link it is routed to) and is remembered for
+// pendingTTL: when the address appears, the solicitor is answered at once.
+type presence struct {
+	ns     nsExec
+	uplink int
+	r      *ndpResponder
+	h      *netlink.Handle
+	probe  int // UDP socket in the backend's namespace
+
+	mu      sync.Mutex
+	addrs   map[netip.Addr]bool
+	pending map[netip.Addr][]pendingNS
+	probed  map[netip.Addr]time.Time
+	kick    chan struct{}
+}
+
+type pendingNS struct {
+	s       solicitation
+	expires time.Time
+}
+
+func newPresence(ns nsExec, uplink int, r *ndpResponder) (*presence, error) {
+	h, err := ns.handle()
+	if err != nil {
+		return nil, fmt.Errorf("opening netlink handle: %w", err)
+	}
+	p := &presence{ns: ns, uplink: uplink, r: r, h: h, probe: -1,
+		addrs: map[netip.Addr]bool{}, pending: map[netip.Addr][]pendingNS{}, probed: map[netip.Addr]time.Time{},
+		kick: make(chan struct{}, 1)}
+	err = ns.do(func() error {
+		fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+		p.probe = fd
+		return err
+	})
+	if err != nil {
+		h.Close()
+		return nil, fmt.Errorf("opening the probe socket: %w", err)
+	}
+	p.refresh()
+	return p, nil
+}
+
+func (p *presence) has(a netip.Addr) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.addrs[a]
+}
+
+// refresh asks run for a full dump soon.
+func (p *presence) refresh() {
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+// usable are the neighbour states in which an address counts as present.
+const usable = netlink.NUD_REACHABLE | netlink.NUD_STALE | netlink.NUD_DELAY | netlink.NUD_PROBE | netlink.NUD_PERMANENT | netlink.NUD_NOARP
+
+func (p *presence) run(ctx context.Context) {
+	defer p.h.Close()
+	defer unix.Close(p.probe)
+	nsh, closeNS, err := p.ns.subscribeNS()
+	if err != nil {
+		klog.ErrorS(err, "proxy-ndp: present mode cannot watch neighbours; relying on the periodic dump")
+		nsh, closeNS = nil, func() {}
+	}
+	defer closeNS()
+	t := time.NewTicker(presentRefresh)
+	defer t.Stop()
+	for ctx.Err() == nil {
+		ch, done := make(chan netlink.NeighUpdate, 1024), make(chan struct{})
+		opts := netlink.NeighSubscribeOptions{Namespace: nsh, ReceiveBufferSize: 1 << 22}
+		events := ch
+		if err := netlink.NeighSubscribeWithOptions(ch, done, opts); err != nil {
+			klog.ErrorS(err, "proxy-ndp: subscribing to neighbour events; relying on the periodic dump")
+			events = nil // only the dump from here on
+		}
+		p.dump()
+	loop:
+		for {
+			select {
+			case <-ctx.Done():
+				break loop
+			case <-t.C:
+				p.dump()
+				p.expire(time.Now())
+			case <-p.kick:
+				p.dump()
+			case u, ok := <-events:
+				if !ok {
+					break loop // the subscription failed: subscribe again
+				}
+				p.event(u)
+			}
+		}
+		close(done)
+		if events != nil {
+			go func() { // let the library's reader finish and close ch
+				for range ch {
+				}
+			}()
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(resubscribeDelay):
+		}
+	}
+}
+
+func (p *presence) event(u netlink.NeighUpdate) {
+	a, ok := netip.AddrFromSlice(u.IP)
+	if !ok || u.LinkIndex == p.uplink || u.Family != unix.AF_INET6 {
+		return
+	}
+	if !p.r.cfg.Load().slice.Contains(a) {
+		return
+	}
+	p.set(a, u.Type == unix.RTM_NEWNEIGH && u.State&usable != 0)
+}
+
+// set records whether a is present and answers the solicitors waiting for it.
+func (p *presence) set(a netip.Addr, present bool) {
+	p.mu.Lock()
+	was := p.addrs[a]
+	if present {
+		p.addrs[a] = true
+	} else {
+		delete(p.addrs, a)
+	}
+	waiting := p.pending[a]
+	if present {
+		delete(p.pending, a)
+	}
+	p.mu.Unlock()
+	if present != was {
+		klog.V(4).InfoS("proxy-ndp: presence changed", "addr", a, "present", present)
+	}
+	if !present {
+		return
+	}
+	now := time.Now()
+	for _, w := range waiting {
+		if now.Before(w.expires) {
+			p.r.sendNA(w.s)
+		}
+	}
+}
+
+// dump rebuilds the present set from the kernel's neighbour and address tables.
+func (p *presence) dump() {
+	cfg := p.r.cfg.Load()
+	found := map[netip.Addr]bool{}
+	ns, err := p.h.NeighList(0, unix.AF_INET6)
+	if err != nil {
+		klog.V(2).InfoS("proxy-ndp: listing neighbours failed", "err", err)
+		return
+	}
+	for _, n := range ns {
+		if a, ok := netip.AddrFromSlice(n.IP); ok && n.LinkIndex != p.uplink && n.State&usable != 0 {
+			found[a] = true
+		}
+	}
+	as, err := p.h.AddrList(nil, unix.AF_INET6)
+	if err != nil {
+		klog.V(2).InfoS("proxy-ndp: listing addresses failed", "err", err)
+		return
+	}
+	for _, ad := range as {
+		if a, ok := netip.AddrFromSlice(ad.IP); ok && ad.LinkIndex != p.uplink {
+			found[a] = true
+		}
+	}
+	p.mu.Lock()
+	old := p.addrs
+	p.addrs = map[netip.Addr]bool{}
+	for a := range found {
+		if cfg.slice.Contains(a) {
+			p.addrs[a] = true
+		}
+	}
+	var appeared []netip.Addr
+	for a := range p.addrs {
+		if !old[a] && len(p.pending[a]) > 0 {
+			appeared = append(appeared, a)
+		}
+	}
+	p.mu.Unlock()
+	for _, a := range appeared {
+		p.set(a, true)
+	}
+}
+
+// solicited remembers s and probes its target unless that was done within
+// probeInterval.
+func (p *presence) solicited(s solicitation) {
+	now := time.Now()
+	p.mu.Lock()
+	p.pending[s.target] = append(p.pending[s.target], pendingNS{s: s, expires: now.Add(pendingTTL)})
+	if len(p.pending[s.target]) > 16 { // a chatty solicitor: keep the newest
+		p.pending[s.target] = p.pending[s.target][1:]
+	}
+	last, seen := p.probed[s.target]
+	probe := !seen || now.Sub(last) >= probeInterval
+	if probe {
+		p.probed[s.target] = now
+	}
+	p.mu.Unlock()
+	if probe {
+		p.probeAddr(s.target)
+	}
+}
+
+// probeAddr makes the kernel resolve a on the link it is routed to, unless
+// that link is the uplink (then a cannot be behind this host).
+func (p *presence) probeAddr(a netip.Addr) {
+	rs, err := p.h.RouteGet(a.AsSlice())
+	if err != nil || len(rs) == 0 || rs[0].LinkIndex == p.uplink {
+		return
+	}
+	sa := &unix.SockaddrInet6{Port: 9, Addr: a.As16()} // discard
+	if err := unix.Sendto(p.probe, nil, 0, sa); err != nil && !errors.Is(err, unix.EAGAIN) {
+		klog.V(4).InfoS("proxy-ndp: probing failed", "addr", a, "err", err)
+	}
+}
+
+// expire forgets old solicitations and probe times.
+func (p *presence) expire(now time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for a, ws := range p.pending {
+		keep := ws[:0]
+		for _, w := range ws {
+			if now.Before(w.expires) {
+				keep = append(keep, w)
+			} else {
+				ndpIgnored.Inc() // its target never showed up
+			}
+		}
+		if len(keep) == 0 {
+			delete(p.pending, a)
+		} else {
+			p.pending[a] = keep
+		}
+	}
+	for a, t := range p.probed {
+		if now.Sub(t) > probeInterval {
+			delete(p.probed, a)
+		}
+	}
+}
