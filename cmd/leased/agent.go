@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"time"
@@ -38,9 +39,16 @@ type agent struct {
 	peersCfg  *lease.Config   // the config and
 	peersSelf *lease.Record   // own lease peers was computed for
 	bePeers   []backend.Peer  // what was last handed to the backend
-	cfg       *lease.Config
-	rejected  map[string]string // node → reason last logged
-	exhausted string            // last "out of subnets" message logged
+	// programmed is the peer set last handed to the backend. After this
+	// host lost its own lease (it was cut off from etcd, and so, most
+	// likely, were its peers), peers that vanish from etcd are kept until
+	// graceUntil unless another node claims their subnet: their leases
+	// may have expired for the same reason, and they are re-claiming.
+	programmed map[string]*lease.Record
+	graceUntil time.Time
+	cfg        *lease.Config
+	rejected   map[string]string // node → reason last logged
+	exhausted  string            // last "out of subnets" message logged
 
 	seenRaw  []byte // the config value last parsed
 	sess     *lease.Session
@@ -106,6 +114,7 @@ func (a *agent) run(ctx context.Context) error {
 			klog.Warningf("lease of %s lost (no keep-alive answer within --lease-ttl %s); claiming it again, the datapath stays as it is", a.node, a.o.leaseTTL)
 			a.sess = nil
 			a.self = nil
+			a.startGrace()
 			if w, ok := a.be.(backend.Withdrawer); ok {
 				// proxy-ndp must not answer for a slice it no longer
 				// holds; Start runs again once the lease is back.
@@ -126,6 +135,9 @@ func (a *agent) run(ctx context.Context) error {
 			}
 		} else {
 			bo = time.Second
+			if !a.graceUntil.IsZero() {
+				retry.Reset(time.Until(a.graceUntil) + 10*time.Millisecond)
+			}
 		}
 	}
 }
@@ -139,8 +151,9 @@ func (a *agent) apply(b lease.Batch) {
 		}
 		ownLock := e.Kind == lease.LockDelete && slices.Contains(a.self.Subnets(), e.Subnet)
 		if (e.Kind == lease.LeaseDelete && e.Node == a.node) || ownLock {
-			klog.Warningf("this host's lease keys were deleted in etcd (by hand?); claiming its subnets %v again", a.self.Subnets())
+			klog.Warningf("this host's lease keys were deleted in etcd (expired, or by hand); claiming its subnets %v again", a.self.Subnets())
 			a.self = nil // ensureLease claims again, preferring the held subnets
+			a.startGrace()
 		}
 	}
 	a.view.Apply(b)
@@ -229,7 +242,9 @@ func (a *agent) step(ctx context.Context) error {
 				delete(a.rejected, node)
 			}
 		}
-		a.bePeers = toPeers(a.peers.Accepted())
+		a.bePeers = toPeers(a.withGrace(a.peers.Accepted()))
+	} else if !a.graceUntil.IsZero() {
+		a.bePeers = toPeers(a.withGrace(a.peers.Accepted()))
 	}
 	peers := a.bePeers
 	metrics.PeersKnown.Set(float64(len(a.view.Records) + len(a.view.Malformed) - btoi(a.view.Records[a.node] != nil)))
@@ -452,6 +467,47 @@ func (a *agent) setStatus(s string) {
 		msg = "READY=1\n" + msg
 	}
 	daemon.SdNotify(false, msg) //nolint:errcheck // best effort
+}
+
+// startGrace keeps vanishing peers for one lease TTL; see programmed.
+func (a *agent) startGrace() {
+	a.graceUntil = time.Now().Add(a.o.leaseTTL)
+	klog.InfoS("this host lost its lease; peers whose leases vanish meanwhile stay programmed until they re-claim or the grace period ends", "until", a.graceUntil.Format(time.RFC3339))
+}
+
+// withGrace returns accepted plus, during a grace period, the peers last
+// programmed that are gone from etcd and whose subnets nobody else holds.
+// It records the result as programmed.
+func (a *agent) withGrace(accepted map[string]*lease.Record) map[string]*lease.Record {
+	if !a.graceUntil.IsZero() && time.Now().After(a.graceUntil) {
+		a.graceUntil = time.Time{}
+		klog.InfoS("grace period over; peers without a lease are dropped")
+	}
+	// A copy: the PeerSet updates accepted in place.
+	out := maps.Clone(accepted)
+	if !a.graceUntil.IsZero() {
+		held := map[netip.Prefix]bool{}
+		for _, r := range accepted {
+			for _, s := range r.Subnets() {
+				held[s] = true
+			}
+		}
+		if a.self != nil {
+			for _, s := range a.self.Subnets() {
+				held[s] = true
+			}
+		}
+		for node, r := range a.programmed {
+			if _, ok := accepted[node]; ok {
+				continue
+			}
+			if taken := slices.ContainsFunc(r.Subnets(), func(s netip.Prefix) bool { return held[s] }); !taken {
+				out[node] = r
+			}
+		}
+	}
+	a.programmed = out
+	return out
 }
 
 func btoi(b bool) int {

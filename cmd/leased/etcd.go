@@ -5,7 +5,10 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
+	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -25,8 +28,13 @@ func newEtcdClient(o *options) (*clientv3.Client, error) {
 	cfg := clientv3.Config{
 		Endpoints:   eps,
 		DialTimeout: 5 * time.Second,
-		Username:    o.etcdUsername,
-		Password:    o.etcdPassword,
+		// gRPC keepalive notices a dead connection (a cut network, a
+		// vanished member) in seconds instead of waiting for TCP to give
+		// up. etcd refuses pings more often than every 5s by default.
+		DialKeepAliveTime:    10 * time.Second,
+		DialKeepAliveTimeout: 5 * time.Second,
+		Username:             o.etcdUsername,
+		Password:             o.etcdPassword,
 		// The client's own zap logger is noisy about every retry; leased
 		// logs what matters itself.
 		Logger: zap.NewNop(),
@@ -61,7 +69,7 @@ func newEtcdClient(o *options) (*clientv3.Client, error) {
 		}
 		cfg.TLS = tc
 	}
-	cfg.DialOptions = append(cfg.DialOptions, grpc.WithChainUnaryInterceptor(explainConnErrors(o)))
+	cfg.DialOptions = append(cfg.DialOptions, grpc.WithChainUnaryInterceptor(explainConnErrors(o, eps, cfg.TLS)))
 	cli, err := clientv3.New(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("creating etcd client for %s: %w", o.etcdEndpoints, err)
@@ -91,7 +99,7 @@ func (e *connError) Unwrap() error { return e.ctx }
 // request that never got a connection into a connError. It runs inside the
 // etcd client's retry interceptor and only acts once the caller's context is
 // done, so the client's own retries are unchanged.
-func explainConnErrors(o *options) grpc.UnaryClientInterceptor {
+func explainConnErrors(o *options, eps []string, tc *tls.Config) grpc.UnaryClientInterceptor {
 	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 		err := invoker(ctx, method, req, reply, cc, opts...)
 		if err == nil || ctx.Err() == nil {
@@ -101,16 +109,67 @@ func explainConnErrors(o *options) grpc.UnaryClientInterceptor {
 		if !ok || st.Code() != codes.DeadlineExceeded {
 			return err
 		}
-		msg := st.Message()
-		i := strings.Index(msg, "connection error: ")
-		if i < 0 {
+		var cause string
+		if i := strings.Index(st.Message(), "connection error: "); i >= 0 {
+			cause = strings.TrimSpace(st.Message()[i+len("connection error: "):])
+			cause = strings.Trim(strings.TrimPrefix(cause, "desc = "), `"`)
+		} else if cause = probe(eps, tc); cause == "" {
+			// gRPC kept no connection error (it was between attempts), and a
+			// fresh connection works: the request was merely slow.
 			return err
 		}
-		cause := strings.TrimSpace(msg[i+len("connection error: "):])
-		cause = strings.TrimPrefix(cause, "desc = ")
-		cause = strings.Trim(cause, `"`)
 		return &connError{why: explainConn(o, cause), cause: cause, ctx: ctx.Err()}
 	}
+}
+
+// probe connects to each endpoint as the client would — TCP, then the TLS
+// handshake for https:// — and returns the first error, or "" when every
+// endpoint accepts. Reading briefly after the handshake catches a server
+// that refuses the client certificate: with TLS 1.3 it says so only after
+// the client's side of the handshake is done. It takes at most ~1.5s per
+// endpoint.
+func probe(eps []string, tc *tls.Config) string {
+	for _, ep := range eps {
+		u, err := url.Parse(ep)
+		if err != nil || u.Host == "" {
+			continue
+		}
+		if u.Scheme != "http" && u.Scheme != "https" {
+			continue
+		}
+		c, err := net.DialTimeout("tcp", u.Host, time.Second)
+		if err != nil {
+			return err.Error()
+		}
+		if u.Scheme == "http" || tc == nil {
+			c.Close()
+			continue
+		}
+		cfg := tc.Clone()
+		if cfg.ServerName == "" {
+			cfg.ServerName = u.Hostname()
+		}
+		cfg.NextProtos = []string{"h2"}
+		tcn := tls.Client(c, cfg)
+		tcn.SetDeadline(time.Now().Add(time.Second))
+		err = tcn.Handshake()
+		if err == nil {
+			tcn.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+			_, err = tcn.Read(make([]byte, 1))
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				err = nil // the server waits for us: it accepted the handshake
+			}
+			if err != nil && !strings.Contains(err.Error(), "tls:") {
+				err = nil // a server frame or a close, not a TLS refusal
+			}
+		}
+		tcn.Close()
+		if err != nil {
+			return err.Error()
+		}
+	}
+	return ""
 }
 
 // explainConn says in an operator's terms what a gRPC connection error

@@ -9,7 +9,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"path/filepath"
@@ -22,6 +21,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
+	"github.com/leased/leased/internal/tcpproxy"
 	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/lease"
 	"github.com/leased/leased/pkg/subnetenv"
@@ -209,63 +209,17 @@ func TestFiftyAgentsStartTogether(t *testing.T) {
 
 func subnetEnvOf(a *idleAgent) (subnetenv.Env, error) { return subnetenv.Read(a.o.subnetFile) }
 
-// cutProxy forwards TCP to an etcd member and can cut every connection and
-// refuse new ones, to disconnect one agent while etcd stays up for others.
-type cutProxy struct {
-	l      net.Listener
-	target string
-	mu     sync.Mutex
-	down   bool
-	conns  []net.Conn
-}
-
-func newCutProxy(t *testing.T, target string) *cutProxy {
+// newCutProxy relays to an etcd member and can cut every connection and
+// refuse new ones.
+func newCutProxy(t *testing.T, target string) *tcpproxy.Proxy {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &cutProxy{l: l, target: target}
-	t.Cleanup(func() { l.Close(); p.setDown(true) })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			p.mu.Lock()
-			if p.down {
-				p.mu.Unlock()
-				c.Close()
-				continue
-			}
-			u, err := net.Dial("tcp", target)
-			if err != nil {
-				p.mu.Unlock()
-				c.Close()
-				continue
-			}
-			p.conns = append(p.conns, c, u)
-			p.mu.Unlock()
-			go func() { io.Copy(u, c); u.Close() }()
-			go func() { io.Copy(c, u); c.Close() }()
-		}
-	}()
+	p := tcpproxy.New(l, target)
+	t.Cleanup(func() { p.Close() })
 	return p
-}
-
-func (p *cutProxy) url() string { return "http://" + p.l.Addr().String() }
-
-func (p *cutProxy) setDown(down bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.down = down
-	if down {
-		for _, c := range p.conns {
-			c.Close()
-		}
-		p.conns = nil
-	}
 }
 
 // Scenario 6: while an agent is cut off from etcd, peers leave, move and
@@ -296,7 +250,7 @@ func TestAgentRelistsAfterCompaction(t *testing.T) {
 	}
 	p := newCutProxy(t, strings.TrimPrefix(srv.ClientURL, "http://"))
 	hb := &histBackend{}
-	a := newIdleAgent(t, p.url(), "a", "192.168.1.1", hb)
+	a := newIdleAgent(t, "http://"+p.Addr().String(), "a", "192.168.1.1", hb)
 	ctx, cancel := context.WithCancel(context.Background())
 	a.run(ctx)
 	defer func() { cancel(); <-a.done }()
@@ -308,7 +262,7 @@ func TestAgentRelistsAfterCompaction(t *testing.T) {
 	}
 	_, setsBefore := hb.last()
 
-	p.setDown(true)
+	p.SetDown(true)
 	cli.Delete(context.Background(), keys.Lease("b")) // left
 	putPeer("c", "10.100.42.0/24")                    // moved
 	putPeer("f", "10.100.43.0/24")                    // arrived
@@ -321,7 +275,7 @@ func TestAgentRelistsAfterCompaction(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(time.Second) // shorter than a's 10s lease TTL: a keeps its lease
-	p.setDown(false)
+	p.SetDown(false)
 
 	want = map[string]netip.Prefix{"c": pfx("10.100.42.0/24"), "d": pfx("10.100.202.0/24"), "e": pfx("10.100.203.0/24"), "f": pfx("10.100.43.0/24")}
 	waitPeers(t, hb, want)

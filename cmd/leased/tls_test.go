@@ -14,19 +14,25 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"math/big"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"go.etcd.io/etcd/client/pkg/v3/transport"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
 
 	"github.com/leased/leased/internal/etcdserver"
+	"github.com/leased/leased/pkg/lease"
 )
 
 // pki is a throwaway certificate authority writing PEM files into dir.
@@ -122,7 +128,7 @@ func tryClient(t *testing.T, o *options) error {
 		return err
 	}
 	defer cli.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	_, err = cli.Get(ctx, "/leased/network/config")
 	return err
@@ -261,4 +267,189 @@ func TestHTTPSEndpointNeverPlaintext(t *testing.T) {
 	if !plain {
 		t.Errorf("control: an http:// endpoint sent %q, expected the HTTP/2 preface", firsts)
 	}
+}
+
+const testPassword = "pw-Zq81-never-show-me"
+
+// startAuthEtcd runs etcd with authentication on: user root (password
+// "rootpw") and user leased (testPassword), both with the root role. It
+// returns the member (with a unix socket URL, reachable from any network
+// namespace) and a client logged in as root.
+func startAuthEtcd(t *testing.T) (*etcdserver.Member, *clientv3.Client) {
+	t.Helper()
+	c, err := etcdserver.StartCluster(t.TempDir(), 1, etcdserver.ClusterOptions{Unix: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Stop)
+	m := c.Members[0]
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{m.ClientURL}, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for _, step := range []func() error{
+		func() error { _, err := cli.UserAdd(ctx, "root", "rootpw"); return err },
+		func() error { _, err := cli.UserGrantRole(ctx, "root", "root"); return err },
+		func() error { _, err := cli.UserAdd(ctx, "leased", testPassword); return err },
+		func() error { _, err := cli.UserGrantRole(ctx, "leased", "root"); return err },
+		func() error { _, err := cli.AuthEnable(ctx); return err },
+	} {
+		if err := step(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cli.Close()
+	root, err := clientv3.New(clientv3.Config{Endpoints: []string{m.ClientURL}, Username: "root", Password: "rootpw", Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { root.Close() })
+	return m, root
+}
+
+// Username/password authentication works from the password file and from
+// the environment, and a wrong password fails saying so.
+func TestEtcdPasswordAuth(t *testing.T) {
+	m, _ := startAuthEtcd(t)
+	pwFile := filepath.Join(t.TempDir(), "pw")
+	os.WriteFile(pwFile, []byte(testPassword+"\n"), 0o600)
+	if err := tryClient(t, &options{etcdEndpoints: m.ClientURL, etcdUsername: "leased", etcdPasswordFile: pwFile}); err != nil {
+		t.Errorf("password file: %v", err)
+	}
+	if err := tryClient(t, &options{etcdEndpoints: m.ClientURL, etcdUsername: "leased", etcdPassword: testPassword}); err != nil {
+		t.Errorf("password flag: %v", err)
+	}
+	err := tryClient(t, &options{etcdEndpoints: m.ClientURL, etcdUsername: "leased", etcdPassword: "wrong"})
+	if err == nil || !strings.Contains(err.Error(), "authentication failed") {
+		t.Errorf("wrong password: %v", err)
+	}
+	if err != nil && strings.Contains(err.Error(), "wrong") {
+		t.Errorf("the error repeats the password: %v", err)
+	}
+	if err := tryClient(t, &options{etcdEndpoints: m.ClientURL}); err == nil {
+		t.Error("no credentials: a request worked with auth enabled")
+	}
+}
+
+// TestHelperLeasedProcess is not a test: TestEtcdPasswordNeverShown runs
+// the test binary as the leased agent through it (arguments after "--").
+func TestHelperLeasedProcess(t *testing.T) {
+	if os.Getenv("LEASED_TEST_HELPER") != "1" {
+		return
+	}
+	for i, a := range os.Args {
+		if a == "--" {
+			os.Exit(run(os.Args[i+1:]))
+		}
+	}
+	os.Exit(2)
+}
+
+// The real agent process, given the password in a file or in
+// LEASED_ETCD_PASSWORD, authenticates (its lease appears in etcd), and the
+// password appears neither in /proc/<pid>/cmdline nor anywhere in its log
+// at the highest verbosity. The agent runs in a network namespace of its
+// own, so its datapath touches nothing of the machine's.
+func TestEtcdPasswordNeverShown(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a network namespace; CI runs as root")
+	}
+	m, root := startAuthEtcd(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, err := root.Put(ctx, cfgKey, `{"Network":"10.100.0.0/16"}`); err != nil {
+		t.Fatal(err)
+	}
+	for _, mode := range []string{"file", "env"} {
+		t.Run(mode, func(t *testing.T) {
+			ns := fmt.Sprintf("leased-pw-%d-%s", os.Getpid(), mode)
+			for _, args := range [][]string{
+				{"netns", "add", ns},
+				{"-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"},
+				{"-n", ns, "addr", "add", "192.0.2.1/24", "dev", "eth0"},
+				{"-n", ns, "link", "set", "eth0", "up"},
+				{"-n", ns, "link", "set", "eth1", "up"},
+			} {
+				if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+					exec.Command("ip", "netns", "del", ns).Run()
+					t.Fatalf("ip %v: %v %s", args, err, out)
+				}
+			}
+			t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+			dir := t.TempDir()
+			node := "pw-" + mode
+			args := []string{"netns", "exec", ns, os.Args[0], "-test.run=^TestHelperLeasedProcess$", "--",
+				"--etcd-endpoints=" + m.UnixURL, "--etcd-username=leased", "--iface=eth0", "--node-name=" + node,
+				"--subnet-file=" + filepath.Join(dir, "subnet.env"), "--lease-ttl=10s", "-v=10"}
+			env := append(os.Environ(), "LEASED_TEST_HELPER=1")
+			if mode == "file" {
+				pw := filepath.Join(dir, "pw")
+				os.WriteFile(pw, []byte(testPassword+"\n"), 0o600)
+				args = append(args, "--etcd-password-file="+pw)
+			} else {
+				env = append(env, "LEASED_ETCD_PASSWORD="+testPassword)
+			}
+			cmd := exec.Command("ip", args...)
+			cmd.Env = env
+			var log syncBuffer
+			cmd.Stdout, cmd.Stderr = &log, &log
+			cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			exited := make(chan struct{})
+			go func() { cmd.Wait(); close(exited) }()
+			defer func() { cmd.Process.Kill(); <-exited }()
+			eventually(t, "the agent's lease in etcd (it authenticated)", func() bool {
+				c, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				defer cancel()
+				r, err := root.Get(c, lease.NewKeys("").Lease(node))
+				return err == nil && len(r.Kvs) == 1
+			})
+			eventually(t, "the agent's log line for its lease", func() bool { return strings.Contains(log.String(), "Lease acquired") })
+			cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", cmd.Process.Pid))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(string(cmdline), "TestHelperLeasedProcess") {
+				t.Fatalf("pid %d is not the agent: %q", cmd.Process.Pid, cmdline)
+			}
+			if strings.Contains(string(cmdline), testPassword) {
+				t.Errorf("the password is in /proc/%d/cmdline: %q", cmd.Process.Pid, cmdline)
+			}
+			cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-exited:
+			case <-time.After(15 * time.Second):
+				t.Error("the agent did not stop within 15s of SIGTERM")
+			}
+			out := log.String()
+			if !strings.Contains(out, "Lease acquired") {
+				t.Errorf("the log does not show the lease (is this the agent's log?):\n%s", out)
+			}
+			if strings.Contains(out, testPassword) {
+				t.Errorf("the password is in the agent's log:\n%s", out)
+			}
+		})
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a process's stdout and stderr.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

@@ -2,17 +2,16 @@ package lab
 
 import (
 	"fmt"
-	"io"
 	"net"
 	"net/url"
 	"strings"
-	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
 	"github.com/leased/leased/internal/nsutil"
+	"github.com/leased/leased/internal/tcpproxy"
 )
 
 // useExternalEtcd points the lab at an etcd outside it. Hosts live in
@@ -36,9 +35,7 @@ func (l *Lab) useExternalEtcd(listen string) error {
 	if err != nil {
 		return fmt.Errorf("lab: relay listener in the LAN: %w", err)
 	}
-	r := &relay{ln: ln, targets: targets}
-	go r.serve()
-	l.relay = r
+	l.relay = tcpproxy.New(ln, targets...)
 	l.EtcdEndpoint = "http://" + listen
 	l.Cfg.Log("etcd (external %s) relayed to %s in namespace %s", strings.Join(l.Cfg.EtcdEndpoints, ","), l.EtcdEndpoint, l.ns("lan1"))
 	cli, err := clientv3.New(clientv3.Config{Endpoints: l.Cfg.EtcdEndpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
@@ -47,55 +44,4 @@ func (l *Lab) useExternalEtcd(listen string) error {
 	}
 	l.Client = cli
 	return nil
-}
-
-// relay copies TCP connections from a listener to the first target that
-// accepts a connection.
-type relay struct {
-	ln      net.Listener
-	targets []string
-	mu      sync.Mutex
-	conns   []net.Conn
-}
-
-func (r *relay) serve() {
-	for {
-		c, err := r.ln.Accept()
-		if err != nil {
-			return
-		}
-		go r.pipe(c)
-	}
-}
-
-func (r *relay) pipe(c net.Conn) {
-	var up net.Conn
-	var err error
-	for _, t := range r.targets {
-		if up, err = net.DialTimeout("tcp", t, 3*time.Second); err == nil {
-			break
-		}
-	}
-	if up == nil {
-		c.Close()
-		return
-	}
-	r.mu.Lock()
-	r.conns = append(r.conns, c, up)
-	r.mu.Unlock()
-	go func() { io.Copy(up, c); up.Close() }()
-	io.Copy(c, up)
-	c.Close()
-}
-
-// Close stops accepting and cuts every relayed connection.
-func (r *relay) Close() error {
-	err := r.ln.Close()
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for _, c := range r.conns {
-		c.Close()
-	}
-	r.conns = nil
-	return err
 }

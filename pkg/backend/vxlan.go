@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/json"
 	"errors"
@@ -342,6 +343,8 @@ func (v *vxlan) overlayPeer(in input, p Peer, f peerFamily, data VXLANLeaseData,
 		sk.reason = derr.Error() + ": skipped"
 	case merr != nil || len(mac) != 6:
 		sk.reason = fmt.Sprintf("peer has no usable VTEP MAC for %s (%q): skipped", d.name, macStr)
+	case mac[0]&1 != 0 || bytes.Equal(mac, make(net.HardwareAddr, 6)):
+		sk.reason = fmt.Sprintf("peer's VTEP MAC for %s (%s) is not a unicast MAC: skipped", d.name, mac)
 	case !dst.IsValid():
 		sk.reason = "peer has no public address of the underlay family of " + d.name + ": skipped"
 	}

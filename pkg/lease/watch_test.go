@@ -3,7 +3,6 @@ package lease
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"sync"
@@ -12,6 +11,8 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+
+	"github.com/leased/leased/internal/tcpproxy"
 )
 
 // watcher runs Registry.Watch into a View that the test can inspect.
@@ -103,60 +104,16 @@ func TestWatchListsThenFollowsAndSurvivesRestart(t *testing.T) {
 	w.waitFor(t, "changes after an etcd restart", func(v *View) bool { return v.Records["b"] != nil && v.Records["a"] == nil })
 }
 
-// proxy is a TCP proxy that can cut every connection and refuse new ones,
-// to disconnect one client from etcd while others keep writing.
-type proxy struct {
-	l      net.Listener
-	target string
-	mu     sync.Mutex
-	down   bool
-	conns  []net.Conn
-}
-
-func newProxy(t *testing.T, target string) *proxy {
+// newProxy relays to target and can cut the connection, to disconnect
+// one client from etcd while others keep writing.
+func newProxy(t *testing.T, target string) *tcpproxy.Proxy {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &proxy{l: l, target: target}
-	t.Cleanup(func() { l.Close(); p.setDown(true) })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			p.mu.Lock()
-			if p.down {
-				p.mu.Unlock()
-				c.Close()
-				continue
-			}
-			u, err := net.Dial("tcp", target)
-			if err != nil {
-				p.mu.Unlock()
-				c.Close()
-				continue
-			}
-			p.conns = append(p.conns, c, u)
-			p.mu.Unlock()
-			go func() { io.Copy(u, c); u.Close() }()
-			go func() { io.Copy(c, u); c.Close() }()
-		}
-	}()
+	p := tcpproxy.New(l, target)
+	t.Cleanup(func() { p.Close() })
 	return p
-}
-
-func (p *proxy) setDown(down bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.down = down
-	if down {
-		for _, c := range p.conns {
-			c.Close()
-		}
-		p.conns = nil
-	}
 }
 
 // While the watcher is cut off, leases change and etcd compacts past its
@@ -164,7 +121,7 @@ func (p *proxy) setDown(down bool) {
 func TestWatchRelistsAfterCompaction(t *testing.T) {
 	srv, direct := startEtcd(t)
 	p := newProxy(t, srv.ClientURL[len("http://"):])
-	cut, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + p.l.Addr().String()}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
+	cut, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + p.Addr().String()}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -176,7 +133,7 @@ func TestWatchRelistsAfterCompaction(t *testing.T) {
 	w := startWatch(t, NewRegistry(cut, ""))
 	w.waitFor(t, "initial listing", func(v *View) bool { return len(v.Records) == 5 })
 
-	p.setDown(true)
+	p.SetDown(true)
 	direct.Delete(ctxT(t), reg.Keys().Lease("n0"))
 	direct.Delete(ctxT(t), reg.Keys().Lease("n1"))
 	putRecord(t, direct, reg, "n2", "10.100.42.0/24") // changed
@@ -189,7 +146,7 @@ func TestWatchRelistsAfterCompaction(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(300 * time.Millisecond)
-	p.setDown(false)
+	p.SetDown(false)
 
 	w.waitFor(t, "relist after compaction", func(v *View) bool {
 		r2 := v.Records["n2"]
