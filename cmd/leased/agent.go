@@ -38,7 +38,8 @@ type agent struct {
 	peers     *lease.PeerSet  // the peer filter, kept up to date with dirty
 	peersCfg  *lease.Config   // the config and
 	peersSelf *lease.Record   // own lease peers was computed for
-	bePeers   []backend.Peer  // what was last handed to the backend
+	bePeers   []backend.Peer  // the whole set last handed to the backend (nil: stale)
+	peersSent bool            // the backend holds programmed; changes may go as deltas
 	// programmed is the peer set last handed to the backend. After this
 	// host lost its own lease (it was cut off from etcd, and so, most
 	// likely, were its peers), peers that vanish from etcd are kept until
@@ -213,17 +214,28 @@ func (a *agent) step(ctx context.Context) error {
 			return fmt.Errorf("starting the %s backend: %w", a.be.Type(), err)
 		}
 		a.started = true
+		a.peersSent = false // a (re)started backend gets the whole set
 	}
 	if err := a.writeSubnetEnv(); err != nil {
 		return err
 	}
+	// The backend gets the whole peer set after a rebuild, a (re)start, a
+	// recompute of the filter or during a grace period; otherwise only the
+	// peers that changed, at a cost that does not grow with the cluster.
+	full := !a.peersSent || !a.graceUntil.IsZero()
 	changed := false
+	var delta []string // nodes whose accepted entry changed
 	if a.peers == nil || a.peersCfg != a.cfg || a.peersSelf != a.self {
 		a.peers, a.peersCfg, a.peersSelf = lease.NewPeerSet(a.cfg, a.self, a.view.Records), a.cfg, a.self
-		changed = true
+		full, changed = true, true
 	} else {
 		for node := range a.dirty {
-			changed = a.peers.Update(node) || changed
+			c, recomputed := a.peers.Update(node)
+			changed = changed || c
+			full = full || recomputed
+			if c {
+				delta = append(delta, node)
+			}
 		}
 	}
 	clear(a.dirty)
@@ -242,24 +254,46 @@ func (a *agent) step(ctx context.Context) error {
 				delete(a.rejected, node)
 			}
 		}
-		a.bePeers = toPeers(a.withGrace(a.peers.Accepted()))
-	} else if !a.graceUntil.IsZero() {
-		a.bePeers = toPeers(a.withGrace(a.peers.Accepted()))
 	}
-	peers := a.bePeers
-	metrics.PeersKnown.Set(float64(len(a.view.Records) + len(a.view.Malformed) - btoi(a.view.Records[a.node] != nil)))
-	metrics.PeersRejected.Set(float64(len(rejected) + len(a.view.Malformed)))
-	metrics.PeersProgrammed.Set(float64(len(peers)))
-	if err := a.be.SetPeers(ctx, peers); err != nil {
+	accepted := a.peers.Accepted()
+	var err error
+	upd, canDelta := a.be.(backend.PeerUpdater)
+	switch {
+	case full || !canDelta:
+		if full || changed || a.bePeers == nil {
+			a.bePeers = toPeers(a.withGrace(accepted))
+		}
+		err = a.be.SetPeers(ctx, a.bePeers)
+		a.peersSent = canDelta && err == nil
+	case len(delta) > 0:
+		var ups []backend.Peer
+		var rm []string
+		for _, n := range delta {
+			if r := accepted[n]; r != nil {
+				ups = append(ups, toPeer(r))
+				a.programmed[n] = r
+			} else {
+				rm = append(rm, n)
+				delete(a.programmed, n)
+			}
+		}
+		a.bePeers = nil // stale now; rebuilt when a whole set is needed
+		err = upd.UpdatePeers(ctx, ups, rm)
+	}
+	if err != nil {
 		// The backend retries on its own resync; keep the agent moving.
 		klog.ErrorS(err, "programming peers; the backend retries on its next pass")
 	}
+	npeers := len(a.programmed)
+	metrics.PeersKnown.Set(float64(len(a.view.Records) + len(a.view.Malformed) - btoi(a.view.Records[a.node] != nil)))
+	metrics.PeersRejected.Set(float64(len(rejected) + len(a.view.Malformed)))
+	metrics.PeersProgrammed.Set(float64(npeers))
 	if !a.ready {
 		a.ready = true
 		metrics.Ready.Set(1)
-		klog.InfoS("ready", "node", a.node, "subnets", a.self.Subnets(), "peers", len(peers))
+		klog.InfoS("ready", "node", a.node, "subnets", a.self.Subnets(), "peers", npeers)
 	}
-	a.setStatus(fmt.Sprintf("lease %v held; %d peers", a.self.Subnets(), len(peers)))
+	a.setStatus(fmt.Sprintf("lease %v held; %d peers", a.self.Subnets(), npeers))
 	return nil
 }
 
@@ -520,11 +554,15 @@ func btoi(b bool) int {
 func toPeers(recs map[string]*lease.Record) []backend.Peer {
 	out := make([]backend.Peer, 0, len(recs))
 	for _, r := range recs {
-		out = append(out, backend.Peer{
-			Node: r.Node, Subnet4: r.Subnet, Subnet6: r.IPv6Subnet,
-			PublicIP4: r.PublicIP, PublicIP6: r.PublicIPv6,
-			BackendType: r.BackendType, BackendData: r.BackendData,
-		})
+		out = append(out, toPeer(r))
 	}
 	return out
+}
+
+func toPeer(r *lease.Record) backend.Peer {
+	return backend.Peer{
+		Node: r.Node, Subnet4: r.Subnet, Subnet6: r.IPv6Subnet,
+		PublicIP4: r.PublicIP, PublicIP6: r.PublicIPv6,
+		BackendType: r.BackendType, BackendData: r.BackendData,
+	}
 }

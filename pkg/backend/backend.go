@@ -111,3 +111,13 @@ type Backend interface {
 	// that a restarted agent disturbs no traffic.
 	Run(ctx context.Context) error
 }
+
+// PeerUpdater is implemented by backends that take a change to the peer
+// set instead of the whole set. UpdatePeers(ctx, upserts, removed) has the
+// same effect as SetPeers with the last set, upserts added or replacing the
+// peers of their nodes and the nodes in removed dropped, at a cost that
+// follows the change, not the size of the set. A node must not be in both
+// upserts and removed.
+type PeerUpdater interface {
+	UpdatePeers(ctx context.Context, upserts []Peer, removed []string) error
+}

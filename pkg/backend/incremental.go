@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"time"
 
 	"k8s.io/klog/v2"
 )
@@ -181,6 +182,27 @@ func (e *engine) setPeersLocked(ctx context.Context, peers []Peer) error {
 	}
 	e.peers = append(e.peers[:0], peers...)
 	e.peersSet = true
+	if known {
+		if e.peerPos == nil {
+			e.peerPos = make(map[string]int, len(peers))
+		}
+		clear(e.peerPos)
+		for i, p := range e.peers {
+			e.peerPos[p.Node] = i
+		}
+	} else {
+		e.peerPos = nil // duplicate node names: UpdatePeers goes the SetPeers way
+	}
+	err := e.applyLocked(ctx, ch, known)
+	if known {
+		logChanges(ch) // after the kernel work: routes first, then the lines
+	}
+	return err
+}
+
+// applyLocked realises a peer change: nothing when nothing changed, the
+// changed peers alone when that is safe, else a whole-set pass.
+func (e *engine) applyLocked(ctx context.Context, ch peerChanges, known bool) error {
 	var err error
 	switch {
 	case known && ch.empty() && e.trusted && e.started:
@@ -196,10 +218,69 @@ func (e *engine) setPeersLocked(ctx context.Context, peers []Peer) error {
 	default:
 		err = e.quickPassLocked(ctx)
 	}
-	if known {
-		logChanges(ch) // after the kernel work: routes first, then the lines
-	}
 	return err
+}
+
+// UpdatePeers is SetPeers for a change: the last set with upserts added or
+// replacing the peers of their nodes, and the nodes in removed dropped. Its
+// cost follows the change only, not the size of the set.
+func (e *engine) UpdatePeers(ctx context.Context, upserts []Peer, removed []string) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	defer observe("peers", time.Now())
+	if !e.peersSet || e.idx.byNode == nil || e.peerPos == nil {
+		return e.setPeersLocked(ctx, e.patched(upserts, removed))
+	}
+	var ch peerChanges
+	for _, node := range removed {
+		ip := e.idx.byNode[node]
+		if ip == nil {
+			continue
+		}
+		ch.removed = append(ch.removed, ip.p)
+		delete(e.idx.byNode, node)
+		i, last := e.peerPos[node], len(e.peers)-1
+		e.peers[i] = e.peers[last]
+		e.peerPos[e.peers[i].Node] = i
+		e.peers[last] = Peer{}
+		e.peers = e.peers[:last]
+		delete(e.peerPos, node)
+	}
+	for _, p := range upserts {
+		p = clonePeer(p)
+		switch ip := e.idx.byNode[p.Node]; {
+		case ip == nil:
+			ch.added = append(ch.added, p)
+			e.idx.byNode[p.Node] = &indexedPeer{p: p, gen: e.idx.gen}
+			e.peerPos[p.Node] = len(e.peers)
+			e.peers = append(e.peers, p)
+		case !samePeer(ip.p, p):
+			ch.changed = append(ch.changed, [2]Peer{ip.p, p})
+			ip.p = p
+			e.peers[e.peerPos[p.Node]] = p
+		}
+	}
+	err := e.applyLocked(ctx, ch, true)
+	logChanges(ch)
+	return err
+}
+
+// patched returns the last peer set with a change applied.
+func (e *engine) patched(upserts []Peer, removed []string) []Peer {
+	drop := make(map[string]bool, len(removed)+len(upserts))
+	for _, n := range removed {
+		drop[n] = true
+	}
+	for _, p := range upserts {
+		drop[p.Node] = true
+	}
+	out := make([]Peer, 0, len(e.peers)+len(upserts))
+	for _, p := range e.peers {
+		if !drop[p.Node] {
+			out = append(out, p)
+		}
+	}
+	return append(out, upserts...)
 }
 
 // logChanges logs each subnet that appeared or disappeared ("Subnet added",

@@ -72,8 +72,12 @@ func TestIncrementalMatchesFullPass(t *testing.T) {
 		r := rand.New(rand.NewPCG(seed, 1))
 		e, k := newHostGWFake()
 		cur := map[string]Peer{}
+		prevDup := false
 		for step := range 150 {
 			// Mutate a few peers: add, change, remove.
+			var upserts []Peer
+			var removed []string
+			touched := map[string]bool{}
 			for range 1 + r.IntN(4) {
 				node := fmt.Sprintf("n%d", r.IntN(60))
 				if r.IntN(50) == 0 {
@@ -84,14 +88,40 @@ func TestIncrementalMatchesFullPass(t *testing.T) {
 				} else {
 					cur[node] = randomPeer(r, node)
 				}
+				touched[node] = true
+			}
+			for node := range touched { // the net change of this step
+				if p, ok := cur[node]; ok {
+					upserts = append(upserts, p)
+				} else {
+					removed = append(removed, node)
+				}
 			}
 			peers := slices.Collect(maps.Values(cur))
 			slices.SortFunc(peers, func(a, b Peer) int { return cmpString(a.Node, b.Node) })
-			if r.IntN(10) == 0 && len(peers) > 0 { // the same node twice
-				dup := randomPeer(r, peers[0].Node)
-				peers = append(peers, dup)
+			dup := r.IntN(10) == 0 && len(peers) > 0
+			if dup { // the same node twice
+				peers = append(peers, randomPeer(r, peers[0].Node))
 			}
-			if err := e.SetPeers(ctx, peers); err != nil {
+			var err error
+			if !dup && !prevDup && r.IntN(2) == 0 {
+				err = e.UpdatePeers(ctx, upserts, removed) // the change alone
+				// When two peers want one object the first in the set wins;
+				// compare with a full pass over the set in the engine's order.
+				peers = slices.Clone(e.peers)
+				if len(peers) != len(cur) {
+					t.Fatalf("seed %d step %d: engine holds %d peers, want %d", seed, step, len(peers), len(cur))
+				}
+				for _, p := range peers {
+					if !samePeer(p, cur[p.Node]) {
+						t.Fatalf("seed %d step %d: engine holds %+v, want %+v", seed, step, p, cur[p.Node])
+					}
+				}
+			} else {
+				err = e.SetPeers(ctx, peers)
+			}
+			prevDup = dup
+			if err != nil {
 				t.Fatalf("seed %d step %d: %v", seed, step, err)
 			}
 			if r.IntN(25) == 0 { // a full pass in between changes nothing

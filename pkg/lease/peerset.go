@@ -58,38 +58,39 @@ func (ps *PeerSet) delHeld(r *Record) {
 }
 
 // Update takes the change of node's record in the records map (already
-// applied there; a missing entry means deleted) and reports whether the set
-// of accepted peers changed.
-func (ps *PeerSet) Update(node string) bool {
+// applied there; a missing entry means deleted). It reports whether the
+// set of accepted peers changed, and whether it had to recompute it all
+// (recomputed): otherwise the only change is node's own entry in Accepted.
+func (ps *PeerSet) Update(node string) (changed, recomputed bool) {
 	if ps.self != nil && node == ps.self.Node {
-		return false
+		return false, false
 	}
 	rec := ps.records[node]
 	old, wasAccepted := ps.accepted[node]
 	if wasAccepted && rec == old {
-		return false
+		return false, false
 	}
 	if len(ps.rejected) > 0 {
 		// A rejected record may win or lose differently now: start over.
 		ps.recompute()
-		return true
+		return true, true
 	}
 	if wasAccepted {
 		ps.delHeld(old)
 		delete(ps.accepted, node)
 	}
 	if rec == nil {
-		return wasAccepted
+		return wasAccepted, false
 	}
 	if err := checkPeer(ps.cfg, ps.self, rec, ps.held); err != nil {
 		// Which of two overlapping records wins depends on their age:
 		// let Peers decide.
 		ps.recompute()
-		return true
+		return true, true
 	}
 	ps.accepted[node] = rec
 	ps.addHeld(rec)
-	return true
+	return true, false
 }
 
 // Accepted returns the peers to program, keyed by node. The map is owned by
