@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"os"
 	"slices"
 	"time"
 
@@ -79,12 +80,13 @@ func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node strin
 // restarted agent picks up where this one stopped without disturbing traffic.
 func (a *agent) run(ctx context.Context) error {
 	batches := make(chan lease.Batch, 16)
-	go a.reg.Watch(ctx, batches) //nolint:errcheck // returns ctx.Err()
+	a.startWatch(ctx, batches)
 	a.setStatus("waiting for etcd at " + a.o.etcdEndpoints)
 	retry := time.NewTimer(time.Hour)
 	defer retry.Stop()
 	bo := time.Second
 	defer func() {
+		a.saveCache()
 		if a.sess != nil {
 			a.sess.Orphan()
 		}
@@ -140,6 +142,39 @@ func (a *agent) run(ctx context.Context) error {
 				retry.Reset(time.Until(a.graceUntil) + 10*time.Millisecond)
 			}
 		}
+	}
+}
+
+// startWatch follows etcd from the lease cache a previous run saved, when
+// it is usable, else from a full listing.
+func (a *agent) startWatch(ctx context.Context, batches chan lease.Batch) {
+	path := a.o.leaseCachePath()
+	if path != "" {
+		h, start, err := lease.LoadSnapshot(path)
+		os.Remove(path) // one use: a crash must not leave an old cache behind
+		if err == nil {
+			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			ok := a.reg.Usable(cctx, h)
+			cancel()
+			if ok {
+				klog.InfoS("resuming the lease watch from the cache of the previous run", "path", path, "rev", h.Rev, "leases", len(start.Events))
+				go a.reg.WatchFrom(ctx, start, batches) //nolint:errcheck // returns ctx.Err()
+				return
+			}
+			klog.InfoS("lease cache is from another etcd cluster, prefix or time; listing instead", "path", path)
+		}
+	}
+	go a.reg.Watch(ctx, batches) //nolint:errcheck // returns ctx.Err()
+}
+
+// saveCache saves the lease set for the next run (see startWatch).
+func (a *agent) saveCache() {
+	path := a.o.leaseCachePath()
+	if path == "" || !a.view.Synced {
+		return
+	}
+	if err := lease.SaveSnapshot(path, a.reg.Keys().Prefix(), &a.view); err != nil {
+		klog.InfoS("could not save the lease cache; the next start lists every lease", "path", path, "err", err)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -31,6 +32,7 @@ type options struct {
 	ipMasq           bool
 	resync           time.Duration
 	metricsAddr      string
+	leaseCache       string
 }
 
 // DefaultLeaseTTL is how long a host's lease outlives its last keep-alive.
@@ -81,6 +83,7 @@ func (o *options) registerAgent(fs *flag.FlagSet) {
 	fs.StringVar(&o.nodeName, "node-name", "", "this host's node name (default: the hostname, else derived from /etc/machine-id); subnets are remembered by it")
 	fs.DurationVar(&o.leaseTTL, "lease-ttl", DefaultLeaseTTL, "lease lifetime without keep-alive (Go duration, e.g. 10s, 24h)")
 	fs.BoolVar(&o.ipMasq, "ip-masq", false, "masquerade IPv4 traffic leaving the cluster network (IPv6 is never NATed)")
+	fs.StringVar(&o.leaseCache, "lease-cache", "", "where the agent saves the lease set at exit, to resume the etcd watch from it on restart instead of reading every lease (default: leases.cache next to --subnet-file; \"none\" disables)")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve /healthz, /readyz and /metrics on this address (e.g. 127.0.0.1:9464); off when empty")
 	fs.DurationVar(&o.resync, "resync-interval", 10*time.Second, "how often the datapath is compared with the kernel in full")
 }
@@ -103,6 +106,17 @@ func applyEnv(fs *flag.FlagSet) error {
 		}
 	})
 	return err
+}
+
+// leaseCachePath is the lease cache file, "" when disabled.
+func (o *options) leaseCachePath() string {
+	switch o.leaseCache {
+	case "none":
+		return ""
+	case "":
+		return filepath.Join(filepath.Dir(o.subnetFile), "leases.cache")
+	}
+	return o.leaseCache
 }
 
 func (o *options) validate() error {

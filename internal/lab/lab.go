@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/big"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -52,6 +53,10 @@ type Config struct {
 	// EtcdEndpoints are an external etcd's client URLs (plain http) to use
 	// instead of the embedded member; the lab relays them into the LAN.
 	EtcdEndpoints []string
+	// ReserveTop keeps the top ReserveTop subnets of each family out of
+	// the hosts' range (SubnetMax), so that tests can put synthetic peers
+	// there without colliding with a host's random subnet.
+	ReserveTop int
 	// Log receives progress lines (default: discarded).
 	Log func(format string, args ...any)
 
@@ -155,9 +160,15 @@ func (l *Lab) NetworkConfig() []byte {
 	c := map[string]any{}
 	if l.Cfg.IPv4 {
 		c["Network"], c["SubnetLen"] = l.Cfg.Network, l.Cfg.SubnetLen
+		if l.Cfg.ReserveTop > 0 {
+			c["SubnetMax"] = topSubnet(l.Cfg.Network, l.Cfg.SubnetLen, l.Cfg.ReserveTop).Addr().String()
+		}
 	}
 	if l.Cfg.IPv6 {
 		c["IPv6Network"], c["IPv6SubnetLen"] = l.Cfg.IPv6Network, l.Cfg.IPv6SubnetLen
+		if l.Cfg.ReserveTop > 0 {
+			c["IPv6SubnetMax"] = topSubnet(l.Cfg.IPv6Network, l.Cfg.IPv6SubnetLen, l.Cfg.ReserveTop).Addr().String()
+		}
 	}
 	be := map[string]any{"Type": l.Cfg.Backend}
 	for k, v := range l.Cfg.BackendExtra {
@@ -502,3 +513,16 @@ func (h *Host) IP(args ...string) (string, error) {
 
 // Env reads h's subnet.env.
 func (h *Host) Env() (subnetenv.Env, error) { return subnetenv.Read(h.SubnetFile()) }
+
+// topSubnet returns the subnet of length bits that lies k places below the
+// last one of network (k=0: the last one).
+func topSubnet(network string, bits, k int) netip.Prefix {
+	n := netip.MustParsePrefix(network)
+	a := new(big.Int).SetBytes(n.Addr().AsSlice())
+	size := n.Addr().BitLen()
+	last := new(big.Int).Lsh(big.NewInt(1), uint(size-n.Bits()))
+	last.Sub(last, new(big.Int).Lsh(big.NewInt(int64(k)+1), uint(size-bits)))
+	a.Add(a, last)
+	addr, _ := netip.AddrFromSlice(a.FillBytes(make([]byte, size/8)))
+	return netip.PrefixFrom(addr, bits)
+}

@@ -57,6 +57,8 @@ type Batch struct {
 	// missing ConfigPut means the config key does not exist).
 	Reset  bool
 	Events []Event
+	// ClusterID is the etcd cluster the batch came from (0: unknown).
+	ClusterID uint64
 }
 
 // Watch lists the config and every lease record in one round trip, sends
@@ -103,26 +105,13 @@ func (r *Registry) list(ctx context.Context, out chan<- Batch) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("listing %s: %w", k.Prefix(), err)
 	}
-	b := Batch{Rev: resp.Header.Revision, Reset: true}
+	b := Batch{Rev: resp.Header.Revision, Reset: true, ClusterID: resp.Header.ClusterId}
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
 		b.Events = append(b.Events, Event{Kind: ConfigPut, Value: kv.Value})
 	}
 	kvs := resp.Responses[1].GetResponseRange().Kvs
 	evs := make([]Event, len(kvs))
-	workers := runtime.GOMAXPROCS(0)
-	chunk := (len(kvs) + workers - 1) / workers
-	var wg sync.WaitGroup
-	for lo := 0; lo < len(kvs); lo += chunk {
-		hi := min(lo+chunk, len(kvs))
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := lo; i < hi; i++ {
-				evs[i] = r.leaseEvent(kvs[i], false)
-			}
-		}()
-	}
-	wg.Wait()
+	parallel(len(kvs), func(i int) { evs[i] = r.leaseEvent(kvs[i], false) })
 	b.Events = append(b.Events, evs...)
 	select {
 	case out <- b:
@@ -130,6 +119,24 @@ func (r *Registry) list(ctx context.Context, out chan<- Batch) (int64, error) {
 		return 0, ctx.Err()
 	}
 	return b.Rev, nil
+}
+
+// parallel calls fn(i) for i in [0, n), split over every CPU.
+func parallel(n int, fn func(i int)) {
+	workers := runtime.GOMAXPROCS(0)
+	chunk := (n + workers - 1) / workers
+	var wg sync.WaitGroup
+	for lo := 0; lo < n; lo += chunk {
+		hi := min(lo+chunk, n)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := lo; i < hi; i++ {
+				fn(i)
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 // watchFrom watches from rev until ctx is done (returning ctx's error) or
@@ -149,7 +156,7 @@ func (r *Registry) watchFrom(ctx context.Context, rev int64, out chan<- Batch) e
 				break
 			}
 			backoff.reset()
-			b := Batch{Rev: resp.Header.Revision}
+			b := Batch{Rev: resp.Header.Revision, ClusterID: resp.Header.ClusterId}
 			for _, ev := range resp.Events {
 				if e, ok := r.event(ev); ok {
 					b.Events = append(b.Events, e)
@@ -269,6 +276,8 @@ type View struct {
 	Malformed map[string]error
 	// Rev is the revision the view reflects.
 	Rev int64
+	// ClusterID is the etcd cluster the view comes from (0: unknown).
+	ClusterID uint64
 }
 
 // Apply folds one batch into the view.
@@ -278,6 +287,9 @@ func (v *View) Apply(b Batch) {
 	}
 	v.Synced = v.Synced || b.Reset
 	v.Rev = b.Rev
+	if b.ClusterID != 0 {
+		v.ClusterID = b.ClusterID
+	}
 	for _, e := range b.Events {
 		switch e.Kind {
 		case ConfigPut:

@@ -49,6 +49,9 @@ func up(t *testing.T, cfg lab.Config) *lab.Lab {
 		cfg.IPv4, cfg.IPv6 = true, true
 	}
 	cfg.AgentArgs = append(cfg.AgentArgs, "-v=2", "--resync-interval=2s")
+	if cfg.ReserveTop == 0 {
+		cfg.ReserveTop = 32 // synthetic peers live at the top of the range (lastSubnet)
+	}
 	cfg.Log = t.Logf
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()

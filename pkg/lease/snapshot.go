@@ -1,0 +1,146 @@
+package lease
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/leased/leased/pkg/metrics"
+)
+
+// A snapshot is a View saved to disk so that a restarted agent can resume
+// the watch from the saved revision instead of reading every lease from
+// etcd again: the watch replays every change since, so the result is
+// exactly the current state. It is only used for the same etcd cluster and
+// prefix; when etcd has compacted past its revision, the watch lists
+// afresh as it always does.
+//
+// Format: a first line of JSON (SnapshotHeader), then one line per lease:
+// "<create rev> <etcd lease> <node> <record JSON>".
+
+// SnapshotHeader identifies what a snapshot belongs to.
+type SnapshotHeader struct {
+	ClusterID uint64          `json:"clusterID"`
+	Prefix    string          `json:"prefix"`
+	Rev       int64           `json:"rev"`
+	Config    json.RawMessage `json:"config,omitempty"`
+}
+
+// SaveSnapshot writes v atomically (temp file, rename) to path.
+func SaveSnapshot(path, prefix string, v *View) error {
+	if !v.Synced || v.ClusterID == 0 || v.Rev <= 0 {
+		return errors.New("lease: nothing to snapshot yet")
+	}
+	h := SnapshotHeader{ClusterID: v.ClusterID, Prefix: prefix, Rev: v.Rev}
+	if v.Config != nil && json.Valid(v.Config) {
+		h.Config = v.Config
+	}
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(&h); err != nil {
+		return err
+	}
+	for _, r := range v.Records {
+		val, err := json.Marshal(r)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(&buf, "%d %d %s %s\n", r.Rev, r.Lease, r.Node, val)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".leases-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(buf.Bytes()); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}
+
+// LoadSnapshot reads a snapshot and returns its header and the Reset batch
+// it stands for. Lines that do not parse are left out: the watch that
+// follows corrects anything stale, and a damaged file only costs records.
+func LoadSnapshot(path string) (SnapshotHeader, Batch, error) {
+	var h SnapshotHeader
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return h, Batch{}, err
+	}
+	head, rest, _ := bytes.Cut(data, []byte{'\n'})
+	if json.Unmarshal(head, &h) != nil || h.Rev <= 0 {
+		return h, Batch{}, fmt.Errorf("lease: snapshot %s has no valid header", path)
+	}
+	b := Batch{Rev: h.Rev, Reset: true, ClusterID: h.ClusterID}
+	if h.Config != nil {
+		b.Events = append(b.Events, Event{Kind: ConfigPut, Value: []byte(h.Config)})
+	}
+	lines := bytes.Split(bytes.TrimSuffix(rest, []byte{'\n'}), []byte{'\n'})
+	evs := make([]Event, len(lines))
+	parallel(len(lines), func(i int) {
+		f := bytes.SplitN(lines[i], []byte{' '}, 4)
+		if len(f) != 4 {
+			return
+		}
+		rev, err1 := strconv.ParseInt(string(f[0]), 10, 64)
+		lid, err2 := strconv.ParseInt(string(f[1]), 10, 64)
+		node := string(f[2])
+		if err1 != nil || err2 != nil || ValidNodeName(node) != nil {
+			return
+		}
+		rec, err := DecodeRecord(node, f[3])
+		if err != nil {
+			return
+		}
+		rec.Rev, rec.Lease = rev, lid
+		evs[i] = Event{Kind: LeasePut, Node: node, Record: rec}
+	})
+	for _, e := range evs {
+		if e.Record != nil {
+			b.Events = append(b.Events, e)
+		}
+	}
+	return h, b, nil
+}
+
+// Usable reports whether a snapshot can stand in for a listing: it is from
+// this registry's prefix and from the etcd cluster that answers now, and
+// not from that cluster's future (a restored backup rewinds revisions).
+// It costs one read.
+func (r *Registry) Usable(ctx context.Context, h SnapshotHeader) bool {
+	if h.Prefix != r.keys.Prefix() {
+		return false
+	}
+	resp, err := r.cli.Get(ctx, r.keys.Config(), clientv3.WithCountOnly())
+	if err != nil {
+		return false
+	}
+	return resp.Header.ClusterId == h.ClusterID && h.Rev <= resp.Header.Revision
+}
+
+// WatchFrom is Watch that starts from a snapshot's batch instead of a
+// listing: it sends start, then watches from start.Rev+1. If etcd has
+// compacted past it, it lists as Watch does.
+func (r *Registry) WatchFrom(ctx context.Context, start Batch, out chan<- Batch) error {
+	select {
+	case out <- start:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if err := r.watchFrom(ctx, start.Rev+1, out); !errors.Is(err, rpctypes.ErrCompacted) {
+		return err
+	}
+	metrics.WatchRestarts.WithLabelValues("compaction").Inc()
+	return r.Watch(ctx, out)
+}
