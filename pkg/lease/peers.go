@@ -20,6 +20,50 @@ import (
 // on every watch event with every record, so it sorts compact entries and
 // keys its overlap index by integers instead of netip.Prefix values.
 func Peers(cfg *Config, self *Record, records map[string]*Record) (peers []*Record, rejected map[string]error) {
+	if peers, rejected, ok := peersUnordered(cfg, self, records); ok {
+		return peers, rejected
+	}
+	return peersByAge(cfg, self, records)
+}
+
+// peersUnordered is Peers without sorting, for the common case in which no
+// two records name the same subnet: then no record's fate depends on its
+// age. It reports ok=false as soon as two records share a subnet.
+func peersUnordered(cfg *Config, self *Record, records map[string]*Record) (peers []*Record, rejected map[string]error, ok bool) {
+	rejected = map[string]error{}
+	held := newHeldSet(len(records) + 1)
+	if self != nil {
+		for _, s := range self.Subnets() {
+			held.add(s, self.Node+" (this host)")
+		}
+	}
+	seen := newHeldSet(len(records)) // every peer subnet, accepted or not
+	peers = make([]*Record, 0, len(records))
+	for _, r := range records {
+		if self != nil && r.Node == self.Node {
+			continue
+		}
+		for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
+			if !s.IsValid() {
+				continue
+			}
+			if _, dup := seen.get(s); dup {
+				return nil, nil, false
+			}
+			seen.add(s, r.Node)
+		}
+		if err := checkPeer(cfg, self, r, held); err != nil {
+			rejected[r.Node] = err
+			continue
+		}
+		peers = append(peers, r)
+	}
+	return peers, rejected, true
+}
+
+// peersByAge is Peers for record sets in which subnets repeat: the older
+// record (lower create revision) wins.
+func peersByAge(cfg *Config, self *Record, records map[string]*Record) (peers []*Record, rejected map[string]error) {
 	rejected = map[string]error{}
 	type entry struct {
 		rev  int64

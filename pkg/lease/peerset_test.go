@@ -67,3 +67,33 @@ func sortedNodes(rs []*Record) []string {
 	sort.Strings(out)
 	return out
 }
+
+// Without repeated subnets, the unsorted filter decides exactly as the one
+// that orders records by age.
+func TestPeersUnorderedMatchesByAge(t *testing.T) {
+	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48","IPv6SubnetLen":64}`)
+	self := &Record{Node: "me", Subnet: netip.MustParsePrefix("10.100.1.0/24"), PublicIP: netip.MustParseAddr("192.168.0.1")}
+	for seed := range uint64(50) {
+		rng := rand.New(rand.NewPCG(seed, 9))
+		records := map[string]*Record{"me": self}
+		for i := range 40 {
+			r := &Record{Node: fmt.Sprintf("n%d", i), Rev: int64(rng.IntN(1000)), PublicIP: netip.AddrFrom4([4]byte{192, 168, 0, byte(2 + rng.IntN(3))})}
+			r.Subnet = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100, byte(i), 0}), 24) // distinct; n1 overlaps self
+			if rng.IntN(8) == 0 {
+				r.PublicIP = netip.MustParseAddr("224.0.0.1") // hostile
+			}
+			if rng.IntN(10) == 0 {
+				r.Subnet = netip.MustParsePrefix("10.200.0.0/24") // outside (may repeat: then by age)
+			}
+			records[r.Node] = r
+		}
+		fast, fastRej, ok := peersUnordered(cfg, self, records)
+		slow, slowRej := peersByAge(cfg, self, records)
+		if !ok {
+			continue
+		}
+		if fmt.Sprint(sortedNodes(fast)) != fmt.Sprint(sortedNodes(slow)) || len(fastRej) != len(slowRej) {
+			t.Fatalf("seed %d: unordered %v (%d rejected), by age %v (%d rejected)", seed, sortedNodes(fast), len(fastRej), sortedNodes(slow), len(slowRej))
+		}
+	}
+}
