@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -130,17 +131,79 @@ func (r *Registry) Usable(ctx context.Context, h SnapshotHeader) bool {
 }
 
 // WatchFrom is Watch that starts from a snapshot's batch instead of a
-// listing: it sends start, then watches from start.Rev+1. If etcd has
-// compacted past it, it lists as Watch does.
+// listing. It first catches up: it watches from start.Rev+1 until etcd
+// confirms (a progress notification) that every change up to now has been
+// delivered, and sends the snapshot with those changes applied as one
+// Reset batch, so that the consumer never acts on the snapshot's stale
+// state. Then it goes on like Watch. If etcd has compacted past the
+// snapshot, or does not confirm within catchUpTimeout, it lists as Watch
+// does.
 func (r *Registry) WatchFrom(ctx context.Context, start Batch, out chan<- Batch) error {
+	b, ok := r.catchUp(ctx, start)
+	if !ok {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		metrics.WatchRestarts.WithLabelValues("compaction").Inc()
+		return r.Watch(ctx, out)
+	}
 	select {
-	case out <- start:
+	case out <- b:
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	if err := r.watchFrom(ctx, start.Rev+1, out); !errors.Is(err, rpctypes.ErrCompacted) {
+	if err := r.watchFrom(ctx, b.Rev+1, out); !errors.Is(err, rpctypes.ErrCompacted) {
 		return err
 	}
 	metrics.WatchRestarts.WithLabelValues("compaction").Inc()
 	return r.Watch(ctx, out)
+}
+
+const catchUpTimeout = 5 * time.Second
+
+// catchUp applies every change since start to it and returns the result
+// as a Reset batch at the revision etcd confirmed.
+func (r *Registry) catchUp(ctx context.Context, start Batch) (Batch, bool) {
+	ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), catchUpTimeout)
+	defer cancel()
+	var v View
+	v.Apply(start)
+	wch := r.cli.Watch(ctx, r.keys.Prefix(), clientv3.WithPrefix(), clientv3.WithRev(start.Rev+1))
+	// etcd answers progress requests only once the watcher has caught up,
+	// so ask until it answers.
+	r.cli.RequestProgress(ctx) //nolint:errcheck // may come before the watch exists; the ticker repeats it
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return Batch{}, false
+		case <-tick.C:
+			r.cli.RequestProgress(ctx) //nolint:errcheck // retried on the next tick
+		case resp, ok := <-wch:
+			if !ok || resp.Err() != nil || resp.CompactRevision != 0 {
+				return Batch{}, false
+			}
+			if resp.IsProgressNotify() {
+				b := Batch{Rev: resp.Header.Revision, Reset: true, ClusterID: resp.Header.ClusterId}
+				if v.Config != nil {
+					b.Events = append(b.Events, Event{Kind: ConfigPut, Value: v.Config})
+				}
+				for node, rec := range v.Records {
+					b.Events = append(b.Events, Event{Kind: LeasePut, Node: node, Record: rec})
+				}
+				for node, err := range v.Malformed {
+					b.Events = append(b.Events, Event{Kind: LeasePut, Node: node, Err: err})
+				}
+				return b, true
+			}
+			nb := Batch{Rev: resp.Header.Revision}
+			for _, ev := range resp.Events {
+				if e, ok := r.event(ev); ok {
+					nb.Events = append(nb.Events, e)
+				}
+			}
+			v.Apply(nb)
+		}
+	}
 }
