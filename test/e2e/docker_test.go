@@ -499,7 +499,7 @@ func TestDockerSubnetChange(t *testing.T) {
 	// Reserve other subnets for host1, then end its etcd lease as an expiry
 	// would: the agent claims again and the reservation wins.
 	next4, next6 := netip.MustParsePrefix("10.100.200.0/24"), netip.MustParsePrefix("2001:db8:cd11:fa::/64") // inside SubnetMax (the lab reserves the top)
-	for _, h := range []*lab.Host{h1, h2} { // not a subnet a host drew
+	for _, h := range []*lab.Host{h1, h2} {                                                                  // not a subnet a host drew
 		if e, _ := h.Env(); e.Subnet4 == next4 || e.Subnet6 == next6 {
 			next4, next6 = netip.MustParsePrefix("10.100.201.0/24"), netip.MustParsePrefix("2001:db8:cd11:fb::/64")
 		}
