@@ -135,11 +135,10 @@ func arrival(oob []byte) int64 {
 // nsSender is a packet socket on the router's LAN interface that sends
 // solicitations and receives advertisements.
 type nsSender struct {
-	fd   int
-	mac  net.HardwareAddr
-	src  netip.Addr
-	seq  uint32
-	stop atomic.Bool
+	fd  int
+	mac net.HardwareAddr
+	src netip.Addr
+	seq uint32
 }
 
 func newNSSender(ns, ifname string, src netip.Addr) (*nsSender, error) {
