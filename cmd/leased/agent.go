@@ -299,7 +299,9 @@ func (a *agent) step(ctx context.Context) error {
 			a.bePeers = toPeers(a.withGrace(accepted))
 		}
 		err = a.be.SetPeers(ctx, a.bePeers)
-		a.peersSent = canDelta && err == nil
+		// The backend holds the set even when some kernel calls failed
+		// (it retries them), so later changes may go as deltas.
+		a.peersSent = canDelta
 	case len(delta) > 0:
 		var ups []backend.Peer
 		var rm []string
