@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -67,22 +66,12 @@ type testAgent struct {
 
 func startTestAgent(t *testing.T, endpoint, node, ip string) *testAgent {
 	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	o := &options{etcdEndpoints: endpoint, etcdPrefix: lease.DefaultPrefix, leaseTTL: 10 * time.Second,
-		subnetFile: filepath.Join(t.TempDir(), "subnet.env")}
-	ext := backend.ExtIface{Name: "eth0", MTU: 1500, Public4: netip.MustParseAddr(ip), Addr4: netip.MustParseAddr(ip)}
 	rec := &recorder{}
-	a := newAgent(o, cli, ext, node)
-	a.newBackend = func(json.RawMessage, backend.ExtIface, string, backend.Options) (backend.Backend, error) {
-		return rec, nil
-	}
+	ia := newIdleAgent(t, endpoint, node, ip, rec)
 	ctx, cancel := context.WithCancel(context.Background())
-	ta := &testAgent{agent: a, rec: rec, cancel: cancel, done: make(chan struct{})}
-	go func() { defer close(ta.done); a.run(ctx) }()
-	t.Cleanup(func() { ta.stop(); cli.Close() })
+	ia.run(ctx)
+	ta := &testAgent{agent: ia.agent, rec: rec, cancel: cancel, done: ia.done}
+	t.Cleanup(ta.stop) // before newIdleAgent's cleanup closes the client
 	return ta
 }
 

@@ -9,7 +9,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -213,11 +212,10 @@ func subnetEnvOf(a *idleAgent) (subnetenv.Env, error) { return subnetenv.Read(a.
 // refuse new ones.
 func newCutProxy(t *testing.T, target string) *tcpproxy.Proxy {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	p, err := tcpproxy.Loopback(target)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := tcpproxy.New(l, target)
 	t.Cleanup(func() { p.Close() })
 	return p
 }

@@ -28,6 +28,15 @@ func New(ln net.Listener, targets ...string) *Proxy {
 	return p
 }
 
+// Loopback listens on a free loopback port and relays to targets.
+func Loopback(targets ...string) (*Proxy, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	return New(ln, targets...), nil
+}
+
 // Addr is the listener's address.
 func (p *Proxy) Addr() net.Addr { return p.ln.Addr() }
 

@@ -87,8 +87,41 @@ func BenchmarkAcquire50k(b *testing.B) {
 func BenchmarkReady50k(b *testing.B) {
 	_, cli := startEtcd(b)
 	reg := NewRegistry(cli, "")
-	cfg := mustConfig(b, benchConfig)
 	fillLeases(b, cli, reg, benchN)
+	benchReady(b, cli, reg, func(ctx context.Context, ch chan Batch) { go reg.Watch(ctx, ch) })
+}
+
+// BenchmarkReady50kFromCache: Ready50k for an agent restarting with the
+// lease cache its previous run saved: claim, load the cache, check it
+// against etcd and resume the watch, filter the peers.
+func BenchmarkReady50kFromCache(b *testing.B) {
+	_, cli := startEtcd(b)
+	reg := NewRegistry(cli, "")
+	fillLeases(b, cli, reg, benchN)
+	ch := make(chan Batch, 1)
+	lctx, lcancel := context.WithCancel(context.Background())
+	go reg.Watch(lctx, ch)
+	var v View
+	v.Apply(<-ch)
+	lcancel()
+	path := filepath.Join(b.TempDir(), "leases.cache")
+	if err := SaveSnapshot(path, reg.Keys().Prefix(), &v); err != nil {
+		b.Fatal(err)
+	}
+	benchReady(b, cli, reg, func(ctx context.Context, ch chan Batch) {
+		h, start, err := LoadSnapshot(path)
+		if err != nil || !reg.Usable(ctx, h) {
+			b.Fatal("cache not usable", err)
+		}
+		go reg.WatchFrom(ctx, start, ch)
+	})
+}
+
+// benchReady times, per iteration: a new node's session and claim, then
+// follow (which starts delivering the lease set to ch), the first batch
+// and the peer filter.
+func benchReady(b *testing.B, cli *clientv3.Client, reg *Registry, follow func(context.Context, chan Batch)) {
+	cfg := mustConfig(b, benchConfig)
 	i := 0
 	b.ResetTimer()
 	for b.Loop() {
@@ -102,55 +135,7 @@ func BenchmarkReady50k(b *testing.B) {
 			b.Fatal(err)
 		}
 		ch := make(chan Batch, 1)
-		go reg.Watch(ctx, ch)
-		var v View
-		v.Apply(<-ch)
-		peers, _ := Peers(cfg, self, v.Records)
-		if len(peers) < benchN {
-			b.Fatalf("%d peers, want at least %d", len(peers), benchN)
-		}
-		cancel()
-		sess.Orphan()
-		i++
-	}
-}
-
-// BenchmarkReady50kFromCache: Ready50k for an agent restarting with the
-// lease cache its previous run saved: claim, load the cache, check it
-// against etcd and resume the watch, filter the peers.
-func BenchmarkReady50kFromCache(b *testing.B) {
-	_, cli := startEtcd(b)
-	reg := NewRegistry(cli, "")
-	cfg := mustConfig(b, benchConfig)
-	fillLeases(b, cli, reg, benchN)
-	ch := make(chan Batch, 1)
-	lctx, lcancel := context.WithCancel(context.Background())
-	go reg.Watch(lctx, ch)
-	var v View
-	v.Apply(<-ch)
-	lcancel()
-	path := filepath.Join(b.TempDir(), "leases.cache")
-	if err := SaveSnapshot(path, reg.Keys().Prefix(), &v); err != nil {
-		b.Fatal(err)
-	}
-	i := 0
-	b.ResetTimer()
-	for b.Loop() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		sess, err := NewSession(context.Background(), cli, time.Minute, 10*time.Second)
-		if err != nil {
-			b.Fatal(err)
-		}
-		self, err := reg.Acquire(ctx, sess.Lease(), cfg, Claim{Node: fmt.Sprintf("cache-%d", i), PublicIP: netip.MustParseAddr("192.0.2.1")})
-		if err != nil {
-			b.Fatal(err)
-		}
-		h, start, err := LoadSnapshot(path)
-		if err != nil || !reg.Usable(ctx, h) {
-			b.Fatal("cache not usable", err)
-		}
-		ch := make(chan Batch, 1)
-		go reg.WatchFrom(ctx, start, ch)
+		follow(ctx, ch)
 		var v View
 		v.Apply(<-ch)
 		peers, _ := Peers(cfg, self, v.Records)

@@ -3,7 +3,6 @@ package lease
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/netip"
 	"sync"
 	"testing"
@@ -107,11 +106,11 @@ func TestWatchListsThenFollowsAndSurvivesRestart(t *testing.T) {
 // newProxy relays to target and can cut the connection, to disconnect
 // one client from etcd while others keep writing.
 func newProxy(t *testing.T, target string) *tcpproxy.Proxy {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	t.Helper()
+	p, err := tcpproxy.Loopback(target)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := tcpproxy.New(l, target)
 	t.Cleanup(func() { p.Close() })
 	return p
 }
