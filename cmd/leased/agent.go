@@ -439,7 +439,11 @@ func (a *agent) ensureBackend() error {
 		}
 	}()
 	a.be, a.beRaw, a.started = be, a.cfg.Backend.Raw, false
-	klog.InfoS("backend", "type", be.Type(), "mtu", be.MTU(), "iface", a.ext.Name)
+	kv := []any{"type", be.Type(), "mtu", be.MTU(), "iface", a.ext.Name}
+	if a.ext.Split() { // IPv6 uses another link (its own default route's)
+		kv = append(kv, "iface6", a.ext.Name6)
+	}
+	klog.InfoS("backend", kv...)
 	return nil
 }
 

@@ -15,16 +15,23 @@ import (
 
 // findExtIface picks the interface that carries inter-host traffic: the
 // first --iface (name or address) that exists, else the first link whose
-// name matches --iface-regex and has an address, else the interface of the
-// IPv4 default route, else of the IPv6 default route.
+// name matches --iface-regex and has an address; both families then use
+// that link. Without either, each family uses the link of its own default
+// route (IPv4 the IPv4 default route's, IPv6 the IPv6 one's), and a family
+// without a default route uses the other family's link. The returned text
+// says why, per family when they differ.
 func findExtIface(o *options) (backend.ExtIface, string, error) {
-	link, why, err := pickLink(o)
+	link4, link6, why, err := pickLinks(o)
 	if err != nil {
 		return backend.ExtIface{}, "", err
 	}
-	attrs := link.Attrs()
-	ext := backend.ExtIface{Name: attrs.Name, Index: attrs.Index, MTU: attrs.MTU, HardwareAddr: attrs.HardwareAddr}
-	ext.Addr4, ext.Addr6 = linkAddrs(link)
+	a4 := link4.Attrs()
+	ext := backend.ExtIface{Name: a4.Name, Index: a4.Index, MTU: a4.MTU, HardwareAddr: a4.HardwareAddr}
+	ext.Addr4, ext.Addr6 = linkAddrs(link4)
+	if a6 := link6.Attrs(); a6.Index != a4.Index {
+		ext.Name6, ext.Index6, ext.MTU6, ext.HardwareAddr6 = a6.Name, a6.Index, a6.MTU, a6.HardwareAddr
+		_, ext.Addr6 = linkAddrs(link6)
+	}
 	ext.Public4, ext.Public6 = ext.Addr4, ext.Addr6
 	if o.publicIP != "" {
 		ext.Public4 = netip.MustParseAddr(o.publicIP) // validated in options.validate
@@ -33,57 +40,93 @@ func findExtIface(o *options) (backend.ExtIface, string, error) {
 		ext.Public6 = netip.MustParseAddr(o.publicIPv6)
 	}
 	if !ext.Public4.IsValid() && !ext.Public6.IsValid() {
+		if ext.Split() {
+			return ext, "", fmt.Errorf("interface %s has no global IPv4 address and %s no global IPv6 address: add one, or pick another interface with --iface", ext.Name, ext.Name6)
+		}
 		return ext, "", fmt.Errorf("interface %s has no global IPv4 or IPv6 address: add one, or pick another with --iface", ext.Name)
 	}
 	return ext, why, nil
 }
 
-func pickLink(o *options) (netlink.Link, string, error) {
+// pickLinks returns the links of IPv4 and IPv6 traffic and why they were
+// chosen.
+func pickLinks(o *options) (link4, link6 netlink.Link, why string, err error) {
 	if len(o.ifaces) > 0 {
 		for _, spec := range o.ifaces {
 			if ip, err := netip.ParseAddr(spec); err == nil {
 				if l := linkWithAddr(ip); l != nil {
-					return l, "--iface " + spec, nil
+					return l, l, "--iface " + spec, nil
 				}
 				continue
 			}
 			if l, err := netlink.LinkByName(spec); err == nil {
-				return l, "--iface " + spec, nil
+				return l, l, "--iface " + spec, nil
 			}
 		}
-		return nil, "", fmt.Errorf("none of --iface %v exists on this host: check the names with 'ip link' and addresses with 'ip addr'", []string(o.ifaces))
+		return nil, nil, "", fmt.Errorf("none of --iface %v exists on this host: check the names with 'ip link' and addresses with 'ip addr'", []string(o.ifaces))
 	}
 	if o.ifaceRegex != "" {
 		re, err := regexp.Compile(o.ifaceRegex)
 		if err != nil {
-			return nil, "", fmt.Errorf("--iface-regex %q: %w", o.ifaceRegex, err)
+			return nil, nil, "", fmt.Errorf("--iface-regex %q: %w", o.ifaceRegex, err)
 		}
 		links, err := netlink.LinkList()
 		if err != nil {
-			return nil, "", fmt.Errorf("listing links: %w", err)
+			return nil, nil, "", fmt.Errorf("listing links: %w", err)
 		}
 		for _, l := range links {
 			if a4, a6 := linkAddrs(l); re.MatchString(l.Attrs().Name) && (a4.IsValid() || a6.IsValid()) {
-				return l, "--iface-regex " + o.ifaceRegex, nil
+				return l, l, "--iface-regex " + o.ifaceRegex, nil
 			}
 		}
-		return nil, "", fmt.Errorf("no interface with an address matches --iface-regex %q", o.ifaceRegex)
+		return nil, nil, "", fmt.Errorf("no interface with an address matches --iface-regex %q", o.ifaceRegex)
 	}
-	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		routes, err := netlink.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
-		if err != nil {
-			return nil, "", fmt.Errorf("listing routes: %w", err)
+	if link4, err = defaultRouteLink(netlink.FAMILY_V4); err != nil {
+		return nil, nil, "", err
+	}
+	if link6, err = defaultRouteLink(netlink.FAMILY_V6); err != nil {
+		return nil, nil, "", err
+	}
+	switch {
+	case link4 == nil && link6 == nil:
+		return nil, nil, "", errors.New("no default route to pick the interface from: give --iface (name or address) or --iface-regex")
+	case link6 == nil:
+		return link4, link4, "IPv4 default route (no IPv6 default route: IPv6 uses it too)", nil
+	case link4 == nil:
+		return link6, link6, "IPv6 default route (no IPv4 default route: IPv4 uses it too)", nil
+	case link4.Attrs().Index == link6.Attrs().Index:
+		return link4, link6, "default route", nil
+	}
+	return link4, link6, fmt.Sprintf("IPv4 default route; IPv6 uses %s, the link of the IPv6 default route", link6.Attrs().Name), nil
+}
+
+// defaultRouteLink returns the link of the main table's default route of
+// family with the lowest metric (of its first next hop if it has several),
+// or nil when there is none. Unreachable, blackhole and prohibit default
+// routes do not count.
+func defaultRouteLink(family int) (netlink.Link, error) {
+	routes, err := netlink.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return nil, fmt.Errorf("listing routes: %w", err)
+	}
+	var best netlink.Link
+	bestPrio := 0
+	for _, r := range routes {
+		if (r.Dst != nil && !isDefault(r.Dst)) || (r.Type != 0 && r.Type != unix.RTN_UNICAST) {
+			continue // not a default route, or an unreachable/blackhole one
 		}
-		for _, r := range routes {
-			if (r.Dst == nil || isDefault(r.Dst)) && r.LinkIndex > 0 {
-				l, err := netlink.LinkByIndex(r.LinkIndex)
-				if err == nil {
-					return l, "default route", nil
-				}
-			}
+		idx := r.LinkIndex
+		if idx <= 0 && len(r.MultiPath) > 0 {
+			idx = r.MultiPath[0].LinkIndex
+		}
+		if idx <= 0 || (best != nil && r.Priority >= bestPrio) {
+			continue
+		}
+		if l, err := netlink.LinkByIndex(idx); err == nil {
+			best, bestPrio = l, r.Priority
 		}
 	}
-	return nil, "", errors.New("no default route to pick the interface from: give --iface (name or address) or --iface-regex")
+	return best, nil
 }
 
 func isDefault(n *net.IPNet) bool { ones, _ := n.Mask.Size(); return ones == 0 }

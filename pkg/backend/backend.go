@@ -11,6 +11,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"time"
@@ -51,21 +52,86 @@ type Local struct {
 	Network6 netip.Prefix
 }
 
-// ExtIface is the interface that carries traffic between hosts.
+// ExtIface is the interface that carries traffic between hosts, per
+// address family.
+//
+// Name, Index, MTU and HardwareAddr describe the link IPv4 uses. IPv6 uses
+// the same link unless Index6 is set to another link's index: then Name6,
+// Index6, MTU6 and HardwareAddr6 describe the link IPv6 uses (the agent,
+// without --iface, takes each family's default route's link, and the two
+// may differ). Zero IPv6 fields mean "the IPv4 link", so a caller with one
+// link sets only the IPv4 ones. Backends read a family's link with Link.
 type ExtIface struct {
 	Name  string
 	Index int
 	MTU   int
+	// Name6, Index6, MTU6 and HardwareAddr6 are the IPv6 link when it is
+	// not the IPv4 one (Index6 > 0 and != Index); otherwise they are
+	// ignored. With Index6 set, Name6 is required, MTU6 0 means MTU, and a
+	// nil HardwareAddr6 is read from the link when needed (proxy-ndp).
+	Name6  string
+	Index6 int
+	MTU6   int
 	// Addr4/Addr6 are addresses configured on the interface (zero if the
-	// family has none); they are the VXLAN underlay source addresses.
+	// family has none): Addr4 on the IPv4 link, Addr6 on the IPv6 link.
+	// They are the VXLAN underlay source addresses.
 	Addr4 netip.Addr
 	Addr6 netip.Addr
 	// Public4/Public6 are the addresses peers use to reach this host
 	// (--public-ip/--public-ipv6, else Addr4/Addr6).
 	Public4 netip.Addr
 	Public6 netip.Addr
-	// HardwareAddr is the interface's MAC (used by proxy-ndp).
+	// HardwareAddr is the IPv4 link's MAC, HardwareAddr6 the IPv6 link's
+	// (used by proxy-ndp).
+	HardwareAddr  net.HardwareAddr
+	HardwareAddr6 net.HardwareAddr
+}
+
+// ExtLink is the link one address family's inter-host traffic uses.
+type ExtLink struct {
+	Name         string
+	Index        int
+	MTU          int
 	HardwareAddr net.HardwareAddr
+}
+
+// Split reports whether IPv6 uses another link than IPv4.
+func (e ExtIface) Split() bool { return e.Index6 > 0 && e.Index6 != e.Index }
+
+// Link returns the link of IPv6 (v6) or IPv4 (!v6) traffic.
+func (e ExtIface) Link(v6 bool) ExtLink {
+	if !v6 || !e.Split() {
+		return ExtLink{Name: e.Name, Index: e.Index, MTU: e.MTU, HardwareAddr: e.HardwareAddr}
+	}
+	l := ExtLink{Name: e.Name6, Index: e.Index6, MTU: e.MTU6, HardwareAddr: e.HardwareAddr6}
+	if l.MTU <= 0 {
+		l.MTU = e.MTU
+	}
+	return l
+}
+
+// validate reports an ExtIface New cannot use.
+func (e ExtIface) validate() error {
+	if e.Index <= 0 || e.MTU <= 0 {
+		return fmt.Errorf("backend: external interface %q needs an index and an MTU", e.Name)
+	}
+	if e.Index6 < 0 || e.MTU6 < 0 || (e.Split() && e.Name6 == "") {
+		return fmt.Errorf("backend: external IPv6 link #%d (%q) needs a name, a positive index and an MTU (or Index6 0 to use %s for IPv6 too)", e.Index6, e.Name6, e.Name)
+	}
+	return nil
+}
+
+// minMTU is the smallest MTU of the links local's enabled families use
+// (zero Local, before Start: of both links).
+func (e ExtIface) minMTU(local Local) int {
+	v4, v6 := local.Subnet4.IsValid(), local.Subnet6.IsValid()
+	switch {
+	case v4 && !v6:
+		return e.Link(false).MTU
+	case v6 && !v4:
+		return e.Link(true).MTU
+	}
+	return min(e.Link(false).MTU, e.Link(true).MTU)
 }
 
 // Options are the settings every backend shares, from flags.

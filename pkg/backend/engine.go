@@ -121,8 +121,8 @@ func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend,
 	if node == "" {
 		return nil, errors.New("backend: node name is empty")
 	}
-	if ext.Index <= 0 || ext.MTU <= 0 {
-		return nil, fmt.Errorf("backend: external interface %q needs an index and an MTU", ext.Name)
+	if err := ext.validate(); err != nil {
+		return nil, err
 	}
 	var dp datapath
 	switch cfg.Type {
@@ -187,7 +187,7 @@ func (e *engine) MTU() int {
 	if m := e.dp.mtu(e.local); m > 0 {
 		return m
 	}
-	return e.ext.MTU
+	return e.ext.minMTU(e.local)
 }
 
 // Start records the lease, enables forwarding, installs the forward and
@@ -206,7 +206,7 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 	klog.InfoS("backend starting", "type", e.typ, "node", local.Node, "subnet4", local.Subnet4, "subnet6", local.Subnet6, "iface", e.ext.Name)
 	err := e.ns.do(func() error {
 		return errors.Join(
-			enableForwarding(e.ext.Name, local.Network4.IsValid(), local.Network6.IsValid()),
+			enableForwarding(e.ext.Link(true).Name, local.Network4.IsValid(), local.Network6.IsValid()),
 			setupForwarding(local, e.opts.IPMasq),
 		)
 	})

@@ -12,8 +12,8 @@ import (
 )
 
 // ErrNotOnLink is returned by the proxy-ndp backend's Start when the IPv6
-// network is not part of a prefix on-link on the external interface, or
-// holds one of that interface's own addresses.
+// network is not part of a prefix on-link on the external interface's IPv6
+// link (ExtIface.Link(true)), or holds one of that link's own addresses.
 var ErrNotOnLink = errors.New("backend: proxy-ndp: IPv6Network must be a part of a prefix that is on-link on the external interface")
 
 // proxyNDP is the proxy-ndp backend. Hosts share an on-link IPv6 prefix
@@ -21,7 +21,8 @@ var ErrNotOnLink = errors.New("backend: proxy-ndp: IPv6Network must be a part of
 // cluster's IPv6Network is a part of it, and each host's leased slice is
 // made reachable on the link by answering Neighbor Solicitations for its
 // addresses with the host's MAC (ndpResponder). Nothing happens per
-// container.
+// container. The link is the external interface's IPv6 link
+// (ExtIface.Link(true)), which may differ from the IPv4 one.
 //
 // Peers' subnets of both families are routed via the peer's address on the
 // link exactly as host-gw does (the engine with the hostGW datapath), so
@@ -46,7 +47,8 @@ type Withdrawer interface {
 }
 
 func newProxyNDP(e *engine, cfg Config) *proxyNDP {
-	return &proxyNDP{engine: e, r: newNDPResponder(e.ns, e.ext.Name, e.ext.Index, cfg.Mode)}
+	l := e.ext.Link(true)
+	return &proxyNDP{engine: e, r: newNDPResponder(e.ns, l.Name, l.Index, cfg.Mode)}
 }
 
 // Start checks that the IPv6 network lies inside a prefix on-link on the
@@ -58,24 +60,25 @@ func newProxyNDP(e *engine, cfg Config) *proxyNDP {
 // It is idempotent. It refuses a lease without IPv6: proxy-ndp exists for
 // IPv6 (use host-gw for an IPv4-only network).
 func (b *proxyNDP) Start(ctx context.Context, local Local) error {
+	link := b.ext.Link(true)
 	if !local.Network6.IsValid() || !local.Subnet6.IsValid() {
-		return fmt.Errorf("backend: proxy-ndp needs IPv6: set IPv6Network in the network config (a part of the on-link prefix of %s), or use Backend.Type %q for an IPv4-only network", b.ext.Name, TypeHostGW)
+		return fmt.Errorf("backend: proxy-ndp needs IPv6: set IPv6Network in the network config (a part of the on-link prefix of %s), or use Backend.Type %q for an IPv4-only network", link.Name, TypeHostGW)
 	}
 	b.mu.Lock()
-	addrs, err := b.k.AddrList(b.ext.Index, netlink.FAMILY_V6)
-	mac := b.ext.HardwareAddr
+	addrs, err := b.k.AddrList(link.Index, netlink.FAMILY_V6)
+	mac := link.HardwareAddr
 	if err == nil && len(mac) != 6 {
 		var l netlink.Link
-		if l, err = b.k.LinkByName(b.ext.Name); err == nil {
+		if l, err = b.k.LinkByName(link.Name); err == nil {
 			mac = l.Attrs().HardwareAddr
 		}
 	}
 	b.mu.Unlock()
 	if err != nil {
-		return fmt.Errorf("reading %s: %w", b.ext.Name, err)
+		return fmt.Errorf("reading %s: %w", link.Name, err)
 	}
 	if len(mac) != 6 {
-		return fmt.Errorf("backend: proxy-ndp: %s has no Ethernet address (%q); it needs an Ethernet-like link", b.ext.Name, mac)
+		return fmt.Errorf("backend: proxy-ndp: %s has no Ethernet address (%q); it needs an Ethernet-like link", link.Name, mac)
 	}
 	var ifAddrs []netip.Prefix
 	var src netip.Addr
@@ -87,13 +90,13 @@ func (b *proxyNDP) Start(ctx context.Context, local Local) error {
 			}
 		}
 	}
-	if err := checkOnLink(b.ext.Name, local.Network6, ifAddrs); err != nil {
+	if err := checkOnLink(link.Name, local.Network6, ifAddrs); err != nil {
 		return err
 	}
 	err = b.engine.Start(ctx, local)
 	rerr := b.r.start(answerCfg{slice: local.Subnet6.Masked(), mac: [6]byte(mac), src: src})
 	if rerr == nil {
-		klog.InfoS("proxy-ndp answering", "subnet", local.Subnet6.Masked(), "iface", b.ext.Name, "mac", mac.String(), "mode", b.r.mode, "source", src)
+		klog.InfoS("proxy-ndp answering", "subnet", local.Subnet6.Masked(), "iface", link.Name, "mac", mac.String(), "mode", b.r.mode, "source", src)
 	}
 	b.logSysctls()
 	return errors.Join(err, rerr)
@@ -112,12 +115,13 @@ func (b *proxyNDP) Withdraw() {
 	if err := b.r.withdraw(); err != nil {
 		klog.ErrorS(err, "proxy-ndp: withdrawing the solicitation filter; answering is off in user space")
 	}
-	klog.InfoS("proxy-ndp stopped answering until the lease is held again", "iface", b.ext.Name)
+	klog.InfoS("proxy-ndp stopped answering until the lease is held again", "iface", b.ext.Link(true).Name)
 }
 
 // logSysctls logs the sysctls the backend depends on, as they are now.
 func (b *proxyNDP) logSysctls() {
-	names := []string{"net/ipv6/conf/all/forwarding", "net/ipv6/conf/" + b.ext.Name + "/forwarding", "net/ipv6/conf/" + b.ext.Name + "/accept_ra"}
+	name := b.ext.Link(true).Name
+	names := []string{"net/ipv6/conf/all/forwarding", "net/ipv6/conf/" + name + "/forwarding", "net/ipv6/conf/" + name + "/accept_ra"}
 	kv := make([]any, 0, 2*len(names))
 	_ = b.ns.do(func() error {
 		for _, n := range names {

@@ -176,20 +176,9 @@ func applyChanges[K comparable, V object[K, V]](puts, dels []V, applied, reached
 	return len(puts) + len(dels), errors.Join(errs...)
 }
 
-// connected returns the prefixes configured on the external interface.
-func (e *engine) connected() ([]netip.Prefix, error) {
-	addrs, err := e.k.AddrList(e.ext.Index, netlink.FAMILY_ALL)
-	if err != nil {
-		return nil, fmt.Errorf("listing addresses of %s: %w", e.ext.Name, err)
-	}
-	var out []netip.Prefix
-	for _, a := range addrs {
-		if p, ok := prefixFromIPNet(a.IPNet); ok {
-			out = append(out, p.Masked())
-		}
-	}
-	return out, nil
-}
+// connected returns the prefixes configured on the external interface
+// (per family: see extPrefixes).
+func (e *engine) connected() ([]netip.Prefix, error) { return extPrefixes(e.k, e.ext) }
 
 // listRoutes returns our routes of both families (one dump each): routes of
 // a family that is now disabled are stale and get deleted.

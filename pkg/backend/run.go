@@ -65,7 +65,9 @@ func (e *engine) Run(ctx context.Context) error {
 
 // watch runs the three netlink subscriptions until ctx is done.
 func (e *engine) watch(ctx context.Context, nsh *netns.NsHandle) {
-	ours := func(idx int) bool { return idx == e.ext.Index || slices.Contains(*e.owned.Load(), idx) }
+	ours := func(idx int) bool {
+		return idx == e.ext.Index || idx == e.ext.Link(true).Index || slices.Contains(*e.owned.Load(), idx)
+	}
 	const buf = 1 << 22
 	routes := func(ch chan netlink.RouteUpdate, done chan struct{}, cb func(error)) error {
 		return netlink.RouteSubscribeWithOptions(ch, done, netlink.RouteSubscribeOptions{Namespace: nsh, ErrorCallback: cb, ReceiveBufferSize: buf})

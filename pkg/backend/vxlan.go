@@ -23,7 +23,10 @@ import (
 //   - VXLANDev6 ("leased.6") carries the IPv6 overlay; its underlay is IPv6
 //     (source ext.Addr6) when ext has an IPv6 address, else IPv4.
 //
-// Both use the configured UDP port and VNI, learning off, bound to ext. Two
+// Both use the configured UDP port and VNI, learning off, bound to the
+// external link of their underlay family (ExtIface.Link: IPv4 and IPv6 may
+// use different links), with that link's MTU minus the encapsulation: 50
+// bytes over IPv4, 70 over IPv6. Two
 // devices on the same underlay family and port cannot share a VNI, so a
 // device whose underlay is borrowed from the other family uses VNI+1
 // (16777215 wraps to 1); the rule depends only on the host's own addresses,
@@ -87,16 +90,17 @@ func newVXLAN(cfg Config, ext ExtIface, node string) *vxlan {
 		if (under6 && !ext.Addr6.IsValid()) || (!under6 && !ext.Addr4.IsValid()) {
 			under6 = !under6
 		}
+		under := ext.Link(under6)
 		d := vxDev{
 			name: VXLANDev4, overlay6: overlay6, underlay6: under6,
 			vni: cfg.VNI, port: cfg.Port, mac: vtepMAC(node, overlay6),
-			mtu: ext.MTU - 50, underIndex: ext.Index, src: ext.Addr4,
+			mtu: under.MTU - 50, underIndex: under.Index, src: ext.Addr4,
 		}
 		if overlay6 {
 			d.name = VXLANDev6
 		}
 		if under6 {
-			d.mtu, d.src = ext.MTU-70, ext.Addr6
+			d.mtu, d.src = under.MTU-70, ext.Addr6
 		}
 		if under6 != overlay6 {
 			d.vni = d.vni%maxVNI + 1

@@ -1,0 +1,266 @@
+package backend
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+)
+
+// Tests of ExtIface's per-family links: IPv4 and IPv6 may leave the host
+// through different interfaces (each family's default route's).
+
+func TestExtIfaceLink(t *testing.T) {
+	mac4 := net.HardwareAddr{2, 0, 0, 0, 0, 4}
+	mac6 := net.HardwareAddr{2, 0, 0, 0, 0, 6}
+	cases := []struct {
+		name         string
+		ext          ExtIface
+		want4, want6 ExtLink
+		split        bool
+		mtu          map[string]int // minMTU by enabled families: "4", "6", "46", "" (before Start)
+	}{
+		{
+			name:  "IPv4 fields only: IPv6 uses the same link",
+			ext:   ExtIface{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: mac4},
+			want4: ExtLink{"eth0", 2, 1500, mac4}, want6: ExtLink{"eth0", 2, 1500, mac4},
+			mtu: map[string]int{"4": 1500, "6": 1500, "46": 1500, "": 1500},
+		},
+		{
+			name:  "Index6 equal to Index: the same link",
+			ext:   ExtIface{Name: "eth0", Index: 2, MTU: 1500, Name6: "eth0", Index6: 2, MTU6: 1280},
+			want4: ExtLink{"eth0", 2, 1500, nil}, want6: ExtLink{"eth0", 2, 1500, nil},
+			mtu: map[string]int{"46": 1500},
+		},
+		{
+			name:  "IPv6 on another link",
+			ext:   ExtIface{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: mac4, Name6: "eth1", Index6: 3, MTU6: 1400, HardwareAddr6: mac6},
+			want4: ExtLink{"eth0", 2, 1500, mac4}, want6: ExtLink{"eth1", 3, 1400, mac6}, split: true,
+			mtu: map[string]int{"4": 1500, "6": 1400, "46": 1400, "": 1400},
+		},
+		{
+			name:  "MTU6 zero means MTU",
+			ext:   ExtIface{Name: "eth0", Index: 2, MTU: 9000, Name6: "eth1", Index6: 3},
+			want4: ExtLink{"eth0", 2, 9000, nil}, want6: ExtLink{"eth1", 3, 9000, nil}, split: true,
+			mtu: map[string]int{"46": 9000},
+		},
+	}
+	locals := map[string]Local{
+		"4": {Subnet4: netip.MustParsePrefix("10.100.1.0/24")}, "6": {Subnet6: netip.MustParsePrefix("fd00:100:1::/64")},
+		"46": localA(), "": {},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := tc.ext.Link(false); got.Name != tc.want4.Name || got.Index != tc.want4.Index || got.MTU != tc.want4.MTU || got.HardwareAddr.String() != tc.want4.HardwareAddr.String() {
+				t.Errorf("Link(false) = %+v, want %+v", got, tc.want4)
+			}
+			if got := tc.ext.Link(true); got.Name != tc.want6.Name || got.Index != tc.want6.Index || got.MTU != tc.want6.MTU || got.HardwareAddr.String() != tc.want6.HardwareAddr.String() {
+				t.Errorf("Link(true) = %+v, want %+v", got, tc.want6)
+			}
+			if tc.ext.Split() != tc.split {
+				t.Errorf("Split() = %v, want %v", tc.ext.Split(), tc.split)
+			}
+			if err := tc.ext.validate(); err != nil {
+				t.Errorf("validate: %v", err)
+			}
+			for fams, want := range tc.mtu {
+				if got := tc.ext.minMTU(locals[fams]); got != want {
+					t.Errorf("minMTU(families %q) = %d, want %d", fams, got, want)
+				}
+			}
+		})
+	}
+}
+
+func TestExtIfaceValidate(t *testing.T) {
+	for _, tc := range []struct {
+		ext  ExtIface
+		want string
+	}{
+		{ExtIface{Name: "eth0"}, "needs an index and an MTU"},
+		{ExtIface{Name: "eth0", Index: 2, MTU: 1500, Index6: 3}, "needs a name"},
+		{ExtIface{Name: "eth0", Index: 2, MTU: 1500, Name6: "eth1", Index6: -1}, "positive index"},
+		{ExtIface{Name: "eth0", Index: 2, MTU: 1500, Name6: "eth1", Index6: 3, MTU6: -1}, "MTU"},
+	} {
+		err := tc.ext.validate()
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("validate(%+v) = %v, want an error saying %q", tc.ext, err, tc.want)
+		}
+		if _, err := New([]byte(`{}`), tc.ext, "a", Options{}); err == nil {
+			t.Errorf("New accepted %+v", tc.ext)
+		}
+	}
+}
+
+// splitExt is eth0 (#2, IPv4, MTU 1500) and eth1 (#3, IPv6, MTU 1400).
+func splitExt() ExtIface {
+	return ExtIface{
+		Name: "eth0", Index: 2, MTU: 1500, Name6: "eth1", Index6: 3, MTU6: 1400,
+		Addr4: netip.MustParseAddr("192.168.77.2"), Public4: netip.MustParseAddr("192.168.77.2"),
+		Addr6: netip.MustParseAddr("2001:db8:88::2"), Public6: netip.MustParseAddr("2001:db8:88::2"),
+	}
+}
+
+func TestVXLANUnderlayPerFamily(t *testing.T) {
+	cfg, err := parseConfig([]byte(`{"Type":"vxlan"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := newVXLAN(cfg, splitExt(), "a")
+	if d := v.devs[0]; d.underlay6 || d.underIndex != 2 || d.mtu != 1500-50 || d.src != splitExt().Addr4 {
+		t.Errorf("%s: underlay6 %v on #%d mtu %d src %s, want IPv4 on #2 mtu 1450 src 192.168.77.2", d.name, d.underlay6, d.underIndex, d.mtu, d.src)
+	}
+	if d := v.devs[1]; !d.underlay6 || d.underIndex != 3 || d.mtu != 1400-70 || d.src != splitExt().Addr6 {
+		t.Errorf("%s: underlay6 %v on #%d mtu %d src %s, want IPv6 on #3 mtu 1330 src 2001:db8:88::2", d.name, d.underlay6, d.underIndex, d.mtu, d.src)
+	}
+	if got := v.mtu(localA()); got != 1330 {
+		t.Errorf("MTU with both overlays = %d, want 1330 (the smaller device's)", got)
+	}
+	if got := v.mtu(Local{Subnet4: netip.MustParsePrefix("10.100.1.0/24")}); got != 1450 {
+		t.Errorf("MTU with the IPv4 overlay only = %d, want 1450", got)
+	}
+
+	// Without an IPv6 address the IPv6 overlay borrows the IPv4 underlay,
+	// and with it the IPv4 link.
+	ext := splitExt()
+	ext.Addr6 = netip.Addr{}
+	v = newVXLAN(cfg, ext, "a")
+	if d := v.devs[1]; d.underlay6 || d.underIndex != 2 || d.mtu != 1450 {
+		t.Errorf("%s without an IPv6 address: underlay6 %v on #%d mtu %d, want IPv4 on #2 mtu 1450", d.name, d.underlay6, d.underIndex, d.mtu)
+	}
+}
+
+func TestProxyNDPAnswersOnIPv6Link(t *testing.T) {
+	cfg, err := parseConfig([]byte(`{"Type":"proxy-ndp"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := newProxyNDP(newEngine(TypeProxyNDP, splitExt(), Options{}, newFakeKernel(), hostGW{}), cfg)
+	if b.r.ifname != "eth1" || b.r.ifindex != 3 {
+		t.Errorf("responder on %s #%d, want eth1 #3 (the IPv6 link)", b.r.ifname, b.r.ifindex)
+	}
+}
+
+// With the fake kernel: each family's routes go out of its own link, and a
+// peer is on-link only on the prefixes of its family's link.
+func TestHostGWRoutesPerFamilyLink(t *testing.T) {
+	k := newFakeKernel()
+	k.addrs[2] = []netip.Prefix{netip.MustParsePrefix("192.168.77.2/24"), netip.MustParsePrefix("2001:db8:77::2/64")}
+	k.addrs[3] = []netip.Prefix{netip.MustParsePrefix("2001:db8:88::2/64"), netip.MustParsePrefix("192.168.88.2/24")}
+	e := newEngine(TypeHostGW, splitExt(), Options{}, k, hostGW{})
+	e.started, e.local = true, localA() // not Start: it would touch this host's sysctls
+	if err := e.SetPeers(context.Background(), splitPeers()); err != nil {
+		t.Fatal(err)
+	}
+	got := strings.Join(k.dump(), "\n")
+	want := strings.Join([]string{
+		"10.100.2.0/24 via 192.168.77.3 dev 2 proto 76",
+		"10.100.3.0/24 via 192.168.77.4 dev 2 proto 76",
+		"fd00:100:2::/64 via 2001:db8:88::3 dev 3 proto 76",
+	}, "\n")
+	if got != want {
+		t.Errorf("routes:\n%s\nwant:\n%s", got, want)
+	}
+	if m := e.MTU(); m != 1400 {
+		t.Errorf("MTU() = %d, want 1400 (the smaller of the two links)", m)
+	}
+}
+
+// splitPeers: b is on-link for both families (IPv6 on eth1's prefix); c's
+// IPv6 address is on eth0's IPv6 prefix, which is not the IPv6 link's, so
+// its IPv6 subnet is skipped; d's IPv4 address is on eth1's IPv4 prefix,
+// which is not the IPv4 link's.
+func splitPeers() []Peer {
+	return []Peer{
+		{
+			Node:    "b",
+			Subnet4: netip.MustParsePrefix("10.100.2.0/24"), Subnet6: netip.MustParsePrefix("fd00:100:2::/64"),
+			PublicIP4: netip.MustParseAddr("192.168.77.3"), PublicIP6: netip.MustParseAddr("2001:db8:88::3"),
+		},
+		{
+			Node:    "c",
+			Subnet4: netip.MustParsePrefix("10.100.3.0/24"), Subnet6: netip.MustParsePrefix("fd00:100:3::/64"),
+			PublicIP4: netip.MustParseAddr("192.168.77.4"), PublicIP6: netip.MustParseAddr("2001:db8:77::4"),
+		},
+		{
+			Node:      "d",
+			Subnet4:   netip.MustParsePrefix("10.100.4.0/24"),
+			PublicIP4: netip.MustParseAddr("192.168.88.5"),
+		},
+	}
+}
+
+// extLinkNeedsRoot skips when not root, except in CI (CI set), where the
+// kernel tests must run.
+func extLinkNeedsRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("needs root for network namespaces; CI must run the tests as root")
+		}
+		t.Skip("needs root for network namespaces; CI runs as root")
+	}
+}
+
+// The same in a real namespace: eth0 carries IPv4 (and an IPv6 prefix
+// that is not the IPv6 link's), eth1 (MTU 1400) carries IPv6.
+func TestHostGWIPv6LinkKernel(t *testing.T) {
+	extLinkNeedsRoot(t)
+	ns := newNS(t, "hgw6")
+	for _, c := range [][]string{
+		{"link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"},
+		{"link", "add", "eth1", "mtu", "1400", "type", "veth", "peer", "name", "eth1p", "mtu", "1400"},
+		{"link", "set", "eth0p", "up"}, {"link", "set", "eth1p", "up"},
+		{"link", "set", "eth0", "up"}, {"link", "set", "eth1", "up"},
+		{"addr", "add", "192.168.77.2/24", "dev", "eth0"},
+		{"addr", "add", "2001:db8:77::2/64", "dev", "eth0", "nodad"},
+		{"addr", "add", "192.168.88.2/24", "dev", "eth1"},
+		{"addr", "add", "2001:db8:88::2/64", "dev", "eth1", "nodad"},
+	} {
+		sh(t, append([]string{"ip", "-n", ns}, c...)...)
+	}
+	h := nsHandle(t, ns)
+	ext := extOf(t, h, "eth0", "192.168.77.2", "")
+	l6 := extOf(t, h, "eth1", "", "2001:db8:88::2")
+	ext.Name6, ext.Index6, ext.MTU6, ext.HardwareAddr6 = l6.Name, l6.Index, l6.MTU, l6.HardwareAddr
+	ext.Addr6, ext.Public6 = l6.Addr6, l6.Public6
+
+	ctx := context.Background()
+	b := mustNew(t, `{"Type":"host-gw"}`, ext, "a", ns, Options{})
+	if m := b.MTU(); m != 1400 {
+		t.Errorf("MTU() before Start = %d, want 1400 (eth1's, the smaller)", m)
+	}
+	if err := b.SetPeers(ctx, splitPeers()); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(ctx, localA()); err != nil {
+		t.Fatal(err)
+	}
+	assertSteady(t, b)
+	rs := ourRoutes(t, h)
+	for dst, want := range map[string]struct {
+		gw   string
+		link int
+	}{
+		"10.100.2.0/24":   {"192.168.77.3", ext.Index},
+		"10.100.3.0/24":   {"192.168.77.4", ext.Index},
+		"fd00:100:2::/64": {"2001:db8:88::3", ext.Index6},
+	} {
+		r, ok := rs[dst]
+		if !ok {
+			t.Errorf("no route to %s", dst)
+			continue
+		}
+		if r.Gw.String() != want.gw || r.LinkIndex != want.link {
+			t.Errorf("route %s = via %s dev#%d, want via %s dev#%d", dst, r.Gw, r.LinkIndex, want.gw, want.link)
+		}
+	}
+	if len(rs) != 3 {
+		t.Errorf("routes %v, want only the three above (c's IPv6 and d's IPv4 are not on-link on their family's link)", rs)
+	}
+	if ra := sh(t, "ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv6.conf.eth1.accept_ra"); strings.TrimSpace(ra) != "2" {
+		t.Errorf("eth1 accept_ra = %s, want 2 (raised from 1 on the IPv6 link when forwarding)", strings.TrimSpace(ra))
+	}
+}
