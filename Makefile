@@ -1,10 +1,12 @@
 # leased — see README.md.
 GO ?= go
 
-.PHONY: build deps lab test bench clean
+.PHONY: build deps lab test bench bench-datapath clean
 
+# The agent, and the lab/benchmark tool (which embeds an etcd server).
 build:
 	$(GO) build -o bin/leased ./cmd/leased
+	$(GO) build -o bin/leased-lab ./cmd/leased-lab
 
 # System packages the lab and the tests need (apt-get, when missing).
 deps:
@@ -12,7 +14,11 @@ deps:
 
 # The main job: a 3-host lab with real etcd, leases and cross-host traffic.
 lab: deps build
-	./bin/leased lab $(LAB_ARGS)
+	./bin/leased-lab lab $(LAB_ARGS)
+
+# The datapath benchmark of Documentation/performance.md.
+bench-datapath: deps build
+	./bin/leased-lab bench-datapath
 
 # Every test, as root (network namespaces, a real etcd, real kernel).
 test: deps

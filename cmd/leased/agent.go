@@ -152,7 +152,13 @@ func (a *agent) startWatch(ctx context.Context, batches chan lease.Batch) {
 	if path != "" {
 		h, start, err := lease.LoadSnapshot(path)
 		os.Remove(path) // one use: a crash must not leave an old cache behind
-		if err == nil {
+		switch {
+		case err == nil && len(start.Events) < cacheMinLeases:
+			// A listing this small takes a few milliseconds; resuming
+			// would wait for etcd to sync a watcher from an old revision
+			// (up to 100ms) and replay every change since.
+			klog.V(2).InfoS("lease cache too small to be worth resuming from; listing", "path", path, "leases", len(start.Events))
+		case err == nil:
 			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			ok := a.reg.Usable(cctx, h)
 			cancel()
@@ -166,6 +172,9 @@ func (a *agent) startWatch(ctx context.Context, batches chan lease.Batch) {
 	}
 	go a.reg.Watch(ctx, batches) //nolint:errcheck // returns ctx.Err()
 }
+
+// cacheMinLeases is the smallest lease cache worth resuming from.
+const cacheMinLeases = 1000
 
 // saveCache saves the lease set for the next run (see startWatch).
 func (a *agent) saveCache() {
@@ -245,14 +254,7 @@ func (a *agent) step(ctx context.Context) error {
 		local.Network6 = a.cfg.IPv6.Network
 	}
 	if !a.started {
-		if err := a.be.Start(ctx, local); err != nil {
-			return fmt.Errorf("starting the %s backend: %w", a.be.Type(), err)
-		}
-		a.started = true
 		a.peersSent = false // a (re)started backend gets the whole set
-	}
-	if err := a.writeSubnetEnv(); err != nil {
-		return err
 	}
 	// The backend gets the whole peer set after a rebuild, a (re)start, a
 	// recompute of the filter or during a grace period; otherwise only the
@@ -320,6 +322,18 @@ func (a *agent) step(ctx context.Context) error {
 	if err != nil {
 		// The backend retries on its own resync; keep the agent moving.
 		klog.ErrorS(err, "programming peers; the backend retries on its next pass")
+	}
+	if !a.started {
+		// The peer set went over first (a backend not started only records
+		// it), so Start applies it in its first pass, concurrently with
+		// the firewall setup.
+		if err := a.be.Start(ctx, local); err != nil {
+			return fmt.Errorf("starting the %s backend: %w", a.be.Type(), err)
+		}
+		a.started = true
+	}
+	if err := a.writeSubnetEnv(); err != nil {
+		return err
 	}
 	npeers := len(a.programmed)
 	metrics.PeersKnown.Set(float64(len(a.view.Records) + len(a.view.Malformed) - btoi(a.view.Records[a.node] != nil)))

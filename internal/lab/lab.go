@@ -430,10 +430,10 @@ func (l *Lab) WaitSubnetFile(ctx context.Context, h *Host) error {
 }
 
 // LogTail returns the last n lines of h's agent log.
-func (l *Lab) LogTail(h *Host, n int) string {
+func (l *Lab) LogTail(h *Host, n int) string { // n <= 0: the whole log
 	b, _ := os.ReadFile(h.LogFile())
 	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
+	if n > 0 && len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")

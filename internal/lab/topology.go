@@ -2,7 +2,7 @@
 // network namespaces on a LAN (optionally two LANs behind a router), a real
 // etcd runs in-process, one leased agent process runs per host, and each
 // host has a "container" namespace behind a bridge addressed from the
-// host's subnet.env. It is the `leased lab` command and the end-to-end
+// host's subnet.env. It is the `leased-lab lab` command and the end-to-end
 // test harness.
 package lab
 

@@ -39,6 +39,9 @@ func diff[K comparable, V keyed[K]](want map[K]V, have []V) (put, del []V) {
 		}
 		multi[k] = append(multi[k], h)
 	}
+	if missing := len(want) - len(byKey); missing > 0 {
+		put = make([]V, 0, missing) // at least this many: one growth, not a dozen
+	}
 	for k, w := range want {
 		if hs, ok := multi[k]; ok {
 			if !slices.Contains(hs, w) {

@@ -193,8 +193,14 @@ func (e *engine) MTU() int {
 // Start records the lease, enables forwarding, installs the forward and
 // masquerade rules and creates devices. Once SetPeers has been called it
 // also runs a pass; the first pass after SetPeers removes what an earlier
-// run left for peers that are gone, and nothing before it does. Calling it again with a new
-// lease moves the host-local state to it. It is idempotent.
+// run left for peers that are gone, and nothing before it does. Calling it
+// again with a new lease moves the host-local state to it. It is
+// idempotent.
+//
+// The firewall and sysctl work (tens of milliseconds of iptables runs)
+// goes on concurrently with the devices and the pass, so a caller that
+// hands over the peer set before Start gets its routes without waiting for
+// iptables; Start returns when both are done.
 func (e *engine) Start(ctx context.Context, local Local) error {
 	if !local.Subnet4.IsValid() && !local.Subnet6.IsValid() {
 		return errors.New("backend: the local lease holds no subnet")
@@ -204,21 +210,27 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 	e.local = local
 	e.started = true
 	klog.InfoS("backend starting", "type", e.typ, "node", local.Node, "subnet4", local.Subnet4, "subnet6", local.Subnet6, "iface", e.ext.Name)
-	err := e.ns.do(func() error {
-		return errors.Join(
-			enableForwarding(e.ext.Link(true).Name, local.Network4.IsValid(), local.Network6.IsValid()),
-			setupForwarding(local, e.opts.IPMasq),
-		)
-	})
+	fwd := make(chan error, 1)
+	go func() {
+		fwd <- e.ns.do(func() error {
+			return errors.Join(
+				enableForwarding(e.ext.Link(true).Name, local.Network4.IsValid(), local.Network6.IsValid()),
+				setupForwarding(local, e.opts.IPMasq),
+			)
+		})
+	}()
+	var err error
 	if !e.peersSet {
 		// Until the agent has handed over the full peer set, peer state
 		// from an earlier run is left alone: pruning against an empty set
 		// would drop traffic across a restart. Devices are set up now.
 		owned, derr := e.dp.ensure(e.k, e.local)
 		e.owned.Store(&owned)
-		return errors.Join(err, derr)
+		err = derr
+	} else {
+		err = e.passLocked(ctx)
 	}
-	return errors.Join(err, e.passLocked(ctx))
+	return errors.Join(<-fwd, err)
 }
 
 // SetPeers replaces the peer set and runs one pass, whose cost follows the

@@ -24,7 +24,8 @@ func (hostGW) desired(in input) (state, []skip) {
 	st := newStateFor(len(in.peers))
 	var skips []skip
 	for _, p := range in.peers {
-		for _, f := range families(in.local, p) {
+		fams, nf := families(in.local, p)
+		for _, f := range fams[:nf] {
 			if s, ok := directRoute(in, p, f, &st); !ok {
 				skips = append(skips, s)
 			}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -62,6 +63,9 @@ func (x *peerIndex) update(peers []Peer) (ch peerChanges, ok bool) {
 	}
 	x.gen++
 	matched := 0
+	if len(x.byNode) == 0 {
+		ch.added = make([]Peer, 0, len(peers))
+	}
 	for _, p := range peers {
 		ip := x.byNode[p.Node]
 		switch {
@@ -284,9 +288,12 @@ func (e *engine) patched(upserts []Peer, removed []string) []Peer {
 }
 
 // logChanges logs each subnet that appeared or disappeared ("Subnet added",
-// "Subnet removed"), as logPeerChanges does for whole sets.
+// "Subnet removed"), as logPeerChanges does for whole sets. A change larger
+// than logEachMax peers (an agent starting in a big cluster) is one summary
+// line, with the subnets at -v=2.
 func logChanges(ch peerChanges) {
-	if !klog.V(0).Enabled() {
+	n := len(ch.added) + len(ch.changed) + len(ch.removed)
+	if !logEach("Peers changed", n, len(ch.added), len(ch.changed), len(ch.removed)) {
 		return
 	}
 	for _, p := range ch.added {
@@ -303,8 +310,22 @@ func logChanges(ch peerChanges) {
 	}
 }
 
-// logSubnets logs msg for each subnet of p whose route (subnet, via) is not
-// also one of other's.
+// logEachMax is the largest peer change logged subnet by subnet at the
+// default level: 5,000 peers would be 10,000 lines, which cost more than
+// programming their routes and bury everything else.
+const logEachMax = 64
+
+// logEach reports whether a change of n peers (or subnets) is to be logged subnet by
+// subnet, after logging its summary when it is not (or at -v=2 both).
+func logEach(summary string, n, added, changed, removed int) bool {
+	if n <= logEachMax {
+		return klog.V(0).Enabled()
+	}
+	klog.InfoS(summary, "added", added, "changed", changed, "removed", removed,
+		"note", fmt.Sprintf("more than %d: each subnet is logged at -v=2", logEachMax))
+	return klog.V(2).Enabled()
+}
+
 func logSubnets(msg string, p, other Peer) {
 	if p.Subnet4.IsValid() && (p.Subnet4 != other.Subnet4 || p.PublicIP4 != other.PublicIP4) {
 		klog.InfoS(msg, "node", p.Node, "subnet", p.Subnet4.String(), "via", p.PublicIP4.String())

@@ -19,15 +19,16 @@ type peerFamily struct {
 
 // families returns the families both the peer and this host have, so that
 // v4 and v6 go through the same code.
-func families(local Local, p Peer) []peerFamily {
-	var out []peerFamily
+func families(local Local, p Peer) (out [2]peerFamily, n int) {
 	if local.Network4.IsValid() && p.Subnet4.IsValid() {
-		out = append(out, peerFamily{false, p.Subnet4.Masked(), p.PublicIP4, local.Network4, local.Subnet4})
+		out[n] = peerFamily{false, p.Subnet4.Masked(), p.PublicIP4, local.Network4, local.Subnet4}
+		n++
 	}
 	if local.Network6.IsValid() && p.Subnet6.IsValid() {
-		out = append(out, peerFamily{true, p.Subnet6.Masked(), p.PublicIP6, local.Network6, local.Subnet6})
+		out[n] = peerFamily{true, p.Subnet6.Masked(), p.PublicIP6, local.Network6, local.Subnet6}
+		n++
 	}
-	return out
+	return out, n
 }
 
 // check returns why the peer's subnet must not be routed, or "".
@@ -63,17 +64,27 @@ func peerRoutes(peers []Peer) map[peerRoute]bool {
 }
 
 // logPeerChanges logs each subnet that appeared or disappeared between two
-// peer sets.
+// peer sets (a summary for large changes, see logEach).
 func logPeerChanges(before, after []Peer) {
 	b, a := peerRoutes(before), peerRoutes(after)
+	var added, removed []peerRoute
 	for r := range a {
 		if !b[r] {
-			klog.InfoS("Subnet added", "node", r.node, "subnet", r.subnet, "via", r.via)
+			added = append(added, r)
 		}
 	}
 	for r := range b {
 		if !a[r] {
-			klog.InfoS("Subnet removed", "node", r.node, "subnet", r.subnet, "via", r.via)
+			removed = append(removed, r)
 		}
+	}
+	if !logEach("Subnets changed", len(added)+len(removed), len(added), 0, len(removed)) {
+		return
+	}
+	for _, r := range added {
+		klog.InfoS("Subnet added", "node", r.node, "subnet", r.subnet, "via", r.via)
+	}
+	for _, r := range removed {
+		klog.InfoS("Subnet removed", "node", r.node, "subnet", r.subnet, "via", r.via)
 	}
 }

@@ -305,7 +305,8 @@ func (v *vxlan) desired(in input) (state, []skip) {
 	var skips []skip
 	for _, p := range in.peers {
 		data, derr := peerMACs(p)
-		for _, f := range families(in.local, p) {
+		fams, nf := families(in.local, p)
+		for _, f := range fams[:nf] {
 			if v.cfg.DirectRouting && f.public.IsValid() && onLink(f.public, in.connected) {
 				if s, ok := directRoute(in, p, f, &st); !ok {
 					skips = append(skips, s)

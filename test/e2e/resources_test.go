@@ -35,7 +35,7 @@ const memTarget = 128 << 20
 
 // 10,000 dual-stack peers (20,000 kernel routes): the agent programs them
 // all and its peak RSS stays under memTarget. The measurement is the
-// datapath benchmark's (internal/lab/bench.go, `leased bench-datapath`).
+// datapath benchmark's (internal/lab/bench.go, `leased-lab bench-datapath`).
 func TestTenThousandPeersMemory(t *testing.T) {
 	c, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()

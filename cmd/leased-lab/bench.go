@@ -13,12 +13,14 @@ import (
 	"github.com/leased/leased/internal/lab"
 )
 
-// runBench is `leased bench-datapath`: the datapath benchmark of
+// runBench is `leased-lab bench-datapath`: the datapath benchmark of
 // Documentation/performance.md.
 func runBench(args []string) int {
-	fs := flag.NewFlagSet("leased bench-datapath", flag.ContinueOnError)
+	fs := flag.NewFlagSet("leased-lab bench-datapath", flag.ContinueOnError)
 	sizes := fs.String("peers", "1000,5000", "comma-separated peer counts")
 	newPeers := fs.Int("new-peers", 200, "new peer leases to time (lease → route)")
+	verbose := fs.Bool("v", false, "print progress and the agent's log")
+	leased := fs.String("leased", "", "the leased agent binary (default: next to leased-lab, else in $PATH)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -26,22 +28,26 @@ func runBench(args []string) int {
 	for _, s := range strings.Split(*sizes, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(s))
 		if err != nil || n < 1 {
-			fmt.Fprintf(os.Stderr, "leased bench-datapath: --peers %q: want positive numbers\n", *sizes)
+			fmt.Fprintf(os.Stderr, "leased-lab bench-datapath: --peers %q: want positive numbers\n", *sizes)
 			return 2
 		}
 		ns = append(ns, n)
 	}
-	exe, err := os.Executable()
+	exe, err := agentBinary(*leased)
 	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
+		fmt.Fprintf(os.Stderr, "leased-lab bench-datapath: %v\n", err)
 		return 1
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	res, err := lab.BenchDatapath(ctx, exe, ns, *newPeers, func(string, ...any) {})
+	logf := func(string, ...any) {}
+	if *verbose {
+		logf = func(f string, a ...any) { fmt.Fprintf(os.Stderr, "bench: "+f+"\n", a...) }
+	}
+	res, err := lab.BenchDatapath(ctx, exe, ns, *newPeers, logf)
 	lab.PrintBench(os.Stdout, res)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "leased bench-datapath: %v\n", err)
+		fmt.Fprintf(os.Stderr, "leased-lab bench-datapath: %v\n", err)
 		return 1
 	}
 	return 0

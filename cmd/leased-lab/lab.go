@@ -14,7 +14,7 @@ import (
 	"github.com/leased/leased/internal/leaseview"
 )
 
-const labUsage = `usage: leased lab [flags]
+const labUsage = `usage: leased-lab [lab] [flags]   (also: leased lab [flags])
 
 Builds hosts in network namespaces on a LAN, runs a real etcd (embedded) and
 one leased agent per host, gives each host a container behind a bridge
@@ -32,7 +32,7 @@ func runLab(args []string) int {
 		hold     bool
 		verbose  int
 	)
-	fs := flag.NewFlagSet("leased lab", flag.ContinueOnError)
+	fs := flag.NewFlagSet("leased-lab lab", flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(os.Stderr, labUsage); fs.PrintDefaults() }
 	fs.IntVar(&cfg.Hosts, "hosts", 3, "number of hosts")
 	fs.StringVar(&cfg.Backend, "backend", "host-gw", "backend: host-gw, vxlan or proxy-ndp (proxy-ndp adds an upstream router that knows only the hosts' on-link /64)")
@@ -47,6 +47,7 @@ func runLab(args []string) int {
 	fs.StringVar(&cfg.Dir, "dir", "", "keep etcd data, subnet files and agent logs here (default: a temporary directory, removed)")
 	fs.BoolVar(&hold, "hold", false, "keep the lab up until Ctrl-C (inspect with: ip netns; ip netns exec <ns> ip route)")
 	fs.IntVar(&verbose, "agent-v", 0, "the agents' klog verbosity (-v)")
+	leased := fs.String("leased", "", "the leased agent binary (default: next to leased-lab, else in $PATH)")
 	var endpoints string
 	fs.StringVar(&endpoints, "etcd-endpoints", "", "use this external etcd (comma-separated http:// URLs) instead of the embedded one; the lab relays it into the LAN")
 	if err := fs.Parse(args); err != nil {
@@ -70,6 +71,12 @@ func runLab(args []string) int {
 		fmt.Fprintln(os.Stderr, "leased lab: needs root (network namespaces): run it with sudo")
 		return 2
 	}
+	bin, err := agentBinary(*leased)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "leased lab: %v\n", err)
+		return 2
+	}
+	cfg.Binary = bin
 	cfg.AgentArgs = []string{fmt.Sprintf("-v=%d", verbose)}
 	cfg.Log = func(f string, a ...any) { fmt.Printf("lab: "+f+"\n", a...) }
 
