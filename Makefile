@@ -3,9 +3,10 @@ GO ?= go
 
 .PHONY: build deps lab test bench bench-datapath clean
 
-# The agent, and the lab/benchmark tool (which embeds an etcd server).
+# The agent (static: no libc to map, copy it anywhere), and the
+# lab/benchmark tool (which embeds an etcd server).
 build:
-	$(GO) build -o bin/leased ./cmd/leased
+	CGO_ENABLED=0 $(GO) build -o bin/leased ./cmd/leased
 	$(GO) build -o bin/leased-lab ./cmd/leased-lab
 
 # System packages the lab and the tests need (apt-get, when missing).

@@ -18,6 +18,7 @@ import (
 func runBench(args []string) int {
 	fs := flag.NewFlagSet("leased-lab bench-datapath", flag.ContinueOnError)
 	sizes := fs.String("peers", "1000,5000", "comma-separated peer counts")
+	runs := fs.Int("runs", 1, "runs per peer count; more than one adds a median row")
 	newPeers := fs.Int("new-peers", 200, "new peer leases to time (lease → route)")
 	verbose := fs.Bool("v", false, "print progress and the agent's log")
 	leased := fs.String("leased", "", "the leased agent binary (default: next to leased-lab, else in $PATH)")
@@ -44,7 +45,7 @@ func runBench(args []string) int {
 	if *verbose {
 		logf = func(f string, a ...any) { fmt.Fprintf(os.Stderr, "bench: "+f+"\n", a...) }
 	}
-	res, err := lab.BenchDatapath(ctx, exe, ns, *newPeers, logf)
+	res, err := lab.BenchDatapath(ctx, exe, ns, *runs, *newPeers, logf)
 	lab.PrintBench(os.Stdout, res)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "leased-lab bench-datapath: %v\n", err)

@@ -173,6 +173,9 @@ func (a *agent) startWatch(ctx context.Context, batches chan lease.Batch) {
 	go a.reg.Watch(ctx, batches) //nolint:errcheck // returns ctx.Err()
 }
 
+// onReady, when set, runs once the agent is first ready (for profiling).
+var onReady func()
+
 // cacheMinLeases is the smallest lease cache worth resuming from.
 const cacheMinLeases = 1000
 
@@ -301,6 +304,10 @@ func (a *agent) step(ctx context.Context) error {
 			a.bePeers = toPeers(a.withGrace(accepted))
 		}
 		err = a.be.SetPeers(ctx, a.bePeers)
+		if canDelta {
+			// The backend keeps its own copy; deltas follow from here.
+			a.bePeers = nil
+		}
 		// The backend holds the set even when some kernel calls failed
 		// (it retries them), so later changes may go as deltas.
 		a.peersSent = canDelta
@@ -343,6 +350,9 @@ func (a *agent) step(ctx context.Context) error {
 		a.ready = true
 		metrics.Ready.Set(1)
 		klog.InfoS("ready", "node", a.node, "subnets", a.self.Subnets(), "peers", npeers)
+		if onReady != nil {
+			onReady()
+		}
 	}
 	a.setStatus(fmt.Sprintf("lease %v held; %d peers", a.self.Subnets(), npeers))
 	return nil

@@ -80,14 +80,15 @@ func run(args []string) int {
 			defer pprof.StopCPUProfile()
 		}
 	}
-	if p := os.Getenv("LEASED_MEMPROFILE"); p != "" { // allocations, written at exit
+	if p := os.Getenv("LEASED_MEMPROFILE"); p != "" { // the heap when READY
 		runtime.MemProfileRate = 4096
-		defer func() {
+		onReady = func() {
 			if f, err := os.Create(p); err == nil {
-				pprof.Lookup("allocs").WriteTo(f, 0) //nolint:errcheck
+				runtime.GC()
+				pprof.Lookup("heap").WriteTo(f, 0) //nolint:errcheck
 				f.Close()
 			}
-		}()
+		}
 	}
 	if err := runAgent(ctx, o); err != nil {
 		klog.ErrorS(err, "leased stopped")
@@ -126,6 +127,14 @@ func runAgent(ctx context.Context, o *options) error {
 			return err
 		}
 	}
+	cli, err := newEtcdClient(o)
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	// gRPC connects on the first request; start now, so that the
+	// connection is being set up while the interface is looked up.
+	cli.ActiveConnection().Connect()
 	ext, why, err := findExtIface(o)
 	if err != nil {
 		return fmt.Errorf("choosing the interface for inter-host traffic: %w", err)
@@ -137,11 +146,6 @@ func runAgent(ctx context.Context, o *options) error {
 	} else {
 		klog.InfoS("Using interface", "iface", ext.Name, "chosenBy", why, "publicIP", ext.Public4, "publicIPv6", ext.Public6, "mtu", ext.MTU)
 	}
-	cli, err := newEtcdClient(o)
-	if err != nil {
-		return err
-	}
-	defer cli.Close()
 	a := newAgent(o, cli, ext, node)
 	if o.metricsAddr != "" {
 		if err := serveHTTP(ctx, o.metricsAddr, &a.health); err != nil {

@@ -43,14 +43,17 @@ type BenchResult struct {
 // start until all 2N routes are in the kernel, the agent's peak RSS, the
 // latency from a new peer lease to its route, and — on the same host
 // namespace — the time `ip -batch` takes to install the same routes.
-func BenchDatapath(ctx context.Context, binary string, sizes []int, newPeers int, log func(string, ...any)) ([]BenchResult, error) {
+// Each size is measured runs times (at least once), each run on a fresh lab.
+func BenchDatapath(ctx context.Context, binary string, sizes []int, runs, newPeers int, log func(string, ...any)) ([]BenchResult, error) {
 	var out []BenchResult
 	for _, n := range sizes {
-		r, err := benchOne(ctx, binary, n, newPeers, log)
-		if err != nil {
-			return out, err
+		for range max(runs, 1) {
+			r, err := benchOne(ctx, binary, n, newPeers, log)
+			if err != nil {
+				return out, err
+			}
+			out = append(out, r)
 		}
-		out = append(out, r)
 	}
 	return out, nil
 }
@@ -141,82 +144,90 @@ func benchOne(ctx context.Context, binary string, n, newPeers int, log func(stri
 		return nil
 	}
 
-	// ip -batch baseline, on the same namespace.
-	if err := flushRoutes(); err != nil {
-		return res, err
+	// untilRoutes starts something that installs the 2N routes and times
+	// it until the last one is in the kernel. The routes are counted as the
+	// kernel announces them (RTM_NEWROUTE, proto 76) rather than by dumping
+	// the table in a loop: a dump of 10,000 routes every few milliseconds
+	// would take CPU from what is being measured. ip -batch and the agent
+	// are timed the same way, so the cost of reading the announcements is
+	// in both. A dump every 100ms backs the count up should the
+	// subscription overflow.
+	untilRoutes := func(what string, start func() error) (time.Duration, error) {
+		if err := flushRoutes(); err != nil {
+			return 0, err
+		}
+		updates := make(chan netlink.RouteUpdate, 4096)
+		done := make(chan struct{})
+		defer close(done)
+		overflow := make(chan error, 1)
+		if err := netlink.RouteSubscribeWithOptions(updates, done, netlink.RouteSubscribeOptions{
+			Namespace: &nsh, ReceiveBufferSize: 64 << 20, ReceiveBufferForceSize: true,
+			ErrorCallback: func(err error) {
+				select {
+				case overflow <- err:
+				default:
+				}
+			},
+		}); err != nil {
+			return 0, err
+		}
+		seen := make(map[netip.Prefix]bool, 2*n)
+		t0 := time.Now()
+		if err := start(); err != nil {
+			return 0, err
+		}
+		deadline := time.After(5 * time.Minute)
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+	count:
+		for len(seen) < 2*n {
+			select {
+			case u := <-updates:
+				if u.Type == syscall.RTM_NEWROUTE && u.Protocol == backend.RouteProtocol && u.Dst != nil {
+					if p, ok := netipx(u.Dst); ok {
+						seen[p] = true
+					}
+				}
+			case err := <-overflow:
+				log("route subscription: %v; counting by dumps", err)
+			case <-tick.C:
+				if countRoutes() >= 2*n {
+					break count
+				}
+			case <-deadline:
+				return 0, fmt.Errorf("%s installed %d of %d routes within 5m", what, countRoutes(), 2*n)
+			}
+		}
+		took := time.Since(t0)
+		if c := countRoutes(); c != 2*n {
+			return took, fmt.Errorf("%s: %d routes in the kernel, want %d", what, c, 2*n)
+		}
+		log("%s: %d routes in %s (t0 %s)", what, 2*n, took, t0.Format("15:04:05.000000"))
+		return took, nil
 	}
+
+	// ip -batch baseline, on the same namespace.
 	bf := filepath.Join(h.Dir, "routes.batch")
 	if err := os.WriteFile(bf, []byte(batch4.String()+batch6.String()), 0o644); err != nil {
 		return res, err
 	}
-	t0 := time.Now()
-	if out, err := exec.Command("ip", "-n", h.NS, "-batch", bf).CombinedOutput(); err != nil {
-		return res, fmt.Errorf("ip -batch: %v: %s", err, out)
+	ipBatch := exec.Command("ip", "-n", h.NS, "-batch", bf)
+	var ipOut strings.Builder
+	ipBatch.Stdout, ipBatch.Stderr = &ipOut, &ipOut
+	res.IPBatch, err = untilRoutes("ip -batch", ipBatch.Start)
+	if werr := ipBatch.Wait(); werr != nil {
+		return res, fmt.Errorf("ip -batch: %v: %s", werr, ipOut.String())
 	}
-	res.IPBatch = time.Since(t0)
-	if c := countRoutes(); c != 2*n {
-		return res, fmt.Errorf("ip -batch installed %d routes, want %d", c, 2*n)
-	}
-	if err := flushRoutes(); err != nil {
+	if err != nil {
 		return res, err
 	}
 
-	// Agent start → 2N routes. The routes are counted as the kernel
-	// announces them (RTM_NEWROUTE, proto 76) rather than by dumping the
-	// table in a loop: a dump of 10,000 routes every few milliseconds would
-	// take CPU from the agent being measured. A dump every 100ms backs the
-	// count up in case the subscription overflows.
-	startUpdates := make(chan netlink.RouteUpdate, 4096)
-	startDone := make(chan struct{})
-	overflow := make(chan error, 1)
-	if err := netlink.RouteSubscribeWithOptions(startUpdates, startDone, netlink.RouteSubscribeOptions{
-		Namespace: &nsh, ReceiveBufferSize: 64 << 20, ReceiveBufferForceSize: true,
-		ErrorCallback: func(err error) {
-			select {
-			case overflow <- err:
-			default:
-			}
-		},
-	}); err != nil {
-		close(startDone)
-		return res, err
+	// Agent start → 2N routes.
+	res.AgentStart, err = untilRoutes("agent", func() error { return l.StartAgent(h) })
+	if err != nil {
+		return res, fmt.Errorf("%w; log:\n%s", err, l.LogTail(h, 20))
 	}
-	seen := make(map[netip.Prefix]bool, 2*n)
-	t0 = time.Now()
-	if err := l.StartAgent(h); err != nil {
-		close(startDone)
-		return res, err
-	}
-	deadline := time.After(5 * time.Minute)
-	tick := time.NewTicker(100 * time.Millisecond)
-count:
-	for len(seen) < 2*n {
-		select {
-		case u := <-startUpdates:
-			if u.Type == syscall.RTM_NEWROUTE && u.Protocol == backend.RouteProtocol && u.Dst != nil {
-				if p, ok := netipx(u.Dst); ok {
-					seen[p] = true
-				}
-			}
-		case err := <-overflow:
-			log("route subscription: %v; counting by dumps", err)
-		case <-tick.C:
-			if countRoutes() >= 2*n {
-				break count
-			}
-		case <-deadline:
-			tick.Stop()
-			close(startDone)
-			return res, fmt.Errorf("agent installed %d of %d routes within 5m; log:\n%s", countRoutes(), 2*n, l.LogTail(h, 20))
-		}
-	}
-	res.AgentStart = time.Since(t0)
-	tick.Stop()
-	close(startDone)
-	if c := countRoutes(); c != 2*n {
-		return res, fmt.Errorf("agent: %d routes in the kernel, want %d", c, 2*n)
-	}
-	log("agent log after start with %d peers (t0 %s):\n%s", n, t0.Format("15:04:05.000000"), l.LogTail(h, 0))
+	log("agent log after start with %d peers:\n%s", n, l.LogTail(h, 0))
 
 	// New peer → route, measured with a route subscription in the namespace.
 	updates := make(chan netlink.RouteUpdate, 64)
@@ -256,6 +267,25 @@ count:
 		res.NewPeerSample = len(lat)
 	}
 	res.PeakRSS = vmHWM(h.cmd.Process.Pid)
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", h.cmd.Process.Pid)); err == nil && os.Getenv("ZZSMAPS") != "" {
+		var cur string
+		for _, line := range strings.Split(string(b), "\n") {
+			f := strings.Fields(line)
+			if len(f) > 0 && strings.Contains(f[0], "-") {
+				cur = line
+			}
+			if len(f) >= 2 && f[0] == "Rss:" && f[1] != "0" {
+				log("smaps %s kB  %s", f[1], cur)
+			}
+		}
+	}
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", h.cmd.Process.Pid)); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(line, "Vm") || strings.HasPrefix(line, "Rss") {
+				log("agent %s", line)
+			}
+		}
+	}
 	return res, l.StopAgent(h, syscall.SIGTERM)
 }
 
@@ -303,14 +333,53 @@ func vmHWM(pid int) int64 {
 	return 0
 }
 
-// PrintBench writes the results as a table.
+// PrintBench writes the results as a table, one row per run, and for a
+// peer count measured more than once a median row (each column's median).
 func PrintBench(w io.Writer, rs []BenchResult) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "peers\troutes\tagent start→routes\tip -batch\tratio\tpeak RSS\tnew peer→route p50\tp99\t")
-	for _, r := range rs {
+	row := func(label string, r BenchResult) {
 		ratio := float64(r.AgentStart) / float64(r.IPBatch)
-		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%.2f×\t%.1f MB\t%s\t%s\t\n", r.Peers, r.Routes, r.AgentStart.Round(time.Millisecond),
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%.2f×\t%.1f MB\t%s\t%s\t\n", label, r.Routes, r.AgentStart.Round(time.Millisecond),
 			r.IPBatch.Round(time.Millisecond), ratio, float64(r.PeakRSS)/(1<<20), r.NewPeerP50.Round(10*time.Microsecond), r.NewPeerP99.Round(10*time.Microsecond))
 	}
+	for i, r := range rs {
+		row(strconv.Itoa(r.Peers), r)
+		last := i == len(rs)-1 || rs[i+1].Peers != r.Peers
+		if !last {
+			continue
+		}
+		var same []BenchResult
+		for j := i; j >= 0 && rs[j].Peers == r.Peers; j-- {
+			same = append(same, rs[j])
+		}
+		if len(same) > 1 {
+			row(fmt.Sprintf("median of %d", len(same)), medianResult(same))
+		}
+	}
 	tw.Flush()
+}
+
+// medianResult takes the median of each column separately (the ratio
+// column of its row is then the ratio of the medians).
+func medianResult(rs []BenchResult) BenchResult {
+	med := func(f func(BenchResult) int64) int64 {
+		v := make([]int64, len(rs))
+		for i, r := range rs {
+			v[i] = f(r)
+		}
+		slices.Sort(v)
+		return v[len(v)/2]
+	}
+	d := func(f func(BenchResult) time.Duration) time.Duration {
+		return time.Duration(med(func(r BenchResult) int64 { return int64(f(r)) }))
+	}
+	return BenchResult{
+		Peers: rs[0].Peers, Routes: rs[0].Routes,
+		AgentStart: d(func(r BenchResult) time.Duration { return r.AgentStart }),
+		IPBatch:    d(func(r BenchResult) time.Duration { return r.IPBatch }),
+		PeakRSS:    med(func(r BenchResult) int64 { return r.PeakRSS }),
+		NewPeerP50: d(func(r BenchResult) time.Duration { return r.NewPeerP50 }),
+		NewPeerP99: d(func(r BenchResult) time.Duration { return r.NewPeerP99 }),
+	}
 }

@@ -107,7 +107,7 @@ func (e *engine) watch(ctx context.Context, nsh *netns.NsHandle) {
 func subscribe[T any](ctx context.Context, e *engine, kind string,
 	sub func(chan T, chan struct{}, func(error)) error, relevant func(T) bool) {
 	for ctx.Err() == nil {
-		ch := make(chan T, 1024)
+		ch := make(chan T, 128) // the socket's 4 MiB buffer absorbs bursts
 		done := make(chan struct{})
 		err := sub(ch, done, func(err error) {
 			if ctx.Err() == nil {

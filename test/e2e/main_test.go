@@ -27,7 +27,9 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	binary = filepath.Join(dir, "leased")
-	out, err := exec.Command("go", "build", "-o", binary, "../../cmd/leased").CombinedOutput()
+	build := exec.Command("go", "build", "-o", binary, "../../cmd/leased")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0") // as make build does
+	out, err := build.CombinedOutput()
 	if err != nil {
 		fmt.Printf("building leased: %v\n%s", err, out)
 		os.Exit(1)

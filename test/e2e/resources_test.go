@@ -39,7 +39,7 @@ const memTarget = 128 << 20
 func TestTenThousandPeersMemory(t *testing.T) {
 	c, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	res, err := lab.BenchDatapath(c, binary, []int{10000}, 20, t.Logf)
+	res, err := lab.BenchDatapath(c, binary, []int{10000}, 1, 20, t.Logf)
 	if err != nil {
 		t.Fatal(err)
 	}
