@@ -202,3 +202,39 @@ func TestHealthAndMetricsEndpoints(t *testing.T) {
 		return nil
 	})
 }
+
+// The README's first command end to end: `leased lab` (which runs the
+// leased-lab binary next to leased) brings up two hosts with a real etcd,
+// prints the leases and both connectivity matrices, finds every container
+// reachable, and tears everything down.
+func TestLabCommand(t *testing.T) {
+	labBin := filepath.Join(filepath.Dir(binary), "leased-lab")
+	if out, err := exec.Command("go", "build", "-o", labBin, "../../cmd/leased-lab").CombinedOutput(); err != nil {
+		t.Fatalf("building leased-lab: %v\n%s", err, out)
+	}
+	before := netnsList(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, binary, "lab", "--hosts", "2").CombinedOutput()
+	if err != nil {
+		t.Fatalf("leased lab: %v\n%s", err, out)
+	}
+	for _, want := range []string{"leases in etcd", "IPv4 connectivity", "IPv6 connectivity",
+		"lab: every container reaches every other container", "lab: torn down"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("leased lab output lacks %q:\n%s", want, out)
+		}
+	}
+	if after := netnsList(t); after != before {
+		t.Errorf("namespaces left behind: before %q, after %q", before, after)
+	}
+}
+
+func netnsList(t *testing.T) string {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "list").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip netns list: %v: %s", err, out)
+	}
+	return string(out)
+}
