@@ -50,6 +50,7 @@ type agent struct {
 	graceUntil time.Time
 	cfg        *lease.Config
 	rejected   map[string]string // node → reason last logged
+	resumed    bool              // the watch resumed from the lease cache
 	exhausted  string            // last "out of subnets" message logged
 
 	seenRaw  []byte // the config value last parsed
@@ -150,21 +151,22 @@ func (a *agent) run(ctx context.Context) error {
 func (a *agent) startWatch(ctx context.Context, batches chan lease.Batch) {
 	path := a.o.leaseCachePath()
 	if path != "" {
-		h, start, err := lease.LoadSnapshot(path)
+		h, decode, err := lease.OpenSnapshot(path)
 		os.Remove(path) // one use: a crash must not leave an old cache behind
 		switch {
-		case err == nil && len(start.Events) < cacheMinLeases:
+		case err == nil && h.Leases < cacheMinLeases:
 			// A listing this small takes a few milliseconds; resuming
 			// would wait for etcd to sync a watcher from an old revision
 			// (up to 100ms) and replay every change since.
-			klog.V(2).InfoS("lease cache too small to be worth resuming from; listing", "path", path, "leases", len(start.Events))
+			klog.V(2).InfoS("lease cache too small to be worth resuming from; listing", "path", path, "leases", h.Leases)
 		case err == nil:
 			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			ok := a.reg.Usable(cctx, h)
 			cancel()
 			if ok {
-				klog.InfoS("resuming the lease watch from the cache of the previous run", "path", path, "rev", h.Rev, "leases", len(start.Events))
-				go a.reg.WatchFrom(ctx, start, batches) //nolint:errcheck // returns ctx.Err()
+				klog.InfoS("resuming the lease watch from the cache of the previous run", "path", path, "rev", h.Rev, "leases", h.Leases)
+				a.resumed = true
+				go a.reg.WatchFromSnapshot(ctx, h, decode, batches) //nolint:errcheck // returns ctx.Err()
 				return
 			}
 			klog.InfoS("lease cache is from another etcd cluster, prefix or time; listing instead", "path", path)

@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -328,8 +329,114 @@ func waitPeers(t *testing.T, hb *histBackend, want map[string]netip.Prefix) {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("backend peers %v, want %v", got, want)
+			t.Fatalf("backend peers differ from the wanted %d: %s", len(want), peerDiff(got, want))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// A restarted agent resumes from the lease cache its previous run saved
+// (1,200 leases, above cacheMinLeases) and hands the backend exactly etcd's
+// current peers: a lease deleted, one changed and one added while it was
+// down are right in the very first set, and the deleted one is never in
+// any set.
+func TestAgentResumesFromLeaseCache(t *testing.T) {
+	srv := startEtcd(t)
+	put(t, srv.ClientURL, cfgKey, `{"Network":"10.0.0.0/8"}`)
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	keys := lease.NewKeys("")
+	record := func(node string, i int) string {
+		return fmt.Sprintf(`{"Node":%q,"Subnet":"10.%d.%d.0/24","PublicIP":"192.168.%d.%d"}`, node, 1+i/256, i%256, 1+i/256, 1+i%250)
+	}
+	want := map[string]netip.Prefix{}
+	const n = 1200
+	var ops []clientv3.Op
+	for i := range n {
+		node := fmt.Sprintf("peer-%04d", i)
+		ops = append(ops, clientv3.OpPut(keys.Lease(node), record(node, i)))
+		want[node] = pfx(fmt.Sprintf("10.%d.%d.0/24", 1+i/256, i%256))
+		if len(ops) == 100 || i == n-1 {
+			if _, err := cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+				t.Fatal(err)
+			}
+			ops = ops[:0]
+		}
+	}
+
+	hb1 := &histBackend{}
+	a1 := newIdleAgent(t, srv.ClientURL, "host", "192.168.200.1", hb1)
+	ctx1, stop1 := context.WithCancel(context.Background())
+	a1.run(ctx1)
+	waitPeers(t, hb1, want)
+	stop1()
+	<-a1.done
+	cache := a1.o.leaseCachePath()
+	if _, err := os.Stat(cache); err != nil {
+		t.Fatalf("no lease cache saved at exit: %v", err)
+	}
+
+	// While the agent is down.
+	if _, err := cli.Delete(ctx, keys.Lease("peer-0000")); err != nil {
+		t.Fatal(err)
+	}
+	delete(want, "peer-0000")
+	put(t, srv.ClientURL, keys.Lease("peer-0001"), record("peer-0001", 5000))
+	want["peer-0001"] = pfx("10.20.136.0/24")
+	put(t, srv.ClientURL, keys.Lease("peer-new"), record("peer-new", 6000))
+	want["peer-new"] = pfx("10.24.112.0/24")
+
+	hb2 := &histBackend{}
+	a2 := newIdleAgent(t, srv.ClientURL, "host", "192.168.200.1", hb2)
+	a2.o.subnetFile = a1.o.subnetFile // same directory: same cache
+	ctx2, stop2 := context.WithCancel(context.Background())
+	defer func() { stop2(); <-a2.done }()
+	a2.run(ctx2)
+	waitPeers(t, hb2, want)
+	if !a2.resumed {
+		t.Error("the restarted agent listed every lease instead of resuming from the cache")
+	}
+	hb2.mu.Lock()
+	defer hb2.mu.Unlock()
+	for i, set := range hb2.sets {
+		for _, p := range set {
+			if p.Node == "peer-0000" {
+				t.Errorf("set %d of %d holds peer-0000, deleted while the agent was down", i+1, len(hb2.sets))
+			}
+		}
+	}
+	first := map[string]netip.Prefix{}
+	for _, p := range hb2.sets[0] {
+		first[p.Node] = p.Subnet4
+	}
+	if !mapsEqual(first, want) {
+		t.Errorf("first peer set after the restart has %d peers, not etcd's current %d", len(first), len(want))
+	}
+}
+
+// peerDiff lists the differences between two peer maps, briefly.
+func peerDiff(got, want map[string]netip.Prefix) string {
+	var d []string
+	for n, w := range want {
+		if g, ok := got[n]; !ok {
+			d = append(d, fmt.Sprintf("missing %s %s", n, w))
+		} else if g != w {
+			d = append(d, fmt.Sprintf("%s is %s, want %s", n, g, w))
+		}
+	}
+	for n, g := range got {
+		if _, ok := want[n]; !ok {
+			d = append(d, fmt.Sprintf("extra %s %s", n, g))
+		}
+	}
+	slices.Sort(d)
+	if len(d) > 20 {
+		d = append(d[:20], fmt.Sprintf("and %d more", len(d)-20))
+	}
+	return strings.Join(d, "; ")
 }

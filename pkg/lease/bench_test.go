@@ -109,11 +109,11 @@ func BenchmarkReady50kFromCache(b *testing.B) {
 		b.Fatal(err)
 	}
 	benchReady(b, cli, reg, func(ctx context.Context, ch chan Batch) {
-		h, start, err := LoadSnapshot(path)
+		h, decode, err := OpenSnapshot(path)
 		if err != nil || !reg.Usable(ctx, h) {
 			b.Fatal("cache not usable", err)
 		}
-		go reg.WatchFrom(ctx, start, ch)
+		go reg.WatchFromSnapshot(ctx, h, decode, ch)
 	})
 }
 

@@ -33,6 +33,8 @@ type SnapshotHeader struct {
 	Prefix    string          `json:"prefix"`
 	Rev       int64           `json:"rev"`
 	Config    json.RawMessage `json:"config,omitempty"`
+	// Leases is the number of lease lines (counted when read, not saved).
+	Leases int `json:"-"`
 }
 
 // SaveSnapshot writes v atomically (temp file, rename) to path.
@@ -74,20 +76,43 @@ func SaveSnapshot(path, prefix string, v *View) error {
 // it stands for. Lines that do not parse are left out: the watch that
 // follows corrects anything stale, and a damaged file only costs records.
 func LoadSnapshot(path string) (SnapshotHeader, Batch, error) {
-	var h SnapshotHeader
-	data, err := os.ReadFile(path)
+	h, decode, err := OpenSnapshot(path)
 	if err != nil {
 		return h, Batch{}, err
 	}
+	return h, decode(), nil
+}
+
+// OpenSnapshot reads a snapshot's header and returns it with a function
+// that decodes its leases into the Reset batch the snapshot stands for
+// (LoadSnapshot in two steps, so that the catch-up with etcd can start
+// before the decoding, which is most of the time at 50,000 leases).
+func OpenSnapshot(path string) (SnapshotHeader, func() Batch, error) {
+	var h SnapshotHeader
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return h, nil, err
+	}
 	head, rest, _ := bytes.Cut(data, []byte{'\n'})
 	if json.Unmarshal(head, &h) != nil || h.Rev <= 0 {
-		return h, Batch{}, fmt.Errorf("lease: snapshot %s has no valid header", path)
+		return h, nil, fmt.Errorf("lease: snapshot %s has no valid header", path)
 	}
+	rest = bytes.TrimSuffix(rest, []byte{'\n'})
+	if len(rest) > 0 {
+		h.Leases = bytes.Count(rest, []byte{'\n'}) + 1
+	}
+	return h, func() Batch { return decodeSnapshot(h, rest) }, nil
+}
+
+func decodeSnapshot(h SnapshotHeader, rest []byte) Batch {
 	b := Batch{Rev: h.Rev, Reset: true, ClusterID: h.ClusterID}
 	if h.Config != nil {
 		b.Events = append(b.Events, Event{Kind: ConfigPut, Value: []byte(h.Config)})
 	}
-	lines := bytes.Split(bytes.TrimSuffix(rest, []byte{'\n'}), []byte{'\n'})
+	if len(rest) == 0 {
+		return b
+	}
+	lines := bytes.Split(rest, []byte{'\n'})
 	evs := make([]Event, len(lines))
 	parallel(len(lines), func(i int) {
 		f := bytes.SplitN(lines[i], []byte{' '}, 4)
@@ -112,7 +137,7 @@ func LoadSnapshot(path string) (SnapshotHeader, Batch, error) {
 			b.Events = append(b.Events, e)
 		}
 	}
-	return h, b, nil
+	return b
 }
 
 // Usable reports whether a snapshot can stand in for a listing: it is from
@@ -131,15 +156,24 @@ func (r *Registry) Usable(ctx context.Context, h SnapshotHeader) bool {
 }
 
 // WatchFrom is Watch that starts from a snapshot's batch instead of a
-// listing. It first catches up: it watches from start.Rev+1 until etcd
-// confirms (a progress notification) that every change up to now has been
-// delivered, and sends the snapshot with those changes applied as one
-// Reset batch, so that the consumer never acts on the snapshot's stale
-// state. Then it goes on like Watch. If etcd has compacted past the
-// snapshot, or does not confirm within catchUpTimeout, it lists as Watch
-// does.
+// listing: it watches from the batch's revision on, and once etcd confirms
+// (by a progress notification) that every change since has arrived, it
+// delivers the batch with those changes applied as one Reset batch, so
+// that the consumer never acts on the snapshot's stale state. Then it
+// goes on like Watch. When etcd has compacted past the batch's revision it
+// lists afresh (Watch).
 func (r *Registry) WatchFrom(ctx context.Context, start Batch, out chan<- Batch) error {
-	b, ok := r.catchUp(ctx, start)
+	return r.WatchFromSnapshot(ctx, SnapshotHeader{Rev: start.Rev, ClusterID: start.ClusterID}, func() Batch { return start }, out)
+}
+
+// WatchFromSnapshot is WatchFrom for a snapshot opened with OpenSnapshot:
+// the catch-up watch starts at once and decode runs meanwhile, so the
+// decoding costs no time when etcd takes longer to catch the watch up
+// (it syncs watchers of old revisions every 100ms).
+func (r *Registry) WatchFromSnapshot(ctx context.Context, h SnapshotHeader, decode func() Batch, out chan<- Batch) error {
+	decoded := make(chan Batch, 1)
+	go func() { decoded <- decode() }()
+	b, ok := r.catchUp(ctx, h.Rev, decoded)
 	if !ok {
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -161,14 +195,16 @@ func (r *Registry) WatchFrom(ctx context.Context, start Batch, out chan<- Batch)
 
 const catchUpTimeout = 5 * time.Second
 
-// catchUp applies every change since start to it and returns the result
-// as a Reset batch at the revision etcd confirmed.
-func (r *Registry) catchUp(ctx context.Context, start Batch) (Batch, bool) {
+// catchUp collects every change after rev until etcd confirms it has sent
+// them all, then returns the snapshot batch (from decoded) followed by
+// those changes as one Reset batch at the revision etcd confirmed. A
+// Reset batch is applied in order, so later events override the
+// snapshot's.
+func (r *Registry) catchUp(ctx context.Context, rev int64, decoded <-chan Batch) (Batch, bool) {
 	ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), catchUpTimeout)
 	defer cancel()
-	var v View
-	v.Apply(start)
-	wch := r.cli.Watch(ctx, r.keys.Prefix(), clientv3.WithPrefix(), clientv3.WithRev(start.Rev+1))
+	var delta []Event
+	wch := r.cli.Watch(ctx, r.keys.Prefix(), clientv3.WithPrefix(), clientv3.WithRev(rev+1))
 	// etcd answers progress requests only once the watcher has caught up,
 	// so ask until it answers.
 	r.cli.RequestProgress(ctx) //nolint:errcheck // may come before the watch exists; the ticker repeats it
@@ -185,25 +221,21 @@ func (r *Registry) catchUp(ctx context.Context, start Batch) (Batch, bool) {
 				return Batch{}, false
 			}
 			if resp.IsProgressNotify() {
-				b := Batch{Rev: resp.Header.Revision, Reset: true, ClusterID: resp.Header.ClusterId}
-				if v.Config != nil {
-					b.Events = append(b.Events, Event{Kind: ConfigPut, Value: v.Config})
+				var b Batch
+				select {
+				case b = <-decoded:
+				case <-ctx.Done():
+					return Batch{}, false
 				}
-				for node, rec := range v.Records {
-					b.Events = append(b.Events, Event{Kind: LeasePut, Node: node, Record: rec})
-				}
-				for node, err := range v.Malformed {
-					b.Events = append(b.Events, Event{Kind: LeasePut, Node: node, Err: err})
-				}
+				b.Rev, b.Reset, b.ClusterID = resp.Header.Revision, true, resp.Header.ClusterId
+				b.Events = append(b.Events, delta...)
 				return b, true
 			}
-			nb := Batch{Rev: resp.Header.Revision}
 			for _, ev := range resp.Events {
 				if e, ok := r.event(ev); ok {
-					nb.Events = append(nb.Events, e)
+					delta = append(delta, e)
 				}
 			}
-			v.Apply(nb)
 		}
 	}
 }
