@@ -550,7 +550,14 @@ func (a *agent) writeSubnetEnv() error {
 		return fmt.Errorf("writing %s (check the directory exists and is writable): %w", a.o.subnetFile, err)
 	}
 	if changed {
-		klog.InfoS("wrote subnet file", "path", a.o.subnetFile, "subnet", env.Subnet4, "ipv6Subnet", env.Subnet6, "mtu", env.MTU)
+		kv := []any{"path", a.o.subnetFile}
+		if env.Subnet4.IsValid() {
+			kv = append(kv, "subnet", env.Subnet4)
+		}
+		if env.Subnet6.IsValid() {
+			kv = append(kv, "ipv6Subnet", env.Subnet6)
+		}
+		klog.InfoS("wrote subnet file", append(kv, "mtu", env.MTU)...)
 	}
 	return nil
 }

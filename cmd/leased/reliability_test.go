@@ -342,7 +342,9 @@ func waitPeers(t *testing.T, hb *histBackend, want map[string]netip.Prefix) {
 // any set.
 func TestAgentResumesFromLeaseCache(t *testing.T) {
 	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.0.0.0/8"}`)
+	// The peers below hold records only (no subnet locks): this host's
+	// claim stays above them.
+	put(t, srv.ClientURL, cfgKey, `{"Network":"10.0.0.0/8","SubnetMin":"10.100.0.0"}`)
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)

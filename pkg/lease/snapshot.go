@@ -172,7 +172,7 @@ func (r *Registry) WatchFrom(ctx context.Context, start Batch, out chan<- Batch)
 // (it syncs watchers of old revisions every 100ms).
 func (r *Registry) WatchFromSnapshot(ctx context.Context, h SnapshotHeader, decode func() Batch, out chan<- Batch) error {
 	decoded := make(chan Batch, 1)
-	go func() { decoded <- decode() }()
+	go func() { decoded <- withBase(decode()) }()
 	b, ok := r.catchUp(ctx, h.Rev, decoded)
 	if !ok {
 		if ctx.Err() != nil {
@@ -238,4 +238,21 @@ func (r *Registry) catchUp(ctx context.Context, rev int64, decoded <-chan Batch)
 			}
 		}
 	}
+}
+
+// withBase moves a snapshot batch's lease records into its base map, so
+// that the map is built while etcd catches the watch up rather than by the
+// consumer afterwards (see Batch.base).
+func withBase(b Batch) Batch {
+	base := make(map[string]*Record, len(b.Events))
+	rest := b.Events[:0]
+	for _, e := range b.Events {
+		if e.Kind == LeasePut && e.Err == nil && e.Record != nil {
+			base[e.Node] = e.Record
+		} else {
+			rest = append(rest, e)
+		}
+	}
+	b.Events, b.base = rest, base
+	return b
 }

@@ -59,6 +59,11 @@ type Batch struct {
 	Events []Event
 	// ClusterID is the etcd cluster the batch came from (0: unknown).
 	ClusterID uint64
+	// base, in a Reset batch resumed from a snapshot, holds the snapshot's
+	// records, keyed by node and built while etcd caught up; Events then
+	// hold only the config and the changes since. View.Apply adopts the
+	// map instead of copying it, so such a batch is applied once.
+	base map[string]*Record
 }
 
 // Watch lists the config and every lease record in one round trip, sends
@@ -286,6 +291,9 @@ type View struct {
 func (v *View) Apply(b Batch) {
 	if b.Reset || v.Records == nil {
 		v.Records, v.Malformed, v.Config = map[string]*Record{}, map[string]error{}, nil
+		if b.Reset && b.base != nil {
+			v.Records = b.base
+		}
 	}
 	v.Synced = v.Synced || b.Reset
 	v.Rev = b.Rev
