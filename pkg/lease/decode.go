@@ -14,6 +14,13 @@ import (
 // json.Unmarshal's; FuzzDecodeRecordFast checks exactly that. Listing
 // 50,000 leases at start-up is dominated by this decoding.
 func decodeRecordFast(data []byte, r *Record) (ok bool) {
+	return decodeRecordFastNode(data, r, "")
+}
+
+// decodeRecordFastNode is decodeRecordFast that, when the record's Node
+// equals node (the name from the key), uses that string instead of
+// allocating a copy: one allocation fewer per record of a listing.
+func decodeRecordFastNode(data []byte, r *Record, node string) (ok bool) {
 	p := skipWS(data, 0)
 	if p >= len(data) || data[p] != '{' {
 		return false
@@ -44,7 +51,7 @@ func decodeRecordFast(data []byte, r *Record) (ok bool) {
 			p = end
 		} else {
 			val, q, ok := scanString(data, p)
-			if !ok || !setField(r, key, val) {
+			if !ok || !setField(r, key, val, node) {
 				return false
 			}
 			p = q
@@ -63,11 +70,15 @@ func decodeRecordFast(data []byte, r *Record) (ok bool) {
 	}
 }
 
-func setField(r *Record, key, val []byte) bool {
+func setField(r *Record, key, val []byte, node string) bool {
 	var err error
 	switch string(key) {
 	case "Node":
-		r.Node = string(val)
+		if string(val) == node {
+			r.Node = node
+		} else {
+			r.Node = string(val)
+		}
 	case "Subnet":
 		r.Subnet, err = netip.ParsePrefix(string(val))
 	case "IPv6Subnet":
@@ -77,7 +88,7 @@ func setField(r *Record, key, val []byte) bool {
 	case "PublicIPv6":
 		r.PublicIPv6, err = netip.ParseAddr(string(val))
 	case "BackendType":
-		r.BackendType = string(val)
+		r.BackendType = internBackendType(val)
 	case "Acquired":
 		err = r.Acquired.UnmarshalText(val) // strict RFC 3339, as encoding/json
 	default:
@@ -138,4 +149,15 @@ func scanComposite(d []byte, p int) (int, bool) {
 		}
 	}
 	return 0, false
+}
+
+// internBackendType returns the known backend type names without an
+// allocation each, anything else as a new string.
+func internBackendType(val []byte) string {
+	for _, t := range backendTypes {
+		if string(val) == t {
+			return t
+		}
+	}
+	return string(val)
 }

@@ -107,6 +107,7 @@ func FuzzDecodeRecordFast(f *testing.F) {
 	f.Add([]byte(`{"Node":"n","IPv6Subnet":"2001:db8::/64","BackendData":{"VtepMAC":"aa:bb:cc:dd:ee:ff","x":[1,{"y":"}"}]}}`))
 	f.Add([]byte(` { "node" : "x" } `))
 	f.Add([]byte(`{"Node":"x","Acquired":"2026-11-22T7:00:00Z"}`))
+	f.Add([]byte(`{"Node":"x","Subnet":"10.0.0.0/24","BackendType":"vxlan","Node":"y"}`))
 	_ = time.RFC3339
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var fast Record
@@ -119,6 +120,14 @@ func FuzzDecodeRecordFast(f *testing.F) {
 		}
 		if !reflect.DeepEqual(fast.Subnets(), slow.Subnets()) || fast.Node != slow.Node || fast.PublicIP != slow.PublicIP || fast.PublicIPv6 != slow.PublicIPv6 || !fast.Acquired.Equal(slow.Acquired) || fast.BackendType != slow.BackendType || !bytes.Equal(fast.BackendData, slow.BackendData) {
 			t.Fatalf("%q: fast %+v, encoding/json %+v", data, fast, slow)
+		}
+		// With the key's node name given (a listing), the record is the same.
+		for _, node := range []string{"x", "n", fast.Node} {
+			var named Record
+			if !decodeRecordFastNode(data, &named, node) || named.Node != fast.Node || named.Subnet != fast.Subnet ||
+				named.IPv6Subnet != fast.IPv6Subnet || named.BackendType != fast.BackendType {
+				t.Fatalf("%q with node %q: %+v, without: %+v", data, node, named, fast)
+			}
 		}
 	})
 }

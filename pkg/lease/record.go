@@ -45,35 +45,45 @@ func (r *Record) Subnets() []netip.Prefix {
 // family, addresses of the right family); whether the record fits the
 // network is the peer filter's job. It never panics.
 func DecodeRecord(node string, data []byte) (*Record, error) {
-	var r Record
-	if !decodeRecordFast(data, &r) {
-		r = Record{}
-		if err := json.Unmarshal(data, &r); err != nil {
-			return nil, fmt.Errorf("lease: decoding lease of %q: %w", node, err)
+	r := new(Record)
+	if err := decodeRecordInto(node, data, r); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// decodeRecordInto is DecodeRecord into *r, for decoding many records into
+// one slice (a listing allocates them together).
+func decodeRecordInto(node string, data []byte, rp *Record) error {
+	if !decodeRecordFastNode(data, rp, node) {
+		*rp = Record{}
+		if err := json.Unmarshal(data, rp); err != nil {
+			return fmt.Errorf("lease: decoding lease of %q: %w", node, err)
 		}
 	}
+	r := *rp
 	if r.Node != node {
-		return nil, fmt.Errorf("lease: lease under key %q names node %q", node, r.Node)
+		return fmt.Errorf("lease: lease under key %q names node %q", node, r.Node)
 	}
 	if r.Subnet.IsValid() && (!r.Subnet.Addr().Is4() || r.Subnet.Masked() != r.Subnet) {
-		return nil, fmt.Errorf("lease: lease of %q: Subnet %s is not an IPv4 network address", node, r.Subnet)
+		return fmt.Errorf("lease: lease of %q: Subnet %s is not an IPv4 network address", node, r.Subnet)
 	}
 	if r.IPv6Subnet.IsValid() && (!r.IPv6Subnet.Addr().Is6() || r.IPv6Subnet.Addr().Is4In6() || r.IPv6Subnet.Masked() != r.IPv6Subnet) {
-		return nil, fmt.Errorf("lease: lease of %q: IPv6Subnet %s is not an IPv6 network address", node, r.IPv6Subnet)
+		return fmt.Errorf("lease: lease of %q: IPv6Subnet %s is not an IPv6 network address", node, r.IPv6Subnet)
 	}
 	if !r.Subnet.IsValid() && !r.IPv6Subnet.IsValid() {
-		return nil, fmt.Errorf("lease: lease of %q holds no subnet", node)
+		return fmt.Errorf("lease: lease of %q holds no subnet", node)
 	}
 	if r.PublicIP.IsValid() && !r.PublicIP.Is4() {
-		return nil, fmt.Errorf("lease: lease of %q: PublicIP %s is not an IPv4 address", node, r.PublicIP)
+		return fmt.Errorf("lease: lease of %q: PublicIP %s is not an IPv4 address", node, r.PublicIP)
 	}
 	if r.PublicIPv6.IsValid() && (!r.PublicIPv6.Is6() || r.PublicIPv6.Is4In6()) {
-		return nil, fmt.Errorf("lease: lease of %q: PublicIPv6 %s is not an IPv6 address", node, r.PublicIPv6)
+		return fmt.Errorf("lease: lease of %q: PublicIPv6 %s is not an IPv6 address", node, r.PublicIPv6)
 	}
 	if r.PublicIP.Zone() != "" || r.PublicIPv6.Zone() != "" {
-		return nil, fmt.Errorf("lease: lease of %q: public addresses must not carry a zone", node)
+		return fmt.Errorf("lease: lease of %q: public addresses must not carry a zone", node)
 	}
-	return &r, nil
+	return nil
 }
 
 // affinity is the value of <prefix>/nodes/<node> and

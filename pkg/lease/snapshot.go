@@ -6,9 +6,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -114,29 +114,36 @@ func decodeSnapshot(h SnapshotHeader, rest []byte) Batch {
 	}
 	lines := bytes.Split(rest, []byte{'\n'})
 	evs := make([]Event, len(lines))
+	recs := make([]Record, len(lines)) // one allocation, not one per lease
 	parallel(len(lines), func(i int) {
-		f := bytes.SplitN(lines[i], []byte{' '}, 4)
-		if len(f) != 4 {
+		// "<create rev> <etcd lease> <node> <record JSON>"
+		line := lines[i]
+		f0, line, ok0 := bytes.Cut(line, []byte{' '})
+		f1, line, ok1 := bytes.Cut(line, []byte{' '})
+		f2, f3, ok2 := bytes.Cut(line, []byte{' '})
+		rev, ok3 := parseInt(f0)
+		lid, ok4 := parseInt(f1)
+		if !ok0 || !ok1 || !ok2 || !ok3 || !ok4 {
 			return
 		}
-		rev, err1 := strconv.ParseInt(string(f[0]), 10, 64)
-		lid, err2 := strconv.ParseInt(string(f[1]), 10, 64)
-		node := string(f[2])
-		if err1 != nil || err2 != nil || ValidNodeName(node) != nil {
+		node := string(f2)
+		if ValidNodeName(node) != nil || decodeRecordInto(node, f3, &recs[i]) != nil {
 			return
 		}
-		rec, err := DecodeRecord(node, f[3])
-		if err != nil {
-			return
-		}
+		rec := &recs[i]
 		rec.Rev, rec.Lease = rev, lid
 		evs[i] = Event{Kind: LeasePut, Node: node, Record: rec}
 	})
+	out := evs[:0] // in place: the decoded leases, in file order
+	if b.Events != nil {
+		out = append(make([]Event, 0, len(evs)+1), b.Events...)
+	}
 	for _, e := range evs {
 		if e.Record != nil {
-			b.Events = append(b.Events, e)
+			out = append(out, e)
 		}
 	}
+	b.Events = out
 	return b
 }
 
@@ -255,4 +262,32 @@ func withBase(b Batch) Batch {
 	}
 	b.Events, b.base = rest, base
 	return b
+}
+
+// parseInt parses a decimal int64 (optionally negative) like
+// strconv.ParseInt(string(b), 10, 64) (without a "+" sign, which
+// SaveSnapshot never writes), without the string's allocation.
+func parseInt(b []byte) (int64, bool) {
+	neg := len(b) > 0 && b[0] == '-'
+	if neg {
+		b = b[1:]
+	}
+	if len(b) == 0 {
+		return 0, false
+	}
+	var n uint64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		d := uint64(c - '0')
+		if n > (math.MaxInt64-d)/10 {
+			return 0, false // out of range (also refuses math.MinInt64, never a revision or lease ID)
+		}
+		n = n*10 + d
+	}
+	if neg {
+		return -int64(n), true
+	}
+	return int64(n), true
 }

@@ -1,6 +1,7 @@
 package lease
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -117,7 +118,8 @@ func (r *Registry) list(ctx context.Context, out chan<- Batch) (int64, error) {
 	}
 	kvs := resp.Responses[1].GetResponseRange().Kvs
 	evs := make([]Event, len(kvs))
-	parallel(len(kvs), func(i int) { evs[i] = r.leaseEvent(kvs[i], false) })
+	recs := make([]Record, len(kvs)) // one allocation, not one per lease
+	parallel(len(kvs), func(i int) { evs[i] = r.leaseEventInto(kvs[i], &recs[i]) })
 	b.Events = append(b.Events, evs...)
 	klog.V(2).InfoS("listed the leases", "leases", len(kvs), "rev", b.Rev, "took", time.Since(t0))
 	select {
@@ -230,15 +232,19 @@ func LeaseEvents(k Keys, kvs []*mvccpb.KeyValue) []Event {
 }
 
 func (r *Registry) leaseEvent(kv *mvccpb.KeyValue, del bool) Event {
-	node := strings.TrimPrefix(string(kv.Key), r.keys.Leases())
 	if del {
-		return Event{Kind: LeaseDelete, Node: node}
+		return Event{Kind: LeaseDelete, Node: strings.TrimPrefix(string(kv.Key), r.keys.Leases())}
 	}
+	return r.leaseEventInto(kv, new(Record))
+}
+
+// leaseEventInto is leaseEvent for a put, decoding the record into rec.
+func (r *Registry) leaseEventInto(kv *mvccpb.KeyValue, rec *Record) Event {
+	node := string(bytes.TrimPrefix(kv.Key, []byte(r.keys.Leases())))
 	if err := ValidNodeName(node); err != nil {
 		return Event{Kind: LeasePut, Node: node, Err: err}
 	}
-	rec, err := DecodeRecord(node, kv.Value)
-	if err != nil {
+	if err := decodeRecordInto(node, kv.Value, rec); err != nil {
 		return Event{Kind: LeasePut, Node: node, Err: err}
 	}
 	rec.Rev, rec.Lease = kv.CreateRevision, kv.Lease
