@@ -6,11 +6,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
 )
 
 const benchConfig = `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`
@@ -85,7 +87,7 @@ func BenchmarkAcquire50k(b *testing.B) {
 // datapath, with 50,000 leases present: claim its lease, list the config
 // and every lease in one read, decode them and filter the peers.
 func BenchmarkReady50k(b *testing.B) {
-	_, cli := startEtcd(b)
+	cli := benchEtcd(b)
 	reg := NewRegistry(cli, "")
 	fillLeases(b, cli, reg, benchN)
 	benchReady(b, cli, reg, func(ctx context.Context, ch chan Batch) { go reg.Watch(ctx, ch) })
@@ -95,7 +97,7 @@ func BenchmarkReady50k(b *testing.B) {
 // lease cache its previous run saved: claim, load the cache, check it
 // against etcd and resume the watch, filter the peers.
 func BenchmarkReady50kFromCache(b *testing.B) {
-	_, cli := startEtcd(b)
+	cli := benchEtcd(b)
 	reg := NewRegistry(cli, "")
 	fillLeases(b, cli, reg, benchN)
 	ch := make(chan Batch, 1)
@@ -146,4 +148,24 @@ func benchReady(b *testing.B, cli *clientv3.Client, reg *Registry, follow func(c
 		sess.Orphan()
 		i++
 	}
+}
+
+// benchEtcd is the etcd the READY benchmarks use: embedded in the
+// benchmark process, or the etcd at $LEASED_BENCH_ETCD (a separate
+// process, as in production; its data is replaced).
+func benchEtcd(b *testing.B) *clientv3.Client {
+	ep := os.Getenv("LEASED_BENCH_ETCD")
+	if ep == "" {
+		_, cli := startEtcd(b)
+		return cli
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{ep}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { cli.Close() })
+	if _, err := cli.Delete(context.Background(), DefaultPrefix, clientv3.WithPrefix()); err != nil {
+		b.Fatal(err)
+	}
+	return cli
 }
