@@ -87,6 +87,8 @@ type engine struct {
 	mu      sync.Mutex // guards everything below and every kernel call
 	local   Local
 	started bool
+	// hostMu serialises setupHost (Start's and the resync's).
+	hostMu sync.Mutex
 	// peersSet is true once SetPeers has given the full peer set; no pass
 	// runs before, so a restart never prunes against an empty set.
 	peersSet bool
@@ -211,14 +213,7 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 	e.started = true
 	klog.InfoS("backend starting", "type", e.typ, "node", local.Node, "subnet4", local.Subnet4, "subnet6", local.Subnet6, "iface", e.ext.Name)
 	fwd := make(chan error, 1)
-	go func() {
-		fwd <- e.ns.do(func() error {
-			return errors.Join(
-				enableForwarding(e.ext.Link(true).Name, local.Network4.IsValid(), local.Network6.IsValid()),
-				setupForwarding(local, e.opts.IPMasq),
-			)
-		})
-	}()
+	go func() { fwd <- e.setupHost(local, nil) }()
 	var err error
 	if !e.peersSet {
 		// Until the agent has handed over the full peer set, peer state
@@ -231,6 +226,41 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 		err = e.passLocked(ctx)
 	}
 	return errors.Join(<-fwd, err)
+}
+
+// setupHost sets the forwarding sysctls and the firewall rules for local,
+// in the backend's namespace, one caller at a time. It sets *changed (when
+// not nil) if anything had to change.
+func (e *engine) setupHost(local Local, changed *bool) error {
+	e.hostMu.Lock()
+	defer e.hostMu.Unlock()
+	return e.ns.do(func() error {
+		return errors.Join(
+			enableForwarding(e.ext.Link(true).Name, local.Network4.IsValid(), local.Network6.IsValid(), changed),
+			setupForwarding(local, e.opts.IPMasq, changed),
+		)
+	})
+}
+
+// ensureHost re-applies setupHost for the current lease, for the periodic
+// resync: a flushed FORWARD chain, a rule inserted above leased's jump or
+// ip_forward turned off comes back within one --resync-interval, with a
+// warning, as routes do.
+func (e *engine) ensureHost() {
+	e.mu.Lock()
+	local, started := e.local, e.started
+	e.mu.Unlock()
+	if !started {
+		return
+	}
+	var changed bool
+	err := e.setupHost(local, &changed)
+	if changed {
+		klog.Warning("forwarding sysctls or iptables rules restored (they were changed or removed outside leased)")
+	}
+	if err != nil {
+		klog.ErrorS(err, "checking the forwarding sysctls and iptables rules; retrying on the next resync")
+	}
 }
 
 // SetPeers replaces the peer set and runs one pass, whose cost follows the

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os/exec"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/coreos/go-iptables/iptables"
@@ -57,19 +58,20 @@ func masqRules(subnet, network netip.Prefix) []rule {
 // setupForwarding installs the forward (and, with masq, IPv4 NAT) rules for
 // the enabled families. It runs in the backend's namespace and is
 // idempotent: chains already holding exactly the desired rules are not
-// touched, so a restart does not disturb traffic.
-func setupForwarding(local Local, masq bool) error {
+// touched, so a restart does not disturb traffic. It sets *changed (when
+// not nil) if it had to change anything.
+func setupForwarding(local Local, masq bool, changed *bool) error {
 	var errs []error
 	if local.Network4.IsValid() {
 		ipt, err := newIPTables(iptables.ProtocolIPv4, "iptables")
 		if err != nil {
 			return err
 		}
-		errs = append(errs, ensureChain(ipt, "filter", "FORWARD", ForwardChain, forwardRules(local.Network4)))
+		errs = append(errs, ensureChain(ipt, "filter", "FORWARD", ForwardChain, forwardRules(local.Network4), changed))
 		if masq && local.Subnet4.IsValid() {
-			errs = append(errs, ensureChain(ipt, "nat", "POSTROUTING", MasqChain, masqRules(local.Subnet4, local.Network4)))
+			errs = append(errs, ensureChain(ipt, "nat", "POSTROUTING", MasqChain, masqRules(local.Subnet4, local.Network4), changed))
 		} else {
-			errs = append(errs, removeChain(ipt, "nat", "POSTROUTING", MasqChain))
+			errs = append(errs, removeChain(ipt, "nat", "POSTROUTING", MasqChain, changed))
 		}
 	}
 	if local.Network6.IsValid() {
@@ -77,7 +79,7 @@ func setupForwarding(local Local, masq bool) error {
 		if err != nil {
 			return errors.Join(append(errs, err)...)
 		}
-		errs = append(errs, ensureChain(ipt, "filter", "FORWARD", ForwardChain, forwardRules(local.Network6)))
+		errs = append(errs, ensureChain(ipt, "filter", "FORWARD", ForwardChain, forwardRules(local.Network6), changed))
 	}
 	return errors.Join(errs...)
 }
@@ -99,7 +101,7 @@ func jumpRule(chain string) rule {
 
 // ensureChain makes chain hold exactly rules, in order, and makes the first
 // rule of parent jump to it. A chain that differs is flushed and refilled.
-func ensureChain(ipt *iptables.IPTables, table, parent, chain string, rules []rule) error {
+func ensureChain(ipt *iptables.IPTables, table, parent, chain string, rules []rule, changed *bool) error {
 	exists, err := ipt.ChainExists(table, chain)
 	if err != nil {
 		return fmt.Errorf("checking chain %s/%s: %w", table, chain, err)
@@ -108,6 +110,7 @@ func ensureChain(ipt *iptables.IPTables, table, parent, chain string, rules []ru
 		if err := ipt.NewChain(table, chain); err != nil {
 			return fmt.Errorf("creating chain %s/%s: %w", table, chain, err)
 		}
+		mark(changed)
 	}
 	have, err := ipt.List(table, chain)
 	if err != nil {
@@ -126,9 +129,10 @@ func ensureChain(ipt *iptables.IPTables, table, parent, chain string, rules []ru
 				return fmt.Errorf("adding rule %q: %w", r.line(chain), err)
 			}
 		}
+		mark(changed)
 		klog.V(2).InfoS("set iptables chain", "table", table, "chain", chain, "rules", len(rules))
 	}
-	return ensureFirstJump(ipt, table, parent, chain)
+	return ensureFirstJump(ipt, table, parent, chain, changed)
 }
 
 // ruleLines drops the policy and chain-creation lines of an iptables -S listing.
@@ -142,7 +146,7 @@ func ruleLines(lines []string) []string {
 	return out
 }
 
-func ensureFirstJump(ipt *iptables.IPTables, table, parent, chain string) error {
+func ensureFirstJump(ipt *iptables.IPTables, table, parent, chain string, changed *bool) error {
 	jump := jumpRule(chain)
 	lines, err := ipt.List(table, parent)
 	if err != nil {
@@ -152,20 +156,30 @@ func ensureFirstJump(ipt *iptables.IPTables, table, parent, chain string) error 
 	if len(rules) > 0 && rules[0] == jump.line(parent) {
 		return nil
 	}
-	if slices.Contains(rules, jump.line(parent)) {
-		if err := ipt.Delete(table, parent, jump...); err != nil {
-			return fmt.Errorf("moving jump to %s in %s/%s: %w", chain, table, parent, err)
-		}
-	}
+	// Insert first, then delete the old jump by its number: there is no
+	// moment without a jump while it moves to the top.
 	if err := ipt.Insert(table, parent, 1, jump...); err != nil {
 		return fmt.Errorf("adding jump to %s in %s/%s: %w", chain, table, parent, err)
 	}
+	if slices.Contains(rules, jump.line(parent)) {
+		lines, err := ipt.List(table, parent)
+		if err != nil {
+			return fmt.Errorf("listing chain %s/%s: %w", table, parent, err)
+		}
+		now := ruleLines(lines)
+		if old := lastIndex(now, jump.line(parent)); old > 0 {
+			if err := ipt.Delete(table, parent, strconv.Itoa(old+1)); err != nil { // rule numbers start at 1
+				return fmt.Errorf("removing the old jump to %s in %s/%s: %w", chain, table, parent, err)
+			}
+		}
+	}
+	mark(changed)
 	klog.V(2).InfoS("added iptables jump", "table", table, "from", parent, "to", chain)
 	return nil
 }
 
 // removeChain deletes parent's jump to chain and the chain, if present.
-func removeChain(ipt *iptables.IPTables, table, parent, chain string) error {
+func removeChain(ipt *iptables.IPTables, table, parent, chain string, changed *bool) error {
 	exists, err := ipt.ChainExists(table, chain)
 	if err != nil || !exists {
 		return err
@@ -176,6 +190,23 @@ func removeChain(ipt *iptables.IPTables, table, parent, chain string) error {
 	if err := ipt.ClearAndDeleteChain(table, chain); err != nil {
 		return fmt.Errorf("deleting chain %s/%s: %w", table, chain, err)
 	}
+	mark(changed)
 	klog.V(2).InfoS("removed iptables chain", "table", table, "chain", chain)
 	return nil
+}
+
+// mark sets *changed when changed is not nil.
+func mark(changed *bool) {
+	if changed != nil {
+		*changed = true
+	}
+}
+
+func lastIndex(s []string, v string) int {
+	for i := len(s) - 1; i >= 0; i-- {
+		if s[i] == v {
+			return i
+		}
+	}
+	return -1
 }

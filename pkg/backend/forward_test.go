@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestForwarding(t *testing.T) {
@@ -70,8 +71,39 @@ func TestForwarding(t *testing.T) {
 
 func TestForwardingWithoutIptables(t *testing.T) {
 	t.Setenv("PATH", t.TempDir())
-	err := setupForwarding(localA(), false)
+	err := setupForwarding(localA(), false, nil)
 	if !errors.Is(err, ErrNoIptables) || !strings.Contains(err.Error(), "install the iptables package") {
 		t.Fatalf("setupForwarding without iptables = %v, want ErrNoIptables", err)
 	}
+}
+
+// The periodic resync puts the firewall and sysctl state back: a flushed
+// FORWARD chain (the jump gone), a flushed LEASED-FWD, a rule inserted above
+// the jump and ip_forward turned off all come back within a few resyncs.
+func TestForwardingRestoredOnResync(t *testing.T) {
+	ns, _, ext := hostGWLab(t)
+	ctx := context.Background()
+	b := mustNew(t, `{}`, ext, "a", ns, Options{Resync: 300 * time.Millisecond})
+	if err := b.Start(ctx, localA()); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.SetPeers(ctx, []Peer{peerB}); err != nil {
+		t.Fatal(err)
+	}
+	runBackend(t, b)
+	ipt := func(args ...string) string { return sh(t, append([]string{"ip", "netns", "exec", ns}, args...)...) }
+	jumpFirst := func(bin string) bool {
+		lines := strings.Split(ipt(bin, "-S", "FORWARD"), "\n")
+		return len(lines) > 1 && strings.Contains(lines[1], "-j LEASED-FWD")
+	}
+	chainFull := func(bin string) bool { return strings.Count(ipt(bin, "-S", "LEASED-FWD"), "-j ACCEPT") == 2 }
+
+	ipt("iptables", "-F", "FORWARD")
+	ipt("iptables", "-F", "LEASED-FWD")
+	ipt("ip6tables", "-I", "FORWARD", "1", "-j", "DROP")
+	ipt("sysctl", "-qw", "net.ipv4.ip_forward=0")
+	eventually(t, 5*time.Second, "forwarding state restored", func() bool {
+		return jumpFirst("iptables") && chainFull("iptables") && jumpFirst("ip6tables") &&
+			strings.TrimSpace(ipt("sysctl", "-n", "net.ipv4.ip_forward")) == "1"
+	})
 }

@@ -17,7 +17,8 @@ const resubscribeDelay = time.Second
 
 // Run reconciles until ctx is done: a pass within e.coalesce of the first
 // route, link or neighbour event that concerns us, and a full pass every
-// e.resync regardless. It returns nil once ctx is cancelled and leaves the
+// e.resync regardless, which also re-checks the forwarding sysctls and
+// firewall rules (ensureHost). It returns nil once ctx is cancelled and leaves the
 // kernel state in place. Pass errors are logged, not returned: the next pass
 // retries. Run must be called at most once per backend.
 func (e *engine) Run(ctx context.Context) error {
@@ -35,10 +36,12 @@ func (e *engine) Run(ctx context.Context) error {
 	ticker := time.NewTicker(e.resync)
 	defer ticker.Stop()
 	for {
+		resync := false
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-ticker.C:
+			resync = true
 		case <-e.kick:
 			t := time.NewTimer(e.coalesce)
 			select {
@@ -59,6 +62,9 @@ func (e *engine) Run(ctx context.Context) error {
 		}
 		if err := e.pass(ctx); err != nil && ctx.Err() == nil {
 			klog.ErrorS(err, "reconcile pass failed; retrying on the next pass", "type", e.typ)
+		}
+		if resync {
+			e.ensureHost()
 		}
 	}
 }
