@@ -132,7 +132,10 @@ func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend,
 		dp = &hostGW{}
 	case TypeVXLAN:
 		if !ext.Addr4.IsValid() && !ext.Addr6.IsValid() {
-			return nil, fmt.Errorf("backend: vxlan needs an address on %s for the underlay; it has none", ext.Name)
+			if ext.Split() {
+				return nil, fmt.Errorf("backend: vxlan needs an underlay address: %s has no IPv4 address and %s no IPv6 address; add one, or pick the interface with --iface", ext.Name, ext.Link(true).Name)
+			}
+			return nil, fmt.Errorf("backend: vxlan needs an address on %s for the underlay; it has none: add one, or pick another interface with --iface", ext.Name)
 		}
 		dp = newVXLAN(cfg, ext, node)
 	case TypeProxyNDP:
