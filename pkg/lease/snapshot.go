@@ -252,7 +252,7 @@ func (r *Registry) catchUp(ctx context.Context, rev int64, decoded <-chan Batch)
 // consumer afterwards (see Batch.base).
 func withBase(b Batch) Batch {
 	base := make(map[string]*Record, len(b.Events))
-	rest := b.Events[:0]
+	var rest []Event // a new slice: b's array may be the caller's (WatchFrom)
 	for _, e := range b.Events {
 		if e.Kind == LeasePut && e.Err == nil && e.Record != nil {
 			base[e.Node] = e.Record
