@@ -266,24 +266,11 @@ func benchOne(ctx context.Context, binary string, n, newPeers int, log func(stri
 		res.NewPeerP99 = lat[min(len(lat)-1, len(lat)*99/100)]
 		res.NewPeerSample = len(lat)
 	}
-	res.PeakRSS = vmHWM(h.cmd.Process.Pid)
-	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", h.cmd.Process.Pid)); err == nil && os.Getenv("ZZSMAPS") != "" {
-		var cur string
-		for _, line := range strings.Split(string(b), "\n") {
-			f := strings.Fields(line)
-			if len(f) > 0 && strings.Contains(f[0], "-") {
-				cur = line
-			}
-			if len(f) >= 2 && f[0] == "Rss:" && f[1] != "0" {
-				log("smaps %s kB  %s", f[1], cur)
-			}
-		}
-	}
-	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", h.cmd.Process.Pid)); err == nil {
-		for _, line := range strings.Split(string(b), "\n") {
-			if strings.HasPrefix(line, "Vm") || strings.HasPrefix(line, "Rss") {
-				log("agent %s", line)
-			}
+	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", h.cmd.Process.Pid))
+	res.PeakRSS = vmHWM(string(status))
+	for _, line := range strings.Split(string(status), "\n") {
+		if strings.HasPrefix(line, "Rss") { // file-backed (binary) vs anonymous (heap)
+			log("agent %s", line)
 		}
 	}
 	return res, l.StopAgent(h, syscall.SIGTERM)
@@ -316,12 +303,10 @@ func netipx(n *net.IPNet) (netip.Prefix, bool) {
 	return netip.PrefixFrom(a.Unmap(), ones), true
 }
 
-func vmHWM(pid int) int64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
+// vmHWM reads the peak resident set (VmHWM) in bytes from a
+// /proc/<pid>/status text, or 0.
+func vmHWM(status string) int64 {
+	for _, line := range strings.Split(status, "\n") {
 		if strings.HasPrefix(line, "VmHWM:") {
 			f := strings.Fields(line)
 			if len(f) >= 2 {
