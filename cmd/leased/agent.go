@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io/fs"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -154,17 +155,18 @@ func (a *agent) startWatch(ctx context.Context, batches chan lease.Batch) {
 		h, decode, err := lease.OpenSnapshot(path)
 		os.Remove(path) // one use: a crash must not leave an old cache behind
 		switch {
+		case err != nil && !errors.Is(err, fs.ErrNotExist):
+			klog.InfoS("lease cache not usable; listing instead", "path", path, "err", err)
 		case err == nil && h.Leases < cacheMinLeases:
-			// A listing this small takes a few milliseconds; resuming
-			// would wait for etcd to sync a watcher from an old revision
-			// (up to 100ms) and replay every change since.
+			// A listing this small takes a few milliseconds, no more
+			// than checking the cache against etcd.
 			klog.V(2).InfoS("lease cache too small to be worth resuming from; listing", "path", path, "leases", h.Leases)
 		case err == nil:
 			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			ok := a.reg.Usable(cctx, h)
 			cancel()
 			if ok {
-				klog.InfoS("resuming the lease watch from the cache of the previous run", "path", path, "rev", h.Rev, "leases", h.Leases)
+				klog.InfoS("starting from the lease cache of the previous run; reading only the leases changed since", "path", path, "rev", h.Rev, "leases", h.Leases)
 				a.resumed = true
 				go a.reg.WatchFromSnapshot(ctx, h, decode, batches) //nolint:errcheck // returns ctx.Err()
 				return

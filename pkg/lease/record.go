@@ -61,6 +61,11 @@ func decodeRecordInto(node string, data []byte, rp *Record) error {
 			return fmt.Errorf("lease: decoding lease of %q: %w", node, err)
 		}
 	}
+	return rp.checkShape(node)
+}
+
+// checkShape is DecodeRecord's check of a decoded record stored under node.
+func (rp *Record) checkShape(node string) error {
 	r := *rp
 	if r.Node != node {
 		return fmt.Errorf("lease: lease under key %q names node %q", node, r.Node)

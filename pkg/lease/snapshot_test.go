@@ -2,6 +2,7 @@ package lease
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"path/filepath"
@@ -41,8 +42,8 @@ func startWatchFrom(t *testing.T, reg *Registry, start Batch) *watcher {
 }
 
 // A restarted agent resumes from its saved lease set and ends with exactly
-// etcd's state, including changes made while it was down; after a
-// compaction past the snapshot it lists afresh.
+// etcd's state, including changes made while it was down, also after etcd
+// compacted past the snapshot's revision.
 func TestSnapshotResume(t *testing.T) {
 	_, cli := startEtcd(t)
 	reg := NewRegistry(cli, "")
@@ -60,10 +61,12 @@ func TestSnapshotResume(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// While "down": one lease goes, one changes, one arrives, the config changes.
+	// While "down": one lease goes, one changes, one arrives, one turns
+	// malformed, the config changes.
 	cli.Delete(ctxT(t), reg.Keys().Lease("n0"))
 	putRecord(t, cli, reg, "n1", "10.100.41.0/24")
 	putRecord(t, cli, reg, "n9", "10.100.9.0/24")
+	cli.Put(ctxT(t), reg.Keys().Lease("n4"), `{"Node":"n4","Subnet":"not a subnet"}`)
 	cli.Put(ctxT(t), reg.Keys().Config(), `{"Network":"10.100.0.0/16","SubnetLen":25}`)
 
 	h, start, err := LoadSnapshot(path)
@@ -79,8 +82,8 @@ func TestSnapshotResume(t *testing.T) {
 	w2 := startWatchFrom(t, reg, start)
 	w2.waitFor(t, "resumed state equals etcd", func(v *View) bool {
 		r1, r9 := v.Records["n1"], v.Records["n9"]
-		return len(v.Records) == 5 && v.Records["n0"] == nil && r1 != nil && r1.Subnet == netip.MustParsePrefix("10.100.41.0/24") &&
-			r9 != nil && string(v.Config) == `{"Network":"10.100.0.0/16","SubnetLen":25}`
+		return len(v.Records) == 4 && v.Records["n0"] == nil && r1 != nil && r1.Subnet == netip.MustParsePrefix("10.100.41.0/24") &&
+			r9 != nil && v.Records["n4"] == nil && v.Malformed["n4"] != nil && string(v.Config) == `{"Network":"10.100.0.0/16","SubnetLen":25}`
 	})
 	w2.mu.Lock()
 	if w2.resets != 1 || w2.n != 0 {
@@ -88,20 +91,74 @@ func TestSnapshotResume(t *testing.T) {
 	}
 	w2.mu.Unlock()
 
-	// Compaction past the snapshot: the watch lists again.
+	// Compaction past the snapshot: the cache still applies.
 	resp, _ := cli.Put(ctxT(t), "/unrelated", "x")
 	if _, err := cli.Compact(ctxT(t), resp.Header.Revision, clientv3.WithCompactPhysical()); err != nil {
 		t.Fatal(err)
 	}
 	cli.Delete(ctxT(t), reg.Keys().Lease("n2"))
 	w3 := startWatchFrom(t, reg, start)
-	w3.waitFor(t, "relisted state equals etcd", func(v *View) bool {
-		return len(v.Records) == 4 && v.Records["n2"] == nil && v.Records["n9"] != nil
+	w3.waitFor(t, "resumed state equals etcd after a compaction", func(v *View) bool {
+		return len(v.Records) == 3 && v.Records["n2"] == nil && v.Records["n9"] != nil && v.Malformed["n4"] != nil
 	})
 	time.Sleep(100 * time.Millisecond)
 	w3.mu.Lock()
 	defer w3.mu.Unlock()
 	if w3.resets != 1 {
-		t.Errorf("%d resets, want one listing (the snapshot cannot catch up)", w3.resets)
+		t.Errorf("%d resets, want one caught-up batch", w3.resets)
 	}
+}
+
+// Every record shape survives the binary cache encoding unchanged, and a
+// record that checkShape refuses is never decoded.
+func TestSnapshotRecordRoundTrip(t *testing.T) {
+	acq := time.Date(2026, 11, 30, 22, 31, 4, 123456789, time.UTC)
+	for _, r := range []Record{
+		{Node: "a", Subnet: netip.MustParsePrefix("10.1.2.0/24"), PublicIP: netip.MustParseAddr("192.0.2.1"), BackendType: "host-gw", Rev: 7, Lease: 0x1234567890},
+		{Node: "b-6only", IPv6Subnet: netip.MustParsePrefix("2001:db8:cd11:0:8000::/80"), PublicIPv6: netip.MustParseAddr("2001:db8::1"), BackendType: "proxy-ndp", Acquired: acq},
+		{Node: "c.dual", Subnet: netip.MustParsePrefix("10.1.3.0/24"), IPv6Subnet: netip.MustParsePrefix("2001:db8:1::/64"),
+			PublicIP: netip.MustParseAddr("192.0.2.3"), PublicIPv6: netip.MustParseAddr("2001:db8::3"), BackendType: "vxlan",
+			BackendData: json.RawMessage(`{"VtepMAC":"02:00:00:00:00:03"}`), Acquired: acq.In(time.FixedZone("", 3600)), Rev: 1 << 40, Lease: -1},
+		{Node: "d", Subnet: netip.MustParsePrefix("10.1.4.0/24"), PublicIP: netip.MustParseAddr("192.0.2.4"), BackendType: "some-future-type"},
+	} {
+		var got Record
+		if !decodeSnapshotRecord(appendSnapshotRecord(nil, &r), &got) {
+			t.Errorf("%s: not decoded", r.Node)
+			continue
+		}
+		if !got.Acquired.Equal(r.Acquired) {
+			t.Errorf("%s: Acquired %v, want %v", r.Node, got.Acquired, r.Acquired)
+		}
+		got.Acquired, r.Acquired = time.Time{}, time.Time{}
+		if fmt.Sprint(got) != fmt.Sprint(r) {
+			t.Errorf("round trip:\n got %+v\nwant %+v", got, r)
+		}
+	}
+	bad := Record{Node: "e", Subnet: netip.MustParsePrefix("10.1.5.7/24"), BackendType: "host-gw"} // not a network address
+	if decodeSnapshotRecord(appendSnapshotRecord(nil, &bad), new(Record)) {
+		t.Error("a record with an unmasked subnet was decoded")
+	}
+}
+
+// A damaged cache never panics the decoder, and whatever it decodes passes
+// the same checks as a record from etcd.
+func FuzzDecodeSnapshotRecord(f *testing.F) {
+	r := Record{Node: "c", Subnet: netip.MustParsePrefix("10.1.3.0/24"), IPv6Subnet: netip.MustParsePrefix("2001:db8:1::/64"),
+		PublicIP: netip.MustParseAddr("192.0.2.3"), BackendType: "vxlan", BackendData: json.RawMessage(`{"VtepMAC":"02:00:00:00:00:03"}`),
+		Acquired: time.Unix(1e9, 5)}
+	f.Add(appendSnapshotRecord(nil, &r))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var got Record
+		if !decodeSnapshotRecord(data, &got) {
+			return
+		}
+		if err := got.checkShape(got.Node); err != nil {
+			t.Fatalf("decoded a record that fails checkShape: %v", err)
+		}
+		var again Record
+		if !decodeSnapshotRecord(appendSnapshotRecord(nil, &got), &again) || fmt.Sprint(again) != fmt.Sprint(got) {
+			t.Fatalf("re-encoding changed the record:\n%+v\n%+v", got, again)
+		}
+	})
 }
