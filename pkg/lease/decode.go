@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"net/netip"
+	"unsafe"
 )
 
 // decodeRecordFast decodes the common shape of a lease value — one flat
@@ -80,13 +81,13 @@ func setField(r *Record, key, val []byte, node string) bool {
 			r.Node = string(val)
 		}
 	case "Subnet":
-		r.Subnet, err = netip.ParsePrefix(string(val))
+		r.Subnet, err = netip.ParsePrefix(transient(val))
 	case "IPv6Subnet":
-		r.IPv6Subnet, err = netip.ParsePrefix(string(val))
+		r.IPv6Subnet, err = netip.ParsePrefix(transient(val))
 	case "PublicIP":
-		r.PublicIP, err = netip.ParseAddr(string(val))
+		r.PublicIP, err = netip.ParseAddr(transient(val))
 	case "PublicIPv6":
-		r.PublicIPv6, err = netip.ParseAddr(string(val))
+		r.PublicIPv6, err = netip.ParseAddr(transient(val))
 	case "BackendType":
 		r.BackendType = internBackendType(val)
 	case "Acquired":
@@ -96,6 +97,12 @@ func setField(r *Record, key, val []byte, node string) bool {
 	}
 	return err == nil
 }
+
+// transient returns b's bytes as a string without copying them, for the
+// netip parsers: a parsed address keeps no reference to its input (a zone
+// is interned as a copy), and setField drops their errors, which do. The
+// string must not outlive the call it is passed to.
+func transient(b []byte) string { return unsafe.String(unsafe.SliceData(b), len(b)) }
 
 func skipWS(d []byte, p int) int {
 	for p < len(d) && (d[p] == ' ' || d[p] == '\t' || d[p] == '\n' || d[p] == '\r') {
@@ -111,15 +118,24 @@ func scanString(d []byte, p int) ([]byte, int, bool) {
 		return nil, 0, false
 	}
 	for q := p + 1; q < len(d); q++ {
-		switch c := d[q]; {
-		case c == '"':
-			return d[p+1 : q], q + 1, true
-		case c == '\\' || c < 0x20 || c >= 0x80:
+		if c := d[q]; !plainChar[c] {
+			if c == '"' {
+				return d[p+1 : q], q + 1, true
+			}
 			return nil, 0, false
 		}
 	}
 	return nil, 0, false
 }
+
+// plainChar holds the bytes scanString takes as they are: printable ASCII
+// other than '"' and '\\'.
+var plainChar = func() (t [256]bool) {
+	for c := 0x20; c < 0x80; c++ {
+		t[c] = c != '"' && c != '\\'
+	}
+	return t
+}()
 
 // scanComposite finds the end of a JSON object at p whose strings carry no
 // escapes; it does not validate the content beyond that (encoding/json

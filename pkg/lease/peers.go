@@ -2,10 +2,14 @@ package lease
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"math"
+	"math/bits"
 	"net/netip"
 	"slices"
 	"strings"
+	"sync/atomic"
 )
 
 // Peers filters lease records down to the peers a host may program. A record
@@ -28,37 +32,122 @@ func Peers(cfg *Config, self *Record, records map[string]*Record) (peers []*Reco
 }
 
 // peersUnordered is Peers without sorting, for the common case in which no
-// two records name the same subnet: then no record's fate depends on its
-// age. It reports ok=false as soon as two records share a subnet.
+// two records name the same subnet of a pool: then no record's fate depends
+// on its age (only accepted records hold subnets, and only subnets of a
+// pool can be accepted). It reports ok=false when two records share such a
+// subnet, or a record names two subnets of one family.
+//
+// It checks the records on every CPU and finds repeats by sorting each
+// family's subnets as integers (their index in the pool).
 func peersUnordered(cfg *Config, self *Record, records map[string]*Record) (peers []*Record, rejected map[string]error, ok bool) {
-	rejected = map[string]error{}
 	held := newHeldSet(2) // only this host's subnets: peers' repeats end this path
 	if self != nil {
 		for _, s := range self.Subnets() {
 			held.add(s, self.Node+" (this host)")
 		}
 	}
-	seen := newSubnetSet(len(records), cfg) // every peer subnet, accepted or not
-	peers = make([]*Record, 0, len(records))
+	recs := make([]*Record, 0, len(records))
 	for _, r := range records {
+		recs = append(recs, r)
+	}
+	errs := make([]error, len(recs))
+	// keys[f][i] is 1 + the pool index of recs[i]'s subnet of family f (0: none).
+	keys := [2][]uint64{make([]uint64, len(recs)), make([]uint64, len(recs))}
+	var unkeyed atomic.Bool
+	parallel(len(recs), func(i int) {
+		r := recs[i]
 		if self != nil && r.Node == self.Node {
-			continue
+			errs[i] = errSelf
+			return
 		}
 		for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
-			if !s.IsValid() {
+			f, idx, ok := poolIndex(cfg, s)
+			if !ok {
 				continue
 			}
-			if !seen.add(s) {
-				return nil, nil, false
+			if keys[f][i] != 0 || idx == math.MaxUint64 {
+				unkeyed.Store(true)
 			}
+			keys[f][i] = idx + 1
 		}
-		if err := checkPeer(cfg, self, r, held); err != nil {
-			rejected[r.Node] = err
-			continue
+		errs[i] = checkPeer(cfg, self, r, held)
+	})
+	var dup [2]bool
+	parallel(2, func(f int) { dup[f] = hasRepeats(keys[f]) })
+	if unkeyed.Load() || dup[0] || dup[1] {
+		return nil, nil, false
+	}
+	rejected = map[string]error{}
+	peers = make([]*Record, 0, len(recs))
+	for i, err := range errs {
+		switch {
+		case err == nil:
+			peers = append(peers, recs[i])
+		case err != errSelf:
+			rejected[recs[i].Node] = err
 		}
-		peers = append(peers, r)
 	}
 	return peers, rejected, true
+}
+
+// errSelf marks this host's own record in peersUnordered.
+var errSelf = errors.New("this host")
+
+// poolIndex returns the family (0: IPv4, 1: IPv6) of s and its index among
+// the subnets of that family's pool network, when s is one of them (of the
+// pool's length, inside its network); an index too large for 63 bits is
+// returned as math.MaxUint64.
+func poolIndex(cfg *Config, s netip.Prefix) (family int, idx uint64, ok bool) {
+	if !s.IsValid() {
+		return 0, 0, false
+	}
+	pool := cfg.IPv4
+	if s.Addr().Is6() {
+		family, pool = 1, cfg.IPv6
+	}
+	if pool == nil || s.Bits() != pool.SubnetLen || !pool.Network.Contains(s.Addr()) {
+		return 0, 0, false
+	}
+	width := pool.SubnetLen - pool.Network.Bits()
+	if width > 63 {
+		return family, math.MaxUint64, true
+	}
+	// The index is the address bits [network bits, subnet length).
+	a := s.Addr().As16()
+	hi, lo := binary.BigEndian.Uint64(a[:8]), binary.BigEndian.Uint64(a[8:])
+	if s.Addr().Is4() {
+		hi, lo = uint64(binary.BigEndian.Uint32(a[12:]))<<32, 0
+	}
+	if n := uint(pool.SubnetLen); n <= 64 {
+		idx = hi >> (64 - n)
+	} else {
+		idx = hi<<(n-64) | lo>>(128-n)
+	}
+	return family, idx & (1<<width - 1), true
+}
+
+// hasRepeats reports whether a non-zero value occurs twice in keys. It
+// inserts them into an open-addressing hash table of at least twice their
+// number (a map of this size is several times slower: Peers50k).
+func hasRepeats(keys []uint64) bool {
+	shift := 64 - bits.Len(uint(2*len(keys)))
+	table := make([]uint64, 1<<(64-shift))
+	mask := uint64(len(table) - 1)
+	for _, k := range keys {
+		if k == 0 {
+			continue
+		}
+		for h := (k * 0x9e3779b97f4a7c15) >> shift; ; h = (h + 1) & mask { // Fibonacci hashing
+			if table[h] == k {
+				return true
+			}
+			if table[h] == 0 {
+				table[h] = k
+				break
+			}
+		}
+	}
+	return false
 }
 
 // peersByAge is Peers for record sets in which subnets repeat: the older
@@ -107,46 +196,6 @@ func peersByAge(cfg *Config, self *Record, records map[string]*Record) (peers []
 		peers = append(peers, r)
 	}
 	return peers, rejected
-}
-
-// subnetSet is a set of subnets for finding repeats among tens of
-// thousands of records: integer keys and no values keep its maps small,
-// which is most of its speed (Peers50k).
-type subnetSet struct {
-	v4    map[uint64]struct{}
-	v6hi  map[uint64]struct{} // IPv6 subnets of length v6len (at most /64): the first 64 bits
-	v6    map[prefix6]struct{}
-	v6len int
-}
-
-func newSubnetSet(n int, cfg *Config) subnetSet {
-	s := subnetSet{v4: make(map[uint64]struct{}, n), v6: map[prefix6]struct{}{}, v6len: -1}
-	if cfg.IPv6 != nil && cfg.IPv6.SubnetLen <= 64 {
-		s.v6len = cfg.IPv6.SubnetLen
-		s.v6hi = make(map[uint64]struct{}, n)
-	}
-	return s
-}
-
-// add adds p and reports whether it was new.
-func (s subnetSet) add(p netip.Prefix) bool {
-	var had bool
-	switch {
-	case p.Addr().Is4():
-		k := prefix4Key(p)
-		_, had = s.v4[k]
-		s.v4[k] = struct{}{}
-	case p.Bits() == s.v6len:
-		a := p.Masked().Addr().As16()
-		k := binary.BigEndian.Uint64(a[:8])
-		_, had = s.v6hi[k]
-		s.v6hi[k] = struct{}{}
-	default:
-		k := prefix6{p.Addr().As16(), p.Bits()}
-		_, had = s.v6[k]
-		s.v6[k] = struct{}{}
-	}
-	return !had
 }
 
 // heldSet maps the subnets held so far to their holders.

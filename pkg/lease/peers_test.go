@@ -3,8 +3,11 @@ package lease
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -130,4 +133,99 @@ func FuzzDecodeRecordFast(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Peers gives what its reference, peersByAge, gives: the unordered fast path
+// must never change a result.
+func TestPeersMatchesByAge(t *testing.T) {
+	rnd := rand.New(rand.NewPCG(1, 2))
+	for _, js := range []string{
+		`{"Network":"10.0.0.0/16","IPv6Network":"2001:db8::/48","IPv6SubnetLen":64}`,
+		`{"Network":"10.0.0.0/22","SubnetLen":26}`,
+		`{"EnableIPv4":false,"IPv6Network":"2001:db8::/104","IPv6SubnetLen":120}`,
+		`{"Network":"10.0.0.0/20","SubnetLen":24,"IPv6Network":"::/0","IPv6SubnetLen":126}`,
+	} {
+		cfg := mustConfig(t, js)
+		fast := 0
+		for round := range 300 {
+			n := 1 + rnd.IntN(40)
+			space := n * (1 + rnd.IntN(4)) // small spaces repeat subnets
+			pick4 := func() netip.Prefix {
+				switch rnd.IntN(10) {
+				case 0:
+					return netip.Prefix{}
+				case 1:
+					return netip.MustParsePrefix("192.168.0.0/24") // outside
+				}
+				bits := 24
+				if cfg.IPv4 != nil {
+					bits = cfg.IPv4.SubnetLen
+				}
+				a := uint32(0x0a000000) + uint32(rnd.IntN(space))<<(32-bits)
+				return netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(a >> 24), byte(a >> 16), byte(a >> 8), byte(a)}), bits)
+			}
+			pick6 := func() netip.Prefix {
+				if rnd.IntN(8) == 0 || cfg.IPv6 == nil {
+					return netip.Prefix{}
+				}
+				a := cfg.IPv6.Network.Addr().As16()
+				i := uint64(rnd.IntN(space))
+				bits := cfg.IPv6.SubnetLen
+				// add i << (128-bits) to the network address
+				for b, j := 128-bits, 15; i != 0 && j >= 0; j-- {
+					if b >= 8 {
+						b -= 8
+						continue
+					}
+					v := uint64(a[j]) + (i<<b)&0xff
+					a[j] = byte(v)
+					i = i>>(8-b) + v>>8
+					b = 0
+				}
+				return netip.PrefixFrom(netip.AddrFrom16(a), bits).Masked()
+			}
+			records := map[string]*Record{}
+			for i := range n {
+				node := fmt.Sprintf("n%d", i)
+				r := &Record{Node: node, Rev: int64(rnd.IntN(n)), Subnet: pick4(), IPv6Subnet: pick6(),
+					PublicIP: netip.AddrFrom4([4]byte{192, 0, 2, byte(rnd.IntN(4))})}
+				if rnd.IntN(20) == 0 {
+					r.PublicIP = netip.MustParseAddr("127.0.0.1")
+				}
+				records[node] = r
+			}
+			var self *Record
+			if rnd.IntN(2) == 0 {
+				self = records["n0"]
+			}
+			if _, _, ok := peersUnordered(cfg, self, records); ok {
+				fast++
+			}
+			peers, rejected := Peers(cfg, self, records)
+			wantPeers, wantRejected := peersByAge(cfg, self, records)
+			if got, want := peerNames(peers), peerNames(wantPeers); got != want {
+				t.Fatalf("%s round %d: peers %s, want %s", js, round, got, want)
+			}
+			if len(rejected) != len(wantRejected) {
+				t.Fatalf("%s round %d: rejected %v, want %v", js, round, rejected, wantRejected)
+			}
+			for node, err := range wantRejected {
+				if rejected[node] == nil || rejected[node].Error() != err.Error() {
+					t.Fatalf("%s round %d: %s rejected for %v, want %v", js, round, node, rejected[node], err)
+				}
+			}
+		}
+		if fast < 30 && !strings.Contains(js, "::/0") { // a pool of 2^126 subnets is always sorted
+			t.Errorf("%s: the unordered path was taken in only %d of 300 rounds", js, fast)
+		}
+	}
+}
+
+func peerNames(peers []*Record) string {
+	var names []string
+	for _, p := range peers {
+		names = append(names, p.Node)
+	}
+	slices.Sort(names)
+	return strings.Join(names, ",")
 }

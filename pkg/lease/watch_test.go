@@ -173,3 +173,46 @@ func TestWatchListsManyPages(t *testing.T) {
 		t.Error("first or last record missing")
 	}
 }
+
+// The streamed listing and the one-transaction listing (for etcd before
+// 3.7) give the same events, malformed records included, in key order.
+func TestListStreamMatchesTxn(t *testing.T) {
+	_, cli := startEtcd(t)
+	reg := NewRegistry(cli, "")
+	fillLeases(t, cli, reg, 9000) // several chunks
+	ctx := ctxT(t)
+	for key, val := range map[string]string{
+		reg.Keys().Config():          benchConfig,
+		reg.Keys().Lease("bad"):      `{`,
+		reg.Keys().Lease("liar"):     `{"Node":"other","Subnet":"10.9.0.0/24"}`,
+		reg.Keys().Lease("-invalid"): `{"Node":"-invalid","Subnet":"10.9.1.0/24"}`,
+		reg.Keys().Lease("zz-last"):  `{"Node":"zz-last","Subnet":"10.9.2.0/24","PublicIP":"192.0.2.9","BackendData":{"a":[1]}}`,
+	} {
+		if _, err := cli.Put(ctx, key, val); err != nil {
+			t.Fatal(err)
+		}
+	}
+	streamed, err := reg.listLeases(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	whole, err := reg.listTxn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if streamed.Rev != whole.Rev || !streamed.Reset || streamed.ClusterID != whole.ClusterID || len(streamed.Events) != 9005 || len(whole.Events) != 9005 {
+		t.Fatalf("streamed rev %d, %d events; one transaction rev %d, %d events", streamed.Rev, len(streamed.Events), whole.Rev, len(whole.Events))
+	}
+	for i, s := range streamed.Events {
+		w := whole.Events[i]
+		if s.Kind != w.Kind || s.Node != w.Node || string(s.Value) != string(w.Value) || fmt.Sprint(s.Err) != fmt.Sprint(w.Err) ||
+			(s.Record == nil) != (w.Record == nil) || s.Record != nil && fmt.Sprint(*s.Record) != fmt.Sprint(*w.Record) {
+			t.Fatalf("event %d: streamed %+v, one transaction %+v", i, s, w)
+		}
+	}
+	var v View
+	v.Apply(streamed)
+	if string(v.Config) != benchConfig || len(v.Records) != 9001 || len(v.Malformed) != 3 || v.Records["zz-last"].Rev == 0 || v.Records["filler-00000"].Lease == 0 {
+		t.Fatalf("view: config %q, %d records, malformed %v", v.Config, len(v.Records), v.Malformed)
+	}
+}

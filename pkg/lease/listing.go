@@ -1,0 +1,156 @@
+package lease
+
+import (
+	"context"
+	"runtime"
+	"sync"
+	"sync/atomic"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// noRangeStream is set once an etcd server has refused RangeStream (etcd
+// before 3.7); listings then use one transaction.
+var noRangeStream atomic.Bool
+
+// listLeases reads the config and every lease record at one revision and
+// decodes them: Events holds the config (if any), then one LeasePut per
+// lease record in key order; Rev is the revision of the reads.
+//
+// It reads the config first, then streams the leases at the config's
+// revision (etcd's RangeStream: the server sends the range in chunks and
+// pins the revision), decoding each chunk while etcd reads the next. With
+// an etcd that has no RangeStream it reads both in one transaction and
+// decodes on every CPU.
+//
+// Paging with limited Range requests instead would not pay: etcd (3.7
+// included) still counts the whole rest of the range for every Range or
+// Txn request with a limit, while RangeStream's chunks skip the count.
+func (r *Registry) listLeases(ctx context.Context) (Batch, error) {
+	if noRangeStream.Load() {
+		return r.listTxn(ctx)
+	}
+	k := r.keys
+	cresp, err := r.cli.Get(ctx, k.Config())
+	if err != nil {
+		return Batch{}, err
+	}
+	b := Batch{Rev: cresp.Header.Revision, Reset: true, ClusterID: cresp.Header.ClusterId}
+	var cfg []Event
+	for _, kv := range cresp.Kvs {
+		cfg = append(cfg, Event{Kind: ConfigPut, Value: kv.Value})
+	}
+	var chunks []*leaseChunk
+	var wg sync.WaitGroup
+	err = rangeStream(ctx, r.cli.ActiveConnection(), k.Leases(), clientv3.GetPrefixRangeEnd(k.Leases()), b.Rev, func(rc *rangeChunk) {
+		c := &leaseChunk{}
+		chunks = append(chunks, c)
+		wg.Go(func() {
+			r.decodeChunk(c, rc.kvs)
+			rc.free()
+		})
+	})
+	wg.Wait()
+	if err != nil {
+		if ctx.Err() == nil && status.Code(err) == codes.Unimplemented {
+			noRangeStream.Store(true)
+			return r.listTxn(ctx)
+		}
+		return Batch{}, err
+	}
+	b.Events = chunkEvents(cfg, chunks)
+	return b, nil
+}
+
+// listTxn is listLeases in one transaction: one round trip, one revision.
+func (r *Registry) listTxn(ctx context.Context) (Batch, error) {
+	k := r.keys
+	resp, err := r.cli.Txn(ctx).Then(
+		clientv3.OpGet(k.Config()),
+		clientv3.OpGet(k.Leases(), clientv3.WithPrefix()),
+	).Commit()
+	if err != nil {
+		return Batch{}, err
+	}
+	b := Batch{Rev: resp.Header.Revision, Reset: true, ClusterID: resp.Header.ClusterId}
+	var cfg []Event
+	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
+		cfg = append(cfg, Event{Kind: ConfigPut, Value: kv.Value})
+	}
+	kvs := resp.Responses[1].GetResponseRange().Kvs
+	chunks := make([]*leaseChunk, runtime.GOMAXPROCS(0))
+	per := (len(kvs) + len(chunks) - 1) / len(chunks)
+	var wg sync.WaitGroup
+	for i := range chunks {
+		part := kvs[min(i*per, len(kvs)):min((i+1)*per, len(kvs))]
+		chunks[i] = &leaseChunk{}
+		wg.Go(func() {
+			raw := make([]rawKV, len(part))
+			for j, kv := range part {
+				raw[j] = rawKV{kv.Key, kv.Value, kv.CreateRevision, kv.Lease}
+			}
+			r.decodeChunk(chunks[i], raw)
+		})
+	}
+	wg.Wait()
+	b.Events = chunkEvents(cfg, chunks)
+	return b, nil
+}
+
+// leaseChunk is part of a listing, decoded: a record per key-value (one
+// allocation for the chunk) and the events of the malformed ones.
+type leaseChunk struct {
+	recs []Record
+	bad  []badLease
+}
+
+// badLease is the event of a malformed lease record, the i-th of its chunk.
+type badLease struct {
+	i int
+	e Event
+}
+
+// decodeChunk decodes kvs into c; it keeps no reference to them.
+func (r *Registry) decodeChunk(c *leaseChunk, kvs []rawKV) {
+	c.recs = make([]Record, len(kvs))
+	for i, kv := range kvs {
+		if e := r.leaseEventInto(kv.key, kv.value, kv.create, kv.lease, &c.recs[i]); e.Err != nil {
+			c.bad = append(c.bad, badLease{i, e})
+		}
+	}
+}
+
+// chunkEvents returns the config events, then the lease events of the
+// chunks in order, in one slice.
+func chunkEvents(cfg []Event, chunks []*leaseChunk) []Event {
+	n := len(cfg)
+	for _, c := range chunks {
+		n += len(c.recs)
+	}
+	evs := make([]Event, n)
+	copy(evs, cfg)
+	at := len(cfg)
+	for _, c := range chunks {
+		out := evs[at : at+len(c.recs)]
+		for i := range c.recs {
+			out[i] = Event{Kind: LeasePut, Node: c.recs[i].Node, Record: &c.recs[i]}
+		}
+		for _, b := range c.bad {
+			out[b.i] = b.e
+		}
+		at += len(c.recs)
+	}
+	return evs
+}
+
+// trimLeases is bytes.TrimPrefix(key, k.Leases()) without building the
+// prefix.
+func (k Keys) trimLeases(key []byte) []byte {
+	const leases = "/leases/"
+	if n := len(k.prefix); len(key) >= n+len(leases) && string(key[:n]) == k.prefix && string(key[n:n+len(leases)]) == leases {
+		return key[n+len(leases):]
+	}
+	return key
+}
