@@ -4,16 +4,12 @@ import (
 	"context"
 	"runtime"
 	"sync"
-	"sync/atomic"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
 )
-
-// noRangeStream is set once an etcd server has refused RangeStream (etcd
-// before 3.7); listings then use one transaction.
-var noRangeStream atomic.Bool
 
 // listLeases reads the config and every lease record at one revision and
 // decodes them: Events holds the config (if any), then one LeasePut per
@@ -22,14 +18,15 @@ var noRangeStream atomic.Bool
 // It reads the config first, then streams the leases at the config's
 // revision (etcd's RangeStream: the server sends the range in chunks and
 // pins the revision), decoding each chunk while etcd reads the next. With
-// an etcd that has no RangeStream it reads both in one transaction and
-// decodes on every CPU.
+// an etcd that has no RangeStream, or when the stream fails (it goes
+// around clientv3's retries and auth-token refresh), it reads both in one
+// transaction and decodes on every CPU.
 //
 // Paging with limited Range requests instead would not pay: etcd (3.7
 // included) still counts the whole rest of the range for every Range or
 // Txn request with a limit, while RangeStream's chunks skip the count.
 func (r *Registry) listLeases(ctx context.Context) (Batch, error) {
-	if noRangeStream.Load() {
+	if r.noRangeStream.Load() {
 		return r.listTxn(ctx)
 	}
 	k := r.keys
@@ -54,11 +51,15 @@ func (r *Registry) listLeases(ctx context.Context) (Batch, error) {
 	})
 	wg.Wait()
 	if err != nil {
-		if ctx.Err() == nil && status.Code(err) == codes.Unimplemented {
-			noRangeStream.Store(true)
-			return r.listTxn(ctx)
+		if ctx.Err() != nil {
+			return Batch{}, err
 		}
-		return Batch{}, err
+		if status.Code(err) == codes.Unimplemented {
+			r.noRangeStream.Store(true)
+		} else {
+			klog.V(2).InfoS("streaming the lease listing failed; reading it in one transaction", "err", err)
+		}
+		return r.listTxn(ctx)
 	}
 	b.Events = chunkEvents(cfg, chunks)
 	return b, nil

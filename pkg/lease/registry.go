@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -35,6 +36,9 @@ func (e *ExhaustedError) Is(target error) bool { return target == ErrNoFreeSubne
 type Registry struct {
 	cli  *clientv3.Client
 	keys Keys
+	// noRangeStream is set once etcd refused RangeStream (etcd before
+	// 3.7); listings then use one transaction.
+	noRangeStream atomic.Bool
 }
 
 // NewRegistry returns a registry under prefix ("" means DefaultPrefix).

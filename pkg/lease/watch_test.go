@@ -216,3 +216,49 @@ func TestListStreamMatchesTxn(t *testing.T) {
 		t.Fatalf("view: config %q, %d records, malformed %v", v.Config, len(v.Records), v.Malformed)
 	}
 }
+
+// The listing's stream reads every lease in several chunks, also from an
+// etcd with authentication on (the stream carries the client's token), so
+// the fallback to one transaction is not what makes listings work.
+func TestRangeStreamReadsEveryLease(t *testing.T) {
+	srv, cli := startEtcd(t)
+	reg := NewRegistry(cli, "")
+	fillLeases(t, cli, reg, 9000)
+	ctx := ctxT(t)
+	for _, step := range []func() error{
+		func() error { _, err := cli.RoleAdd(ctx, "root"); return err },
+		func() error { _, err := cli.UserAdd(ctx, "root", "rootpw"); return err },
+		func() error { _, err := cli.UserGrantRole(ctx, "root", "root"); return err },
+		func() error { _, err := cli.AuthEnable(ctx); return err },
+	} {
+		if err := step(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	anon := newClient(t, srv)
+	authed, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Username: "root", Password: "rootpw", Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer authed.Close()
+	k := reg.Keys()
+	read := func(c *clientv3.Client) (chunks, kvs int, err error) {
+		err = rangeStream(ctx, c.ActiveConnection(), k.Leases(), clientv3.GetPrefixRangeEnd(k.Leases()), 0, func(rc *rangeChunk) {
+			chunks++
+			kvs += len(rc.kvs)
+			rc.free()
+		})
+		return chunks, kvs, err
+	}
+	if _, _, err := read(anon); err == nil {
+		t.Fatal("a client without credentials streamed the leases of an etcd with authentication on")
+	}
+	chunks, kvs, err := read(authed)
+	if err != nil || chunks < 2 || kvs != 9000 {
+		t.Fatalf("stream with credentials: %d chunks, %d leases, %v; want several chunks, 9000 leases", chunks, kvs, err)
+	}
+	b, err := NewRegistry(authed, "").listLeases(ctx)
+	if err != nil || len(b.Events) != 9000 {
+		t.Fatalf("listing with credentials: %d events, %v", len(b.Events), err)
+	}
+}
