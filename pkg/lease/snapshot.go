@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -114,33 +115,46 @@ func OpenSnapshot(path string) (SnapshotHeader, func() Batch, error) {
 // splitFrames cuts data into length-prefixed frames; it stops at the first
 // damaged one.
 func splitFrames(data []byte) [][]byte {
-	var frames [][]byte
-	for len(data) > 0 {
-		n, k := binary.Uvarint(data)
-		if k <= 0 || n > uint64(len(data)-k) {
+	n := 0
+	for rest := data; ; n++ { // count first: one allocation for the frames
+		if _, rest = nextFrame(rest); rest == nil {
 			break
 		}
-		frames = append(frames, data[k:k+int(n)])
-		data = data[k+int(n):]
+	}
+	frames := make([][]byte, 0, n)
+	for range n {
+		var f []byte
+		f, data = nextFrame(data)
+		frames = append(frames, f)
 	}
 	return frames
 }
 
+// nextFrame returns the frame at the start of data and what follows it
+// (non-nil), or a nil rest when data holds no complete frame.
+func nextFrame(data []byte) (frame, rest []byte) {
+	n, k := binary.Uvarint(data)
+	if k <= 0 || n > uint64(len(data)-k) {
+		return nil, nil
+	}
+	end := k + int(n)
+	return data[k:end], data[end:len(data):len(data)]
+}
+
+// decodeSnapshot decodes the frames into a Reset batch whose base holds
+// the records (see Batch.base) and whose events are the config only.
 func decodeSnapshot(h SnapshotHeader, frames [][]byte) Batch {
 	b := Batch{Rev: h.Rev, Reset: true, ClusterID: h.ClusterID}
 	if h.Config != nil {
 		b.Events = append(b.Events, Event{Kind: ConfigPut, Value: []byte(h.Config)})
 	}
-	evs := make([]Event, len(frames))
 	recs := make([]Record, len(frames)) // one allocation, not one per lease
-	parallel(len(frames), func(i int) {
-		if decodeSnapshotRecord(frames[i], &recs[i]) {
-			evs[i] = Event{Kind: LeasePut, Node: recs[i].Node, Record: &recs[i]}
-		}
-	})
-	for _, e := range evs {
-		if e.Record != nil {
-			b.Events = append(b.Events, e)
+	ok := make([]bool, len(frames))
+	parallel(len(frames), func(i int) { ok[i] = decodeSnapshotRecord(frames[i], &recs[i]) })
+	b.base = make(map[string]*Record, len(frames))
+	for i := range recs {
+		if ok[i] {
+			b.base[recs[i].Node] = &recs[i]
 		}
 	}
 	return b
@@ -327,7 +341,7 @@ func (r *Registry) Usable(ctx context.Context, h SnapshotHeader) bool {
 // WatchFromSnapshot), delivers it as one Reset batch, and goes on like
 // Watch.
 func (r *Registry) WatchFrom(ctx context.Context, start Batch, out chan<- Batch) error {
-	return r.WatchFromSnapshot(ctx, SnapshotHeader{Rev: start.Rev, ClusterID: start.ClusterID}, func() Batch { return start }, out)
+	return r.WatchFromSnapshot(ctx, SnapshotHeader{Rev: start.Rev, ClusterID: start.ClusterID}, func() Batch { return withBase(start) }, out)
 }
 
 // WatchFromSnapshot is WatchFrom for a snapshot opened with OpenSnapshot.
@@ -344,7 +358,7 @@ func (r *Registry) WatchFrom(ctx context.Context, start Batch, out chan<- Batch)
 // changed, or a read fails, it lists afresh (Watch).
 func (r *Registry) WatchFromSnapshot(ctx context.Context, h SnapshotHeader, decode func() Batch, out chan<- Batch) error {
 	decoded := make(chan Batch, 1)
-	go func() { decoded <- withBase(decode()) }()
+	go func() { decoded <- decode() }()
 	b, err := r.catchUp(ctx, h, decoded)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -452,12 +466,13 @@ func (r *Registry) catchUp(ctx context.Context, h SnapshotHeader, decoded <-chan
 	return b, nil
 }
 
-// withBase moves a snapshot batch's lease records into its base map, so
-// that the map is built while etcd catches the watch up rather than by the
-// consumer afterwards (see Batch.base).
+// withBase returns b with its lease records (of events and base) in a new
+// base map (see Batch.base), leaving b's own map and events untouched, so
+// that a caller's batch can be used again.
 func withBase(b Batch) Batch {
-	base := make(map[string]*Record, len(b.Events))
-	var rest []Event // a new slice: b's array may be the caller's (WatchFrom)
+	base := make(map[string]*Record, len(b.base)+len(b.Events))
+	maps.Copy(base, b.base)
+	var rest []Event
 	for _, e := range b.Events {
 		if e.Kind == LeasePut && e.Err == nil && e.Record != nil {
 			base[e.Node] = e.Record
