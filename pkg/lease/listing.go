@@ -61,7 +61,7 @@ func (r *Registry) listLeases(ctx context.Context) (Batch, error) {
 		}
 		return r.listTxn(ctx)
 	}
-	b.Events = chunkEvents(cfg, chunks)
+	b.Events, b.base = chunkEvents(cfg, chunks)
 	return b, nil
 }
 
@@ -96,7 +96,7 @@ func (r *Registry) listTxn(ctx context.Context) (Batch, error) {
 		})
 	}
 	wg.Wait()
-	b.Events = chunkEvents(cfg, chunks)
+	b.Events, b.base = chunkEvents(cfg, chunks)
 	return b, nil
 }
 
@@ -123,27 +123,31 @@ func (r *Registry) decodeChunk(c *leaseChunk, kvs []rawKV) {
 	}
 }
 
-// chunkEvents returns the config events, then the lease events of the
-// chunks in order, in one slice.
-func chunkEvents(cfg []Event, chunks []*leaseChunk) []Event {
-	n := len(cfg)
+// chunkEvents returns the config events and those of the malformed
+// records, in key order, and the well-formed records in a base map (see
+// Batch.base): a listing of tens of thousands of leases needs no event
+// per lease, and the map is built once, at its final size.
+func chunkEvents(cfg []Event, chunks []*leaseChunk) ([]Event, map[string]*Record) {
+	n, bad := 0, 0
 	for _, c := range chunks {
 		n += len(c.recs)
+		bad += len(c.bad)
 	}
-	evs := make([]Event, n)
-	copy(evs, cfg)
-	at := len(cfg)
+	evs := make([]Event, 0, len(cfg)+bad)
+	evs = append(evs, cfg...)
+	base := make(map[string]*Record, n-bad)
 	for _, c := range chunks {
-		out := evs[at : at+len(c.recs)]
+		j := 0 // next of c.bad
 		for i := range c.recs {
-			out[i] = Event{Kind: LeasePut, Node: c.recs[i].Node, Record: &c.recs[i]}
+			if j < len(c.bad) && c.bad[j].i == i {
+				evs = append(evs, c.bad[j].e)
+				j++
+				continue
+			}
+			base[c.recs[i].Node] = &c.recs[i]
 		}
-		for _, b := range c.bad {
-			out[b.i] = b.e
-		}
-		at += len(c.recs)
 	}
-	return evs
+	return evs, base
 }
 
 // trimLeases is bytes.TrimPrefix(key, k.Leases()) without building the

@@ -53,16 +53,20 @@ type Batch struct {
 	// Rev is the etcd revision the batch brings the consumer to.
 	Rev int64
 	// Reset means the batch is a full listing: the consumer must forget
-	// every lease and the config it knew and apply Events from scratch (a
-	// missing ConfigPut means the config key does not exist).
+	// every lease and the config it knew and start from this batch (a
+	// missing ConfigPut means the config key does not exist). Most of a
+	// Reset batch's leases are not in Events (see base): apply it with
+	// View.Apply.
 	Reset  bool
 	Events []Event
 	// ClusterID is the etcd cluster the batch came from (0: unknown).
 	ClusterID uint64
-	// base, in a Reset batch resumed from a snapshot, holds the snapshot's
-	// records, keyed by node and built while etcd caught up; Events then
-	// hold only the config and the changes since. View.Apply adopts the
-	// map instead of copying it, so such a batch is applied once.
+	// base, in a Reset batch, holds the well-formed lease records of the
+	// listing (or of the snapshot it resumed from), keyed by node and
+	// built by the producer; Events then hold the config, the malformed
+	// records and, after a snapshot, the changes since, applied after
+	// base. View.Apply adopts the map instead of copying it, so such a
+	// batch is applied once.
 	base map[string]*Record
 }
 

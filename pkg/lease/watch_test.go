@@ -200,14 +200,22 @@ func TestListStreamMatchesTxn(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if streamed.Rev != whole.Rev || !streamed.Reset || streamed.ClusterID != whole.ClusterID || len(streamed.Events) != 9005 || len(whole.Events) != 9005 {
-		t.Fatalf("streamed rev %d, %d events; one transaction rev %d, %d events", streamed.Rev, len(streamed.Events), whole.Rev, len(whole.Events))
+	if streamed.Rev != whole.Rev || !streamed.Reset || streamed.ClusterID != whole.ClusterID || len(streamed.base) != 9001 || len(whole.base) != 9001 {
+		t.Fatalf("streamed rev %d, %d records; one transaction rev %d, %d records", streamed.Rev, len(streamed.base), whole.Rev, len(whole.base))
+	}
+	if len(streamed.Events) != 4 || len(whole.Events) != 4 { // the config and the 3 malformed records
+		t.Fatalf("streamed %d events, one transaction %d; want 4", len(streamed.Events), len(whole.Events))
 	}
 	for i, s := range streamed.Events {
 		w := whole.Events[i]
 		if s.Kind != w.Kind || s.Node != w.Node || string(s.Value) != string(w.Value) || fmt.Sprint(s.Err) != fmt.Sprint(w.Err) ||
 			(s.Record == nil) != (w.Record == nil) || s.Record != nil && fmt.Sprint(*s.Record) != fmt.Sprint(*w.Record) {
 			t.Fatalf("event %d: streamed %+v, one transaction %+v", i, s, w)
+		}
+	}
+	for node, s := range streamed.base {
+		if w := whole.base[node]; w == nil || fmt.Sprint(*s) != fmt.Sprint(*w) {
+			t.Fatalf("record of %s: streamed %+v, one transaction %+v", node, s, w)
 		}
 	}
 	var v View
@@ -258,7 +266,7 @@ func TestRangeStreamReadsEveryLease(t *testing.T) {
 		t.Fatalf("stream with credentials: %d chunks, %d leases, %v; want several chunks, 9000 leases", chunks, kvs, err)
 	}
 	b, err := NewRegistry(authed, "").listLeases(ctx)
-	if err != nil || len(b.Events) != 9000 {
-		t.Fatalf("listing with credentials: %d events, %v", len(b.Events), err)
+	if err != nil || len(b.base) != 9000 {
+		t.Fatalf("listing with credentials: %d records, %v", len(b.base), err)
 	}
 }
