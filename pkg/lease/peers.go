@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"math"
 	"math/bits"
 	"net/netip"
 	"slices"
@@ -65,7 +64,7 @@ func peersUnordered(cfg *Config, self *Record, records map[string]*Record) (peer
 			if !ok {
 				continue
 			}
-			if keys[f][i] != 0 || idx == math.MaxUint64 {
+			if keys[f][i] != 0 {
 				unkeyed.Store(true)
 			}
 			keys[f][i] = idx + 1
@@ -95,8 +94,9 @@ var errSelf = errors.New("this host")
 
 // poolIndex returns the family (0: IPv4, 1: IPv6) of s and its index among
 // the subnets of that family's pool network, when s is one of them (of the
-// pool's length, inside its network); an index too large for 63 bits is
-// returned as math.MaxUint64.
+// pool's length, inside its network). An index wider than 63 bits (say /126
+// subnets of a /32) is cut to its low 63 bits: two subnets may then share
+// an index, which only sends Peers to the by-age path.
 func poolIndex(cfg *Config, s netip.Prefix) (family int, idx uint64, ok bool) {
 	if !s.IsValid() {
 		return 0, 0, false
@@ -108,10 +108,7 @@ func poolIndex(cfg *Config, s netip.Prefix) (family int, idx uint64, ok bool) {
 	if pool == nil || s.Bits() != pool.SubnetLen || !pool.Network.Contains(s.Addr()) {
 		return 0, 0, false
 	}
-	width := pool.SubnetLen - pool.Network.Bits()
-	if width > 63 {
-		return family, math.MaxUint64, true
-	}
+	width := min(pool.SubnetLen-pool.Network.Bits(), 63)
 	// The index is the address bits [network bits, subnet length).
 	a := s.Addr().As16()
 	hi, lo := binary.BigEndian.Uint64(a[:8]), binary.BigEndian.Uint64(a[8:])
