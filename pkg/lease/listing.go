@@ -5,7 +5,6 @@ import (
 	"runtime"
 	"sync"
 
-	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -13,9 +12,8 @@ import (
 )
 
 // listLeases reads the config and every lease record at one revision and
-// decodes them into a Reset batch: the well-formed records in its base
-// map, the config (if any) and the malformed records (in key order) in
-// Events; Rev is the revision of the reads.
+// decodes them: Events holds the config (if any), then one LeasePut per
+// lease record in key order; Rev is the revision of the reads.
 //
 // It reads the config first, then streams the leases at the config's
 // revision (etcd's RangeStream: the server sends the range in chunks and
@@ -43,7 +41,7 @@ func (r *Registry) listLeases(ctx context.Context) (Batch, error) {
 	}
 	var chunks []*leaseChunk
 	var wg sync.WaitGroup
-	err = rangeStream(ctx, r.cli.ActiveConnection(), &pb.RangeRequest{Key: []byte(k.Leases()), RangeEnd: []byte(clientv3.GetPrefixRangeEnd(k.Leases())), Revision: b.Rev}, func(rc *rangeChunk) {
+	err = rangeStream(ctx, r.cli.ActiveConnection(), k.Leases(), clientv3.GetPrefixRangeEnd(k.Leases()), b.Rev, func(rc *rangeChunk) {
 		c := &leaseChunk{}
 		chunks = append(chunks, c)
 		wg.Go(func() {

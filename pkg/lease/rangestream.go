@@ -39,8 +39,8 @@ func (c *rangeChunk) free() {
 // rawKVPool holds the kvs slices of freed chunks.
 var rawKVPool = sync.Pool{New: func() any { return new([]rawKV) }}
 
-// rangeStream reads the range of req (its keys [Key, RangeEnd) at its
-// Revision) with etcd's RangeStream RPC (etcd 3.7 and later; older servers answer Unimplemented)
+// rangeStream reads the keys [key, end) at revision rev with etcd's
+// RangeStream RPC (etcd 3.7 and later; older servers answer Unimplemented)
 // and calls each with every chunk, in key order, as it arrives. each owns
 // the chunk and must free it. It returns when the stream ends, with nil
 // once every chunk was passed on.
@@ -50,7 +50,7 @@ var rawKVPool = sync.Pool{New: func() any { return new([]rawKV) }}
 // unmarshalled into etcd's types: rangeStream reads the key-values it
 // needs straight from the wire bytes, which keeps a listing of tens of
 // thousands of records from allocating three objects per key.
-func rangeStream(ctx context.Context, conn *grpc.ClientConn, req *pb.RangeRequest, each func(*rangeChunk)) error {
+func rangeStream(ctx context.Context, conn *grpc.ClientConn, key, end string, rev int64, each func(*rangeChunk)) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	desc := &grpc.StreamDesc{StreamName: "RangeStream", ServerStreams: true}
@@ -59,7 +59,7 @@ func rangeStream(ctx context.Context, conn *grpc.ClientConn, req *pb.RangeReques
 	if err != nil {
 		return err
 	}
-	if err := cs.SendMsg(req); err != nil {
+	if err := cs.SendMsg(&pb.RangeRequest{Key: []byte(key), RangeEnd: []byte(end), Revision: rev}); err != nil {
 		return err
 	}
 	if err := cs.CloseSend(); err != nil {
@@ -81,12 +81,6 @@ func rangeStream(ctx context.Context, conn *grpc.ClientConn, req *pb.RangeReques
 		}
 		each(c)
 	}
-}
-
-// rangeStreamCount sends a count-only RangeStream for key and reads the
-// answer: nil from etcd 3.7 and later, Unimplemented from older ones.
-func rangeStreamCount(ctx context.Context, conn *grpc.ClientConn, key string) error {
-	return rangeStream(ctx, conn, &pb.RangeRequest{Key: []byte(key), CountOnly: true, Serializable: true}, (*rangeChunk).free)
 }
 
 // rawCodec marshals requests like gRPC's proto codec and keeps responses as

@@ -39,9 +39,6 @@ type Registry struct {
 	// noRangeStream is set once etcd refused RangeStream (etcd before
 	// 3.7); listings then use one transaction.
 	noRangeStream atomic.Bool
-	// hasRangeStream is set once etcd answered a RangeStream probe
-	// (indexedKeysOnly).
-	hasRangeStream atomic.Bool
 }
 
 // NewRegistry returns a registry under prefix ("" means DefaultPrefix).

@@ -11,12 +11,9 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
 	"github.com/leased/leased/pkg/metrics"
@@ -348,35 +345,21 @@ func (r *Registry) WatchFrom(ctx context.Context, start Batch, out chan<- Batch)
 }
 
 // WatchFromSnapshot is WatchFrom for a snapshot opened with OpenSnapshot.
-// It brings the snapshot up to date while decode runs, in one of two ways:
-//
-//   - etcd 3.7 and later answer a keys-only range from their in-memory
-//     index, without touching a value. WatchFromSnapshot lists the config
-//     and the lease keys without values in one read. A cached record whose
-//     key etcd still holds, with the same create revision and not modified
-//     since the snapshot's revision, is exactly what etcd holds; every
-//     other listed key is read (at the listing's revision), and cached
-//     records whose key is gone are dropped. This also works after etcd
-//     compacted past the snapshot's revision.
-//   - Older etcd read every value even for a keys-only range, so there it
-//     watches from the snapshot's revision and waits until etcd confirms
-//     (by a progress notification) that every change since has arrived;
-//     etcd syncs watchers of old revisions every 100 ms.
-//
-// The consumer gets the result as one Reset batch, so it never acts on the
-// snapshot's stale state, and the watch continues from there. When more
-// than maxCatchUpReads keys changed, etcd compacted past the snapshot (for
-// the watch), or a read fails, it lists afresh (Watch).
+// While decode runs, it lists the config and the lease keys without their
+// values in one read (etcd 3.6+ answers that from its in-memory index,
+// without touching a value). A cached record whose key etcd still holds,
+// with the same create revision and not modified since the snapshot's
+// revision, is exactly what etcd holds; every other listed key is read
+// (at the listing's revision), and cached records whose key is gone are
+// dropped. The consumer gets the result as one Reset batch at the
+// listing's revision, so it never acts on the snapshot's stale state, and
+// the watch continues from there. The snapshot stays usable after etcd
+// compacted past its revision. When more than maxCatchUpReads keys
+// changed, or a read fails, it lists afresh (Watch).
 func (r *Registry) WatchFromSnapshot(ctx context.Context, h SnapshotHeader, decode func() Batch, out chan<- Batch) error {
 	decoded := make(chan Batch, 1)
 	go func() { decoded <- decode() }()
-	var b Batch
-	var err error
-	if r.indexedKeysOnly(ctx) {
-		b, err = r.catchUpByKeys(ctx, h, decoded)
-	} else {
-		b, err = r.catchUpByWatch(ctx, h.Rev, decoded)
-	}
+	b, err := r.catchUp(ctx, h, decoded)
 	if err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -403,30 +386,9 @@ const maxCatchUpReads = 4096
 // maxTxnOps is etcd's default --max-txn-ops.
 const maxTxnOps = 128
 
-// indexedKeysOnly reports whether etcd answers keys-only ranges from its
-// index (3.7 and later), probed by a count-only RangeStream (also 3.7) of
-// the config key; the answer is remembered.
-func (r *Registry) indexedKeysOnly(ctx context.Context) bool {
-	if r.noRangeStream.Load() {
-		return false
-	}
-	if r.hasRangeStream.Load() {
-		return true
-	}
-	err := rangeStreamCount(ctx, r.cli.ActiveConnection(), r.keys.Config())
-	switch {
-	case err == nil:
-		r.hasRangeStream.Store(true)
-		return true
-	case status.Code(err) == codes.Unimplemented:
-		r.noRangeStream.Store(true)
-	}
-	return false
-}
-
-// catchUpByKeys returns the snapshot batch from decoded brought up to
-// etcd's current state by a keys-only listing (see WatchFromSnapshot).
-func (r *Registry) catchUpByKeys(ctx context.Context, h SnapshotHeader, decoded <-chan Batch) (Batch, error) {
+// catchUp returns the snapshot batch from decoded brought up to etcd's
+// current state (see WatchFromSnapshot).
+func (r *Registry) catchUp(ctx context.Context, h SnapshotHeader, decoded <-chan Batch) (Batch, error) {
 	k := r.keys
 	resp, err := r.cli.Txn(ctx).Then(
 		clientv3.OpGet(k.Config()),
@@ -502,58 +464,6 @@ func (r *Registry) catchUpByKeys(ctx context.Context, h SnapshotHeader, decoded 
 	}
 	klog.V(2).InfoS("brought the lease cache up to date", "leases", len(kvs), "unchanged", kept, "read", len(stale), "dropped", dropped, "rev", rev)
 	return b, nil
-}
-
-const catchUpTimeout = 5 * time.Second
-
-// catchUpByWatch collects every change after rev until etcd confirms it has
-// sent them all, then returns the snapshot batch (from decoded) followed by
-// those changes as one Reset batch at the revision etcd confirmed. A Reset
-// batch's events are applied after its base, so they override the
-// snapshot's records.
-func (r *Registry) catchUpByWatch(ctx context.Context, rev int64, decoded <-chan Batch) (Batch, error) {
-	ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), catchUpTimeout)
-	defer cancel()
-	var delta []Event
-	wch := r.cli.Watch(ctx, r.keys.Prefix(), clientv3.WithPrefix(), clientv3.WithRev(rev+1))
-	// etcd answers progress requests only once the watcher has caught up,
-	// so ask until it answers.
-	r.cli.RequestProgress(ctx) //nolint:errcheck // may come before the watch exists; the ticker repeats it
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return Batch{}, fmt.Errorf("watching from revision %d: %w", rev+1, ctx.Err())
-		case <-tick.C:
-			r.cli.RequestProgress(ctx) //nolint:errcheck // retried on the next tick
-		case resp, ok := <-wch:
-			switch {
-			case !ok:
-				return Batch{}, fmt.Errorf("watch from revision %d closed", rev+1)
-			case resp.CompactRevision != 0:
-				return Batch{}, fmt.Errorf("etcd compacted past the cache's revision %d", rev)
-			case resp.Err() != nil:
-				return Batch{}, resp.Err()
-			}
-			if resp.IsProgressNotify() {
-				var b Batch
-				select {
-				case b = <-decoded:
-				case <-ctx.Done():
-					return Batch{}, ctx.Err()
-				}
-				b.Rev, b.Reset, b.ClusterID = resp.Header.Revision, true, resp.Header.ClusterId
-				b.Events = append(b.Events, delta...)
-				return b, nil
-			}
-			for _, ev := range resp.Events {
-				if e, ok := r.event(ev); ok {
-					delta = append(delta, e)
-				}
-			}
-		}
-	}
 }
 
 // withBase returns b with its lease records (of events and base) in a new

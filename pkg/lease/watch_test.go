@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
@@ -252,7 +251,7 @@ func TestRangeStreamReadsEveryLease(t *testing.T) {
 	defer authed.Close()
 	k := reg.Keys()
 	read := func(c *clientv3.Client) (chunks, kvs int, err error) {
-		err = rangeStream(ctx, c.ActiveConnection(), &pb.RangeRequest{Key: []byte(k.Leases()), RangeEnd: []byte(clientv3.GetPrefixRangeEnd(k.Leases()))}, func(rc *rangeChunk) {
+		err = rangeStream(ctx, c.ActiveConnection(), k.Leases(), clientv3.GetPrefixRangeEnd(k.Leases()), 0, func(rc *rangeChunk) {
 			chunks++
 			kvs += len(rc.kvs)
 			rc.free()
