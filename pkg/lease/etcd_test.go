@@ -25,7 +25,12 @@ func startEtcd(t testing.TB) (*etcdserver.Server, *clientv3.Client) {
 
 func newClient(t testing.TB, srv *etcdserver.Server) *clientv3.Client {
 	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	return newClientAt(t, srv.ClientURL)
+}
+
+func newClientAt(t testing.TB, url string) *clientv3.Client {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{url}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}

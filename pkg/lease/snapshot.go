@@ -346,8 +346,9 @@ func (r *Registry) WatchFrom(ctx context.Context, start Batch, out chan<- Batch)
 
 // WatchFromSnapshot is WatchFrom for a snapshot opened with OpenSnapshot.
 // While decode runs, it lists the config and the lease keys without their
-// values in one read (etcd 3.6+ answers that from its in-memory index,
-// without touching a value). A cached record whose key etcd still holds,
+// values in one read (etcd 3.7 and later answer that from their in-memory
+// index, without touching a value; older ones read the values and drop
+// them, which is slower but just as exact). A cached record whose key etcd still holds,
 // with the same create revision and not modified since the snapshot's
 // revision, is exactly what etcd holds; every other listed key is read
 // (at the listing's revision), and cached records whose key is gone are
@@ -356,6 +357,11 @@ func (r *Registry) WatchFrom(ctx context.Context, start Batch, out chan<- Batch)
 // the watch continues from there. The snapshot stays usable after etcd
 // compacted past its revision. When more than maxCatchUpReads keys
 // changed, or a read fails, it lists afresh (Watch).
+//
+// It does not watch from the snapshot's revision and wait for etcd's
+// progress notification instead: etcd before 3.4.24 and 3.5.8 answers a
+// progress request before the watcher has caught up (etcd issue 15220),
+// and the consumer would act on stale leases (TestListAndResumeOnOlderEtcd).
 func (r *Registry) WatchFromSnapshot(ctx context.Context, h SnapshotHeader, decode func() Batch, out chan<- Batch) error {
 	decoded := make(chan Batch, 1)
 	go func() { decoded <- decode() }()

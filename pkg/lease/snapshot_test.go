@@ -6,10 +6,13 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/leased/leased/internal/etcdserver"
 )
 
 // startWatchFrom is startWatch for a snapshot batch.
@@ -161,4 +164,59 @@ func FuzzDecodeSnapshotRecord(f *testing.F) {
 			t.Fatalf("re-encoding changed the record:\n%+v\n%+v", got, again)
 		}
 	})
+}
+
+// Against an etcd before 3.7 (Debian's 3.4, as its own process), which has
+// no RangeStream and reads values for keys-only ranges: the listing falls
+// back to one transaction, and the resume from a snapshot still ends with
+// exactly etcd's state. (A catch-up that watched from the snapshot's
+// revision and trusted etcd's progress notification failed here: etcd
+// 3.4.23 answers a progress request at once, before the watcher has caught
+// up — etcd issue 15220, fixed in 3.4.24 and 3.5.8.)
+func TestListAndResumeOnOlderEtcd(t *testing.T) {
+	ext, err := etcdserver.StartBinary(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ext.Stop)
+	if strings.HasPrefix(ext.Version, "3.7") || strings.HasPrefix(ext.Version, "3.8") {
+		t.Fatalf("etcd binary is %s; this test needs one before 3.7 (Debian's etcd-server)", ext.Version)
+	}
+	cli := newClientAt(t, ext.ClientURL)
+	reg := NewRegistry(cli, "")
+	for i := range 3 {
+		putRecord(t, cli, reg, fmt.Sprintf("n%d", i), fmt.Sprintf("10.100.%d.0/24", i))
+	}
+	cli.Put(ctxT(t), reg.Keys().Config(), `{"Network":"10.100.0.0/16"}`)
+	w := startWatch(t, reg)
+	w.waitFor(t, "listing", func(v *View) bool { return len(v.Records) == 3 && v.Config != nil })
+	if !reg.noRangeStream.Load() {
+		t.Error("etcd before 3.7 answered RangeStream?")
+	}
+	path := filepath.Join(t.TempDir(), "leases.cache")
+	w.mu.Lock()
+	err = SaveSnapshot(path, reg.Keys().Prefix(), &w.view)
+	w.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli.Delete(ctxT(t), reg.Keys().Lease("n0"))
+	putRecord(t, cli, reg, "n1", "10.100.41.0/24")
+	putRecord(t, cli, reg, "n9", "10.100.9.0/24")
+
+	_, start, err := LoadSnapshot(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resumed := NewRegistry(newClientAt(t, ext.ClientURL), "")
+	w2 := startWatchFrom(t, resumed, start)
+	w2.waitFor(t, "resumed state equals etcd", func(v *View) bool {
+		r1 := v.Records["n1"]
+		return len(v.Records) == 3 && v.Records["n0"] == nil && r1 != nil && r1.Subnet == netip.MustParsePrefix("10.100.41.0/24") && v.Records["n9"] != nil
+	})
+	w2.mu.Lock()
+	defer w2.mu.Unlock()
+	if w2.resets != 1 || w2.n != 0 {
+		t.Errorf("%d resets, %d batches showing a deleted lease; want one caught-up batch", w2.resets, w2.n)
+	}
 }

@@ -62,7 +62,11 @@ func (w *watcher) waitFor(t *testing.T, what string, cond func(v *View) bool) {
 		if time.Now().After(deadline) {
 			w.mu.Lock()
 			defer w.mu.Unlock()
-			t.Fatalf("timed out waiting for %s; view has %d records, config %q", what, len(w.view.Records), w.view.Config)
+			var recs []string
+			for n, r := range w.view.Records {
+				recs = append(recs, n+"="+r.Subnet.String())
+			}
+			t.Fatalf("timed out waiting for %s; view has %d records %v, config %q", what, len(w.view.Records), recs, w.view.Config)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
