@@ -34,12 +34,15 @@ import (
 // read (the agent lists instead, once).
 const snapshotFormat = 2
 
-// SnapshotHeader identifies what a snapshot belongs to.
+// SnapshotHeader identifies what a snapshot belongs to. The revision is
+// saved as "revision": the leased versions that wrote format 1 (JSON lines)
+// required "rev", so after a downgrade they refuse a format 2 file and list,
+// instead of reading binary records as lines and resuming from almost none.
 type SnapshotHeader struct {
 	Format    int             `json:"format"`
 	ClusterID uint64          `json:"clusterID"`
 	Prefix    string          `json:"prefix"`
-	Rev       int64           `json:"rev"`
+	Rev       int64           `json:"revision"`
 	Config    json.RawMessage `json:"config,omitempty"`
 	// Leases is the number of leases in the file (counted when read, not saved).
 	Leases int `json:"-"`

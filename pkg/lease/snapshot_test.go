@@ -1,10 +1,12 @@
 package lease
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -75,6 +77,16 @@ func TestSnapshotResume(t *testing.T) {
 	h, start, err := LoadSnapshot(path)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// leased versions that read format 1 require a header with "rev" > 0:
+	// they must refuse this file rather than read its binary records as lines.
+	data, _ := os.ReadFile(path)
+	head, _, _ := bytes.Cut(data, []byte{'\n'})
+	var old struct {
+		Rev int64 `json:"rev"`
+	}
+	if json.Unmarshal(head, &old) != nil || old.Rev != 0 || !bytes.Contains(head, []byte(`"format":2`)) {
+		t.Errorf("header %s: a format 1 reader would take it", head)
 	}
 	if !reg.Usable(ctxT(t), h) {
 		t.Fatal("snapshot of this cluster and prefix not usable")
