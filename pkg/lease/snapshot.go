@@ -104,11 +104,17 @@ func OpenSnapshot(path string) (SnapshotHeader, func() Batch, error) {
 		return h, nil, err
 	}
 	head, rest, _ := bytes.Cut(data, []byte{'\n'})
-	if json.Unmarshal(head, &h) != nil || h.Rev <= 0 {
+	if json.Unmarshal(head, &h) != nil {
 		return h, nil, fmt.Errorf("lease: snapshot %s has no valid header", path)
+	}
+	if h.Format == 0 {
+		h.Format = 1 // the JSON lines of leased before format 2 named none
 	}
 	if h.Format != snapshotFormat {
 		return h, nil, fmt.Errorf("lease: snapshot %s is in format %d, this leased reads format %d", path, h.Format, snapshotFormat)
+	}
+	if h.Rev <= 0 {
+		return h, nil, fmt.Errorf("lease: snapshot %s has no valid header", path)
 	}
 	frames := splitFrames(rest)
 	h.Leases = len(frames)

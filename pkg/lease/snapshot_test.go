@@ -88,6 +88,13 @@ func TestSnapshotResume(t *testing.T) {
 	if json.Unmarshal(head, &old) != nil || old.Rev != 0 || !bytes.Contains(head, []byte(`"format":2`)) {
 		t.Errorf("header %s: a format 1 reader would take it", head)
 	}
+	// A cache of the leased before format 2 (JSON lines) is refused with
+	// a message that says so.
+	oldPath := filepath.Join(t.TempDir(), "old.cache")
+	os.WriteFile(oldPath, []byte(`{"clusterID":1,"prefix":"/leased/network/","rev":5}`+"\n5 0 n1 {}\n"), 0o644)
+	if _, _, err := OpenSnapshot(oldPath); err == nil || !strings.Contains(err.Error(), "format 1, this leased reads format 2") {
+		t.Errorf("old cache: %v", err)
+	}
 	if !reg.Usable(ctxT(t), h) {
 		t.Fatal("snapshot of this cluster and prefix not usable")
 	}
