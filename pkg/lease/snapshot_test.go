@@ -46,25 +46,32 @@ func startWatchFrom(t *testing.T, reg *Registry, start Batch) *watcher {
 	return w
 }
 
+// listAndSave writes n leases n0... and a config, lists them with a watch
+// and saves the view as a snapshot, whose path it returns.
+func listAndSave(t *testing.T, cli *clientv3.Client, reg *Registry, n int) string {
+	t.Helper()
+	for i := range n {
+		putRecord(t, cli, reg, fmt.Sprintf("n%d", i), fmt.Sprintf("10.100.%d.0/24", i))
+	}
+	cli.Put(ctxT(t), reg.Keys().Config(), `{"Network":"10.100.0.0/16"}`)
+	w := startWatch(t, reg)
+	w.waitFor(t, "listing", func(v *View) bool { return len(v.Records) == n && v.Config != nil })
+	path := filepath.Join(t.TempDir(), "leases.cache")
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := SaveSnapshot(path, reg.Keys().Prefix(), &w.view); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
 // A restarted agent resumes from its saved lease set and ends with exactly
 // etcd's state, including changes made while it was down, also after etcd
 // compacted past the snapshot's revision.
 func TestSnapshotResume(t *testing.T) {
 	_, cli := startEtcd(t)
 	reg := NewRegistry(cli, "")
-	for i := range 5 {
-		putRecord(t, cli, reg, fmt.Sprintf("n%d", i), fmt.Sprintf("10.100.%d.0/24", i))
-	}
-	cli.Put(ctxT(t), reg.Keys().Config(), `{"Network":"10.100.0.0/16"}`)
-	w := startWatch(t, reg)
-	w.waitFor(t, "listing", func(v *View) bool { return len(v.Records) == 5 && v.Config != nil })
-	path := filepath.Join(t.TempDir(), "leases.cache")
-	w.mu.Lock()
-	err := SaveSnapshot(path, reg.Keys().Prefix(), &w.view)
-	w.mu.Unlock()
-	if err != nil {
-		t.Fatal(err)
-	}
+	path := listAndSave(t, cli, reg, 5)
 
 	// While "down": one lease goes, one changes, one arrives, one turns
 	// malformed, the config changes.
@@ -203,21 +210,9 @@ func TestListAndResumeOnOlderEtcd(t *testing.T) {
 	}
 	cli := newClientAt(t, ext.ClientURL)
 	reg := NewRegistry(cli, "")
-	for i := range 3 {
-		putRecord(t, cli, reg, fmt.Sprintf("n%d", i), fmt.Sprintf("10.100.%d.0/24", i))
-	}
-	cli.Put(ctxT(t), reg.Keys().Config(), `{"Network":"10.100.0.0/16"}`)
-	w := startWatch(t, reg)
-	w.waitFor(t, "listing", func(v *View) bool { return len(v.Records) == 3 && v.Config != nil })
+	path := listAndSave(t, cli, reg, 3)
 	if !reg.noRangeStream.Load() {
 		t.Error("etcd before 3.7 answered RangeStream?")
-	}
-	path := filepath.Join(t.TempDir(), "leases.cache")
-	w.mu.Lock()
-	err = SaveSnapshot(path, reg.Keys().Prefix(), &w.view)
-	w.mu.Unlock()
-	if err != nil {
-		t.Fatal(err)
 	}
 	cli.Delete(ctxT(t), reg.Keys().Lease("n0"))
 	putRecord(t, cli, reg, "n1", "10.100.41.0/24")
