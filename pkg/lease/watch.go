@@ -107,7 +107,7 @@ func (r *Registry) list(ctx context.Context, out chan<- Batch) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("listing %s: %w", r.keys.Prefix(), err)
 	}
-	klog.V(2).InfoS("listed the leases", "events", len(b.Events), "rev", b.Rev, "took", time.Since(t0))
+	klog.V(2).InfoS("listed the leases", "leases", len(b.base), "configAndMalformed", len(b.Events), "rev", b.Rev, "took", time.Since(t0))
 	select {
 	case out <- b:
 	case <-ctx.Done():
