@@ -81,16 +81,7 @@ func TestForwardingWithoutIptables(t *testing.T) {
 // FORWARD chain (the jump gone), a flushed LEASED-FWD, a rule inserted above
 // the jump and ip_forward turned off all come back within a few resyncs.
 func TestForwardingRestoredOnResync(t *testing.T) {
-	ns, _, ext := hostGWLab(t)
-	ctx := context.Background()
-	b := mustNew(t, `{}`, ext, "a", ns, Options{Resync: 300 * time.Millisecond})
-	if err := b.Start(ctx, localA()); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.SetPeers(ctx, []Peer{peerB}); err != nil {
-		t.Fatal(err)
-	}
-	runBackend(t, b)
+	ns, _ := resyncingHostGW(t)
 	ipt := func(args ...string) string { return sh(t, append([]string{"ip", "netns", "exec", ns}, args...)...) }
 	jumpFirst := func(bin string) bool {
 		lines := strings.Split(ipt(bin, "-S", "FORWARD"), "\n")

@@ -148,7 +148,11 @@ func nsHandleNS(t *testing.T, name string) netnsHandle {
 	return ns
 }
 
-func TestHostGWRepairsDeletedRoute(t *testing.T) {
+// resyncingHostGW runs host "a" of hostGWLab with host-gw, peer B and a
+// 300 ms resync, for tests that break the kernel state and wait for the
+// repair; it returns the namespace of host a and the lab's h.
+func resyncingHostGW(t *testing.T) (string, *netlink.Handle) {
+	t.Helper()
 	ns, h, ext := hostGWLab(t)
 	ctx := context.Background()
 	b := mustNew(t, `{}`, ext, "a", ns, Options{Resync: 300 * time.Millisecond})
@@ -159,6 +163,11 @@ func TestHostGWRepairsDeletedRoute(t *testing.T) {
 		t.Fatal(err)
 	}
 	runBackend(t, b)
+	return ns, h
+}
+
+func TestHostGWRepairsDeletedRoute(t *testing.T) {
+	ns, h := resyncingHostGW(t)
 	for _, dst := range []string{"10.100.2.0/24", "fd00:100:2::/64"} {
 		sh(t, "ip", "-n", ns, "route", "del", dst)
 		eventually(t, 3*time.Second, "route "+dst+" restored", func() bool { _, ok := ourRoutes(t, h)[dst]; return ok })
