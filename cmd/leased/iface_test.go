@@ -4,7 +4,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"net/netip"
-	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -12,20 +11,9 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/leased/leased/internal/nsutil"
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/backend"
 )
-
-// ifaceTestNeedsRoot skips a test that needs network namespaces when not
-// root, except in CI (CI set), where the tests must run as root.
-func ifaceTestNeedsRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("needs root for network namespaces; CI must run the tests as root")
-		}
-		t.Skip("needs root for network namespaces; CI runs as root")
-	}
-}
 
 // ifaceTestNS creates a network namespace (deleted in t.Cleanup, also when
 // the test fails) with two links, each a veth whose other end (lnkap,
@@ -76,7 +64,7 @@ func ifaceTestNS(t *testing.T, cmds [][]string) string {
 // default route's link, a family without one uses the other's, and
 // --iface/--iface-regex choose one link for both.
 func TestFindExtIfacePerFamily(t *testing.T) {
-	ifaceTestNeedsRoot(t)
+	testutil.RequireRoot(t)
 	var (
 		default4 = []string{"route", "add", "default", "via", "192.0.2.1", "dev", "lnka"}
 		default6 = []string{"-6", "route", "add", "default", "via", "2001:db8:b::1", "dev", "lnkb"}

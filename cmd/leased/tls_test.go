@@ -32,6 +32,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/leased/leased/internal/etcdserver"
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -353,9 +354,7 @@ func TestHelperLeasedProcess(t *testing.T) {
 // at the highest verbosity. The agent runs in a network namespace of its
 // own, so its datapath touches nothing of the machine's.
 func TestEtcdPasswordNeverShown(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for a network namespace; CI runs as root")
-	}
+	testutil.RequireRoot(t)
 	m, root := startAuthEtcd(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()

@@ -4,7 +4,6 @@ import (
 	"context"
 	"net"
 	"net/netip"
-	"os"
 	"strings"
 	"testing"
 )
@@ -192,22 +191,10 @@ func splitPeers() []Peer {
 	}
 }
 
-// extLinkNeedsRoot skips when not root, except in CI (CI set), where the
-// kernel tests must run.
-func extLinkNeedsRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") != "" {
-			t.Fatal("needs root for network namespaces; CI must run the tests as root")
-		}
-		t.Skip("needs root for network namespaces; CI runs as root")
-	}
-}
-
 // The same in a real namespace: eth0 carries IPv4 (and an IPv6 prefix
 // that is not the IPv6 link's), eth1 (MTU 1400) carries IPv6.
 func TestHostGWIPv6LinkKernel(t *testing.T) {
-	extLinkNeedsRoot(t)
+	requireRoot(t)
 	ns := newNS(t, "hgw6")
 	for _, c := range [][]string{
 		{"link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"},

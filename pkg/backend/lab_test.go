@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"net/netip"
-	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -13,17 +12,14 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // Test hosts are network namespaces made with `ip netns add`, named with a
 // random suffix so parallel runs do not collide, and deleted in t.Cleanup.
 
-func requireRoot(t testing.TB) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces")
-	}
-}
+func requireRoot(t testing.TB) { testutil.RequireRoot(t) }
 
 func sh(t testing.TB, args ...string) string {
 	t.Helper()
