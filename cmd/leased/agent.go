@@ -84,6 +84,7 @@ func (a *agent) run(ctx context.Context) error {
 	batches := make(chan lease.Batch, 16)
 	a.startWatch(ctx, batches)
 	a.setStatus("waiting for etcd at " + a.o.etcdEndpoints)
+	a.claimEarly(ctx)
 	retry := time.NewTimer(time.Hour)
 	defer retry.Stop()
 	bo := time.Second
@@ -362,6 +363,31 @@ func (a *agent) step(ctx context.Context) error {
 	return nil
 }
 
+// claimEarly claims the lease while the first listing is still streaming
+// (in a network of tens of thousands of leases it takes most of the time
+// to READY): it reads the config key on its own and, when the config is
+// valid, creates the backend and claims. The claim does not depend on the
+// other leases. Whatever fails here is left to step, which runs once the
+// listing is in and reports it.
+func (a *agent) claimEarly(ctx context.Context) {
+	gctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	resp, err := a.cli.Get(gctx, a.reg.Keys().Config())
+	cancel()
+	if err != nil || len(resp.Kvs) == 0 {
+		return // etcd not answering yet or no config: step says so
+	}
+	if a.adoptConfig(resp.Kvs[0].Value); a.cfg == nil {
+		return
+	}
+	if err := a.ensureBackend(); err != nil {
+		klog.V(2).InfoS("claiming before the listing is in: no backend yet; step retries", "err", err)
+		return
+	}
+	if err := a.ensureLease(ctx); err != nil {
+		klog.V(2).InfoS("claiming before the listing is in failed; step retries", "err", err)
+	}
+}
+
 // updateConfig adopts the config in etcd when it is valid and compatible
 // with the lease this host holds; otherwise it says why and keeps the last
 // good config (and with it the datapath).
@@ -380,11 +406,16 @@ func (a *agent) updateConfig() {
 		}
 		return
 	}
-	if bytes.Equal(a.view.Config, a.seenRaw) {
+	a.adoptConfig(a.view.Config)
+}
+
+// adoptConfig is updateConfig for the config value raw.
+func (a *agent) adoptConfig(raw []byte) {
+	if bytes.Equal(raw, a.seenRaw) {
 		return // nothing new since the last look
 	}
-	a.seenRaw = a.view.Config
-	cfg, warnings, err := lease.ParseConfig(a.view.Config)
+	a.seenRaw = raw
+	cfg, warnings, err := lease.ParseConfig(raw)
 	if err == nil {
 		err = backend.ValidateConfig(cfg.Backend.Raw)
 	}
