@@ -4,7 +4,9 @@ import (
 	"context"
 	"runtime"
 	"sync"
+	"sync/atomic"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -39,15 +41,37 @@ func (r *Registry) listLeases(ctx context.Context) (Batch, error) {
 	for _, kv := range cresp.Kvs {
 		cfg = append(cfg, Event{Kind: ConfigPut, Value: kv.Value})
 	}
-	var chunks []*leaseChunk
+	pc := r.prechecker(cresp.Kvs)
+	// Each part of a chunk (decoded on its own, so that the last and
+	// largest chunk is not decoded on one CPU after the stream ended)
+	// joins the map as soon as it and those before it are decoded, so the
+	// map is built while etcd streams the rest.
+	base := make(map[string]*Record, r.listed.Load())
+	evs := cfg
+	prev := make(chan struct{})
+	close(prev)
 	var wg sync.WaitGroup
 	err = rangeStream(ctx, r.cli.ActiveConnection(), k.Leases(), clientv3.GetPrefixRangeEnd(k.Leases()), b.Rev, func(rc *rangeChunk) {
-		c := &leaseChunk{}
-		chunks = append(chunks, c)
-		wg.Go(func() {
-			r.decodeChunk(c, rc.kvs)
+		var left atomic.Int32
+		left.Store(int32((len(rc.kvs) + decodePart - 1) / decodePart))
+		for lo := 0; lo < len(rc.kvs); lo += decodePart {
+			part := rc.kvs[lo:min(lo+decodePart, len(rc.kvs))]
+			wait, done := prev, make(chan struct{})
+			prev = done
+			wg.Go(func() {
+				var c leaseChunk
+				r.decodeChunk(&c, part, pc)
+				if left.Add(-1) == 0 {
+					rc.free()
+				}
+				<-wait // parts join in key order, and so do the malformed records' events
+				evs = c.join(base, evs)
+				close(done)
+			})
+		}
+		if len(rc.kvs) == 0 {
 			rc.free()
-		})
+		}
 	})
 	wg.Wait()
 	if err != nil {
@@ -61,9 +85,13 @@ func (r *Registry) listLeases(ctx context.Context) (Batch, error) {
 		}
 		return r.listTxn(ctx)
 	}
-	b.Events, b.base = chunkEvents(cfg, chunks)
+	r.listed.Store(int64(len(base)))
+	b.Events, b.base = evs, base
 	return b, nil
 }
+
+// decodePart is the most key-values a listing decodes in one goroutine.
+const decodePart = 2048
 
 // listTxn is listLeases in one transaction: one round trip, one revision.
 func (r *Registry) listTxn(ctx context.Context) (Batch, error) {
@@ -76,27 +104,31 @@ func (r *Registry) listTxn(ctx context.Context) (Batch, error) {
 		return Batch{}, err
 	}
 	b := Batch{Rev: resp.Header.Revision, Reset: true, ClusterID: resp.Header.ClusterId}
-	var cfg []Event
+	var evs []Event
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
-		cfg = append(cfg, Event{Kind: ConfigPut, Value: kv.Value})
+		evs = append(evs, Event{Kind: ConfigPut, Value: kv.Value})
 	}
+	pc := r.prechecker(resp.Responses[0].GetResponseRange().Kvs)
 	kvs := resp.Responses[1].GetResponseRange().Kvs
-	chunks := make([]*leaseChunk, runtime.GOMAXPROCS(0))
+	chunks := make([]leaseChunk, runtime.GOMAXPROCS(0))
 	per := (len(kvs) + len(chunks) - 1) / len(chunks)
 	var wg sync.WaitGroup
 	for i := range chunks {
 		part := kvs[min(i*per, len(kvs)):min((i+1)*per, len(kvs))]
-		chunks[i] = &leaseChunk{}
 		wg.Go(func() {
 			raw := make([]rawKV, len(part))
 			for j, kv := range part {
 				raw[j] = rawKV{kv.Key, kv.Value, kv.CreateRevision, kv.Lease}
 			}
-			r.decodeChunk(chunks[i], raw)
+			r.decodeChunk(&chunks[i], raw, pc)
 		})
 	}
 	wg.Wait()
-	b.Events, b.base = chunkEvents(cfg, chunks)
+	base := make(map[string]*Record, len(kvs))
+	for _, c := range chunks {
+		evs = c.join(base, evs)
+	}
+	b.Events, b.base = evs, base
 	return b, nil
 }
 
@@ -113,41 +145,47 @@ type badLease struct {
 	e Event
 }
 
-// decodeChunk decodes kvs into c; it keeps no reference to them.
-func (r *Registry) decodeChunk(c *leaseChunk, kvs []rawKV) {
+// decodeChunk decodes kvs into c, with pc's peer checks when pc is not
+// nil; it keeps no reference to kvs.
+func (r *Registry) decodeChunk(c *leaseChunk, kvs []rawKV, pc *prechecker) {
 	c.recs = make([]Record, len(kvs))
 	for i, kv := range kvs {
-		if e := r.leaseEventInto(kv.key, kv.value, kv.create, kv.lease, &c.recs[i]); e.Err != nil {
+		rec := &c.recs[i]
+		if e := r.leaseEventInto(kv.key, kv.value, kv.create, kv.lease, rec); e.Err != nil {
 			c.bad = append(c.bad, badLease{i, e})
+		} else if pc != nil {
+			pc.check(rec)
 		}
 	}
 }
 
-// chunkEvents returns the config events and those of the malformed
-// records, in key order, and the well-formed records in a base map (see
-// Batch.base): a listing of tens of thousands of leases needs no event
-// per lease, and the map is built once, at its final size.
-func chunkEvents(cfg []Event, chunks []*leaseChunk) ([]Event, map[string]*Record) {
-	n, bad := 0, 0
-	for _, c := range chunks {
-		n += len(c.recs)
-		bad += len(c.bad)
+// prechecker returns the prechecker for the config among kvs (the result
+// of reading the config key), or nil when there is no valid config.
+func (r *Registry) prechecker(kvs []*mvccpb.KeyValue) *prechecker {
+	if len(kvs) == 0 {
+		return nil
 	}
-	evs := make([]Event, 0, len(cfg)+bad)
-	evs = append(evs, cfg...)
-	base := make(map[string]*Record, n-bad)
-	for _, c := range chunks {
-		j := 0 // next of c.bad
-		for i := range c.recs {
-			if j < len(c.bad) && c.bad[j].i == i {
-				evs = append(evs, c.bad[j].e)
-				j++
-				continue
-			}
-			base[c.recs[i].Node] = &c.recs[i]
+	cfg, _, err := ParseConfig(kvs[0].Value)
+	if err != nil {
+		return nil // the agent reports it
+	}
+	return newPrechecker(cfg)
+}
+
+// join adds c's well-formed records to base (see Batch.base: a listing of
+// tens of thousands of leases needs no event per lease) and appends the
+// events of its malformed ones to evs, in key order.
+func (c *leaseChunk) join(base map[string]*Record, evs []Event) []Event {
+	j := 0 // next of c.bad
+	for i := range c.recs {
+		if j < len(c.bad) && c.bad[j].i == i {
+			evs = append(evs, c.bad[j].e)
+			j++
+			continue
 		}
+		base[c.recs[i].Node] = &c.recs[i]
 	}
-	return evs, base
+	return evs
 }
 
 // trimLeases is bytes.TrimPrefix(key, k.Leases()) without building the

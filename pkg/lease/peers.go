@@ -53,10 +53,16 @@ func peersUnordered(cfg *Config, self *Record, records map[string]*Record) (peer
 	// keys[f][i] is 1 + the pool index of recs[i]'s subnet of family f (0: none).
 	keys := [2][]uint64{make([]uint64, len(recs)), make([]uint64, len(recs))}
 	var unkeyed atomic.Bool
+	pools := poolsOf(cfg)
 	parallel(len(recs), func(i int) {
 		r := recs[i]
 		if self != nil && r.Node == self.Node {
 			errs[i] = errSelf
+			return
+		}
+		if c := &r.peer; c.of == r && c.ok && *c.pools == pools {
+			keys[0][i], keys[1][i] = c.keys[0], c.keys[1]
+			errs[i] = selfConflict(self, r, held)
 			return
 		}
 		for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
@@ -260,7 +266,7 @@ func checkPeer(cfg *Config, self *Record, r *Record, held heldSet) error {
 			return fmt.Errorf("subnet %s is not a /%d inside the network %s", s, pool.SubnetLen, pool.Network)
 		}
 		if other, ok := held.get(s); ok {
-			return fmt.Errorf("subnet %s overlaps the lease of %s", s, other)
+			return errOverlap(s, other)
 		}
 	}
 	if n == 0 {
@@ -275,12 +281,95 @@ func checkPeer(cfg *Config, self *Record, r *Record, held heldSet) error {
 			return fmt.Errorf("public address %s is not a unicast address (loopback, link-local, multicast and unspecified are refused)", a)
 		}
 		if self != nil && (a == self.PublicIP || a == self.PublicIPv6) {
-			return fmt.Errorf("public address %s is this host's own", a)
+			return errOwnAddress(a)
 		}
 		pubs++
 	}
 	if pubs == 0 {
 		return fmt.Errorf("names no public address")
+	}
+	return nil
+}
+
+func errOverlap(s netip.Prefix, holder string) error {
+	return fmt.Errorf("subnet %s overlaps the lease of %s", s, holder)
+}
+
+func errOwnAddress(a netip.Addr) error {
+	return fmt.Errorf("public address %s is this host's own", a)
+}
+
+// peerCheck is what the peer filter finds for a record that does not
+// depend on this host: the listing computes it while it waits for etcd
+// (see prechecker), and Peers then only compares the record with this
+// host's own. It is trusted only for the record it was computed on (a
+// copy of the record does not inherit it) and for the same pools.
+type peerCheck struct {
+	of    *Record
+	pools *poolSet
+	keys  [2]uint64 // 1 + the pool index of the subnet of each family (0: none)
+	ok    bool      // the record passes every check not involving this host
+}
+
+// poolSet is what the peer filter reads of a config: each family's network
+// and subnet length (zero when the family is disabled).
+type poolSet struct {
+	net4, net6 netip.Prefix
+	len4, len6 int
+}
+
+func poolsOf(cfg *Config) poolSet {
+	var p poolSet
+	if cfg.IPv4 != nil {
+		p.net4, p.len4 = cfg.IPv4.Network, cfg.IPv4.SubnetLen
+	}
+	if cfg.IPv6 != nil {
+		p.net6, p.len6 = cfg.IPv6.Network, cfg.IPv6.SubnetLen
+	}
+	return p
+}
+
+// prechecker computes the peerCheck of decoded records for one config.
+type prechecker struct {
+	cfg   *Config
+	pools poolSet
+}
+
+func newPrechecker(cfg *Config) *prechecker {
+	return &prechecker{cfg: cfg, pools: poolsOf(cfg)}
+}
+
+// check sets r's peerCheck. r must have passed checkShape (so that it
+// names at most one subnet of each family).
+func (p *prechecker) check(r *Record) {
+	c := peerCheck{of: r, pools: &p.pools, ok: checkPeer(p.cfg, nil, r, heldSet{}) == nil}
+	for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
+		if f, idx, ok := poolIndex(p.cfg, s); ok {
+			c.keys[f] = idx + 1
+		}
+	}
+	r.peer = c
+}
+
+// selfConflict is checkPeer for a record whose peerCheck is ok: of all the
+// checks, only those against this host (self, whose subnets held holds)
+// are left, in checkPeer's order.
+func selfConflict(self, r *Record, held heldSet) error {
+	if self == nil {
+		return nil
+	}
+	for f, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
+		if r.peer.keys[f] == 0 {
+			continue // no subnet of that family, or the family is disabled
+		}
+		if other, ok := held.get(s); ok {
+			return errOverlap(s, other)
+		}
+	}
+	for _, a := range [2]netip.Addr{r.PublicIP, r.PublicIPv6} {
+		if a.IsValid() && (a == self.PublicIP || a == self.PublicIPv6) {
+			return errOwnAddress(a)
+		}
 	}
 	return nil
 }

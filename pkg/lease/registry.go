@@ -39,6 +39,9 @@ type Registry struct {
 	// noRangeStream is set once etcd refused RangeStream (etcd before
 	// 3.7); listings then use one transaction.
 	noRangeStream atomic.Bool
+	// listed is the number of leases of the last listing, to size the
+	// next one's map.
+	listed atomic.Int64
 }
 
 // NewRegistry returns a registry under prefix ("" means DefaultPrefix).
