@@ -18,11 +18,15 @@ import (
 
 const benchConfig = `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`
 
-// fillLeases writes n dual-stack leases (record plus both subnet locks)
-// under one etcd lease, 40 hosts per transaction.
+// fillLeases writes the network config (benchConfig) and n dual-stack
+// leases (record plus both subnet locks) under one etcd lease, 40 hosts
+// per transaction.
 func fillLeases(b testing.TB, cli *clientv3.Client, reg *Registry, n int) {
 	b.Helper()
 	ctx := context.Background()
+	if _, err := cli.Put(ctx, reg.Keys().Config(), benchConfig); err != nil {
+		b.Fatal(err)
+	}
 	g, err := cli.Grant(ctx, 3600)
 	if err != nil {
 		b.Fatal(err)
@@ -123,7 +127,8 @@ func BenchmarkReady50kFromCache(b *testing.B) {
 
 // benchReady times, per iteration: follow (which starts delivering the
 // lease set to ch) and, meanwhile, a new node's session and claim; then
-// the first batch and the peer filter.
+// the first batch and the peer set (the peer filter and the map of
+// accepted peers the agent hands to the backend).
 func benchReady(b *testing.B, cli *clientv3.Client, reg *Registry, follow func(context.Context, chan Batch)) {
 	cfg := mustConfig(b, benchConfig)
 	i := 0
@@ -148,9 +153,10 @@ func benchReady(b *testing.B, cli *clientv3.Client, reg *Registry, follow func(c
 		}
 		var v View
 		v.Apply(<-ch)
-		peers, _ := Peers(cfg, self, v.Records)
-		if len(peers) < benchN {
-			b.Fatalf("%d peers, want at least %d", len(peers), benchN)
+		// What the agent builds its hand-over to the backend from.
+		ps := NewPeerSet(cfg, self, v.Records)
+		if n := len(ps.Accepted()); n < benchN {
+			b.Fatalf("%d peers, want at least %d", n, benchN)
 		}
 		cancel()
 		sess.Orphan()

@@ -3,6 +3,7 @@ package lease
 import (
 	"context"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -149,9 +150,24 @@ type badLease struct {
 // nil; it keeps no reference to kvs.
 func (r *Registry) decodeChunk(c *leaseChunk, kvs []rawKV, pc *prechecker) {
 	c.recs = make([]Record, len(kvs))
+	// The node names (from the keys), in one string: one allocation for
+	// the chunk instead of one per record.
+	n := 0
+	for _, kv := range kvs {
+		n += len(r.keys.trimLeases(kv.key))
+	}
+	var sb strings.Builder
+	sb.Grow(n)
+	for _, kv := range kvs {
+		sb.Write(r.keys.trimLeases(kv.key))
+	}
+	names := sb.String()
 	for i, kv := range kvs {
 		rec := &c.recs[i]
-		if e := r.leaseEventInto(kv.key, kv.value, kv.create, kv.lease, rec); e.Err != nil {
+		l := len(r.keys.trimLeases(kv.key))
+		node := names[:l]
+		names = names[l:]
+		if e := leaseEventInto(node, kv.value, kv.create, kv.lease, rec); e.Err != nil {
 			c.bad = append(c.bad, badLease{i, e})
 		} else if pc != nil {
 			pc.check(rec)

@@ -28,17 +28,31 @@ func NewPeerSet(cfg *Config, self *Record, records map[string]*Record) *PeerSet 
 func (ps *PeerSet) recompute() {
 	peers, rejected := Peers(ps.cfg, ps.self, ps.records)
 	ps.accepted = make(map[string]*Record, len(peers))
-	ps.held = newHeldSet(len(peers) + 1)
+	for _, r := range peers {
+		ps.accepted[r.Node] = r
+	}
+	ps.rejected = rejected
+	// The index of held subnets is built by the first Update that needs
+	// it: with tens of thousands of peers that takes milliseconds, which
+	// need not delay the agent's first hand-over to the backend.
+	ps.held = heldSet{}
+}
+
+// buildHeld indexes the subnets of this host and of the accepted peers,
+// unless they are indexed already.
+func (ps *PeerSet) buildHeld() {
+	if ps.held.v4 != nil {
+		return
+	}
+	ps.held = newHeldSet(len(ps.accepted) + 1)
 	if ps.self != nil {
 		for _, s := range ps.self.Subnets() {
 			ps.held.add(s, ps.self.Node+" (this host)")
 		}
 	}
-	for _, r := range peers {
-		ps.accepted[r.Node] = r
+	for _, r := range ps.accepted {
 		ps.addHeld(r)
 	}
-	ps.rejected = rejected
 }
 
 func (ps *PeerSet) addHeld(r *Record) {
@@ -75,6 +89,7 @@ func (ps *PeerSet) Update(node string) (changed, recomputed bool) {
 		ps.recompute()
 		return true, true
 	}
+	ps.buildHeld()
 	if wasAccepted {
 		ps.delHeld(old)
 		delete(ps.accepted, node)

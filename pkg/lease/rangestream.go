@@ -39,11 +39,12 @@ func (c *rangeChunk) free() {
 // rawKVPool holds the kvs slices of freed chunks.
 var rawKVPool = sync.Pool{New: func() any { return new([]rawKV) }}
 
-// rangeStream reads the keys [key, end) at revision rev with etcd's
-// RangeStream RPC (etcd 3.7 and later; older servers answer Unimplemented)
-// and calls each with every chunk, in key order, as it arrives. each owns
-// the chunk and must free it. It returns when the stream ends, with nil
-// once every chunk was passed on.
+// rangeStream reads the keys [key, end) at revision rev (which a
+// linearizable read must have returned) with etcd's RangeStream RPC (etcd
+// 3.7 and later; older servers answer Unimplemented) and calls each with
+// every chunk, in key order, as it arrives. each owns the chunk and must
+// free it. It returns when the stream ends, with nil once every chunk was
+// passed on.
 //
 // The stream goes over the client's connection, so it gets the client's
 // authentication like any of its calls, but the responses are not
@@ -59,7 +60,11 @@ func rangeStream(ctx context.Context, conn *grpc.ClientConn, key, end string, re
 	if err != nil {
 		return err
 	}
-	if err := cs.SendMsg(&pb.RangeRequest{Key: []byte(key), RangeEnd: []byte(end), Revision: rev}); err != nil {
+	// Serializable: the revision is pinned, so the member's own copy is
+	// the same data as a linearizable read would give, without another
+	// round of raft agreement (a member that has not applied rev yet
+	// refuses with ErrFutureRev, and the caller falls back).
+	if err := cs.SendMsg(&pb.RangeRequest{Key: []byte(key), RangeEnd: []byte(end), Revision: rev, Serializable: true}); err != nil {
 		return err
 	}
 	if err := cs.CloseSend(); err != nil {

@@ -221,14 +221,13 @@ func (r *Registry) leaseEvent(kv *mvccpb.KeyValue, del bool) Event {
 	if del {
 		return Event{Kind: LeaseDelete, Node: strings.TrimPrefix(string(kv.Key), r.keys.Leases())}
 	}
-	return r.leaseEventInto(kv.Key, kv.Value, kv.CreateRevision, kv.Lease, new(Record))
+	return leaseEventInto(string(r.keys.trimLeases(kv.Key)), kv.Value, kv.CreateRevision, kv.Lease, new(Record))
 }
 
-// leaseEventInto is leaseEvent for a put of value under key (created at
-// revision create, attached to lease), decoding the record into rec. It
-// keeps no reference to key or value.
-func (r *Registry) leaseEventInto(key, value []byte, create, lease int64, rec *Record) Event {
-	node := string(r.keys.trimLeases(key))
+// leaseEventInto is leaseEvent for a put of value under node's lease key
+// (created at revision create, attached to lease), decoding the record
+// into rec. It keeps no reference to value.
+func leaseEventInto(node string, value []byte, create, lease int64, rec *Record) Event {
 	if err := ValidNodeName(node); err != nil {
 		return Event{Kind: LeasePut, Node: node, Err: err}
 	}
