@@ -53,10 +53,15 @@ func (r *Registry) listLeases(ctx context.Context) (Batch, error) {
 	close(prev)
 	var wg sync.WaitGroup
 	err = rangeStream(ctx, r.cli.ActiveConnection(), k.Leases(), clientv3.GetPrefixRangeEnd(k.Leases()), b.Rev, func(rc *rangeChunk) {
+		kvs := rc.kvs // the last part to finish frees rc
+		if len(kvs) == 0 {
+			rc.free()
+			return
+		}
 		var left atomic.Int32
-		left.Store(int32((len(rc.kvs) + decodePart - 1) / decodePart))
-		for lo := 0; lo < len(rc.kvs); lo += decodePart {
-			part := rc.kvs[lo:min(lo+decodePart, len(rc.kvs))]
+		left.Store(int32((len(kvs) + decodePart - 1) / decodePart))
+		for lo := 0; lo < len(kvs); lo += decodePart {
+			part := kvs[lo:min(lo+decodePart, len(kvs))]
 			wait, done := prev, make(chan struct{})
 			prev = done
 			wg.Go(func() {
@@ -69,9 +74,6 @@ func (r *Registry) listLeases(ctx context.Context) (Batch, error) {
 				evs = c.join(base, evs)
 				close(done)
 			})
-		}
-		if len(rc.kvs) == 0 {
-			rc.free()
 		}
 	})
 	wg.Wait()
