@@ -62,7 +62,7 @@ func peersUnordered(cfg *Config, self *Record, records map[string]*Record) (peer
 		}
 		if c := &r.peer; c.of == r && c.ok && *c.pools == pools {
 			keys[0][i], keys[1][i] = c.keys[0], c.keys[1]
-			errs[i] = selfConflict(self, r, held)
+			errs[i] = selfConflict(self, r)
 			return
 		}
 		for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
@@ -351,10 +351,11 @@ func (p *prechecker) check(r *Record) {
 	r.peer = c
 }
 
-// selfConflict is checkPeer for a record whose peerCheck is ok: of all the
-// checks, only those against this host (self, whose subnets held holds)
-// are left, in checkPeer's order.
-func selfConflict(self, r *Record, held heldSet) error {
+// selfConflict is checkPeer for a record whose peerCheck is ok, with only
+// self's subnets held: of all the checks, only those against this host
+// are left, in checkPeer's order. (Subnets never carry a zone, so prefix
+// equality is what heldSet compares.)
+func selfConflict(self, r *Record) error {
 	if self == nil {
 		return nil
 	}
@@ -362,8 +363,8 @@ func selfConflict(self, r *Record, held heldSet) error {
 		if r.peer.keys[f] == 0 {
 			continue // no subnet of that family, or the family is disabled
 		}
-		if other, ok := held.get(s); ok {
-			return errOverlap(s, other)
+		if s == self.Subnet || s == self.IPv6Subnet {
+			return errOverlap(s, self.Node+" (this host)")
 		}
 	}
 	for _, a := range [2]netip.Addr{r.PublicIP, r.PublicIPv6} {
