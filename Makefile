@@ -25,7 +25,7 @@ bench-datapath: deps build
 test: deps
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 40m ./...
-	$(GO) test -race -count=1 ./pkg/lease ./pkg/subnetenv
+	CGO_ENABLED=1 $(GO) test -race -count=1 ./pkg/lease ./pkg/subnetenv
 	for f in FuzzParseConfig FuzzDecodeRecord FuzzDecodeRecordFast FuzzParseSubnetKey FuzzDecodeSnapshotRecord; do \
 	  $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime 15s ./pkg/lease || exit 1; done
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Installs the system packages the lab and the tests use, when missing.
+# Installs the system packages the lab and the tests use, when missing
+# (gcc and libc6-dev: cgo, for make test's race detector run).
 # Debian/Ubuntu, as root. Extra package names can be passed as arguments.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 need=()
 for pkg_cmd in iproute2:ip iptables:iptables iputils-ping:ping procps:sysctl etcd-server:etcd \
-    systemd:systemd-analyze docker.io:dockerd busybox-static:busybox-static "$@"; do
+    systemd:systemd-analyze docker.io:dockerd busybox-static:busybox-static \
+    gcc:gcc libc6-dev:libc6-dev "$@"; do
   pkg=${pkg_cmd%%:*} cmd=${pkg_cmd#*:}
   if [ "$pkg" = "$cmd" ]; then
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
