@@ -141,7 +141,16 @@ func TestAgentMissingConfigThenPeers(t *testing.T) {
 	// A hostile lease claiming a's subnet, and garbage, are never programmed.
 	put(t, srv.ClientURL, lease.NewKeys("").Lease("evil"), fmt.Sprintf(`{"Node":"evil","Subnet":%q,"PublicIP":"192.168.1.66"}`, env.Subnet4))
 	put(t, srv.ClientURL, lease.NewKeys("").Lease("junk"), `{"Node":`)
-	put(t, srv.ClientURL, lease.NewKeys("").Lease("c"), `{"Node":"c","Subnet":"10.100.250.0/24","PublicIP":"192.168.1.3"}`)
+	// c's subnet is one neither a nor b holds (they pick theirs at random).
+	envB, _ := b.env(t)
+	cSubnet := "10.100.250.0/24"
+	for _, s := range []string{"10.100.250.0/24", "10.100.251.0/24", "10.100.252.0/24"} {
+		if s != env.Subnet4.String() && s != envB.Subnet4.String() {
+			cSubnet = s
+			break
+		}
+	}
+	put(t, srv.ClientURL, lease.NewKeys("").Lease("c"), fmt.Sprintf(`{"Node":"c","Subnet":%q,"PublicIP":"192.168.1.3"}`, cSubnet))
 	eventually(t, "a sees c but not evil or junk", func() bool { return a.rec.peerNodes() == "b,c" || a.rec.peerNodes() == "c,b" })
 }
 
