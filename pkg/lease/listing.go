@@ -154,12 +154,7 @@ func (r *Registry) decodeChunk(c *leaseChunk, kvs []rawKV, pc *prechecker) {
 	c.recs = make([]Record, len(kvs))
 	// The node names (from the keys), in one string: one allocation for
 	// the chunk instead of one per record.
-	n := 0
-	for _, kv := range kvs {
-		n += len(r.keys.trimLeases(kv.key))
-	}
 	var sb strings.Builder
-	sb.Grow(n)
 	for _, kv := range kvs {
 		sb.Write(r.keys.trimLeases(kv.key))
 	}
