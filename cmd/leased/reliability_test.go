@@ -235,10 +235,15 @@ func TestAgentRelistsAfterCompaction(t *testing.T) {
 	}
 	defer cli.Close()
 	keys := lease.NewKeys("")
-	putPeer := func(node, subnet string) *clientv3.PutResponse {
+	// putPeer writes a peer as an agent would: its record and the lock on
+	// its subnet, so that a's claim (which runs while the listing streams
+	// and consults only the locks) never takes the same subnet.
+	putPeer := func(node, subnet string) *clientv3.TxnResponse {
 		t.Helper()
 		v := fmt.Sprintf(`{"Node":%q,"Subnet":%q,"PublicIP":"192.168.7.%d","BackendType":"host-gw"}`, node, subnet, len(node)+10)
-		r, err := cli.Put(context.Background(), keys.Lease(node), v)
+		r, err := cli.Txn(context.Background()).Then(
+			clientv3.OpPut(keys.SubnetLock(pfx(subnet)), node),
+			clientv3.OpPut(keys.Lease(node), v)).Commit()
 		if err != nil {
 			t.Fatal(err)
 		}
