@@ -195,3 +195,34 @@ func benchEtcd(b *testing.B) *clientv3.Client {
 	}
 	return cli
 }
+
+// BenchmarkStream50kFloor is the floor under Ready50k's fresh start: the
+// linearizable read of the config and etcd's stream of the 50,000 lease
+// records at its revision, with every chunk dropped as it arrives (no
+// decoding, no claim, no peer filter). What Ready50k takes beyond this is
+// the agent's own work.
+func BenchmarkStream50kFloor(b *testing.B) {
+	cli := benchEtcd(b)
+	reg := NewRegistry(cli, "")
+	fillLeases(b, cli, reg, benchN)
+	k := reg.Keys()
+	cpu0 := cpuTime()
+	b.ResetTimer()
+	for b.Loop() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		resp, err := cli.Get(ctx, k.Config())
+		if err != nil {
+			b.Fatal(err)
+		}
+		n := 0
+		err = rangeStream(ctx, cli.ActiveConnection(), k.Leases(), clientv3.GetPrefixRangeEnd(k.Leases()), resp.Header.Revision, func(rc *rangeChunk) {
+			n += len(rc.kvs)
+			rc.free()
+		})
+		cancel()
+		if err != nil || n != benchN {
+			b.Fatalf("streamed %d records: %v", n, err)
+		}
+	}
+	b.ReportMetric(float64(cpuTime()-cpu0)/float64(time.Millisecond)/float64(b.N), "cpu-ms/op")
+}
