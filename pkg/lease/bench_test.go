@@ -23,10 +23,16 @@ const benchConfig = `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6
 // per transaction.
 func fillLeases(b testing.TB, cli *clientv3.Client, reg *Registry, n int) {
 	b.Helper()
-	ctx := context.Background()
-	if _, err := cli.Put(ctx, reg.Keys().Config(), benchConfig); err != nil {
+	if _, err := cli.Put(context.Background(), reg.Keys().Config(), benchConfig); err != nil {
 		b.Fatal(err)
 	}
+	fillMore(b, cli, reg, 0, n, n)
+}
+
+// fillMore writes fillLeases' leases lo to hi-1 of a network of n, under
+// a new etcd lease.
+func fillMore(b testing.TB, cli *clientv3.Client, reg *Registry, lo, hi, n int) {
+	ctx := context.Background()
 	g, err := cli.Grant(ctx, 3600)
 	if err != nil {
 		b.Fatal(err)
@@ -41,7 +47,7 @@ func fillLeases(b testing.TB, cli *clientv3.Client, reg *Registry, n int) {
 		}
 		ops = ops[:0]
 	}
-	for i := range n {
+	for i := lo; i < hi; i++ {
 		// Spread IPv4 subnets over the /8 (every index of 65536 scaled), IPv6 at random-looking indices.
 		i4 := uint32(i) * 65536 / uint32(n)
 		s4 := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i4 >> 8), byte(i4), 0}), 24)
@@ -96,7 +102,7 @@ func BenchmarkReady50k(b *testing.B) {
 	cli := benchEtcd(b)
 	reg := NewRegistry(cli, "")
 	fillLeases(b, cli, reg, benchN)
-	benchReady(b, cli, reg, func(ctx context.Context, ch chan Batch) { go reg.Watch(ctx, ch) })
+	benchReady(b, cli, reg, false, func(ctx context.Context, ch chan Batch) { go reg.Watch(ctx, ch) })
 }
 
 // BenchmarkReady50kFromCache: Ready50k for an agent restarting with the
@@ -116,7 +122,7 @@ func BenchmarkReady50kFromCache(b *testing.B) {
 	if err := SaveSnapshot(path, reg.Keys().Prefix(), &v); err != nil {
 		b.Fatal(err)
 	}
-	benchReady(b, cli, reg, func(ctx context.Context, ch chan Batch) {
+	benchReady(b, cli, reg, true, func(ctx context.Context, ch chan Batch) {
 		h, decode, err := OpenSnapshot(path)
 		if err != nil || !reg.Usable(ctx, h) {
 			b.Fatal("cache not usable", err)
@@ -125,11 +131,46 @@ func BenchmarkReady50kFromCache(b *testing.B) {
 	})
 }
 
+// BenchmarkReady50kShared: Ready50k for a host that starts without a
+// lease cache of its own (a new host, or one whose cache was lost) in a
+// network whose first host keeps the shared cache in etcd: claim, read
+// the shared cache, check it against etcd and resume the watch, filter the
+// peers. The cache is as old as a rewrite allows: 500 of the 50,000
+// leases (just under SharedCacheMaxChanged) came after it.
+func BenchmarkReady50kShared(b *testing.B) {
+	cli := benchEtcd(b)
+	reg := NewRegistry(cli, "")
+	if _, err := cli.Put(context.Background(), reg.Keys().Config(), benchConfig); err != nil {
+		b.Fatal(err)
+	}
+	fillMore(b, cli, reg, 0, benchN-500, benchN)
+	ch := make(chan Batch, 1)
+	lctx, lcancel := context.WithCancel(context.Background())
+	go reg.Watch(lctx, ch)
+	var v View
+	v.Apply(<-ch)
+	lcancel()
+	data, err := EncodeSnapshot(reg.Keys().Prefix(), &v)
+	if err != nil {
+		b.Fatal(err)
+	}
+	sess, err := NewSession(context.Background(), cli, time.Hour, 10*time.Second)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer sess.Orphan()
+	if ok, err := reg.PublishSharedCache(context.Background(), sess.Lease(), "filler-00000", data, 0); !ok || err != nil {
+		b.Fatal("publishing the shared cache:", ok, err)
+	}
+	fillMore(b, cli, reg, benchN-500, benchN, benchN)
+	benchReady(b, cli, reg, true, func(ctx context.Context, ch chan Batch) { go reg.WatchFromShared(ctx, ch) })
+}
+
 // benchReady times, per iteration: follow (which starts delivering the
 // lease set to ch) and, meanwhile, a new node's session and claim; then
 // the first batch and the peer set (the peer filter and the map of
 // accepted peers the agent hands to the backend).
-func benchReady(b *testing.B, cli *clientv3.Client, reg *Registry, follow func(context.Context, chan Batch)) {
+func benchReady(b *testing.B, cli *clientv3.Client, reg *Registry, fromCache bool, follow func(context.Context, chan Batch)) {
 	cfg := mustConfig(b, benchConfig)
 	i := 0
 	cpu0 := cpuTime()
@@ -152,7 +193,11 @@ func benchReady(b *testing.B, cli *clientv3.Client, reg *Registry, follow func(c
 			b.Fatal(err)
 		}
 		var v View
-		v.Apply(<-ch)
+		first := <-ch
+		if fromCache && !first.FromCache {
+			b.Fatal("the lease cache was not used")
+		}
+		v.Apply(first)
 		// What the agent builds its hand-over to the backend from.
 		ps := NewPeerSet(cfg, self, v.Records)
 		if n := len(ps.Accepted()); n < benchN {

@@ -50,29 +50,16 @@ type SnapshotHeader struct {
 
 // SaveSnapshot writes v atomically (temp file, rename) to path.
 func SaveSnapshot(path, prefix string, v *View) error {
-	if !v.Synced || v.ClusterID == 0 || v.Rev <= 0 {
-		return errors.New("lease: nothing to snapshot yet")
-	}
-	h := SnapshotHeader{Format: snapshotFormat, ClusterID: v.ClusterID, Prefix: prefix, Rev: v.Rev}
-	if v.Config != nil && json.Valid(v.Config) {
-		h.Config = v.Config
-	}
-	var buf bytes.Buffer
-	if err := json.NewEncoder(&buf).Encode(&h); err != nil {
+	data, err := EncodeSnapshot(prefix, v)
+	if err != nil {
 		return err
-	}
-	var rec []byte
-	for _, r := range v.Records {
-		rec = appendSnapshotRecord(rec[:0], r)
-		buf.Write(binary.AppendUvarint(nil, uint64(len(rec))))
-		buf.Write(rec)
 	}
 	tmp, err := os.CreateTemp(filepath.Dir(path), ".leases-*")
 	if err != nil {
 		return err
 	}
 	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(buf.Bytes()); err != nil {
+	if _, err := tmp.Write(data); err != nil {
 		tmp.Close()
 		return err
 	}
@@ -80,6 +67,29 @@ func SaveSnapshot(path, prefix string, v *View) error {
 		return err
 	}
 	return os.Rename(tmp.Name(), path)
+}
+
+// EncodeSnapshot returns v in the snapshot format (see above), as
+// SaveSnapshot writes it to a file and PublishSharedCache to etcd.
+func EncodeSnapshot(prefix string, v *View) ([]byte, error) {
+	if !v.Synced || v.ClusterID == 0 || v.Rev <= 0 {
+		return nil, errors.New("lease: nothing to snapshot yet")
+	}
+	h := SnapshotHeader{Format: snapshotFormat, ClusterID: v.ClusterID, Prefix: prefix, Rev: v.Rev}
+	if v.Config != nil && json.Valid(v.Config) {
+		h.Config = v.Config
+	}
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(&h); err != nil {
+		return nil, err
+	}
+	var rec []byte
+	for _, r := range v.Records {
+		rec = appendSnapshotRecord(rec[:0], r)
+		buf.Write(binary.AppendUvarint(nil, uint64(len(rec))))
+		buf.Write(rec)
+	}
+	return buf.Bytes(), nil
 }
 
 // LoadSnapshot reads a snapshot and returns its header and the Reset batch
@@ -98,23 +108,29 @@ func LoadSnapshot(path string) (SnapshotHeader, Batch, error) {
 // (LoadSnapshot in two steps, so that the catch-up with etcd can start
 // before the decoding).
 func OpenSnapshot(path string) (SnapshotHeader, func() Batch, error) {
-	var h SnapshotHeader
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return h, nil, err
+		return SnapshotHeader{}, nil, err
 	}
+	return parseSnapshot(data, "snapshot "+path)
+}
+
+// parseSnapshot is OpenSnapshot for the snapshot in data; what names it in
+// errors.
+func parseSnapshot(data []byte, what string) (SnapshotHeader, func() Batch, error) {
+	var h SnapshotHeader
 	head, rest, _ := bytes.Cut(data, []byte{'\n'})
 	if json.Unmarshal(head, &h) != nil {
-		return h, nil, fmt.Errorf("lease: snapshot %s has no valid header", path)
+		return h, nil, fmt.Errorf("lease: %s has no valid header", what)
 	}
 	if h.Format == 0 {
 		h.Format = 1 // the JSON lines of leased before format 2 named none
 	}
 	if h.Format != snapshotFormat {
-		return h, nil, fmt.Errorf("lease: snapshot %s is in format %d, this leased reads format %d", path, h.Format, snapshotFormat)
+		return h, nil, fmt.Errorf("lease: %s is in format %d, this leased reads format %d", what, h.Format, snapshotFormat)
 	}
 	if h.Rev <= 0 {
-		return h, nil, fmt.Errorf("lease: snapshot %s has no valid header", path)
+		return h, nil, fmt.Errorf("lease: %s has no valid header", what)
 	}
 	frames := splitFrames(rest)
 	h.Leases = len(frames)
@@ -372,15 +388,59 @@ func (r *Registry) WatchFrom(ctx context.Context, start Batch, out chan<- Batch)
 // progress request before the watcher has caught up (etcd issue 15220),
 // and the consumer would act on stale leases (TestListAndResumeOnOlderEtcd).
 func (r *Registry) WatchFromSnapshot(ctx context.Context, h SnapshotHeader, decode func() Batch, out chan<- Batch) error {
-	decoded := make(chan Batch, 1)
-	go func() { decoded <- decode() }()
-	b, err := r.catchUp(ctx, h, decoded)
-	if err != nil {
-		if ctx.Err() != nil {
-			return ctx.Err()
+	return r.watchFromCache(ctx, "lease cache", func() opened { return opened{h: h, b: decode()} }, out)
+}
+
+// WatchFromShared is WatchFromSnapshot for the shared lease cache in etcd
+// (see shared.go), read while the lease keys are listed. When etcd holds
+// no usable shared cache, or one of fewer than SharedCacheMinLeases leases,
+// it lists (Watch); the keys-only listing then was for nothing, which
+// costs a few milliseconds below 1,000 leases.
+func (r *Registry) WatchFromShared(ctx context.Context, out chan<- Batch) error {
+	return r.watchFromCache(ctx, "shared lease cache", func() opened {
+		h, decode, err := r.FetchSharedCache(ctx)
+		if err == nil && h.Leases < SharedCacheMinLeases {
+			err = fmt.Errorf("%w (%d leases, fewer than worth it)", errNoSharedCache, h.Leases)
 		}
-		klog.InfoS("lease cache could not be brought up to date; listing instead", "reason", err)
+		if err != nil {
+			return opened{err: err}
+		}
+		return opened{h: h, b: decode()}
+	}, out)
+}
+
+// opened is a cache's header and the Reset batch it stands for, or why
+// there is none.
+type opened struct {
+	h   SnapshotHeader
+	b   Batch
+	err error
+}
+
+// watchFromCache is WatchFromSnapshot with the cache opened by open,
+// concurrently with the keys-only listing; what names the cache in logs.
+func (r *Registry) watchFromCache(ctx context.Context, what string, open func() opened, out chan<- Batch) error {
+	decoded := make(chan opened, 1)
+	go func() { decoded <- open() }()
+	b, err := r.catchUp(ctx, decoded)
+	switch {
+	case ctx.Err() != nil:
+		return ctx.Err()
+	case IsNoSharedCache(err):
+		klog.V(2).InfoS("no shared lease cache to start from; listing", "reason", err)
 		return r.Watch(ctx, out)
+	case err != nil:
+		klog.InfoS(what+" not usable; listing instead", "reason", err)
+		return r.Watch(ctx, out)
+	}
+	if what == "shared lease cache" { // the agent logs its own cache file's use
+		n := len(b.base)
+		for _, e := range b.Events {
+			if e.Kind == LeasePut && e.Err == nil {
+				n++
+			}
+		}
+		klog.InfoS("started from the shared lease cache in etcd; read only the leases changed since it was written", "leases", n, "rev", b.Rev)
 	}
 	select {
 	case out <- b:
@@ -403,7 +463,7 @@ const maxTxnOps = 128
 
 // catchUp returns the snapshot batch from decoded brought up to etcd's
 // current state (see WatchFromSnapshot).
-func (r *Registry) catchUp(ctx context.Context, h SnapshotHeader, decoded <-chan Batch) (Batch, error) {
+func (r *Registry) catchUp(ctx context.Context, decoded <-chan opened) (Batch, error) {
 	k := r.keys
 	resp, err := r.cli.Txn(ctx).Then(
 		clientv3.OpGet(k.Config()),
@@ -412,19 +472,24 @@ func (r *Registry) catchUp(ctx context.Context, h SnapshotHeader, decoded <-chan
 	if err != nil {
 		return Batch{}, fmt.Errorf("listing the lease keys: %w", err)
 	}
+	var o opened
+	select {
+	case o = <-decoded:
+	case <-ctx.Done():
+		return Batch{}, ctx.Err()
+	}
+	h, b := o.h, o.b
+	if o.err != nil {
+		return Batch{}, o.err
+	}
 	if id := resp.Header.ClusterId; h.ClusterID != 0 && id != h.ClusterID {
 		return Batch{}, fmt.Errorf("etcd cluster %x is not the cache's %x", id, h.ClusterID)
 	}
 	rev := resp.Header.Revision
 	if rev < h.Rev {
-		return Batch{}, fmt.Errorf("etcd's revision %d is older than the cache's %d (etcd restored from a backup?)", rev, h.Rev)
+		return Batch{}, fmt.Errorf("etcd's revision %d is older than the cache's %d (etcd restored from a backup, or the cache was rewritten meanwhile)", rev, h.Rev)
 	}
-	var b Batch
-	select {
-	case b = <-decoded:
-	case <-ctx.Done():
-		return Batch{}, ctx.Err()
-	}
+	b.FromCache = true
 	b.Rev, b.Reset, b.ClusterID = rev, true, resp.Header.ClusterId
 	b.Events = nil // the snapshot's config is replaced by etcd's
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {

@@ -20,14 +20,21 @@ type watcher struct {
 	view   View
 	n      int // batches applied
 	resets int
+	cached int // Reset batches a lease cache stood for
 }
 
 func startWatch(t *testing.T, reg *Registry) *watcher {
+	return startFollowing(t, func(ctx context.Context, ch chan<- Batch) { reg.Watch(ctx, ch) })
+}
+
+// startFollowing runs follow (Watch or one of its variants) until the test
+// ends and applies what it sends to the watcher's view.
+func startFollowing(t *testing.T, follow func(context.Context, chan<- Batch)) *watcher {
 	w := &watcher{}
 	ctx, cancel := context.WithCancel(context.Background())
 	ch := make(chan Batch)
 	done := make(chan struct{})
-	go func() { defer close(done); reg.Watch(ctx, ch) }()
+	go func() { defer close(done); follow(ctx, ch) }()
 	go func() {
 		for {
 			select {
@@ -37,6 +44,9 @@ func startWatch(t *testing.T, reg *Registry) *watcher {
 				w.n++
 				if b.Reset {
 					w.resets++
+				}
+				if b.FromCache {
+					w.cached++
 				}
 				w.mu.Unlock()
 			case <-ctx.Done():
