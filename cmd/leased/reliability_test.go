@@ -21,6 +21,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
+	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/tcpproxy"
 	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/lease"
@@ -340,21 +341,18 @@ func waitPeers(t *testing.T, hb *histBackend, want map[string]netip.Prefix) {
 	}
 }
 
-// A restarted agent resumes from the lease cache its previous run saved
-// (1,200 leases, above cacheMinLeases) and hands the backend exactly etcd's
-// current peers: a lease deleted, one changed and one added while it was
-// down are right in the very first set, and the deleted one is never in
-// any set.
-func TestAgentResumesFromLeaseCache(t *testing.T) {
-	srv := startEtcd(t)
-	// The peers below hold records only (no subnet locks): this host's
-	// claim stays above them.
+// putPeers writes a config and n peer records peer-0000… (records only,
+// no subnet locks: a host's claim stays above them, from 10.100.0.0). It
+// returns a client, the key layout, how record i is written, and the
+// peers by node.
+func putPeers(t *testing.T, srv *etcdserver.Server, n int) (*clientv3.Client, lease.Keys, func(node string, i int) string, map[string]netip.Prefix) {
+	t.Helper()
 	put(t, srv.ClientURL, cfgKey, `{"Network":"10.0.0.0/8","SubnetMin":"10.100.0.0"}`)
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer cli.Close()
+	t.Cleanup(func() { cli.Close() })
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	keys := lease.NewKeys("")
@@ -362,7 +360,6 @@ func TestAgentResumesFromLeaseCache(t *testing.T) {
 		return fmt.Sprintf(`{"Node":%q,"Subnet":"10.%d.%d.0/24","PublicIP":"192.168.%d.%d"}`, node, 1+i/256, i%256, 1+i/256, 1+i%250)
 	}
 	want := map[string]netip.Prefix{}
-	const n = 1200
 	var ops []clientv3.Op
 	for i := range n {
 		node := fmt.Sprintf("peer-%04d", i)
@@ -375,6 +372,117 @@ func TestAgentResumesFromLeaseCache(t *testing.T) {
 			ops = ops[:0]
 		}
 	}
+	return cli, keys, record, want
+}
+
+// A host without a lease cache of its own starts from the shared cache
+// that the first host by name keeps in etcd (1,200 leases, above
+// lease.SharedCacheMinLeases), and hands the backend exactly etcd's
+// current peers: a lease deleted, one changed and one added after the
+// cache was written are right in the very first set, and the deleted one
+// is never in any set. The other host does not write the cache.
+func TestAgentStartsFromSharedCache(t *testing.T) {
+	srv := startEtcd(t)
+	cli, keys, record, want := putPeers(t, srv, 1200)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	defer func(d time.Duration) { sharedCacheInterval = d }(sharedCacheInterval)
+	sharedCacheInterval = 20 * time.Millisecond
+
+	hb1 := &histBackend{}
+	a1 := newIdleAgent(t, srv.ClientURL, "aaa-first", "192.168.200.1", hb1)
+	a1.o.sharedCache = true
+	ctx1, stop1 := context.WithCancel(context.Background())
+	defer func() { stop1(); <-a1.done }()
+	a1.run(ctx1)
+	waitPeers(t, hb1, want)
+	reg := lease.NewRegistry(cli, "")
+	var h lease.SharedCacheHeader
+	for deadline := time.Now().Add(20 * time.Second); h.ModRev == 0; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the first host did not write the shared lease cache")
+		}
+		h, _ = reg.ReadSharedCacheHeader(ctx)
+	}
+	if h.Node != "aaa-first" || h.Leases != 1201 {
+		t.Errorf("shared cache header %+v: want 1,201 leases written by aaa-first", h)
+	}
+	resp, err := cli.Get(ctx, keys.Lease("aaa-first"))
+	if err != nil || len(resp.Kvs) != 1 {
+		t.Fatal("no lease of aaa-first:", err)
+	}
+	first, err := lease.DecodeRecord("aaa-first", resp.Kvs[0].Value)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want["aaa-first"] = first.Subnet
+
+	// After the cache was written.
+	if _, err := cli.Delete(ctx, keys.Lease("peer-0000")); err != nil {
+		t.Fatal(err)
+	}
+	delete(want, "peer-0000")
+	put(t, srv.ClientURL, keys.Lease("peer-0001"), record("peer-0001", 5000))
+	want["peer-0001"] = pfx("10.20.136.0/24")
+	put(t, srv.ClientURL, keys.Lease("peer-new"), record("peer-new", 6000))
+	want["peer-new"] = pfx("10.24.112.0/24")
+
+	hb2 := &histBackend{}
+	a2 := newIdleAgent(t, srv.ClientURL, "host", "192.168.200.2", hb2)
+	a2.o.sharedCache = true
+	ctx2, stop2 := context.WithCancel(context.Background())
+	a2.run(ctx2)
+	waitPeers(t, hb2, want)
+	time.Sleep(100 * time.Millisecond) // five of its cache checks
+	stop2()
+	<-a2.done
+	if !a2.fromShared {
+		t.Error("the new host listed every lease instead of starting from the shared cache")
+	}
+	checkNeverHeld(t, hb2, "peer-0000")
+	if got := firstSet(hb2); !mapsEqual(got, want) {
+		t.Errorf("first peer set of the new host differs from etcd's: %s", peerDiff(got, want))
+	}
+	if h2, _ := reg.ReadSharedCacheHeader(ctx); h2.Node != "aaa-first" {
+		t.Errorf("shared cache written by %s, want only aaa-first", h2.Node)
+	}
+}
+
+// checkNeverHeld fails if any peer set hb received holds node.
+func checkNeverHeld(t *testing.T, hb *histBackend, node string) {
+	t.Helper()
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	for i, set := range hb.sets {
+		for _, p := range set {
+			if p.Node == node {
+				t.Errorf("set %d of %d holds %s", i+1, len(hb.sets), node)
+			}
+		}
+	}
+}
+
+// firstSet is the first peer set hb received.
+func firstSet(hb *histBackend) map[string]netip.Prefix {
+	hb.mu.Lock()
+	defer hb.mu.Unlock()
+	first := map[string]netip.Prefix{}
+	for _, p := range hb.sets[0] {
+		first[p.Node] = p.Subnet4
+	}
+	return first
+}
+
+// A restarted agent resumes from the lease cache its previous run saved
+// (1,200 leases, above cacheMinLeases) and hands the backend exactly etcd's
+// current peers: a lease deleted, one changed and one added while it was
+// down are right in the very first set, and the deleted one is never in
+// any set.
+func TestAgentResumesFromLeaseCache(t *testing.T) {
+	srv := startEtcd(t)
+	cli, keys, record, want := putPeers(t, srv, 1200)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
 
 	hb1 := &histBackend{}
 	a1 := newIdleAgent(t, srv.ClientURL, "host", "192.168.200.1", hb1)
@@ -408,21 +516,9 @@ func TestAgentResumesFromLeaseCache(t *testing.T) {
 	if !a2.resumed {
 		t.Error("the restarted agent listed every lease instead of resuming from the cache")
 	}
-	hb2.mu.Lock()
-	defer hb2.mu.Unlock()
-	for i, set := range hb2.sets {
-		for _, p := range set {
-			if p.Node == "peer-0000" {
-				t.Errorf("set %d of %d holds peer-0000, deleted while the agent was down", i+1, len(hb2.sets))
-			}
-		}
-	}
-	first := map[string]netip.Prefix{}
-	for _, p := range hb2.sets[0] {
-		first[p.Node] = p.Subnet4
-	}
-	if !mapsEqual(first, want) {
-		t.Errorf("first peer set after the restart has %d peers, not etcd's current %d", len(first), len(want))
+	checkNeverHeld(t, hb2, "peer-0000")
+	if got := firstSet(hb2); !mapsEqual(got, want) {
+		t.Errorf("first peer set after the restart has %d peers, not etcd's current %d", len(got), len(want))
 	}
 }
 
