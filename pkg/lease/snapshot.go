@@ -393,10 +393,18 @@ func (r *Registry) WatchFromSnapshot(ctx context.Context, h SnapshotHeader, deco
 
 // WatchFromShared is WatchFromSnapshot for the shared lease cache in etcd
 // (see shared.go), read while the lease keys are listed. When etcd holds
-// no usable shared cache, or one of fewer than SharedCacheMinLeases leases,
-// it lists (Watch); the keys-only listing then was for nothing, which
-// costs a few milliseconds below 1,000 leases.
+// no shared cache, or one of fewer than SharedCacheMinLeases leases, it
+// lists (Watch) after one small read of the cache's header; when the cache
+// turns out to be unusable, after the keys-only listing.
 func (r *Registry) WatchFromShared(ctx context.Context, out chan<- Batch) error {
+	h, err := r.ReadSharedCacheHeader(ctx)
+	switch {
+	case ctx.Err() != nil:
+		return ctx.Err()
+	case err != nil || h.ModRev == 0 || h.Leases < SharedCacheMinLeases:
+		klog.V(2).InfoS("no shared lease cache to start from; listing", "leases", h.Leases, "err", err)
+		return r.Watch(ctx, out)
+	}
 	return r.watchFromCache(ctx, "shared lease cache", func() opened {
 		h, decode, err := r.FetchSharedCache(ctx)
 		if err == nil && h.Leases < SharedCacheMinLeases {
