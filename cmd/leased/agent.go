@@ -48,14 +48,15 @@ type agent struct {
 	// likely, were its peers), peers that vanish from etcd are kept until
 	// graceUntil unless another node claims their subnet: their leases
 	// may have expired for the same reason, and they are re-claiming.
-	programmed map[string]*lease.Record
-	graceUntil time.Time
-	cfg        *lease.Config
-	rejected   map[string]string // node → reason last logged
-	resumed    bool              // the watch resumed from the lease cache
-	publishing atomic.Bool       // a shared lease cache is being written
-	fromShared bool              // the watch started from the shared lease cache
-	exhausted  string            // last "out of subnets" message logged
+	programmed    map[string]*lease.Record
+	graceUntil    time.Time
+	cfg           *lease.Config
+	rejected      map[string]string // node → reason last logged
+	resumed       bool              // the watch resumed from the lease cache
+	publishing    atomic.Bool       // a shared lease cache is being written
+	publishFailed atomic.Bool       // the last write of it failed, and that was logged
+	fromShared    bool              // the watch started from the shared lease cache
+	exhausted     string            // last "out of subnets" message logged
 
 	seenRaw  []byte // the config value last parsed
 	sess     *lease.Session
@@ -228,9 +229,12 @@ func (a *agent) maybePublishCache(ctx context.Context) {
 		defer cancel()
 		ok, err := a.reg.PublishSharedCache(pctx, id, a.node, data, h.ModRev)
 		switch {
+		case err != nil && !a.publishFailed.Swap(true):
+			klog.InfoS("could not write the shared lease cache; hosts that start without a cache of their own list every lease until it is written (check that this host may write under --etcd-prefix; retried every minute, logged at -v=2)", "err", err)
 		case err != nil:
-			klog.InfoS("could not write the shared lease cache; hosts that start without a cache of their own list every lease until it is written (check that this host may write under --etcd-prefix)", "err", err)
+			klog.V(2).InfoS("could not write the shared lease cache", "err", err)
 		case ok:
+			a.publishFailed.Store(false)
 			klog.InfoS("wrote the shared lease cache for hosts that start without one", "leases", leases, "bytes", len(data), "reason", why)
 		default:
 			klog.V(2).InfoS("another host wrote the shared lease cache first")

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/leased/leased/internal/etcdserver"
 )
 
 // publishView lists etcd's leases with a watch and publishes the view as
@@ -312,4 +314,31 @@ func TestSharedCachePolicy(t *testing.T) {
 func with(h SharedCacheHeader, edit func(*SharedCacheHeader)) SharedCacheHeader {
 	edit(&h)
 	return h
+}
+
+// The shared cache works the same against Debian's etcd 3.4, which has
+// no RangeStream and reads every value for a keys-only listing.
+func TestSharedCacheOnOlderEtcd(t *testing.T) {
+	ext, err := etcdserver.StartBinary(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ext.Stop)
+	cli := newClientAt(t, ext.ClientURL)
+	reg := NewRegistry(cli, "")
+	putRecords(t, cli, reg, 0, SharedCacheMinLeases)
+	if _, ok := publishView(t, reg, newSession(t, cli, 60), 0); !ok {
+		t.Fatal("shared cache not written")
+	}
+	cli.Delete(ctxT(t), reg.Keys().Lease("n0"))
+	putRecord(t, cli, reg, "x9", "10.100.9.0/24")
+	w := followShared(t, NewRegistry(newClientAt(t, ext.ClientURL), ""))
+	w.waitFor(t, "state from the shared cache equals etcd", func(v *View) bool {
+		return len(v.Records) == SharedCacheMinLeases && v.Records["n0"] == nil && v.Records["x9"] != nil
+	})
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.n != 1 || w.cached != 1 {
+		t.Errorf("%d batches, %d from the cache; want the cache, caught up, as one batch", w.n, w.cached)
+	}
 }
