@@ -375,6 +375,27 @@ func putPeers(t *testing.T, srv *etcdserver.Server, n int) (*clientv3.Client, le
 	return cli, keys, record, want
 }
 
+// changePeers deletes peer-0000, moves peer-0001 and adds peer-new (see
+// putPeers), in etcd and in want.
+func changePeers(t *testing.T, srv *etcdserver.Server, keys lease.Keys, record func(string, int) string, want map[string]netip.Prefix) {
+	t.Helper()
+	put(t, srv.ClientURL, keys.Lease("peer-0001"), record("peer-0001", 5000))
+	want["peer-0001"] = pfx("10.20.136.0/24")
+	put(t, srv.ClientURL, keys.Lease("peer-new"), record("peer-new", 6000))
+	want["peer-new"] = pfx("10.24.112.0/24")
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := cli.Delete(ctx, keys.Lease("peer-0000")); err != nil {
+		t.Fatal(err)
+	}
+	delete(want, "peer-0000")
+}
+
 // A host without a lease cache of its own starts from the shared cache
 // that the first host by name keeps in etcd (1,200 leases, above
 // lease.SharedCacheMinLeases), and hands the backend exactly etcd's
@@ -418,14 +439,7 @@ func TestAgentStartsFromSharedCache(t *testing.T) {
 	want["aaa-first"] = first.Subnet
 
 	// After the cache was written.
-	if _, err := cli.Delete(ctx, keys.Lease("peer-0000")); err != nil {
-		t.Fatal(err)
-	}
-	delete(want, "peer-0000")
-	put(t, srv.ClientURL, keys.Lease("peer-0001"), record("peer-0001", 5000))
-	want["peer-0001"] = pfx("10.20.136.0/24")
-	put(t, srv.ClientURL, keys.Lease("peer-new"), record("peer-new", 6000))
-	want["peer-new"] = pfx("10.24.112.0/24")
+	changePeers(t, srv, keys, record, want)
 
 	hb2 := &histBackend{}
 	a2 := newIdleAgent(t, srv.ClientURL, "host", "192.168.200.2", hb2)
@@ -480,10 +494,7 @@ func firstSet(hb *histBackend) map[string]netip.Prefix {
 // any set.
 func TestAgentResumesFromLeaseCache(t *testing.T) {
 	srv := startEtcd(t)
-	cli, keys, record, want := putPeers(t, srv, 1200)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-
+	_, keys, record, want := putPeers(t, srv, 1200)
 	hb1 := &histBackend{}
 	a1 := newIdleAgent(t, srv.ClientURL, "host", "192.168.200.1", hb1)
 	ctx1, stop1 := context.WithCancel(context.Background())
@@ -497,14 +508,7 @@ func TestAgentResumesFromLeaseCache(t *testing.T) {
 	}
 
 	// While the agent is down.
-	if _, err := cli.Delete(ctx, keys.Lease("peer-0000")); err != nil {
-		t.Fatal(err)
-	}
-	delete(want, "peer-0000")
-	put(t, srv.ClientURL, keys.Lease("peer-0001"), record("peer-0001", 5000))
-	want["peer-0001"] = pfx("10.20.136.0/24")
-	put(t, srv.ClientURL, keys.Lease("peer-new"), record("peer-new", 6000))
-	want["peer-new"] = pfx("10.24.112.0/24")
+	changePeers(t, srv, keys, record, want)
 
 	hb2 := &histBackend{}
 	a2 := newIdleAgent(t, srv.ClientURL, "host", "192.168.200.1", hb2)

@@ -112,14 +112,9 @@ func BenchmarkReady50kFromCache(b *testing.B) {
 	cli := benchEtcd(b)
 	reg := NewRegistry(cli, "")
 	fillLeases(b, cli, reg, benchN)
-	ch := make(chan Batch, 1)
-	lctx, lcancel := context.WithCancel(context.Background())
-	go reg.Watch(lctx, ch)
-	var v View
-	v.Apply(<-ch)
-	lcancel()
+	v := listView(reg)
 	path := filepath.Join(b.TempDir(), "leases.cache")
-	if err := SaveSnapshot(path, reg.Keys().Prefix(), &v); err != nil {
+	if err := SaveSnapshot(path, reg.Keys().Prefix(), v); err != nil {
 		b.Fatal(err)
 	}
 	benchReady(b, cli, reg, true, func(ctx context.Context, ch chan Batch) {
@@ -144,13 +139,8 @@ func BenchmarkReady50kShared(b *testing.B) {
 		b.Fatal(err)
 	}
 	fillMore(b, cli, reg, 0, benchN-500, benchN)
-	ch := make(chan Batch, 1)
-	lctx, lcancel := context.WithCancel(context.Background())
-	go reg.Watch(lctx, ch)
-	var v View
-	v.Apply(<-ch)
-	lcancel()
-	data, err := EncodeSnapshot(reg.Keys().Prefix(), &v)
+	v := listView(reg)
+	data, err := EncodeSnapshot(reg.Keys().Prefix(), v)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -164,6 +154,17 @@ func BenchmarkReady50kShared(b *testing.B) {
 	}
 	fillMore(b, cli, reg, benchN-500, benchN, benchN)
 	benchReady(b, cli, reg, true, func(ctx context.Context, ch chan Batch) { go reg.WatchFromShared(ctx, ch) })
+}
+
+// listView returns the view of etcd's leases that one listing gives.
+func listView(reg *Registry) *View {
+	ch := make(chan Batch, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go reg.Watch(ctx, ch)
+	var v View
+	v.Apply(<-ch)
+	return &v
 }
 
 // benchReady times, per iteration: follow (which starts delivering the
