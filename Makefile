@@ -26,7 +26,7 @@ test: deps
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 40m ./...
 	CGO_ENABLED=1 $(GO) test -race -count=1 ./pkg/lease ./pkg/subnetenv
-	for f in FuzzParseConfig FuzzDecodeRecord FuzzDecodeRecordFast FuzzParseSubnetKey FuzzDecodeSnapshotRecord; do \
+	for f in FuzzParseConfig FuzzDecodeRecord FuzzDecodeRecordFast FuzzParseSubnetKey FuzzDecodeSnapshotRecord FuzzParseSnapshot; do \
 	  $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime 15s ./pkg/lease || exit 1; done
 
 bench:

@@ -2,11 +2,11 @@ package lease
 
 import (
 	"fmt"
-
-	clientv3 "go.etcd.io/etcd/client/v3"
 	"net/netip"
 	"strconv"
 	"strings"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // DefaultPrefix is the etcd key prefix under which leased keeps its data.
