@@ -158,7 +158,8 @@ func (r *Registry) FetchSharedCache(ctx context.Context) (SnapshotHeader, func()
 }
 
 // ReadSharedCacheHeader reads the header of the shared cache; ModRev 0 means
-// there is none. A header that does not parse counts as none.
+// there is none. A header that does not parse comes back empty but for its
+// ModRev, so that the writer replaces it (SharedCacheDue finds it due).
 func (r *Registry) ReadSharedCacheHeader(ctx context.Context) (SharedCacheHeader, error) {
 	resp, err := r.cli.Get(ctx, r.keys.SharedCacheHeader())
 	if err != nil {
