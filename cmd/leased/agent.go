@@ -11,7 +11,6 @@ import (
 	"net/netip"
 	"os"
 	"slices"
-	"sync/atomic"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -48,15 +47,12 @@ type agent struct {
 	// likely, were its peers), peers that vanish from etcd are kept until
 	// graceUntil unless another node claims their subnet: their leases
 	// may have expired for the same reason, and they are re-claiming.
-	programmed    map[string]*lease.Record
-	graceUntil    time.Time
-	cfg           *lease.Config
-	rejected      map[string]string // node → reason last logged
-	resumed       bool              // the watch resumed from the lease cache
-	publishing    atomic.Bool       // a shared lease cache is being written
-	publishFailed atomic.Bool       // the last write of it failed, and that was logged
-	fromShared    bool              // the watch started from the shared lease cache
-	exhausted     string            // last "out of subnets" message logged
+	programmed map[string]*lease.Record
+	graceUntil time.Time
+	cfg        *lease.Config
+	rejected   map[string]string // node → reason last logged
+	resumed    bool              // the watch resumed from the lease cache
+	exhausted  string            // last "out of subnets" message logged
 
 	seenRaw  []byte // the config value last parsed
 	sess     *lease.Session
@@ -91,8 +87,6 @@ func (a *agent) run(ctx context.Context) error {
 	a.claimEarly(ctx)
 	retry := time.NewTimer(time.Hour)
 	defer retry.Stop()
-	cacheTick := time.NewTicker(sharedCacheInterval)
-	defer cacheTick.Stop()
 	bo := time.Second
 	defer func() {
 		a.saveCache()
@@ -135,9 +129,6 @@ func (a *agent) run(ctx context.Context) error {
 			}
 			a.setStatus("lease lost; claiming it again")
 		case <-retry.C:
-		case <-cacheTick.C:
-			a.maybePublishCache(ctx)
-			continue
 		}
 		if err := a.step(ctx); err != nil {
 			if ctx.Err() != nil {
@@ -158,8 +149,7 @@ func (a *agent) run(ctx context.Context) error {
 }
 
 // startWatch follows etcd from the lease cache a previous run saved, when
-// it is usable, else from the shared lease cache in etcd (unless
-// --shared-lease-cache=false), else from a full listing.
+// it is usable, else from a full listing.
 func (a *agent) startWatch(ctx context.Context, batches chan lease.Batch) {
 	path := a.o.leaseCachePath()
 	if path != "" {
@@ -177,76 +167,23 @@ func (a *agent) startWatch(ctx context.Context, batches chan lease.Batch) {
 			ok := a.reg.Usable(cctx, h)
 			cancel()
 			if ok {
-				klog.InfoS("starting from the lease cache of the previous run; reading only the leases changed since", "path", path, "rev", h.Rev, "leases", h.Leases)
 				a.resumed = true
+				klog.InfoS("starting from the lease cache of the previous run; reading only the leases changed since", "path", path, "rev", h.Rev, "leases", h.Leases)
 				go a.reg.WatchFromSnapshot(ctx, h, decode, batches) //nolint:errcheck // returns ctx.Err()
 				return
 			}
 			klog.InfoS("lease cache is from another etcd cluster, prefix or time; listing instead", "path", path)
 		}
 	}
-	if !a.o.sharedCache {
-		go a.reg.Watch(ctx, batches) //nolint:errcheck // returns ctx.Err()
-		return
-	}
-	go a.reg.WatchFromShared(ctx, batches) //nolint:errcheck // returns ctx.Err()
-}
-
-// sharedCacheInterval is how often the agent checks whether it should
-// write the shared lease cache (a variable for tests).
-var sharedCacheInterval = time.Minute
-
-// maybePublishCache writes the shared lease cache when this host is the
-// one to keep it and it is due (lease.SharedCacheDue). It encodes the
-// view here, on the agent's goroutine, and writes in the background.
-func (a *agent) maybePublishCache(ctx context.Context) {
-	if !a.o.sharedCache || !a.ready || a.sess == nil || a.publishing.Load() {
-		return
-	}
-	if !lease.SharedCacheWriter(a.node, &a.view) {
-		return
-	}
-	hctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	h, err := a.reg.ReadSharedCacheHeader(hctx)
-	cancel()
-	if err != nil {
-		klog.V(2).InfoS("could not read the shared lease cache header; trying again later", "err", err)
-		return
-	}
-	due, why := lease.SharedCacheDue(&a.view, h, time.Now())
-	if !due {
-		return
-	}
-	data, err := lease.EncodeSnapshot(a.reg.Keys().Prefix(), &a.view)
-	if err != nil {
-		return
-	}
-	id, leases := a.sess.Lease(), len(a.view.Records)
-	a.publishing.Store(true)
-	go func() {
-		defer a.publishing.Store(false)
-		pctx, cancel := context.WithTimeout(ctx, time.Minute)
-		defer cancel()
-		ok, err := a.reg.PublishSharedCache(pctx, id, a.node, data, h.ModRev)
-		switch {
-		case err != nil && !a.publishFailed.Swap(true):
-			klog.InfoS("could not write the shared lease cache; hosts that start without a cache of their own list every lease until it is written (check that this host may write under --etcd-prefix; retried every minute, logged at -v=2)", "err", err)
-		case err != nil:
-			klog.V(2).InfoS("could not write the shared lease cache", "err", err)
-		case ok:
-			a.publishFailed.Store(false)
-			klog.InfoS("wrote the shared lease cache for hosts that start without one", "leases", leases, "bytes", len(data), "reason", why)
-		default:
-			klog.V(2).InfoS("another host wrote the shared lease cache first")
-		}
-	}()
+	go a.reg.Watch(ctx, batches) //nolint:errcheck // returns ctx.Err()
 }
 
 // onReady, when set, runs once the agent is first ready (for profiling).
 var onReady func()
 
-// cacheMinLeases is the smallest lease cache worth resuming from.
-const cacheMinLeases = lease.SharedCacheMinLeases
+// cacheMinLeases is the smallest lease cache worth resuming from: below
+// it, listing takes a few milliseconds, no more than checking the cache.
+const cacheMinLeases = 1000
 
 // saveCache saves the lease set for the next run (see startWatch).
 func (a *agent) saveCache() {
@@ -272,9 +209,6 @@ func (a *agent) apply(b lease.Batch) {
 			a.self = nil // ensureLease claims again, preferring the held subnets
 			a.startGrace()
 		}
-	}
-	if b.Reset && b.FromCache && !a.resumed && !a.view.Synced {
-		a.fromShared = true
 	}
 	a.view.Apply(b)
 	if b.Reset {

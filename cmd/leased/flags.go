@@ -33,7 +33,6 @@ type options struct {
 	resync           time.Duration
 	metricsAddr      string
 	leaseCache       string
-	sharedCache      bool
 }
 
 // DefaultLeaseTTL is how long a host's lease outlives its last keep-alive.
@@ -85,7 +84,6 @@ func (o *options) registerAgent(fs *flag.FlagSet) {
 	fs.DurationVar(&o.leaseTTL, "lease-ttl", DefaultLeaseTTL, "lease lifetime without keep-alive (Go duration, e.g. 10s, 24h)")
 	fs.BoolVar(&o.ipMasq, "ip-masq", false, "masquerade IPv4 traffic leaving the cluster network (IPv6 is never NATed)")
 	fs.StringVar(&o.leaseCache, "lease-cache", "", "where the agent saves the lease set at exit, to resume the etcd watch from it on restart instead of reading every lease (default: leases.cache next to --subnet-file; \"none\" disables)")
-	fs.BoolVar(&o.sharedCache, "shared-lease-cache", true, "start without a lease cache of this host's own from the one the first host keeps in etcd, and keep it there when this is that host (networks of 1,000 leases or more)")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve /healthz, /readyz and /metrics on this address (e.g. 127.0.0.1:9464); off when empty")
 	fs.DurationVar(&o.resync, "resync-interval", 10*time.Second, "how often the datapath is compared with the kernel in full")
 }

@@ -126,36 +126,6 @@ func BenchmarkReady50kFromCache(b *testing.B) {
 	})
 }
 
-// BenchmarkReady50kShared: Ready50k for a host that starts without a
-// lease cache of its own (a new host, or one whose cache was lost) in a
-// network whose first host keeps the shared cache in etcd: claim, read
-// the shared cache, check it against etcd and resume the watch, filter the
-// peers. The cache is as old as a rewrite allows: 500 of the 50,000
-// leases (just under SharedCacheMaxChanged) came after it.
-func BenchmarkReady50kShared(b *testing.B) {
-	cli := benchEtcd(b)
-	reg := NewRegistry(cli, "")
-	if _, err := cli.Put(context.Background(), reg.Keys().Config(), benchConfig); err != nil {
-		b.Fatal(err)
-	}
-	fillMore(b, cli, reg, 0, benchN-500, benchN)
-	v := listView(reg)
-	data, err := EncodeSnapshot(reg.Keys().Prefix(), v)
-	if err != nil {
-		b.Fatal(err)
-	}
-	sess, err := NewSession(context.Background(), cli, time.Hour, 10*time.Second)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer sess.Orphan()
-	if ok, err := reg.PublishSharedCache(context.Background(), sess.Lease(), "filler-00000", data, 0); !ok || err != nil {
-		b.Fatal("publishing the shared cache:", ok, err)
-	}
-	fillMore(b, cli, reg, benchN-500, benchN, benchN)
-	benchReady(b, cli, reg, true, func(ctx context.Context, ch chan Batch) { go reg.WatchFromShared(ctx, ch) })
-}
-
 // listView returns the view of etcd's leases that one listing gives.
 func listView(reg *Registry) *View {
 	ch := make(chan Batch, 1)

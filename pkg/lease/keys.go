@@ -5,8 +5,6 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
-
-	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // DefaultPrefix is the etcd key prefix under which leased keeps its data.
@@ -21,8 +19,6 @@ const DefaultPrefix = "/leased/network"
 //	<prefix>/subnets6/<addr-len>    owner lock of one IPv6 subnet (value: node; under the lease)
 //	<prefix>/nodes/<node>           the subnets a node last held (JSON, no TTL; affinity)
 //	<prefix>/reservations/<node>    subnets pinned to a node (JSON, no TTL; written by operators)
-//	<prefix>/cache/header           the shared lease cache (JSON; see shared.go), under its writer's lease
-//	<prefix>/cache/parts/<gen>/<i>  its parts (binary), under the same lease
 type Keys struct{ prefix string }
 
 // NewKeys returns the layout under prefix (trailing slashes are dropped).
@@ -45,29 +41,6 @@ func (k Keys) Leases() string { return k.prefix + "/leases/" }
 
 // Lease returns the lease record key of node.
 func (k Keys) Lease(node string) string { return k.Leases() + node }
-
-// SharedCache returns the prefix of the shared lease cache. It sorts
-// before Config, where the agents' watch starts, so that no watch carries it.
-func (k Keys) SharedCache() string { return k.prefix + "/cache/" }
-
-// SharedCacheHeader returns the key of the shared lease cache's header.
-func (k Keys) SharedCacheHeader() string { return k.SharedCache() + "header" }
-
-// SharedCacheParts returns the prefix of the parts of generation gen of
-// the shared lease cache (of all generations for "").
-func (k Keys) SharedCacheParts(gen string) string {
-	if gen == "" {
-		return k.SharedCache() + "parts/"
-	}
-	return k.SharedCache() + "parts/" + gen + "/"
-}
-
-// watchRange is the key range the agents watch: from the config key to
-// the end of the prefix, which is everything but the shared lease cache,
-// so that no agent receives the cache's megabytes when it is rewritten.
-func (k Keys) watchRange() (key, end string) {
-	return k.Config(), clientv3.GetPrefixRangeEnd(k.Prefix())
-}
 
 // Nodes returns the prefix of the affinity records.
 func (k Keys) Nodes() string { return k.prefix + "/nodes/" }

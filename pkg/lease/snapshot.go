@@ -70,7 +70,7 @@ func SaveSnapshot(path, prefix string, v *View) error {
 }
 
 // EncodeSnapshot returns v in the snapshot format (see above), as
-// SaveSnapshot writes it to a file and PublishSharedCache to etcd.
+// SaveSnapshot writes it to a file.
 func EncodeSnapshot(prefix string, v *View) ([]byte, error) {
 	if !v.Synced || v.ClusterID == 0 || v.Rev <= 0 {
 		return nil, errors.New("lease: nothing to snapshot yet")
@@ -391,32 +391,6 @@ func (r *Registry) WatchFromSnapshot(ctx context.Context, h SnapshotHeader, deco
 	return r.watchFromCache(ctx, "lease cache", func() opened { return opened{h: h, b: decode()} }, out)
 }
 
-// WatchFromShared is WatchFromSnapshot for the shared lease cache in etcd
-// (see shared.go), read while the lease keys are listed. When etcd holds
-// no shared cache, or one of fewer than SharedCacheMinLeases leases, it
-// lists (Watch) after one small read of the cache's header; when the cache
-// turns out to be unusable, after the keys-only listing.
-func (r *Registry) WatchFromShared(ctx context.Context, out chan<- Batch) error {
-	h, err := r.ReadSharedCacheHeader(ctx)
-	switch {
-	case ctx.Err() != nil:
-		return ctx.Err()
-	case err != nil || h.ModRev == 0 || h.Leases < SharedCacheMinLeases:
-		klog.V(2).InfoS("no shared lease cache to start from; listing", "leases", h.Leases, "err", err)
-		return r.Watch(ctx, out)
-	}
-	return r.watchFromCache(ctx, "shared lease cache", func() opened {
-		h, decode, err := r.FetchSharedCache(ctx)
-		if err == nil && h.Leases < SharedCacheMinLeases {
-			err = fmt.Errorf("%w (%d leases, fewer than worth it)", errNoSharedCache, h.Leases)
-		}
-		if err != nil {
-			return opened{err: err}
-		}
-		return opened{h: h, b: decode()}
-	}, out)
-}
-
 // opened is a cache's header and the Reset batch it stands for, or why
 // there is none.
 type opened struct {
@@ -434,21 +408,9 @@ func (r *Registry) watchFromCache(ctx context.Context, what string, open func() 
 	switch {
 	case ctx.Err() != nil:
 		return ctx.Err()
-	case IsNoSharedCache(err):
-		klog.V(2).InfoS("no shared lease cache to start from; listing", "reason", err)
-		return r.Watch(ctx, out)
 	case err != nil:
 		klog.InfoS(what+" not usable; listing instead", "reason", err)
 		return r.Watch(ctx, out)
-	}
-	if what == "shared lease cache" { // the agent logs its own cache file's use
-		n := len(b.base)
-		for _, e := range b.Events {
-			if e.Kind == LeasePut && e.Err == nil {
-				n++
-			}
-		}
-		klog.InfoS("started from the shared lease cache in etcd; read only the leases changed since it was written", "leases", n, "rev", b.Rev)
 	}
 	select {
 	case out <- b:

@@ -59,7 +59,7 @@ type Batch struct {
 	// View.Apply.
 	Reset bool
 	// FromCache is set on a Reset batch that a lease cache, brought up
-	// to date with etcd, stands for (WatchFromSnapshot, WatchFromShared).
+	// to date with etcd, stands for (WatchFromSnapshot).
 	FromCache bool
 	Events    []Event
 	// ClusterID is the etcd cluster the batch came from (0: unknown).
@@ -74,7 +74,7 @@ type Batch struct {
 }
 
 // Watch lists the config and every lease record in one round trip, sends
-// that as a Reset batch, then watches the prefix (all but the shared lease cache) from the listing's
+// that as a Reset batch, then watches the whole prefix from the listing's
 // revision onwards and sends each change. After a disconnect it resumes from
 // the last revision it delivered; when that revision has been compacted it
 // lists again (another Reset batch). Sends block until the consumer
@@ -143,8 +143,7 @@ func (r *Registry) watchFrom(ctx context.Context, rev int64, out chan<- Batch) e
 	backoff := newBackoff()
 	for {
 		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
-		key, end := r.keys.watchRange()
-		wch := r.cli.Watch(wctx, key, clientv3.WithRange(end), clientv3.WithRev(rev))
+		wch := r.cli.Watch(wctx, r.keys.Prefix(), clientv3.WithPrefix(), clientv3.WithRev(rev))
 		for resp := range wch {
 			if resp.CompactRevision != 0 || errors.Is(resp.Err(), rpctypes.ErrCompacted) {
 				cancel()
