@@ -69,6 +69,7 @@ func forwardOrder(t *testing.T, stage string, h *lab.Host) {
 // agents resync every 2 s (up's --resync-interval) and never log that they
 // restored rules: leased and dockerd do not fight over FORWARD. Removing
 // the DROP rule lets the traffic through again, by leased's LEASED-FWD.
+// dockerd's --icc=false still separates containers on one docker0.
 func TestDockerUserPrecedence(t *testing.T) {
 	dockerd, docker, busybox := dockerTools(t)
 	// --ip-masq: containers keep their addresses inside the cluster, so a
@@ -129,6 +130,20 @@ func TestDockerUserPrecedence(t *testing.T) {
 	eventually(t, 20*time.Second, "c1 → c2 after the DROP rule is gone", func() error { return c1.ping(ctx(t), c2.addr4) })
 	if n := countLeasedFwd(t, h2); n == 0 {
 		t.Errorf("LEASED-FWD on host2 counted no packets: the traffic was not accepted by leased's rules")
+	}
+
+	// dockerd with --icc=false appends its DROP for docker0 → docker0 after
+	// leased's jump: LEASED-FWD must leave that traffic to it, while
+	// cluster traffic to the same containers still passes.
+	ds[h2].stop(t)
+	ds[h2].argv = append(ds[h2].argv, "--icc=false")
+	ds[h2].start(t)
+	c3, c4 := ds[h2].runContainer(t, "c3"), ds[h2].runContainer(t, "c4")
+	eventually(t, 20*time.Second, "c1 → c4 with --icc=false on host2", func() error { return c1.ping(ctx(t), c4.addr4) })
+	for i := range 3 {
+		if err := c3.ping(ctx(t), c4.addr4); err == nil {
+			t.Fatalf("--icc=false: c3 reached c4 on the same docker0 (try %d); host2 iptables -S FORWARD:\n%s", i+1, nsRun(t, h2, "iptables", "-S", "FORWARD"))
+		}
 	}
 
 	for _, h := range l.Hosts {
