@@ -278,11 +278,18 @@ func ruleLines(lines []string) []string {
 	return out
 }
 
-// remove deletes parent's jumps to chain and the chain, if present.
+// remove deletes parent's jumps to chain and the chain, if present. A table
+// that cannot be listed (e.g. no ip6tables nat support in the kernel) holds
+// nothing of leased's, so that is not an error: hosts without --ip-masq do
+// not need the nat table.
 func (c chains) remove(table, parent, chain string, changed *bool) error {
 	exists, err := c.ipt.ChainExists(table, chain)
-	if err != nil || !exists {
-		return err
+	if err != nil {
+		klog.V(2).InfoS("cannot list the table; nothing of leased's to remove there", "cmd", c.bin, "table", table, "err", err)
+		return nil
+	}
+	if !exists {
+		return nil
 	}
 	for {
 		ok, err := c.ipt.Exists(table, parent, jumpRule(chain)...)
