@@ -479,7 +479,7 @@ func (a *agent) ensureBackend() error {
 	if a.be != nil && bytes.Equal(a.cfg.Backend.Raw, a.beRaw) {
 		return nil
 	}
-	be, err := a.newBackend(a.cfg.Backend.Raw, a.ext, a.node, backend.Options{IPMasq: a.o.ipMasq, Resync: a.o.resync})
+	be, err := a.newBackend(a.cfg.Backend.Raw, a.ext, a.node, backend.Options{IPMasq: a.o.ipMasq, NoForwardRules: !a.o.iptablesForward, Resync: a.o.resync})
 	if err != nil {
 		if a.be != nil {
 			klog.ErrorS(err, "new backend options rejected; keeping the running backend")

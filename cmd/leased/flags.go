@@ -30,6 +30,7 @@ type options struct {
 	nodeName         string
 	leaseTTL         time.Duration
 	ipMasq           bool
+	iptablesForward  bool
 	resync           time.Duration
 	metricsAddr      string
 	leaseCache       string
@@ -82,7 +83,8 @@ func (o *options) registerAgent(fs *flag.FlagSet) {
 	fs.StringVar(&o.subnetFile, "subnet-file", "/run/leased/subnet.env", "where to write the leased subnets for dockerd")
 	fs.StringVar(&o.nodeName, "node-name", "", "this host's node name (default: the hostname, else derived from /etc/machine-id); subnets are remembered by it")
 	fs.DurationVar(&o.leaseTTL, "lease-ttl", DefaultLeaseTTL, "lease lifetime without keep-alive (Go duration, e.g. 10s, 24h)")
-	fs.BoolVar(&o.ipMasq, "ip-masq", false, "masquerade IPv4 traffic leaving the cluster network (IPv6 is never NATed)")
+	fs.BoolVar(&o.ipMasq, "ip-masq", false, "masquerade traffic from this host's subnets that leaves the cluster network, IPv4 and IPv6 (dockerd is then told not to masquerade leased's IPv4 subnet)")
+	fs.BoolVar(&o.iptablesForward, "iptables-forward-rules", true, "accept the cluster network's traffic in FORWARD (chain LEASED-FWD, jumped to after Docker's chains); false leaves FORWARD to the operator")
 	fs.StringVar(&o.leaseCache, "lease-cache", "", "where the agent saves the lease set at exit, to resume the etcd watch from it on restart instead of reading every lease (default: leases.cache next to --subnet-file; \"none\" disables)")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve /healthz, /readyz and /metrics on this address (e.g. 127.0.0.1:9464); off when empty")
 	fs.DurationVar(&o.resync, "resync-interval", 10*time.Second, "how often the datapath is compared with the kernel in full")

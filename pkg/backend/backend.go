@@ -136,9 +136,14 @@ func (e ExtIface) minMTU(local Local) int {
 
 // Options are the settings every backend shares, from flags.
 type Options struct {
-	// IPMasq masquerades IPv4 traffic from the local subnet that leaves the
-	// cluster network (--ip-masq). IPv6 is never NATed.
+	// IPMasq masquerades traffic from the local subnets that leaves the
+	// cluster network, for each enabled family (--ip-masq): iptables for
+	// IPv4, ip6tables for IPv6.
 	IPMasq bool
+	// NoForwardRules leaves the filter table's FORWARD chain to the
+	// operator (--iptables-forward-rules=false): leased installs no
+	// LEASED-FWD chain and removes one an earlier run left.
+	NoForwardRules bool
 	// Resync is the period of the full kernel comparison in Run (0: 10s).
 	Resync time.Duration
 	// NetNS is the path of the network namespace to program (e.g.

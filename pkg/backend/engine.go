@@ -240,7 +240,7 @@ func (e *engine) setupHost(local Local, changed *bool) error {
 	return e.ns.do(func() error {
 		return errors.Join(
 			enableForwarding(e.ext.Link(true).Name, local.Network4.IsValid(), local.Network6.IsValid(), changed),
-			setupForwarding(local, e.opts.IPMasq, changed),
+			setupForwarding(local, fwOptions{masq: e.opts.IPMasq, noFwd: e.opts.NoForwardRules}, changed),
 		)
 	})
 }

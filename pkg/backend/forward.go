@@ -1,24 +1,33 @@
 package backend
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net/netip"
 	"os/exec"
 	"slices"
-	"strconv"
 	"strings"
 
 	"github.com/coreos/go-iptables/iptables"
 	"k8s.io/klog/v2"
 )
 
-// Chains leased owns. FORWARD jumps to ForwardChain from its first rule;
-// nat POSTROUTING jumps to MasqChain from its first rule when --ip-masq is set.
+// Chains leased owns, in iptables and ip6tables alike. FORWARD jumps to
+// ForwardChain from a rule leased appends (so that Docker's chains, which
+// dockerd inserts at the top, are evaluated first); nat POSTROUTING jumps
+// to MasqChain from a rule leased inserts at the top when --ip-masq is set.
+// leased adds a jump only when it is missing and never moves one that is
+// there, except a FORWARD jump found above FORWARD's jump to DOCKER-USER,
+// which it moves to the end once.
 const (
 	ForwardChain = "LEASED-FWD"
 	MasqChain    = "LEASED-POSTRTG"
 )
+
+// DockerUserChain is the chain Docker evaluates first in FORWARD and leaves
+// to the operator. leased's FORWARD jump always comes after the jump to it.
+const DockerUserChain = "DOCKER-USER"
 
 // ErrNoIptables is returned when the iptables (or ip6tables) binary is missing.
 var ErrNoIptables = errors.New("backend: iptables not found; install the iptables package")
@@ -38,48 +47,79 @@ func (r rule) line(chain string) string {
 	return strings.Join(parts, " ")
 }
 
-func forwardRules(network netip.Prefix) []rule {
+// forwardRules are LEASED-FWD's rules: accept traffic from and to the
+// cluster network. With IPv4, traffic from the local subnet to the local
+// subnet returns first: it never leaves the host, and dockerd's own rules
+// (--icc=false appends a DROP after leased's jump) decide about it.
+func forwardRules(network, subnet netip.Prefix) []rule {
 	n := network.Masked().String()
-	return []rule{
-		{"-s", n, "-m", "comment", "--comment", "leased: from the cluster network", "-j", "ACCEPT"},
-		{"-d", n, "-m", "comment", "--comment", "leased: to the cluster network", "-j", "ACCEPT"},
+	var rs []rule
+	if subnet.IsValid() && subnet.Addr().Is4() {
+		s := subnet.Masked().String()
+		rs = append(rs, rule{"-s", s, "-d", s, "-m", "comment", "--comment", "leased: traffic within this host subnet is left to Docker rules", "-j", "RETURN"})
 	}
+	return append(rs,
+		rule{"-s", n, "-m", "comment", "--comment", "leased: from the cluster network", "-j", "ACCEPT"},
+		rule{"-d", n, "-m", "comment", "--comment", "leased: to the cluster network", "-j", "ACCEPT"},
+	)
 }
 
+// masqRules are LEASED-POSTRTG's rules for one family: traffic from the
+// local subnet is masqueraded unless it stays in the cluster network or is
+// multicast.
 func masqRules(subnet, network netip.Prefix) []rule {
 	s, n := subnet.Masked().String(), network.Masked().String()
+	mcast := "224.0.0.0/4"
+	if subnet.Addr().Is6() {
+		mcast = "ff00::/8"
+	}
 	return []rule{
 		{"-s", s, "-d", n, "-m", "comment", "--comment", "leased: no NAT inside the cluster network", "-j", "RETURN"},
-		{"-s", s, "-d", "224.0.0.0/4", "-m", "comment", "--comment", "leased: no NAT for multicast", "-j", "RETURN"},
+		{"-s", s, "-d", mcast, "-m", "comment", "--comment", "leased: no NAT for multicast", "-j", "RETURN"},
 		{"-s", s, "-m", "comment", "--comment", "leased: NAT leaving the cluster network", "-j", "MASQUERADE"},
 	}
 }
 
-// setupForwarding installs the forward (and, with masq, IPv4 NAT) rules for
-// the enabled families. It runs in the backend's namespace and is
-// idempotent: chains already holding exactly the desired rules are not
-// touched, so a restart does not disturb traffic. It sets *changed (when
-// not nil) if it had to change anything.
-func setupForwarding(local Local, masq bool, changed *bool) error {
+// fwOptions say which rules setupForwarding keeps.
+type fwOptions struct {
+	masq  bool // --ip-masq: LEASED-POSTRTG for every enabled family
+	noFwd bool // --iptables-forward-rules=false: no LEASED-FWD, FORWARD is the operator's
+}
+
+// setupForwarding installs the forward and (with masq) NAT rules for the
+// enabled families. It runs in the backend's namespace and is idempotent:
+// chains already holding exactly the desired rules are not touched, so a
+// restart does not disturb traffic. A chain whose rules differ is replaced
+// in one iptables-restore transaction, so it never passes through an empty
+// state. It sets *changed (when not nil) if it had to change anything.
+func setupForwarding(local Local, o fwOptions, changed *bool) error {
 	var errs []error
-	if local.Network4.IsValid() {
-		ipt, err := newIPTables(iptables.ProtocolIPv4, "iptables")
-		if err != nil {
-			return err
+	for _, f := range []struct {
+		network, subnet netip.Prefix
+		proto           iptables.Protocol
+		bin             string
+	}{
+		{local.Network4, local.Subnet4, iptables.ProtocolIPv4, "iptables"},
+		{local.Network6, local.Subnet6, iptables.ProtocolIPv6, "ip6tables"},
+	} {
+		if !f.network.IsValid() {
+			continue
 		}
-		errs = append(errs, ensureChain(ipt, "filter", "FORWARD", ForwardChain, forwardRules(local.Network4), changed))
-		if masq && local.Subnet4.IsValid() {
-			errs = append(errs, ensureChain(ipt, "nat", "POSTROUTING", MasqChain, masqRules(local.Subnet4, local.Network4), changed))
-		} else {
-			errs = append(errs, removeChain(ipt, "nat", "POSTROUTING", MasqChain, changed))
-		}
-	}
-	if local.Network6.IsValid() {
-		ipt, err := newIPTables(iptables.ProtocolIPv6, "ip6tables")
+		ipt, err := newIPTables(f.proto, f.bin)
 		if err != nil {
 			return errors.Join(append(errs, err)...)
 		}
-		errs = append(errs, ensureChain(ipt, "filter", "FORWARD", ForwardChain, forwardRules(local.Network6), changed))
+		c := chains{ipt: ipt, bin: f.bin}
+		if o.noFwd {
+			errs = append(errs, c.remove("filter", "FORWARD", ForwardChain, changed))
+		} else {
+			errs = append(errs, c.ensure("filter", "FORWARD", ForwardChain, forwardRules(f.network, f.subnet), changed))
+		}
+		if o.masq && f.subnet.IsValid() {
+			errs = append(errs, c.ensure("nat", "POSTROUTING", MasqChain, masqRules(f.subnet, f.network), changed))
+		} else {
+			errs = append(errs, c.remove("nat", "POSTROUTING", MasqChain, changed))
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -87,6 +127,9 @@ func setupForwarding(local Local, masq bool, changed *bool) error {
 func newIPTables(proto iptables.Protocol, bin string) (*iptables.IPTables, error) {
 	if _, err := exec.LookPath(bin); err != nil {
 		return nil, fmt.Errorf("%w (%s: %v)", ErrNoIptables, bin, err)
+	}
+	if _, err := exec.LookPath(bin + "-restore"); err != nil {
+		return nil, fmt.Errorf("%w (%s-restore: %v)", ErrNoIptables, bin, err)
 	}
 	ipt, err := iptables.NewWithProtocol(proto)
 	if err != nil {
@@ -99,40 +142,129 @@ func jumpRule(chain string) rule {
 	return rule{"-m", "comment", "--comment", "leased: jump to " + chain, "-j", chain}
 }
 
-// ensureChain makes chain hold exactly rules, in order, and makes the first
-// rule of parent jump to it. A chain that differs is flushed and refilled.
-func ensureChain(ipt *iptables.IPTables, table, parent, chain string, rules []rule, changed *bool) error {
-	exists, err := ipt.ChainExists(table, chain)
+// chains edits leased's chains of one family.
+type chains struct {
+	ipt *iptables.IPTables
+	bin string // iptables or ip6tables
+}
+
+// ensure makes chain hold exactly rules, in order, and makes parent jump to
+// it (see placeJump). A chain that is missing or differs is written in one
+// iptables-restore --noflush transaction: declaring the chain flushes it
+// and the new rules land in the same commit, so packets see either the old
+// rules or the new ones, never an empty chain.
+func (c chains) ensure(table, parent, chain string, rules []rule, changed *bool) error {
+	exists, err := c.ipt.ChainExists(table, chain)
 	if err != nil {
 		return fmt.Errorf("checking chain %s/%s: %w", table, chain, err)
-	}
-	if !exists {
-		if err := ipt.NewChain(table, chain); err != nil {
-			return fmt.Errorf("creating chain %s/%s: %w", table, chain, err)
-		}
-		mark(changed)
-	}
-	have, err := ipt.List(table, chain)
-	if err != nil {
-		return fmt.Errorf("listing chain %s/%s: %w", table, chain, err)
 	}
 	want := make([]string, len(rules))
 	for i, r := range rules {
 		want[i] = r.line(chain)
 	}
-	if !slices.Equal(ruleLines(have), want) {
-		if err := ipt.ClearChain(table, chain); err != nil {
-			return fmt.Errorf("flushing chain %s/%s: %w", table, chain, err)
+	var have []string
+	if exists {
+		lines, err := c.ipt.List(table, chain)
+		if err != nil {
+			return fmt.Errorf("listing chain %s/%s: %w", table, chain, err)
 		}
-		for _, r := range rules {
-			if err := ipt.Append(table, chain, r...); err != nil {
-				return fmt.Errorf("adding rule %q: %w", r.line(chain), err)
-			}
+		have = ruleLines(lines)
+	}
+	if !exists || !slices.Equal(have, want) {
+		if err := c.restore(table, chain, want); err != nil {
+			return err
 		}
 		mark(changed)
-		klog.V(2).InfoS("set iptables chain", "table", table, "chain", chain, "rules", len(rules))
+		klog.V(2).InfoS("set iptables chain", "cmd", c.bin, "table", table, "chain", chain, "rules", len(rules))
 	}
-	return ensureFirstJump(ipt, table, parent, chain, changed)
+	return c.placeJump(table, parent, chain, changed)
+}
+
+// restore replaces chain's rules with lines (iptables -S form) in one
+// transaction, creating the chain if needed; other chains are untouched.
+func (c chains) restore(table, chain string, lines []string) error {
+	var in bytes.Buffer
+	fmt.Fprintf(&in, "*%s\n:%s - [0:0]\n", table, chain)
+	for _, l := range lines {
+		in.WriteString(l + "\n")
+	}
+	in.WriteString("COMMIT\n")
+	cmd := exec.Command(c.bin+"-restore", "--noflush", "-w", "5")
+	cmd.Stdin = &in
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("writing chain %s/%s with %s-restore: %w: %s", table, chain, c.bin, err, bytes.TrimSpace(out))
+	}
+	return nil
+}
+
+// placeJump makes parent jump to chain exactly once. A missing jump is
+// appended to FORWARD, after Docker's rules (dockerd inserts its own at the
+// top, so this also holds when dockerd starts or restarts later), and
+// inserted first in other chains (nat POSTROUTING). A jump that is there is
+// left where it is, so leased and dockerd never move each other's rules;
+// the one exception is a FORWARD jump above the jump to DOCKER-USER (left
+// by an older leased, which kept its jump first), which is moved to the
+// end: the operator's DOCKER-USER rules must be evaluated before leased's
+// accept rules. Moving adds the new jump before deleting the old one.
+func (c chains) placeJump(table, parent, chain string, changed *bool) error {
+	jump := jumpRule(chain)
+	jl := jump.line(parent)
+	lines, err := c.ipt.List(table, parent)
+	if err != nil {
+		return fmt.Errorf("listing chain %s/%s: %w", table, parent, err)
+	}
+	rules := ruleLines(lines)
+	n := 0
+	for _, r := range rules {
+		if r == jl {
+			n++
+		}
+	}
+	forward := table == "filter" && parent == "FORWARD"
+	misplaced := forward && n > 0 && slices.Index(rules, jl) < dockerUserIndex(rules, parent)
+	if n == 1 && !misplaced {
+		return nil
+	}
+	switch {
+	case n == 0 || misplaced:
+		if forward {
+			err = c.ipt.Append(table, parent, jump...)
+		} else {
+			err = c.ipt.Insert(table, parent, 1, jump...)
+		}
+		if err != nil {
+			return fmt.Errorf("adding jump to %s in %s/%s: %w", chain, table, parent, err)
+		}
+		if misplaced {
+			klog.InfoS("moved leased's FORWARD jump below the jump to DOCKER-USER, so that DOCKER-USER's rules are evaluated first", "cmd", c.bin, "chain", chain)
+		} else {
+			klog.V(2).InfoS("added iptables jump", "cmd", c.bin, "table", table, "from", parent, "to", chain)
+		}
+	}
+	// Delete the surplus: iptables -D removes the first match, so the jump
+	// added above (the last one) is the one that stays.
+	extra := n
+	if n > 0 && !misplaced {
+		extra = n - 1
+	}
+	for range extra {
+		if err := c.ipt.Delete(table, parent, jump...); err != nil {
+			return fmt.Errorf("removing a surplus jump to %s in %s/%s: %w", chain, table, parent, err)
+		}
+	}
+	mark(changed)
+	return nil
+}
+
+// dockerUserIndex is the index in rules of parent's first jump to
+// DOCKER-USER, or -1.
+func dockerUserIndex(rules []string, parent string) int {
+	for i, r := range rules {
+		if r == "-A "+parent+" -j "+DockerUserChain {
+			return i
+		}
+	}
+	return -1
 }
 
 // ruleLines drops the policy and chain-creation lines of an iptables -S listing.
@@ -146,52 +278,36 @@ func ruleLines(lines []string) []string {
 	return out
 }
 
-func ensureFirstJump(ipt *iptables.IPTables, table, parent, chain string, changed *bool) error {
-	jump := jumpRule(chain)
-	lines, err := ipt.List(table, parent)
+// remove deletes parent's jumps to chain and the chain, if present. A table
+// that cannot be listed (e.g. no ip6tables nat support in the kernel) holds
+// nothing of leased's, so that is not an error: hosts without --ip-masq do
+// not need the nat table.
+func (c chains) remove(table, parent, chain string, changed *bool) error {
+	exists, err := c.ipt.ChainExists(table, chain)
 	if err != nil {
-		return fmt.Errorf("listing chain %s/%s: %w", table, parent, err)
-	}
-	rules := ruleLines(lines)
-	if len(rules) > 0 && rules[0] == jump.line(parent) {
+		klog.V(2).InfoS("cannot list the table; nothing of leased's to remove there", "cmd", c.bin, "table", table, "err", err)
 		return nil
 	}
-	// Insert first, then delete the old jump by its number: there is no
-	// moment without a jump while it moves to the top.
-	if err := ipt.Insert(table, parent, 1, jump...); err != nil {
-		return fmt.Errorf("adding jump to %s in %s/%s: %w", chain, table, parent, err)
+	if !exists {
+		return nil
 	}
-	if slices.Contains(rules, jump.line(parent)) {
-		lines, err := ipt.List(table, parent)
+	for {
+		ok, err := c.ipt.Exists(table, parent, jumpRule(chain)...)
 		if err != nil {
-			return fmt.Errorf("listing chain %s/%s: %w", table, parent, err)
+			return fmt.Errorf("checking the jump to %s in %s/%s: %w", chain, table, parent, err)
 		}
-		now := ruleLines(lines)
-		if old := lastIndex(now, jump.line(parent)); old > 0 {
-			if err := ipt.Delete(table, parent, strconv.Itoa(old+1)); err != nil { // rule numbers start at 1
-				return fmt.Errorf("removing the old jump to %s in %s/%s: %w", chain, table, parent, err)
-			}
+		if !ok {
+			break
+		}
+		if err := c.ipt.Delete(table, parent, jumpRule(chain)...); err != nil {
+			return fmt.Errorf("deleting jump to %s in %s/%s: %w", chain, table, parent, err)
 		}
 	}
-	mark(changed)
-	klog.V(2).InfoS("added iptables jump", "table", table, "from", parent, "to", chain)
-	return nil
-}
-
-// removeChain deletes parent's jump to chain and the chain, if present.
-func removeChain(ipt *iptables.IPTables, table, parent, chain string, changed *bool) error {
-	exists, err := ipt.ChainExists(table, chain)
-	if err != nil || !exists {
-		return err
-	}
-	if err := ipt.DeleteIfExists(table, parent, jumpRule(chain)...); err != nil {
-		return fmt.Errorf("deleting jump to %s in %s/%s: %w", chain, table, parent, err)
-	}
-	if err := ipt.ClearAndDeleteChain(table, chain); err != nil {
+	if err := c.ipt.ClearAndDeleteChain(table, chain); err != nil {
 		return fmt.Errorf("deleting chain %s/%s: %w", table, chain, err)
 	}
 	mark(changed)
-	klog.V(2).InfoS("removed iptables chain", "table", table, "chain", chain)
+	klog.V(2).InfoS("removed iptables chain", "cmd", c.bin, "table", table, "chain", chain)
 	return nil
 }
 
@@ -200,13 +316,4 @@ func mark(changed *bool) {
 	if changed != nil {
 		*changed = true
 	}
-}
-
-func lastIndex(s []string, v string) int {
-	for i := len(s) - 1; i >= 0; i-- {
-		if s[i] == v {
-			return i
-		}
-	}
-	return -1
 }

@@ -3,41 +3,62 @@ package backend
 import (
 	"context"
 	"errors"
+	"net/netip"
+	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 )
 
+// ipt runs an iptables command in ns.
+func ipt(t *testing.T, ns string, args ...string) string {
+	t.Helper()
+	return sh(t, append([]string{"ip", "netns", "exec", ns}, args...)...)
+}
+
+// forwardLines is ns's FORWARD chain in bin, rules only.
+func forwardLines(t *testing.T, ns, bin string) []string {
+	return ruleLines(strings.Split(strings.TrimSpace(ipt(t, ns, bin, "-S", "FORWARD")), "\n"))
+}
+
 func TestForwarding(t *testing.T) {
 	ns, _, ext := hostGWLab(t)
 	ctx := context.Background()
 	save := func() string {
-		return sh(t, "ip", "netns", "exec", ns, "iptables", "-S") + sh(t, "ip", "netns", "exec", ns, "iptables", "-t", "nat", "-S") +
-			sh(t, "ip", "netns", "exec", ns, "ip6tables", "-S") + sh(t, "ip", "netns", "exec", ns, "ip6tables", "-t", "nat", "-S")
+		return ipt(t, ns, "iptables", "-S") + ipt(t, ns, "iptables", "-t", "nat", "-S") +
+			ipt(t, ns, "ip6tables", "-S") + ipt(t, ns, "ip6tables", "-t", "nat", "-S")
 	}
+	// Rules of others already in FORWARD stay above leased's jump.
+	ipt(t, ns, "iptables", "-A", "FORWARD", "-i", "docker0", "-j", "ACCEPT")
 	b := mustNew(t, `{}`, ext, "a", ns, Options{IPMasq: true})
 	if err := b.Start(ctx, localA()); err != nil {
 		t.Fatal(err)
 	}
 	first := save()
 	for _, want := range []string{
+		`-A FORWARD -i docker0 -j ACCEPT`,
 		`-A FORWARD -m comment --comment "leased: jump to LEASED-FWD" -j LEASED-FWD`,
+		`-A LEASED-FWD -s 10.100.1.0/24 -d 10.100.1.0/24 -m comment --comment "leased: traffic within this host subnet is left to Docker rules" -j RETURN`,
 		`-A LEASED-FWD -s 10.100.0.0/16 -m comment --comment "leased: from the cluster network" -j ACCEPT`,
 		`-A LEASED-FWD -d 10.100.0.0/16 -m comment --comment "leased: to the cluster network" -j ACCEPT`,
 		`-A LEASED-FWD -s fd00:100::/32 -m comment --comment "leased: from the cluster network" -j ACCEPT`,
 		`-A POSTROUTING -m comment --comment "leased: jump to LEASED-POSTRTG" -j LEASED-POSTRTG`,
 		`-A LEASED-POSTRTG -s 10.100.1.0/24 -d 10.100.0.0/16 -m comment --comment "leased: no NAT inside the cluster network" -j RETURN`,
 		`-A LEASED-POSTRTG -s 10.100.1.0/24 -m comment --comment "leased: NAT leaving the cluster network" -j MASQUERADE`,
+		`-A LEASED-POSTRTG -s fd00:100:1::/64 -d fd00:100::/32 -m comment --comment "leased: no NAT inside the cluster network" -j RETURN`,
+		`-A LEASED-POSTRTG -s fd00:100:1::/64 -d ff00::/8 -m comment --comment "leased: no NAT for multicast" -j RETURN`,
+		`-A LEASED-POSTRTG -s fd00:100:1::/64 -m comment --comment "leased: NAT leaving the cluster network" -j MASQUERADE`,
 	} {
 		if !strings.Contains(first, want+"\n") {
 			t.Errorf("missing rule %s", want)
 		}
 	}
-	if strings.Count(first, "LEASED-POSTRTG") != 6 { // -N, jump, 3 rules... in IPv4 nat only
-		t.Errorf("IPv6 must never be NATed and the chain must appear once:\n%s", first)
+	if got := forwardLines(t, ns, "iptables"); len(got) != 2 || !strings.Contains(got[1], "-j LEASED-FWD") {
+		t.Errorf("leased's jump must be appended after the rules already in FORWARD: %q", got)
 	}
 	for name, want := range map[string]string{"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"} {
-		if got := strings.TrimSpace(sh(t, "ip", "netns", "exec", ns, "sysctl", "-n", name)); got != want {
+		if got := strings.TrimSpace(ipt(t, ns, "sysctl", "-n", name)); got != want {
 			t.Errorf("%s = %s, want %s", name, got, want)
 		}
 	}
@@ -49,52 +70,149 @@ func TestForwarding(t *testing.T) {
 	if again := save(); again != first {
 		t.Errorf("second Start changed the rules:\n%s\nvs\n%s", first, again)
 	}
-	// Someone inserts a rule above ours: the jump moves back to the top.
-	sh(t, "ip", "netns", "exec", ns, "iptables", "-I", "FORWARD", "1", "-j", "DROP")
+	// Someone inserts rules above ours, as dockerd does when it starts:
+	// leased's jump stays where it is, once.
+	ipt(t, ns, "iptables", "-N", "DOCKER-USER")
+	ipt(t, ns, "iptables", "-I", "FORWARD", "1", "-j", "DOCKER-USER")
+	ipt(t, ns, "iptables", "-I", "FORWARD", "1", "-j", "DROP")
+	before := forwardLines(t, ns, "iptables")
+	var changed bool
+	if err := b.setupHost(localA(), &changed); err != nil {
+		t.Fatal(err)
+	}
+	if after := forwardLines(t, ns, "iptables"); changed || !slices.Equal(after, before) {
+		t.Errorf("leased moved rules in FORWARD (changed=%v):\n%q\nvs\n%q", changed, before, after)
+	}
+	// A jump above DOCKER-USER's (what an older leased left) moves below
+	// it, and only one remains.
+	ipt(t, ns, "iptables", "-I", "FORWARD", "1", "-m", "comment", "--comment", "leased: jump to LEASED-FWD", "-j", "LEASED-FWD")
 	if err := b.Start(ctx, localA()); err != nil {
 		t.Fatal(err)
 	}
-	fwd := sh(t, "ip", "netns", "exec", ns, "iptables", "-S", "FORWARD")
-	if lines := strings.Split(fwd, "\n"); len(lines) < 3 || !strings.Contains(lines[1], "-j LEASED-FWD") || strings.Count(fwd, "-j LEASED-FWD") != 1 {
-		t.Errorf("jump is not the single first rule of FORWARD:\n%s", fwd)
+	fwd := forwardLines(t, ns, "iptables")
+	if n := len(fwd); n == 0 || !strings.Contains(fwd[n-1], "-j LEASED-FWD") || strings.Count(strings.Join(fwd, "\n"), "-j LEASED-FWD") != 1 ||
+		slices.Index(fwd, "-A FORWARD -j DOCKER-USER") > n-2 {
+		t.Errorf("jump is not the single last rule of FORWARD, below DOCKER-USER:\n%q", fwd)
 	}
 
-	// Without --ip-masq the NAT chain goes away.
+	// Without --ip-masq the NAT chains go away, in both families.
 	b2 := mustNew(t, `{}`, ext, "a", ns, Options{})
 	if err := b2.Start(ctx, localA()); err != nil {
 		t.Fatal(err)
 	}
-	if nat := sh(t, "ip", "netns", "exec", ns, "iptables", "-t", "nat", "-S"); strings.Contains(nat, "LEASED-POSTRTG") {
-		t.Errorf("NAT chain left without IPMasq:\n%s", nat)
+	for _, bin := range []string{"iptables", "ip6tables"} {
+		if nat := ipt(t, ns, bin, "-t", "nat", "-S"); strings.Contains(nat, "LEASED-POSTRTG") {
+			t.Errorf("%s: NAT chain left without IPMasq:\n%s", bin, nat)
+		}
+	}
+
+	// --iptables-forward-rules=false: leased's filter chains and jumps go
+	// away, everything else in FORWARD stays.
+	others := slices.DeleteFunc(forwardLines(t, ns, "iptables"), func(l string) bool { return strings.Contains(l, "LEASED-FWD") })
+	b3 := mustNew(t, `{}`, ext, "a", ns, Options{NoForwardRules: true})
+	if err := b3.Start(ctx, localA()); err != nil {
+		t.Fatal(err)
+	}
+	for _, bin := range []string{"iptables", "ip6tables"} {
+		if all := ipt(t, ns, bin, "-S"); strings.Contains(all, "LEASED-FWD") {
+			t.Errorf("%s: LEASED-FWD left with NoForwardRules:\n%s", bin, all)
+		}
+	}
+	if got := forwardLines(t, ns, "iptables"); !slices.Equal(got, others) {
+		t.Errorf("FORWARD changed beyond leased's jump: %q, want %q", got, others)
+	}
+}
+
+// A change of the cluster network replaces LEASED-FWD's rules without a
+// moment in which the chain is empty (the FORWARD policy is DROP here, as
+// dockerd sets it: an empty chain drops cluster traffic). An observer
+// lists the chain as fast as it can while the network flips back and forth.
+func TestForwardingSwapNeverEmpty(t *testing.T) {
+	ns, _, ext := hostGWLab(t)
+	ctx := context.Background()
+	b := mustNew(t, `{}`, ext, "a", ns, Options{})
+	wide := localA()
+	wide.Network4, wide.Network6 = netip.MustParsePrefix("10.96.0.0/11"), netip.MustParsePrefix("fd00::/16")
+	if err := b.Start(ctx, localA()); err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	seen := make(chan string, 1)
+	go func() {
+		defer close(seen)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			out, err := exec.Command("ip", "netns", "exec", ns, "iptables", "-S", "LEASED-FWD").CombinedOutput()
+			if err != nil || strings.Count(string(out), "-j ACCEPT") < 2 {
+				seen <- string(out)
+				return
+			}
+		}
+	}()
+	for i := range 40 {
+		l := localA()
+		if i%2 == 0 {
+			l = wide
+		}
+		if err := b.Start(ctx, l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(stop)
+	if out, bad := <-seen; bad {
+		t.Fatalf("LEASED-FWD was seen without its accept rules during a network change:\n%s", out)
+	}
+	if got := ipt(t, ns, "iptables", "-S", "LEASED-FWD"); !strings.Contains(got, "-s 10.96.0.0/11") && !strings.Contains(got, "-s 10.100.0.0/16") {
+		t.Errorf("LEASED-FWD after the changes:\n%s", got)
 	}
 }
 
 func TestForwardingWithoutIptables(t *testing.T) {
 	t.Setenv("PATH", t.TempDir())
-	err := setupForwarding(localA(), false, nil)
+	err := setupForwarding(localA(), fwOptions{}, nil)
 	if !errors.Is(err, ErrNoIptables) || !strings.Contains(err.Error(), "install the iptables package") {
 		t.Fatalf("setupForwarding without iptables = %v, want ErrNoIptables", err)
 	}
 }
 
 // The periodic resync puts the firewall and sysctl state back: a flushed
-// FORWARD chain (the jump gone), a flushed LEASED-FWD, a rule inserted above
-// the jump and ip_forward turned off all come back within a few resyncs.
+// FORWARD chain (the jump gone), a flushed LEASED-FWD, deleted NAT jumps and
+// rules (both families) and ip_forward turned off all come back within a
+// few resyncs. A rule inserted above leased's jump is left alone.
 func TestForwardingRestoredOnResync(t *testing.T) {
-	ns, _ := resyncingHostGW(t)
-	ipt := func(args ...string) string { return sh(t, append([]string{"ip", "netns", "exec", ns}, args...)...) }
-	jumpFirst := func(bin string) bool {
-		lines := strings.Split(ipt(bin, "-S", "FORWARD"), "\n")
-		return len(lines) > 1 && strings.Contains(lines[1], "-j LEASED-FWD")
+	ns, _, ext := hostGWLab(t)
+	ctx := context.Background()
+	b := mustNew(t, `{}`, ext, "a", ns, Options{IPMasq: true, Resync: 300 * time.Millisecond})
+	if err := b.Start(ctx, localA()); err != nil {
+		t.Fatal(err)
 	}
-	chainFull := func(bin string) bool { return strings.Count(ipt(bin, "-S", "LEASED-FWD"), "-j ACCEPT") == 2 }
+	runBackend(t, b)
+	run := func(args ...string) string { return ipt(t, ns, args...) }
+	jumps := func(bin, table, parent, chain string) int {
+		return strings.Count(run(bin, "-t", table, "-S", parent), "-j "+chain+"\n")
+	}
+	rules := func(bin, table, chain, target string) int {
+		return strings.Count(run(bin, "-t", table, "-S", chain), "-j "+target+"\n")
+	}
 
-	ipt("iptables", "-F", "FORWARD")
-	ipt("iptables", "-F", "LEASED-FWD")
-	ipt("ip6tables", "-I", "FORWARD", "1", "-j", "DROP")
-	ipt("sysctl", "-qw", "net.ipv4.ip_forward=0")
-	eventually(t, 5*time.Second, "forwarding state restored", func() bool {
-		return jumpFirst("iptables") && chainFull("iptables") && jumpFirst("ip6tables") &&
-			strings.TrimSpace(ipt("sysctl", "-n", "net.ipv4.ip_forward")) == "1"
+	run("iptables", "-F", "FORWARD")
+	run("iptables", "-F", "LEASED-FWD")
+	run("ip6tables", "-I", "FORWARD", "1", "-j", "DROP")
+	run("iptables", "-t", "nat", "-D", "POSTROUTING", "-m", "comment", "--comment", "leased: jump to LEASED-POSTRTG", "-j", "LEASED-POSTRTG")
+	run("ip6tables", "-t", "nat", "-D", "POSTROUTING", "-m", "comment", "--comment", "leased: jump to LEASED-POSTRTG", "-j", "LEASED-POSTRTG")
+	run("ip6tables", "-t", "nat", "-D", "LEASED-POSTRTG", "3")
+	run("sysctl", "-qw", "net.ipv4.ip_forward=0")
+	eventually(t, 10*time.Second, "forwarding state restored", func() bool {
+		return jumps("iptables", "filter", "FORWARD", "LEASED-FWD") == 1 && rules("iptables", "filter", "LEASED-FWD", "ACCEPT") == 2 &&
+			jumps("iptables", "nat", "POSTROUTING", "LEASED-POSTRTG") == 1 && jumps("ip6tables", "nat", "POSTROUTING", "LEASED-POSTRTG") == 1 &&
+			rules("ip6tables", "nat", "LEASED-POSTRTG", "MASQUERADE") == 1 &&
+			strings.TrimSpace(run("sysctl", "-n", "net.ipv4.ip_forward")) == "1"
 	})
+	if fwd := forwardLines(t, ns, "ip6tables"); len(fwd) != 2 || fwd[0] != "-A FORWARD -j DROP" {
+		t.Errorf("ip6tables FORWARD: the operator's rule must stay first, leased's jump after it: %q", fwd)
+	}
 }

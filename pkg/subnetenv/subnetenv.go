@@ -16,11 +16,17 @@
 //	LEASED_SUBNET6=2001:db8:cd11:0:8000::/80
 //	LEASED_MTU=1450
 //	LEASED_IPMASQ=true
+//	LEASED_IPMASQ4=leased
+//	LEASED_IPMASQ6=leased
 //	LEASED_BACKEND=vxlan
 //	LEASED_DOCKER_OPTS="--bip=10.100.15.1/24 --mtu=1450 --ipv6 --fixed-cidr-v6=2001:db8:cd11:0:8000::/80 --ip-masq=false"
 //
-// The IPv4 lines appear only when IPv4 is enabled, the IPv6 lines only when
-// IPv6 is. The package only reads and writes the file; it knows nothing of
+// The IPv4 network lines appear only when IPv4 is enabled, the IPv6 lines
+// (LEASED_IPMASQ6 among them) only when IPv6 is. LEASED_IPMASQ4 and
+// LEASED_IPMASQ6 say who masquerades each family's container traffic that
+// leaves the cluster network (see Env.Masq4 and Env.Masq6); like
+// LEASED_DOCKER_OPTS they are derived from the other lines, and Parse
+// ignores them. The package only reads and writes the file; it knows nothing of
 // etcd or the datapath.
 package subnetenv
 
@@ -45,6 +51,8 @@ const (
 	KeySubnet6    = "LEASED_SUBNET6"
 	KeyMTU        = "LEASED_MTU"
 	KeyIPMasq     = "LEASED_IPMASQ"
+	KeyIPMasq4    = "LEASED_IPMASQ4"
+	KeyIPMasq6    = "LEASED_IPMASQ6"
 	KeyBackend    = "LEASED_BACKEND"
 	KeyDockerOpts = "LEASED_DOCKER_OPTS"
 )
@@ -61,8 +69,9 @@ type Env struct {
 	Network6, Subnet6 netip.Prefix
 	// MTU is the MTU containers must use (docker0's --mtu).
 	MTU int
-	// IPMasq says that leased masquerades IPv4 traffic leaving the cluster
-	// network, so dockerd must not (--ip-masq=false).
+	// IPMasq says that leased runs with --ip-masq: it masquerades the
+	// traffic of every enabled family from the host's subnets that leaves
+	// the cluster network (see Masq4 and Masq6 for who masquerades what).
 	IPMasq bool
 	// Backend is the backend type, e.g. "vxlan".
 	Backend string
@@ -132,6 +141,39 @@ func (e Env) Validate() error {
 	return nil
 }
 
+// Who masquerades a family's container traffic that leaves the cluster
+// network: the values of LEASED_IPMASQ4 and LEASED_IPMASQ6.
+const (
+	MasqLeased  = "leased"  // leased's LEASED-POSTRTG chain (--ip-masq)
+	MasqDockerd = "dockerd" // dockerd's own rule for docker0 (its --ip-masq, on by default)
+	MasqNone    = "none"    // nobody: the addresses are routed as they are
+)
+
+// Masq4 says who masquerades IPv4 traffic from docker0 that leaves the
+// cluster network: leased when it masquerades and IPv4 is enabled (dockerd
+// then gets --ip-masq=false), dockerd otherwise, including on an IPv6-only
+// network, where docker0's IPv4 subnet is dockerd's own.
+func (e Env) Masq4() string {
+	if e.IPMasq && e.Subnet4.IsValid() {
+		return MasqLeased
+	}
+	return MasqDockerd
+}
+
+// Masq6 says who masquerades IPv6 traffic from the host's IPv6 subnet that
+// leaves the cluster network: leased with --ip-masq, else nobody (dockerd
+// 20.10 does not NAT IPv6 unless its experimental --ip6tables is on). It is
+// "" when IPv6 is disabled.
+func (e Env) Masq6() string {
+	switch {
+	case !e.Subnet6.IsValid():
+		return ""
+	case e.IPMasq:
+		return MasqLeased
+	}
+	return MasqNone
+}
+
 // BridgeIP returns the address docker0 takes in Subnet4 (dockerd --bip): the
 // first address after the network address, with the subnet's length. It is
 // the zero prefix when IPv4 is disabled.
@@ -143,13 +185,15 @@ func (e Env) BridgeIP() netip.Prefix {
 }
 
 // DockerOpts returns the dockerd flags for e, in order: --bip, --mtu, then
-// --ipv6 --fixed-cidr-v6, then --ip-masq=false when leased masquerades.
+// --ipv6 --fixed-cidr-v6, then --ip-masq=false when leased masquerades
+// IPv4 (Masq4 is MasqLeased).
 //
-// --ip-masq=false is needed with IPMasq: dockerd's own rule masquerades
+// --ip-masq=false is needed then: dockerd's own rule masquerades
 // everything from docker0's subnet that leaves through another interface,
 // which includes traffic to containers on other hosts; leased's rules
-// exclude the cluster network. Without IPMasq dockerd keeps its default, as
-// flannel's mk-docker-opts.sh does.
+// exclude the cluster network. Otherwise dockerd keeps its default, as
+// flannel's mk-docker-opts.sh does without --ip-masq; on an IPv6-only
+// network it must, or nobody masquerades docker0's own IPv4 subnet.
 func (e Env) DockerOpts() []string {
 	var opts []string
 	if e.Subnet4.IsValid() {
@@ -159,7 +203,7 @@ func (e Env) DockerOpts() []string {
 	if e.Subnet6.IsValid() {
 		opts = append(opts, "--ipv6", "--fixed-cidr-v6="+e.Subnet6.String())
 	}
-	if e.IPMasq {
+	if e.Masq4() == MasqLeased {
 		opts = append(opts, "--ip-masq=false")
 	}
 	return opts
@@ -181,6 +225,10 @@ func (e Env) Render() []byte {
 	}
 	line(KeyMTU, strconv.Itoa(e.MTU))
 	line(KeyIPMasq, strconv.FormatBool(e.IPMasq))
+	line(KeyIPMasq4, e.Masq4())
+	if m := e.Masq6(); m != "" {
+		line(KeyIPMasq6, m)
+	}
 	line(KeyBackend, e.Backend)
 	line(KeyDockerOpts, strings.Join(e.DockerOpts(), " "))
 	return b.Bytes()
@@ -282,8 +330,9 @@ func Read(path string) (Env, error) {
 }
 
 // Parse parses subnet.env content as Render writes it. Blank lines, '#'
-// comments, LEASED_DOCKER_OPTS (derived from the rest) and unknown keys are
-// ignored; when a key repeats, the last value wins, as with systemd. Values
+// comments, LEASED_DOCKER_OPTS, LEASED_IPMASQ4, LEASED_IPMASQ6 (derived from
+// the rest) and unknown keys are ignored, so files written before the
+// per-family lines existed parse as before; when a key repeats, the last value wins, as with systemd. Values
 // may be double- or single-quoted. LEASED_SUBNET holds the bridge address
 // (e.g. 10.100.15.1/24) and comes back as the masked subnet
 // (10.100.15.0/24). The result must pass Validate. Errors name the line.

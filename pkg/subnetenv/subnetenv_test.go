@@ -33,6 +33,7 @@ LEASED_NETWORK=10.100.0.0/16
 LEASED_SUBNET=10.100.15.1/24
 LEASED_MTU=1450
 LEASED_IPMASQ=true
+LEASED_IPMASQ4=leased
 LEASED_BACKEND=vxlan
 LEASED_DOCKER_OPTS="--bip=10.100.15.1/24 --mtu=1450 --ip-masq=false"
 `,
@@ -45,6 +46,7 @@ LEASED_NETWORK=10.100.0.0/16
 LEASED_SUBNET=10.100.0.5/30
 LEASED_MTU=1500
 LEASED_IPMASQ=false
+LEASED_IPMASQ4=dockerd
 LEASED_BACKEND=host-gw
 LEASED_DOCKER_OPTS="--bip=10.100.0.5/30 --mtu=1500"
 `,
@@ -59,6 +61,8 @@ LEASED_NETWORK6=2001:db8:cd11::/48
 LEASED_SUBNET6=2001:db8:cd11:0:8000::/80
 LEASED_MTU=1450
 LEASED_IPMASQ=true
+LEASED_IPMASQ4=leased
+LEASED_IPMASQ6=leased
 LEASED_BACKEND=vxlan
 LEASED_DOCKER_OPTS="--bip=10.100.15.1/24 --mtu=1450 --ipv6 --fixed-cidr-v6=2001:db8:cd11:0:8000::/80 --ip-masq=false"
 `,
@@ -71,6 +75,8 @@ LEASED_NETWORK6=2001:db8:cd11::/48
 LEASED_SUBNET6=2001:db8:cd11:7::/64
 LEASED_MTU=1500
 LEASED_IPMASQ=false
+LEASED_IPMASQ4=dockerd
+LEASED_IPMASQ6=none
 LEASED_BACKEND=host-gw
 LEASED_DOCKER_OPTS="--mtu=1500 --ipv6 --fixed-cidr-v6=2001:db8:cd11:7::/64"
 `,
@@ -83,8 +89,26 @@ LEASED_NETWORK6=2003:ab11::/64
 LEASED_SUBNET6=2003:ab11:0:0:8000::/80
 LEASED_MTU=1500
 LEASED_IPMASQ=false
+LEASED_IPMASQ4=dockerd
+LEASED_IPMASQ6=none
 LEASED_BACKEND=proxy-ndp
 LEASED_DOCKER_OPTS="--mtu=1500 --ipv6 --fixed-cidr-v6=2003:ab11:0:0:8000::/80"
+`,
+		},
+		{
+			// --ip-masq on an IPv6-only network: leased masquerades IPv6,
+			// dockerd keeps masquerading docker0's own IPv4 subnet.
+			name: "IPv6 only with ip-masq",
+			env:  Env{Network6: net6, Subnet6: sub6, MTU: 1500, IPMasq: true, Backend: "host-gw"},
+			want: `# written by leased; do not edit
+LEASED_NETWORK6=2001:db8:cd11::/48
+LEASED_SUBNET6=2001:db8:cd11:0:8000::/80
+LEASED_MTU=1500
+LEASED_IPMASQ=true
+LEASED_IPMASQ4=dockerd
+LEASED_IPMASQ6=leased
+LEASED_BACKEND=host-gw
+LEASED_DOCKER_OPTS="--mtu=1500 --ipv6 --fixed-cidr-v6=2001:db8:cd11:0:8000::/80"
 `,
 		},
 		{
@@ -95,6 +119,8 @@ LEASED_NETWORK6=2600:1f18:47b:ca03::/120
 LEASED_SUBNET6=2600:1f18:47b:ca03::8/126
 LEASED_MTU=9001
 LEASED_IPMASQ=false
+LEASED_IPMASQ4=dockerd
+LEASED_IPMASQ6=none
 LEASED_BACKEND=host-gw
 LEASED_DOCKER_OPTS="--mtu=9001 --ipv6 --fixed-cidr-v6=2600:1f18:47b:ca03::8/126"
 `,

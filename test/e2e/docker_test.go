@@ -366,10 +366,10 @@ func nsRun(t *testing.T, h *lab.Host, args ...string) string {
 // an upstream router and the containers also reach each other), with dockerd
 // managing iptables and the FORWARD policy at DROP (as dockerd sets it when
 // it enables forwarding itself): leased's LEASED-FWD chain lets the
-// cluster's traffic through. IPv6 is never NATed; IPv4 keeps the container's
-// source address when leased masquerades (--ip-masq, which puts
-// --ip-masq=false in dockerd's flags) and is masqueraded by dockerd
-// otherwise.
+// cluster's traffic through. IPv6 is never NATed inside the cluster (leased's
+// --ip-masq exempts the cluster network); IPv4 keeps the container's source
+// address when leased masquerades (--ip-masq, which puts --ip-masq=false in
+// dockerd's flags) and is masqueraded by dockerd otherwise.
 func TestDocker(t *testing.T) {
 	dockerd, docker, busybox := dockerTools(t)
 	for _, tc := range []struct {
