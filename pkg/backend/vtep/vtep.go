@@ -30,25 +30,58 @@ type LeaseData struct {
 // SHA-256("leased-vtep/" + node + "/4" or "/6"), with the
 // locally-administered bit set and the multicast bit cleared.
 func MAC(node string, v6 bool) net.HardwareAddr {
-	fam := "4"
+	m := mac(node, v6)
+	return net.HardwareAddr(m[:])
+}
+
+func mac(node string, v6 bool) [6]byte {
+	var buf [128]byte
+	in := append(buf[:0], "leased-vtep/"...)
+	in = append(in, node...)
 	if v6 {
-		fam = "6"
+		in = append(in, "/6"...)
+	} else {
+		in = append(in, "/4"...)
 	}
-	sum := sha256.Sum256([]byte("leased-vtep/" + node + "/" + fam))
-	mac := net.HardwareAddr(sum[:6])
-	mac[0] = (mac[0] | 0x02) &^ 0x01
-	return mac
+	sum := sha256.Sum256(in)
+	var m [6]byte
+	copy(m[:], sum[:6])
+	m[0] = (m[0] | 0x02) &^ 0x01
+	return m
+}
+
+const (
+	dataHead = `{"VtepMAC":"`
+	dataMid  = `","VtepMAC6":"`
+	dataTail = `"}`
+	macLen   = len("00:00:00:00:00:00")
+	dataLen  = len(dataHead) + macLen + len(dataMid) + macLen + len(dataTail)
+)
+
+// appendMAC appends m as net.HardwareAddr.String spells it.
+func appendMAC(b []byte, m [6]byte) []byte {
+	const hex = "0123456789abcdef"
+	for i, c := range m {
+		if i > 0 {
+			b = append(b, ':')
+		}
+		b = append(b, hex[c>>4], hex[c&0xf])
+	}
+	return b
+}
+
+func appendData(b []byte, node string) []byte {
+	b = append(b, dataHead...)
+	b = appendMAC(b, mac(node, false))
+	b = append(b, dataMid...)
+	b = appendMAC(b, mac(node, true))
+	return append(b, dataTail...)
 }
 
 // Data returns the BackendData an agent of node publishes: LeaseData with
 // both derived MACs, encoded as encoding/json encodes it.
 func Data(node string) json.RawMessage {
-	b := make([]byte, 0, 64)
-	b = append(b, `{"VtepMAC":"`...)
-	b = append(b, MAC(node, false).String()...)
-	b = append(b, `","VtepMAC6":"`...)
-	b = append(b, MAC(node, true).String()...)
-	return append(b, `"}`...)
+	return appendData(make([]byte, 0, dataLen), node)
 }
 
 // Check returns nil when data, the BackendData of a vxlan lease record of
@@ -57,8 +90,11 @@ func Data(node string) json.RawMessage {
 // A record carrying another node's MAC would otherwise take over that
 // node's FDB entry on the hosts that program it.
 func Check(node string, data []byte) error {
-	if bytes.Equal(data, Data(node)) {
-		return nil // what every agent writes
+	if len(data) == dataLen {
+		var buf [dataLen]byte
+		if bytes.Equal(data, appendData(buf[:0], node)) {
+			return nil // what every agent writes
+		}
 	}
 	var d LeaseData
 	if err := json.Unmarshal(data, &d); err != nil {
