@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -11,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -53,6 +55,7 @@ type agent struct {
 	rejected   map[string]string // node → reason last logged
 	resumed    bool              // the watch resumed from the lease cache
 	exhausted  string            // last "out of subnets" message logged
+	cfgRefused string            // why the config in etcd is not applied ("": it is)
 
 	seenRaw  []byte // the config value last parsed
 	sess     *lease.Session
@@ -208,6 +211,7 @@ func (a *agent) apply(b lease.Batch) {
 			klog.Warningf("this host's lease keys were deleted in etcd (expired, or by hand); claiming its subnets %v again", a.self.Subnets())
 			a.self = nil // ensureLease claims again, preferring the held subnets
 			a.startGrace()
+			a.setStatus("lease keys deleted; claiming them again")
 		}
 	}
 	a.view.Apply(b)
@@ -285,6 +289,7 @@ func (a *agent) step(ctx context.Context) error {
 		}
 	}
 	clear(a.dirty)
+	slices.Sort(delta) // deterministic, as toPeers
 	rejected := a.peers.Rejected()
 	if changed {
 		for node, err := range rejected {
@@ -354,13 +359,16 @@ func (a *agent) step(ctx context.Context) error {
 	metrics.PeersProgrammed.Set(float64(npeers))
 	if !a.ready {
 		a.ready = true
-		metrics.Ready.Set(1)
 		klog.InfoS("ready", "node", a.node, "subnets", a.self.Subnets(), "peers", npeers)
 		if onReady != nil {
 			onReady()
 		}
 	}
-	a.setStatus(fmt.Sprintf("lease %v held; %d peers", a.self.Subnets(), npeers))
+	status := fmt.Sprintf("lease %v held; %d peers", a.self.Subnets(), npeers)
+	if a.cfgRefused != "" {
+		status = a.cfgRefused + "; running on the last good config; " + status
+	}
+	a.setStatus(status)
 	return nil
 }
 
@@ -426,13 +434,16 @@ func (a *agent) adoptConfig(raw []byte) {
 	if err != nil {
 		klog.ErrorS(err, "invalid network config; keeping the last good one", "key", a.reg.Keys().Config(),
 			"remedy", "fix the JSON and put it again (leased config validate FILE checks a file offline)")
-		a.setStatus("invalid network config: " + err.Error())
+		a.cfgRefused = "invalid network config: " + err.Error()
+		a.setStatus(a.cfgRefused)
 		return
 	}
 	if a.cfg != nil {
 		if why := incompatible(a.cfg, cfg, a.self); why != "" {
 			klog.ErrorS(nil, "network config change would invalidate this host's lease; keeping the last good config and the datapath",
 				"why", why, "remedy", "revert the change, or drain this host and restart leased to take a subnet under the new config")
+			a.cfgRefused = "network config refused: " + why
+			a.setStatus(a.cfgRefused)
 			return
 		}
 		klog.InfoS("network config changed; applying", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
@@ -440,6 +451,7 @@ func (a *agent) adoptConfig(raw []byte) {
 		klog.InfoS("network config", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
 	}
 	a.cfg = cfg
+	a.cfgRefused = ""
 }
 
 func poolString(p *lease.Pool) string {
@@ -597,9 +609,13 @@ func (a *agent) writeSubnetEnv() error {
 }
 
 // setStatus reports what the agent is doing to systemd (STATUS=, and
-// READY=1 once the host is ready). Without systemd it is a no-op.
+// READY=1 once the host is ready; without systemd that is a no-op), and
+// whether it serves (/readyz, leased_ready): it does while it holds its
+// lease, has a subnet and applies the config in etcd.
 func (a *agent) setStatus(s string) {
-	a.health.set(a.ready && a.self != nil && a.exhausted == "", s)
+	serving := a.ready && a.self != nil && a.exhausted == "" && a.cfgRefused == ""
+	a.health.set(serving, s)
+	metrics.Ready.Set(float64(btoi(serving)))
 	if s == a.status {
 		return
 	}
@@ -659,9 +675,20 @@ func btoi(b bool) int {
 	return 0
 }
 
+// toPeers returns the backend's peers for recs, oldest lease (lowest create
+// revision, then node name) first. The backend resolves a conflict between
+// two peers (both wanting one kernel object) in favour of the first, so the
+// order must not change from one call to the next, and the older holder
+// wins as in the peer filter.
 func toPeers(recs map[string]*lease.Record) []backend.Peer {
-	out := make([]backend.Peer, 0, len(recs))
-	for _, r := range recs {
+	sorted := slices.SortedFunc(maps.Values(recs), func(a, b *lease.Record) int {
+		if c := cmp.Compare(a.Rev, b.Rev); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Node, b.Node)
+	})
+	out := make([]backend.Peer, 0, len(sorted))
+	for _, r := range sorted {
 		out = append(out, toPeer(r))
 	}
 	return out

@@ -2,7 +2,6 @@ package backend
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +10,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/leased/leased/pkg/backend/vtep"
 	"k8s.io/klog/v2"
 )
 
@@ -42,26 +43,13 @@ const (
 )
 
 // VXLANLeaseData is what the vxlan backend publishes in its lease
-// (LeaseData): the MACs of its two devices, e.g.
-// {"VtepMAC":"0e:..","VtepMAC6":"2a:.."}. Each MAC is derived from the node
-// name, so it survives restarts and device re-creation.
-type VXLANLeaseData struct {
-	VtepMAC  string // MAC of leased.4
-	VtepMAC6 string // MAC of leased.6
-}
+// (LeaseData): the MACs of its two devices, each derived from the node name
+// (see package vtep, which the peer filter checks records against).
+type VXLANLeaseData = vtep.LeaseData
 
 // vtepMAC derives a stable, locally administered unicast MAC for the node's
 // device of one overlay family.
-func vtepMAC(node string, v6 bool) net.HardwareAddr {
-	fam := "4"
-	if v6 {
-		fam = "6"
-	}
-	sum := sha256.Sum256([]byte("leased-vtep/" + node + "/" + fam))
-	mac := net.HardwareAddr(sum[:6])
-	mac[0] = (mac[0] | 0x02) &^ 0x01
-	return mac
-}
+func vtepMAC(node string, v6 bool) net.HardwareAddr { return vtep.MAC(node, v6) }
 
 // vxDev is the wanted shape of one VXLAN device.
 type vxDev struct {
@@ -107,7 +95,7 @@ func newVXLAN(cfg Config, ext ExtIface, node string) *vxlan {
 		}
 		v.devs[i] = d
 	}
-	v.data, _ = json.Marshal(VXLANLeaseData{VtepMAC: v.devs[0].mac.String(), VtepMAC6: v.devs[1].mac.String()})
+	v.data = vtep.Data(node)
 	return v
 }
 

@@ -9,6 +9,8 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+
+	"github.com/leased/leased/pkg/backend/vtep"
 )
 
 // Peers filters lease records down to the peers a host may program. A record
@@ -16,8 +18,9 @@ import (
 // of that family with the configured length, does not overlap the host's own
 // subnets or a peer's that is older (lower create revision), and it names at
 // least one public address that is a plain unicast address other than the
-// host's own. Everything else is returned in rejected with the reason, to be
-// logged and never programmed.
+// host's own; a vxlan record must also carry the VTEP MACs derived from its
+// node name (package vtep). Everything else is returned in rejected with the
+// reason, to be logged and never programmed.
 //
 // Because every accepted subnet is an aligned prefix of the pool's fixed
 // length, overlap is equality, and Peers runs in O(n log n). It is called
@@ -287,6 +290,11 @@ func checkPeer(cfg *Config, self *Record, r *Record, held heldSet) error {
 	}
 	if pubs == 0 {
 		return fmt.Errorf("names no public address")
+	}
+	if r.BackendType == vtep.Type {
+		// Its VTEP MACs must be its own: a copy of another host's would
+		// take over that host's FDB entry.
+		return vtep.Check(r.Node, r.BackendData)
 	}
 	return nil
 }

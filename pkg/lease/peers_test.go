@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"reflect"
@@ -11,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/leased/leased/pkg/backend/vtep"
 )
 
 func TestPeersRefusesHostileRecords(t *testing.T) {
@@ -245,4 +248,52 @@ func peerNames(peers []*Record) string {
 	}
 	slices.Sort(names)
 	return strings.Join(names, ",")
+}
+
+// A vxlan record that carries another host's VTEP MAC is refused, whether
+// it is in the listing or arrives later, and whichever path Peers takes;
+// the honest record stays accepted.
+func TestPeersRefusesCopiedVTEPMAC(t *testing.T) {
+	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","Backend":{"Type":"vxlan"}}`)
+	self := &Record{Node: "me", Subnet: netip.MustParsePrefix("10.100.1.0/24"), PublicIP: netip.MustParseAddr("192.168.1.1")}
+	rec := func(node, s4, ip, data string, rev int64) *Record {
+		return &Record{Node: node, Subnet: netip.MustParsePrefix(s4), PublicIP: netip.MustParseAddr(ip),
+			BackendType: "vxlan", BackendData: json.RawMessage(data), Rev: rev}
+	}
+	honest := rec("honest", "10.100.2.0/24", "192.168.1.2", string(vtep.Data("honest")), 10)
+	for _, tc := range []struct {
+		name  string
+		extra []*Record // besides honest and the forged record
+	}{
+		{"unordered", nil},
+		// Two records on one subnet send Peers down the by-age path.
+		{"by age", []*Record{rec("dup1", "10.100.9.0/24", "192.168.1.9", string(vtep.Data("dup1")), 5), rec("dup2", "10.100.9.0/24", "192.168.1.10", string(vtep.Data("dup2")), 6)}},
+	} {
+		for _, forgedRev := range []int64{1, 20} { // older and younger than honest
+			t.Run(fmt.Sprintf("%s/rev%d", tc.name, forgedRev), func(t *testing.T) {
+				records := map[string]*Record{"me": self, "honest": honest}
+				for _, r := range tc.extra {
+					records[r.Node] = r
+				}
+				forged := rec("mallory", "10.100.3.0/24", "192.168.1.3", string(vtep.Data("honest")), forgedRev)
+				// Both through a fresh filter and as a change of a running one.
+				ps := NewPeerSet(cfg, self, records)
+				records["mallory"] = forged
+				ps.Update("mallory")
+				_, fresh := Peers(cfg, self, records)
+				for name, rejected := range map[string]map[string]error{"Peers": fresh, "PeerSet.Update": ps.Rejected()} {
+					err := rejected["mallory"]
+					if err == nil || !strings.Contains(err.Error(), "is not") || !strings.Contains(err.Error(), `"mallory"`) {
+						t.Errorf("%s: the record copying honest's MAC: rejected with %v", name, err)
+					}
+					if rejected["honest"] != nil {
+						t.Errorf("%s: honest rejected: %v", name, rejected["honest"])
+					}
+				}
+				if ps.Accepted()["honest"] == nil || ps.Accepted()["mallory"] != nil {
+					t.Errorf("accepted %v", slices.Sorted(maps.Keys(ps.Accepted())))
+				}
+			})
+		}
+	}
 }

@@ -50,7 +50,9 @@ type Event struct {
 
 // Batch is the changes of one etcd watch response, or a full listing.
 type Batch struct {
-	// Rev is the etcd revision the batch brings the consumer to.
+	// Rev is the etcd revision the batch brings the consumer to: a
+	// listing's revision, or the mod revision of the last change in the
+	// batch (the consumer has seen every change up to it, none after).
 	Rev int64
 	// Reset means the batch is a full listing: the consumer must forget
 	// every lease and the config it knew and start from this batch (a
@@ -154,14 +156,22 @@ func (r *Registry) watchFrom(ctx context.Context, rev int64, out chan<- Batch) e
 				break
 			}
 			backoff.reset()
-			b := Batch{Rev: resp.Header.Revision, ClusterID: resp.Header.ClusterId}
+			if len(resp.Events) == 0 {
+				continue
+			}
+			// The batch stands for the revision of its last event, not
+			// for resp.Header.Revision: a watch that is behind gets the
+			// changes since in responses of at most 1,000 revisions each,
+			// every one stamped with etcd's current revision. A view
+			// saved after applying the first would claim changes it
+			// has not seen, and a watch resumed from it skip them.
+			last := resp.Events[len(resp.Events)-1].Kv.ModRevision
+			rev = last + 1
+			b := Batch{Rev: last, ClusterID: resp.Header.ClusterId}
 			for _, ev := range resp.Events {
 				if e, ok := r.event(ev); ok {
 					b.Events = append(b.Events, e)
 				}
-			}
-			if len(resp.Events) > 0 {
-				rev = resp.Events[len(resp.Events)-1].Kv.ModRevision + 1
 			}
 			if len(b.Events) == 0 {
 				continue

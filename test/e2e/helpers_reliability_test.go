@@ -18,6 +18,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/pkg/backend/vtep"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -208,7 +209,8 @@ func leaseRecord(t *testing.T, cli *clientv3.Client, node string) (*lease.Record
 }
 
 // synthPeer is a peer lease record for a host that does not exist, with
-// public addresses on the lab LAN and the VTEP MACs a vxlan peer publishes.
+// public addresses on the lab LAN and the VTEP MACs a vxlan agent of that
+// node name publishes (peers refuse any others).
 func synthPeer(l *lab.Lab, node string, s4, s6 netip.Prefix, host byte) map[string]any {
 	pub6 := fmt.Sprintf("fd00:100::%x", host)
 	if l.Cfg.Backend == lab.UpstreamBackend { // hosts' IPv6 addresses are in the upstream prefix
@@ -219,7 +221,7 @@ func synthPeer(l *lab.Lab, node string, s4, s6 netip.Prefix, host byte) map[stri
 	rec := map[string]any{
 		"Node": node, "PublicIP": fmt.Sprintf("192.168.100.%d", host), "PublicIPv6": pub6,
 		"BackendType": l.Cfg.Backend,
-		"BackendData": map[string]string{"VtepMAC": fmt.Sprintf("0e:00:00:00:00:%02x", host), "VtepMAC6": fmt.Sprintf("0e:00:00:00:01:%02x", host)},
+		"BackendData": map[string]string{"VtepMAC": vtep.MAC(node, false).String(), "VtepMAC6": vtep.MAC(node, true).String()},
 	}
 	if s4.IsValid() {
 		rec["Subnet"] = s4.String()

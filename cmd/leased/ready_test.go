@@ -1,0 +1,62 @@
+package main
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/leased/leased/pkg/metrics"
+)
+
+// readyMetric is the value /metrics shows for leased_ready.
+func readyMetric(t *testing.T) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := metrics.Ready.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetGauge().GetValue()
+}
+
+// leased_ready (which metrics.md's alert watches) and /readyz say 0 / 503
+// while the host has lost its lease or refuses the config in etcd, and
+// return to 1 / 200 when that is over.
+func TestReadyMetricFollowsLeaseAndConfig(t *testing.T) {
+	srv := startEtcd(t)
+	good := `{"Network":"10.100.0.0/16"}`
+	put(t, srv.ClientURL, cfgKey, good)
+	p := newCutProxy(t, strings.TrimPrefix(srv.ClientURL, "http://"))
+	a := newIdleAgent(t, "http://"+p.Addr().String(), "a", "192.168.1.1", &recorder{})
+	a.o.leaseTTL = 3 * time.Second
+	ctx, cancel := context.WithCancel(context.Background())
+	a.run(ctx)
+	t.Cleanup(func() { cancel(); <-a.done })
+	ready := func(want bool) func() bool {
+		return func() bool { return (readyMetric(t) == 1) == want && a.health.ready.Load() == want }
+	}
+	eventually(t, "leased_ready 1 once the lease is held", ready(true))
+
+	// A config this host refuses (its subnet is outside the new network).
+	put(t, srv.ClientURL, cfgKey, `{"Network":"10.200.0.0/16"}`)
+	eventually(t, "leased_ready 0 while the config in etcd is refused", ready(false))
+	if s := a.health.statusText(); !strings.Contains(s, "refused") {
+		t.Errorf("/readyz says %q; want it to say the config is refused", s)
+	}
+	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","SubnetMax":"10.100.250.0"}`)
+	eventually(t, "leased_ready 1 once a config this host accepts is back", ready(true))
+
+	// An invalid config is refused too.
+	put(t, srv.ClientURL, cfgKey, `{"Network":`)
+	eventually(t, "leased_ready 0 while the config in etcd is invalid", ready(false))
+	put(t, srv.ClientURL, cfgKey, good)
+	eventually(t, "leased_ready 1 once the config is valid again", ready(true))
+
+	// etcd out of reach for longer than the lease TTL: the lease is lost.
+	p.SetDown(true)
+	eventually(t, "leased_ready 0 after the lease is lost", ready(false))
+	p.SetDown(false)
+	eventually(t, "leased_ready 1 once the lease is claimed again", ready(true))
+}
