@@ -22,8 +22,13 @@ import (
 )
 
 // newEtcdClient builds the etcd client from the options. It does not wait
-// for etcd to be reachable: callers retry their own requests.
+// for etcd to be reachable (callers retry their own requests), except with
+// a user name, when it authenticates (within DialTimeout). Flags no retry
+// can fix, and a refused user or password, give a usageError.
 func newEtcdClient(o *options) (*clientv3.Client, error) {
+	if err := o.validateEtcd(); err != nil {
+		return nil, err
+	}
 	eps := strings.Split(o.etcdEndpoints, ",")
 	cfg := clientv3.Config{
 		Endpoints:   eps,
@@ -72,6 +77,18 @@ func newEtcdClient(o *options) (*clientv3.Client, error) {
 	cfg.DialOptions = append(cfg.DialOptions, grpc.WithChainUnaryInterceptor(explainConnErrors(o, eps, cfg.TLS)))
 	cli, err := clientv3.New(cfg)
 	if err != nil {
+		why, fatal := whyEtcd(o, err)
+		if fatal {
+			return nil, &usageError{why}
+		}
+		// With a user name, New authenticates and so needs etcd.
+		var ce *connError
+		if errors.As(err, &ce) {
+			return nil, fmt.Errorf("authenticating to etcd as %q: %w", o.etcdUsername, err)
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			return nil, fmt.Errorf("authenticating to etcd as %q: %s: %w", o.etcdUsername, why, err)
+		}
 		return nil, fmt.Errorf("creating etcd client for %s: %w", o.etcdEndpoints, err)
 	}
 	return cli, nil

@@ -140,5 +140,5 @@ func (o *options) validate() error {
 	if o.etcdPassword != "" && o.etcdPasswordFile != "" {
 		return fmt.Errorf("give --etcd-password or --etcd-password-file, not both")
 	}
-	return nil
+	return o.validateEtcd()
 }
