@@ -79,7 +79,7 @@ func newEtcdClient(o *options) (*clientv3.Client, error) {
 	if err != nil {
 		why, fatal := whyEtcd(o, err)
 		if fatal {
-			return nil, &usageError{why}
+			return nil, &usageError{why + " (" + err.Error() + ")"}
 		}
 		// With a user name, New authenticates and so needs etcd.
 		var ce *connError

@@ -273,7 +273,7 @@ func (m *etcdMonitor) run(ctx context.Context, cli *clientv3.Client, stop contex
 		}
 		why, fatal := whyEtcd(m.o, err)
 		if fatal {
-			stop(&usageError{why})
+			stop(&usageError{why + " (" + err.Error() + ")"})
 			return
 		}
 		m.failed(why)

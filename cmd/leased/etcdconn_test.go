@@ -302,6 +302,7 @@ func TestEtcdAuthFailsFast(t *testing.T) {
 			p := startLeased(t, ns, c.env, c.args...)
 			code := p.wait(40 * time.Second)
 			out := p.log.String()
+			t.Logf("exit status %d:\n%s", code, out)
 			if code != c.code {
 				t.Fatalf("exit status %d within 40s (-1: still running), want %d; output:\n%s", code, c.code, out)
 			}
