@@ -179,7 +179,8 @@ type etcdMonitor struct {
 	since    time.Time // start of the outage (the monitor's start until first reached)
 	lastLine time.Time
 	lastWhy  string
-	reached  bool // etcd answered at least once
+	reached  bool      // etcd answered at least once
+	unready  time.Time // when the gRPC connection last left the ready state
 }
 
 func newEtcdMonitor(o *options) *etcdMonitor {
@@ -215,6 +216,9 @@ func (m *etcdMonitor) failed(why string) {
 		klog.ErrorS(nil, "still cannot use etcd; retrying", "for", now.Sub(m.since).Round(time.Second), "why", why)
 	case m.reached && !wasDown:
 		m.since = now
+		if !m.unready.IsZero() {
+			m.since = m.unready // the outage began before the check failed
+		}
 		klog.ErrorS(nil, "lost the connection to etcd; the datapath stays as it is, retrying", "why", why, "endpoints", m.o.etcdEndpoints)
 	case m.reached && why != m.lastWhy && now.Sub(m.lastLine) >= etcdRepeat:
 		klog.ErrorS(nil, "still cannot use etcd; retrying", "for", now.Sub(m.since).Round(time.Second), "why", why)
@@ -269,6 +273,9 @@ func (m *etcdMonitor) run(ctx context.Context, cli *clientv3.Client, stop contex
 					return
 				}
 			}
+			m.mu.Lock()
+			m.unready = m.now()
+			m.mu.Unlock()
 			continue
 		}
 		why, fatal := whyEtcd(m.o, err)

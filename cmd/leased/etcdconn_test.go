@@ -328,8 +328,9 @@ func TestAgentSaysWhyEtcdIsUnreachable(t *testing.T) {
 	ca := newPKI(t, dir, "ca")
 	other := newPKI(t, dir, "other")
 	cert, key := ca.issue(t, "server", true, time.Now().Add(24*time.Hour))
-	sock := filepath.Join(dir, "tls.sock")
-	// A TLS etcd on a unix socket, reachable from the namespace.
+	// A TLS etcd on a unix socket, reachable from the namespace. The etcd
+	// client checks the server certificate against the socket's file name.
+	sock := filepath.Join(dir, "localhost")
 	c, err := etcdserver.StartCluster(filepath.Join(dir, "etcd"), 1, etcdserver.ClusterOptions{Configure: func(cfg *embed.Config) {
 		cfg.ClientTLSInfo = transport.TLSInfo{CertFile: cert, KeyFile: key}
 		cfg.ListenClientUrls = append(cfg.ListenClientUrls, url.URL{Scheme: "unixs", Path: sock})
@@ -414,8 +415,13 @@ func TestAgentSaysEtcdLostAndBack(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	back := p.lines(`etcd is back`)
-	if len(back) != 1 || !regexp.MustCompile(`outage="[0-9]+[ms]`).MatchString(back[0]) {
+	om := regexp.MustCompile(`outage="([0-9ms]+)"`)
+	if len(back) != 1 || !om.MatchString(back[0]) {
 		t.Fatalf("want one line saying etcd is back with the outage's length, got %q:\n%s", back, p.log)
+	}
+	// etcd was away for 45s and more (the restart takes its time too).
+	if d, err := time.ParseDuration(om.FindStringSubmatch(back[0])[1]); err != nil || d < 40*time.Second || d > 3*time.Minute {
+		t.Errorf("the outage's length is not about how long etcd was away (45s plus the restart): %s", back[0])
 	}
 	if len(lost) != 1 || len(p.lines(`lost the connection to etcd`)) != 1 {
 		t.Errorf("want one 'lost' line:\n%s", p.log)
@@ -428,4 +434,5 @@ func TestAgentSaysEtcdLostAndBack(t *testing.T) {
 	if code := p.wait(0); code != -1 {
 		t.Fatalf("the agent exited (status %d):\n%s", code, p.log)
 	}
+	t.Logf("the agent's log:\n%s", p.log)
 }
