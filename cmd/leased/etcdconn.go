@@ -118,7 +118,7 @@ func explainAuth(o *options, err error) (why string, fatal bool) {
 	}
 	switch e := rpctypes.Error(err); {
 	case errors.Is(e, rpctypes.ErrAuthFailed):
-		return fmt.Sprintf("etcd refused user %q: wrong --etcd-username or password (from %s)", o.etcdUsername, pw), true
+		return fmt.Sprintf("etcd refused the login of user %q: check --etcd-username and the password (from %s)", o.etcdUsername, pw), true
 	case errors.Is(e, rpctypes.ErrUserEmpty) && o.etcdUsername == "":
 		return "etcd has authentication enabled: give --etcd-username and the password (--etcd-password-file or LEASED_ETCD_PASSWORD)", true
 	case errors.Is(e, rpctypes.ErrPermissionDenied):

@@ -288,11 +288,11 @@ func TestEtcdAuthFailsFast(t *testing.T) {
 		code int
 	}{
 		{"agent, wrong password", agentArgs(t, "a1", ep, "--etcd-username=leased"), []string{"LEASED_ETCD_PASSWORD=wrong"},
-			[]string{`etcd refused user \"leased\": wrong --etcd-username or password`}, 2},
+			[]string{`etcd refused the login of user \"leased\": check --etcd-username and the password`}, 2},
 		{"agent, no user", agentArgs(t, "a2", ep), nil,
 			[]string{"etcd has authentication enabled: give --etcd-username"}, 2},
 		{"leases, wrong password", []string{"leases", ep, "--etcd-username=leased"}, []string{"LEASED_ETCD_PASSWORD=wrong"},
-			[]string{`etcd refused user "leased": wrong --etcd-username or password`}, 2},
+			[]string{`etcd refused the login of user "leased": check --etcd-username and the password`}, 2},
 		{"leases, no user", []string{"leases", ep}, nil,
 			[]string{"etcd has authentication enabled: give --etcd-username"}, 1},
 		{"config get, no user", []string{"config", "get", ep}, nil,
