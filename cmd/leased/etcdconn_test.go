@@ -320,7 +320,8 @@ func TestEtcdAuthFailsFast(t *testing.T) {
 
 // While etcd cannot be reached from the start, the agent says why at the
 // default verbosity within 10s (plus slack for a loaded machine), then at
-// most one line every 30s. Cases: nothing listens (refused), and a TLS
+// most one line every 30s. Cases: nothing listens (refused; also with a
+// user name, when the client logs in before the agent starts), and a TLS
 // etcd whose CA the agent was not given.
 func TestAgentSaysWhyEtcdIsUnreachable(t *testing.T) {
 	ns := agentNetns(t)
@@ -345,6 +346,8 @@ func TestAgentSaysWhyEtcdIsUnreachable(t *testing.T) {
 		why      string
 	}{
 		{"refused", "http://127.0.0.1:9", nil, "is not reachable"},
+		// With a user, building the client needs etcd (it logs in).
+		{"refused with a user", "http://127.0.0.1:9", []string{"--etcd-username=leased", "--etcd-password=pw"}, "is not reachable"},
 		{"unknown CA", "unixs://" + sock, []string{"--etcd-cafile=" + other.file}, "not signed by the CA in --etcd-cafile " + other.file},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
