@@ -69,6 +69,9 @@ type agent struct {
 	ready    bool
 	status   string
 	health   health // what /readyz reports
+
+	// etcd says why etcd cannot be used (nil in tests of the agent alone).
+	etcd *etcdMonitor
 }
 
 func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node string) *agent {
@@ -137,7 +140,11 @@ func (a *agent) run(ctx context.Context) error {
 			if ctx.Err() != nil {
 				return nil
 			}
-			klog.ErrorS(err, "retrying", "in", bo)
+			if a.etcd.quiet(err) { // the monitor has said why
+				klog.V(2).InfoS("retrying", "err", err, "in", bo)
+			} else {
+				klog.ErrorS(err, "retrying", "in", bo)
+			}
 			retry.Reset(bo)
 			if bo *= 2; bo > 30*time.Second {
 				bo = 30 * time.Second

@@ -41,6 +41,10 @@ func parseCLI(fs *flag.FlagSet, args []string) bool {
 		fmt.Fprintf(os.Stderr, "%s: %v\n", fs.Name(), err)
 		return false
 	}
+	if err := etcdOptions(fs).validateEtcd(); err != nil {
+		fmt.Fprintf(os.Stderr, "%s: %v\n", fs.Name(), err)
+		return false
+	}
 	return true
 }
 
@@ -48,6 +52,9 @@ func parseCLI(fs *flag.FlagSet, args []string) bool {
 func etcdErr(o *options, err error) string {
 	if errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Sprintf("etcd at %s did not answer within %s: check that it runs, --etcd-endpoints, and the TLS flags (%v)", o.etcdEndpoints, cliTimeout, err)
+	}
+	if why, _ := whyEtcd(o, err); why != err.Error() {
+		return why
 	}
 	return fmt.Sprintf("etcd at %s: %v", o.etcdEndpoints, err)
 }
@@ -81,7 +88,7 @@ func runConfig(args []string) int {
 		cli, err := newEtcdClient(o)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "leased config put: %v\n", err)
-			return 1
+			return exitCode(err)
 		}
 		defer cli.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
@@ -97,7 +104,7 @@ func runConfig(args []string) int {
 		cli, err := newEtcdClient(o)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "leased config get: %v\n", err)
-			return 1
+			return exitCode(err)
 		}
 		defer cli.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
@@ -168,7 +175,7 @@ func runLeases(args []string) int {
 	cli, err := newEtcdClient(o)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "leased leases: %v\n", err)
-		return 1
+		return exitCode(err)
 	}
 	defer cli.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
@@ -216,7 +223,7 @@ func runStatus(args []string) int {
 	cli, err := newEtcdClient(o)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "leased status: %v\n", err)
-		return 1
+		return exitCode(err)
 	}
 	defer cli.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)

@@ -17,13 +17,19 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
 
 // newEtcdClient builds the etcd client from the options. It does not wait
-// for etcd to be reachable: callers retry their own requests.
+// for etcd to be reachable (callers retry their own requests), except with
+// a user name, when it authenticates (within DialTimeout). Flags no retry
+// can fix, and a refused user or password, give a usageError.
 func newEtcdClient(o *options) (*clientv3.Client, error) {
+	if err := o.validateEtcd(); err != nil {
+		return nil, err
+	}
 	eps := strings.Split(o.etcdEndpoints, ",")
 	cfg := clientv3.Config{
 		Endpoints:   eps,
@@ -69,9 +75,27 @@ func newEtcdClient(o *options) (*clientv3.Client, error) {
 		}
 		cfg.TLS = tc
 	}
-	cfg.DialOptions = append(cfg.DialOptions, grpc.WithChainUnaryInterceptor(explainConnErrors(o, eps, cfg.TLS)))
+	cfg.DialOptions = append(cfg.DialOptions, grpc.WithChainUnaryInterceptor(explainConnErrors(o, eps, cfg.TLS)),
+		// gRPC's default reconnect backoff grows to 2 minutes, so after a
+		// long outage the agent would notice etcd's return that late. 10s
+		// (with gRPC's jitter) bounds the delay and spreads a fleet's
+		// reconnections.
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{
+			BaseDelay: time.Second, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 10 * time.Second}, MinConnectTimeout: 20 * time.Second}))
 	cli, err := clientv3.New(cfg)
 	if err != nil {
+		why, fatal := whyEtcd(o, err)
+		if fatal {
+			return nil, &usageError{why + " (" + err.Error() + ")"}
+		}
+		// With a user name, New authenticates and so needs etcd.
+		var ce *connError
+		if errors.As(err, &ce) {
+			return nil, fmt.Errorf("authenticating to etcd as %q: %w", o.etcdUsername, err)
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			return nil, fmt.Errorf("authenticating to etcd as %q: %s: %w", o.etcdUsername, why, err)
+		}
 		return nil, fmt.Errorf("creating etcd client for %s: %w", o.etcdEndpoints, err)
 	}
 	return cli, nil
@@ -200,9 +224,11 @@ func explainConn(o *options, cause string) string {
 		return "etcd refused the client certificate " + cert + " (is it a client certificate, with the clientAuth key usage?)"
 	case has("first record does not look like a TLS handshake"):
 		return "etcd at " + o.etcdEndpoints + " does not speak TLS: use http:// endpoints or enable TLS on etcd"
+	case (has("server preface") || has("http2: frame too large")) && strings.Contains(o.etcdEndpoints, "http://"):
+		return "etcd at " + o.etcdEndpoints + " does not answer plaintext gRPC (does it use TLS? then write https:// endpoints and give --etcd-cafile)"
 	case has("authentication handshake failed"), has("remote error: tls:"):
 		return "the TLS handshake with etcd failed (check --etcd-cafile, --etcd-certfile and --etcd-keyfile)"
-	case has("connection refused"), has("no route to host"), has("i/o timeout"), has("network is unreachable"):
+	case has("connection refused"), has("no route to host"), has("i/o timeout"), has("network is unreachable"), has("no such file or directory"):
 		return "etcd at " + o.etcdEndpoints + " is not reachable (is it up? check --etcd-endpoints)"
 	}
 	return "no connection to etcd at " + o.etcdEndpoints

@@ -65,7 +65,7 @@ func (o *options) register(fs *flag.FlagSet) {
 // registerEtcd adds the flags that say how to reach etcd (shared by the
 // agent and the CLI commands).
 func (o *options) registerEtcd(fs *flag.FlagSet) {
-	fs.StringVar(&o.etcdEndpoints, "etcd-endpoints", "http://127.0.0.1:2379", "comma-separated etcd endpoints")
+	fs.StringVar(&o.etcdEndpoints, "etcd-endpoints", "http://127.0.0.1:2379", "comma-separated etcd client URLs (http://HOST:PORT, https://HOST:PORT, unix:///PATH); all https:// (TLS) or all http://")
 	fs.StringVar(&o.etcdPrefix, "etcd-prefix", lease.DefaultPrefix, "etcd key prefix of the network (config at <prefix>/config)")
 	fs.StringVar(&o.etcdCAFile, "etcd-cafile", "", "CA bundle that signs the etcd server certificates")
 	fs.StringVar(&o.etcdCertFile, "etcd-certfile", "", "client certificate for etcd")
@@ -140,5 +140,5 @@ func (o *options) validate() error {
 	if o.etcdPassword != "" && o.etcdPasswordFile != "" {
 		return fmt.Errorf("give --etcd-password or --etcd-password-file, not both")
 	}
-	return nil
+	return o.validateEtcd()
 }

@@ -92,7 +92,7 @@ func run(args []string) int {
 	}
 	if err := runAgent(ctx, o); err != nil {
 		klog.ErrorS(err, "leased stopped")
-		return 1
+		return exitCode(err)
 	}
 	klog.InfoS("leased stopped; the lease and the datapath stay in place until the lease expires")
 	return 0
@@ -127,11 +127,20 @@ func runAgent(ctx context.Context, o *options) error {
 			return err
 		}
 	}
-	cli, err := newEtcdClient(o)
+	// The monitor says why etcd cannot be used, and stops the agent
+	// (exit status 2) when no retry can fix it.
+	ctx, stopAgent := context.WithCancelCause(ctx)
+	defer stopAgent(nil)
+	mon := newEtcdMonitor(o)
+	cli, err := mon.connect(ctx)
 	if err != nil {
+		if errors.Is(err, context.Canceled) {
+			return nil
+		}
 		return err
 	}
 	defer cli.Close()
+	go mon.run(ctx, cli, stopAgent)
 	// gRPC connects on the first request; start now, so that the
 	// connection is being set up while the interface is looked up.
 	cli.ActiveConnection().Connect()
@@ -147,12 +156,17 @@ func runAgent(ctx context.Context, o *options) error {
 		klog.InfoS("Using interface", "iface", ext.Name, "chosenBy", why, "publicIP", ext.Public4, "publicIPv6", ext.Public6, "mtu", ext.MTU)
 	}
 	a := newAgent(o, cli, ext, node)
+	a.etcd = mon
 	if o.metricsAddr != "" {
 		if err := serveHTTP(ctx, o.metricsAddr, &a.health); err != nil {
 			return err
 		}
 	}
 	err = a.run(ctx)
+	var ue *usageError
+	if cause := context.Cause(ctx); errors.As(cause, &ue) {
+		return cause
+	}
 	if errors.Is(err, context.Canceled) {
 		return nil
 	}
