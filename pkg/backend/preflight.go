@@ -39,28 +39,69 @@ func (e *PrivilegeError) Error() string {
 // it before it claims a subnet: a host that cannot forward must not
 // advertise one.
 func CheckPrivileges(typ string, ext ExtIface, v4, v6 bool, opts Options) error {
+	return StartPrivilegeCheck(ext, opts)(typ, v4, v6)
+}
+
+// StartPrivilegeCheck runs CheckPrivileges' probes for every backend type
+// and family in the background (the iptables runs take tens of
+// milliseconds) and returns a function that waits for them and returns
+// what CheckPrivileges would for typ, v4 and v6. The agent starts it
+// before it knows the config, so that the probes overlap etcd's answers.
+func StartPrivilegeCheck(ext ExtIface, opts Options) func(typ string, v4, v6 bool) error {
+	var p privileges
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		ipt := make(chan struct{})
+		go func() {
+			defer close(ipt)
+			p.ipt6 = probeIptables(opts.NetNS, "ip6tables")
+		}()
+		p.ipt4 = probeIptables(opts.NetNS, "iptables")
+		err := nsExec{path: opts.NetNS}.do(func() error {
+			p.rtnl = probeRtnetlink()
+			p.sysctl4 = probeSysctls(ext, true, false)
+			p.sysctl6 = probeSysctls(ext, false, true)
+			p.packet = probePacketSocket()
+			return nil
+		})
+		if err != nil {
+			p.rtnl = err
+		}
+		<-ipt
+	}()
+	return func(typ string, v4, v6 bool) error {
+		<-done
+		return p.check(typ, v4, v6)
+	}
+}
+
+// privileges holds the probes' findings; each nil or empty means allowed.
+type privileges struct {
+	rtnl, packet     error
+	sysctl4, sysctl6 []string
+	ipt4, ipt6       []string
+}
+
+func (p *privileges) check(typ string, v4, v6 bool) error {
 	var problems []string
-	ns := nsExec{path: opts.NetNS}
-	err := ns.do(func() error {
-		if err := probeRtnetlink(); err != nil {
-			problems = append(problems, err.Error())
-		}
-		problems = append(problems, probeSysctls(ext, v4, v6)...)
-		if v4 {
-			problems = append(problems, probeIptables("iptables")...)
-		}
-		if v6 {
-			problems = append(problems, probeIptables("ip6tables")...)
-		}
-		if typ == TypeProxyNDP {
-			if err := probePacketSocket(); err != nil {
-				problems = append(problems, err.Error())
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return err
+	if p.rtnl != nil {
+		problems = append(problems, p.rtnl.Error())
+	}
+	if v4 {
+		problems = append(problems, p.sysctl4...)
+	}
+	if v6 {
+		problems = append(problems, p.sysctl6...)
+	}
+	if v4 {
+		problems = append(problems, p.ipt4...)
+	}
+	if v6 {
+		problems = append(problems, p.ipt6...)
+	}
+	if typ == TypeProxyNDP && p.packet != nil {
+		problems = append(problems, p.packet.Error())
 	}
 	if len(problems) > 0 {
 		return &PrivilegeError{Backend: typ, Problems: problems}
@@ -109,11 +150,14 @@ func probeSysctls(ext ExtIface, v4, v6 bool) []string {
 			f.Close()
 			continue
 		}
-		hint := "run leased as root (uid 0)"
-		if errors.Is(err, unix.EROFS) {
-			hint = "/proc/sys is read-only (systemd's ProtectKernelTunables=yes, or a container): leave it writable"
+		msg := fmt.Sprintf("cannot write the sysctl %s (%v)", strings.ReplaceAll(n, "/", "."), unwrapPath(err))
+		switch {
+		case errors.Is(err, unix.EACCES), errors.Is(err, unix.EPERM):
+			msg += ": run leased as root (uid 0)"
+		case errors.Is(err, unix.EROFS):
+			msg += ": /proc/sys is read-only (systemd's ProtectKernelTunables=yes, or a container): leave it writable"
 		}
-		out = append(out, fmt.Sprintf("cannot write the sysctl %s (%v): %s", strings.ReplaceAll(n, "/", "."), unwrapPath(err), hint))
+		out = append(out, msg)
 	}
 	return out
 }
@@ -121,12 +165,17 @@ func probeSysctls(ext ExtIface, v4, v6 bool) []string {
 // probeIptables lists the FORWARD chain with bin, as the backend does
 // before it changes it. A missing binary is not a privilege problem (the
 // backend reports ErrNoIptables).
-func probeIptables(bin string) []string {
+func probeIptables(netns, bin string) []string {
 	path, err := exec.LookPath(bin)
 	if err != nil {
 		return nil
 	}
-	out, err := exec.Command(path, "-w", "5", "-t", "filter", "-S", "FORWARD").CombinedOutput()
+	var out []byte
+	err = nsExec{path: netns}.do(func() error {
+		var err error
+		out, err = exec.Command(path, "-w", "5", "-t", "filter", "-S", "FORWARD").CombinedOutput()
+		return err
+	})
 	if err == nil {
 		return nil
 	}
