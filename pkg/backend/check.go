@@ -20,7 +20,7 @@ func (d Drift) Empty() bool { return len(d.Missing) == 0 && len(d.Extra) == 0 }
 // Check compares, without changing anything, the kernel with the datapath b
 // would program for local and peers: routes, FDB and neighbour entries and
 // the VXLAN devices (vxlan), and for proxy-ndp whether a leased process
-// answers neighbour solicitations on the uplink and whether kernel proxy
+// listens for neighbour solicitations on the uplink and whether kernel proxy
 // entries answer for the cluster network besides it (check_ndp.go). It is
 // what `leased status` reports. b must come from New and must not have
 // been started in this process.
