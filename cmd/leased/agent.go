@@ -35,11 +35,9 @@ type agent struct {
 	node string
 	// newBackend is backend.New; tests of the agent's own logic replace it.
 	newBackend func(raw json.RawMessage, ext backend.ExtIface, node string, o backend.Options) (backend.Backend, error)
-	// startPrivilegeCheck is backend.StartPrivilegeCheck (nil: no check);
-	// run starts it, and ensureBackend waits for its answer through
-	// checkPrivileges before the first claim.
-	startPrivilegeCheck func(ext backend.ExtIface, o backend.Options) func(typ string, v4, v6 bool) error
-	checkPrivileges     func(typ string, v4, v6 bool) error
+	// checkPrivileges is backend.CheckPrivileges (nil: no check, for
+	// tests whose backend programs no kernel).
+	checkPrivileges func(typ string, ext backend.ExtIface, v4, v6 bool, o backend.Options) error
 	// fatal, once set, stops run: the agent lacks a privilege (see
 	// ensureBackend) and must not claim a subnet.
 	fatal error
@@ -82,7 +80,7 @@ type agent struct {
 
 func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node string) *agent {
 	a := &agent{o: o, cli: cli, reg: lease.NewRegistry(cli, o.etcdPrefix), ext: ext, node: node, newBackend: backend.New,
-		startPrivilegeCheck: backend.StartPrivilegeCheck, rejected: map[string]string{}, dirty: map[string]bool{}}
+		checkPrivileges: backend.CheckPrivileges, rejected: map[string]string{}, dirty: map[string]bool{}}
 	if env, err := subnetenv.Read(o.subnetFile); err == nil {
 		a.hint = env
 	}
@@ -93,10 +91,6 @@ func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node strin
 // the lease is left to expire on its own and the kernel state stays, so a
 // restarted agent picks up where this one stopped without disturbing traffic.
 func (a *agent) run(ctx context.Context) error {
-	if a.startPrivilegeCheck != nil {
-		// In the background, while etcd answers; see ensureBackend.
-		a.checkPrivileges = a.startPrivilegeCheck(a.ext, backend.Options{})
-	}
 	batches := make(chan lease.Batch, 16)
 	a.startWatch(ctx, batches)
 	a.setStatus("waiting for etcd at " + a.o.etcdEndpoints)
@@ -566,7 +560,7 @@ func (a *agent) ensureBackend() error {
 	if a.be == nil && a.checkPrivileges != nil {
 		// Before the first claim: a host that cannot program its
 		// datapath must not advertise a subnet peers would route to it.
-		if err := a.checkPrivileges(a.cfg.Backend.Type, a.cfg.IPv4 != nil, a.cfg.IPv6 != nil); err != nil {
+		if err := a.checkPrivileges(a.cfg.Backend.Type, a.ext, a.cfg.IPv4 != nil, a.cfg.IPv6 != nil, backend.Options{}); err != nil {
 			a.fatal = err
 			return err
 		}

@@ -23,11 +23,9 @@ func TestAgentStopsBeforeClaimingWithoutPrivileges(t *testing.T) {
 	rec := &recorder{}
 	ia := newIdleAgent(t, srv.ClientURL, "a", "192.168.1.1", rec)
 	var checked string
-	ia.startPrivilegeCheck = func(backend.ExtIface, backend.Options) func(string, bool, bool) error {
-		return func(typ string, v4, v6 bool) error {
-			checked = typ
-			return &backend.PrivilegeError{Backend: typ, Problems: []string{"CAP_NET_ADMIN is missing"}}
-		}
+	ia.checkPrivileges = func(typ string, _ backend.ExtIface, v4, v6 bool, _ backend.Options) error {
+		checked = typ
+		return &backend.PrivilegeError{Backend: typ, Problems: []string{"CAP_NET_ADMIN is missing"}}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

@@ -2,8 +2,12 @@ package backend
 
 import (
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // As root, in a fresh namespace, every backend type and family passes the
@@ -34,27 +38,24 @@ func TestCheckPrivilegesAsRootChangesNothing(t *testing.T) {
 	}
 }
 
-// Only the problems that matter for the backend and families are reported.
+// The packet socket matters only to proxy-ndp.
 func TestPrivilegesCheckPicksRelevantProblems(t *testing.T) {
 	p := privileges{
-		sysctl4: []string{"cannot write the sysctl net.ipv4.ip_forward"},
-		ipt6:    []string{"ip6tables cannot read the FORWARD chain"},
-		packet:  errors.New("CAP_NET_RAW is missing"),
+		sysctl: []string{"cannot write the sysctl net.ipv4.ip_forward"},
+		packet: errors.New("CAP_NET_RAW is missing"),
 	}
 	for _, tc := range []struct {
-		typ    string
-		v4, v6 bool
-		want   []string // empty: no error
+		typ  string
+		want []string
 	}{
-		{TypeHostGW, true, false, []string{"net.ipv4.ip_forward"}},
-		{TypeHostGW, false, true, []string{"ip6tables"}},
-		{TypeVXLAN, true, true, []string{"net.ipv4.ip_forward", "ip6tables"}},
-		{TypeProxyNDP, false, true, []string{"ip6tables", "CAP_NET_RAW"}},
+		{TypeHostGW, []string{"net.ipv4.ip_forward"}},
+		{TypeVXLAN, []string{"net.ipv4.ip_forward"}},
+		{TypeProxyNDP, []string{"net.ipv4.ip_forward", "CAP_NET_RAW"}},
 	} {
-		err := p.check(tc.typ, tc.v4, tc.v6)
+		err := p.check(tc.typ)
 		var pe *PrivilegeError
 		if !errors.As(err, &pe) || len(pe.Problems) != len(tc.want) {
-			t.Errorf("%s v4=%v v6=%v: %v, want %d problems %q", tc.typ, tc.v4, tc.v6, err, len(tc.want), tc.want)
+			t.Errorf("%s: %v, want %d problems %q", tc.typ, err, len(tc.want), tc.want)
 			continue
 		}
 		for i, w := range tc.want {
@@ -63,7 +64,44 @@ func TestPrivilegesCheckPicksRelevantProblems(t *testing.T) {
 			}
 		}
 	}
-	if err := (&privileges{packet: errors.New("CAP_NET_RAW is missing")}).check(TypeHostGW, true, true); err != nil {
+	if err := (&privileges{packet: errors.New("CAP_NET_RAW is missing")}).check(TypeHostGW); err != nil {
 		t.Errorf("host-gw needs no packet socket, got %v", err)
+	}
+}
+
+// iptables-legacy is recognised through its symlinks; as root its raw
+// socket and lock file are allowed, and iptables-nft needs nothing beyond
+// CAP_NET_ADMIN.
+func TestProbeIptablesVariants(t *testing.T) {
+	requireRoot(t)
+	for _, tc := range []struct{ multi string }{{"xtables-legacy-multi"}, {"xtables-nft-multi"}} {
+		real := ""
+		for _, d := range []string{"/usr/sbin", "/sbin", "/usr/local/sbin"} {
+			if _, err := os.Stat(filepath.Join(d, tc.multi)); err == nil {
+				real = filepath.Join(d, tc.multi)
+				break
+			}
+		}
+		if real == "" {
+			t.Logf("%s not installed", tc.multi)
+			continue
+		}
+		dir := t.TempDir()
+		if err := os.Symlink(real, filepath.Join(dir, "iptables")); err != nil {
+			t.Fatal(err)
+		}
+		t.Setenv("PATH", dir)
+		if got := probeIptables("iptables", unix.AF_INET); len(got) != 0 {
+			t.Errorf("%s as root: %q", tc.multi, got)
+		}
+		t.Setenv("XTABLES_LOCKFILE", "/nonexistent-leased/xtables.lock") // cannot be created
+		got := probeIptables("iptables", unix.AF_INET)
+		legacy := strings.Contains(tc.multi, "legacy")
+		if legacy && (len(got) != 1 || !strings.Contains(got[0], "cannot write its lock file /nonexistent-leased/xtables.lock")) {
+			t.Errorf("legacy with an unwritable lock file: %q", got)
+		}
+		if !legacy && len(got) != 0 {
+			t.Errorf("nft needs no lock file: %q", got)
+		}
 	}
 }

@@ -20,6 +20,8 @@ type unprivileged struct {
 	name    string
 	setpriv []string
 	want    []string
+	// legacy puts iptables-legacy first in the agent's PATH.
+	legacy bool
 }
 
 // runUnprivileged runs the real agent binary in h's namespace under
@@ -54,7 +56,23 @@ func runUnprivileged(t *testing.T, l *lab.Lab, h *lab.Host, node string, tc unpr
 	args = append(args, "--", bin,
 		"--etcd-endpoints="+l.EtcdEndpoint, "--iface=eth0", "--node-name="+node,
 		"--subnet-file="+filepath.Join(dir, "subnet.env"), "--lease-ttl=30s")
-	out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput()
+	cmd := exec.CommandContext(ctx, "ip", args...)
+	if tc.legacy {
+		multi := "/usr/sbin/xtables-legacy-multi"
+		if _, err := os.Stat(multi); err != nil {
+			if os.Getenv("CI") != "" {
+				t.Fatalf("%s not found: CI must install iptables", multi)
+			}
+			t.Skipf("%s not found", multi)
+		}
+		for _, n := range []string{"iptables", "ip6tables"} {
+			if err := os.Symlink(multi, filepath.Join(dir, n)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		cmd.Env = append(os.Environ(), "PATH="+dir+":"+os.Getenv("PATH"))
+	}
+	out, err := cmd.CombinedOutput()
 	code := -1
 	if ee, ok := err.(*exec.ExitError); ok {
 		code = ee.ExitCode()
@@ -108,16 +126,18 @@ func copyFile(t *testing.T, src, dst string, mode os.FileMode) {
 }
 
 // An agent without CAP_NET_ADMIN (a unit missing the capability, or run as
-// nobody) says so and exits with the status its unit does not restart,
-// before it claims a subnet: peers never route to a host that cannot
-// forward.
+// nobody), or without CAP_NET_RAW where iptables is iptables-legacy, says
+// so and exits with the status its unit does not restart, before it claims
+// a subnet: peers never route to a host that cannot forward.
 func TestAgentWithoutPrivilegesExitsBeforeClaiming(t *testing.T) {
 	l := up(t, lab.Config{Hosts: 1})
 	h := l.Hosts[0]
 	for i, tc := range []unprivileged{
-		{"bounding set without net_admin", []string{"--inh-caps=-all", "--bounding-set=-net_admin"}, []string{"CAP_NET_ADMIN is missing"}},
+		{"bounding set without net_admin", []string{"--inh-caps=-all", "--bounding-set=-net_admin"}, []string{"CAP_NET_ADMIN is missing"}, false},
 		{"as nobody", []string{"--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all"},
-			[]string{"CAP_NET_ADMIN is missing", "cannot write the sysctl net.ipv4.ip_forward", "iptables cannot read the FORWARD chain"}},
+			[]string{"CAP_NET_ADMIN is missing", "cannot write the sysctl net.ipv4.ip_forward", "cannot write the sysctl net.ipv6.conf.all.forwarding"}, false},
+		{"iptables-legacy without net_raw", []string{"--inh-caps=-all", "--bounding-set=-net_raw"},
+			[]string{"iptables is iptables-legacy", "ip6tables is iptables-legacy", "which needs CAP_NET_RAW"}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			runUnprivileged(t, l, h, "unpriv"+string(rune('a'+i)), tc)

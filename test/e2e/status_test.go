@@ -107,6 +107,6 @@ func TestCLIStatusProxyNDP(t *testing.T) {
 
 	t.Run("without CAP_NET_RAW", func(t *testing.T) {
 		runUnprivileged(t, l, h1, "unprivndp", unprivileged{"bounding set without net_raw",
-			[]string{"--inh-caps=-all", "--bounding-set=-net_raw"}, []string{"CAP_NET_RAW is missing"}})
+			[]string{"--inh-caps=-all", "--bounding-set=-net_raw"}, []string{"CAP_NET_RAW is missing"}, false})
 	})
 }
