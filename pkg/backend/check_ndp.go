@@ -3,7 +3,9 @@ package backend
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -38,7 +40,11 @@ func (b *proxyNDP) checkAnswers(local Local) (missing, extra []string, err error
 	if err != nil {
 		return nil, nil, fmt.Errorf("listing packet sockets: %w", err)
 	}
-	if !ownedByLeased(inodes) {
+	owned, err := ownedByLeased(inodes)
+	if err != nil {
+		return nil, nil, err
+	}
+	if !owned {
 		missing = append(missing, fmt.Sprintf("ndp answers for %s on %s (no leased process listens for neighbour solicitations there: is the agent running?)", local.Subnet6.Masked(), link.Name))
 	}
 	if nk, ok := b.k.(netlinkKernel); ok && local.Network6.IsValid() {
@@ -81,10 +87,11 @@ func packetSockets(ifindex int) (map[uint64]bool, error) {
 }
 
 // ownedByLeased reports whether a process named leased holds one of the
-// sockets with the given inodes.
-func ownedByLeased(inodes map[uint64]bool) bool {
+// sockets with the given inodes. It fails when it may not look at such a
+// process's descriptors (leased status run as another user than the agent).
+func ownedByLeased(inodes map[uint64]bool) (bool, error) {
 	if len(inodes) == 0 {
-		return false
+		return false, nil
 	}
 	procs, _ := filepath.Glob("/proc/[0-9]*")
 	for _, p := range procs {
@@ -92,16 +99,19 @@ func ownedByLeased(inodes map[uint64]bool) bool {
 		if err != nil || strings.TrimSpace(string(comm)) != "leased" {
 			continue
 		}
-		fds, _ := os.ReadDir(filepath.Join(p, "fd"))
+		fds, err := os.ReadDir(filepath.Join(p, "fd"))
+		if errors.Is(err, fs.ErrPermission) {
+			return false, fmt.Errorf("cannot see which sockets the agent (%s) holds: %w; run leased status as root", p, err)
+		}
 		for _, fd := range fds {
 			t, err := os.Readlink(filepath.Join(p, "fd", fd.Name()))
 			if err != nil || !strings.HasPrefix(t, "socket:[") {
 				continue
 			}
 			if ino, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(t, "socket:["), "]"), 10, 64); err == nil && inodes[ino] {
-				return true
+				return true, nil
 			}
 		}
 	}
-	return false
+	return false, nil
 }
