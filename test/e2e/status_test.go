@@ -2,8 +2,12 @@ package e2e
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -96,6 +100,27 @@ func TestCLIStatusProxyNDP(t *testing.T) {
 	statusNames(t, l, h1, "extra    ndp proxy entry "+peerAddr+" dev eth0")
 	mustIP(t, h1, "-6", "neigh", "del", "proxy", peerAddr, "dev", "eth0")
 	statusClean(t, l, h1)
+
+	t.Run("as another user", func(t *testing.T) {
+		// It may not see the agent's sockets: it says so rather than
+		// reporting the answers missing.
+		dir, err := os.MkdirTemp("", "leased-status-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		if err := os.Chmod(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		bin := filepath.Join(dir, "leased")
+		copyFile(t, binary, bin, 0o755)
+		args := append([]string{"netns", "exec", h1.NS, "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", bin}, statusArgs(l, h1)...)
+		out, err := exec.Command("ip", args...).CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(string(out), "run leased status as root") || strings.Contains(string(out), "missing  ndp answers") {
+			t.Errorf("leased status as nobody: %v:\n%s", err, out)
+		}
+	})
 
 	if err := l.StopAgent(h1, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
