@@ -561,7 +561,9 @@ func (a *agent) ensureBackend() error {
 		// Before the first claim: a host that cannot program its
 		// datapath must not advertise a subnet peers would route to it.
 		if err := a.checkPrivileges(a.cfg.Backend.Type, a.ext, a.cfg.IPv4 != nil, a.cfg.IPv6 != nil, backend.Options{}); err != nil {
-			a.fatal = err
+			if pe := (*backend.PrivilegeError)(nil); errors.As(err, &pe) {
+				a.fatal = err
+			}
 			return err
 		}
 	}
