@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -384,5 +385,46 @@ func TestExamplesAreOneLineJSON(t *testing.T) {
 		if bytes.Count(bytes.TrimSpace(data), []byte("\n")) != 0 {
 			t.Errorf("%s spans several lines", n)
 		}
+	}
+}
+
+// The unit restarts leased after a transient failure (exit status 1) but
+// not after one restarting cannot fix: a usage error (2) or missing
+// privileges (backend.PrivilegeExitStatus), which would otherwise restart
+// every RestartSec= forever.
+func TestUnitDoesNotRestartUnfixableExits(t *testing.T) {
+	data, _ := dist.Files.ReadFile(dist.LeasedUnit)
+	settings, err := dist.ParseUnit(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var restart string
+	prevent := map[string]bool{}
+	for _, s := range settings {
+		if s.Section != "Service" {
+			continue
+		}
+		switch s.Key {
+		case "Restart":
+			restart = s.Value
+		case "RestartPreventExitStatus":
+			if s.Value == "" {
+				clear(prevent)
+			}
+			for _, f := range strings.Fields(s.Value) {
+				prevent[f] = true
+			}
+		}
+	}
+	if restart != "always" && restart != "on-failure" {
+		t.Errorf("Restart=%s: leased must be restarted after a failure", restart)
+	}
+	for _, code := range []int{2, backend.PrivilegeExitStatus} {
+		if !prevent[strconv.Itoa(code)] {
+			t.Errorf("RestartPreventExitStatus= does not list %d", code)
+		}
+	}
+	if prevent["1"] {
+		t.Errorf("RestartPreventExitStatus= lists 1, the status of transient failures")
 	}
 }

@@ -36,6 +36,12 @@ type agent struct {
 	node string
 	// newBackend is backend.New; tests of the agent's own logic replace it.
 	newBackend func(raw json.RawMessage, ext backend.ExtIface, node string, o backend.Options) (backend.Backend, error)
+	// checkPrivileges is backend.CheckPrivileges (nil: no check, for
+	// tests whose backend programs no kernel).
+	checkPrivileges func(typ string, ext backend.ExtIface, v4, v6 bool, o backend.Options) error
+	// fatal, once set, stops run: the agent lacks a privilege (see
+	// ensureBackend) and must not claim a subnet.
+	fatal error
 
 	view      lease.View      // etcd as the watch has shown it
 	dirty     map[string]bool // nodes whose lease changed since the last step
@@ -76,7 +82,7 @@ type agent struct {
 
 func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node string) *agent {
 	a := &agent{o: o, cli: cli, reg: lease.NewRegistry(cli, o.etcdPrefix), ext: ext, node: node, newBackend: backend.New,
-		rejected: map[string]string{}, dirty: map[string]bool{}}
+		checkPrivileges: backend.CheckPrivileges, rejected: map[string]string{}, dirty: map[string]bool{}}
 	if env, err := subnetenv.Read(o.subnetFile); err == nil {
 		a.hint = env
 	}
@@ -91,6 +97,9 @@ func (a *agent) run(ctx context.Context) error {
 	a.startWatch(ctx, batches)
 	a.setStatus("waiting for etcd at " + a.o.etcdEndpoints)
 	a.claimEarly(ctx)
+	if a.fatal != nil {
+		return a.fatal
+	}
 	retry := time.NewTimer(time.Hour)
 	defer retry.Stop()
 	bo := time.Second
@@ -139,6 +148,9 @@ func (a *agent) run(ctx context.Context) error {
 		if err := a.step(ctx); err != nil {
 			if ctx.Err() != nil {
 				return nil
+			}
+			if a.fatal != nil {
+				return a.fatal
 			}
 			if a.etcd.quiet(err) { // the monitor has said why
 				klog.V(2).InfoS("retrying", "err", err, "in", bo)
@@ -498,7 +510,18 @@ func (a *agent) ensureBackend() error {
 	if a.be != nil && bytes.Equal(a.cfg.Backend.Raw, a.beRaw) {
 		return nil
 	}
-	be, err := a.newBackend(a.cfg.Backend.Raw, a.ext, a.node, backend.Options{IPMasq: a.o.ipMasq, NoForwardRules: !a.o.iptablesForward, Resync: a.o.resync})
+	opts := backend.Options{IPMasq: a.o.ipMasq, NoForwardRules: !a.o.iptablesForward, Resync: a.o.resync}
+	if a.be == nil && a.checkPrivileges != nil {
+		// Before the first claim: a host that cannot program its
+		// datapath must not advertise a subnet peers would route to it.
+		if err := a.checkPrivileges(a.cfg.Backend.Type, a.ext, a.cfg.IPv4 != nil, a.cfg.IPv6 != nil, opts); err != nil {
+			if pe := (*backend.PrivilegeError)(nil); errors.As(err, &pe) {
+				a.fatal = err
+			}
+			return err
+		}
+	}
+	be, err := a.newBackend(a.cfg.Backend.Raw, a.ext, a.node, opts)
 	if err != nil {
 		if a.be != nil {
 			klog.ErrorS(err, "new backend options rejected; keeping the running backend")

@@ -24,6 +24,8 @@ import (
 	"syscall"
 
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/pkg/backend"
 )
 
 func main() {
@@ -91,6 +93,11 @@ func run(args []string) int {
 		}
 	}
 	if err := runAgent(ctx, o); err != nil {
+		var pe *backend.PrivilegeError
+		if errors.As(err, &pe) {
+			klog.ErrorS(err, "leased stopped without claiming a subnet; restarting cannot help", "exitStatus", backend.PrivilegeExitStatus)
+			return backend.PrivilegeExitStatus
+		}
 		klog.ErrorS(err, "leased stopped")
 		return exitCode(err)
 	}

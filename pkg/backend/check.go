@@ -18,11 +18,18 @@ type Drift struct {
 func (d Drift) Empty() bool { return len(d.Missing) == 0 && len(d.Extra) == 0 }
 
 // Check compares, without changing anything, the kernel with the datapath b
-// would program for local and peers: routes, FDB and neighbour entries (and
-// the VXLAN devices). It is what `leased status` reports. b must come from
-// New and must not have been started in this process.
+// would program for local and peers: routes, FDB and neighbour entries and
+// the VXLAN devices (vxlan), and for proxy-ndp whether a leased process
+// listens for neighbour solicitations on the uplink and whether kernel proxy
+// entries answer for the cluster network besides it (check_ndp.go). It is
+// what `leased status` reports. b must come from New and must not have
+// been started in this process.
 func Check(ctx context.Context, b Backend, local Local, peers []Peer) (Drift, error) {
+	var ndp *proxyNDP
 	e, ok := b.(*engine)
+	if p, isNDP := b.(*proxyNDP); isNDP {
+		e, ndp, ok = p.engine, p, true
+	}
 	if !ok {
 		return Drift{}, errors.New("backend: Check needs a backend made by New")
 	}
@@ -33,21 +40,37 @@ func Check(ctx context.Context, b Backend, local Local, peers []Peer) (Drift, er
 	defer e.mu.Unlock()
 	var d Drift
 	var owned []int
-	if e.typ == TypeVXLAN {
-		for _, dev := range []struct {
-			name string
-			on   bool
-		}{{VXLANDev4, local.Subnet4.IsValid()}, {VXLANDev6, local.Subnet6.IsValid()}} {
-			if !dev.on {
+	if v, ok := e.dp.(*vxlan); ok {
+		// The desired state names the devices by ifindex; take the
+		// indexes of the devices as they are (ensure, which would set
+		// them, changes the kernel).
+		for i, dev := range v.devs {
+			v.idx[i] = 0
+			l, err := e.k.LinkByName(dev.name)
+			if !enabled(local, i == 1) {
+				if err == nil {
+					d.Extra = append(d.Extra, "device "+dev.name+" (its family holds no subnet)")
+				}
 				continue
 			}
-			l, err := e.k.LinkByName(dev.name)
 			if err != nil {
 				d.Missing = append(d.Missing, "device "+dev.name)
 				continue
 			}
-			owned = append(owned, l.Attrs().Index)
+			if why := dev.mismatch(l); why != "" {
+				d.Extra = append(d.Extra, fmt.Sprintf("device %s (%s)", dev.name, why))
+			}
+			v.idx[i] = l.Attrs().Index
+			owned = append(owned, v.idx[i])
 		}
+	}
+	if ndp != nil {
+		m, x, err := ndp.checkAnswers(local)
+		if err != nil {
+			return d, err
+		}
+		d.Missing = append(d.Missing, m...)
+		d.Extra = append(d.Extra, x...)
 	}
 	connected, err := e.connected()
 	if err != nil {
