@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net/netip"
 	"path/filepath"
 	"slices"
 
@@ -110,10 +111,10 @@ func (a *agent) checkOwnKeys(b lease.Batch) {
 			a.startGrace()
 			return
 		case e.Kind == lease.LeasePut && own && (e.Record == nil || e.Record.Lease != ours):
-			a.lostOwnKeys(a.reg.Keys().Lease(a.node), e.Record)
+			a.lostOwnKeys(a.reg.Keys().Lease(a.node), a.node, e.Record)
 			return
 		case e.Kind == lease.LockPut && mySubnet && (e.Node != a.node || e.Lease != ours):
-			a.lostOwnKeys(a.reg.Keys().SubnetLock(e.Subnet), nil)
+			a.lostOwnKeys(a.reg.Keys().SubnetLock(e.Subnet), e.Node, nil)
 			return
 		}
 	}
@@ -133,18 +134,27 @@ func (a *agent) checkOwnRecord(b lease.Batch) {
 		a.self = nil
 		a.startGrace()
 	case r == nil || r.Lease != int64(a.sess.Lease()):
-		a.lostOwnKeys(a.reg.Keys().Lease(a.node), r)
+		a.lostOwnKeys(a.reg.Keys().Lease(a.node), a.node, r)
 	}
 }
 
 // lostOwnKeys stops using the lease after key was rewritten by someone
-// else (by, as far as the record tells, holder).
-func (a *agent) lostOwnKeys(key string, holder *lease.Record) {
+// else: for node (this host's own name: another host with the same name,
+// as far as the record holder tells), or another node that took a lock.
+func (a *agent) lostOwnKeys(key, node string, holder *lease.Record) {
 	kv := []any{"key", key, "subnets", a.self.Subnets()}
 	if holder != nil {
-		kv = append(kv, "writerPublicIP", holder.PublicIP, "writerPublicIPv6", holder.PublicIPv6)
+		for _, ip := range []netip.Addr{holder.PublicIP, holder.PublicIPv6} {
+			if ip.IsValid() {
+				kv = append(kv, "writerPublicIP", ip.String())
+			}
+		}
 	}
-	klog.ErrorS(nil, "this host's lease keys were overwritten in etcd by someone else; it stops serving its subnets and claims again (another host with the same node name? give each host its own --node-name)", kv...)
+	if node == a.node {
+		klog.ErrorS(nil, "this host's lease keys were overwritten in etcd under another etcd lease; it stops serving its subnets and claims again (another host with the same node name? give each host its own --node-name)", kv...)
+	} else {
+		klog.ErrorS(nil, "this host's subnet lock was taken in etcd by another node; it stops serving that subnet and claims again", append(kv, "takenBy", node)...)
+	}
 	a.self = nil
 	a.startGrace()
 	if w, ok := a.be.(backend.Withdrawer); ok {

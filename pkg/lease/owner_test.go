@@ -12,9 +12,11 @@ import (
 	"testing"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/leased/leased/internal/etcdserver"
 )
 
-// holders returns, for every subnet lock under reg, the etcd lease it is
+// lockLeases returns, for every subnet lock under reg, the etcd lease it is
 // attached to.
 func lockLeases(t *testing.T, cli *clientv3.Client, reg *Registry) map[string]int64 {
 	t.Helper()
@@ -268,5 +270,35 @@ func TestOwnLeasesFile(t *testing.T) {
 	}
 	if _, ok, err := o.Load(); ok || err == nil {
 		t.Errorf("garbage: ok=%v err=%v, want an error", ok, err)
+	}
+}
+
+// The same against Debian's etcd 3.4 (as its own process): the lease
+// comparisons the claim and Publish rely on work there too.
+func TestNodeNameConflictOnOlderEtcd(t *testing.T) {
+	ext, err := etcdserver.StartBinary(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ext.Stop)
+	cli := newClientAt(t, ext.ClientURL)
+	cfg := mustConfig(t, `{"Network":"10.100.0.0/16"}`)
+	reg := NewRegistry(cli, "")
+	sessA, sessB := newSession(t, cli, 30), newSession(t, cli, 30)
+	a, err := reg.Acquire(ctxT(t), sessA.Lease(), cfg, Claim{Node: "twin", PublicIP: netip.MustParseAddr("192.0.2.1")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	upd := *a
+	upd.BackendData = []byte(`{"x":1}`)
+	if err := reg.Publish(ctxT(t), sessA.Lease(), &upd); err != nil {
+		t.Fatalf("Publish of the holder on etcd %s: %v", ext.Version, err)
+	}
+	var cf *ConflictError
+	if _, err := reg.Acquire(ctxT(t), sessB.Lease(), cfg, Claim{Node: "twin", PublicIP: netip.MustParseAddr("192.0.2.2"), NoHistory: true}); !errors.As(err, &cf) {
+		t.Fatalf("second host on etcd %s: %v, want a conflict", ext.Version, err)
+	}
+	if err := reg.Publish(ctxT(t), sessB.Lease(), &upd); !errors.Is(err, ErrNotHeld) {
+		t.Fatalf("Publish under another lease on etcd %s: %v, want ErrNotHeld", ext.Version, err)
 	}
 }
