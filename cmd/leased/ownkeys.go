@@ -50,6 +50,9 @@ func (k *ownKeys) load(o *options, node string) {
 // written after the first claim (see claimed).
 func (k *ownKeys) granted(id clientv3.LeaseID) {
 	k.ids = append(k.ids, id)
+	if len(k.ids) > 8 {
+		k.ids = slices.Clone(k.ids[len(k.ids)-8:])
+	}
 	if !k.noHistory {
 		k.save(k.ids)
 	}
