@@ -215,6 +215,9 @@ func TestReservationDoesNotMoveServingHost(t *testing.T) {
 	if err != nil || moved.Subnet != other {
 		t.Fatalf("restart: %v, %v; want the reservation %s", moved, err, other)
 	}
+	if resp, _ := cli.Get(ctxT(t), reg.Keys().SubnetLock(held.Subnet)); len(resp.Kvs) != 0 {
+		t.Errorf("the lock of the subnet left behind was not released: %v", resp.Kvs)
+	}
 }
 
 // Publish never rewrites a record another host took.

@@ -135,6 +135,8 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 		if prev = rec; derr != nil {
 			klog.Warningf("ignoring this node's own malformed lease record: %v", derr)
 			prev = nil
+		} else {
+			prev.Lease = kv.Lease
 		}
 	}
 	var aff affinity
@@ -423,7 +425,8 @@ func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, pr
 		clientv3.OpPut(k.Node(rec.Node), string(aff)),
 	)
 	// Release locks of subnets this node held before and no longer wants,
-	// but only while they are still ours.
+	// but only while they are still ours: under the lease of the record
+	// that named them (a claim writes both under one lease).
 	if prev != nil {
 		for _, old := range prev.Subnets() {
 			if old == rec.Subnet || old == rec.IPv6Subnet {
@@ -431,7 +434,8 @@ func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, pr
 			}
 			key := k.SubnetLock(old)
 			thens = append(thens, clientv3.OpTxn(
-				[]clientv3.Cmp{clientv3.Compare(clientv3.Value(key), "=", rec.Node)},
+				[]clientv3.Cmp{clientv3.Compare(clientv3.Value(key), "=", rec.Node),
+					clientv3.Compare(clientv3.LeaseValue(key), "=", clientv3.LeaseID(prev.Lease))},
 				[]clientv3.Op{clientv3.OpDelete(key)}, nil))
 		}
 	}
