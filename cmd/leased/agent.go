@@ -74,7 +74,8 @@ type agent struct {
 	started  bool // be.Start ran for self
 	ready    bool
 	status   string
-	health   health // what /readyz reports
+	health   health  // what /readyz reports
+	own      ownKeys // which keys carrying the node name are this host's
 
 	// etcd says why etcd cannot be used (nil in tests of the agent alone).
 	etcd *etcdMonitor
@@ -166,6 +167,9 @@ func (a *agent) run(ctx context.Context) error {
 			if !a.graceUntil.IsZero() {
 				retry.Reset(time.Until(a.graceUntil) + 10*time.Millisecond)
 			}
+			if a.own.conflict != "" && a.self == nil {
+				retry.Reset(10 * time.Second) // besides the watch's events
+			}
 		}
 	}
 }
@@ -221,19 +225,9 @@ func (a *agent) saveCache() {
 // apply folds one watch batch into the agent's view of etcd and logs
 // malformed lease records once each.
 func (a *agent) apply(b lease.Batch) {
-	for _, e := range b.Events {
-		if a.self == nil {
-			break
-		}
-		ownLock := e.Kind == lease.LockDelete && slices.Contains(a.self.Subnets(), e.Subnet)
-		if (e.Kind == lease.LeaseDelete && e.Node == a.node) || ownLock {
-			klog.Warningf("this host's lease keys were deleted in etcd (expired, or by hand); claiming its subnets %v again", a.self.Subnets())
-			a.self = nil // ensureLease claims again, preferring the held subnets
-			a.startGrace()
-			a.setStatus("lease keys deleted; claiming them again")
-		}
-	}
+	a.checkOwnKeys(b)
 	a.view.Apply(b)
+	a.checkOwnRecord(b)
 	if b.Reset {
 		a.peers = nil // the view has a new records map
 	}
@@ -274,6 +268,11 @@ func (a *agent) step(ctx context.Context) error {
 			}
 			a.setStatus("out of subnets in " + ex.Pool.String() + "; waiting for one to free up")
 			return nil // a lease deletion or config change triggers the next try
+		}
+		var cf *lease.ConflictError
+		if errors.As(err, &cf) {
+			a.reportConflict(cf)
+			return nil // the other host's keys going away, or run's timer, triggers the next try
 		}
 		return err
 	}
@@ -561,6 +560,8 @@ func (a *agent) ensureLease(ctx context.Context) error {
 			return fmt.Errorf("creating an etcd lease at %s (is etcd up and reachable? check --etcd-endpoints and the TLS flags): %w", a.o.etcdEndpoints, err)
 		}
 		a.sess = sess
+		a.own.load(a.o, a.node)
+		a.own.granted(sess.Lease())
 	}
 	want := a.self == nil ||
 		(a.cfg.IPv4 != nil && !a.self.Subnet.IsValid()) ||
@@ -572,6 +573,9 @@ func (a *agent) ensureLease(ctx context.Context) error {
 		rec := *a.self
 		rec.BackendType, rec.BackendData = a.be.Type(), a.be.LeaseData()
 		if err := a.reg.Publish(ctx, a.sess.Lease(), &rec); err != nil {
+			if errors.Is(err, lease.ErrNotHeld) {
+				a.self = nil // claim again: restores deleted keys, reports a conflict
+			}
 			return err
 		}
 		a.self = &rec
@@ -582,6 +586,7 @@ func (a *agent) ensureLease(ctx context.Context) error {
 		BackendType: a.be.Type(), BackendData: a.be.LeaseData(),
 		Hint4: a.hint.Subnet4, Hint6: a.hint.Subnet6,
 		Keep4: a.held.Subnet, Keep6: a.held.IPv6Subnet,
+		Own: a.own.ids, NoHistory: a.own.noHistory,
 	}
 	if a.cfg.IPv4 != nil {
 		klog.InfoS("Picking subnet in range", "range", a.cfg.IPv4.String())
@@ -592,6 +597,11 @@ func (a *agent) ensureLease(ctx context.Context) error {
 	rec, err := a.reg.Acquire(ctx, a.sess.Lease(), a.cfg, c)
 	if err != nil {
 		return err
+	}
+	a.own.claimed(a.sess.Lease())
+	if a.own.conflict != "" {
+		klog.InfoS("node name conflict over: this host holds its node name again", "node", a.node)
+		a.own.conflict = ""
 	}
 	moved := func(old, new netip.Prefix) bool { return old.IsValid() && old != new }
 	switch {

@@ -27,6 +27,10 @@ type Record struct {
 	Rev int64 `json:"-"`
 	// Lease is the etcd lease the record is attached to (0: none); not stored.
 	Lease int64 `json:"-"`
+	// ModRev is the etcd revision at which this host wrote its own record
+	// (set by Acquire and Publish only); not stored. Changes to its keys
+	// after it are someone else's.
+	ModRev int64 `json:"-"`
 
 	// peer is the part of the peer filter a listing computed for the
 	// record as it decoded it; not stored (see prechecker).

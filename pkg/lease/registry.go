@@ -62,8 +62,23 @@ type Claim struct {
 	// Hint4/Hint6 are subnets the host used before (e.g. read back from
 	// subnet.env); they are tried after the host's records in etcd.
 	Hint4, Hint6 netip.Prefix
-	// Keep4/Keep6 are the subnets the host holds now; they are tried first.
+	// Keep4/Keep6 are the subnets the host holds now and serves; they are
+	// tried first, before a reservation: a running host is never moved.
 	Keep4, Keep6 netip.Prefix
+	// Own lists the etcd leases, besides the one the claim is made under,
+	// that earlier runs of this agent on this machine granted (see
+	// OwnLeases). Keys carrying c.Node under one of them are this host's
+	// own and are taken over; keys carrying c.Node under any other live
+	// lease belong to another host with the same node name, and Acquire
+	// returns a *ConflictError instead of claiming.
+	Own []clientv3.LeaseID
+	// NoHistory says that this machine has no record of earlier runs (no
+	// lease file: the first start since boot, or since an upgrade from a
+	// version that kept none). Then the keys of c.Node under another lease
+	// are taken over only when that lease's record names exactly this
+	// host's public addresses (c.PublicIP, c.PublicIPv6), which no other
+	// live host can have.
+	NoHistory bool
 }
 
 // Acquire looks at probeSize random candidates per family in one read
@@ -77,12 +92,15 @@ const (
 
 // Acquire claims one subnet per family enabled in cfg for c.Node, all
 // attached to sess's lease, and publishes the lease record. It prefers, in
-// order: the node's reservation, c.Keep*, the node's current lease record,
-// the subnets the node held last (its affinity record), c.Hint*; then a
-// random free subnet. Every claim is an etcd transaction that succeeds only
-// if no other node holds the subnet; a lost race moves on to another
-// candidate. It returns an error wrapping ErrNoFreeSubnet when a pool is
-// full, and ctx's error when cancelled.
+// order: c.Keep* (the subnets the running host serves), the node's
+// reservation, the node's current lease record, the subnets the node held
+// last (its affinity record), c.Hint*; then a random free subnet. Every
+// claim is an etcd transaction that succeeds only if no other node holds
+// the subnet and no other host holds the node's record; a lost race moves
+// on to another candidate. Keys carrying c.Node are taken over only when
+// they are this host's own (see Claim.Own); otherwise Acquire claims
+// nothing and returns a *ConflictError. It returns an error wrapping
+// ErrNoFreeSubnet when a pool is full, and ctx's error when cancelled.
 func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *Config, c Claim) (*Record, error) {
 	if err := ValidNodeName(c.Node); err != nil {
 		return nil, err
@@ -96,11 +114,29 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 	if err != nil {
 		return nil, fmt.Errorf("reading lease records of %s: %w", c.Node, err)
 	}
+	own := ownSet{int64(leaseID): true}
+	for _, id := range c.Own {
+		own[int64(id)] = true
+	}
 	var prev *Record
+	var recRev int64 // mod revision of the node's record; 0 when there is none
 	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-		if prev, err = DecodeRecord(c.Node, kvs[0].Value); err != nil {
-			klog.Warningf("ignoring this node's own malformed lease record: %v", err)
+		kv := kvs[0]
+		rec, derr := DecodeRecord(c.Node, kv.Value)
+		if !own[kv.Lease] {
+			if c.NoHistory && derr == nil && kv.Lease != 0 && sameAddrs(rec, c) {
+				klog.InfoS("taking over the lease keys of this host's previous run (same node name and public addresses)", "node", c.Node, "lease", fmt.Sprintf("%x", kv.Lease))
+				own[kv.Lease] = true
+			} else {
+				return nil, r.conflict(ctx, c.Node, string(kv.Key), kv)
+			}
+		}
+		recRev = kv.ModRevision
+		if prev = rec; derr != nil {
+			klog.Warningf("ignoring this node's own malformed lease record: %v", derr)
 			prev = nil
+		} else {
+			prev.Lease = kv.Lease
 		}
 	}
 	var aff affinity
@@ -129,23 +165,27 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 
 	fams := []*family{}
 	if cfg.IPv4 != nil {
-		f := &family{pool: cfg.IPv4, taken: map[netip.Prefix]bool{}, reserved: reservedForOthers}
-		f.prefs = []netip.Prefix{mine.Subnet, c.Keep4, prev.subnet4(), aff.Subnet, c.Hint4}
+		f := &family{pool: cfg.IPv4, taken: map[netip.Prefix]bool{}, reserved: reservedForOthers, own: own,
+			keep: c.Keep4, reservation: mine.Subnet}
+		f.prefs = []netip.Prefix{c.Keep4, mine.Subnet, prev.subnet4(), aff.Subnet, c.Hint4}
 		fams = append(fams, f)
 	}
 	if cfg.IPv6 != nil {
-		f := &family{pool: cfg.IPv6, taken: map[netip.Prefix]bool{}, reserved: reservedForOthers}
-		f.prefs = []netip.Prefix{mine.IPv6Subnet, c.Keep6, prev.subnet6(), aff.IPv6Subnet, c.Hint6}
+		f := &family{pool: cfg.IPv6, taken: map[netip.Prefix]bool{}, reserved: reservedForOthers, own: own,
+			keep: c.Keep6, reservation: mine.IPv6Subnet}
+		f.prefs = []netip.Prefix{c.Keep6, mine.IPv6Subnet, prev.subnet6(), aff.IPv6Subnet, c.Hint6}
 		fams = append(fams, f)
 	}
 	if len(fams) == 0 {
 		return nil, errors.New("lease: the config enables no address family")
 	}
 	for _, f := range fams {
-		if r := f.prefs[0]; r.IsValid() && !f.pool.Contains(r) {
+		if r := f.reservation; r.IsValid() && !f.pool.Contains(r) {
 			klog.Warningf("reservation %s of %s is not a subnet of %s; ignoring it (fix %s)", r, c.Node, f.pool, k.Reservation(c.Node))
 		}
-		f.reservation = f.prefs[0]
+		if r := f.reservation; r.IsValid() && f.keep.IsValid() && r != f.keep && f.pool.Contains(f.keep) {
+			klog.InfoS("this host serves another subnet than its reservation; it keeps the one it serves (restart leased to move it to the reservation)", "node", c.Node, "serves", f.keep, "reserved", r)
+		}
 	}
 
 	for attempt := 0; ; attempt++ {
@@ -172,11 +212,12 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 		if prev != nil && prev.Subnet == rec.Subnet && prev.IPv6Subnet == rec.IPv6Subnet && !prev.Acquired.IsZero() {
 			rec.Acquired = prev.Acquired
 		}
-		ok, err := r.commit(ctx, leaseID, rec, prev, fams)
+		ok, err := r.commit(ctx, leaseID, rec, prev, &recRev, fams)
 		if err != nil {
 			return nil, err
 		}
 		if ok {
+			rec.Lease = int64(leaseID)
 			return rec, nil
 		}
 		klog.V(2).InfoS("claim lost a race, trying another subnet", "node", c.Node, "attempt", attempt+1)
@@ -194,6 +235,8 @@ type family struct {
 	free     []netip.Prefix          // random candidates found free by the last probe
 
 	reservation netip.Prefix // the node's reservation in this family, if any
+	keep        netip.Prefix // the subnet the running host serves, if any
+	own         ownSet       // the etcd leases whose keys of the node are this host's
 
 	cand    netip.Prefix // the candidate of this attempt
 	modRev  int64        // mod revision of cand's lock when it is already ours
@@ -214,9 +257,12 @@ func (r *Record) subnet6() netip.Prefix {
 	return r.IPv6Subnet
 }
 
+// usable reports whether s may be tried: in the pool, not known to be held
+// by another node, and not reserved for another node unless it is the
+// subnet this host serves (a reservation never moves a running host).
 func (f *family) usable(s netip.Prefix) bool {
 	_, res := f.reserved[s]
-	return s.IsValid() && f.pool.Contains(s) && !f.taken[s] && !res
+	return s.IsValid() && f.pool.Contains(s) && !f.taken[s] && (!res || s == f.keep)
 }
 
 // pick sets f.cand for the next attempt, keeping the current candidate if it
@@ -302,9 +348,12 @@ func (r *Registry) probe(ctx context.Context, f *family, node string) error {
 	}
 	for i, s := range cands {
 		kvs := resp.Responses[i].GetResponseRange().Kvs
-		if len(kvs) == 0 || string(kvs[0].Value) == node {
+		switch {
+		case len(kvs) == 0 || string(kvs[0].Value) == node && f.own[kvs[0].Lease]:
 			f.free = append(f.free, s)
-		} else {
+		case string(kvs[0].Value) == node:
+			return r.conflict(ctx, node, string(kvs[0].Key), kvs[0])
+		default:
 			f.taken[s] = true
 		}
 	}
@@ -321,7 +370,13 @@ func (r *Registry) listTaken(ctx context.Context, f *family, node string) error 
 	}
 	for _, kv := range resp.Kvs {
 		s, err := ParseSubnetKey(strings.TrimPrefix(string(kv.Key), pfx))
-		if err != nil || string(kv.Value) == node {
+		if err != nil {
+			continue
+		}
+		if string(kv.Value) == node {
+			if !f.own[kv.Lease] {
+				return r.conflict(ctx, node, string(kv.Key), kv)
+			}
 			continue
 		}
 		f.taken[s] = true
@@ -332,8 +387,11 @@ func (r *Registry) listTaken(ctx context.Context, f *family, node string) error 
 
 // commit runs the claim transaction. It reports false when another node
 // holds a candidate (recorded in the family's taken set) or the candidate's
-// lock changed under us.
-func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, prev *Record, fams []*family) (bool, error) {
+// lock or the node's record changed under us; *recRev is the mod revision
+// of the node's record as last read (0: none). It returns a
+// *ConflictError when another host with the same node name holds the
+// record or a candidate's lock.
+func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, prev *Record, recRev *int64, fams []*family) (bool, error) {
 	k := r.keys
 	lease := clientv3.WithLease(leaseID)
 	val, err := json.Marshal(rec)
@@ -353,12 +411,22 @@ func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, pr
 		thens = append(thens, clientv3.OpPut(key, rec.Node, lease))
 		elses = append(elses, clientv3.OpGet(key))
 	}
+	// The record is this host's to write only while it is the one read
+	// (this host's own) or there is none: never another host's.
+	recKey := k.Lease(rec.Node)
+	if *recRev != 0 {
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(recKey), "=", *recRev))
+	} else {
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(recKey), "=", 0))
+	}
+	elses = append(elses, clientv3.OpGet(recKey))
 	thens = append(thens,
-		clientv3.OpPut(k.Lease(rec.Node), string(val), lease),
+		clientv3.OpPut(recKey, string(val), lease),
 		clientv3.OpPut(k.Node(rec.Node), string(aff)),
 	)
 	// Release locks of subnets this node held before and no longer wants,
-	// but only while they are still ours.
+	// but only while they are still ours: under the lease of the record
+	// that named them (a claim writes both under one lease).
 	if prev != nil {
 		for _, old := range prev.Subnets() {
 			if old == rec.Subnet || old == rec.IPv6Subnet {
@@ -366,7 +434,8 @@ func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, pr
 			}
 			key := k.SubnetLock(old)
 			thens = append(thens, clientv3.OpTxn(
-				[]clientv3.Cmp{clientv3.Compare(clientv3.Value(key), "=", rec.Node)},
+				[]clientv3.Cmp{clientv3.Compare(clientv3.Value(key), "=", rec.Node),
+					clientv3.Compare(clientv3.LeaseValue(key), "=", clientv3.LeaseID(prev.Lease))},
 				[]clientv3.Op{clientv3.OpDelete(key)}, nil))
 		}
 	}
@@ -375,7 +444,18 @@ func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, pr
 		return false, fmt.Errorf("claiming %v for %s: %w", rec.Subnets(), rec.Node, err)
 	}
 	if resp.Succeeded {
+		rec.ModRev = resp.Header.Revision
 		return true, nil
+	}
+	if kvs := resp.Responses[len(fams)].GetResponseRange().Kvs; len(kvs) > 0 {
+		if kv := kvs[0]; kv.ModRevision != *recRev {
+			if !fams[0].own[kv.Lease] {
+				return false, r.conflict(ctx, rec.Node, recKey, kv)
+			}
+			*recRev = kv.ModRevision // rewritten by this host (an earlier run)
+		}
+	} else {
+		*recRev = 0 // gone (expired, or deleted by hand)
 	}
 	for i, f := range fams {
 		kvs := resp.Responses[i].GetResponseRange().Kvs
@@ -383,9 +463,11 @@ func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, pr
 		case len(kvs) == 0:
 			// Free now (it was ours with another revision, or was released).
 			f.ownLock, f.modRev = false, 0
-		case string(kvs[0].Value) == rec.Node:
-			// Already ours (a previous run of this node): take it over.
+		case string(kvs[0].Value) == rec.Node && f.own[kvs[0].Lease]:
+			// Already ours (a previous run of this host): take it over.
 			f.ownLock, f.modRev = true, kvs[0].ModRevision
+		case string(kvs[0].Value) == rec.Node:
+			return false, r.conflict(ctx, rec.Node, string(kvs[0].Key), kvs[0])
 		default:
 			if f.cand == f.reservation {
 				klog.Warningf("subnet %s is reserved for %s but held by %s; taking another subnet (remove the reservation, or free the subnet and restart leased on %s)", f.cand, rec.Node, kvs[0].Value, rec.Node)
@@ -398,15 +480,18 @@ func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, pr
 }
 
 // Publish rewrites the node's lease record (e.g. new backend data) under
-// the same lease, as long as it still holds its subnet locks.
+// the same lease, as long as the record and its subnet locks are still
+// this lease's: it never overwrites keys another host took.
 func (r *Registry) Publish(ctx context.Context, leaseID clientv3.LeaseID, rec *Record) error {
 	val, err := json.Marshal(rec)
 	if err != nil {
 		return fmt.Errorf("encoding lease record: %w", err)
 	}
-	var cmps []clientv3.Cmp
+	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.LeaseValue(r.keys.Lease(rec.Node)), "=", leaseID)}
 	for _, s := range rec.Subnets() {
-		cmps = append(cmps, clientv3.Compare(clientv3.Value(r.keys.SubnetLock(s)), "=", rec.Node))
+		key := r.keys.SubnetLock(s)
+		cmps = append(cmps, clientv3.Compare(clientv3.Value(key), "=", rec.Node),
+			clientv3.Compare(clientv3.LeaseValue(key), "=", leaseID))
 	}
 	resp, err := r.cli.Txn(ctx).If(cmps...).Then(
 		clientv3.OpPut(r.keys.Lease(rec.Node), string(val), clientv3.WithLease(leaseID)),
@@ -414,8 +499,10 @@ func (r *Registry) Publish(ctx context.Context, leaseID clientv3.LeaseID, rec *R
 	if err != nil {
 		return fmt.Errorf("updating lease record of %s: %w", rec.Node, err)
 	}
-	if !resp.Succeeded {
-		return fmt.Errorf("updating lease record of %s: it no longer holds %v", rec.Node, rec.Subnets())
+	if resp.Succeeded {
+		rec.ModRev, rec.Lease = resp.Header.Revision, int64(leaseID)
+	} else {
+		return fmt.Errorf("updating lease record of %s: its record or the locks of %v are no longer under this host's etcd lease: %w", rec.Node, rec.Subnets(), ErrNotHeld)
 	}
 	return nil
 }

@@ -111,12 +111,15 @@ func TestReclaimAfterRestartAndExpiry(t *testing.T) {
 	_, cli := startEtcd(t)
 	cfg := mustConfig(t, `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
 	reg := NewRegistry(cli, "")
-	first, err := reg.Acquire(ctxT(t), newSession(t, cli, 2).Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1")})
+	firstSess := newSession(t, cli, 2)
+	first, err := reg.Acquire(ctxT(t), firstSess.Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Restart: a new process with a new session, a different IP.
-	again, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.99")})
+	// Restart: a new process with a new session, a different IP; it knows
+	// the lease of its previous run (the agent keeps it in a file).
+	againSess := newSession(t, cli, 30)
+	again, err := reg.Acquire(ctxT(t), againSess.Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.99"), Own: []clientv3.LeaseID{firstSess.Lease()}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,7 +131,7 @@ func TestReclaimAfterRestartAndExpiry(t *testing.T) {
 	}
 	// Expiry: revoke the lease (what a dead host's TTL does), then claim anew.
 	sess := newSession(t, cli, 30)
-	third, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "a"})
+	third, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "a", Own: []clientv3.LeaseID{againSess.Lease()}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -36,16 +36,23 @@ const (
 	ReservationChange
 	// LockDelete: the owner lock of Subnet was deleted or expired.
 	LockDelete
+	// LockPut: the owner lock of Subnet was written; Node is its value
+	// (the holder) and Lease its etcd lease.
+	LockPut
 )
 
 // Event is one change under the registry's prefix.
 type Event struct {
 	Kind   EventKind
 	Node   string
-	Subnet netip.Prefix // LockDelete
+	Subnet netip.Prefix // LockDelete, LockPut
 	Record *Record
 	Err    error
 	Value  []byte
+	// Lease is the etcd lease of a LockPut's key.
+	Lease int64
+	// ModRev is the etcd revision of the change (0 in listings).
+	ModRev int64
 }
 
 // Batch is the changes of one etcd watch response, or a full listing.
@@ -206,15 +213,20 @@ func (r *Registry) event(ev *clientv3.Event) (Event, bool) {
 		}
 		return Event{Kind: ConfigPut, Value: ev.Kv.Value}, true
 	case strings.HasPrefix(key, k.Leases()):
-		return r.leaseEvent(ev.Kv, del), true
+		e := r.leaseEvent(ev.Kv, del)
+		e.ModRev = ev.Kv.ModRevision
+		return e, true
 	case strings.HasPrefix(key, k.Reservations()):
 		return Event{Kind: ReservationChange, Node: strings.TrimPrefix(key, k.Reservations())}, true
-	case del && (strings.HasPrefix(key, k.SubnetLocks(false)) || strings.HasPrefix(key, k.SubnetLocks(true))):
+	case strings.HasPrefix(key, k.SubnetLocks(false)) || strings.HasPrefix(key, k.SubnetLocks(true)):
 		s, err := ParseSubnetKey(key[strings.LastIndexByte(key, '/')+1:])
 		if err != nil {
 			return Event{}, false
 		}
-		return Event{Kind: LockDelete, Subnet: s}, true
+		if del {
+			return Event{Kind: LockDelete, Subnet: s, ModRev: ev.Kv.ModRevision}, true
+		}
+		return Event{Kind: LockPut, Subnet: s, Node: string(ev.Kv.Value), Lease: ev.Kv.Lease, ModRev: ev.Kv.ModRevision}, true
 	}
 	return Event{}, false
 }
