@@ -350,7 +350,7 @@ func FuzzParseConfig(f *testing.F) {
 		`{"Network":"10.100.0.0/16","SubnetLen":25,"SubnetMin":"10.100.0.0","SubnetMax":"10.100.1.0"}`,
 		`{"Network":"10.100.0.0/16","EnableIPv6":true,"IPv6Network":"2003:ab11::/48","IPv6SubnetLen":64,"Backend":{"Type":"vxlan","VNI":1,"Port":8472}}`,
 		`{"IPv6Network":"2600:1f18:47b:ca03::/120","IPv6SubnetLen":126,"IPv6SubnetMin":"2600:1f18:47b:ca03::8/126"}`,
-		`{"IPv6Network":"::/0","IPv6SubnetLen":126}`,
+		`{"IPv6Network":"::/0","IPv6SubnetLen":126}`, `{"IPv6Network":"2000::/3","IPv6SubnetLen":126}`,
 		`{"Network":"0.0.0.0/0","SubnetMax":"255.255.255.0"}`,
 		`{"Network":"10.100.1.0/16","SubnetLenn":3}`,
 		`{"EnableIPv4":false,"Network":"x","Backend":{"Type":"proxy-ndp"}}`,
