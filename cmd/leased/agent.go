@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -70,6 +71,11 @@ type agent struct {
 	ready    bool
 	status   string
 	health   health // what /readyz reports
+
+	// refused is the valid config in etcd this host refused because it
+	// strands subnets that this host or a live peer holds; it is judged
+	// again whenever leases change (nil: none).
+	refused *lease.Config
 }
 
 func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node string) *agent {
@@ -426,7 +432,11 @@ func (a *agent) step(ctx context.Context) error {
 			onReady()
 		}
 	}
-	a.setStatus(fmt.Sprintf("lease %v held; %d peers", a.self.Subnets(), npeers))
+	status := fmt.Sprintf("lease %v held; %d peers", a.self.Subnets(), npeers)
+	if a.refused != nil {
+		status += "; network config in etcd refused (see the log)"
+	}
+	a.setStatus(status)
 	return nil
 }
 
@@ -474,6 +484,7 @@ func (a *agent) updateConfig() {
 		return
 	}
 	a.adoptConfig(a.view.Config)
+	a.recheckRefused()
 }
 
 // adoptConfig is updateConfig for the config value raw.
@@ -496,11 +507,20 @@ func (a *agent) adoptConfig(raw []byte) {
 		return
 	}
 	if a.cfg != nil {
-		if why := incompatible(a.cfg, cfg, a.self); why != "" {
-			klog.ErrorS(nil, "network config change would invalidate this host's lease; keeping the last good config and the datapath",
-				"why", why, "remedy", "revert the change, or drain this host and restart leased to take a subnet under the new config")
+		if a.cfg.Equal(cfg) {
+			// Only the formatting changed: nothing to do on this host.
+			a.refused = nil
+			klog.V(2).InfoS("network config rewritten with the same content; nothing changes", "key", a.reg.Keys().Config())
 			return
 		}
+		if why := a.incompatible(cfg); why != "" {
+			klog.ErrorS(nil, "network config refused: it would strand subnets that hosts hold; keeping the last good config and the datapath",
+				"why", why, "remedy", "put back a config that keeps every held subnet (leased config put checks this), or drain the hosts named; every host refuses it while they hold those subnets")
+			a.refused = cfg
+			a.setStatus("network config refused: " + why)
+			return
+		}
+		a.refused = nil
 		klog.InfoS("network config changed; applying", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
 	} else {
 		klog.InfoS("network config", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
@@ -515,34 +535,58 @@ func poolString(p *lease.Pool) string {
 	return p.String()
 }
 
-// incompatible says why moving from old to new config would invalidate the
-// lease self holds, or "" when the change can be applied in place.
-func incompatible(old, new *lease.Config, self *lease.Record) string {
+// incompatible says why this host cannot move from a.cfg to new, or ""
+// when the change can be applied in place. It refuses another backend type,
+// a config that leaves out a subnet this host holds or still serves in the
+// datapath (also while it re-claims a lost lease), and one that strands a
+// live peer's subnet (lease.ConfigConflicts): every host sees the same
+// leases, so every host refuses such a config, and none drops its routes to
+// the stranded hosts while the others keep them.
+func (a *agent) incompatible(new *lease.Config) string {
+	old := a.cfg
 	if old.Backend.Type != new.Backend.Type {
 		return fmt.Sprintf("Backend.Type changed from %s to %s: switching backends needs every host restarted", old.Backend.Type, new.Backend.Type)
 	}
-	if self == nil {
-		return ""
+	own := a.held.Subnets()
+	if a.self != nil {
+		own = append(own, a.self.Subnets()...)
 	}
-	for _, s := range self.Subnets() {
-		pool, fam := new.IPv4, "IPv4"
-		if s.Addr().Is6() {
-			pool, fam = new.IPv6, "IPv6"
+	for _, s := range own {
+		if why := new.Outside(s); why != "" {
+			return fmt.Sprintf("this host's subnet %s is not in the new config (%s)", s, why)
 		}
-		if pool == nil {
-			return fmt.Sprintf("%s is disabled in the new config but this host holds %s", fam, s)
+	}
+	if c := lease.ConfigConflicts(old, new, a.view.Records); len(c) > 0 {
+		const show = 3
+		names := make([]string, 0, show)
+		for _, x := range c[:min(show, len(c))] {
+			names = append(names, x.String())
 		}
-		if !pool.Contains(s) {
-			return fmt.Sprintf("this host's subnet %s is not in the new range %s", s, pool)
+		more := ""
+		if len(c) > show {
+			more = fmt.Sprintf(" and %d more (leased config put --dry-run lists them)", len(c)-show)
 		}
+		return fmt.Sprintf("the new config leaves out the subnets of %d live host(s): %s%s", len(c), strings.Join(names, "; "), more)
 	}
 	return ""
+}
+
+// recheckRefused adopts the refused config once the leases that made it
+// refused are gone (for instance the hosts were drained).
+func (a *agent) recheckRefused() {
+	if a.refused == nil || len(a.dirty) == 0 || a.incompatible(a.refused) != "" {
+		return
+	}
+	cfg := a.refused
+	a.refused = nil
+	klog.InfoS("network config no longer strands a held subnet; applying", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
+	a.cfg = cfg
 }
 
 // ensureBackend creates the backend for the config's Backend object, and
 // recreates it when the object changed (same type; options such as the VNI).
 func (a *agent) ensureBackend() error {
-	if a.be != nil && bytes.Equal(a.cfg.Backend.Raw, a.beRaw) {
+	if a.be != nil && backend.SameConfig(a.cfg.Backend.Raw, a.beRaw) {
 		return nil
 	}
 	be, err := a.newBackend(a.cfg.Backend.Raw, a.ext, a.node, backend.Options{IPMasq: a.o.ipMasq, Resync: a.o.resync})
@@ -562,6 +606,12 @@ func (a *agent) ensureBackend() error {
 	go func() {
 		if err := be.Run(bctx); err != nil {
 			klog.ErrorS(err, "backend stopped", "backend", be.Type())
+		}
+		// Once bctx ends the agent has replaced the backend or is ending:
+		// nothing uses it any more, so its handles are released.
+		<-bctx.Done()
+		if c, ok := be.(backend.Closer); ok {
+			c.Close() //nolint:errcheck // nothing to do about it
 		}
 	}()
 	a.be, a.beRaw, a.started = be, a.cfg.Backend.Raw, false

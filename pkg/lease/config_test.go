@@ -477,6 +477,13 @@ func TestConfigConflicts(t *testing.T) {
 			}
 		})
 	}
+	// A host on another backend than the config says blocks only a change
+	// of the backend type: its lease is refused as a peer either way.
+	recs["odd"] = &Record{Node: "odd", Subnet: netip.MustParsePrefix("10.100.3.0/24"), BackendType: "vxlan"}
+	if got := ConfigConflicts(old, parse(`{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/48"}`), recs); len(got) != 0 {
+		t.Errorf("a widening blocked by a host on another backend: %v", got)
+	}
+	delete(recs, "odd")
 	// Without an old config every lease outside the new one counts.
 	if got := ConfigConflicts(nil, parse(`{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`), recs); len(got) != 1 || got[0].Node != "stale" {
 		t.Errorf("no old config: got %v, want stale only", got)

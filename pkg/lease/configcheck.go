@@ -117,7 +117,8 @@ func (c Conflict) String() string {
 // ConfigConflicts returns the leases in records that moving from old (nil:
 // no valid config before) to new would strand, sorted by node: a subnet
 // that the old config contains (any subnet when old is nil) and new does
-// not, or a host whose lease names another backend type than new. Hosts
+// not, or, when the change switches the backend type (or there is no old
+// config), a host whose lease names another backend type than new. Hosts
 // keep such a lease and serve it, so a config that strands one would split
 // the network: hosts that adopt it drop their routes to the stranded host.
 func ConfigConflicts(old, new *Config, records map[string]*Record) []Conflict {
@@ -126,7 +127,7 @@ func ConfigConflicts(old, new *Config, records map[string]*Record) []Conflict {
 		if r == nil {
 			continue
 		}
-		if r.BackendType != "" && r.BackendType != new.Backend.Type {
+		if (old == nil || old.Backend.Type != new.Backend.Type) && r.BackendType != "" && r.BackendType != new.Backend.Type {
 			out = append(out, Conflict{Node: node, Subnets: r.Subnets(),
 				Reason: fmt.Sprintf("the host runs the %s backend and the new config says %s; a backend change needs every host stopped, then restarted", r.BackendType, new.Backend.Type)})
 			continue
