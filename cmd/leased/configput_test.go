@@ -148,3 +148,25 @@ func TestConfigPutChecksLiveLeases(t *testing.T) {
 		t.Errorf("--force: etcd holds %s, want %s", now, narrow)
 	}
 }
+
+// `leased config validate` refuses what every agent would refuse, with the
+// reason: networks no host can use, and proxy-ndp without IPv6.
+func TestConfigValidateRefusesWhatAgentsRefuse(t *testing.T) {
+	for _, tt := range []struct{ cfg, want string }{
+		{`{"Network":"0.0.0.0/0"}`, "is the whole address space"},
+		{`{"IPv6Network":"::/0","IPv6SubnetLen":64}`, "is the whole address space"},
+		{`{"Network":"127.0.0.0/16"}`, "loopback"},
+		{`{"Network":"224.0.0.0/16"}`, "multicast"},
+		{`{"Network":"169.254.0.0/16"}`, "link-local"},
+		{`{"IPv6Network":"ff00::/8","IPv6SubnetLen":64}`, "multicast"},
+		{`{"IPv6Network":"fe80::/10","IPv6SubnetLen":64}`, "link-local"},
+		{`{"Network":"10.100.0.0/16","Backend":{"Type":"proxy-ndp"}}`, "needs IPv6"},
+	} {
+		f := filepath.Join(t.TempDir(), "cfg.json")
+		os.WriteFile(f, []byte(tt.cfg), 0o644)
+		var out, errb bytes.Buffer
+		if code := runConfigTo([]string{"validate", f}, &out, &errb); code != 1 || !strings.Contains(errb.String(), tt.want) {
+			t.Errorf("validate %s: exit %d, want 1 and %q:\n%s", tt.cfg, code, tt.want, errb.String())
+		}
+	}
+}
