@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,8 +15,8 @@ import (
 // A config that leaves one host's subnet out is refused by `leased config
 // put` (naming the host), and, written anyway with --force, by every agent:
 // no host drops its route to the other, in the kernel, while they hold
-// their subnets. Before, the host whose subnet stayed inside adopted it and
-// removed its route to the other one.
+// their subnets. Before, the host whose subnet stayed inside the narrowed
+// Network adopted it and removed its route to the other one.
 func TestConfigThatStrandsAHostIsRefusedEverywhere(t *testing.T) {
 	l := up(t, lab.Config{Hosts: 2, IPv4: true})
 	h1, h2 := l.Hosts[0], l.Hosts[1]
@@ -38,10 +39,18 @@ func TestConfigThatStrandsAHostIsRefusedEverywhere(t *testing.T) {
 			return nil
 		})
 	}
-	// Only h1's subnet stays in range.
+	// A longer Network that holds h1's subnet but not h2's, as narrowing
+	// 10.100.0.0/16 to a /17 does when the hosts sit in different halves.
+	bits := env1.Network4.Bits() + 1
+	for netip.PrefixFrom(env1.Subnet4.Addr(), bits).Contains(env2.Subnet4.Addr()) {
+		bits++
+	}
+	if bits >= env1.Subnet4.Bits() {
+		t.Skipf("the hosts' subnets %s and %s are neighbours: no network holds one without the other", env1.Subnet4, env2.Subnet4)
+	}
+	narrowed := netip.PrefixFrom(env1.Subnet4.Addr(), bits).Masked()
 	f := filepath.Join(t.TempDir(), "narrow.json")
-	narrow := fmt.Sprintf(`{"Network":%q,"SubnetLen":%d,"SubnetMin":%q,"SubnetMax":%q}`,
-		env1.Network4, env1.Subnet4.Bits(), env1.Subnet4.Addr(), env1.Subnet4.Addr())
+	narrow := fmt.Sprintf(`{"Network":%q,"SubnetLen":%d}`, narrowed, env1.Subnet4.Bits())
 	os.WriteFile(f, []byte(narrow), 0o644)
 	out, code := cli(t, "", "config", "put", etcdFlag(l), f)
 	if code != 1 || !strings.Contains(out, h2.Name+" ["+env2.Subnet4.String()+"]") || strings.Contains(out, h1.Name+" [") {
@@ -49,6 +58,13 @@ func TestConfigThatStrandsAHostIsRefusedEverywhere(t *testing.T) {
 	}
 	if out, code := cli(t, "", "config", "put", "--force", etcdFlag(l), f); code != 0 {
 		t.Fatalf("config put --force: exit %d\n%s", code, out)
+	}
+	time.Sleep(5 * time.Second) // two resync intervals
+	if r := routeTo(t, h1, env2.Subnet4.String()); r == "" {
+		t.Errorf("%s dropped its route to %s's subnet %s", h1.Name, h2.Name, env2.Subnet4)
+	}
+	if r := routeTo(t, h2, env1.Subnet4.String()); r == "" {
+		t.Errorf("%s dropped its route to %s's subnet %s", h2.Name, h1.Name, env1.Subnet4)
 	}
 	eventually(t, 20*time.Second, "both agents log the refusal", func() error {
 		for _, h := range l.Hosts {
@@ -58,13 +74,6 @@ func TestConfigThatStrandsAHostIsRefusedEverywhere(t *testing.T) {
 		}
 		return nil
 	})
-	time.Sleep(5 * time.Second) // two resync intervals
-	if r := routeTo(t, h1, env2.Subnet4.String()); r == "" {
-		t.Errorf("%s dropped its route to %s's subnet %s", h1.Name, h2.Name, env2.Subnet4)
-	}
-	if r := routeTo(t, h2, env1.Subnet4.String()); r == "" {
-		t.Errorf("%s dropped its route to %s's subnet %s", h2.Name, h1.Name, env1.Subnet4)
-	}
 	for _, h := range l.Hosts {
 		if env, _ := h.Env(); env.Network4 != env1.Network4 {
 			t.Errorf("%s's subnet.env says network %s, want %s", h.Name, env.Network4, env1.Network4)
