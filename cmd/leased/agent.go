@@ -513,9 +513,16 @@ func (a *agent) adoptConfig(raw []byte) {
 			klog.V(2).InfoS("network config rewritten with the same content; nothing changes", "key", a.reg.Keys().Config())
 			return
 		}
-		if why := a.incompatible(cfg); why != "" {
-			klog.ErrorS(nil, "network config refused: it would strand subnets that hosts hold; keeping the last good config and the datapath",
-				"why", why, "remedy", "put back a config that keeps every held subnet (leased config put checks this), or drain the hosts named; every host refuses it while they hold those subnets")
+		if why := a.ownConflict(cfg); why != "" {
+			klog.ErrorS(nil, "network config change would invalidate this host's lease; keeping the last good config and the datapath",
+				"why", why, "remedy", "revert the change, or drain this host and restart leased to take a subnet under the new config")
+			a.refused = cfg
+			a.setStatus("network config refused: " + why)
+			return
+		}
+		if why := a.peerConflict(cfg); why != "" {
+			klog.ErrorS(nil, "network config refused: it leaves out subnets that live hosts hold; keeping the last good config and the datapath",
+				"why", why, "remedy", "put back a config that keeps every held subnet (leased config put --dry-run checks this), or drain the hosts named; every host refuses the config while they hold those subnets, and applies it once they are gone")
 			a.refused = cfg
 			a.setStatus("network config refused: " + why)
 			return
@@ -535,14 +542,10 @@ func poolString(p *lease.Pool) string {
 	return p.String()
 }
 
-// incompatible says why this host cannot move from a.cfg to new, or ""
-// when the change can be applied in place. It refuses another backend type,
-// a config that leaves out a subnet this host holds or still serves in the
-// datapath (also while it re-claims a lost lease), and one that strands a
-// live peer's subnet (lease.ConfigConflicts): every host sees the same
-// leases, so every host refuses such a config, and none drops its routes to
-// the stranded hosts while the others keep them.
-func (a *agent) incompatible(new *lease.Config) string {
+// ownConflict says why this host cannot move from a.cfg to new, or "": the
+// backend type changes, or new leaves out a subnet this host holds or still
+// serves in the datapath (also while it re-claims a lost lease).
+func (a *agent) ownConflict(new *lease.Config) string {
 	old := a.cfg
 	if old.Backend.Type != new.Backend.Type {
 		return fmt.Sprintf("Backend.Type changed from %s to %s: switching backends needs every host restarted", old.Backend.Type, new.Backend.Type)
@@ -552,29 +555,45 @@ func (a *agent) incompatible(new *lease.Config) string {
 		own = append(own, a.self.Subnets()...)
 	}
 	for _, s := range own {
-		if why := new.Outside(s); why != "" {
-			return fmt.Sprintf("this host's subnet %s is not in the new config (%s)", s, why)
+		pool, fam := new.IPv4, "IPv4"
+		if s.Addr().Is6() {
+			pool, fam = new.IPv6, "IPv6"
 		}
-	}
-	if c := lease.ConfigConflicts(old, new, a.view.Records); len(c) > 0 {
-		const show = 3
-		names := make([]string, 0, show)
-		for _, x := range c[:min(show, len(c))] {
-			names = append(names, x.String())
+		if pool == nil {
+			return fmt.Sprintf("%s is disabled in the new config but this host holds %s", fam, s)
 		}
-		more := ""
-		if len(c) > show {
-			more = fmt.Sprintf(" and %d more (leased config put --dry-run lists them)", len(c)-show)
+		if !pool.Contains(s) {
+			return fmt.Sprintf("this host's subnet %s is not in the new range %s", s, pool)
 		}
-		return fmt.Sprintf("the new config leaves out the subnets of %d live host(s): %s%s", len(c), strings.Join(names, "; "), more)
 	}
 	return ""
+}
+
+// peerConflict says which live hosts' subnets new leaves out
+// (lease.ConfigConflicts), or "". Every host sees the same leases, so every
+// host refuses such a config, and none drops its routes to the stranded
+// hosts while the others keep theirs.
+func (a *agent) peerConflict(new *lease.Config) string {
+	c := lease.ConfigConflicts(a.cfg, new, a.view.Records)
+	if len(c) == 0 {
+		return ""
+	}
+	const show = 3
+	names := make([]string, 0, show)
+	for _, x := range c[:min(show, len(c))] {
+		names = append(names, x.String())
+	}
+	more := ""
+	if len(c) > show {
+		more = fmt.Sprintf(" and %d more (leased config put --dry-run lists them)", len(c)-show)
+	}
+	return fmt.Sprintf("%d live host(s) hold subnets outside it: %s%s", len(c), strings.Join(names, "; "), more)
 }
 
 // recheckRefused adopts the refused config once the leases that made it
 // refused are gone (for instance the hosts were drained).
 func (a *agent) recheckRefused() {
-	if a.refused == nil || len(a.dirty) == 0 || a.incompatible(a.refused) != "" {
+	if a.refused == nil || len(a.dirty) == 0 || a.ownConflict(a.refused) != "" || a.peerConflict(a.refused) != "" {
 		return
 	}
 	cfg := a.refused
