@@ -276,7 +276,7 @@ func (f *famSpec) parseNetwork(s string) (netip.Prefix, error) {
 		return netip.Prefix{}, cfgErrorf("%s %s is not a network address: did you mean %s?", f.network, p, p.Masked())
 	}
 	if why := reservedNetwork(p); why != "" {
-		return netip.Prefix{}, cfgErrorf("%s %s %s: no host can use it as a container network; pick a private range such as %q", f.network, p, why, f.example)
+		return netip.Prefix{}, cfgErrorf("%s %s %s: no host can use it as a container network; pick another range, such as %q", f.network, p, why, f.example)
 	}
 	if p.Bits() >= f.maxLen {
 		return netip.Prefix{}, cfgErrorf("%s %s is too small to split into subnets of at most /%d: use a /%d or shorter network",
