@@ -53,6 +53,9 @@ func ValidateConfig(raw json.RawMessage) error {
 // `{"VNI":1, "Type":"vxlan"}` do), whatever their formatting. Objects that
 // do not validate are the same only when byte for byte equal.
 func SameConfig(a, b json.RawMessage) bool {
+	if bytes.Equal(a, b) {
+		return true
+	}
 	ca, erra := parseConfig(a)
 	cb, errb := parseConfig(b)
 	if erra != nil || errb != nil {
