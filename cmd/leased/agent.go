@@ -470,6 +470,7 @@ func (a *agent) claimEarly(ctx context.Context) {
 // good config (and with it the datapath).
 func (a *agent) updateConfig() {
 	if a.view.Config == nil {
+		a.refused, a.seenRaw = nil, nil // nothing left to apply; a config put back is judged afresh
 		if a.cfg == nil && a.status != "waiting for config" {
 			key := a.reg.Keys().Config()
 			klog.ErrorS(nil, "Key not found: no network config in etcd; waiting for it",
