@@ -30,6 +30,12 @@ func (e *engine) Close() error {
 	return nil
 }
 
+// closedLocked reports whether Close ran; e.mu must be held.
+func (e *engine) closedLocked() bool {
+	_, closed := e.k.(closedKernel)
+	return closed
+}
+
 // Close implements Closer: it also stops the answers.
 func (b *proxyNDP) Close() error {
 	b.r.close()
