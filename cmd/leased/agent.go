@@ -72,9 +72,9 @@ type agent struct {
 	status   string
 	health   health // what /readyz reports
 
-	// refused is the valid config in etcd this host refused because it
-	// strands subnets that this host or a live peer holds; it is judged
-	// again whenever leases change (nil: none).
+	// refused is the valid config in etcd this host refused (it leaves out
+	// subnets that this host or a live peer holds, or changes the backend
+	// type); it is judged again whenever leases change (nil: none).
 	refused *lease.Config
 }
 

@@ -234,7 +234,7 @@ func configChanges(old *lease.Config, stored bool, new *lease.Config) []string {
 			out = append(out, fmt.Sprintf("%s: %s -> %s", f.name, poolString(f.old), poolString(f.new)))
 		}
 	}
-	if !old.Equal(&lease.Config{IPv4: old.IPv4, IPv6: old.IPv6, Backend: new.Backend}) {
+	if !backend.SameConfig(old.Backend.Raw, new.Backend.Raw) {
 		out = append(out, fmt.Sprintf("Backend: %s -> %s", old.Backend.Raw, new.Backend.Raw))
 	}
 	return out
