@@ -79,6 +79,11 @@ type agent struct {
 
 	// etcd says why etcd cannot be used (nil in tests of the agent alone).
 	etcd *etcdMonitor
+
+	// refused is the valid config in etcd this host refused (it leaves out
+	// subnets that this host or a live peer holds, or changes the backend
+	// type); it is judged again whenever leases change (nil: none).
+	refused *lease.Config
 }
 
 func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node string) *agent {
@@ -420,6 +425,7 @@ func (a *agent) claimEarly(ctx context.Context) {
 // good config (and with it the datapath).
 func (a *agent) updateConfig() {
 	if a.view.Config == nil {
+		a.refused, a.seenRaw, a.cfgRefused = nil, nil, "" // nothing left to apply; a config put back is judged afresh
 		if a.cfg == nil && a.status != "waiting for config" {
 			key := a.reg.Keys().Config()
 			klog.ErrorS(nil, "Key not found: no network config in etcd; waiting for it",
@@ -434,6 +440,7 @@ func (a *agent) updateConfig() {
 		return
 	}
 	a.adoptConfig(a.view.Config)
+	a.recheckRefused()
 }
 
 // adoptConfig is updateConfig for the config value raw.
@@ -452,18 +459,35 @@ func (a *agent) adoptConfig(raw []byte) {
 	if err != nil {
 		klog.ErrorS(err, "invalid network config; keeping the last good one", "key", a.reg.Keys().Config(),
 			"remedy", "fix the JSON and put it again (leased config validate FILE checks a file offline)")
+		a.refused = nil // what etcd holds now is this invalid config
 		a.cfgRefused = "invalid network config: " + err.Error()
 		a.setStatus(a.cfgRefused)
 		return
 	}
 	if a.cfg != nil {
-		if why := incompatible(a.cfg, cfg, a.self); why != "" {
+		if a.cfg.Equal(cfg) {
+			// Only the formatting changed: nothing to do on this host.
+			a.refused, a.cfgRefused = nil, ""
+			klog.V(2).InfoS("network config rewritten with the same content; nothing changes", "key", a.reg.Keys().Config())
+			return
+		}
+		if why := a.ownConflict(cfg); why != "" {
 			klog.ErrorS(nil, "network config change would invalidate this host's lease; keeping the last good config and the datapath",
 				"why", why, "remedy", "revert the change, or drain this host and restart leased to take a subnet under the new config")
+			a.refused = cfg
 			a.cfgRefused = "network config refused: " + why
 			a.setStatus(a.cfgRefused)
 			return
 		}
+		if why := a.peerConflict(cfg); why != "" {
+			klog.ErrorS(nil, "network config refused: it leaves out subnets that live hosts hold; keeping the last good config and the datapath",
+				"why", why, "remedy", "put back a config that keeps every held subnet (leased config put --dry-run checks this), or drain the hosts named; every host refuses the config while they hold those subnets, and applies it once they are gone")
+			a.refused = cfg
+			a.cfgRefused = "network config refused: " + why
+			a.setStatus(a.cfgRefused)
+			return
+		}
+		a.refused = nil
 		klog.InfoS("network config changed; applying", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
 	} else {
 		klog.InfoS("network config", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
@@ -479,16 +503,19 @@ func poolString(p *lease.Pool) string {
 	return p.String()
 }
 
-// incompatible says why moving from old to new config would invalidate the
-// lease self holds, or "" when the change can be applied in place.
-func incompatible(old, new *lease.Config, self *lease.Record) string {
+// ownConflict says why this host cannot move from a.cfg to new, or "": the
+// backend type changes, or new leaves out a subnet this host holds or still
+// serves in the datapath (also while it re-claims a lost lease).
+func (a *agent) ownConflict(new *lease.Config) string {
+	old := a.cfg
 	if old.Backend.Type != new.Backend.Type {
 		return fmt.Sprintf("Backend.Type changed from %s to %s: switching backends needs every host restarted", old.Backend.Type, new.Backend.Type)
 	}
-	if self == nil {
-		return ""
+	own := a.held.Subnets()
+	if a.self != nil {
+		own = append(own, a.self.Subnets()...)
 	}
-	for _, s := range self.Subnets() {
+	for _, s := range own {
 		pool, fam := new.IPv4, "IPv4"
 		if s.Addr().Is6() {
 			pool, fam = new.IPv6, "IPv6"
@@ -503,10 +530,43 @@ func incompatible(old, new *lease.Config, self *lease.Record) string {
 	return ""
 }
 
+// peerConflict says which live hosts' subnets new leaves out
+// (lease.ConfigConflicts), or "". Every host sees the same leases, so every
+// host refuses such a config, and none drops its routes to the stranded
+// hosts while the others keep theirs.
+func (a *agent) peerConflict(new *lease.Config) string {
+	c := lease.ConfigConflicts(a.cfg, new, a.view.Records)
+	if len(c) == 0 {
+		return ""
+	}
+	const show = 3
+	names := make([]string, 0, show)
+	for _, x := range c[:min(show, len(c))] {
+		names = append(names, x.String())
+	}
+	more := ""
+	if len(c) > show {
+		more = fmt.Sprintf(" and %d more (leased config put --dry-run lists them)", len(c)-show)
+	}
+	return fmt.Sprintf("%d live host(s) hold subnets outside it: %s%s", len(c), strings.Join(names, "; "), more)
+}
+
+// recheckRefused adopts the refused config once the leases that made it
+// refused are gone (for instance the hosts were drained).
+func (a *agent) recheckRefused() {
+	if a.refused == nil || len(a.dirty) == 0 || a.ownConflict(a.refused) != "" || a.peerConflict(a.refused) != "" {
+		return
+	}
+	cfg := a.refused
+	a.refused, a.cfgRefused = nil, ""
+	klog.InfoS("network config no longer strands a held subnet; applying", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
+	a.cfg = cfg
+}
+
 // ensureBackend creates the backend for the config's Backend object, and
 // recreates it when the object changed (same type; options such as the VNI).
 func (a *agent) ensureBackend() error {
-	if a.be != nil && bytes.Equal(a.cfg.Backend.Raw, a.beRaw) {
+	if a.be != nil && backend.SameConfig(a.cfg.Backend.Raw, a.beRaw) {
 		return nil
 	}
 	opts := backend.Options{IPMasq: a.o.ipMasq, NoForwardRules: !a.o.iptablesForward, Resync: a.o.resync}
@@ -537,6 +597,12 @@ func (a *agent) ensureBackend() error {
 	go func() {
 		if err := be.Run(bctx); err != nil {
 			klog.ErrorS(err, "backend stopped", "backend", be.Type())
+		}
+		// Once bctx ends the agent has replaced the backend or is ending:
+		// nothing uses it any more, so its handles are released.
+		<-bctx.Done()
+		if c, ok := be.(backend.Closer); ok {
+			c.Close() //nolint:errcheck // nothing to do about it
 		}
 	}()
 	a.be, a.beRaw, a.started = be, a.cfg.Backend.Raw, false

@@ -60,15 +60,24 @@ func etcdErr(o *options, err error) string {
 }
 
 // runConfig is `leased config validate|put|get`.
-func runConfig(args []string) int {
-	const usage = "leased config validate FILE | put FILE | get [flags]"
+func runConfig(args []string) int { return runConfigTo(args, os.Stdout, os.Stderr) }
+
+// runConfigTo is runConfig writing to stdout and stderr.
+func runConfigTo(args []string, stdout, stderr io.Writer) int {
+	const usage = "leased config validate FILE | put [--dry-run] [--force] FILE | get [flags]"
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		fmt.Fprintf(os.Stderr, "usage: %s\n\n  validate FILE  check a network config offline (exit 1 when invalid)\n  put FILE       validate, then write it to <prefix>/config\n  get            print the config stored in etcd\n\nRun 'leased config put -h' for the etcd flags.\n", usage)
+		fmt.Fprintf(stderr, "usage: %s\n\n  validate FILE  check a network config offline (exit 1 when invalid)\n  put FILE       validate, check it against the live leases, then write it to <prefix>/config\n                 (exit 1 when it would leave a held subnet outside; --force writes anyway,\n                 --dry-run only prints what would change)\n  get            print the config stored in etcd\n\nRun 'leased config put -h' for the etcd flags.\n", usage)
 		return 2
 	}
 	cmd := args[0]
 	o := &options{}
 	fs := cliFlags("leased config "+cmd, "leased config "+cmd+" [flags]"+map[bool]string{true: " FILE"}[cmd != "get"], o)
+	fs.SetOutput(stderr)
+	var force, dryRun *bool
+	if cmd == "put" {
+		force = fs.Bool("force", false, "write the config even when it leaves subnets that hosts hold outside it, or changes the backend type while hosts run (those hosts refuse it until they are drained and restarted)")
+		dryRun = fs.Bool("dry-run", false, "print what would change and which hosts would be affected; write nothing (exit 1 when the put would be refused)")
+	}
 	if !parseCLI(fs, args[1:]) {
 		return 2
 	}
@@ -78,7 +87,7 @@ func runConfig(args []string) int {
 			fs.Usage()
 			return 2
 		}
-		data, ok := validateFile(fs.Arg(0))
+		data, cfg, ok := validateFile(fs.Arg(0), stderr)
 		if !ok {
 			return 1
 		}
@@ -87,23 +96,17 @@ func runConfig(args []string) int {
 		}
 		cli, err := newEtcdClient(o)
 		if err != nil {
-			fmt.Fprintf(os.Stderr, "leased config put: %v\n", err)
+			fmt.Fprintf(stderr, "leased config put: %v\n", err)
 			return exitCode(err)
 		}
 		defer cli.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
 		defer cancel()
-		key := lease.NewKeys(o.etcdPrefix).Config()
-		if _, err := cli.Put(ctx, key, string(bytes.TrimSpace(data))); err != nil {
-			fmt.Fprintf(os.Stderr, "leased config put: %s\n", etcdErr(o, err))
-			return 1
-		}
-		fmt.Printf("wrote %s\n", key)
-		return 0
+		return putConfig(ctx, o, cli, bytes.TrimSpace(data), cfg, *force, *dryRun, stdout, stderr)
 	case "get":
 		cli, err := newEtcdClient(o)
 		if err != nil {
-			fmt.Fprintf(os.Stderr, "leased config get: %v\n", err)
+			fmt.Fprintf(stderr, "leased config get: %v\n", err)
 			return exitCode(err)
 		}
 		defer cli.Close()
@@ -112,11 +115,11 @@ func runConfig(args []string) int {
 		key := lease.NewKeys(o.etcdPrefix).Config()
 		resp, err := cli.Get(ctx, key)
 		if err != nil {
-			fmt.Fprintf(os.Stderr, "leased config get: %s\n", etcdErr(o, err))
+			fmt.Fprintf(stderr, "leased config get: %s\n", etcdErr(o, err))
 			return 1
 		}
 		if len(resp.Kvs) == 0 {
-			fmt.Fprintf(os.Stderr, "leased config get: no config at %s; write one with: leased config put FILE\n", key)
+			fmt.Fprintf(stderr, "leased config get: no config at %s; write one with: leased config put FILE\n", key)
 			return 1
 		}
 		var out bytes.Buffer
@@ -124,16 +127,129 @@ func runConfig(args []string) int {
 			out.Reset()
 			out.Write(resp.Kvs[0].Value)
 		}
-		fmt.Println(out.String())
+		fmt.Fprintln(stdout, out.String())
 		return 0
 	}
-	fmt.Fprintf(os.Stderr, "leased config: unknown command %q\nusage: %s\n", cmd, usage)
+	fmt.Fprintf(stderr, "leased config: unknown command %q\nusage: %s\n", cmd, usage)
 	return 2
 }
 
+// beforeConfigWrite, when set, runs between put's read and its write (tests
+// use it to make another writer win the race).
+var beforeConfigWrite func()
+
+// putConfig is `leased config put` after validation: it reads the stored
+// config and the live leases at one revision, refuses (exit 1) a config
+// that strands held subnets unless force, and writes data with a
+// compare-and-swap on the config key's mod revision, so that a write made
+// by someone else since the read is never overwritten unseen. With dryRun
+// it prints what would change and writes nothing.
+func putConfig(ctx context.Context, o *options, cli *clientv3.Client, data []byte, cfg *lease.Config, force, dryRun bool, stdout, stderr io.Writer) int {
+	k := lease.NewKeys(o.etcdPrefix)
+	resp, err := cli.Txn(ctx).Then(clientv3.OpGet(k.Config()), clientv3.OpGet(k.Leases(), clientv3.WithPrefix())).Commit()
+	if err != nil {
+		fmt.Fprintf(stderr, "leased config put: %s\n", etcdErr(o, err))
+		return 1
+	}
+	var modRev int64 // 0: the key does not exist
+	var old *lease.Config
+	var oldRaw []byte
+	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+		modRev, oldRaw = kvs[0].ModRevision, kvs[0].Value
+		if old, _, err = lease.ParseConfig(oldRaw); err != nil {
+			fmt.Fprintf(stderr, "leased config put: note: the config in etcd is invalid (%v); hosts run on the last valid one they saw\n", err)
+		}
+	}
+	var view lease.View
+	view.Apply(lease.Batch{Reset: true, Events: lease.LeaseEvents(k, resp.Responses[1].GetResponseRange().Kvs)})
+
+	if old != nil && old.Equal(cfg) {
+		fmt.Fprintf(stdout, "%s already holds this config (at most the formatting differs); nothing written\n", k.Config())
+		return 0
+	}
+	for _, line := range configChanges(old, oldRaw != nil, cfg) {
+		fmt.Fprintln(stdout, line)
+	}
+	conflicts := lease.ConfigConflicts(old, cfg, view.Records)
+	if len(conflicts) > 0 {
+		w, verdict := stderr, "refused"
+		if force {
+			verdict = "written anyway (--force)"
+		}
+		if dryRun {
+			w = stdout
+			verdict = map[bool]string{true: "would be written (--force)", false: "would be refused"}[force]
+		}
+		fmt.Fprintf(w, "leased config put: %s: the config leaves %d live host(s) with subnets or a backend it does not allow; those hosts keep serving their subnets and every host refuses this config while they hold them:\n", verdict, len(conflicts))
+		for _, c := range conflicts {
+			fmt.Fprintf(w, "  %s\n", c)
+		}
+		if !force {
+			fmt.Fprintf(w, "fix: keep every held subnet inside the new config (leased leases lists them), or drain those hosts first (stop leased there; their leases expire after --lease-ttl); --force writes it anyway\n")
+		}
+	}
+	refused := len(conflicts) > 0 && !force
+	if dryRun {
+		fmt.Fprintln(stdout, "dry run: nothing written")
+		if refused {
+			return 1
+		}
+		return 0
+	}
+	if refused {
+		return 1
+	}
+	if beforeConfigWrite != nil {
+		beforeConfigWrite()
+	}
+	tresp, err := cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.ModRevision(k.Config()), "=", modRev)).
+		Then(clientv3.OpPut(k.Config(), string(data))).
+		Else(clientv3.OpGet(k.Config())).Commit()
+	if err != nil {
+		fmt.Fprintf(stderr, "leased config put: %s\n", etcdErr(o, err))
+		return 1
+	}
+	if !tresp.Succeeded {
+		now := "deleted"
+		if kvs := tresp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+			now = fmt.Sprintf("written at revision %d", kvs[0].ModRevision)
+		}
+		fmt.Fprintf(stderr, "leased config put: %s changed while this put ran (%s; it was read at revision %d), probably by another operator; nothing written: run 'leased config get' to see it, then put again\n", k.Config(), now, modRev)
+		return 1
+	}
+	fmt.Fprintf(stdout, "wrote %s (revision %d)\n", k.Config(), tresp.Header.Revision)
+	return 0
+}
+
+// configChanges describes, one line each, what differs between the stored
+// config old (nil: none, or invalid when stored) and new.
+func configChanges(old *lease.Config, stored bool, new *lease.Config) []string {
+	if old == nil {
+		what := "no config is stored"
+		if stored {
+			what = "the stored config is invalid"
+		}
+		return []string{fmt.Sprintf("%s; the new one: IPv4 %s; IPv6 %s; backend %s", what, poolString(new.IPv4), poolString(new.IPv6), new.Backend.Raw)}
+	}
+	var out []string
+	for _, f := range []struct {
+		name     string
+		old, new *lease.Pool
+	}{{"IPv4", old.IPv4, new.IPv4}, {"IPv6", old.IPv6, new.IPv6}} {
+		if poolString(f.old) != poolString(f.new) {
+			out = append(out, fmt.Sprintf("%s: %s -> %s", f.name, poolString(f.old), poolString(f.new)))
+		}
+	}
+	if !backend.SameConfig(old.Backend.Raw, new.Backend.Raw) {
+		out = append(out, fmt.Sprintf("Backend: %s -> %s", old.Backend.Raw, new.Backend.Raw))
+	}
+	return out
+}
+
 // validateFile reads a config file ("-": standard input) and checks it
-// as the agent would; it prints warnings and errors naming the file.
-func validateFile(path string) ([]byte, bool) {
+// as the agent would; it prints warnings and errors naming the file to w.
+func validateFile(path string, w io.Writer) ([]byte, *lease.Config, bool) {
 	var data []byte
 	var err error
 	if path == "-" {
@@ -142,22 +258,22 @@ func validateFile(path string) ([]byte, bool) {
 		data, err = os.ReadFile(path)
 	}
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "%v\n", err)
-		return nil, false
+		fmt.Fprintf(w, "%v\n", err)
+		return nil, nil, false
 	}
 	cfg, warnings, err := lease.ParseConfig(data)
-	for _, w := range warnings {
-		fmt.Fprintf(os.Stderr, "%s: warning: %s\n", path, w)
+	for _, x := range warnings {
+		fmt.Fprintf(w, "%s: warning: %s\n", path, x)
 	}
 	if err == nil {
 		err = backend.ValidateConfig(cfg.Backend.Raw)
 	}
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "%s: %v\n", path, err)
-		return nil, false
+		fmt.Fprintf(w, "%s: %v\n", path, err)
+		return nil, nil, false
 	}
-	fmt.Fprintf(os.Stderr, "%s: valid: IPv4 %s; IPv6 %s; backend %s\n", path, poolString(cfg.IPv4), poolString(cfg.IPv6), cfg.Backend.Type)
-	return data, true
+	fmt.Fprintf(w, "%s: valid: IPv4 %s; IPv6 %s; backend %s\n", path, poolString(cfg.IPv4), poolString(cfg.IPv6), cfg.Backend.Type)
+	return data, cfg, true
 }
 
 // runLeases is `leased leases [-o table|json]`.

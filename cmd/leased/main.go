@@ -108,7 +108,8 @@ func run(args []string) int {
 const usage = `usage:
   leased [flags]                 run the agent
   leased config validate FILE    check a network config offline
-  leased config put FILE         validate, then write it to etcd
+  leased config put FILE         validate, check against the live leases, then write it to etcd
+                                 (--dry-run: show the change; --force: write a config that strands held subnets)
   leased config get              print the network config in etcd
   leased leases [-o table|json]  every host's lease
   leased status                  this host: lease, subnet.env, kernel vs leases

@@ -48,6 +48,22 @@ func ValidateConfig(raw json.RawMessage) error {
 	return err
 }
 
+// SameConfig reports whether the Backend objects a and b configure the same
+// backend once defaults are applied (`{"Type":"vxlan"}` and
+// `{"VNI":1, "Type":"vxlan"}` do), whatever their formatting. Objects that
+// do not validate are the same only when byte for byte equal.
+func SameConfig(a, b json.RawMessage) bool {
+	if bytes.Equal(a, b) {
+		return true
+	}
+	ca, erra := parseConfig(a)
+	cb, errb := parseConfig(b)
+	if erra != nil || errb != nil {
+		return bytes.Equal(a, b)
+	}
+	return ca == cb
+}
+
 func parseConfig(raw json.RawMessage) (Config, error) {
 	cfg := Config{Type: TypeHostGW, VNI: DefaultVNI, Port: DefaultPort}
 	raw = bytes.TrimSpace(raw)

@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"encoding/json"
 	"errors"
 	"strings"
 	"testing"
@@ -96,5 +97,25 @@ func TestVTEPMAC(t *testing.T) {
 	}
 	if m.String() == vtepMAC("node-2", false).String() || m.String() == vtepMAC("node-1", true).String() {
 		t.Error("VTEP MACs collide across nodes or families")
+	}
+}
+
+func TestSameConfig(t *testing.T) {
+	for _, tt := range []struct {
+		a, b string
+		same bool
+	}{
+		{`{"Type":"vxlan"}`, `{ "Type" : "vxlan" }`, true},
+		{`{"Type":"vxlan"}`, `{"VNI":1,"Type":"vxlan","Port":8472}`, true},
+		{`{"Type":"host-gw"}`, `{}`, true},
+		{`{"Type":"vxlan","VNI":2}`, `{"Type":"vxlan","VNI":3}`, false},
+		{`{"Type":"vxlan"}`, `{"Type":"host-gw"}`, false},
+		{`{"Type":"proxy-ndp"}`, `{"Type":"proxy-ndp","Mode":"present"}`, false},
+		{`{"Type":"bogus"}`, `{"Type":"bogus"}`, true},
+		{`{"Type":"bogus"}`, `{"Type": "bogus"}`, false},
+	} {
+		if got := SameConfig(json.RawMessage(tt.a), json.RawMessage(tt.b)); got != tt.same {
+			t.Errorf("SameConfig(%s, %s) = %v, want %v", tt.a, tt.b, got, tt.same)
+		}
 	}
 }

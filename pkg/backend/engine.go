@@ -212,6 +212,9 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.closedLocked() {
+		return ErrClosed
+	}
 	e.local = local
 	e.started = true
 	klog.InfoS("backend starting", "type", e.typ, "node", local.Node, "subnet4", local.Subnet4, "subnet6", local.Subnet6, "iface", e.ext.Name)
@@ -271,6 +274,9 @@ func (e *engine) ensureHost() {
 func (e *engine) SetPeers(ctx context.Context, peers []Peer) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.closedLocked() {
+		return ErrClosed
+	}
 	defer observe("peers", time.Now())
 	return e.setPeersLocked(ctx, peers)
 }
@@ -284,6 +290,9 @@ func observe(pass string, start time.Time) {
 func (e *engine) pass(ctx context.Context) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.closedLocked() {
+		return ErrClosed
+	}
 	defer observe("full", time.Now())
 	return e.passLocked(ctx)
 }

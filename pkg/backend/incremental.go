@@ -231,6 +231,9 @@ func (e *engine) applyLocked(ctx context.Context, ch peerChanges, known bool) er
 func (e *engine) UpdatePeers(ctx context.Context, upserts []Peer, removed []string) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.closedLocked() {
+		return ErrClosed
+	}
 	defer observe("peers", time.Now())
 	if !e.peersSet || e.idx.byNode == nil || e.peerPos == nil {
 		return e.setPeersLocked(ctx, e.patched(upserts, removed))

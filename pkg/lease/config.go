@@ -186,6 +186,9 @@ func ParseConfig(data []byte) (cfg *Config, warnings []string, err error) {
 	if cfg.Backend, err = parseBackend(top["Backend"]); err != nil {
 		return nil, warnings, err
 	}
+	if cfg.Backend.Type == "proxy-ndp" && cfg.IPv6 == nil {
+		return nil, warnings, cfgErrorf(`Backend.Type "proxy-ndp" needs IPv6, but the config enables no IPv6 network: set IPv6Network (a part of the hosts' on-link IPv6 prefix), or use Backend.Type %q for an IPv4-only network`, DefaultBackendType)
+	}
 	return cfg, warnings, nil
 }
 
@@ -271,6 +274,9 @@ func (f *famSpec) parseNetwork(s string) (netip.Prefix, error) {
 	}
 	if p.Masked() != p {
 		return netip.Prefix{}, cfgErrorf("%s %s is not a network address: did you mean %s?", f.network, p, p.Masked())
+	}
+	if why := reservedNetwork(p); why != "" {
+		return netip.Prefix{}, cfgErrorf("%s %s %s: no host can use it as a container network; pick another range, such as %q", f.network, p, why, f.example)
 	}
 	if p.Bits() >= f.maxLen {
 		return netip.Prefix{}, cfgErrorf("%s %s is too small to split into subnets of at most /%d: use a /%d or shorter network",

@@ -239,13 +239,25 @@ func TestParseConfigErrors(t *testing.T) {
 		{"SubnetMin prefix of wrong length", `{"Network":"10.100.0.0/16","SubnetLen":25,"SubnetMin":"10.100.0.0/24"}`, []string{"SubnetMin 10.100.0.0/24 is a /24 but SubnetLen is 25", "10.100.0.0/25"}},
 		{"SubnetMin unparsable", `{"Network":"10.100.0.0/16","SubnetMin":"10.100"}`, []string{`SubnetMin "10.100" is not an address`}},
 		{"SubnetMin wrong family", `{"Network":"10.100.0.0/16","SubnetMin":"2001:db8::"}`, []string{"SubnetMin", "is IPv6, not IPv4"}},
-		{"IPv6SubnetMin with zone", `{"IPv6Network":"fe80::/48","IPv6SubnetMin":"fe80::%eth0"}`, []string{"IPv6SubnetMin", "zone"}},
+		{"IPv6SubnetMin with zone", `{"IPv6Network":"2001:db8::/48","IPv6SubnetMin":"2001:db8::%eth0"}`, []string{"IPv6SubnetMin", "zone"}},
 		{"IPv6SubnetMax off boundary", `{"IPv6Network":"2001:db8::/48","IPv6SubnetLen":80,"IPv6SubnetMax":"2001:db8::1"}`, []string{"IPv6SubnetMax", "/80 subnet boundary", "did you mean 2001:db8::?"}},
 		{"Min after Max", `{"Network":"10.100.0.0/16","SubnetMin":"10.100.5.0","SubnetMax":"10.100.1.0"}`, []string{"SubnetMin 10.100.5.0 is after SubnetMax 10.100.1.0"}},
 		{"Backend not an object", `{"Network":"10.100.0.0/16","Backend":"vxlan"}`, []string{"Backend must be an object", `the string "vxlan"`}},
 		{"Backend unknown type", `{"Network":"10.100.0.0/16","Backend":{"Type":"udp"}}`, []string{`Backend.Type "udp" is not supported`, `"host-gw", "vxlan", "proxy-ndp"`}},
 		{"Backend type wrong case", `{"Network":"10.100.0.0/16","Backend":{"Type":"VXLAN"}}`, []string{`Backend.Type "VXLAN"`, `did you mean "vxlan"?`}},
 		{"Backend type wrong JSON type", `{"Network":"10.100.0.0/16","Backend":{"Type":1}}`, []string{"Backend.Type must be a string"}},
+		{"whole IPv4 space", `{"Network":"0.0.0.0/0"}`, []string{"Network 0.0.0.0/0 is the whole address space", "10.100.0.0/16"}},
+		{"whole IPv6 space", `{"IPv6Network":"::/0","IPv6SubnetLen":64}`, []string{"IPv6Network ::/0 is the whole address space"}},
+		{"IPv4 loopback", `{"Network":"127.0.0.0/16"}`, []string{"Network 127.0.0.0/16 is inside loopback addresses (127.0.0.0/8)"}},
+		{"IPv4 network containing loopback", `{"Network":"96.0.0.0/3"}`, []string{"contains loopback addresses"}},
+		{"IPv4 this network", `{"Network":"0.0.0.0/16"}`, []string{"Network 0.0.0.0/16", "0.0.0.0/8"}},
+		{"IPv4 link-local", `{"Network":"169.254.0.0/16"}`, []string{"Network 169.254.0.0/16 is inside link-local addresses"}},
+		{"IPv4 multicast", `{"Network":"224.1.0.0/16"}`, []string{"Network 224.1.0.0/16 is inside multicast addresses (224.0.0.0/4)"}},
+		{"IPv6 link-local", `{"IPv6Network":"fe80::/48"}`, []string{"IPv6Network fe80::/48 is inside link-local addresses (fe80::/10)", "2001:db8:cd11::/48"}},
+		{"IPv6 multicast", `{"IPv6Network":"ff00::/8","IPv6SubnetLen":64}`, []string{"IPv6Network ff00::/8 is inside multicast addresses (ff00::/8)"}},
+		{"IPv6 loopback", `{"IPv6Network":"::/64","IPv6SubnetLen":80}`, []string{"IPv6Network ::/64 contains the unspecified address"}},
+		{"proxy-ndp without IPv6", `{"Network":"10.100.0.0/16","Backend":{"Type":"proxy-ndp"}}`, []string{`"proxy-ndp" needs IPv6`, "set IPv6Network", `"host-gw"`}},
+		{"proxy-ndp with IPv6 disabled", `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48","EnableIPv6":false,"Backend":{"Type":"proxy-ndp"}}`, []string{`"proxy-ndp" needs IPv6`}},
 		{"Backend type key wrong case", `{"Network":"10.100.0.0/16","Backend":{"type":"vxlan"}}`, []string{`Backend has "type"`, `"Type"`}},
 	}
 	for _, tt := range tests {
@@ -338,7 +350,7 @@ func FuzzParseConfig(f *testing.F) {
 		`{"Network":"10.100.0.0/16","SubnetLen":25,"SubnetMin":"10.100.0.0","SubnetMax":"10.100.1.0"}`,
 		`{"Network":"10.100.0.0/16","EnableIPv6":true,"IPv6Network":"2003:ab11::/48","IPv6SubnetLen":64,"Backend":{"Type":"vxlan","VNI":1,"Port":8472}}`,
 		`{"IPv6Network":"2600:1f18:47b:ca03::/120","IPv6SubnetLen":126,"IPv6SubnetMin":"2600:1f18:47b:ca03::8/126"}`,
-		`{"IPv6Network":"::/0","IPv6SubnetLen":126}`,
+		`{"IPv6Network":"::/0","IPv6SubnetLen":126}`, `{"IPv6Network":"2000::/3","IPv6SubnetLen":126}`,
 		`{"Network":"0.0.0.0/0","SubnetMax":"255.255.255.0"}`,
 		`{"Network":"10.100.1.0/16","SubnetLenn":3}`,
 		`{"EnableIPv4":false,"Network":"x","Backend":{"Type":"proxy-ndp"}}`,
@@ -388,4 +400,92 @@ func FuzzParseConfig(f *testing.F) {
 			_ = p.String()
 		}
 	})
+}
+
+// Configs that differ only in formatting are Equal; any change is not.
+func TestConfigEqual(t *testing.T) {
+	parse := func(s string) *Config {
+		t.Helper()
+		c, _, err := ParseConfig([]byte(s))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	base := parse(`{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48","Backend":{"Type":"vxlan","VNI":2}}`)
+	same := "{\n  \"Backend\": { \"VNI\": 2, \"Type\": \"vxlan\" },\n  \"IPv6Network\": \"2001:db8::/48\",\n  \"Network\": \"10.100.0.0/16\", \"SubnetLen\": 24\n}"
+	if !base.Equal(parse(same)) {
+		t.Error("a reformatted config is not Equal")
+	}
+	for _, other := range []string{
+		`{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48","Backend":{"Type":"vxlan","VNI":3}}`,
+		`{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48","Backend":{"Type":"host-gw"}}`,
+		`{"Network":"10.100.0.0/17","IPv6Network":"2001:db8::/48","Backend":{"Type":"vxlan","VNI":2}}`,
+		`{"Network":"10.100.0.0/16","SubnetMax":"10.100.7.0","IPv6Network":"2001:db8::/48","Backend":{"Type":"vxlan","VNI":2}}`,
+		`{"Network":"10.100.0.0/16","Backend":{"Type":"vxlan","VNI":2}}`,
+	} {
+		if base.Equal(parse(other)) {
+			t.Errorf("%s is Equal to the base config", other)
+		}
+	}
+}
+
+// ConfigConflicts names every live lease a change strands, and nothing else.
+func TestConfigConflicts(t *testing.T) {
+	parse := func(s string) *Config {
+		t.Helper()
+		c, _, err := ParseConfig([]byte(s))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	old := parse(`{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
+	recs := map[string]*Record{
+		"low":   {Node: "low", Subnet: netip.MustParsePrefix("10.100.1.0/24"), IPv6Subnet: netip.MustParsePrefix("2001:db8:0:1::/64"), BackendType: "host-gw"},
+		"high":  {Node: "high", Subnet: netip.MustParsePrefix("10.100.200.0/24"), IPv6Subnet: netip.MustParsePrefix("2001:db8:0:2::/64"), BackendType: "host-gw"},
+		"stale": {Node: "stale", Subnet: netip.MustParsePrefix("10.99.0.0/24"), BackendType: "host-gw"},
+	}
+	tests := []struct {
+		name string
+		new  string
+		want []string // Conflict.String of each, in order
+	}{
+		{"same", `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`, nil},
+		{"wider", `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32"}`, nil},
+		{"narrower network", `{"Network":"10.100.0.0/17","IPv6Network":"2001:db8::/48"}`,
+			[]string{"high [10.100.200.0/24]: 10.100.200.0/24: it is outside 10.100.0.0/17"}},
+		{"SubnetMax", `{"Network":"10.100.0.0/16","SubnetMax":"10.100.100.0","IPv6Network":"2001:db8::/48"}`,
+			[]string{"high [10.100.200.0/24]: 10.100.200.0/24: it is outside 10.100.0.0/24..10.100.100.0/24"}},
+		{"SubnetLen", `{"Network":"10.100.0.0/16","SubnetLen":25,"IPv6Network":"2001:db8::/48"}`,
+			[]string{"high [10.100.200.0/24]: 10.100.200.0/24: it is a /24, the IPv4 subnets are /25", "low [10.100.1.0/24]: 10.100.1.0/24: it is a /24, the IPv4 subnets are /25"}},
+		{"IPv6 disabled", `{"Network":"10.100.0.0/16"}`,
+			[]string{"high [2001:db8:0:2::/64]: 2001:db8:0:2::/64: IPv6 is disabled", "low [2001:db8:0:1::/64]: 2001:db8:0:1::/64: IPv6 is disabled"}},
+		{"backend", `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48","Backend":{"Type":"vxlan"}}`,
+			[]string{"high [10.100.200.0/24 2001:db8:0:2::/64]: the host runs the host-gw backend", "low [10.100.1.0/24 2001:db8:0:1::/64]: the host runs", "stale [10.99.0.0/24]: the host runs"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := ConfigConflicts(old, parse(tt.new), recs)
+			if len(got) != len(tt.want) {
+				t.Fatalf("got %v, want %d conflicts %v", got, len(tt.want), tt.want)
+			}
+			for i, c := range got {
+				if !strings.HasPrefix(c.String(), tt.want[i]) {
+					t.Errorf("conflict %d = %q, want %q...", i, c, tt.want[i])
+				}
+			}
+		})
+	}
+	// A host on another backend than the config says blocks only a change
+	// of the backend type: its lease is refused as a peer either way.
+	recs["odd"] = &Record{Node: "odd", Subnet: netip.MustParsePrefix("10.100.3.0/24"), BackendType: "vxlan"}
+	if got := ConfigConflicts(old, parse(`{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/48"}`), recs); len(got) != 0 {
+		t.Errorf("a widening blocked by a host on another backend: %v", got)
+	}
+	delete(recs, "odd")
+	// Without an old config every lease outside the new one counts.
+	if got := ConfigConflicts(nil, parse(`{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`), recs); len(got) != 1 || got[0].Node != "stale" {
+		t.Errorf("no old config: got %v, want stale only", got)
+	}
 }

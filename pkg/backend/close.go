@@ -1,0 +1,80 @@
+package backend
+
+import (
+	"errors"
+	"io"
+
+	"github.com/vishvananda/netlink"
+)
+
+// ErrClosed is returned by every kernel call of a backend after Close.
+var ErrClosed = errors.New("backend: the backend is closed (the agent replaced it)")
+
+// Closer is implemented by the backends New returns. Close releases every
+// handle the backend holds (its netlink handle and sockets, the proxy-ndp
+// packet socket) and leaves the kernel state in place, so that a backend
+// built to replace it takes over without disturbing traffic. Call it once
+// Run has returned (or when Run never ran); afterwards Start, SetPeers and
+// UpdatePeers fail with ErrClosed. It is idempotent.
+type Closer = io.Closer
+
+// Close implements Closer.
+func (e *engine) Close() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if k, ok := e.k.(netlinkKernel); ok {
+		k.h.Close()
+		k.b.close()
+	}
+	e.k = closedKernel{}
+	return nil
+}
+
+// closedLocked reports whether Close ran; e.mu must be held.
+func (e *engine) closedLocked() bool {
+	_, closed := e.k.(closedKernel)
+	return closed
+}
+
+// Close implements Closer: it also stops the answers.
+func (b *proxyNDP) Close() error {
+	b.r.close()
+	return b.engine.Close()
+}
+
+// close closes the batcher's socket.
+func (b *routeBatcher) close() {
+	if b != nil && b.s != nil {
+		b.s.Close()
+		b.s = nil
+	}
+}
+
+// closedKernel is the kernel of a closed backend: every call fails.
+type closedKernel struct{}
+
+func (closedKernel) RouteList(int) ([]netlink.Route, error) { return nil, ErrClosed }
+func (closedKernel) RoutesReplace(rs []*netlink.Route) []error {
+	return closedErrs(len(rs))
+}
+func (closedKernel) RoutesDel(rs []*netlink.Route) []error          { return closedErrs(len(rs)) }
+func (closedKernel) NeighList(int) ([]netlink.Neigh, error)         { return nil, ErrClosed }
+func (closedKernel) NeighSet(*netlink.Neigh) error                  { return ErrClosed }
+func (closedKernel) NeighDel(*netlink.Neigh) error                  { return ErrClosed }
+func (closedKernel) LinkByName(string) (netlink.Link, error)        { return nil, ErrClosed }
+func (closedKernel) LinkAdd(netlink.Link) error                     { return ErrClosed }
+func (closedKernel) LinkDel(netlink.Link) error                     { return ErrClosed }
+func (closedKernel) LinkSetUp(netlink.Link) error                   { return ErrClosed }
+func (closedKernel) LinkSetMTU(netlink.Link, int) error             { return ErrClosed }
+func (closedKernel) LinkSetHardwareAddr(netlink.Link, []byte) error { return ErrClosed }
+func (closedKernel) AddrList(int, int) ([]netlink.Addr, error)      { return nil, ErrClosed }
+func (closedKernel) AddrReplace(netlink.Link, *netlink.Addr) error  { return ErrClosed }
+func (closedKernel) AddrDel(netlink.Link, *netlink.Addr) error      { return ErrClosed }
+
+func closedErrs(n int) []error {
+	errs := make([]error, n)
+	for i := range errs {
+		errs[i] = ErrClosed
+	}
+	return errs
+}
