@@ -343,7 +343,7 @@ func (e *engine) applyPeerChangesLocked(ctx context.Context, ch peerChanges) err
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	in := input{local: e.local, ext: e.ext, connected: e.connectedCache}
+	in := input{local: e.local, ext: e.ext, connected: e.connectedCache, foreign: e.foreign.Load()}
 	alone := func(p Peer) (state, []skip) {
 		in.peers = []Peer{p}
 		return e.dp.desired(in)

@@ -42,7 +42,17 @@ func (e *engine) passLocked(ctx context.Context) error {
 		return errors.Join(append(errs, err)...)
 	}
 	e.connectedCache = connected
-	want, skips := e.dp.desired(input{local: e.local, peers: e.peers, ext: e.ext, connected: connected})
+	// Our routes and the foreign ones come from one dump, listed before
+	// the desired state is computed: a peer overlapping a foreign route
+	// is not wanted.
+	routes, foreign, err := e.listAllRoutes()
+	if err != nil {
+		// Without the foreign routes a peer could replace one: change
+		// nothing this pass.
+		return errors.Join(append(errs, err)...)
+	}
+	e.foreign.Store(foreign)
+	want, skips := e.dp.desired(input{local: e.local, peers: e.peers, ext: e.ext, connected: connected, foreign: foreign})
 	e.wanted.store(want)
 	e.idx.clean = isClean(want, skips)
 	e.logSkips(skips)
@@ -63,12 +73,9 @@ func (e *engine) passLocked(ctx context.Context) error {
 		}
 		errs = append(errs, err)
 	}
-	routes, err := e.listRoutes()
-	if err == nil {
-		var n int
-		reached.routes, n, err = applyKind(want.routes, routes, e.applied.routes, e.putRoutes, e.delRoutes, "route")
-		e.lastChanges += n
-	}
+	var n int
+	reached.routes, n, err = applyKind(want.routes, routes, e.applied.routes, e.putRoutes, e.delRoutes, "route")
+	e.lastChanges += n
 	errs = append(errs, err)
 	e.applied = reached
 	joined := errors.Join(errs...)
@@ -88,7 +95,7 @@ func (e *engine) quickPassLocked(ctx context.Context) error {
 		return err
 	}
 	e.passes++
-	want, skips := e.dp.desired(input{local: e.local, peers: e.peers, ext: e.ext, connected: e.connectedCache})
+	want, skips := e.dp.desired(input{local: e.local, peers: e.peers, ext: e.ext, connected: e.connectedCache, foreign: e.foreign.Load()})
 	e.wanted.store(want)
 	e.idx.clean = isClean(want, skips)
 	e.logSkips(skips)
@@ -183,14 +190,29 @@ func (e *engine) connected() ([]netip.Prefix, error) { return extPrefixes(e.k, e
 // listRoutes returns our routes of both families (one dump each): routes of
 // a family that is now disabled are stale and get deleted.
 func (e *engine) listRoutes() ([]route, error) {
+	out, _, err := e.listAllRoutes()
+	return out, err
+}
+
+// listAllRoutes is listRoutes that also returns, from the same dumps, the
+// foreign routes that overlap the cluster networks (foreign.go).
+func (e *engine) listAllRoutes() ([]route, *foreignSet, error) { return e.listAllRoutesFor(e.local) }
+
+// listAllRoutesFor is listAllRoutes for the networks of local.
+func (e *engine) listAllRoutesFor(local Local) ([]route, *foreignSet, error) {
 	var out []route
+	var all []netlink.Route
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
 		rs, err := e.k.RouteList(fam)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		for _, r := range rs {
-			if r.Protocol != RouteProtocol || (r.Table != 0 && r.Table != unix.RT_TABLE_MAIN) {
+			if r.Table != 0 && r.Table != unix.RT_TABLE_MAIN {
+				continue
+			}
+			if r.Protocol != RouteProtocol {
+				all = append(all, r)
 				continue
 			}
 			if rr, ok := routeFromNetlink(r); ok {
@@ -198,7 +220,7 @@ func (e *engine) listRoutes() ([]route, error) {
 			}
 		}
 	}
-	return out, nil
+	return out, newForeignSet(local, all, linkNamer(e.k)), nil
 }
 
 // listNeighs returns the permanent neighbour and FDB entries on the owned

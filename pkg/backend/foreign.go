@@ -1,0 +1,193 @@
+package backend
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync/atomic"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Routes leased did not install are not leased's. A peer subnet that
+// overlaps a "foreign" route — any route in the main table (the only table
+// leased writes) whose protocol is not RouteProtocol: the host's connected
+// LANs, Docker's bridges, VPN and static routes — is refused with a log line
+// naming both, so that leased neither replaces that route (a put has the
+// same key when the prefix and metric match) nor, when the peer goes away,
+// deletes it, nor steals part of its traffic with a more specific route.
+//
+// Only foreign routes that overlap one of this host's cluster networks can
+// collide with a peer, so the engine keeps just those: usually a handful,
+// which makes the check a few prefix comparisons per peer family and keeps
+// SetPeers' incremental path as fast as before. The set is refreshed by
+// every full pass (from the route dump the pass makes anyway) and a
+// netlink event that adds or deletes a route that would change it runs a
+// full pass, so a route that appears after the peer was programmed (dockerd
+// creating a bridge later) takes precedence within a pass: the peer's route
+// is withdrawn — deletes name RouteProtocol, so the kernel removes only
+// leased's route — and the foreign one is left in place.
+//
+// Two kinds of routes never count: default routes, and routes via a router
+// (scope universe) that cover a whole cluster network, such as
+// 10.0.0.0/8 via a VPN gateway around a 10.244.0.0/16 network: the peers'
+// routes are more specific by design and take none of those routes' other
+// destinations. A connected route (scope link) covering the whole network
+// does count: every peer is refused, since its addresses are on the LAN.
+
+// foreignRoute is a route leased did not install that overlaps a cluster
+// network.
+type foreignRoute struct {
+	Dst  netip.Prefix
+	Desc string // as `ip route` shows it, e.g. "10.1.2.0/24 dev eth1 proto kernel"
+}
+
+// foreignSet is the foreign routes of the last full pass and the networks
+// they were selected for. It is immutable once published.
+type foreignSet struct {
+	net4, net6 netip.Prefix
+	routes     []foreignRoute
+}
+
+// overlapping returns the first foreign route that overlaps p.
+func (s *foreignSet) overlapping(p netip.Prefix) (foreignRoute, bool) {
+	if s == nil {
+		return foreignRoute{}, false
+	}
+	for _, r := range s.routes {
+		if r.Dst.Overlaps(p) {
+			return r, true
+		}
+	}
+	return foreignRoute{}, false
+}
+
+// has reports whether the set holds a route to dst.
+func (s *foreignSet) has(dst netip.Prefix) bool {
+	return s != nil && slices.ContainsFunc(s.routes, func(r foreignRoute) bool { return r.Dst == dst })
+}
+
+// relevant reports whether a foreign route to dst (scope: its rtnetlink
+// scope) can collide with a peer subnet: it overlaps the cluster network of
+// its family and is neither a default route nor an aggregate via a router.
+func (s *foreignSet) relevant(dst netip.Prefix, scope netlink.Scope) bool {
+	if s == nil || !dst.IsValid() || dst.Bits() == 0 {
+		return false
+	}
+	n := s.net4
+	if dst.Addr().Is6() {
+		n = s.net6
+	}
+	if !n.IsValid() || !n.Overlaps(dst) {
+		return false
+	}
+	aggregate := dst.Bits() <= n.Bits() && scope == netlink.SCOPE_UNIVERSE
+	return !aggregate
+}
+
+// isForeign reports whether r, from a main-table dump or event, is a route
+// leased did not install.
+func isForeign(r *netlink.Route) bool {
+	return r.Protocol != RouteProtocol && (r.Table == 0 || r.Table == unix.RT_TABLE_MAIN) &&
+		r.Flags&unix.RTM_F_CLONED == 0
+}
+
+// newForeignSet selects the foreign routes among rs (a main-table dump of
+// every protocol) for local's networks; name gives a link's name for the
+// log line ("" when unknown).
+func newForeignSet(local Local, rs []netlink.Route, name func(int) string) *foreignSet {
+	s := &foreignSet{net4: local.Network4, net6: local.Network6}
+	for i := range rs {
+		r := &rs[i]
+		if !isForeign(r) || r.Dst == nil {
+			continue
+		}
+		dst, ok := prefixFromIPNet(r.Dst)
+		if !ok || !s.relevant(dst.Masked(), r.Scope) {
+			continue
+		}
+		s.routes = append(s.routes, foreignRoute{Dst: dst.Masked(), Desc: describeRoute(r, dst.Masked(), name)})
+	}
+	slices.SortFunc(s.routes, func(a, b foreignRoute) int { return comparePrefix(a.Dst, b.Dst) })
+	return s
+}
+
+// describeRoute writes r the way `ip route` shows it, in short.
+func describeRoute(r *netlink.Route, dst netip.Prefix, name func(int) string) string {
+	var b strings.Builder
+	if r.Type != unix.RTN_UNICAST && r.Type != 0 {
+		switch r.Type {
+		case unix.RTN_BLACKHOLE:
+			b.WriteString("blackhole ")
+		case unix.RTN_UNREACHABLE:
+			b.WriteString("unreachable ")
+		case unix.RTN_PROHIBIT:
+			b.WriteString("prohibit ")
+		default:
+			fmt.Fprintf(&b, "type %d ", r.Type)
+		}
+	}
+	b.WriteString(dst.String())
+	if len(r.Gw) > 0 {
+		fmt.Fprintf(&b, " via %s", r.Gw)
+	}
+	if r.LinkIndex > 0 {
+		if n := name(r.LinkIndex); n != "" {
+			fmt.Fprintf(&b, " dev %s", n)
+		} else {
+			fmt.Fprintf(&b, " dev #%d", r.LinkIndex)
+		}
+	}
+	fmt.Fprintf(&b, " proto %s", r.Protocol)
+	if r.Priority > 0 {
+		fmt.Fprintf(&b, " metric %d", r.Priority)
+	}
+	return b.String()
+}
+
+// foreignRefusal returns why a peer family's subnet must not be routed
+// because it overlaps a foreign route, or "".
+func foreignRefusal(fs *foreignSet, f peerFamily) string {
+	r, ok := fs.overlapping(f.subnet)
+	if !ok {
+		return ""
+	}
+	return fmt.Sprintf("peer subnet overlaps %s, a route leased did not install: refused (the route is left alone; free the subnet from the lease or move the route)", r.Desc)
+}
+
+// foreignEventMatters reports whether a route event changes the foreign
+// set published in fs: a relevant foreign route added that the set lacks,
+// or one deleted that it holds.
+func foreignEventMatters(fs *atomic.Pointer[foreignSet], u netlink.RouteUpdate) bool {
+	if !isForeign(&u.Route) || u.Dst == nil {
+		return false
+	}
+	s := fs.Load()
+	dst, ok := prefixFromIPNet(u.Dst)
+	if s == nil || !ok {
+		return false
+	}
+	dst = dst.Masked()
+	if u.Type == unix.RTM_DELROUTE {
+		return s.has(dst)
+	}
+	return s.relevant(dst, u.Scope) && !s.has(dst)
+}
+
+// linkNamer returns a cached link-name lookup for one pass.
+func linkNamer(k kernel) func(int) string {
+	names := map[int]string{}
+	return func(idx int) string {
+		if n, ok := names[idx]; ok {
+			return n
+		}
+		n := ""
+		if l, err := k.LinkByIndex(idx); err == nil {
+			n = l.Attrs().Name
+		}
+		names[idx] = n
+		return n
+	}
+}
