@@ -115,6 +115,9 @@ type engine struct {
 	passes         int
 	// lastChanges counts the puts and deletes of the last pass.
 	lastChanges int
+	// routeHave tells putRoutes, during a pass's route puts, which keys
+	// hold a route of ours in the kernel (replaced; others are created).
+	routeHave func(routeKey) bool
 }
 
 // New returns the backend that raw (the network config's Backend object)

@@ -61,6 +61,18 @@ func (f *fakeKernel) RoutesReplace(rs []*netlink.Route) []error {
 	return errs
 }
 
+func (f *fakeKernel) RoutesAdd(rs []*netlink.Route) []error {
+	errs := make([]error, len(rs))
+	for i, r := range rs {
+		if _, ok := f.routes[routeID(r)]; ok {
+			errs[i] = unix.EEXIST
+			continue
+		}
+		errs[i] = f.RouteReplace(r)
+	}
+	return errs
+}
+
 func (f *fakeKernel) RoutesDel(rs []*netlink.Route) []error {
 	errs := make([]error, len(rs))
 	for i, r := range rs {

@@ -119,6 +119,8 @@ func describeRoute(r *netlink.Route, dst netip.Prefix, name func(int) string) st
 	var b strings.Builder
 	if r.Type != unix.RTN_UNICAST && r.Type != 0 {
 		switch r.Type {
+		case unix.RTN_LOCAL:
+			b.WriteString("local ")
 		case unix.RTN_BLACKHOLE:
 			b.WriteString("blackhole ")
 		case unix.RTN_UNREACHABLE:
@@ -190,4 +192,68 @@ func linkNamer(k kernel) func(int) string {
 		names[idx] = n
 		return n
 	}
+}
+
+// HostRoute is a route by which this host reaches a prefix itself: a
+// connected LAN or another gateway-less route of the main table (a VPN's,
+// a static one, a bridge's), or a local address (local table). A subnet
+// overlapping one must not be leased to this host (lease.Excluded).
+type HostRoute struct {
+	Dst  netip.Prefix
+	Desc string // as `ip route` shows it
+	// Own is set for a route on a bridge (dockerd's, which carries this
+	// host's own subnet) or on one of leased's VXLAN devices.
+	Own bool
+}
+
+// HostRoutes returns the host's routes (see HostRoute) in the agent's
+// network namespace that overlap one of nets, leaving out default routes,
+// routes via a gateway and leased's own (RouteProtocol).
+func HostRoutes(nets ...netip.Prefix) ([]HostRoute, error) {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("opening a netlink handle: %w", err)
+	}
+	defer h.Close()
+	own := map[int]bool{}
+	names := map[int]string{}
+	name := func(idx int) string {
+		if n, ok := names[idx]; ok {
+			return n
+		}
+		if l, err := h.LinkByIndex(idx); err == nil {
+			a := l.Attrs()
+			names[idx] = a.Name
+			own[idx] = l.Type() == "bridge" || a.Name == VXLANDev4 || a.Name == VXLANDev6
+		} else {
+			names[idx] = ""
+		}
+		return names[idx]
+	}
+	var out []HostRoute
+	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+		rs, err := retryDump("routes", func() ([]netlink.Route, error) {
+			return h.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
+		})
+		if err != nil {
+			return nil, err
+		}
+		for i := range rs {
+			r := &rs[i]
+			if r.Dst == nil || r.Protocol == RouteProtocol || len(r.Gw) > 0 || len(r.MultiPath) > 0 || r.Flags&unix.RTM_F_CLONED != 0 {
+				continue
+			}
+			local := r.Table == unix.RT_TABLE_LOCAL && r.Type == unix.RTN_LOCAL
+			if !local && (r.Table != unix.RT_TABLE_MAIN || r.Type != unix.RTN_UNICAST) {
+				continue
+			}
+			dst, ok := prefixFromIPNet(r.Dst)
+			if !ok || dst.Bits() == 0 || !slices.ContainsFunc(nets, func(n netip.Prefix) bool { return n.IsValid() && n.Overlaps(dst) }) {
+				continue
+			}
+			dst = dst.Masked()
+			out = append(out, HostRoute{Dst: dst, Desc: describeRoute(r, dst, name), Own: r.LinkIndex > 0 && name(r.LinkIndex) != "" && own[r.LinkIndex]})
+		}
+	}
+	return out, nil
 }

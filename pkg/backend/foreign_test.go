@@ -154,6 +154,29 @@ func TestForeignRoutesAreNotLeaseds(t *testing.T) {
 		t.Fatal(err)
 	}
 	assertSteady(t, b)
+
+	// A foreign route that appears under a peer's key after the last full
+	// pass (no Run here to notice it) fails the incremental put instead of
+	// being replaced; the next pass refuses the peer.
+	sh(t, "ip", "-n", ns, "route", "add", "10.100.11.0/24", "dev", "a0", "proto", "static")
+	sh(t, "ip", "-n", ns, "-6", "route", "add", "fd00:100:11::/64", "dev", "a0", "metric", "1024", "proto", "static")
+	race := Peer{Node: "race",
+		Subnet4: netip.MustParsePrefix("10.100.11.0/24"), PublicIP4: netip.MustParseAddr("192.168.77.11"),
+		Subnet6: netip.MustParsePrefix("fd00:100:11::/64"), PublicIP6: netip.MustParseAddr("2001:db8:77::11")}
+	foreign["10.100.11.0/24"], foreign["fd00:100:11::/64"] = unix.RTPROT_STATIC, unix.RTPROT_STATIC
+	if err := b.UpdatePeers(ctx, []Peer{race}, nil); err == nil || !strings.Contains(err.Error(), "a route leased did not install has this destination") {
+		t.Errorf("UpdatePeers over a foreign route's key: err %v, want EEXIST explained", err)
+	}
+	assertForeignKept("after a put raced a foreign route")
+	if err := b.pass(ctx); err != nil {
+		t.Fatal(err)
+	}
+	assertSteady(t, b)
+	if err := b.UpdatePeers(ctx, nil, []string{"race"}); err != nil {
+		t.Fatal(err)
+	}
+	assertForeignKept("after the racing peer was refused and removed")
+
 	runBackend(t, b)
 	time.Sleep(time.Second) // a few resyncs
 	assertForeignKept("after removing the peers")

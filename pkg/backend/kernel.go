@@ -41,6 +41,10 @@ type kernel interface {
 	// many requests per system call; a failure does not stop the others.
 	RoutesReplace(rs []*netlink.Route) (errs []error)
 	RoutesDel(rs []*netlink.Route) (errs []error)
+	// RoutesAdd creates each route and fails with EEXIST for one whose
+	// table, destination and metric another route already has (which it
+	// leaves alone), as RoutesReplace would not.
+	RoutesAdd(rs []*netlink.Route) (errs []error)
 	// NeighList returns every neighbour entry of family (AF_BRIDGE for FDB)
 	// on every link.
 	NeighList(family int) ([]netlink.Neigh, error)
@@ -100,6 +104,7 @@ func (k netlinkKernel) RoutesReplace(rs []*netlink.Route) []error {
 	return k.b.do(unix.RTM_NEWROUTE, rs)
 }
 func (k netlinkKernel) RoutesDel(rs []*netlink.Route) []error { return k.b.do(unix.RTM_DELROUTE, rs) }
+func (k netlinkKernel) RoutesAdd(rs []*netlink.Route) []error { return k.b.add(rs) }
 
 func (k netlinkKernel) NeighList(family int) ([]netlink.Neigh, error) {
 	return retryDump("neighbours", func() ([]netlink.Neigh, error) { return k.h.NeighList(0, family) })

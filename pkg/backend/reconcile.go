@@ -74,7 +74,9 @@ func (e *engine) passLocked(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	var n int
+	e.routeHave = lazyKeys(routes)
 	reached.routes, n, err = applyKind(want.routes, routes, e.applied.routes, e.putRoutes, e.delRoutes, "route")
+	e.routeHave = nil
 	e.lastChanges += n
 	errs = append(errs, err)
 	e.applied = reached
@@ -104,7 +106,10 @@ func (e *engine) quickPassLocked(ctx context.Context) error {
 	var nF, nN, nR int
 	reached.fdbs, nF, errF = applyKind(want.fdbs, values(e.applied.fdbs), e.applied.fdbs, e.putFDBs, e.delFDBs, "fdb entry")
 	reached.neighs, nN, errN = applyKind(want.neighs, values(e.applied.neighs), e.applied.neighs, e.putNeighs, e.delNeighs, "neighbour")
+	had := e.applied.routes
+	e.routeHave = func(k routeKey) bool { _, ok := had[k]; return ok }
 	reached.routes, nR, errR = applyKind(want.routes, values(e.applied.routes), e.applied.routes, e.putRoutes, e.delRoutes, "route")
+	e.routeHave = nil
 	e.lastChanges = nF + nN + nR
 	e.applied = reached
 	err := errors.Join(errF, errN, errR)
@@ -257,7 +262,71 @@ func (e *engine) listNeighs(owned []int) ([]neigh, []fdb, error) {
 	return neighs, fdbs, nil
 }
 
-func (e *engine) putRoutes(rs []route) []error { return inChunks(rs, e.k.RoutesReplace) }
+// putRoutes replaces the routes whose key holds a route of ours in the
+// kernel (e.routeHave) and creates the others with NLM_F_EXCL, so that a
+// foreign route that appeared under a peer's key since the foreign set was
+// refreshed fails the put (EEXIST) instead of being replaced; a full pass
+// is then requested, which refuses the peer.
+func (e *engine) putRoutes(rs []route) []error {
+	have := e.routeHave
+	nRep := 0
+	for _, r := range rs {
+		if have != nil && have(r.key()) {
+			nRep++
+		}
+	}
+	switch nRep {
+	case len(rs):
+		return inChunks(rs, e.k.RoutesReplace)
+	case 0:
+		return e.addRoutes(rs)
+	}
+	var rep, add []route
+	var repI, addI []int
+	for i, r := range rs {
+		if have(r.key()) {
+			rep, repI = append(rep, r), append(repI, i)
+		} else {
+			add, addI = append(add, r), append(addI, i)
+		}
+	}
+	errs := make([]error, len(rs))
+	for j, err := range inChunks(rep, e.k.RoutesReplace) {
+		errs[repI[j]] = err
+	}
+	for j, err := range e.addRoutes(add) {
+		errs[addI[j]] = err
+	}
+	return errs
+}
+
+// addRoutes creates routes with NLM_F_EXCL (see putRoutes).
+func (e *engine) addRoutes(rs []route) []error {
+	errs := inChunks(rs, e.k.RoutesAdd)
+	for i, err := range errs {
+		if errors.Is(err, unix.EEXIST) {
+			errs[i] = fmt.Errorf("%w: a route leased did not install has this destination and metric; it is left alone and the peer refused by the next pass", err)
+			e.kickPass()
+		}
+	}
+	return errs
+}
+
+// lazyKeys returns a membership test for the keys of rs that indexes them
+// on its first call only.
+func lazyKeys(rs []route) func(routeKey) bool {
+	var idx map[routeKey]struct{}
+	return func(k routeKey) bool {
+		if idx == nil {
+			idx = make(map[routeKey]struct{}, len(rs))
+			for _, r := range rs {
+				idx[r.key()] = struct{}{}
+			}
+		}
+		_, ok := idx[k]
+		return ok
+	}
+}
 func (e *engine) delRoutes(rs []route) []error { return inChunks(rs, e.k.RoutesDel) }
 func (e *engine) putNeighs(ns []neigh) []error {
 	return each(ns, func(n neigh) error { return e.k.NeighSet(n.netlink()) })

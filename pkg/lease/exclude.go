@@ -122,3 +122,13 @@ func excludedSummary(excl []Excluded) string {
 	}
 	return strings.Join(parts, ", ")
 }
+
+// Routes returns the host's routes that left out the rest of the range,
+// as text (nil when none did).
+func (e *ExhaustedError) Routes() []string {
+	var out []string
+	for _, x := range e.Excluded {
+		out = append(out, x.String())
+	}
+	return out
+}

@@ -1,0 +1,46 @@
+package main
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/pkg/backend"
+	"github.com/leased/leased/pkg/lease"
+)
+
+// exclusions returns the host's own routes inside the config's networks
+// (connected LANs, VPN and bridge links, local addresses): the parts of the
+// network this host cannot lease a subnet in. It logs them, at the first
+// claim and whenever they change.
+func (a *agent) exclusions() ([]lease.Excluded, error) {
+	var nets []netip.Prefix
+	if a.cfg.IPv4 != nil {
+		nets = append(nets, a.cfg.IPv4.Network)
+	}
+	if a.cfg.IPv6 != nil {
+		nets = append(nets, a.cfg.IPv6.Network)
+	}
+	rs, err := backend.HostRoutes(nets...)
+	if err != nil {
+		return nil, fmt.Errorf("listing this host's routes to keep its lease off them: %w", err)
+	}
+	out := make([]lease.Excluded, 0, len(rs))
+	var descs []string
+	for _, r := range rs {
+		out = append(out, lease.Excluded{Prefix: r.Dst, Route: r.Desc, Own: r.Own})
+		if !r.Own {
+			descs = append(descs, r.Desc)
+		}
+	}
+	if logged := strings.Join(descs, ", "); logged != a.exclLogged {
+		a.exclLogged = logged
+		if logged != "" {
+			klog.InfoS("this host routes part of the cluster network itself; it will not lease a subnet that overlaps these routes",
+				"routes", descs, "networks", nets)
+		}
+	}
+	return out, nil
+}
