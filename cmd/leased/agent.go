@@ -312,8 +312,12 @@ func (a *agent) step(ctx context.Context) error {
 		var ex *lease.ExhaustedError
 		if errors.As(err, &ex) {
 			if msg := err.Error(); msg != a.exhausted {
-				klog.ErrorS(nil, "out of subnets", "range", ex.Pool.String(), "inUse", ex.InUse, "overlappingHostRoutes", ex.Routes(),
-					"remedy", "raise SubnetMax/IPv6SubnetMax in the config or remove stale leases (or move this host's routes listed out of the network); leased acquires a subnet as soon as one frees up")
+				kv := []any{"range", ex.Pool.String(), "inUse", ex.InUse}
+				if routes := ex.Routes(); len(routes) > 0 {
+					kv = append(kv, "overlappingHostRoutes", routes) // the rest of the range (exclude.go)
+				}
+				klog.ErrorS(nil, "out of subnets", append(kv,
+					"remedy", "raise SubnetMax/IPv6SubnetMax in the config or remove stale leases; leased acquires a subnet as soon as one frees up")...)
 				a.exhausted = msg
 			}
 			a.setStatus("out of subnets in " + ex.Pool.String() + "; waiting for one to free up")

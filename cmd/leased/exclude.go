@@ -12,18 +12,22 @@ import (
 )
 
 // exclusions returns the host's own routes inside the config's networks
-// (connected LANs, VPN and bridge links, local addresses): the parts of the
-// network this host cannot lease a subnet in. It logs them, at the first
+// (connected LANs, VPN and bridge links, local addresses; not routes that
+// cover a whole network): the parts of the network this host cannot lease
+// a subnet in. It logs them, at the first
 // claim and whenever they change.
 func (a *agent) exclusions() ([]lease.Excluded, error) {
+	var net4, net6 netip.Prefix
 	var nets []netip.Prefix
 	if a.cfg.IPv4 != nil {
-		nets = append(nets, a.cfg.IPv4.Network)
+		net4 = a.cfg.IPv4.Network
+		nets = append(nets, net4)
 	}
 	if a.cfg.IPv6 != nil {
-		nets = append(nets, a.cfg.IPv6.Network)
+		net6 = a.cfg.IPv6.Network
+		nets = append(nets, net6)
 	}
-	rs, err := backend.HostRoutes(nets...)
+	rs, err := backend.HostRoutes(net4, net6)
 	if err != nil {
 		return nil, fmt.Errorf("listing this host's routes to keep its lease off them: %w", err)
 	}

@@ -30,12 +30,12 @@ import (
 // is withdrawn — deletes name RouteProtocol, so the kernel removes only
 // leased's route — and the foreign one is left in place.
 //
-// Two kinds of routes never count: default routes, and routes via a router
-// (scope universe) that cover a whole cluster network, such as
-// 10.0.0.0/8 via a VPN gateway around a 10.244.0.0/16 network: the peers'
-// routes are more specific by design and take none of those routes' other
-// destinations. A connected route (scope link) covering the whole network
-// does count: every peer is refused, since its addresses are on the LAN.
+// Routes that cover a whole cluster network never count (default routes
+// among them): the network was carved out of them on purpose, and the
+// peers' routes are more specific by design and take none of their other
+// destinations. Examples: 10.0.0.0/8 via a VPN gateway around a
+// 10.244.0.0/16 network, and proxy-ndp's on-link /64 around its
+// IPv6Network.
 
 // foreignRoute is a route leased did not install that overlaps a cluster
 // network.
@@ -69,22 +69,27 @@ func (s *foreignSet) has(dst netip.Prefix) bool {
 	return s != nil && slices.ContainsFunc(s.routes, func(r foreignRoute) bool { return r.Dst == dst })
 }
 
-// relevant reports whether a foreign route to dst (scope: its rtnetlink
-// scope) can collide with a peer subnet: it overlaps the cluster network of
-// its family and is neither a default route nor an aggregate via a router.
-func (s *foreignSet) relevant(dst netip.Prefix, scope netlink.Scope) bool {
-	if s == nil || !dst.IsValid() || dst.Bits() == 0 {
+// relevant reports whether a foreign route to dst can collide with a peer
+// subnet: it lies inside the cluster network of its family (partly or
+// wholly) without covering all of it.
+func (s *foreignSet) relevant(dst netip.Prefix) bool {
+	if s == nil {
 		return false
 	}
-	n := s.net4
+	return insideNetwork(dst, s.net4, s.net6)
+}
+
+// insideNetwork reports whether dst overlaps the network of its family
+// (net4 or net6) and does not cover all of it.
+func insideNetwork(dst, net4, net6 netip.Prefix) bool {
+	if !dst.IsValid() {
+		return false
+	}
+	n := net4
 	if dst.Addr().Is6() {
-		n = s.net6
+		n = net6
 	}
-	if !n.IsValid() || !n.Overlaps(dst) {
-		return false
-	}
-	aggregate := dst.Bits() <= n.Bits() && scope == netlink.SCOPE_UNIVERSE
-	return !aggregate
+	return n.IsValid() && n.Overlaps(dst) && dst.Bits() > n.Bits()
 }
 
 // isForeign reports whether r, from a main-table dump or event, is a route
@@ -105,7 +110,7 @@ func newForeignSet(local Local, rs []netlink.Route, name func(int) string) *fore
 			continue
 		}
 		dst, ok := prefixFromIPNet(r.Dst)
-		if !ok || !s.relevant(dst.Masked(), r.Scope) {
+		if !ok || !s.relevant(dst.Masked()) {
 			continue
 		}
 		s.routes = append(s.routes, foreignRoute{Dst: dst.Masked(), Desc: describeRoute(r, dst.Masked(), name)})
@@ -175,7 +180,7 @@ func foreignEventMatters(fs *atomic.Pointer[foreignSet], u netlink.RouteUpdate) 
 	if u.Type == unix.RTM_DELROUTE {
 		return s.has(dst)
 	}
-	return s.relevant(dst, u.Scope) && !s.has(dst)
+	return s.relevant(dst) && !s.has(dst)
 }
 
 // linkNamer returns a cached link-name lookup for one pass.
@@ -207,9 +212,10 @@ type HostRoute struct {
 }
 
 // HostRoutes returns the host's routes (see HostRoute) in the agent's
-// network namespace that overlap one of nets, leaving out default routes,
-// routes via a gateway and leased's own (RouteProtocol).
-func HostRoutes(nets ...netip.Prefix) ([]HostRoute, error) {
+// network namespace that lie inside the cluster networks net4 and net6
+// (either may be zero) without covering a whole one, leaving out routes
+// via a gateway and leased's own (RouteProtocol).
+func HostRoutes(net4, net6 netip.Prefix) ([]HostRoute, error) {
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("opening a netlink handle: %w", err)
@@ -248,10 +254,9 @@ func HostRoutes(nets ...netip.Prefix) ([]HostRoute, error) {
 				continue
 			}
 			dst, ok := prefixFromIPNet(r.Dst)
-			if !ok || dst.Bits() == 0 || !slices.ContainsFunc(nets, func(n netip.Prefix) bool { return n.IsValid() && n.Overlaps(dst) }) {
+			if dst = dst.Masked(); !ok || !insideNetwork(dst, net4, net6) {
 				continue
 			}
-			dst = dst.Masked()
 			out = append(out, HostRoute{Dst: dst, Desc: describeRoute(r, dst, name), Own: r.LinkIndex > 0 && name(r.LinkIndex) != "" && own[r.LinkIndex]})
 		}
 	}
