@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -224,4 +225,65 @@ func TestForeignRoutesAreNotLeaseds(t *testing.T) {
 		})
 	}
 	assertForeignKept("at the end")
+}
+
+// The selection of foreign routes: inside a cluster network without
+// covering all of it, of another protocol, in the main table.
+func TestForeignSetSelection(t *testing.T) {
+	local := Local{Network4: netip.MustParsePrefix("10.100.0.0/16"), Network6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")}
+	mk := func(dst string, proto netlink.RouteProtocol, table int) netlink.Route {
+		r := fakeRoute(dst, "", proto)
+		r.Table = table
+		return r
+	}
+	rs := []netlink.Route{
+		mk("10.100.7.0/24", unix.RTPROT_KERNEL, unix.RT_TABLE_MAIN),         // a LAN inside: counts
+		mk("10.100.8.0/24", RouteProtocol, unix.RT_TABLE_MAIN),              // leased's own
+		mk("10.100.9.0/24", unix.RTPROT_STATIC, 100),                        // another table
+		mk("10.100.0.0/16", unix.RTPROT_STATIC, unix.RT_TABLE_MAIN),         // the whole network
+		mk("10.0.0.0/8", unix.RTPROT_BOOT, unix.RT_TABLE_MAIN),              // covers it
+		mk("0.0.0.0/0", unix.RTPROT_DHCP, unix.RT_TABLE_MAIN),               // default
+		mk("192.168.1.0/24", unix.RTPROT_KERNEL, unix.RT_TABLE_MAIN),        // outside
+		mk("2001:db8:ab11::/64", unix.RTPROT_KERNEL, unix.RT_TABLE_MAIN),    // proxy-ndp's on-link /64
+		mk("2001:db8:ab11:0:8000::/80", unix.RTPROT_RA, unix.RT_TABLE_MAIN), // inside: counts
+	}
+	s := newForeignSet(local, rs, func(int) string { return "a0" })
+	var got []string
+	for _, r := range s.routes {
+		got = append(got, r.Desc)
+	}
+	want := []string{"10.100.7.0/24 dev a0 proto kernel", "2001:db8:ab11:0:8000::/80 dev a0 proto ra metric 1024"}
+	if strings.Join(got, "|") != strings.Join(want, "|") {
+		t.Fatalf("foreign routes %q, want %q", got, want)
+	}
+	for _, c := range []struct {
+		subnet string
+		hit    bool
+	}{
+		{"10.100.7.0/24", true}, {"10.100.7.128/25", true}, {"10.100.6.0/23", true}, {"10.100.5.0/24", false},
+		{"2001:db8:ab11:0:8000::/80", true}, {"2001:db8:ab11:0:8001::/80", false},
+	} {
+		if _, hit := s.overlapping(netip.MustParsePrefix(c.subnet)); hit != c.hit {
+			t.Errorf("overlapping(%s) = %v, want %v", c.subnet, hit, c.hit)
+		}
+	}
+	var fs atomic.Pointer[foreignSet]
+	fs.Store(s)
+	for _, c := range []struct {
+		r    netlink.Route
+		typ  uint16
+		want bool
+	}{
+		{mk("10.100.20.0/24", unix.RTPROT_KERNEL, unix.RT_TABLE_MAIN), unix.RTM_NEWROUTE, true},  // a new bridge
+		{mk("10.100.7.0/24", unix.RTPROT_KERNEL, unix.RT_TABLE_MAIN), unix.RTM_NEWROUTE, false},  // known
+		{mk("10.100.7.0/24", unix.RTPROT_KERNEL, unix.RT_TABLE_MAIN), unix.RTM_DELROUTE, true},   // gone
+		{mk("10.100.21.0/24", unix.RTPROT_KERNEL, unix.RT_TABLE_MAIN), unix.RTM_DELROUTE, false}, // never known
+		{mk("10.0.0.0/8", unix.RTPROT_BOOT, unix.RT_TABLE_MAIN), unix.RTM_NEWROUTE, false},       // covers the network
+		{mk("10.100.22.0/24", unix.RTPROT_KERNEL, 100), unix.RTM_NEWROUTE, false},                // another table
+		{mk("10.100.23.0/24", RouteProtocol, unix.RT_TABLE_MAIN), unix.RTM_NEWROUTE, false},      // ours
+	} {
+		if got := foreignEventMatters(&fs, netlink.RouteUpdate{Type: c.typ, Route: c.r}); got != c.want {
+			t.Errorf("event %d for %s proto %d table %d matters = %v, want %v", c.typ, c.r.Dst, c.r.Protocol, c.r.Table, got, c.want)
+		}
+	}
 }
