@@ -56,12 +56,16 @@ func etcdErr(o *options, err error) string {
 func runConfig(args []string) int {
 	const usage = "leased config validate FILE | put FILE | get [flags]"
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		fmt.Fprintf(os.Stderr, "usage: %s\n\n  validate FILE  check a network config offline (exit 1 when invalid)\n  put FILE       validate, then write it to <prefix>/config\n  get            print the config stored in etcd\n\nRun 'leased config put -h' for the etcd flags.\n", usage)
+		fmt.Fprintf(os.Stderr, "usage: %s\n\n  validate FILE  check a network config offline (exit 1 when invalid); --host: and list\n                 the parts of it this host cannot lease a subnet in\n  put FILE       validate, then write it to <prefix>/config\n  get            print the config stored in etcd\n\nRun 'leased config put -h' for the etcd flags.\n", usage)
 		return 2
 	}
 	cmd := args[0]
 	o := &options{}
 	fs := cliFlags("leased config "+cmd, "leased config "+cmd+" [flags]"+map[bool]string{true: " FILE"}[cmd != "get"], o)
+	host := new(bool)
+	if cmd == "validate" {
+		host = fs.Bool("host", false, "also list the parts of the network this host cannot lease a subnet in (its own routes there); run it on the host")
+	}
 	if !parseCLI(fs, args[1:]) {
 		return 2
 	}
@@ -76,6 +80,9 @@ func runConfig(args []string) int {
 			return 1
 		}
 		if cmd == "validate" {
+			if *host {
+				return hostReport(data)
+			}
 			return 0
 		}
 		cli, err := newEtcdClient(o)

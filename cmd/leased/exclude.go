@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"net/netip"
+	"os"
 	"strings"
 
 	"k8s.io/klog/v2"
@@ -47,4 +48,38 @@ func (a *agent) exclusions() ([]lease.Excluded, error) {
 		}
 	}
 	return out, nil
+}
+
+// hostReport is `leased config validate --host`: which parts of the valid
+// config data's networks this host cannot lease a subnet in, because it
+// routes them itself. It returns the exit status.
+func hostReport(data []byte) int {
+	cfg, _, err := lease.ParseConfig(data)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%v\n", err)
+		return 1
+	}
+	var net4, net6 netip.Prefix
+	if cfg.IPv4 != nil {
+		net4 = cfg.IPv4.Network
+	}
+	if cfg.IPv6 != nil {
+		net6 = cfg.IPv6.Network
+	}
+	rs, err := backend.HostRoutes(net4, net6)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "this host: listing its routes: %v\n", err)
+		return 1
+	}
+	for _, r := range rs {
+		if r.Own {
+			fmt.Fprintf(os.Stderr, "this host: %s is on a bridge or a leased device: it keeps this host off %s unless this host held a subnet there before\n", r.Desc, r.Dst)
+			continue
+		}
+		fmt.Fprintf(os.Stderr, "this host: cannot lease a subnet overlapping %s: it routes it itself (%s)\n", r.Dst, r.Desc)
+	}
+	if len(rs) == 0 {
+		fmt.Fprintln(os.Stderr, "this host: routes no part of the network itself; it can lease any subnet")
+	}
+	return 0
 }

@@ -260,5 +260,15 @@ func HostRoutes(net4, net6 netip.Prefix) ([]HostRoute, error) {
 			out = append(out, HostRoute{Dst: dst, Desc: describeRoute(r, dst, name), Own: r.LinkIndex > 0 && name(r.LinkIndex) != "" && own[r.LinkIndex]})
 		}
 	}
-	return out, nil
+	// A route inside another of the same kind adds nothing (the local
+	// route of an address inside its LAN's).
+	var kept []HostRoute
+	for _, r := range out {
+		if !slices.ContainsFunc(out, func(o HostRoute) bool {
+			return o.Own == r.Own && o.Dst.Bits() < r.Dst.Bits() && o.Dst.Contains(r.Dst.Addr())
+		}) {
+			kept = append(kept, r)
+		}
+	}
+	return kept, nil
 }

@@ -3,6 +3,9 @@ package e2e
 import (
 	"fmt"
 	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -142,5 +145,49 @@ func TestHostRoutesStayTheHosts(t *testing.T) {
 				t.Errorf("a's LAN route to %s is gone: %q", dst, r)
 			}
 		}
+	}
+}
+
+// `leased config validate --host` says which parts of the network this
+// host routes itself and so cannot lease a subnet in.
+func TestConfigValidateHost(t *testing.T) {
+	ns := fmt.Sprintf("leased-vh-%d", os.Getpid())
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	for _, args := range [][]string{
+		{"link", "add", "eth1", "type", "veth", "peer", "name", "eth1p"},
+		{"link", "set", "eth1p", "up"}, {"link", "set", "eth1", "up"},
+		{"addr", "add", "10.10.10.5/24", "dev", "eth1"},
+		{"addr", "add", "2001:db8:cd11:5::5/64", "dev", "eth1", "nodad"},
+		{"addr", "add", "192.168.9.5/24", "dev", "eth1"}, // outside the network
+	} {
+		if out, err := exec.Command("ip", append([]string{"-n", ns}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v: %s", args, err, out)
+		}
+	}
+	file := filepath.Join(t.TempDir(), "net.json")
+	if err := os.WriteFile(file, []byte(`{"Network":"10.10.0.0/16","IPv6Network":"2001:db8:cd11::/48","IPv6SubnetLen":64}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, code := cli(t, ns, "config", "validate", "--host", file)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, out)
+	}
+	for _, want := range []string{
+		"this host: cannot lease a subnet overlapping 10.10.10.0/24: it routes it itself (10.10.10.0/24 dev eth1 proto kernel)",
+		"this host: cannot lease a subnet overlapping 2001:db8:cd11:5::/64: it routes it itself (2001:db8:cd11:5::/64 dev eth1 proto kernel metric 256)",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "192.168.9") || strings.Contains(out, "10.10.10.5/32") {
+		t.Errorf("output lists routes outside the network or inside a listed one:\n%s", out)
+	}
+	// Without --host nothing about the host.
+	if out, _ := cli(t, ns, "config", "validate", file); strings.Contains(out, "this host") {
+		t.Errorf("validate without --host talks about the host:\n%s", out)
 	}
 }
