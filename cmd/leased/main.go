@@ -100,7 +100,7 @@ func run(args []string) int {
 
 const usage = `usage:
   leased [flags]                 run the agent
-  leased config validate FILE    check a network config offline
+  leased config validate FILE    check a network config offline (--host: and this host's routes in it)
   leased config put FILE         validate, then write it to etcd
   leased config get              print the network config in etcd
   leased leases [-o table|json]  every host's lease
