@@ -62,6 +62,7 @@ type agent struct {
 	resumed    bool              // the watch resumed from the lease cache
 	exhausted  string            // last "out of subnets" message logged
 	cfgRefused string            // why the config in etcd is not applied ("": it is)
+	exclLogged string            // the host's own routes last logged (exclude.go)
 
 	seenRaw  []byte // the config value last parsed
 	sess     *lease.Session
@@ -267,8 +268,12 @@ func (a *agent) step(ctx context.Context) error {
 		var ex *lease.ExhaustedError
 		if errors.As(err, &ex) {
 			if msg := err.Error(); msg != a.exhausted {
-				klog.ErrorS(nil, "out of subnets", "range", ex.Pool.String(), "inUse", ex.InUse,
-					"remedy", "raise SubnetMax/IPv6SubnetMax in the config or remove stale leases; leased acquires a subnet as soon as one frees up")
+				kv := []any{"range", ex.Pool.String(), "inUse", ex.InUse}
+				if routes := ex.Routes(); len(routes) > 0 {
+					kv = append(kv, "overlappingHostRoutes", routes) // the rest of the range (exclude.go)
+				}
+				klog.ErrorS(nil, "out of subnets", append(kv,
+					"remedy", "raise SubnetMax/IPv6SubnetMax in the config or remove stale leases; leased acquires a subnet as soon as one frees up")...)
 				a.exhausted = msg
 			}
 			a.setStatus("out of subnets in " + ex.Pool.String() + "; waiting for one to free up")
@@ -647,8 +652,12 @@ func (a *agent) ensureLease(ctx context.Context) error {
 		a.self = &rec
 		return nil
 	}
+	exclude, err := a.exclusions()
+	if err != nil {
+		return err
+	}
 	c := lease.Claim{
-		Node: a.node, PublicIP: a.ext.Public4, PublicIPv6: a.ext.Public6,
+		Node: a.node, PublicIP: a.ext.Public4, PublicIPv6: a.ext.Public6, Exclude: exclude,
 		BackendType: a.be.Type(), BackendData: a.be.LeaseData(),
 		Hint4: a.hint.Subnet4, Hint6: a.hint.Subnet6,
 		Keep4: a.held.Subnet, Keep6: a.held.IPv6Subnet,

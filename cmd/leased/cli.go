@@ -66,7 +66,7 @@ func runConfig(args []string) int { return runConfigTo(args, os.Stdout, os.Stder
 func runConfigTo(args []string, stdout, stderr io.Writer) int {
 	const usage = "leased config validate FILE | put [--dry-run] [--force] FILE | get [flags]"
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		fmt.Fprintf(stderr, "usage: %s\n\n  validate FILE  check a network config offline (exit 1 when invalid)\n  put FILE       validate, check it against the live leases, then write it to <prefix>/config\n                 (exit 1 when it would leave a held subnet outside; --force writes anyway,\n                 --dry-run only prints what would change)\n  get            print the config stored in etcd\n\nRun 'leased config put -h' for the etcd flags.\n", usage)
+		fmt.Fprintf(stderr, "usage: %s\n\n  validate FILE  check a network config offline (exit 1 when invalid); --host: and list\n                 the parts of it this host cannot lease a subnet in\n  put FILE       validate, check it against the live leases, then write it to <prefix>/config\n                 (exit 1 when it would leave a held subnet outside; --force writes anyway,\n                 --dry-run only prints what would change)\n  get            print the config stored in etcd\n\nRun 'leased config put -h' for the etcd flags.\n", usage)
 		return 2
 	}
 	cmd := args[0]
@@ -77,6 +77,10 @@ func runConfigTo(args []string, stdout, stderr io.Writer) int {
 	if cmd == "put" {
 		force = fs.Bool("force", false, "write the config even when it leaves subnets that hosts hold outside it, or changes the backend type while hosts run (those hosts refuse it until they are drained and restarted)")
 		dryRun = fs.Bool("dry-run", false, "print what would change and which hosts would be affected; write nothing (exit 1 when the put would be refused)")
+	}
+	host := new(bool)
+	if cmd == "validate" {
+		host = fs.Bool("host", false, "also list the parts of the network this host cannot lease a subnet in (its own routes there); run it on the host")
 	}
 	if !parseCLI(fs, args[1:]) {
 		return 2
@@ -92,6 +96,9 @@ func runConfigTo(args []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 		if cmd == "validate" {
+			if *host {
+				return hostReport(data)
+			}
 			return 0
 		}
 		cli, err := newEtcdClient(o)

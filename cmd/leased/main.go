@@ -107,7 +107,7 @@ func run(args []string) int {
 
 const usage = `usage:
   leased [flags]                 run the agent
-  leased config validate FILE    check a network config offline
+  leased config validate FILE    check a network config offline (--host: and this host's routes in it)
   leased config put FILE         validate, check against the live leases, then write it to etcd
                                  (--dry-run: show the change; --force: write a config that strands held subnets)
   leased config get              print the network config in etcd

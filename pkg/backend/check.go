@@ -76,11 +76,11 @@ func Check(ctx context.Context, b Backend, local Local, peers []Peer) (Drift, er
 	if err != nil {
 		return d, err
 	}
-	want, _ := e.dp.desired(input{local: local, peers: peers, ext: e.ext, connected: connected})
-	routes, err := e.listRoutes()
+	routes, foreign, err := e.listAllRoutesFor(local)
 	if err != nil {
 		return d, fmt.Errorf("listing routes: %w", err)
 	}
+	want, _ := e.dp.desired(input{local: local, peers: peers, ext: e.ext, connected: connected, foreign: foreign})
 	add := func(puts, dels []string) {
 		d.Missing = append(d.Missing, puts...)
 		d.Extra = append(d.Extra, dels...)

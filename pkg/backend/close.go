@@ -62,6 +62,7 @@ func (closedKernel) NeighList(int) ([]netlink.Neigh, error)         { return nil
 func (closedKernel) NeighSet(*netlink.Neigh) error                  { return ErrClosed }
 func (closedKernel) NeighDel(*netlink.Neigh) error                  { return ErrClosed }
 func (closedKernel) LinkByName(string) (netlink.Link, error)        { return nil, ErrClosed }
+func (closedKernel) LinkByIndex(int) (netlink.Link, error)          { return nil, ErrClosed }
 func (closedKernel) LinkAdd(netlink.Link) error                     { return ErrClosed }
 func (closedKernel) LinkDel(netlink.Link) error                     { return ErrClosed }
 func (closedKernel) LinkSetUp(netlink.Link) error                   { return ErrClosed }

@@ -44,6 +44,9 @@ type input struct {
 	// connected are the prefixes configured on ext: a gateway inside one of
 	// them is on-link.
 	connected []netip.Prefix
+	// foreign are the routes leased did not install that overlap the
+	// cluster networks; a peer subnet overlapping one is refused.
+	foreign *foreignSet
 }
 
 // skip is a peer (family) left out of the desired state, and why.
@@ -84,6 +87,10 @@ type engine struct {
 	// else does (see wantedSet for its locking).
 	wanted wantedSet
 
+	// foreign is the foreign route set of the last full pass; event
+	// goroutines read it to tell which foreign route changes need a pass.
+	foreign atomic.Pointer[foreignSet]
+
 	mu      sync.Mutex // guards everything below and every kernel call
 	local   Local
 	started bool
@@ -108,6 +115,9 @@ type engine struct {
 	passes         int
 	// lastChanges counts the puts and deletes of the last pass.
 	lastChanges int
+	// routeHave tells putRoutes, during a pass's route puts, which keys
+	// hold a route of ours in the kernel (replaced; others are created).
+	routeHave func(routeKey) bool
 }
 
 // New returns the backend that raw (the network config's Backend object)

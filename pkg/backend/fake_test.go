@@ -37,7 +37,7 @@ func (f *fakeKernel) RouteList(family int) ([]netlink.Route, error) {
 	var out []netlink.Route
 	for _, r := range f.routes {
 		is4 := r.Dst.IP.To4() != nil
-		if r.Protocol == RouteProtocol && is4 == (family == unix.AF_INET) {
+		if is4 == (family == unix.AF_INET) {
 			out = append(out, r)
 		}
 	}
@@ -56,6 +56,18 @@ func (f *fakeKernel) RouteReplace(r *netlink.Route) error {
 func (f *fakeKernel) RoutesReplace(rs []*netlink.Route) []error {
 	errs := make([]error, len(rs))
 	for i, r := range rs {
+		errs[i] = f.RouteReplace(r)
+	}
+	return errs
+}
+
+func (f *fakeKernel) RoutesAdd(rs []*netlink.Route) []error {
+	errs := make([]error, len(rs))
+	for i, r := range rs {
+		if _, ok := f.routes[routeID(r)]; ok {
+			errs[i] = unix.EEXIST
+			continue
+		}
 		errs[i] = f.RouteReplace(r)
 	}
 	return errs
@@ -110,6 +122,7 @@ func (f *fakeKernel) NeighDel(n *netlink.Neigh) error {
 func (f *fakeKernel) LinkByName(name string) (netlink.Link, error) {
 	return nil, netlink.LinkNotFoundError{}
 }
+func (f *fakeKernel) LinkByIndex(int) (netlink.Link, error)          { return nil, unix.ENODEV }
 func (f *fakeKernel) LinkAdd(netlink.Link) error                     { return unix.EOPNOTSUPP }
 func (f *fakeKernel) LinkDel(netlink.Link) error                     { return unix.EOPNOTSUPP }
 func (f *fakeKernel) LinkSetUp(netlink.Link) error                   { return unix.EOPNOTSUPP }

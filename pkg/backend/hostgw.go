@@ -42,7 +42,7 @@ func directRoute(in input, p Peer, f peerFamily, st *state) (skip, bool) {
 		sk.reason = "peer has this host's node name: skipped"
 		return sk, false
 	}
-	if r := f.check(); r != "" {
+	if r := in.refusal(f); r != "" {
 		sk.reason = r
 		return sk, false
 	}

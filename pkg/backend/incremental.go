@@ -346,7 +346,7 @@ func (e *engine) applyPeerChangesLocked(ctx context.Context, ch peerChanges) err
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	in := input{local: e.local, ext: e.ext, connected: e.connectedCache}
+	in := input{local: e.local, ext: e.ext, connected: e.connectedCache, foreign: e.foreign.Load()}
 	alone := func(p Peer) (state, []skip) {
 		in.peers = []Peer{p}
 		return e.dp.desired(in)
@@ -398,6 +398,17 @@ func (e *engine) applyPeerChangesLocked(ctx context.Context, ch peerChanges) err
 	fPut, fDel := changesOf(e.applied.fdbs, gone.fdbs, added.fdbs)
 	nPut, nDel := changesOf(e.applied.neighs, gone.neighs, added.neighs)
 	rPut, rDel := changesOf(e.applied.routes, gone.routes, added.routes)
+	// The puts of keys that hold a route of ours replace it; the others
+	// create theirs without replacing a foreign one (putRoutes).
+	var rReplace map[routeKey]bool
+	for _, r := range rPut {
+		if _, ok := e.applied.routes[r.key()]; ok {
+			if rReplace == nil {
+				rReplace = map[routeKey]bool{}
+			}
+			rReplace[r.key()] = true
+		}
+	}
 	// Publish before the kernel calls, so that their events match.
 	e.wanted.mu.Lock()
 	updateMap(e.wanted.st.fdbs, gone.fdbs, added.fdbs)
@@ -412,7 +423,9 @@ func (e *engine) applyPeerChangesLocked(ctx context.Context, ch peerChanges) err
 	// failed put is removed from applied again.
 	nF, errF := applyChanges(fPut, fDel, nil, e.applied.fdbs, e.putFDBs, e.delFDBs, "fdb entry")
 	nN, errN := applyChanges(nPut, nDel, nil, e.applied.neighs, e.putNeighs, e.delNeighs, "neighbour")
+	e.routeHave = func(k routeKey) bool { return rReplace[k] }
 	nR, errR := applyChanges(rPut, rDel, nil, e.applied.routes, e.putRoutes, e.delRoutes, "route")
+	e.routeHave = nil
 	e.lastChanges = nF + nN + nR
 	err := errors.Join(errF, errN, errR)
 	if err != nil {

@@ -13,8 +13,9 @@ import (
 // include/uapi/linux/rtnetlink.h nor iproute2's rt_protos assigns; `ip route`
 // shows it as "proto 76" (an rt_protos.d entry "76 leased" names it).
 //
-// The reconciler lists, replaces and deletes only routes in the main table
-// that carry this protocol; every other route on the host is left alone.
+// The reconciler replaces and deletes only routes in the main table that
+// carry this protocol; every other route on the host is left alone, and a
+// peer subnet that overlaps one of them is refused (foreign.go).
 //
 // systemd-networkd: with its default ManageForeignRoutes=yes, networkd removes
 // routes it did not configure (it keeps only proto kernel routes) when it
@@ -31,13 +32,19 @@ const RouteProtocol netlink.RouteProtocol = 76
 // implements it over one *netlink.Handle; tests use an in-memory fake.
 // Lists return complete dumps: an interrupted dump is retried.
 type kernel interface {
-	// RouteList returns the main-table routes of family that carry RouteProtocol.
+	// RouteList returns the main-table routes of family, of every
+	// protocol: the reconciler's own (RouteProtocol) and the foreign ones
+	// it must not collide with.
 	RouteList(family int) ([]netlink.Route, error)
 	// RoutesReplace replaces or creates each route and RoutesDel deletes
 	// each; errs[i] is the outcome for rs[i]. The production kernel sends
 	// many requests per system call; a failure does not stop the others.
 	RoutesReplace(rs []*netlink.Route) (errs []error)
 	RoutesDel(rs []*netlink.Route) (errs []error)
+	// RoutesAdd creates each route and fails with EEXIST for one whose
+	// table, destination and metric another route already has (which it
+	// leaves alone), as RoutesReplace would not.
+	RoutesAdd(rs []*netlink.Route) (errs []error)
 	// NeighList returns every neighbour entry of family (AF_BRIDGE for FDB)
 	// on every link.
 	NeighList(family int) ([]netlink.Neigh, error)
@@ -45,6 +52,7 @@ type kernel interface {
 	NeighDel(n *netlink.Neigh) error
 
 	LinkByName(name string) (netlink.Link, error)
+	LinkByIndex(index int) (netlink.Link, error)
 	LinkAdd(l netlink.Link) error
 	LinkDel(l netlink.Link) error
 	LinkSetUp(l netlink.Link) error
@@ -85,7 +93,10 @@ func retryDump[T any](what string, list func() ([]T, error)) ([]T, error) {
 
 func (k netlinkKernel) RouteList(family int) ([]netlink.Route, error) {
 	return retryDump("routes", func() ([]netlink.Route, error) {
-		return k.h.RouteListFiltered(family, &netlink.Route{Protocol: RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
+		// No filter: the main table. The library decodes every route of
+		// the dump before filtering, so the foreign routes come at no
+		// extra cost.
+		return k.h.RouteListFiltered(family, &netlink.Route{}, 0)
 	})
 }
 
@@ -93,6 +104,7 @@ func (k netlinkKernel) RoutesReplace(rs []*netlink.Route) []error {
 	return k.b.do(unix.RTM_NEWROUTE, rs)
 }
 func (k netlinkKernel) RoutesDel(rs []*netlink.Route) []error { return k.b.do(unix.RTM_DELROUTE, rs) }
+func (k netlinkKernel) RoutesAdd(rs []*netlink.Route) []error { return k.b.add(rs) }
 
 func (k netlinkKernel) NeighList(family int) ([]netlink.Neigh, error) {
 	return retryDump("neighbours", func() ([]netlink.Neigh, error) { return k.h.NeighList(0, family) })
@@ -102,6 +114,7 @@ func (k netlinkKernel) NeighSet(n *netlink.Neigh) error { return k.h.NeighSet(n)
 func (k netlinkKernel) NeighDel(n *netlink.Neigh) error { return k.h.NeighDel(n) }
 
 func (k netlinkKernel) LinkByName(name string) (netlink.Link, error) { return k.h.LinkByName(name) }
+func (k netlinkKernel) LinkByIndex(index int) (netlink.Link, error)  { return k.h.LinkByIndex(index) }
 func (k netlinkKernel) LinkAdd(l netlink.Link) error                 { return k.h.LinkAdd(l) }
 func (k netlinkKernel) LinkDel(l netlink.Link) error                 { return k.h.LinkDel(l) }
 func (k netlinkKernel) LinkSetUp(l netlink.Link) error               { return k.h.LinkSetUp(l) }

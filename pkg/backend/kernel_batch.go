@@ -67,13 +67,25 @@ func newRouteBatcher(ns nsExec) (*routeBatcher, error) {
 // do sends one request per route (typ RTM_NEWROUTE with NLM_F_CREATE|
 // NLM_F_REPLACE, or RTM_DELROUTE) and returns the outcome of each.
 func (b *routeBatcher) do(typ uint16, rs []*netlink.Route) []error {
+	return b.doFlags(typ, unix.NLM_F_CREATE|unix.NLM_F_REPLACE, rs)
+}
+
+// add is do for RTM_NEWROUTE with NLM_F_CREATE|NLM_F_EXCL: the kernel
+// refuses (EEXIST) a route whose destination and metric another route of
+// the table already has, instead of replacing that route.
+func (b *routeBatcher) add(rs []*netlink.Route) []error {
+	return b.doFlags(unix.RTM_NEWROUTE, unix.NLM_F_CREATE|unix.NLM_F_EXCL, rs)
+}
+
+// doFlags is do with the flags of RTM_NEWROUTE requests.
+func (b *routeBatcher) doFlags(typ, newFlags uint16, rs []*netlink.Route) []error {
 	errs := make([]error, len(rs))
 	for start := 0; start < len(rs); {
 		b.send = b.send[:0]
 		end := start
 		first := b.seq + 1
 		for end < len(rs) && end-start < batchMaxMsgs && len(b.send) < batchMaxBytes {
-			msg, err := appendRouteMsg(b.send, typ, first+uint32(end-start), rs[end])
+			msg, err := appendRouteMsg(b.send, typ, newFlags, first+uint32(end-start), rs[end])
 			if err != nil {
 				errs[end] = err
 				// Keep the sequence numbers contiguous: send nothing for
@@ -194,8 +206,9 @@ func lastHeader(buf []byte) int {
 }
 
 // appendRouteMsg appends the request for r to buf the way netlink.Handle's
-// RouteReplace and RouteDel encode it.
-func appendRouteMsg(buf []byte, typ uint16, seq uint32, r *netlink.Route) ([]byte, error) {
+// RouteReplace (RouteAdd, with newFlags NLM_F_CREATE|NLM_F_EXCL) and
+// RouteDel encode it; newFlags are the flags of an RTM_NEWROUTE.
+func appendRouteMsg(buf []byte, typ, newFlags uint16, seq uint32, r *netlink.Route) ([]byte, error) {
 	if r.Dst == nil || r.Dst.IP == nil || r.Src != nil || r.MultiPath != nil || r.Encap != nil || r.Via != nil ||
 		r.NewDst != nil || r.MPLSDst != nil || r.ILinkIndex != 0 || r.Tos != 0 || r.MTU != 0 || r.AdvMSS != 0 ||
 		r.Hoplimit != 0 || r.Realm != 0 || r.Congctl != "" {
@@ -214,7 +227,7 @@ func appendRouteMsg(buf []byte, typ uint16, seq uint32, r *netlink.Route) ([]byt
 	flags := uint16(unix.NLM_F_REQUEST)
 	rt := unix.RtMsg{Family: fam, Dst_len: uint8(ones), Table: unix.RT_TABLE_MAIN}
 	if typ == unix.RTM_NEWROUTE {
-		flags |= unix.NLM_F_CREATE | unix.NLM_F_REPLACE
+		flags |= newFlags
 		rt.Protocol, rt.Type = unix.RTPROT_BOOT, unix.RTN_UNICAST
 	}
 	if r.Protocol > 0 {

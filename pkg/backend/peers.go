@@ -42,6 +42,16 @@ func (f peerFamily) check() string {
 	return ""
 }
 
+// refusal returns why the peer family's subnet must not be routed on this
+// host — outside the network, overlapping this host's subnet, or
+// overlapping a route leased did not install — or "".
+func (in input) refusal(f peerFamily) string {
+	if r := f.check(); r != "" {
+		return r
+	}
+	return foreignRefusal(in.foreign, f)
+}
+
 // onLink reports whether a is inside one of the connected prefixes.
 func onLink(a netip.Addr, connected []netip.Prefix) bool {
 	return slices.ContainsFunc(connected, func(p netip.Prefix) bool { return p.Contains(a) })

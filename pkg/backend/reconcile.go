@@ -42,7 +42,17 @@ func (e *engine) passLocked(ctx context.Context) error {
 		return errors.Join(append(errs, err)...)
 	}
 	e.connectedCache = connected
-	want, skips := e.dp.desired(input{local: e.local, peers: e.peers, ext: e.ext, connected: connected})
+	// Our routes and the foreign ones come from one dump, listed before
+	// the desired state is computed: a peer overlapping a foreign route
+	// is not wanted.
+	routes, foreign, err := e.listAllRoutes()
+	if err != nil {
+		// Without the foreign routes a peer could replace one: change
+		// nothing this pass.
+		return errors.Join(append(errs, err)...)
+	}
+	e.foreign.Store(foreign)
+	want, skips := e.dp.desired(input{local: e.local, peers: e.peers, ext: e.ext, connected: connected, foreign: foreign})
 	e.wanted.store(want)
 	e.idx.clean = isClean(want, skips)
 	e.logSkips(skips)
@@ -63,12 +73,11 @@ func (e *engine) passLocked(ctx context.Context) error {
 		}
 		errs = append(errs, err)
 	}
-	routes, err := e.listRoutes()
-	if err == nil {
-		var n int
-		reached.routes, n, err = applyKind(want.routes, routes, e.applied.routes, e.putRoutes, e.delRoutes, "route")
-		e.lastChanges += n
-	}
+	var n int
+	e.routeHave = lazyKeys(routes)
+	reached.routes, n, err = applyKind(want.routes, routes, e.applied.routes, e.putRoutes, e.delRoutes, "route")
+	e.routeHave = nil
+	e.lastChanges += n
 	errs = append(errs, err)
 	e.applied = reached
 	joined := errors.Join(errs...)
@@ -88,7 +97,7 @@ func (e *engine) quickPassLocked(ctx context.Context) error {
 		return err
 	}
 	e.passes++
-	want, skips := e.dp.desired(input{local: e.local, peers: e.peers, ext: e.ext, connected: e.connectedCache})
+	want, skips := e.dp.desired(input{local: e.local, peers: e.peers, ext: e.ext, connected: e.connectedCache, foreign: e.foreign.Load()})
 	e.wanted.store(want)
 	e.idx.clean = isClean(want, skips)
 	e.logSkips(skips)
@@ -97,7 +106,10 @@ func (e *engine) quickPassLocked(ctx context.Context) error {
 	var nF, nN, nR int
 	reached.fdbs, nF, errF = applyKind(want.fdbs, values(e.applied.fdbs), e.applied.fdbs, e.putFDBs, e.delFDBs, "fdb entry")
 	reached.neighs, nN, errN = applyKind(want.neighs, values(e.applied.neighs), e.applied.neighs, e.putNeighs, e.delNeighs, "neighbour")
+	had := e.applied.routes
+	e.routeHave = func(k routeKey) bool { _, ok := had[k]; return ok }
 	reached.routes, nR, errR = applyKind(want.routes, values(e.applied.routes), e.applied.routes, e.putRoutes, e.delRoutes, "route")
+	e.routeHave = nil
 	e.lastChanges = nF + nN + nR
 	e.applied = reached
 	err := errors.Join(errF, errN, errR)
@@ -183,14 +195,29 @@ func (e *engine) connected() ([]netip.Prefix, error) { return extPrefixes(e.k, e
 // listRoutes returns our routes of both families (one dump each): routes of
 // a family that is now disabled are stale and get deleted.
 func (e *engine) listRoutes() ([]route, error) {
+	out, _, err := e.listAllRoutes()
+	return out, err
+}
+
+// listAllRoutes is listRoutes that also returns, from the same dumps, the
+// foreign routes that overlap the cluster networks (foreign.go).
+func (e *engine) listAllRoutes() ([]route, *foreignSet, error) { return e.listAllRoutesFor(e.local) }
+
+// listAllRoutesFor is listAllRoutes for the networks of local.
+func (e *engine) listAllRoutesFor(local Local) ([]route, *foreignSet, error) {
 	var out []route
+	var all []netlink.Route
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
 		rs, err := e.k.RouteList(fam)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		for _, r := range rs {
-			if r.Protocol != RouteProtocol || (r.Table != 0 && r.Table != unix.RT_TABLE_MAIN) {
+			if r.Table != 0 && r.Table != unix.RT_TABLE_MAIN {
+				continue
+			}
+			if r.Protocol != RouteProtocol {
+				all = append(all, r)
 				continue
 			}
 			if rr, ok := routeFromNetlink(r); ok {
@@ -198,7 +225,7 @@ func (e *engine) listRoutes() ([]route, error) {
 			}
 		}
 	}
-	return out, nil
+	return out, newForeignSet(local, all, linkNamer(e.k)), nil
 }
 
 // listNeighs returns the permanent neighbour and FDB entries on the owned
@@ -235,7 +262,71 @@ func (e *engine) listNeighs(owned []int) ([]neigh, []fdb, error) {
 	return neighs, fdbs, nil
 }
 
-func (e *engine) putRoutes(rs []route) []error { return inChunks(rs, e.k.RoutesReplace) }
+// putRoutes replaces the routes whose key holds a route of ours in the
+// kernel (e.routeHave) and creates the others with NLM_F_EXCL, so that a
+// foreign route that appeared under a peer's key since the foreign set was
+// refreshed fails the put (EEXIST) instead of being replaced; a full pass
+// is then requested, which refuses the peer.
+func (e *engine) putRoutes(rs []route) []error {
+	have := e.routeHave
+	nRep := 0
+	for _, r := range rs {
+		if have != nil && have(r.key()) {
+			nRep++
+		}
+	}
+	switch nRep {
+	case len(rs):
+		return inChunks(rs, e.k.RoutesReplace)
+	case 0:
+		return e.addRoutes(rs)
+	}
+	var rep, add []route
+	var repI, addI []int
+	for i, r := range rs {
+		if have(r.key()) {
+			rep, repI = append(rep, r), append(repI, i)
+		} else {
+			add, addI = append(add, r), append(addI, i)
+		}
+	}
+	errs := make([]error, len(rs))
+	for j, err := range inChunks(rep, e.k.RoutesReplace) {
+		errs[repI[j]] = err
+	}
+	for j, err := range e.addRoutes(add) {
+		errs[addI[j]] = err
+	}
+	return errs
+}
+
+// addRoutes creates routes with NLM_F_EXCL (see putRoutes).
+func (e *engine) addRoutes(rs []route) []error {
+	errs := inChunks(rs, e.k.RoutesAdd)
+	for i, err := range errs {
+		if errors.Is(err, unix.EEXIST) {
+			errs[i] = fmt.Errorf("%w: a route leased did not install has this destination and metric; it is left alone and the peer refused by the next pass", err)
+			e.kickPass()
+		}
+	}
+	return errs
+}
+
+// lazyKeys returns a membership test for the keys of rs that indexes them
+// on its first call only.
+func lazyKeys(rs []route) func(routeKey) bool {
+	var idx map[routeKey]struct{}
+	return func(k routeKey) bool {
+		if idx == nil {
+			idx = make(map[routeKey]struct{}, len(rs))
+			for _, r := range rs {
+				idx[r.key()] = struct{}{}
+			}
+		}
+		_, ok := idx[k]
+		return ok
+	}
+}
 func (e *engine) delRoutes(rs []route) []error { return inChunks(rs, e.k.RoutesDel) }
 func (e *engine) putNeighs(ns []neigh) []error {
 	return each(ns, func(n neigh) error { return e.k.NeighSet(n.netlink()) })

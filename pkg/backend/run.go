@@ -159,11 +159,14 @@ func consume[T any](ctx context.Context, ch chan T, relevant func(T) bool, kick 
 
 // routeEventMatters reports whether a route event shows the kernel
 // departing from the wanted state: one of our routes deleted while wanted,
-// or added/changed to something other than wanted. The agent's own puts
+// or added/changed to something other than wanted, or a foreign route
+// appearing or disappearing over the cluster network (foreign.go). The agent's own puts
 // and deletes match the wanted state and trigger nothing.
 func (e *engine) routeEventMatters(u netlink.RouteUpdate) bool {
 	if u.Protocol != RouteProtocol {
-		return false
+		// A foreign route that appeared over a peer subnet (or went
+		// away from one) changes which peers may be routed.
+		return foreignEventMatters(&e.foreign, u)
 	}
 	r, ok := routeFromNetlink(u.Route)
 	return e.wanted.read(func(w *state) bool {

@@ -328,8 +328,8 @@ func (v *vxlan) overlayPeer(in input, p Peer, f peerFamily, data VXLANLeaseData,
 	switch {
 	case p.Node == in.local.Node:
 		sk.reason = "peer has this host's node name: skipped"
-	case f.check() != "":
-		sk.reason = f.check()
+	case in.refusal(f) != "":
+		sk.reason = in.refusal(f)
 	case idx == 0:
 		sk.reason = "no " + d.name + " device: skipped"
 	case derr != nil:

@@ -51,44 +51,72 @@ func (p *Pool) randomSubnet() netip.Prefix {
 	return p.subnetAt(i)
 }
 
-// freeSubnet returns a random subnet of the pool that is not in taken, and
-// ok=false when every subnet is taken. It starts at a random index and takes
-// the first free index from there on (wrapping around), so its cost depends
-// on len(taken), never on the size of the pool.
-func (p *Pool) freeSubnet(taken map[netip.Prefix]bool) (netip.Prefix, bool) {
-	idx := make([]*big.Int, 0, len(taken))
+// freeSubnet returns a random subnet of the pool that is not in taken and
+// overlaps no exclusion, and ok=false when there is none. It starts at a
+// random index and takes the first free index from there on (wrapping
+// around), so its cost depends on len(taken) and len(excl), never on the
+// size of the pool.
+func (p *Pool) freeSubnet(taken map[netip.Prefix]bool, excl []Excluded) (netip.Prefix, bool) {
+	spans := p.indexRanges(excl)
 	for s := range taken {
 		if i := p.indexOf(s); i != nil {
-			idx = append(idx, i)
+			spans = append(spans, [2]*big.Int{i, i})
 		}
 	}
+	spans = mergeSpans(spans)
 	n := p.count()
-	if big.NewInt(int64(len(idx))).Cmp(n) >= 0 {
+	covered := new(big.Int)
+	for _, sp := range spans {
+		covered.Add(covered, new(big.Int).Sub(sp[1], sp[0]))
+		covered.Add(covered, big.NewInt(1))
+	}
+	if covered.Cmp(n) >= 0 {
 		return netip.Prefix{}, false
 	}
-	slices.SortFunc(idx, func(a, b *big.Int) int { return a.Cmp(b) })
 	start, err := rand.Int(rand.Reader, n)
 	if err != nil {
 		start = big.NewInt(0)
 	}
 	// First free index >= start, else first free index >= 0.
-	if i, ok := firstGap(idx, start, n); ok {
+	if i, ok := firstGap(spans, start, n); ok {
 		return p.subnetAt(i), true
 	}
-	i, ok := firstGap(idx, big.NewInt(0), n)
+	i, ok := firstGap(spans, big.NewInt(0), n)
 	if !ok {
 		return netip.Prefix{}, false
 	}
 	return p.subnetAt(i), true
 }
 
-// firstGap returns the smallest index >= from and < n that is not in the
-// sorted list idx.
-func firstGap(idx []*big.Int, from, n *big.Int) (*big.Int, bool) {
+// mergeSpans sorts index spans [lo, hi] and merges those that overlap or
+// touch.
+func mergeSpans(spans [][2]*big.Int) [][2]*big.Int {
+	slices.SortFunc(spans, func(a, b [2]*big.Int) int { return a[0].Cmp(b[0]) })
+	out := spans[:0]
+	for _, sp := range spans {
+		if k := len(out) - 1; k >= 0 && new(big.Int).Add(out[k][1], big.NewInt(1)).Cmp(sp[0]) >= 0 {
+			if sp[1].Cmp(out[k][1]) > 0 {
+				out[k][1] = sp[1]
+			}
+			continue
+		}
+		out = append(out, [2]*big.Int{sp[0], sp[1]})
+	}
+	return out
+}
+
+// firstGap returns the smallest index >= from and < n that is in none of
+// the sorted, merged spans.
+func firstGap(spans [][2]*big.Int, from, n *big.Int) (*big.Int, bool) {
 	cur := new(big.Int).Set(from)
-	j, _ := slices.BinarySearchFunc(idx, cur, func(a, b *big.Int) int { return a.Cmp(b) })
-	for ; j < len(idx) && idx[j].Cmp(cur) == 0; j++ {
-		cur.Add(cur, big.NewInt(1))
+	j, _ := slices.BinarySearchFunc(spans, cur, func(sp [2]*big.Int, c *big.Int) int {
+		if sp[1].Cmp(c) < 0 {
+			return -1
+		}
+		return 1
+	})
+	if j < len(spans) && spans[j][0].Cmp(cur) <= 0 {
+		cur.Add(spans[j][1], big.NewInt(1))
 	}
 	return cur, cur.Cmp(n) < 0
 }

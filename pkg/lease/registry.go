@@ -22,9 +22,16 @@ var ErrNoFreeSubnet = errors.New("lease: out of subnets")
 type ExhaustedError struct {
 	Pool  *Pool
 	InUse int
+	// Excluded are the host's own routes that left out the rest of the
+	// range (Claim.Exclude), if any.
+	Excluded []Excluded
 }
 
 func (e *ExhaustedError) Error() string {
+	if len(e.Excluded) > 0 {
+		return fmt.Sprintf("out of subnets in %s: %d of %s in use and the others overlap routes of this host (%s); move those routes out of the network, raise SubnetMax/IPv6SubnetMax, widen the network or remove stale leases (waiting for one to free up)",
+			e.Pool, e.InUse, e.Pool.count(), excludedSummary(e.Excluded))
+	}
 	return fmt.Sprintf("out of subnets in %s: %d of %s in use; raise SubnetMax/IPv6SubnetMax, widen the network or remove stale leases (waiting for one to free up)",
 		e.Pool, e.InUse, e.Pool.count())
 }
@@ -79,6 +86,9 @@ type Claim struct {
 	// host's public addresses (c.PublicIP, c.PublicIPv6), which no other
 	// live host can have.
 	NoHistory bool
+	// Exclude are the host's own routes: no subnet overlapping one is
+	// claimed (see Excluded).
+	Exclude []Excluded
 }
 
 // Acquire looks at probeSize random candidates per family in one read
@@ -180,6 +190,7 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 		return nil, errors.New("lease: the config enables no address family")
 	}
 	for _, f := range fams {
+		f.setExcluded(c.Exclude)
 		if r := f.reservation; r.IsValid() && !f.pool.Contains(r) {
 			klog.Warningf("reservation %s of %s is not a subnet of %s; ignoring it (fix %s)", r, c.Node, f.pool, k.Reservation(c.Node))
 		}
@@ -237,6 +248,10 @@ type family struct {
 	reservation netip.Prefix // the node's reservation in this family, if any
 	keep        netip.Prefix // the subnet the running host serves, if any
 	own         ownSet       // the etcd leases whose keys of the node are this host's
+	// excluded are the host's routes no candidate may overlap;
+	// loggedSkip the preferred candidates already logged as skipped.
+	excluded   []Excluded
+	loggedSkip map[netip.Prefix]bool
 
 	cand    netip.Prefix // the candidate of this attempt
 	modRev  int64        // mod revision of cand's lock when it is already ours
@@ -262,7 +277,11 @@ func (r *Record) subnet6() netip.Prefix {
 // subnet this host serves (a reservation never moves a running host).
 func (f *family) usable(s netip.Prefix) bool {
 	_, res := f.reserved[s]
-	return s.IsValid() && f.pool.Contains(s) && !f.taken[s] && (!res || s == f.keep)
+	if !s.IsValid() || !f.pool.Contains(s) || f.taken[s] || (res && s != f.keep) {
+		return false
+	}
+	_, excl := f.excludedBy(s)
+	return !excl
 }
 
 // pick sets f.cand for the next attempt, keeping the current candidate if it
@@ -276,6 +295,9 @@ func (r *Registry) pick(ctx context.Context, f *family, node string) error {
 		if f.usable(s) {
 			f.cand = s
 			return nil
+		}
+		if _, excl := f.excludedBy(s); excl && s.IsValid() {
+			f.logSkipped(s, node)
 		}
 	}
 	for !f.listed {
@@ -306,7 +328,7 @@ func (r *Registry) pick(ctx context.Context, f *family, node string) error {
 	for s := range f.reserved {
 		all[s] = true
 	}
-	s, ok := f.pool.freeSubnet(all)
+	s, ok := f.pool.freeSubnet(all, f.excluded)
 	if !ok {
 		inUse := 0
 		for s := range all {
@@ -314,7 +336,7 @@ func (r *Registry) pick(ctx context.Context, f *family, node string) error {
 				inUse++
 			}
 		}
-		return &ExhaustedError{Pool: f.pool, InUse: inUse}
+		return &ExhaustedError{Pool: f.pool, InUse: inUse, Excluded: f.excluded}
 	}
 	f.cand = s
 	return nil
