@@ -58,6 +58,7 @@ func (closedKernel) RoutesReplace(rs []*netlink.Route) []error {
 	return closedErrs(len(rs))
 }
 func (closedKernel) RoutesDel(rs []*netlink.Route) []error          { return closedErrs(len(rs)) }
+func (closedKernel) RoutesAdd(rs []*netlink.Route) []error          { return closedErrs(len(rs)) }
 func (closedKernel) NeighList(int) ([]netlink.Neigh, error)         { return nil, ErrClosed }
 func (closedKernel) NeighSet(*netlink.Neigh) error                  { return ErrClosed }
 func (closedKernel) NeighDel(*netlink.Neigh) error                  { return ErrClosed }
