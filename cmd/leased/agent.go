@@ -96,6 +96,11 @@ func (a *agent) run(ctx context.Context) error {
 	bo := time.Second
 	defer func() {
 		a.saveCache()
+		if h, ok := a.be.(backend.Handoff); ok && a.sess != nil && a.self != nil && a.started {
+			// The lease stays for the next run: keep answering for it
+			// until the process exits (see backend.Handoff).
+			h.Handoff()
+		}
 		if a.sess != nil {
 			a.sess.Orphan()
 		}
@@ -127,12 +132,7 @@ func (a *agent) run(ctx context.Context) error {
 			a.sess = nil
 			a.self = nil
 			a.startGrace()
-			if w, ok := a.be.(backend.Withdrawer); ok {
-				// proxy-ndp must not answer for a slice it no longer
-				// holds; Start runs again once the lease is back.
-				w.Withdraw()
-				a.started = false
-			}
+			a.withdraw()
 			a.setStatus("lease lost; claiming it again")
 		case <-retry.C:
 		case <-cacheTick.C:
@@ -154,6 +154,17 @@ func (a *agent) run(ctx context.Context) error {
 				retry.Reset(time.Until(a.graceUntil) + 10*time.Millisecond)
 			}
 		}
+	}
+}
+
+// withdraw stops a backend that answers for the host's lease on the link
+// (proxy-ndp) from answering, when the lease is no longer held: it must
+// not answer for a slice another host may claim. Start runs again once the
+// lease is held again.
+func (a *agent) withdraw() {
+	if w, ok := a.be.(backend.Withdrawer); ok {
+		w.Withdraw()
+		a.started = false
 	}
 }
 
@@ -271,6 +282,7 @@ func (a *agent) apply(b lease.Batch) {
 			klog.Warningf("this host's lease keys were deleted in etcd (expired, or by hand); claiming its subnets %v again", a.self.Subnets())
 			a.self = nil // ensureLease claims again, preferring the held subnets
 			a.startGrace()
+			a.withdraw()
 		}
 	}
 	if b.Reset && b.FromCache && !a.resumed && !a.view.Synced {
@@ -452,6 +464,15 @@ func (a *agent) claimEarly(ctx context.Context) {
 	}
 	if err := a.ensureLease(ctx); err != nil {
 		klog.V(2).InfoS("claiming before the listing is in failed; step retries", "err", err)
+		return
+	}
+	// proxy-ndp: answer the upstream router now, not after the listing
+	// (a restarted agent resumes within one etcd round trip).
+	if ans, ok := a.be.(backend.Answerer); ok && a.cfg.IPv6 != nil && a.self.IPv6Subnet.IsValid() {
+		local := backend.Local{Node: a.node, Subnet4: a.self.Subnet, Subnet6: a.self.IPv6Subnet, Network6: a.cfg.IPv6.Network}
+		if err := ans.Answer(local); err != nil {
+			klog.V(2).InfoS("answering before the listing is in failed; the backend's start retries", "err", err)
+		}
 	}
 }
 

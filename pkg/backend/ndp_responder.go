@@ -59,10 +59,14 @@ const (
 	maxPendingPerTarget = 4
 	// probeRate and probeBurst limit the probes (and the route lookups
 	// before them) to probeRate per second on average and probeBurst at
-	// once. Each probe may add one entry to the neighbour table of the
-	// link the address is routed to, which the kernel keeps about 3 s as
-	// INCOMPLETE, then as FAILED until its next garbage collection.
-	probeRate  = 10
+	// once. Each probe may add two entries to the neighbour table of the
+	// link the address is routed to: the address (INCOMPLETE for about
+	// 3 s, then FAILED until the kernel's next garbage collection, about
+	// 15 s) and its solicited-node multicast group (NOARP, collected once
+	// unused for gc_stale_time, 60 s). At 4 per second that is at most
+	// about 20+4·18 plus 20+4·75 entries, well below the kernel's
+	// gc_thresh2 (512), above which it starts evicting real neighbours.
+	probeRate  = 4
 	probeBurst = 20
 )
 

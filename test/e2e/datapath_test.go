@@ -240,28 +240,47 @@ func TestStaleRoutesRemovedAtStart(t *testing.T) {
 var lossRE = regexp.MustCompile(`(\d+) packets transmitted, (\d+) received`)
 
 // Restarting an agent — SIGTERM then start, or SIGKILL then start — drops
-// no packet of a 10 ms ping between containers on different hosts.
+// no packet of a 10 ms ping between containers on different hosts, nor,
+// with proxy-ndp, from the upstream router to each container.
 func TestAgentRestartLosesNoPacket(t *testing.T) {
-	for _, backend := range []string{"host-gw", "vxlan"} {
+	for _, backend := range []string{"host-gw", "vxlan", "proxy-ndp"} {
 		for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
 			t.Run(backend+"/"+sig.String(), func(t *testing.T) {
 				l := up(t, lab.Config{Backend: backend})
 				h1, h2 := l.Hosts[0], l.Hosts[1]
-				for _, dst := range []netip.Addr{h2.Container.Addr4, h2.Container.Addr6} {
-					if err := lab.PingUntil(ctx(t), h1.CNS, dst, 0, 10*time.Second); err != nil {
+				type flow struct {
+					from string
+					dst  netip.Addr
+				}
+				flows := []flow{{h1.CNS, h2.Container.Addr4}, {h1.CNS, h2.Container.Addr6}}
+				if l.Upstream != nil {
+					// proxy-ndp: the upstream router reaches each container
+					// only through the answers of its host's agent. Its
+					// neighbour entries go stale after about a second and
+					// are probed (unicast, 1 s apart, 3 tries) one second
+					// later, so the router keeps asking throughout the
+					// restarts.
+					for _, kv := range []string{"base_reachable_time_ms=1000", "delay_first_probe_time=1"} {
+						mustNS(t, l.Upstream.NS, "sysctl", "-qw", "net.ipv6.neigh.eth0."+kv)
+					}
+					flows = append(flows, flow{l.Upstream.NS, h1.Container.Addr6}, flow{l.Upstream.NS, h2.Container.Addr6})
+				}
+				for _, f := range flows {
+					if err := lab.PingUntil(ctx(t), f.from, f.dst, 0, 10*time.Second); err != nil {
 						t.Fatal(err)
 					}
 				}
 				pings := map[string]*exec.Cmd{}
 				outs := map[string]*strings.Builder{}
-				for _, dst := range []netip.Addr{h2.Container.Addr4, h2.Container.Addr6} {
-					cmd := exec.Command("ip", "netns", "exec", h1.CNS, "ping", "-n", "-q", "-i", "0.01", "-c", "300", "-W", "1", dst.String())
+				for _, f := range flows {
+					cmd := exec.Command("ip", "netns", "exec", f.from, "ping", "-n", "-q", "-i", "0.01", "-c", "300", "-W", "1", f.dst.String())
 					var b strings.Builder
 					cmd.Stdout, cmd.Stderr = &b, &b
 					if err := cmd.Start(); err != nil {
 						t.Fatal(err)
 					}
-					pings[dst.String()], outs[dst.String()] = cmd, &b
+					name := f.from + " → " + f.dst.String()
+					pings[name], outs[name] = cmd, &b
 				}
 				time.Sleep(300 * time.Millisecond)
 				for _, h := range []*lab.Host{h1, h2} {
