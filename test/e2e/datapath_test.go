@@ -237,6 +237,21 @@ func TestStaleRoutesRemovedAtStart(t *testing.T) {
 	}
 }
 
+// routerSolicits returns how many Neighbor Solicitations namespace ns has
+// sent (Icmp6OutNeighborSolicits).
+func routerSolicits(t *testing.T, ns string) int {
+	t.Helper()
+	out := mustNS(t, ns, "cat", "/proc/net/snmp6")
+	for _, line := range strings.Split(out, "\n") {
+		if f := strings.Fields(line); len(f) == 2 && f[0] == "Icmp6OutNeighborSolicits" {
+			n, _ := strconv.Atoi(f[1])
+			return n
+		}
+	}
+	t.Fatalf("no Icmp6OutNeighborSolicits in %s's /proc/net/snmp6", ns)
+	return 0
+}
+
 var lossRE = regexp.MustCompile(`(\d+) packets transmitted, (\d+) received`)
 
 // Restarting an agent — SIGTERM then start, or SIGKILL then start — drops
@@ -270,6 +285,10 @@ func TestAgentRestartLosesNoPacket(t *testing.T) {
 						t.Fatal(err)
 					}
 				}
+				var solicits0 int
+				if l.Upstream != nil {
+					solicits0 = routerSolicits(t, l.Upstream.NS)
+				}
 				pings := map[string]*exec.Cmd{}
 				outs := map[string]*strings.Builder{}
 				for _, f := range flows {
@@ -301,6 +320,16 @@ func TestAgentRestartLosesNoPacket(t *testing.T) {
 					got, _ := strconv.Atoi(m[2])
 					if sent != 300 || got != sent {
 						t.Errorf("ping %s across the restart: %d sent, %d received", dst, sent, got)
+					}
+				}
+				if l.Upstream != nil {
+					// The router did ask while the agents restarted: the
+					// answers, not a cache that never expired, kept the
+					// pings going.
+					n := routerSolicits(t, l.Upstream.NS) - solicits0
+					t.Logf("the router sent %d Neighbor Solicitations during the pings", n)
+					if n < 1 {
+						t.Errorf("the router sent no Neighbor Solicitation during the pings, want its entries probed")
 					}
 				}
 			})
