@@ -467,7 +467,7 @@ func (a *agent) claimEarly(ctx context.Context) {
 		return
 	}
 	// proxy-ndp: answer the upstream router now, not after the listing
-	// (a restarted agent resumes within one etcd round trip).
+	// (a restarted agent resumes after the few etcd round trips of its claim).
 	if ans, ok := a.be.(backend.Answerer); ok && a.cfg.IPv6 != nil && a.self.IPv6Subnet.IsValid() {
 		local := backend.Local{Node: a.node, Subnet4: a.self.Subnet, Subnet6: a.self.IPv6Subnet, Network6: a.cfg.IPv6.Network}
 		if err := ans.Answer(local); err != nil {
