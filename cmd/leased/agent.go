@@ -112,6 +112,11 @@ func (a *agent) run(ctx context.Context) error {
 	bo := time.Second
 	defer func() {
 		a.saveCache()
+		if h, ok := a.be.(backend.Handoff); ok && a.sess != nil && a.self != nil && a.started {
+			// The lease stays for the next run: keep answering for it
+			// until the process exits (see backend.Handoff).
+			h.Handoff()
+		}
 		if a.sess != nil {
 			a.sess.Orphan()
 		}
@@ -143,12 +148,7 @@ func (a *agent) run(ctx context.Context) error {
 			a.sess = nil
 			a.self = nil
 			a.startGrace()
-			if w, ok := a.be.(backend.Withdrawer); ok {
-				// proxy-ndp must not answer for a slice it no longer
-				// holds; Start runs again once the lease is back.
-				w.Withdraw()
-				a.started = false
-			}
+			a.withdraw()
 			a.setStatus("lease lost; claiming it again")
 		case <-retry.C:
 		}
@@ -177,6 +177,17 @@ func (a *agent) run(ctx context.Context) error {
 				retry.Reset(10 * time.Second) // besides the watch's events
 			}
 		}
+	}
+}
+
+// withdraw stops a backend that answers for the host's lease on the link
+// (proxy-ndp) from answering, when the lease is no longer held: it must
+// not answer for a slice another host may claim. Start runs again once the
+// lease is held again.
+func (a *agent) withdraw() {
+	if w, ok := a.be.(backend.Withdrawer); ok {
+		w.Withdraw()
+		a.started = false
 	}
 }
 
@@ -422,6 +433,15 @@ func (a *agent) claimEarly(ctx context.Context) {
 	}
 	if err := a.ensureLease(ctx); err != nil {
 		klog.V(2).InfoS("claiming before the listing is in failed; step retries", "err", err)
+		return
+	}
+	// proxy-ndp: answer the upstream router now, not after the listing
+	// (a restarted agent resumes after the few etcd round trips of its claim).
+	if ans, ok := a.be.(backend.Answerer); ok && a.cfg.IPv6 != nil && a.self.IPv6Subnet.IsValid() {
+		local := backend.Local{Node: a.node, Subnet4: a.self.Subnet, Subnet6: a.self.IPv6Subnet, Network6: a.cfg.IPv6.Network}
+		if err := ans.Answer(local); err != nil {
+			klog.V(2).InfoS("answering before the listing is in failed; the backend's start retries", "err", err)
+		}
 	}
 }
 

@@ -112,6 +112,7 @@ func (a *agent) checkOwnKeys(b lease.Batch) {
 			klog.Warningf("this host's lease keys were deleted in etcd (expired, or by hand); claiming its subnets %v again", a.self.Subnets())
 			a.self = nil // ensureLease claims again, preferring the held subnets
 			a.startGrace()
+			a.withdraw()
 			a.setStatus("lease keys deleted; claiming them again")
 			return
 		case e.Kind == lease.LeasePut && own && (e.Record == nil || e.Record.Lease != ours):
@@ -161,9 +162,6 @@ func (a *agent) lostOwnKeys(key, node string, holder *lease.Record) {
 	}
 	a.self = nil
 	a.startGrace()
-	if w, ok := a.be.(backend.Withdrawer); ok {
-		w.Withdraw() // proxy-ndp must not answer for a slice it may no longer hold
-		a.started = false
-	}
+	a.withdraw() // proxy-ndp must not answer for a slice it may no longer hold
 	a.setStatus("this host's lease keys were overwritten in etcd; claiming again")
 }

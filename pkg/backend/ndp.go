@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
 	"k8s.io/klog/v2"
@@ -34,7 +35,8 @@ var ErrNotOnLink = errors.New("backend: proxy-ndp: IPv6Network must be a part of
 // the uplink, accept_ra 1→2 (enableForwarding).
 type proxyNDP struct {
 	*engine
-	r *ndpResponder
+	r    *ndpResponder
+	keep atomic.Bool // Handoff: Run leaves the responder answering
 }
 
 // Withdrawer is implemented by backends that answer for the host's lease on
@@ -46,23 +48,66 @@ type Withdrawer interface {
 	Withdraw()
 }
 
+// Handoff is implemented by backends that answer for the host's lease on
+// the link (proxy-ndp). After Handoff, the end of the backend's Run leaves
+// the answering in place: it lasts until the process exits (the packet
+// socket closes with it). The agent calls it when it stops with its lease
+// held and left in place for the next run, so that the upstream router's
+// neighbour entries are answered until the last moment, and the next run
+// resumes answering as soon as it holds the lease again.
+type Handoff interface {
+	Handoff()
+}
+
+// Answerer is implemented by backends that answer for the host's lease on
+// the link (proxy-ndp). Answer starts answering for local's subnet without
+// the rest of Start, so that the agent can answer as soon as it holds its
+// lease, before it has read the other leases. Start does it again.
+type Answerer interface {
+	Answer(local Local) error
+}
+
 func newProxyNDP(e *engine, cfg Config) *proxyNDP {
 	l := e.ext.Link(true)
 	return &proxyNDP{engine: e, r: newNDPResponder(e.ns, l.Name, l.Index, cfg.Mode)}
 }
 
 // Start checks that the IPv6 network lies inside a prefix on-link on the
-// external interface and holds none of its addresses, programs what the
-// engine programs for host-gw (forwarding sysctls, forward rules, routes
-// to peers once known), then answers for local.Subnet6 from now on,
-// opening the packet socket on the first call. A Start with a new lease
+// external interface and holds none of its addresses, answers for
+// local.Subnet6 from now on (Answer; the packet socket opens on the first
+// call), then programs what the engine programs for host-gw (forwarding
+// sysctls, forward rules, routes to peers once known); the engine's part
+// runs even when the socket cannot be opened. A Start with a new lease
 // moves the answering to the new slice; the old one is no longer answered.
 // It is idempotent. It refuses a lease without IPv6: proxy-ndp exists for
 // IPv6 (use host-gw for an IPv4-only network).
 func (b *proxyNDP) Start(ctx context.Context, local Local) error {
+	// Answering first: it needs neither the firewall nor the routes, and a
+	// restarted agent should answer the router again as soon as it can.
+	checkErr, startErr := b.answer(local)
+	if checkErr != nil {
+		return checkErr
+	}
+	err := b.engine.Start(ctx, local)
+	b.logSysctls()
+	return errors.Join(err, startErr)
+}
+
+// Answer checks that the IPv6 network lies inside a prefix on-link on the
+// external interface and holds none of its addresses, then answers for
+// local.Subnet6 from now on (see Answerer), opening the packet socket on
+// the first call.
+func (b *proxyNDP) Answer(local Local) error {
+	checkErr, startErr := b.answer(local)
+	return errors.Join(checkErr, startErr)
+}
+
+// answer is Answer; checkErr says why local cannot be answered for on
+// this link, startErr why the responder could not start.
+func (b *proxyNDP) answer(local Local) (checkErr, startErr error) {
 	link := b.ext.Link(true)
 	if !local.Network6.IsValid() || !local.Subnet6.IsValid() {
-		return fmt.Errorf("backend: proxy-ndp needs IPv6: set IPv6Network in the network config (a part of the on-link prefix of %s), or use Backend.Type %q for an IPv4-only network", link.Name, TypeHostGW)
+		return fmt.Errorf("backend: proxy-ndp needs IPv6: set IPv6Network in the network config (a part of the on-link prefix of %s), or use Backend.Type %q for an IPv4-only network", link.Name, TypeHostGW), nil
 	}
 	b.mu.Lock()
 	addrs, err := b.k.AddrList(link.Index, netlink.FAMILY_V6)
@@ -75,10 +120,10 @@ func (b *proxyNDP) Start(ctx context.Context, local Local) error {
 	}
 	b.mu.Unlock()
 	if err != nil {
-		return fmt.Errorf("reading %s: %w", link.Name, err)
+		return fmt.Errorf("reading %s: %w", link.Name, err), nil
 	}
 	if len(mac) != 6 {
-		return fmt.Errorf("backend: proxy-ndp: %s has no Ethernet address (%q); it needs an Ethernet-like link", link.Name, mac)
+		return fmt.Errorf("backend: proxy-ndp: %s has no Ethernet address (%q); it needs an Ethernet-like link", link.Name, mac), nil
 	}
 	var ifAddrs []netip.Prefix
 	var src netip.Addr
@@ -91,23 +136,36 @@ func (b *proxyNDP) Start(ctx context.Context, local Local) error {
 		}
 	}
 	if err := checkOnLink(link.Name, local.Network6, ifAddrs); err != nil {
-		return err
+		return err, nil
 	}
-	err = b.engine.Start(ctx, local)
-	rerr := b.r.start(answerCfg{slice: local.Subnet6.Masked(), mac: [6]byte(mac), src: src})
-	if rerr == nil {
-		klog.InfoS("proxy-ndp answering", "subnet", local.Subnet6.Masked(), "iface", link.Name, "mac", mac.String(), "mode", b.r.mode, "source", src)
+	cfg := answerCfg{slice: local.Subnet6.Masked(), mac: [6]byte(mac), src: src}
+	if *b.r.cfg.Load() == cfg {
+		return nil, nil // answering already (Answer, then Start)
 	}
-	b.logSysctls()
-	return errors.Join(err, rerr)
+	if err := b.r.start(cfg); err != nil {
+		return nil, err
+	}
+	klog.InfoS("proxy-ndp answering", "subnet", local.Subnet6.Masked(), "iface", link.Name, "mac", mac.String(), "mode", b.r.mode, "source", src)
+	return nil, nil
 }
 
-// Run runs the engine's reconcile loop and stops answering when it ends:
-// whatever ends the agent's use of the backend ends the answers too (the
-// packet socket closes, which also drops its all-multicast membership).
+// Run runs the engine's reconcile loop and stops answering when it ends,
+// unless Handoff was called: whatever else ends the agent's use of the
+// backend (a replaced backend) ends the answers too (the packet socket
+// closes, which also drops its all-multicast membership).
 func (b *proxyNDP) Run(ctx context.Context) error {
-	defer b.r.close()
+	defer func() {
+		if !b.keep.Load() {
+			b.r.close()
+		}
+	}()
 	return b.engine.Run(ctx)
+}
+
+// Handoff leaves the answering in place when Run ends (see Handoff).
+func (b *proxyNDP) Handoff() {
+	b.keep.Store(true)
+	klog.V(2).InfoS("proxy-ndp keeps answering until the process exits", "iface", b.ext.Link(true).Name)
 }
 
 // Withdraw stops answering until the next Start (see Withdrawer).

@@ -38,6 +38,36 @@ const (
 	// presentRefresh is the period of the full neighbour and address dump
 	// that backs up the netlink subscription.
 	presentRefresh = 10 * time.Second
+	// presentExpire is the period at which old solicitations and probe
+	// times are forgotten.
+	presentExpire = time.Second
+)
+
+// Bounds of the present mode under a flood of solicitations for distinct
+// addresses (a scan of the slice, or a hostile neighbour). They bound the
+// agent's memory and the entries its probes add to the bridge's
+// neighbour table, whatever the rate of solicitations; Documentation/
+// backends.md states them.
+const (
+	// maxPendingTargets is the most addresses with remembered
+	// solicitations; a solicitation for another address while it is full
+	// is not remembered (its target may still be probed, and the
+	// solicitor's retry is answered once the target is present).
+	maxPendingTargets = 1024
+	// maxPendingPerTarget is the most solicitations remembered per
+	// address (a router sends three per resolution); the newest are kept.
+	maxPendingPerTarget = 4
+	// probeRate and probeBurst limit the probes (and the route lookups
+	// before them) to probeRate per second on average and probeBurst at
+	// once. Each probe may add two entries to the neighbour table of the
+	// link the address is routed to: the address (INCOMPLETE for about
+	// 3 s, then FAILED until the kernel's next garbage collection, about
+	// 15 s) and its solicited-node multicast group (NOARP, collected once
+	// unused for gc_stale_time, 60 s). At 4 per second that is at most
+	// about 20+4·18 plus 20+4·75 entries, well below the kernel's
+	// gc_thresh2 (512), above which it starts evicting real neighbours.
+	probeRate  = 4
+	probeBurst = 20
 )
 
 // answerCfg is what the responder answers for; replaced as a whole.
@@ -344,8 +374,10 @@ type presence struct {
 
 	mu      sync.Mutex
 	addrs   map[netip.Addr]bool
-	pending map[netip.Addr][]pendingNS
-	probed  map[netip.Addr]time.Time
+	pending map[netip.Addr][]pendingNS // at most maxPendingTargets keys
+	probed  map[netip.Addr]time.Time   // at most probeBurst + probeRate*(probeInterval+presentExpire) keys
+	tokens  float64                    // probes allowed now (≤ probeBurst)
+	refill  time.Time                  // when tokens was last brought up to date
 	kick    chan struct{}
 }
 
@@ -361,7 +393,7 @@ func newPresence(ns nsExec, uplink int, r *ndpResponder) (*presence, error) {
 	}
 	p := &presence{ns: ns, uplink: uplink, r: r, h: h, probe: -1,
 		addrs: map[netip.Addr]bool{}, pending: map[netip.Addr][]pendingNS{}, probed: map[netip.Addr]time.Time{},
-		kick: make(chan struct{}, 1)}
+		tokens: probeBurst, refill: time.Now(), kick: make(chan struct{}, 1)}
 	err = ns.do(func() error {
 		fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
 		p.probe = fd
@@ -403,6 +435,8 @@ func (p *presence) run(ctx context.Context) {
 	defer closeNS()
 	t := time.NewTicker(presentRefresh)
 	defer t.Stop()
+	exp := time.NewTicker(presentExpire)
+	defer exp.Stop()
 	for ctx.Err() == nil {
 		ch, done := make(chan netlink.NeighUpdate, 1024), make(chan struct{})
 		opts := netlink.NeighSubscribeOptions{Namespace: nsh, ReceiveBufferSize: 1 << 22}
@@ -419,7 +453,8 @@ func (p *presence) run(ctx context.Context) {
 				break loop
 			case <-t.C:
 				p.dump()
-				p.expire(time.Now())
+			case now := <-exp.C:
+				p.expire(now)
 			case <-p.kick:
 				p.dump()
 			case u, ok := <-events:
@@ -526,17 +561,22 @@ func (p *presence) dump() {
 	}
 }
 
-// solicited remembers s and probes its target unless that was done within
-// probeInterval.
+// solicited remembers s (unless maxPendingTargets other addresses are
+// remembered already) and probes its target, unless it was probed within
+// probeInterval or the probe budget (probeRate, probeBurst) is spent.
 func (p *presence) solicited(s solicitation) {
 	now := time.Now()
 	p.mu.Lock()
-	p.pending[s.target] = append(p.pending[s.target], pendingNS{s: s, expires: now.Add(pendingTTL)})
-	if len(p.pending[s.target]) > 16 { // a chatty solicitor: keep the newest
-		p.pending[s.target] = p.pending[s.target][1:]
+	if ws, ok := p.pending[s.target]; ok || len(p.pending) < maxPendingTargets {
+		if len(ws) >= maxPendingPerTarget { // a chatty solicitor: keep the newest
+			ws = append(ws[:0], ws[1:]...)
+		}
+		p.pending[s.target] = append(ws, pendingNS{s: s, expires: now.Add(pendingTTL)})
+	} else {
+		ndpIgnored.Inc() // not remembered: the solicitor's retry gets its chance
 	}
 	last, seen := p.probed[s.target]
-	probe := !seen || now.Sub(last) >= probeInterval
+	probe := (!seen || now.Sub(last) >= probeInterval) && p.takeToken(now)
 	if probe {
 		p.probed[s.target] = now
 	}
@@ -544,6 +584,20 @@ func (p *presence) solicited(s solicitation) {
 	if probe {
 		p.probeAddr(s.target)
 	}
+}
+
+// takeToken reports whether a probe may be sent now, and counts it if so.
+// p.mu is held.
+func (p *presence) takeToken(now time.Time) bool {
+	if d := now.Sub(p.refill); d > 0 {
+		p.tokens = min(probeBurst, p.tokens+d.Seconds()*probeRate)
+		p.refill = now
+	}
+	if p.tokens < 1 {
+		return false
+	}
+	p.tokens--
+	return true
 }
 
 // probeAddr makes the kernel resolve a on the link it is routed to, unless

@@ -237,31 +237,69 @@ func TestStaleRoutesRemovedAtStart(t *testing.T) {
 	}
 }
 
+// routerSolicits returns how many Neighbor Solicitations namespace ns has
+// sent (Icmp6OutNeighborSolicits).
+func routerSolicits(t *testing.T, ns string) int {
+	t.Helper()
+	out := mustNS(t, ns, "cat", "/proc/net/snmp6")
+	for _, line := range strings.Split(out, "\n") {
+		if f := strings.Fields(line); len(f) == 2 && f[0] == "Icmp6OutNeighborSolicits" {
+			n, _ := strconv.Atoi(f[1])
+			return n
+		}
+	}
+	t.Fatalf("no Icmp6OutNeighborSolicits in %s's /proc/net/snmp6", ns)
+	return 0
+}
+
 var lossRE = regexp.MustCompile(`(\d+) packets transmitted, (\d+) received`)
 
 // Restarting an agent — SIGTERM then start, or SIGKILL then start — drops
-// no packet of a 10 ms ping between containers on different hosts.
+// no packet of a 10 ms ping between containers on different hosts, nor,
+// with proxy-ndp, from the upstream router to each container.
 func TestAgentRestartLosesNoPacket(t *testing.T) {
-	for _, backend := range []string{"host-gw", "vxlan"} {
+	for _, backend := range []string{"host-gw", "vxlan", "proxy-ndp"} {
 		for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL} {
 			t.Run(backend+"/"+sig.String(), func(t *testing.T) {
 				l := up(t, lab.Config{Backend: backend})
 				h1, h2 := l.Hosts[0], l.Hosts[1]
-				for _, dst := range []netip.Addr{h2.Container.Addr4, h2.Container.Addr6} {
-					if err := lab.PingUntil(ctx(t), h1.CNS, dst, 0, 10*time.Second); err != nil {
+				type flow struct {
+					from string
+					dst  netip.Addr
+				}
+				flows := []flow{{h1.CNS, h2.Container.Addr4}, {h1.CNS, h2.Container.Addr6}}
+				if l.Upstream != nil {
+					// proxy-ndp: the upstream router reaches each container
+					// only through the answers of its host's agent. Its
+					// neighbour entries go stale after about a second and
+					// are probed (unicast, 1 s apart, 3 tries) one second
+					// later, so the router keeps asking throughout the
+					// restarts.
+					for _, kv := range []string{"base_reachable_time_ms=1000", "delay_first_probe_time=1"} {
+						mustNS(t, l.Upstream.NS, "sysctl", "-qw", "net.ipv6.neigh.eth0."+kv)
+					}
+					flows = append(flows, flow{l.Upstream.NS, h1.Container.Addr6}, flow{l.Upstream.NS, h2.Container.Addr6})
+				}
+				for _, f := range flows {
+					if err := lab.PingUntil(ctx(t), f.from, f.dst, 0, 10*time.Second); err != nil {
 						t.Fatal(err)
 					}
 				}
+				var solicits0 int
+				if l.Upstream != nil {
+					solicits0 = routerSolicits(t, l.Upstream.NS)
+				}
 				pings := map[string]*exec.Cmd{}
 				outs := map[string]*strings.Builder{}
-				for _, dst := range []netip.Addr{h2.Container.Addr4, h2.Container.Addr6} {
-					cmd := exec.Command("ip", "netns", "exec", h1.CNS, "ping", "-n", "-q", "-i", "0.01", "-c", "300", "-W", "1", dst.String())
+				for _, f := range flows {
+					cmd := exec.Command("ip", "netns", "exec", f.from, "ping", "-n", "-q", "-i", "0.01", "-c", "300", "-W", "1", f.dst.String())
 					var b strings.Builder
 					cmd.Stdout, cmd.Stderr = &b, &b
 					if err := cmd.Start(); err != nil {
 						t.Fatal(err)
 					}
-					pings[dst.String()], outs[dst.String()] = cmd, &b
+					name := f.from + " → " + f.dst.String()
+					pings[name], outs[name] = cmd, &b
 				}
 				time.Sleep(300 * time.Millisecond)
 				for _, h := range []*lab.Host{h1, h2} {
@@ -282,6 +320,16 @@ func TestAgentRestartLosesNoPacket(t *testing.T) {
 					got, _ := strconv.Atoi(m[2])
 					if sent != 300 || got != sent {
 						t.Errorf("ping %s across the restart: %d sent, %d received", dst, sent, got)
+					}
+				}
+				if l.Upstream != nil {
+					// The router did ask while the agents restarted: the
+					// answers, not a cache that never expired, kept the
+					// pings going.
+					n := routerSolicits(t, l.Upstream.NS) - solicits0
+					t.Logf("the router sent %d Neighbor Solicitations during the pings", n)
+					if n < 1 {
+						t.Errorf("the router sent no Neighbor Solicitation during the pings, want its entries probed")
 					}
 				}
 			})
