@@ -9,7 +9,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"k8s.io/klog/v2"
 
-	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/lease"
 )
 
