@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"k8s.io/klog/v2"
 
@@ -691,6 +692,12 @@ func (a *agent) ensureLease(ctx context.Context) error {
 	}
 	rec, err := a.reg.Acquire(ctx, a.sess.Lease(), a.cfg, c)
 	if err != nil {
+		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			// The etcd lease was revoked or expired; the session notices
+			// only at its next keep-alive (TTL/3). Grant a new one now.
+			a.sess.Orphan()
+			a.sess = nil
+		}
 		return err
 	}
 	a.own.claimed(a.sess.Lease())

@@ -22,6 +22,7 @@ import (
 	"github.com/leased/leased/internal/lab"
 	"github.com/leased/leased/pkg/lease"
 	"github.com/leased/leased/pkg/subnetenv"
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // The Docker tests run a real dockerd (Debian's docker.io) in each lab
@@ -478,7 +479,7 @@ func TestDocker(t *testing.T) {
 	}
 }
 
-// When a host's lease is lost and it has to take other subnets, the agent
+// When a host's lease is lost and another host took its subnets, the agent
 // logs the loud line, rewrites subnet.env, and the restart logic the
 // systemd units ship (leased-docker-restart.service) restarts dockerd,
 // whose containers then take the new subnet and reach the other host.
@@ -496,19 +497,31 @@ func TestDockerSubnetChange(t *testing.T) {
 	started, _ := os.ReadFile(h1.SubnetFile()) // what the drop-in's ExecStartPre snapshots
 	c2 := ds[h2].runContainer(t, "c2")
 
-	// Reserve other subnets for host1, then end its etcd lease as an expiry
-	// would: the agent claims again and the reservation wins.
+	// Reserve other subnets for host1, then, in one transaction, do what
+	// an expiry followed by another host's claim does: host1's keys go and
+	// another host holds its subnets. host1 claims again; its old subnets
+	// are taken, so the reservation wins. (A reservation alone never moves
+	// a running host: TestReservationDoesNotMoveServingHost.)
 	next4, next6 := netip.MustParsePrefix("10.100.200.0/24"), netip.MustParsePrefix("2001:db8:cd11:fa::/64") // inside SubnetMax (the lab reserves the top)
 	for _, h := range []*lab.Host{h1, h2} {                                                                  // not a subnet a host drew
 		if e, _ := h.Env(); e.Subnet4 == next4 || e.Subnet6 == next6 {
 			next4, next6 = netip.MustParsePrefix("10.100.201.0/24"), netip.MustParsePrefix("2001:db8:cd11:fb::/64")
 		}
 	}
+	k := lease.NewKeys("")
 	res := fmt.Sprintf(`{"Subnet":%q,"IPv6Subnet":%q}`, next4, next6)
-	if _, err := l.Client.Put(ctx(t), lease.NewKeys("").Reservation(h1.Name), res); err != nil {
+	if _, err := l.Client.Put(ctx(t), k.Reservation(h1.Name), res); err != nil {
 		t.Fatal(err)
 	}
-	revokeLease(t, l, h1.Name)
+	rec := mustJSON(synthPeer(l, "taker", old.Subnet4, old.Subnet6, 0x97))
+	if _, err := l.Client.Txn(ctx(t)).Then(
+		clientv3.OpDelete(k.Lease(h1.Name)),
+		clientv3.OpPut(k.Lease("taker"), rec),
+		clientv3.OpPut(k.SubnetLock(old.Subnet4), "taker"),
+		clientv3.OpPut(k.SubnetLock(old.Subnet6), "taker"),
+	).Commit(); err != nil {
+		t.Fatal(err)
+	}
 	eventually(t, 20*time.Second, "host1's subnet.env rewritten", func() error {
 		env, err := h1.Env()
 		if err != nil {
