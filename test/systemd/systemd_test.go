@@ -1,0 +1,367 @@
+// Package systemd_test runs leased as operators do: installed from its
+// Debian package on Debian machines booted with systemd as PID 1, with the
+// docker.service drop-in, against a real etcd, and checks what systemd,
+// dockerd and the containers show.
+package systemd_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/leased/leased/internal/testutil"
+)
+
+// imagePath is where test/systemd/image.sh caches the machine image
+// (LEASED_SYSTEMD_IMAGE overrides it).
+func imagePath() string {
+	if p := os.Getenv("LEASED_SYSTEMD_IMAGE"); p != "" {
+		return p
+	}
+	return "/var/cache/leased-systemd-test/bookworm.tar.zst"
+}
+
+func repoRoot(t *testing.T) string {
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(wd, "..", "..")
+}
+
+// buildDeb builds the leased package as make deb does, into dir, and
+// returns its path and version.
+func buildDeb(t *testing.T, dir, version string) string {
+	t.Helper()
+	ctx := context.Background()
+	top := repoRoot(t)
+	bin := filepath.Join(dir, "leased")
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w -X main.version="+version, "-o", bin, "./cmd/leased")
+	cmd.Dir, cmd.Env = top, append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building leased: %v\n%s", err, out)
+	}
+	out := mustRun(t, ctx, filepath.Join(top, "dist/deb/build.sh"), bin, version, dir)
+	return strings.TrimSpace(out)
+}
+
+// unpackImage unpacks the cached machine image into a new directory,
+// building the image first when it is not cached.
+func unpackImage(t *testing.T) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	img := imagePath()
+	if _, err := os.Stat(img); err != nil {
+		t.Logf("building the machine image %s (once; about a minute)", img)
+		mustRun(t, ctx, filepath.Join(repoRoot(t), "test/systemd/image.sh"), img)
+	}
+	dir, err := os.MkdirTemp("/var/tmp", "leased-machine-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	mustRun(t, ctx, "sh", "-c", "zstd -q -d -c "+img+" | tar -C "+dir+" --numeric-owner -xf -")
+	return dir
+}
+
+// startEtcd runs Debian's etcd in the lan namespace at 10.77.0.1:2379.
+func startEtcd(t *testing.T, l *lan) {
+	t.Helper()
+	dir := t.TempDir()
+	cmd := exec.Command("ip", "netns", "exec", l.ns, "etcd", "--name=lab", "--data-dir="+dir,
+		"--listen-client-urls=http://10.77.0.1:2379", "--advertise-client-urls=http://10.77.0.1:2379",
+		"--listen-peer-urls=http://127.0.0.1:2380", "--initial-advertise-peer-urls=http://127.0.0.1:2380",
+		"--initial-cluster=lab=http://127.0.0.1:2380", "--log-level=error")
+	log := &strings.Builder{}
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting etcd (apt-get install etcd-server): %v", err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out, err := run(context.Background(), "ip", "netns", "exec", l.ns, "sh", "-c", "exec 3<>/dev/tcp/10.77.0.1/2379 2>/dev/null && echo up || true")
+		if err == nil && strings.Contains(out, "up") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("etcd did not listen within 30s:\n%s", log.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// putConfig writes the network config with the leased CLI, from the lan
+// namespace.
+func putConfig(t *testing.T, l *lan, leasedBin, cfg string) {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "config.json")
+	if err := os.WriteFile(f, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, context.Background(), "ip", "netns", "exec", l.ns, leasedBin, "config", "put", "--etcd-endpoints=http://10.77.0.1:2379", f)
+}
+
+// TestPackageUnderSystemd boots two machines with systemd as PID 1, installs
+// leased from its package on each, and checks, per backend, with what
+// systemd, dockerd and the containers report:
+//   - leased.service (Type=notify) is active only once subnet.env is
+//     written, and docker.service's main process starts after that;
+//   - dockerd runs with --bip, --mtu and --ipv6 --fixed-cidr-v6 from
+//     subnet.env;
+//   - containers on the two machines reach each other over IPv4 and IPv6;
+//   - `systemctl restart leased` restarts neither dockerd nor a container,
+//     and 10 ms pings between containers lose nothing across it;
+//   - `leased --version` matches the package's version.
+func TestPackageUnderSystemd(t *testing.T) {
+	testutil.RequireRoot(t)
+	for _, tool := range []string{"systemd-nspawn", "zstd", "mmdebstrap", "dpkg-deb", "etcd"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s not found: test/deps.sh installs it (%v)", tool, err)
+		}
+	}
+	root := unpackImage(t)
+	dir := t.TempDir()
+	version := "1.0.0+test" + strconv.FormatInt(time.Now().Unix(), 10)
+	deb := buildDeb(t, dir, version)
+	leasedBin := filepath.Join(dir, "leased")
+
+	for _, backendType := range []string{"vxlan", "host-gw"} {
+		t.Run(backendType, func(t *testing.T) {
+			tag := randomTag()
+			l := newLAN(t, tag)
+			startEtcd(t, l)
+			putConfig(t, l, leasedBin, fmt.Sprintf(`{"Network":"10.100.0.0/16","IPv6Network":"fd10:100::/48","IPv6SubnetLen":80,"Backend":{"Type":%q}}`, backendType))
+			var ms []*machine
+			for i := 1; i <= 2; i++ {
+				ms = append(ms, boot(t, l, tag, i, root, map[string]string{deb: "/root/leased.deb"}))
+			}
+			for _, m := range ms {
+				install(t, m)
+			}
+			checkStartOrder(t, ms)
+			c := startContainers(t, ms)
+			checkReach(t, ms, c)
+			checkRestartHitless(t, ms, c)
+			for _, m := range ms {
+				if got := m.must("leased --version"); !strings.HasPrefix(got, "leased "+version+" ") {
+					t.Errorf("%s: leased --version says %q, the package is %s", m.name, got, version)
+				}
+				if got := m.must("dpkg-query -W -f '${Version}' leased"); got != version {
+					t.Errorf("%s: dpkg has leased %q, want %s", m.name, got, version)
+				}
+			}
+		})
+	}
+}
+
+// install installs the package, the docker drop-in and /etc/default/leased
+// in m, then starts docker.service (which pulls in leased.service).
+func install(t *testing.T, m *machine) {
+	t.Helper()
+	m.must("dpkg -i /root/leased.deb")
+	m.must(`cat > /etc/default/leased <<'EOF'
+LEASED_ETCD_ENDPOINTS=http://10.77.0.1:2379
+LEASED_IFACE=eth0
+LEASED_IP_MASQ=true
+LEASED_OPTS=-v=2
+EOF`)
+	m.must("mkdir -p /etc/systemd/system/docker.service.d && cp /usr/share/doc/leased/examples/10-leased.conf /etc/systemd/system/docker.service.d/ && systemctl daemon-reload")
+	// leased must be enabled by the package, so it starts at boot.
+	if st := m.must("systemctl is-enabled leased.service"); st != "enabled" {
+		t.Errorf("%s: leased.service is %q after dpkg -i, want enabled", m.name, st)
+	}
+	m.must("timeout 120 systemctl start docker.service")
+}
+
+// checkStartOrder: leased became active after it wrote subnet.env, and
+// dockerd's main process started after leased was active.
+func checkStartOrder(t *testing.T, ms []*machine) {
+	t.Helper()
+	for _, m := range ms {
+		if st := m.show("leased.service", "ActiveState"); st != "active" {
+			t.Fatalf("%s: leased.service is %s", m.name, st)
+		}
+		leasedActive := usec(t, m.show("leased.service", "ActiveEnterTimestampMonotonic"))
+		dockerStart := usec(t, m.show("docker.service", "ExecMainStartTimestampMonotonic"))
+		if dockerStart < leasedActive {
+			t.Errorf("%s: dockerd started at %dµs, before leased was ready at %dµs", m.name, dockerStart, leasedActive)
+		}
+		// In the journal (realtime, µs): leased wrote subnet.env and
+		// programmed its peers before systemd saw READY=1 ("Started").
+		wrote := journalTime(t, m, "leased.service", "wrote subnet file")
+		ready := journalTime(t, m, "leased.service", "ready")
+		started := journalTime(t, m, "leased.service", "Started leased")
+		if !(wrote <= ready && ready <= started) {
+			t.Errorf("%s: leased wrote subnet.env at %.6f, was ready at %.6f, systemd saw it started at %.6f: want that order", m.name, wrote, ready, started)
+		}
+		args := m.must("ps -o args= -C dockerd")
+		env := m.must("cat /run/leased/subnet.env")
+		for _, k := range []string{"LEASED_SUBNET", "LEASED_MTU", "LEASED_SUBNET6"} {
+			if v := envValue(env, k); v == "" {
+				t.Errorf("%s: subnet.env has no %s:\n%s", m.name, k, env)
+			}
+		}
+		sub4 := envValue(env, "LEASED_SUBNET")
+		want := []string{"--mtu=" + envValue(env, "LEASED_MTU"), "--ipv6", "--fixed-cidr-v6=" + envValue(env, "LEASED_SUBNET6"),
+			"--bip=" + strings.TrimSuffix(sub4[:strings.LastIndexByte(sub4, '.')+1], "") + "1/" + sub4[strings.IndexByte(sub4, '/')+1:]}
+		for _, w := range want {
+			if !containsArg(args, w) {
+				t.Errorf("%s: dockerd runs as %q, without %s (subnet.env:\n%s)", m.name, args, w, env)
+			}
+		}
+		if st := m.show("leased.service", "StatusText"); !strings.Contains(st, "held") {
+			t.Errorf("%s: leased's STATUS= is %q", m.name, st)
+		}
+	}
+}
+
+func containsArg(args, w string) bool {
+	for _, a := range strings.Fields(args) {
+		if a == w {
+			return true
+		}
+	}
+	return false
+}
+
+func envValue(env, key string) string {
+	for _, line := range strings.Split(env, "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok && k == key {
+			return strings.Trim(v, `"'`)
+		}
+	}
+	return ""
+}
+
+// journalTime returns the realtime timestamp of the first journal line of
+// unit that contains text.
+func journalTime(t *testing.T, m *machine, unit, text string) float64 {
+	t.Helper()
+	out := m.must("journalctl --no-pager -o short-unix -u " + unit)
+	for _, line := range strings.Split(out, "\n") {
+		if strings.Contains(line, text) {
+			f, err := strconv.ParseFloat(strings.Fields(line)[0], 64)
+			if err == nil {
+				return f
+			}
+		}
+	}
+	t.Fatalf("%s: no %q in the journal of %s:\n%s", m.name, text, unit, out)
+	return 0
+}
+
+func usec(t *testing.T, s string) int64 {
+	t.Helper()
+	n, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
+	if err != nil || n == 0 {
+		t.Fatalf("not a timestamp: %q", s)
+	}
+	return n
+}
+
+// containers: on each machine, one container's name and addresses.
+type containers struct {
+	v4, v6 []string
+}
+
+func startContainers(t *testing.T, ms []*machine) containers {
+	t.Helper()
+	var c containers
+	for _, m := range ms {
+		m.must("tar -C /opt/busybox -c . | docker import - bb >/dev/null")
+		m.must("docker run -d --name c --network bridge bb sleep 3600")
+		var info []struct {
+			NetworkSettings struct {
+				IPAddress         string
+				GlobalIPv6Address string
+			}
+		}
+		if err := json.Unmarshal([]byte(m.must("docker inspect c")), &info); err != nil || len(info) != 1 {
+			t.Fatalf("%s: docker inspect: %v", m.name, err)
+		}
+		c.v4 = append(c.v4, info[0].NetworkSettings.IPAddress)
+		c.v6 = append(c.v6, info[0].NetworkSettings.GlobalIPv6Address)
+	}
+	return c
+}
+
+// checkReach: each machine's container pings the other's, both families.
+func checkReach(t *testing.T, ms []*machine, c containers) {
+	t.Helper()
+	for i, m := range ms {
+		j := 1 - i
+		for _, dst := range []string{c.v4[j], c.v6[j]} {
+			if dst == "" {
+				t.Errorf("container on %s has no address of one family: %+v", ms[j].name, c)
+				continue
+			}
+			if out, err := m.sh(30*time.Second, "docker exec c ping -c 3 -W 5 "+dst); err != nil {
+				t.Errorf("%s: container cannot reach %s on %s: %v\n%s", m.name, dst, ms[j].name, err, out)
+			}
+		}
+	}
+}
+
+var lossRE = regexp.MustCompile(`(\d+) packets transmitted, (\d+) (packets )?received`)
+
+// checkRestartHitless restarts leased on machine 1 while 10 ms pings run
+// from its container to machine 2's, both families.
+func checkRestartHitless(t *testing.T, ms []*machine, c containers) {
+	t.Helper()
+	m := ms[0]
+	dockerPID := m.show("docker.service", "MainPID")
+	ctrStarted := m.must("docker inspect -f '{{.State.StartedAt}}' c")
+	leasedPID := m.show("leased.service", "MainPID")
+	type result struct {
+		out string
+		err error
+	}
+	var chans []chan result
+	for _, dst := range []string{c.v4[1], c.v6[1]} {
+		ch := make(chan result, 1)
+		chans = append(chans, ch)
+		go func() {
+			out, err := m.sh(time.Minute, "docker exec c ping -q -i 0.01 -w 6 "+dst)
+			ch <- result{out, err}
+		}()
+	}
+	time.Sleep(1500 * time.Millisecond)
+	m.must("timeout 60 systemctl restart leased.service")
+	for i, ch := range chans {
+		r := <-ch
+		mm := lossRE.FindStringSubmatch(r.out)
+		if mm == nil {
+			t.Errorf("ping %d across the restart: %v\n%s", i, r.err, r.out)
+			continue
+		}
+		sent, got := mm[1], mm[2]
+		if n, _ := strconv.Atoi(sent); n < 100 {
+			t.Errorf("only %s pings sent across the restart: %s", sent, r.out)
+		}
+		if sent != got {
+			t.Errorf("%s lost pings across `systemctl restart leased`: %s sent, %s received", m.name, sent, got)
+		}
+	}
+	if p := m.show("leased.service", "MainPID"); p == leasedPID {
+		t.Errorf("leased's MainPID is still %s: it did not restart", p)
+	}
+	if p := m.show("docker.service", "MainPID"); p != dockerPID {
+		t.Errorf("dockerd restarted with leased: MainPID %s → %s", dockerPID, p)
+	}
+	if s := m.must("docker inspect -f '{{.State.StartedAt}}' c"); s != ctrStarted {
+		t.Errorf("the container restarted with leased: started %s → %s", ctrStarted, s)
+	}
+}
