@@ -35,6 +35,8 @@ test: deps
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 40m ./...
 	CGO_ENABLED=1 $(GO) test -race -count=1 ./pkg/lease ./pkg/subnetenv
+	$(MAKE) deb
+	lintian --fail-on error bin/leased_$(VERSION)_*.deb
 	for f in FuzzParseConfig FuzzDecodeRecord FuzzDecodeRecordFast FuzzParseSubnetKey FuzzDecodeSnapshotRecord FuzzParseSnapshot; do \
 	  $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime 15s ./pkg/lease || exit 1; done
 

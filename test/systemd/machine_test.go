@@ -155,7 +155,7 @@ func boot(t *testing.T, l *lan, tag string, i int, root string, binds map[string
 	m.nspawn = cmd
 	t.Cleanup(func() {
 		if t.Failed() {
-			out, _ := m.sh(10*time.Second, "journalctl --no-pager -n 200 -u leased -u docker 2>&1")
+			out, _ := m.sh(10*time.Second, "journalctl --no-pager -n 100 -u leased; journalctl --no-pager -n 30 -p warning -u docker 2>&1")
 			t.Logf("%s: journal of leased and docker:\n%s", m.name, out)
 		}
 		cmd.Process.Signal(os.Interrupt) // nspawn: power off the machine
@@ -171,7 +171,11 @@ func boot(t *testing.T, l *lan, tag string, i int, root string, binds map[string
 			os.Remove(d)
 		}
 		if t.Failed() {
-			t.Logf("%s: nspawn output:\n%s", m.name, m.log.String())
+			out := m.log.String()
+			if len(out) > 3000 {
+				out = "..." + out[len(out)-3000:]
+			}
+			t.Logf("%s: nspawn output:\n%s", m.name, out)
 		}
 	})
 
@@ -201,14 +205,18 @@ func boot(t *testing.T, l *lan, tag string, i int, root string, binds map[string
 	return m
 }
 
-// childOf returns the first child of pid (nspawn's child is the machine's
-// PID 1), or 0.
+// childOf returns the child of pid that runs systemd (nspawn's child that
+// is the machine's PID 1; nspawn forks short-lived helpers too), or 0.
 func childOf(pid int) int {
 	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
 	for _, f := range tasks {
 		data, _ := os.ReadFile(f)
 		for _, c := range strings.Fields(string(data)) {
-			if n, err := strconv.Atoi(c); err == nil {
+			n, err := strconv.Atoi(c)
+			if err != nil {
+				continue
+			}
+			if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", n)); strings.TrimSpace(string(comm)) == "systemd" {
 				return n
 			}
 		}

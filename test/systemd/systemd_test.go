@@ -92,7 +92,7 @@ func startEtcd(t *testing.T, l *lan) {
 	})
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		out, err := run(context.Background(), "ip", "netns", "exec", l.ns, "sh", "-c", "exec 3<>/dev/tcp/10.77.0.1/2379 2>/dev/null && echo up || true")
+		out, err := run(context.Background(), "ip", "netns", "exec", l.ns, "bash", "-c", "exec 3<>/dev/tcp/10.77.0.1/2379 2>/dev/null && echo up || true")
 		if err == nil && strings.Contains(out, "up") {
 			return
 		}
@@ -282,14 +282,14 @@ func startContainers(t *testing.T, ms []*machine) containers {
 	var c containers
 	for _, m := range ms {
 		m.must("tar -C /opt/busybox -c . | docker import - bb >/dev/null")
-		m.must("docker run -d --name c --network bridge bb sleep 3600")
+		m.must("docker run -d --name ctr --network bridge bb sleep 3600")
 		var info []struct {
 			NetworkSettings struct {
 				IPAddress         string
 				GlobalIPv6Address string
 			}
 		}
-		if err := json.Unmarshal([]byte(m.must("docker inspect c")), &info); err != nil || len(info) != 1 {
+		if err := json.Unmarshal([]byte(m.must("docker inspect ctr")), &info); err != nil || len(info) != 1 {
 			t.Fatalf("%s: docker inspect: %v", m.name, err)
 		}
 		c.v4 = append(c.v4, info[0].NetworkSettings.IPAddress)
@@ -308,7 +308,7 @@ func checkReach(t *testing.T, ms []*machine, c containers) {
 				t.Errorf("container on %s has no address of one family: %+v", ms[j].name, c)
 				continue
 			}
-			if out, err := m.sh(30*time.Second, "docker exec c ping -c 3 -W 5 "+dst); err != nil {
+			if out, err := m.sh(30*time.Second, "docker exec ctr ping -c 3 -W 5 "+dst); err != nil {
 				t.Errorf("%s: container cannot reach %s on %s: %v\n%s", m.name, dst, ms[j].name, err, out)
 			}
 		}
@@ -323,7 +323,7 @@ func checkRestartHitless(t *testing.T, ms []*machine, c containers) {
 	t.Helper()
 	m := ms[0]
 	dockerPID := m.show("docker.service", "MainPID")
-	ctrStarted := m.must("docker inspect -f '{{.State.StartedAt}}' c")
+	ctrStarted := m.must("docker inspect -f '{{.State.StartedAt}}' ctr")
 	leasedPID := m.show("leased.service", "MainPID")
 	type result struct {
 		out string
@@ -334,7 +334,7 @@ func checkRestartHitless(t *testing.T, ms []*machine, c containers) {
 		ch := make(chan result, 1)
 		chans = append(chans, ch)
 		go func() {
-			out, err := m.sh(time.Minute, "docker exec c ping -q -i 0.01 -w 6 "+dst)
+			out, err := m.sh(time.Minute, "docker exec ctr ping -q -i 0.01 -w 6 "+dst)
 			ch <- result{out, err}
 		}()
 	}
@@ -361,7 +361,7 @@ func checkRestartHitless(t *testing.T, ms []*machine, c containers) {
 	if p := m.show("docker.service", "MainPID"); p != dockerPID {
 		t.Errorf("dockerd restarted with leased: MainPID %s → %s", dockerPID, p)
 	}
-	if s := m.must("docker inspect -f '{{.State.StartedAt}}' c"); s != ctrStarted {
+	if s := m.must("docker inspect -f '{{.State.StartedAt}}' ctr"); s != ctrStarted {
 		t.Errorf("the container restarted with leased: started %s → %s", ctrStarted, s)
 	}
 }
