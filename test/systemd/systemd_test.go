@@ -148,6 +148,7 @@ func TestPackageUnderSystemd(t *testing.T) {
 			for i := 1; i <= 2; i++ {
 				ms = append(ms, boot(t, l, tag, i, root, map[string]string{deb: "/root/leased.deb"}))
 			}
+			before := fileList(t, ms[1])
 			for _, m := range ms {
 				install(t, m)
 			}
@@ -163,6 +164,7 @@ func TestPackageUnderSystemd(t *testing.T) {
 					t.Errorf("%s: dpkg has leased %q, want %s", m.name, got, version)
 				}
 			}
+			checkPurgeLeavesNothing(t, ms[1], before)
 		})
 	}
 }
@@ -199,13 +201,15 @@ func checkStartOrder(t *testing.T, ms []*machine) {
 		if dockerStart < leasedActive {
 			t.Errorf("%s: dockerd started at %dµs, before leased was ready at %dµs", m.name, dockerStart, leasedActive)
 		}
-		// In the journal (realtime, µs): leased wrote subnet.env and
-		// programmed its peers before systemd saw READY=1 ("Started").
-		wrote := journalTime(t, m, "leased.service", "wrote subnet file")
-		ready := journalTime(t, m, "leased.service", "ready")
-		started := journalTime(t, m, "leased.service", "Started leased")
-		if !(wrote <= ready && ready <= started) {
-			t.Errorf("%s: leased wrote subnet.env at %.6f, was ready at %.6f, systemd saw it started at %.6f: want that order", m.name, wrote, ready, started)
+		// subnet.env was written (its mtime) before systemd saw READY=1
+		// (ActiveEnterTimestamp), both in realtime µs.
+		written := parseTime(t, m.must("stat -c %y /run/leased/subnet.env"), "2006-01-02 15:04:05.999999999 -0700")
+		ready := parseTime(t, m.must("systemctl show --timestamp=us+utc -P ActiveEnterTimestamp leased.service"), "Mon 2006-01-02 15:04:05.999999 MST")
+		if written.After(ready) {
+			t.Errorf("%s: leased wrote subnet.env at %s, after systemd saw it ready at %s", m.name, written, ready)
+		}
+		if !strings.Contains(m.must("journalctl --no-pager -o cat -u leased.service"), `"ready"`) {
+			t.Errorf("%s: leased never logged that it was ready", m.name)
 		}
 		args := m.must("ps -o args= -C dockerd")
 		env := m.must("cat /run/leased/subnet.env")
@@ -246,21 +250,14 @@ func envValue(env, key string) string {
 	return ""
 }
 
-// journalTime returns the realtime timestamp of the first journal line of
-// unit that contains text.
-func journalTime(t *testing.T, m *machine, unit, text string) float64 {
+// parseTime parses s in layout, failing the test when it does not parse.
+func parseTime(t *testing.T, s, layout string) time.Time {
 	t.Helper()
-	out := m.must("journalctl --no-pager -o short-unix -u " + unit)
-	for _, line := range strings.Split(out, "\n") {
-		if strings.Contains(line, text) {
-			f, err := strconv.ParseFloat(strings.Fields(line)[0], 64)
-			if err == nil {
-				return f
-			}
-		}
+	tm, err := time.Parse(layout, strings.TrimSpace(s))
+	if err != nil {
+		t.Fatalf("parsing time %q: %v", s, err)
 	}
-	t.Fatalf("%s: no %q in the journal of %s:\n%s", m.name, text, unit, out)
-	return 0
+	return tm
 }
 
 func usec(t *testing.T, s string) int64 {
@@ -363,5 +360,44 @@ func checkRestartHitless(t *testing.T, ms []*machine, c containers) {
 	}
 	if s := m.must("docker inspect -f '{{.State.StartedAt}}' ctr"); s != ctrStarted {
 		t.Errorf("the container restarted with leased: started %s → %s", ctrStarted, s)
+	}
+}
+
+// fileList lists the files of m's root file system, leaving out what
+// changes by itself (logs, caches, dpkg's and systemd's state, docker's).
+func fileList(t *testing.T, m *machine) map[string]bool {
+	t.Helper()
+	out := m.must(`find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /tmp -o -path /var/tmp \
+		-o -path /var/log -o -path /var/cache -o -path /var/lib/dpkg -o -path /var/lib/docker -o -path /var/lib/containerd \
+		-o -path /etc/docker -o -path /var/lib/systemd/timers -o -path /var/lib/systemd/random-seed -o -path /root/leased.deb \) -prune -o -print`)
+	files := map[string]bool{}
+	for _, f := range strings.Split(out, "\n") {
+		files[f] = true
+	}
+	return files
+}
+
+// checkPurgeLeavesNothing removes the drop-in as running.md says, purges
+// the package, and checks that the machine's files are those from before
+// the package was installed, and that nothing of leased runs or remains in
+// /run.
+func checkPurgeLeavesNothing(t *testing.T, m *machine, before map[string]bool) {
+	t.Helper()
+	m.must("rm /etc/systemd/system/docker.service.d/10-leased.conf && rmdir /etc/systemd/system/docker.service.d && systemctl daemon-reload")
+	m.must("docker rm -f ctr >/dev/null; timeout 60 systemctl stop docker.service docker.socket")
+	m.must("dpkg -P leased")
+	after := fileList(t, m)
+	for f := range after {
+		if !before[f] {
+			t.Errorf("%s: %s is left after dpkg -P leased", m.name, f)
+		}
+	}
+	for f := range before {
+		if !after[f] {
+			t.Errorf("%s: %s is gone after installing and purging leased", m.name, f)
+		}
+	}
+	if out, _ := m.sh(10*time.Second, "ls -d /run/leased 2>&1; pgrep -x leased; systemctl is-enabled leased.service 2>&1"); !strings.Contains(out, "No such file") || strings.Contains(out, "enabled") {
+		t.Errorf("%s: after dpkg -P leased: %s", m.name, out)
 	}
 }
