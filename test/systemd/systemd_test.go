@@ -364,12 +364,13 @@ func checkRestartHitless(t *testing.T, ms []*machine, c containers) {
 }
 
 // fileList lists the files of m's root file system, leaving out what
-// changes by itself (logs, caches, dpkg's and systemd's state, docker's).
+// changes by itself (logs, caches, dpkg's and systemd's state, what dockerd and
+// containerd create).
 func fileList(t *testing.T, m *machine) map[string]bool {
 	t.Helper()
 	out := m.must(`find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /tmp -o -path /var/tmp \
 		-o -path /var/log -o -path /var/cache -o -path /var/lib/dpkg -o -path /var/lib/docker -o -path /var/lib/containerd \
-		-o -path /etc/docker -o -path /var/lib/systemd/timers -o -path /var/lib/systemd/random-seed -o -path /root/leased.deb \) -prune -o -print`)
+		-o -path /etc/docker -o -path /etc/cni -o -path /var/lib/systemd/timers -o -path /var/lib/systemd/random-seed -o -path /root/leased.deb \) -prune -o -print`)
 	files := map[string]bool{}
 	for _, f := range strings.Split(out, "\n") {
 		files[f] = true
