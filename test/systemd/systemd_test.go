@@ -156,6 +156,8 @@ func TestPackageUnderSystemd(t *testing.T) {
 			c := startContainers(t, ms)
 			checkReach(t, ms, c)
 			checkRestartHitless(t, ms, c)
+			checkNothingDenied(t, ms)
+			checkConfigChangeRestartsDockerOnce(t, l, leasedBin, ms, backendType)
 			for _, m := range ms {
 				if got := m.must("leased --version"); !strings.HasPrefix(got, "leased "+version+" ") {
 					t.Errorf("%s: leased --version says %q, the package is %s", m.name, got, version)
@@ -181,6 +183,7 @@ LEASED_IP_MASQ=true
 LEASED_OPTS=-v=2
 EOF`)
 	m.must("mkdir -p /etc/systemd/system/docker.service.d && cp /usr/share/doc/leased/examples/10-leased.conf /etc/systemd/system/docker.service.d/ && systemctl daemon-reload")
+	m.must("systemctl enable --now leased-docker-restart.path")
 	// leased must be enabled by the package, so it starts at boot.
 	if st := m.must("systemctl is-enabled leased.service"); st != "enabled" {
 		t.Errorf("%s: leased.service is %q after dpkg -i, want enabled", m.name, st)
@@ -400,5 +403,78 @@ func checkPurgeLeavesNothing(t *testing.T, m *machine, before map[string]bool) {
 	}
 	if out, _ := m.sh(10*time.Second, "ls -d /run/leased 2>&1; pgrep -x leased; systemctl is-enabled leased.service 2>&1"); !strings.Contains(out, "No such file") || strings.Contains(out, "enabled") {
 		t.Errorf("%s: after dpkg -P leased: %s", m.name, out)
+	}
+}
+
+// checkNothingDenied: under the unit's hardening (every setting of
+// dist/leased.service in force), leased logged no denied operation, and
+// its sysctls and iptables chains are in place.
+func checkNothingDenied(t *testing.T, ms []*machine) {
+	t.Helper()
+	for _, m := range ms {
+		for prop, want := range map[string]string{
+			"ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
+			"NoNewPrivileges": "yes", "RestrictNamespaces": "yes", "MemoryDenyWriteExecute": "yes",
+			"CapabilityBoundingSet":   "cap_net_admin cap_net_raw",
+			"RestrictAddressFamilies": "AF_INET AF_INET6 AF_NETLINK AF_PACKET AF_UNIX", // systemd sorts them
+		} {
+			if got := m.show("leased.service", prop); got != want {
+				t.Errorf("%s: leased.service %s=%q, want %q", m.name, prop, got, want)
+			}
+		}
+		log := m.must("journalctl --no-pager -o cat -u leased.service")
+		for _, bad := range []string{"permission denied", "operation not permitted", "read-only file system", "Permission denied"} {
+			if strings.Contains(log, bad) {
+				t.Errorf("%s: leased's log says %q under the unit's hardening:\n%s", m.name, bad, log)
+			}
+		}
+		if v := m.must("sysctl -n net.ipv4.ip_forward net.ipv6.conf.all.forwarding"); v != "1\n1" {
+			t.Errorf("%s: forwarding sysctls are %q", m.name, v)
+		}
+		if out := m.must("iptables -S FORWARD"); !strings.Contains(out, "-j LEASED-FWD") {
+			t.Errorf("%s: no jump to LEASED-FWD in FORWARD:\n%s", m.name, out)
+		}
+	}
+}
+
+// checkConfigChangeRestartsDockerOnce: a config change that changes
+// subnet.env (a wider IPv6 network: every held subnet stays valid)
+// makes leased-docker-restart.path restart docker.service exactly once on
+// each machine.
+func checkConfigChangeRestartsDockerOnce(t *testing.T, l *lan, leasedBin string, ms []*machine, backendType string) {
+	t.Helper()
+	starts := func(m *machine) int {
+		out, _ := m.sh(30*time.Second, "journalctl --no-pager -o cat -u docker.service | grep -c '^Started docker.service'")
+		n, _ := strconv.Atoi(strings.TrimSpace(out))
+		return n
+	}
+	var before []int
+	var env []string
+	for _, m := range ms {
+		before = append(before, starts(m))
+		env = append(env, m.must("cat /run/leased/subnet.env"))
+	}
+	putConfig(t, l, leasedBin, fmt.Sprintf(`{"Network":"10.100.0.0/16","IPv6Network":"fd10:100::/40","IPv6SubnetLen":80,"Backend":{"Type":%q}}`, backendType))
+	for i, m := range ms {
+		deadline := time.Now().Add(60 * time.Second)
+		for m.must("cat /run/leased/subnet.env") == env[i] {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: subnet.env unchanged 60s after the config change:\n%s", m.name, env[i])
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		for starts(m) < before[i]+1 && time.Now().Before(deadline) {
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	time.Sleep(5 * time.Second) // room for a second, unwanted restart
+	for i, m := range ms {
+		if n := starts(m) - before[i]; n != 1 {
+			out, _ := m.sh(10*time.Second, "journalctl --no-pager -o cat -u leased-docker-restart.service")
+			t.Errorf("%s: docker.service started %d times after a config change that changed subnet.env, want 1; leased-docker-restart.service:\n%s", m.name, n, out)
+		}
+		if args := m.must("ps -o args= -C dockerd"); !strings.Contains(m.must("cat /run/leased/subnet.env"), "fd10:100::/40") {
+			t.Errorf("%s: subnet.env does not name the new network; dockerd runs as %q", m.name, args)
+		}
 	}
 }
