@@ -6,6 +6,7 @@
 //	leased config validate|put|get, leases, status   operator commands
 //	leased lab [flags]      runs leased-lab: a multi-host lab in network namespaces
 //	leased bench-datapath   runs leased-lab: the datapath benchmark
+//	leased version, man, completion bash
 //	leased help             this text
 package main
 
@@ -26,6 +27,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/leased/leased/pkg/backend"
+	"github.com/leased/leased/pkg/metrics"
 )
 
 func main() {
@@ -46,7 +48,24 @@ func run(args []string) int {
 			return runStatus(args[1:])
 		case "help", "-h", "--help":
 			fmt.Fprint(os.Stderr, usage)
-			newFlagSet("leased", &options{}).PrintDefaults()
+			printGroupedDefaults(os.Stderr)
+			return 0
+		case "version":
+			fmt.Print(versionText())
+			return 0
+		case "man":
+			writeMan(os.Stdout)
+			return 0
+		case "completion":
+			if len(args) != 2 || args[1] != "bash" {
+				fmt.Fprintln(os.Stderr, "usage: leased completion bash")
+				return 2
+			}
+			writeBashCompletion(os.Stdout)
+			return 0
+		}
+		if isVersionFlag(args[0]) {
+			fmt.Print(versionText())
 			return 0
 		}
 	}
@@ -113,6 +132,9 @@ const usage = `usage:
   leased config get              print the network config in etcd
   leased leases [-o table|json]  every host's lease
   leased status                  this host: lease, subnet.env, kernel vs leases
+  leased version                 print the version (also --version)
+  leased man                     print the leased(8) manual page
+  leased completion bash         print a bash completion script
   leased lab [flags]             a multi-host lab in network namespaces
   leased bench-datapath          the datapath benchmark
 Each command takes -h.
@@ -124,10 +146,16 @@ func newFlagSet(name string, o *options) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	o.register(fs)
 	klog.InitFlags(fs)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), usage)
+		printGroupedDefaults(fs.Output())
+	}
 	return fs
 }
 
 func runAgent(ctx context.Context, o *options) error {
+	klog.InfoS("leased starting", "version", buildVersion(), "go", runtime.Version())
+	metrics.SetBuildInfo(buildVersion(), runtime.Version())
 	node := o.nodeName
 	if node == "" {
 		var err error

@@ -55,3 +55,13 @@ var (
 		Name: "leased_ready", Help: "1 once the lease is held, subnet.env is written and the datapath applied.",
 	})
 )
+
+// buildInfo is 1, labelled with the version and the Go version.
+var buildInfo = promauto.NewGaugeVec(prometheus.GaugeOpts{
+	Name: "leased_build_info", Help: "Always 1; the labels give the version of leased and of Go it was built with.",
+}, []string{"version", "goversion"})
+
+// SetBuildInfo sets leased_build_info{version,goversion} to 1.
+func SetBuildInfo(version, goVersion string) {
+	buildInfo.WithLabelValues(version, goVersion).Set(1)
+}
