@@ -16,8 +16,8 @@ import (
 
 // subcommands lists the operator commands, for the man page and completion.
 var subcommands = []struct{ name, args, what string }{
-	{"config validate", "FILE", "check a network config offline; exit 1 when it is invalid"},
-	{"config put", "FILE", "validate a network config, then write it to <prefix>/config"},
+	{"config validate", "[--host] FILE", "check a network config offline; exit 1 when it is invalid; --host also lists the parts this host routes itself"},
+	{"config put", "[--dry-run] [--force] FILE", "validate a network config, check it against the live leases, then write it to <prefix>/config (a compare-and-swap)"},
 	{"config get", "", "print the network config stored in etcd"},
 	{"leases", "[-o table|json]", "print every host's lease"},
 	{"status", "", "this host: its lease, subnet.env, and the kernel compared with the leases; exit 1 when they differ"},
@@ -140,7 +140,10 @@ func writeMan(w io.Writer) {
 	p("a runtime error; the systemd unit restarts leased.")
 	p(".TP")
 	p("2")
-	p("a usage error (a bad flag or LEASED_* value); the unit does not restart leased, as a restart cannot fix it.")
+	p("a usage error (a bad flag or LEASED_* value, bad etcd endpoints or credentials); the unit does not restart leased, as a restart cannot fix it.")
+	p(".TP")
+	p("4")
+	p("leased lacks a privilege its backend needs (CAP_NET_ADMIN, CAP_NET_RAW, write access to /proc/sys/net); it exits before it claims anything, and the unit does not restart it.")
 	p(".SH FILES")
 	p(".TP")
 	p(`\fI/run/leased/subnet.env\fR`)
