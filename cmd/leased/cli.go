@@ -33,8 +33,12 @@ func cliFlags(name, usage string, o *options) *flag.FlagSet {
 	return fs
 }
 
+// parseCLI parses a command's flags, from args and then from LEASED_*
+// variables, and checks the etcd flags; it reports errors on stderr.
+// Flags may also follow the positional arguments, as operators type them
+// (leased config put FILE --etcd-endpoints=...).
 func parseCLI(fs *flag.FlagSet, args []string) bool {
-	if err := fs.Parse(args); err != nil {
+	if err := parseInterspersed(fs, args); err != nil {
 		return false
 	}
 	if err := applyEnv(fs); err != nil {
@@ -46,6 +50,28 @@ func parseCLI(fs *flag.FlagSet, args []string) bool {
 		return false
 	}
 	return true
+}
+
+// parseInterspersed is fs.Parse that also takes flags after positional
+// arguments. "--" ends the flags: everything after it is positional. On
+// success fs.Args() holds the positional arguments in order.
+func parseInterspersed(fs *flag.FlagSet, args []string) error {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return err
+		}
+		rest := fs.Args()
+		if len(rest) == 0 {
+			break
+		}
+		if n := len(args) - len(rest); n > 0 && args[n-1] == "--" {
+			pos = append(pos, rest...) // the flag package stopped at "--"
+			break
+		}
+		pos, args = append(pos, rest[0]), rest[1:]
+	}
+	return fs.Parse(append([]string{"--"}, pos...))
 }
 
 // etcdErr turns an etcd client error into advice.
