@@ -721,6 +721,15 @@ func (a *agent) ensureLease(ctx context.Context) error {
 	}
 	klog.InfoS("Lease acquired", "node", a.node, "subnets", rec.Subnets(), "ttl", a.o.leaseTTL)
 	a.self = rec
+	if !a.graceUntil.IsZero() {
+		// Peers cut off from etcd with this host re-claim once they
+		// reach it again, which may be a little later than this host
+		// did: keep their routes for one more TTL from now.
+		if until := time.Now().Add(a.o.leaseTTL); until.After(a.graceUntil) {
+			a.graceUntil = until
+			klog.V(2).InfoS("lease held again; peers that have not re-claimed theirs stay programmed for one more lease TTL", "until", a.graceUntil.Format(time.RFC3339))
+		}
+	}
 	a.held = *rec
 	return nil
 }
@@ -769,7 +778,8 @@ func (a *agent) setStatus(s string) {
 	daemon.SdNotify(false, msg) //nolint:errcheck // best effort
 }
 
-// startGrace keeps vanishing peers for one lease TTL; see programmed.
+// startGrace keeps vanishing peers for one lease TTL, and ensureLease for
+// one more TTL from when this host holds its lease again; see programmed.
 func (a *agent) startGrace() {
 	a.graceUntil = time.Now().Add(a.o.leaseTTL)
 	klog.InfoS("this host lost its lease; peers whose leases vanish meanwhile stay programmed until they re-claim or the grace period ends", "until", a.graceUntil.Format(time.RFC3339))
