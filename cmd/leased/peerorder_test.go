@@ -2,9 +2,12 @@ package main
 
 import (
 	"fmt"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/leased/leased/pkg/lease"
 )
 
 // The agent hands the backend its peers in one order, oldest lease first,
@@ -21,6 +24,9 @@ func TestAgentHandsPeersOldestFirst(t *testing.T) {
 	}
 	for i, n := range nodes {
 		put(t, srv.ClientURL, "/leased/network/leases/"+n, rec(i, n, 10+i))
+		// The subnet lock too, as agents write it: without it the agent
+		// under test could claim one of these subnets itself.
+		put(t, srv.ClientURL, lease.NewKeys("").SubnetLock(netip.MustParsePrefix(fmt.Sprintf("10.100.%d.0/24", 200+i))), n)
 	}
 	want := strings.Join(nodes, ",")
 	a := startTestAgent(t, srv.ClientURL, "a", "192.168.1.1")
