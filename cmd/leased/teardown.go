@@ -77,6 +77,12 @@ func runTeardownTo(args []string, stdout, stderr io.Writer) int {
 				return 1
 			}
 		}
+		own := lease.OwnLeases{Path: o.ownLeasesFile(), Node: node}
+		ids, _, err := own.Load()
+		if err != nil {
+			fmt.Fprintf(stderr, "leased teardown: reading %s: %v\n", own.Path, err)
+			return 1
+		}
 		cli, err := newEtcdClient(o)
 		if err != nil {
 			fmt.Fprintf(stderr, "leased teardown: %v\n", err)
@@ -85,17 +91,21 @@ func runTeardownTo(args []string, stdout, stderr io.Writer) int {
 		defer cli.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
 		defer cancel()
-		keys, err := releaseOwnKeys(ctx, cli, lease.NewKeys(o.etcdPrefix), node, lease.OwnLeases{Path: o.ownLeasesFile(), Node: node})
+		keys, err := releaseOwnKeys(ctx, cli, lease.NewKeys(o.etcdPrefix), node, ids, own.Path)
 		for _, k := range keys {
 			fmt.Fprintf(stdout, "deleted etcd key %s\n", k)
 		}
 		n += len(keys)
-		if err != nil {
-			msg := err.Error()
-			if !errors.As(err, new(*notOwnError)) {
-				msg = etcdErr(o, err)
-			}
-			fmt.Fprintf(stderr, "leased teardown: %s\n", msg)
+		switch {
+		case errors.As(err, new(*notOwnError)):
+			// This host's own keys are gone: its files go too.
+			fmt.Fprintf(stderr, "leased teardown: %v\n", err)
+			code = 1
+		case errors.Is(err, errKeysChanged):
+			fmt.Fprintf(stderr, "leased teardown: %v\n", err)
+			return 1
+		case err != nil:
+			fmt.Fprintf(stderr, "leased teardown: %s\n", etcdErr(o, err))
 			return 1
 		}
 		for _, p := range []string{o.subnetFile, o.ownLeasesFile(), o.leaseCachePath()} {
@@ -190,21 +200,21 @@ type notOwnError struct {
 }
 
 func (e *notOwnError) Error() string {
-	return fmt.Sprintf("left in etcd: %s: held under an etcd lease that %s does not list as granted by this machine's agent (another host with the same node name? a lease from before a reboot?); they expire with their lease (--lease-ttl), or delete them with etcdctl once you know no other host uses them",
+	return fmt.Sprintf("left in etcd: %s: not held under an etcd lease that %s lists as granted by this machine's agent (another host with the same node name? a lease from before a reboot? written by hand?); keys under a lease expire with it (--lease-ttl); delete them with etcdctl once you know no other host uses them",
 		strings.Join(e.keys, ", "), e.file)
 }
 
+// errKeysChanged is releaseOwnKeys's error when a key changed between
+// reading and deleting it.
+var errKeysChanged = errors.New("this host's keys changed in etcd while they were being deleted (is an agent with this node name running elsewhere?); nothing was deleted: run leased teardown --release again")
+
 // releaseOwnKeys deletes node's lease record and the subnet locks whose
 // value is node, each only when it is held under one of the etcd leases
-// own lists (the agent's own-leases file), in one transaction that checks
-// exactly that; then it revokes those etcd leases. It returns the deleted
-// keys. Keys carrying node under another lease are left, reported in a
-// *notOwnError.
-func releaseOwnKeys(ctx context.Context, cli *clientv3.Client, k lease.Keys, node string, own lease.OwnLeases) ([]string, error) {
-	ids, _, err := own.Load()
-	if err != nil {
-		return nil, fmt.Errorf("reading %s: %w", own.Path, err)
-	}
+// ids (read from the agent's own-leases file, ownFile), in one transaction
+// that checks exactly that; then it revokes those etcd leases. It returns
+// the deleted keys. Keys carrying node under another lease are left,
+// reported in a *notOwnError; other errors are etcd's.
+func releaseOwnKeys(ctx context.Context, cli *clientv3.Client, k lease.Keys, node string, ids []clientv3.LeaseID, ownFile string) ([]string, error) {
 	resp, err := cli.Txn(ctx).Then(
 		clientv3.OpGet(k.Lease(node)),
 		clientv3.OpGet(k.SubnetLocks(false), clientv3.WithPrefix()),
@@ -216,7 +226,7 @@ func releaseOwnKeys(ctx context.Context, cli *clientv3.Client, k lease.Keys, nod
 	var del []string
 	var cmps []clientv3.Cmp
 	var leases []clientv3.LeaseID
-	notOwn := &notOwnError{file: own.Path}
+	notOwn := &notOwnError{file: ownFile}
 	for i, r := range resp.Responses {
 		for _, kv := range r.GetResponseRange().Kvs {
 			if i > 0 && string(kv.Value) != node {
@@ -244,7 +254,7 @@ func releaseOwnKeys(ctx context.Context, cli *clientv3.Client, k lease.Keys, nod
 			return nil, err
 		}
 		if !tr.Succeeded {
-			return nil, fmt.Errorf("this host's keys changed in etcd while they were being deleted (is an agent with this node name running elsewhere?); nothing was deleted: run leased teardown --release again")
+			return nil, errKeysChanged
 		}
 		// The keys are gone; revoking the leases also ends any key under
 		// them written since by an earlier run of this machine's agent.

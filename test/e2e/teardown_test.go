@@ -138,11 +138,18 @@ func TestTeardownReleaseLeavesKeysItCannotProve(t *testing.T) {
 	args := []string{"teardown", "--release", "--etcd-endpoints=" + l.EtcdEndpoint, "--iface=eth0",
 		"--node-name=" + h1.Name, "--subnet-file=" + h1.SubnetFile()}
 	out, code := leasedIn(t, h1, args...)
+	t.Logf("teardown --release:\n%s", out)
 	if code != 1 || !strings.Contains(out, "left in etcd: "+foreign) {
 		t.Fatalf("exit %d, want 1 and the lock it cannot prove its own named:\n%s", code, out)
 	}
 	if got := etcdKeysOf(t, l, h1.Name); !slices.Equal(got, []string{foreign}) {
 		t.Fatalf("host1's keys after --release: %v, want only %s", got, foreign)
+	}
+	if fileExists(h1.SubnetFile()) {
+		t.Errorf("%s is still there, though host1's own keys were released", h1.SubnetFile())
+	}
+	if got := etcdKeysOf(t, l, l.Hosts[1].Name); len(got) < 2 {
+		t.Errorf("host2's keys are gone: %v", got)
 	}
 }
 
