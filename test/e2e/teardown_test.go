@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sys/unix"
 
 	"github.com/leased/leased/internal/lab"
 	"github.com/leased/leased/pkg/lease"
@@ -81,6 +83,19 @@ func TestTeardown(t *testing.T) {
 			}
 			if got := etcdKeysOf(t, l, h1.Name); !slices.Equal(got, own1) {
 				t.Fatalf("a refused teardown changed host1's keys: %v, before %v", got, own1)
+			}
+			// With another --subnet-file it does not see the lock, but
+			// finds the agent process in the namespace.
+			other := append(agentArgs(h1, "teardown", "--release"), "--subnet-file="+filepath.Join(t.TempDir(), "subnet.env"))
+			out, code = leasedIn(t, h1, other...)
+			if code != 1 || !strings.Contains(out, "a leased agent runs in this network namespace") {
+				t.Fatalf("teardown with another --subnet-file while the agent runs: exit %d, want 1 and a refusal:\n%s", code, out)
+			}
+			if got := etcdKeysOf(t, l, h1.Name); !slices.Equal(got, own1) {
+				t.Fatalf("a refused teardown changed host1's keys: %v, before %v", got, own1)
+			}
+			if now := hostState(t, h1); !slices.Equal(now, programmed) {
+				t.Fatalf("a refused teardown changed host1:\n%s", stateDiff(programmed, now))
 			}
 			if agentPID(h1) == 0 {
 				t.Fatal("the agent of host1 is gone after a refused teardown")
@@ -150,6 +165,44 @@ func TestTeardownReleaseLeavesKeysItCannotProve(t *testing.T) {
 	}
 	if got := etcdKeysOf(t, l, l.Hosts[1].Name); len(got) < 2 {
 		t.Errorf("host2's keys are gone: %v", got)
+	}
+}
+
+// TestAgentWaitsForTeardown: an agent started while leased teardown holds
+// the lock waits, says so, and starts once the lock is released.
+func TestAgentWaitsForTeardown(t *testing.T) {
+	l := up(t, lab.Config{Backend: "host-gw", Hosts: 1, NoContainers: true})
+	h := l.Hosts[0]
+	if err := l.StopAgent(h, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(filepath.Join(h.Dir, "agent.lock"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatalf("the agent left no lock file: %v", err)
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		t.Fatalf("the lock is still held after the agent stopped: %v", err)
+	}
+	if err := os.Remove(h.SubnetFile()); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.StartAgent(h); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "the agent says it waits for teardown", func() error {
+		if !strings.Contains(l.LogTail(h, 0), "leased teardown is running for this host; waiting for it to finish") {
+			return errors.New("not yet")
+		}
+		return nil
+	})
+	time.Sleep(time.Second)
+	if fileExists(h.SubnetFile()) {
+		t.Fatal("the agent wrote subnet.env while teardown held the lock")
+	}
+	unix.Flock(int(f.Fd()), unix.LOCK_UN) //nolint:errcheck
+	if err := l.WaitSubnetFile(ctx(t), h); err != nil {
+		t.Fatal(err)
 	}
 }
 
