@@ -3,7 +3,6 @@ package backend
 import (
 	"errors"
 	"fmt"
-	"net/netip"
 
 	"github.com/coreos/go-iptables/iptables"
 	"github.com/vishvananda/netlink"
@@ -38,56 +37,15 @@ func Teardown(netNS string) (removed []string, err error) {
 	n := nsExec{path: netNS}
 	h, err := n.handle()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("opening netlink handle: %w", err)
 	}
 	defer h.Close()
-	var errs []error
-	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
-		rs, err := retryDump("routes", func() ([]netlink.Route, error) {
-			return h.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_MAIN, Protocol: RouteProtocol}, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
-		})
-		if err != nil {
-			errs = append(errs, fmt.Errorf("listing routes: %w", err))
-			continue
-		}
-		name := func(i int) string {
-			if l, err := h.LinkByIndex(i); err == nil {
-				return l.Attrs().Name
-			}
-			return fmt.Sprintf("if%d", i)
-		}
-		for _, r := range rs {
-			if r.Protocol != RouteProtocol || r.Table != unix.RT_TABLE_MAIN || r.Dst == nil {
-				continue // a kernel without dump filtering returns every route
-			}
-			dst, _ := netip.AddrFromSlice(r.Dst.IP)
-			ones, _ := r.Dst.Mask.Size()
-			desc := "route " + describeRoute(&r, netip.PrefixFrom(dst.Unmap(), ones), name)
-			if err := h.RouteDel(&r); err != nil && !isGone(err) {
-				errs = append(errs, fmt.Errorf("deleting %s: %w", desc, err))
-				continue
-			}
-			removed = append(removed, desc)
-		}
+	b, err := newRouteBatcher(n)
+	if err != nil {
+		return nil, err
 	}
-	for _, dev := range []string{VXLANDev4, VXLANDev6} {
-		l, err := h.LinkByName(dev)
-		if err != nil {
-			if !isLinkNotFound(err) {
-				errs = append(errs, fmt.Errorf("looking up %s: %w", dev, err))
-			}
-			continue
-		}
-		if l.Type() != "vxlan" {
-			errs = append(errs, fmt.Errorf("a link named %s exists but is of type %s, not a VXLAN device leased created: left alone; delete it yourself if it is a leftover", dev, l.Type()))
-			continue
-		}
-		if err := h.LinkDel(l); err != nil && !isGone(err) {
-			errs = append(errs, fmt.Errorf("deleting %s: %w", dev, err))
-			continue
-		}
-		removed = append(removed, "VXLAN device "+dev+" (with its addresses, neighbour and FDB entries)")
-	}
+	defer b.close()
+	removed, kerr := teardownKernel(netlinkKernel{h: h, b: b})
 	err = n.do(func() error {
 		var errs []error
 		for _, f := range []struct {
@@ -117,5 +75,60 @@ func Teardown(netNS string) (removed []string, err error) {
 		}
 		return errors.Join(errs...)
 	})
-	return removed, errors.Join(append(errs, err)...)
+	return removed, errors.Join(kerr, err)
+}
+
+// teardownKernel is Teardown's netlink part: leased's routes (those the
+// reconciler lists as its own: main table, RouteProtocol), then its VXLAN
+// devices.
+func teardownKernel(k kernel) (removed []string, err error) {
+	var errs []error
+	name := linkNamer(k)
+	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+		rs, err := k.RouteList(fam)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		var del []*netlink.Route
+		var descs []string
+		for i := range rs {
+			r := &rs[i]
+			if r.Protocol != RouteProtocol || (r.Table != 0 && r.Table != unix.RT_TABLE_MAIN) {
+				continue
+			}
+			rr, ok := routeFromNetlink(*r)
+			if !ok {
+				continue
+			}
+			del = append(del, r)
+			descs = append(descs, "route "+describeRoute(r, rr.Dst, name))
+		}
+		for i, err := range k.RoutesDel(del) {
+			if err != nil && !isGone(err) {
+				errs = append(errs, fmt.Errorf("deleting %s: %w", descs[i], err))
+				continue
+			}
+			removed = append(removed, descs[i])
+		}
+	}
+	for _, dev := range []string{VXLANDev4, VXLANDev6} {
+		l, err := k.LinkByName(dev)
+		if err != nil {
+			if !isLinkNotFound(err) {
+				errs = append(errs, fmt.Errorf("looking up %s: %w", dev, err))
+			}
+			continue
+		}
+		if l.Type() != "vxlan" {
+			errs = append(errs, fmt.Errorf("a link named %s exists but is of type %s, not a VXLAN device leased created: left alone; delete it yourself if it is a leftover", dev, l.Type()))
+			continue
+		}
+		if err := k.LinkDel(l); err != nil && !isGone(err) {
+			errs = append(errs, fmt.Errorf("deleting %s: %w", dev, err))
+			continue
+		}
+		removed = append(removed, "VXLAN device "+dev+" (with its addresses, neighbour and FDB entries)")
+	}
+	return removed, errors.Join(errs...)
 }
