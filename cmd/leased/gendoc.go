@@ -21,6 +21,7 @@ var subcommands = []struct{ name, args, what string }{
 	{"config get", "", "print the network config stored in etcd"},
 	{"leases", "[-o table|json]", "print every host's lease"},
 	{"status", "", "this host: its lease, subnet.env, and the kernel compared with the leases; exit 1 when they differ"},
+	{"teardown", "[--release]", "remove what leased programmed on this host: routes of protocol 76, the VXLAN devices leased.4 and leased.6, the iptables chains LEASED-FWD and LEASED-POSTRTG and their jumps (sysctls are left); refused while the agent runs; --release also deletes this host's lease record and subnet locks in etcd and removes subnet.env"},
 	{"version", "", "print the version"},
 	{"man", "", "print this manual page (roff)"},
 	{"completion bash", "", "print a bash completion script"},
@@ -149,6 +150,9 @@ func writeMan(w io.Writer) {
 	p(`\fI/run/leased/subnet.env\fR`)
 	p("the host's subnets and dockerd's options (LEASED_DOCKER_OPTS), read by the docker.service drop-in.")
 	p(".TP")
+	p(`\fI/run/leased/agent.lock\fR`)
+	p("locked (flock) by the running agent; \\fBleased teardown\\fR refuses to run while it is locked.")
+	p(".TP")
 	p(`\fI/etc/default/leased\fR`)
 	p("the environment of leased.service.")
 	p(".TP")
@@ -182,6 +186,8 @@ _leased() {
             _filedir
             return
         fi ;;
+    teardown)
+        flags="$flags --release" ;;
     completion)
         [[ $cword -eq 2 ]] && COMPREPLY=($(compgen -W "bash" -- "$cur"))
         return ;;
@@ -192,7 +198,7 @@ _leased() {
         return
     fi
     if [[ $cword -eq 1 ]]; then
-        COMPREPLY=($(compgen -W "config leases status version man completion lab bench-datapath help" -- "$cur"))
+        COMPREPLY=($(compgen -W "config leases status teardown version man completion lab bench-datapath help" -- "$cur"))
     fi
 }
 complete -F _leased leased

@@ -3,7 +3,7 @@
 // programs routes to every other host's slice.
 //
 //	leased [flags]          run the agent
-//	leased config validate|put|get, leases, status   operator commands
+//	leased config validate|put|get, leases, status, teardown   operator commands
 //	leased lab [flags]      runs leased-lab: a multi-host lab in network namespaces
 //	leased bench-datapath   runs leased-lab: the datapath benchmark
 //	leased version, man, completion bash
@@ -46,6 +46,8 @@ func run(args []string) int {
 			return runLeases(args[1:])
 		case "status":
 			return runStatus(args[1:])
+		case "teardown":
+			return runTeardown(args[1:])
 		case "help", "-h", "--help":
 			fmt.Fprint(os.Stderr, usage)
 			printGroupedDefaults(os.Stderr)
@@ -132,6 +134,8 @@ const usage = `usage:
   leased config get              print the network config in etcd
   leased leases [-o table|json]  every host's lease
   leased status                  this host: lease, subnet.env, kernel vs leases
+  leased teardown [--release]    remove what leased programmed on this host (the agent must be stopped);
+                                 --release: also this host's lease in etcd and subnet.env
   leased version                 print the version (also --version)
   leased man                     print the leased(8) manual page
   leased completion bash         print a bash completion script
@@ -155,6 +159,9 @@ func newFlagSet(name string, o *options) *flag.FlagSet {
 
 func runAgent(ctx context.Context, o *options) error {
 	klog.InfoS("leased starting", "version", buildVersion(), "go", runtime.Version())
+	if err := holdAgentLock(ctx, o); err != nil {
+		return nil
+	}
 	metrics.SetBuildInfo(buildVersion(), runtime.Version())
 	node := o.nodeName
 	if node == "" {

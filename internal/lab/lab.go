@@ -63,6 +63,10 @@ type Config struct {
 	// NoContainers skips the stand-in container (bridge cbr0 and namespace
 	// CNS) of each host, for tests that run a real dockerd instead.
 	NoContainers bool
+
+	// BeforeAgents, when set, runs once the namespaces and etcd are up and
+	// before any agent starts (e.g. to record a host's pristine state).
+	BeforeAgents func(*Lab) error
 }
 
 // Host is one lab host.
@@ -213,6 +217,11 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 		return l, fmt.Errorf("putting the network config: %w", err)
 	}
 	cfg.Log("network config %s = %s", lease.NewKeys("").Config(), l.NetworkConfig())
+	if cfg.BeforeAgents != nil {
+		if err := cfg.BeforeAgents(l); err != nil {
+			return l, err
+		}
+	}
 	for _, h := range l.Hosts {
 		if err := l.StartAgent(h); err != nil {
 			return l, err

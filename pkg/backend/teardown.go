@@ -1,0 +1,134 @@
+package backend
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/coreos/go-iptables/iptables"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Teardown removes from the network namespace netNS (a path, "" for the
+// caller's own) everything any leased backend creates there, whatever the
+// backend type and whatever the lease was:
+//
+//   - the main-table routes of protocol RouteProtocol, IPv4 and IPv6 (the
+//     routes to peers of host-gw, vxlan and proxy-ndp); routes of every
+//     other protocol are left alone;
+//   - the VXLAN devices VXLANDev4 and VXLANDev6 (only links of type vxlan
+//     with those names), and with them their addresses and the neighbour
+//     and FDB entries leased put on them, which the kernel deletes with the
+//     device;
+//   - the iptables and ip6tables chains ForwardChain (filter) and MasqChain
+//     (nat) and the jumps to them from FORWARD and POSTROUTING.
+//
+// It does not touch sysctls (IP forwarding, accept_ra): other software
+// may rely on them, and leased does not record their earlier values.
+// proxy-ndp answers Neighbor Solicitations from the agent process itself,
+// so once the agent has stopped there is nothing of it left in the kernel.
+// Teardown must not run while an agent programs the namespace: the agent
+// would restore what it removed.
+//
+// It returns one line per removed object, in the order removed; a second
+// call returns none. An error (joining every failure) leaves the objects
+// it could not remove in place; running it again retries them.
+func Teardown(netNS string) (removed []string, err error) {
+	n := nsExec{path: netNS}
+	h, err := n.handle()
+	if err != nil {
+		return nil, fmt.Errorf("opening netlink handle: %w", err)
+	}
+	defer h.Close()
+	b, err := newRouteBatcher(n)
+	if err != nil {
+		return nil, err
+	}
+	defer b.close()
+	removed, kerr := teardownKernel(netlinkKernel{h: h, b: b})
+	err = n.do(func() error {
+		var errs []error
+		for _, f := range []struct {
+			proto iptables.Protocol
+			bin   string
+		}{{iptables.ProtocolIPv4, "iptables"}, {iptables.ProtocolIPv6, "ip6tables"}} {
+			ipt, err := newIPTables(f.proto, f.bin)
+			if err != nil {
+				if errors.Is(err, ErrNoIptables) {
+					continue // no binary: leased could not have added rules with it
+				}
+				errs = append(errs, err)
+				continue
+			}
+			c := chains{ipt: ipt, bin: f.bin}
+			for _, ch := range []struct{ table, parent, chain string }{
+				{"filter", "FORWARD", ForwardChain},
+				{"nat", "POSTROUTING", MasqChain},
+			} {
+				changed := false
+				if err := c.remove(ch.table, ch.parent, ch.chain, &changed); err != nil {
+					errs = append(errs, err)
+				} else if changed {
+					removed = append(removed, fmt.Sprintf("%s chain %s/%s and the jumps to it from %s", f.bin, ch.table, ch.chain, ch.parent))
+				}
+			}
+		}
+		return errors.Join(errs...)
+	})
+	return removed, errors.Join(kerr, err)
+}
+
+// teardownKernel is Teardown's netlink part: leased's routes (those the
+// reconciler lists as its own: main table, RouteProtocol), then its VXLAN
+// devices.
+func teardownKernel(k kernel) (removed []string, err error) {
+	var errs []error
+	name := linkNamer(k)
+	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+		rs, err := k.RouteList(fam)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		var del []*netlink.Route
+		var descs []string
+		for i := range rs {
+			r := &rs[i]
+			if r.Protocol != RouteProtocol || (r.Table != 0 && r.Table != unix.RT_TABLE_MAIN) {
+				continue
+			}
+			rr, ok := routeFromNetlink(*r)
+			if !ok {
+				continue
+			}
+			del = append(del, r)
+			descs = append(descs, "route "+describeRoute(r, rr.Dst, name))
+		}
+		for i, err := range k.RoutesDel(del) {
+			if err != nil && !isGone(err) {
+				errs = append(errs, fmt.Errorf("deleting %s: %w", descs[i], err))
+				continue
+			}
+			removed = append(removed, descs[i])
+		}
+	}
+	for _, dev := range []string{VXLANDev4, VXLANDev6} {
+		l, err := k.LinkByName(dev)
+		if err != nil {
+			if !isLinkNotFound(err) {
+				errs = append(errs, fmt.Errorf("looking up %s: %w", dev, err))
+			}
+			continue
+		}
+		if l.Type() != "vxlan" {
+			errs = append(errs, fmt.Errorf("a link named %s exists but is of type %s, not a VXLAN device leased created: left alone; delete it yourself if it is a leftover", dev, l.Type()))
+			continue
+		}
+		if err := k.LinkDel(l); err != nil && !isGone(err) {
+			errs = append(errs, fmt.Errorf("deleting %s: %w", dev, err))
+			continue
+		}
+		removed = append(removed, "VXLAN device "+dev+" (with its addresses, neighbour and FDB entries)")
+	}
+	return removed, errors.Join(errs...)
+}
