@@ -35,6 +35,7 @@ import (
 
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/nsutil"
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -231,6 +232,7 @@ func series(before, after scrape) []map[string]string {
 // been away for longer than the lease TTL, and LeasedLeaseLost alone once
 // etcd is back and the host ready again.
 func TestAlertRulesFireOnAgentMetrics(t *testing.T) {
+	testutil.RequireRoot(t)
 	promtool, err := exec.LookPath("promtool")
 	if err != nil {
 		t.Fatalf("promtool not found: test/deps.sh installs it (Debian package prometheus): %v", err)
