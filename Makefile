@@ -33,6 +33,7 @@ bench-datapath: deps build
 # Every test, as root (network namespaces, a real etcd, real kernel).
 test: deps
 	$(GO) vet ./...
+	promtool check rules dist/prometheus/leased-rules.yml
 	$(GO) test -count=1 -timeout 40m ./...
 	CGO_ENABLED=1 $(GO) test -race -count=1 ./pkg/lease ./pkg/subnetenv
 	$(MAKE) deb

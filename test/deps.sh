@@ -10,7 +10,7 @@ need=()
 for pkg_cmd in iproute2:ip iptables:iptables iputils-ping:ping procps:sysctl etcd-server:etcd \
     systemd:systemd-analyze docker.io:dockerd busybox-static:busybox-static \
     gcc:gcc libc6-dev:libc6-dev systemd-container:systemd-nspawn mmdebstrap:mmdebstrap \
-    zstd:zstd lintian:lintian "$@"; do
+    zstd:zstd lintian:lintian prometheus:promtool "$@"; do
   pkg=${pkg_cmd%%:*} cmd=${pkg_cmd#*:}
   if [ "$pkg" = "$cmd" ]; then
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")

@@ -22,6 +22,8 @@ import (
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/pkg/metrics"
 )
 
 // usageError is a configuration no retry can fix: leased exits with status
@@ -209,6 +211,7 @@ func (m *etcdMonitor) failed(why string) {
 	defer m.mu.Unlock()
 	now := m.now()
 	wasDown := m.down.Swap(true)
+	metrics.EtcdReachable.Set(0)
 	switch {
 	case !m.reached && m.lastLine.IsZero():
 		klog.ErrorS(nil, "cannot use etcd; retrying", "why", why, "endpoints", m.o.etcdEndpoints)
@@ -233,6 +236,7 @@ func (m *etcdMonitor) failed(why string) {
 func (m *etcdMonitor) ok() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	metrics.EtcdReachable.Set(1)
 	if m.down.Swap(false) {
 		d := m.now().Sub(m.since).Round(time.Second)
 		if m.reached {

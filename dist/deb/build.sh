@@ -21,6 +21,7 @@ chmod 0644 "$d/lib/systemd/system/leased.service"
 # May hold an etcd password: readable by root only.
 install -m 0600 "$top/dist/leased.default" "$d/etc/default/leased"
 install -m 0644 "$top/dist/docker.service.d/10-leased.conf" "$top"/dist/examples/*.json "$d/usr/share/doc/leased/examples/"
+install -m 0644 "$top/dist/prometheus/leased-rules.yml" "$d/usr/share/doc/leased/examples/"
 install -m 0644 "$top/README.md" "$top"/Documentation/*.md "$d/usr/share/doc/leased/"
 install -m 0644 "$top/dist/deb/copyright" "$d/usr/share/doc/leased/copyright"
 date=$(TZ=UTC git -C "$top" log -1 --format=%cd --date=format-local:'%a, %d %b %Y %H:%M:%S +0000' 2>/dev/null || date -R)

@@ -273,6 +273,7 @@ func (e *engine) ensureHost() {
 	err := e.setupHost(local, &changed)
 	if changed {
 		klog.Warning("forwarding sysctls or iptables rules restored (they were changed or removed outside leased)")
+		metrics.DriftRepairs.WithLabelValues("forwarding").Inc()
 	}
 	if err != nil {
 		klog.ErrorS(err, "checking the forwarding sysctls and iptables rules; retrying on the next resync")

@@ -9,6 +9,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/leased/leased/pkg/metrics"
 )
 
 // ipt runs an iptables command in ns.
@@ -198,6 +202,14 @@ func TestForwardingRestoredOnResync(t *testing.T) {
 	rules := func(bin, table, chain, target string) int {
 		return strings.Count(run(bin, "-t", table, "-S", chain), "-j "+target+"\n")
 	}
+	repairs := func() float64 {
+		var m dto.Metric
+		if err := metrics.DriftRepairs.WithLabelValues("forwarding").Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		return m.GetCounter().GetValue()
+	}
+	before := repairs()
 
 	run("iptables", "-F", "FORWARD")
 	run("iptables", "-F", "LEASED-FWD")
@@ -212,6 +224,9 @@ func TestForwardingRestoredOnResync(t *testing.T) {
 			rules("ip6tables", "nat", "LEASED-POSTRTG", "MASQUERADE") == 1 &&
 			strings.TrimSpace(run("sysctl", "-n", "net.ipv4.ip_forward")) == "1"
 	})
+	if n := repairs(); n <= before {
+		t.Errorf("leased_kernel_drift_repairs_total{kind=\"forwarding\"} is %v, was %v: the repair is not counted", n, before)
+	}
 	if fwd := forwardLines(t, ns, "ip6tables"); len(fwd) != 2 || fwd[0] != "-A FORWARD -j DROP" {
 		t.Errorf("ip6tables FORWARD: the operator's rule must stay first, leased's jump after it: %q", fwd)
 	}

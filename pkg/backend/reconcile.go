@@ -159,6 +159,7 @@ func applyChanges[K comparable, V object[K, V]](puts, dels []V, applied, reached
 		for _, p := range puts {
 			if a, ok := applied[p.key()]; ok && a == p {
 				klog.Warningf("%s restored: %s (it was changed or removed outside leased)", kind, p)
+				metrics.DriftRepairs.WithLabelValues(kind).Inc()
 			} else if v2.Enabled() {
 				v2.InfoS("setting "+kind, kind, p.String())
 			}

@@ -54,7 +54,29 @@ var (
 	Ready = promauto.NewGauge(prometheus.GaugeOpts{
 		Name: "leased_ready", Help: "1 once the lease is held, subnet.env is written and the datapath applied.",
 	})
+	// EtcdReachable is 1 while the last check of the agent's etcd monitor
+	// succeeded, 0 while etcd cannot be used (and before the first check).
+	EtcdReachable = promauto.NewGauge(prometheus.GaugeOpts{
+		Name: "leased_etcd_reachable", Help: "1 while etcd answers the agent's checks, 0 while it cannot be used.",
+	})
+	// DriftRepairs counts objects leased put back after something outside
+	// leased changed or removed them, by kind (route, neighbour, fdb entry,
+	// forwarding: the sysctls and iptables rules).
+	DriftRepairs = promauto.NewCounterVec(prometheus.CounterOpts{
+		Name: "leased_kernel_drift_repairs_total", Help: "Kernel objects restored after they were changed or removed outside leased, by kind (route, neighbour, fdb entry, forwarding).",
+	}, []string{"kind"})
 )
+
+// The label values alerts compute increase() over are exported at 0 from
+// the start: a series that first appears at 1 shows no increase.
+func init() {
+	for _, r := range []string{"lost", "grant"} {
+		LeaseFailures.WithLabelValues(r)
+	}
+	for _, k := range []string{"route", "neighbour", "fdb entry", "forwarding"} {
+		DriftRepairs.WithLabelValues(k)
+	}
+}
 
 // buildInfo is 1, labelled with the version and the Go version.
 var buildInfo = promauto.NewGaugeVec(prometheus.GaugeOpts{
