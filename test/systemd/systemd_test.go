@@ -122,9 +122,15 @@ func putConfig(t *testing.T, l *lan, leasedBin, cfg string) {
 //   - dockerd runs with --bip, --mtu and --ipv6 --fixed-cidr-v6 from
 //     subnet.env;
 //   - containers on the two machines reach each other over IPv4 and IPv6;
-//   - `systemctl restart leased` restarts neither dockerd nor a container,
-//     and 10 ms pings between containers lose nothing across it;
-//   - `leased --version` matches the package's version.
+//   - `systemctl restart leased`, and an upgrade to a newer package,
+//     restart neither dockerd nor a container, and 10 ms pings between
+//     containers lose nothing across them;
+//   - every hardening setting of the unit is in force and nothing leased
+//     does is denied;
+//   - a config change that changes subnet.env restarts docker.service
+//     exactly once (leased-docker-restart.path);
+//   - `leased --version` matches the package's version;
+//   - purging the package leaves no file behind.
 func TestPackageUnderSystemd(t *testing.T) {
 	testutil.RequireRoot(t)
 	for _, tool := range []string{"systemd-nspawn", "zstd", "mmdebstrap", "dpkg-deb", "etcd"} {
@@ -136,6 +142,8 @@ func TestPackageUnderSystemd(t *testing.T) {
 	dir := t.TempDir()
 	version := "1.0.0+test" + strconv.FormatInt(time.Now().Unix(), 10)
 	deb := buildDeb(t, dir, version)
+	newVersion := version + ".1" // sorts after version, as a newer build does
+	newDeb := buildDeb(t, t.TempDir(), newVersion)
 	leasedBin := filepath.Join(dir, "leased")
 
 	for _, backendType := range []string{"vxlan", "host-gw"} {
@@ -146,7 +154,7 @@ func TestPackageUnderSystemd(t *testing.T) {
 			putConfig(t, l, leasedBin, fmt.Sprintf(`{"Network":"10.100.0.0/16","IPv6Network":"fd10:100::/48","IPv6SubnetLen":80,"Backend":{"Type":%q}}`, backendType))
 			var ms []*machine
 			for i := 1; i <= 2; i++ {
-				ms = append(ms, boot(t, l, tag, i, root, map[string]string{deb: "/root/leased.deb"}))
+				ms = append(ms, boot(t, l, tag, i, root, map[string]string{deb: "/root/leased.deb", newDeb: "/root/leased-new.deb"}))
 			}
 			before := fileList(t, ms[1])
 			for _, m := range ms {
@@ -156,14 +164,22 @@ func TestPackageUnderSystemd(t *testing.T) {
 			c := startContainers(t, ms)
 			checkReach(t, ms, c)
 			checkRestartHitless(t, ms, c)
+			checkUpgradeHitless(t, ms, c)
 			checkNothingDenied(t, ms)
 			checkConfigChangeRestartsDockerOnce(t, l, leasedBin, ms, backendType)
-			for _, m := range ms {
-				if got := m.must("leased --version"); !strings.HasPrefix(got, "leased "+version+" ") {
-					t.Errorf("%s: leased --version says %q, the package is %s", m.name, got, version)
+			for i, m := range ms {
+				want := version
+				if i == 0 {
+					want = newVersion // upgraded by checkUpgradeHitless
 				}
-				if got := m.must("dpkg-query -W -f '${Version}' leased"); got != version {
-					t.Errorf("%s: dpkg has leased %q, want %s", m.name, got, version)
+				if got := m.must("leased --version"); !strings.HasPrefix(got, "leased "+want+" ") {
+					t.Errorf("%s: leased --version says %q, the package is %s", m.name, got, want)
+				}
+				if got := m.must("dpkg-query -W -f '${Version}' leased"); got != want {
+					t.Errorf("%s: dpkg has leased %q, want %s", m.name, got, want)
+				}
+				if got := m.must("journalctl --no-pager -o cat -u leased.service | grep 'leased starting' | tail -1"); !strings.Contains(got, `version="`+want+`"`) {
+					t.Errorf("%s: the running agent logged %q, want version %s", m.name, got, want)
 				}
 			}
 			checkPurgeLeavesNothing(t, ms[1], before)
@@ -321,6 +337,22 @@ var lossRE = regexp.MustCompile(`(\d+) packets transmitted, (\d+) (packets )?rec
 // from its container to machine 2's, both families.
 func checkRestartHitless(t *testing.T, ms []*machine, c containers) {
 	t.Helper()
+	checkHitless(t, ms, c, "`systemctl restart leased`", "timeout 60 systemctl restart leased.service")
+}
+
+// checkUpgradeHitless installs a newer build of the package on machine 1
+// while 10 ms pings run, as running.md's "Upgrading leased" says: the
+// package restarts leased, and nothing is lost.
+func checkUpgradeHitless(t *testing.T, ms []*machine, c containers) {
+	t.Helper()
+	checkHitless(t, ms, c, "a package upgrade", "dpkg -i /root/leased-new.deb")
+}
+
+// checkHitless runs script on machine 1 while 10 ms pings run from its
+// container to machine 2's, both families, and checks that it restarted
+// leased and nothing else, and that no ping was lost.
+func checkHitless(t *testing.T, ms []*machine, c containers, what, script string) {
+	t.Helper()
 	m := ms[0]
 	dockerPID := m.show("docker.service", "MainPID")
 	ctrStarted := m.must("docker inspect -f '{{.State.StartedAt}}' ctr")
@@ -339,30 +371,30 @@ func checkRestartHitless(t *testing.T, ms []*machine, c containers) {
 		}()
 	}
 	time.Sleep(1500 * time.Millisecond)
-	m.must("timeout 60 systemctl restart leased.service")
+	m.must(script)
 	for i, ch := range chans {
 		r := <-ch
 		mm := lossRE.FindStringSubmatch(r.out)
 		if mm == nil {
-			t.Errorf("ping %d across the restart: %v\n%s", i, r.err, r.out)
+			t.Errorf("ping %d across %s: %v\n%s", i, what, r.err, r.out)
 			continue
 		}
 		sent, got := mm[1], mm[2]
 		if n, _ := strconv.Atoi(sent); n < 100 {
-			t.Errorf("only %s pings sent across the restart: %s", sent, r.out)
+			t.Errorf("only %s pings sent across %s: %s", sent, what, r.out)
 		}
 		if sent != got {
-			t.Errorf("%s lost pings across `systemctl restart leased`: %s sent, %s received", m.name, sent, got)
+			t.Errorf("%s lost pings across %s: %s sent, %s received", m.name, what, sent, got)
 		}
 	}
 	if p := m.show("leased.service", "MainPID"); p == leasedPID {
-		t.Errorf("leased's MainPID is still %s: it did not restart", p)
+		t.Errorf("leased's MainPID is still %s after %s: it did not restart", p, what)
 	}
 	if p := m.show("docker.service", "MainPID"); p != dockerPID {
-		t.Errorf("dockerd restarted with leased: MainPID %s → %s", dockerPID, p)
+		t.Errorf("dockerd restarted across %s: MainPID %s → %s", what, dockerPID, p)
 	}
 	if s := m.must("docker inspect -f '{{.State.StartedAt}}' ctr"); s != ctrStarted {
-		t.Errorf("the container restarted with leased: started %s → %s", ctrStarted, s)
+		t.Errorf("the container restarted across %s: started %s → %s", what, ctrStarted, s)
 	}
 }
 
@@ -373,7 +405,7 @@ func fileList(t *testing.T, m *machine) map[string]bool {
 	t.Helper()
 	out := m.must(`find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /tmp -o -path /var/tmp \
 		-o -path /var/log -o -path /var/cache -o -path /var/lib/dpkg -o -path /var/lib/docker -o -path /var/lib/containerd \
-		-o -path /etc/docker -o -path /etc/cni -o -path /var/lib/systemd/timers -o -path /var/lib/systemd/random-seed -o -path /root/leased.deb \) -prune -o -print`)
+		-o -path /etc/docker -o -path /etc/cni -o -path /var/lib/systemd/timers -o -path /var/lib/systemd/random-seed -o -path /root/leased.deb -o -path /root/leased-new.deb \) -prune -o -print`)
 	files := map[string]bool{}
 	for _, f := range strings.Split(out, "\n") {
 		files[f] = true
