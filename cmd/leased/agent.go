@@ -103,7 +103,7 @@ func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node strin
 func (a *agent) run(ctx context.Context) error {
 	batches := make(chan lease.Batch, 16)
 	a.startWatch(ctx, batches)
-	a.setStatus("waiting for etcd at " + a.o.etcdEndpoints)
+	a.setStatus(a.waitingForEtcd())
 	a.claimEarly(ctx)
 	if a.fatal != nil {
 		return a.fatal
@@ -133,6 +133,11 @@ func (a *agent) run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-a.etcd.Changed():
+			if a.self == nil && a.etcd.Why() != "" {
+				a.setStatus(a.waitingForEtcd()) // systemctl status leased says why
+			}
+			continue
 		case b := <-batches:
 			a.apply(b)
 			// Take whatever else is queued before acting: one step per burst.
@@ -648,7 +653,7 @@ func (a *agent) ensureLease(ctx context.Context) error {
 		// reported and retried.
 		sess, err := lease.NewSession(ctx, a.cli, a.o.leaseTTL, 10*time.Second)
 		if err != nil {
-			a.setStatus("waiting for etcd at " + a.o.etcdEndpoints)
+			a.setStatus(a.waitingForEtcd())
 			return fmt.Errorf("creating an etcd lease at %s (is etcd up and reachable? check --etcd-endpoints and the TLS flags): %w", a.o.etcdEndpoints, err)
 		}
 		a.sess = sess
@@ -757,6 +762,15 @@ func (a *agent) writeSubnetEnv() error {
 		klog.InfoS("wrote subnet file", append(kv, "mtu", env.MTU)...)
 	}
 	return nil
+}
+
+// waitingForEtcd is the status while etcd cannot be used, with the reason
+// once the etcd monitor knows it.
+func (a *agent) waitingForEtcd() string {
+	if why := a.etcd.Why(); why != "" {
+		return "waiting for etcd: " + why
+	}
+	return "waiting for etcd at " + a.o.etcdEndpoints
 }
 
 // setStatus reports what the agent is doing to systemd (STATUS=, and

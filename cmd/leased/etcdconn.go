@@ -181,14 +181,43 @@ type etcdMonitor struct {
 	since    time.Time // start of the outage (the monitor's start until first reached)
 	lastLine time.Time
 	lastWhy  string
+	why      string // why the last check failed ("" after one succeeded)
+	changed  chan struct{}
 	reached  bool      // etcd answered at least once
 	unready  time.Time // when the gRPC connection last left the ready state
 }
 
 func newEtcdMonitor(o *options) *etcdMonitor {
-	m := &etcdMonitor{o: o, now: time.Now}
+	m := &etcdMonitor{o: o, now: time.Now, changed: make(chan struct{}, 1)}
 	m.since = m.now()
 	return m
+}
+
+// Why says why the last check found etcd unusable, "" when it answered
+// (or the monitor is nil).
+func (m *etcdMonitor) Why() string {
+	if m == nil {
+		return ""
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.why
+}
+
+// Changed receives when Why changes (nil for a nil monitor: never).
+func (m *etcdMonitor) Changed() <-chan struct{} {
+	if m == nil {
+		return nil
+	}
+	return m.changed
+}
+
+// notify signals Changed without blocking; m.mu is held.
+func (m *etcdMonitor) notify() {
+	select {
+	case m.changed <- struct{}{}:
+	default:
+	}
 }
 
 // Down reports whether the last check found etcd unusable.
@@ -210,6 +239,10 @@ func (m *etcdMonitor) failed(why string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	now := m.now()
+	if why != m.why {
+		m.why = why
+		m.notify()
+	}
 	wasDown := m.down.Swap(true)
 	metrics.EtcdReachable.Set(0)
 	switch {
@@ -246,7 +279,10 @@ func (m *etcdMonitor) ok() {
 		}
 	}
 	m.reached = true
-	m.lastLine, m.lastWhy = time.Time{}, ""
+	if m.why != "" {
+		m.notify()
+	}
+	m.lastLine, m.lastWhy, m.why = time.Time{}, "", ""
 }
 
 // check makes one small request (the config key, count only) and returns

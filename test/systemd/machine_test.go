@@ -95,6 +95,13 @@ type machine struct {
 // files in binds (host path → machine path) bound in read-only.
 func boot(t *testing.T, l *lan, tag string, i int, root string, binds map[string]string) *machine {
 	t.Helper()
+	return bootUntil(t, l, tag, i, root, binds, func(state string) bool { return state == "running" || state == "degraded" })
+}
+
+// bootUntil is boot that waits until `systemctl is-system-running` prints
+// a state that booted accepts.
+func bootUntil(t *testing.T, l *lan, tag string, i int, root string, binds map[string]string, booted func(state string) bool) *machine {
+	t.Helper()
 	ctx := context.Background()
 	m := &machine{t: t, name: fmt.Sprintf("s%s-m%d", tag, i), addr4: fmt.Sprintf("10.77.0.%d", 10+i), addr6: fmt.Sprintf("fd77::%d", 10+i), log: &bytes.Buffer{}}
 	m.ns = m.name
@@ -190,7 +197,7 @@ func boot(t *testing.T, l *lan, tag string, i int, root string, binds map[string
 	for {
 		out, _ := m.sh(10*time.Second, "systemctl is-system-running")
 		s := strings.TrimSpace(out)
-		if s == "running" || s == "degraded" {
+		if booted(s) {
 			if s == "degraded" {
 				failed, _ := m.sh(10*time.Second, "systemctl --failed --no-legend")
 				t.Logf("%s booted degraded: %s", m.name, failed)

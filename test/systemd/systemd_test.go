@@ -73,34 +73,58 @@ func unpackImage(t *testing.T) string {
 	return dir
 }
 
-// startEtcd runs Debian's etcd in the lan namespace at 10.77.0.1:2379.
-func startEtcd(t *testing.T, l *lan) {
+// etcdProc is Debian's etcd in the lan namespace at 10.77.0.1:2379; stop
+// and start keep its data.
+type etcdProc struct {
+	t   *testing.T
+	l   *lan
+	dir string
+	cmd *exec.Cmd
+	log *strings.Builder
+}
+
+// startEtcd starts etcd; it is stopped when the test ends.
+func startEtcd(t *testing.T, l *lan) *etcdProc {
 	t.Helper()
-	dir := t.TempDir()
-	cmd := exec.Command("ip", "netns", "exec", l.ns, "etcd", "--name=lab", "--data-dir="+dir,
+	e := &etcdProc{t: t, l: l, dir: t.TempDir()}
+	t.Cleanup(e.stop)
+	e.start()
+	return e
+}
+
+func (e *etcdProc) start() {
+	t := e.t
+	t.Helper()
+	e.cmd = exec.Command("ip", "netns", "exec", e.l.ns, "etcd", "--name=lab", "--data-dir="+e.dir,
 		"--listen-client-urls=http://10.77.0.1:2379", "--advertise-client-urls=http://10.77.0.1:2379",
 		"--listen-peer-urls=http://127.0.0.1:2380", "--initial-advertise-peer-urls=http://127.0.0.1:2380",
 		"--initial-cluster=lab=http://127.0.0.1:2380", "--log-level=error")
-	log := &strings.Builder{}
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
+	e.log = &strings.Builder{}
+	e.cmd.Stdout, e.cmd.Stderr = e.log, e.log
+	if err := e.cmd.Start(); err != nil {
 		t.Fatalf("starting etcd (apt-get install etcd-server): %v", err)
 	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		out, err := run(context.Background(), "ip", "netns", "exec", l.ns, "bash", "-c", "exec 3<>/dev/tcp/10.77.0.1/2379 2>/dev/null && echo up || true")
+		out, err := run(context.Background(), "ip", "netns", "exec", e.l.ns, "bash", "-c", "exec 3<>/dev/tcp/10.77.0.1/2379 2>/dev/null && echo up || true")
 		if err == nil && strings.Contains(out, "up") {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("etcd did not listen within 30s:\n%s", log.String())
+			t.Fatalf("etcd did not listen within 30s:\n%s", e.log.String())
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// stop kills etcd (its data stays for start).
+func (e *etcdProc) stop() {
+	if e.cmd == nil {
+		return
+	}
+	e.cmd.Process.Kill()
+	e.cmd.Wait()
+	e.cmd = nil
 }
 
 // putConfig writes the network config with the leased CLI, from the lan
