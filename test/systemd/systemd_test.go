@@ -7,7 +7,6 @@ package systemd_test
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -145,7 +144,9 @@ func putConfig(t *testing.T, l *lan, leasedBin, cfg string) {
 //     written, and docker.service's main process starts after that;
 //   - dockerd runs with --bip, --mtu and --ipv6 --fixed-cidr-v6 from
 //     subnet.env;
-//   - containers on the two machines reach each other over IPv4 and IPv6;
+//   - containers on the two machines reach each other over IPv4 and IPv6
+//     (vxlan, host-gw), or over IPv6 with proxy-ndp, where the upstream
+//     router, which knows only the on-link /64, reaches them too;
 //   - `systemctl restart leased`, and an upgrade to a newer package,
 //     restart neither dockerd nor a container, and 10 ms pings between
 //     containers lose nothing across them;
@@ -170,12 +171,28 @@ func TestPackageUnderSystemd(t *testing.T) {
 	newDeb := buildDeb(t, t.TempDir(), newVersion)
 	leasedBin := filepath.Join(dir, "leased")
 
-	for _, backendType := range []string{"vxlan", "host-gw"} {
-		t.Run(backendType, func(t *testing.T) {
+	for _, sc := range []struct {
+		backend string
+		v4      bool   // the config enables IPv4
+		cfg     string // the network config
+		wider   string // a config that changes subnet.env and keeps every held subnet
+		network string // the IPv6 network of wider
+	}{
+		{"vxlan", true, `{"Network":"10.100.0.0/16","IPv6Network":"fd10:100::/48","IPv6SubnetLen":80,"Backend":{"Type":"vxlan"}}`,
+			`{"Network":"10.100.0.0/16","IPv6Network":"fd10:100::/40","IPv6SubnetLen":80,"Backend":{"Type":"vxlan"}}`, "fd10:100::/40"},
+		{"host-gw", true, `{"Network":"10.100.0.0/16","IPv6Network":"fd10:100::/48","IPv6SubnetLen":80,"Backend":{"Type":"host-gw"}}`,
+			`{"Network":"10.100.0.0/16","IPv6Network":"fd10:100::/40","IPv6SubnetLen":80,"Backend":{"Type":"host-gw"}}`, "fd10:100::/40"},
+		// The machines' LAN is fd77::/64, on-link at the "router" (the
+		// lan namespace, fd77::1), which knows no route to any slice:
+		// proxy-ndp answers for the upper half of the /64.
+		{"proxy-ndp", false, `{"IPv6Network":"fd77:0:0:0:8000::/65","IPv6SubnetLen":80,"Backend":{"Type":"proxy-ndp"}}`,
+			`{"IPv6Network":"fd77::/64","IPv6SubnetLen":80,"Backend":{"Type":"proxy-ndp"}}`, "fd77::/64"},
+	} {
+		t.Run(sc.backend, func(t *testing.T) {
 			tag := randomTag()
 			l := newLAN(t, tag)
 			startEtcd(t, l)
-			putConfig(t, l, leasedBin, fmt.Sprintf(`{"Network":"10.100.0.0/16","IPv6Network":"fd10:100::/48","IPv6SubnetLen":80,"Backend":{"Type":%q}}`, backendType))
+			putConfig(t, l, leasedBin, sc.cfg)
 			var ms []*machine
 			for i := 1; i <= 2; i++ {
 				ms = append(ms, boot(t, l, tag, i, root, map[string]string{deb: "/root/leased.deb", newDeb: "/root/leased-new.deb"}))
@@ -184,13 +201,20 @@ func TestPackageUnderSystemd(t *testing.T) {
 			for _, m := range ms {
 				install(t, m)
 			}
-			checkStartOrder(t, ms)
-			c := startContainers(t, ms)
+			checkStartOrder(t, ms, sc.v4)
+			c := startContainers(t, ms, sc.v4)
 			checkReach(t, ms, c)
+			if sc.backend == "proxy-ndp" {
+				for i, m := range ms {
+					if out, err := run(context.Background(), "ip", "netns", "exec", l.ns, "ping", "-6", "-c", "3", "-W", "5", c.v6[i]); err != nil {
+						t.Errorf("the upstream router cannot reach the container on %s (%s): %v\n%s", m.name, c.v6[i], err, out)
+					}
+				}
+			}
 			checkRestartHitless(t, ms, c)
 			checkUpgradeHitless(t, ms, c)
-			checkNothingDenied(t, ms)
-			checkConfigChangeRestartsDockerOnce(t, l, leasedBin, ms, backendType)
+			checkNothingDenied(t, ms, sc.v4)
+			checkConfigChangeRestartsDockerOnce(t, l, leasedBin, ms, sc.wider, sc.network)
 			for i, m := range ms {
 				want := version
 				if i == 0 {
@@ -233,7 +257,7 @@ EOF`)
 
 // checkStartOrder: leased became active after it wrote subnet.env, and
 // dockerd's main process started after leased was active.
-func checkStartOrder(t *testing.T, ms []*machine) {
+func checkStartOrder(t *testing.T, ms []*machine, v4 bool) {
 	t.Helper()
 	for _, m := range ms {
 		if st := m.show("leased.service", "ActiveState"); st != "active" {
@@ -256,14 +280,20 @@ func checkStartOrder(t *testing.T, ms []*machine) {
 		}
 		args := m.must("ps -o args= -C dockerd")
 		env := m.must("cat /run/leased/subnet.env")
-		for _, k := range []string{"LEASED_SUBNET", "LEASED_MTU", "LEASED_SUBNET6"} {
+		keys := []string{"LEASED_MTU", "LEASED_SUBNET6"}
+		if v4 {
+			keys = append(keys, "LEASED_SUBNET")
+		}
+		for _, k := range keys {
 			if v := envValue(env, k); v == "" {
-				t.Errorf("%s: subnet.env has no %s:\n%s", m.name, k, env)
+				t.Fatalf("%s: subnet.env has no %s:\n%s", m.name, k, env)
 			}
 		}
-		sub4 := envValue(env, "LEASED_SUBNET")
-		want := []string{"--mtu=" + envValue(env, "LEASED_MTU"), "--ipv6", "--fixed-cidr-v6=" + envValue(env, "LEASED_SUBNET6"),
-			"--bip=" + strings.TrimSuffix(sub4[:strings.LastIndexByte(sub4, '.')+1], "") + "1/" + sub4[strings.IndexByte(sub4, '/')+1:]}
+		want := []string{"--mtu=" + envValue(env, "LEASED_MTU"), "--ipv6", "--fixed-cidr-v6=" + envValue(env, "LEASED_SUBNET6")}
+		if v4 {
+			sub4 := envValue(env, "LEASED_SUBNET")
+			want = append(want, "--bip="+sub4[:strings.LastIndexByte(sub4, '.')+1]+"1/"+sub4[strings.IndexByte(sub4, '/')+1:])
+		}
 		for _, w := range want {
 			if !containsArg(args, w) {
 				t.Errorf("%s: dockerd runs as %q, without %s (subnet.env:\n%s)", m.name, args, w, env)
@@ -317,7 +347,18 @@ type containers struct {
 	v4, v6 []string
 }
 
-func startContainers(t *testing.T, ms []*machine) containers {
+// addrs are the addresses of machine i's container that other hosts reach.
+func (c containers) addrs(i int) []string {
+	if len(c.v4) == 0 {
+		return []string{c.v6[i]}
+	}
+	return []string{c.v4[i], c.v6[i]}
+}
+
+// startContainers starts a container on each machine; without v4 (an
+// IPv6-only network) c.v4 is left empty: docker0's IPv4 addresses are
+// Docker's own and no other host routes them.
+func startContainers(t *testing.T, ms []*machine, v4 bool) containers {
 	t.Helper()
 	var c containers
 	for _, m := range ms {
@@ -332,7 +373,9 @@ func startContainers(t *testing.T, ms []*machine) containers {
 		if err := json.Unmarshal([]byte(m.must("docker inspect ctr")), &info); err != nil || len(info) != 1 {
 			t.Fatalf("%s: docker inspect: %v", m.name, err)
 		}
-		c.v4 = append(c.v4, info[0].NetworkSettings.IPAddress)
+		if v4 {
+			c.v4 = append(c.v4, info[0].NetworkSettings.IPAddress)
+		}
 		c.v6 = append(c.v6, info[0].NetworkSettings.GlobalIPv6Address)
 	}
 	return c
@@ -343,7 +386,7 @@ func checkReach(t *testing.T, ms []*machine, c containers) {
 	t.Helper()
 	for i, m := range ms {
 		j := 1 - i
-		for _, dst := range []string{c.v4[j], c.v6[j]} {
+		for _, dst := range c.addrs(j) {
 			if dst == "" {
 				t.Errorf("container on %s has no address of one family: %+v", ms[j].name, c)
 				continue
@@ -386,7 +429,7 @@ func checkHitless(t *testing.T, ms []*machine, c containers, what, script string
 		err error
 	}
 	var chans []chan result
-	for _, dst := range []string{c.v4[1], c.v6[1]} {
+	for _, dst := range c.addrs(1) {
 		ch := make(chan result, 1)
 		chans = append(chans, ch)
 		go func() {
@@ -464,8 +507,9 @@ func checkPurgeLeavesNothing(t *testing.T, m *machine, before map[string]bool) {
 
 // checkNothingDenied: under the unit's hardening (every setting of
 // dist/leased.service in force), leased logged no denied operation, and
-// its sysctls and iptables chains are in place.
-func checkNothingDenied(t *testing.T, ms []*machine) {
+// its sysctls and the jumps to its chains (of each enabled family) are in
+// place.
+func checkNothingDenied(t *testing.T, ms []*machine, v4 bool) {
 	t.Helper()
 	for _, m := range ms {
 		for prop, want := range map[string]string{
@@ -487,8 +531,14 @@ func checkNothingDenied(t *testing.T, ms []*machine) {
 		if v := m.must("sysctl -n net.ipv4.ip_forward net.ipv6.conf.all.forwarding"); v != "1\n1" {
 			t.Errorf("%s: forwarding sysctls are %q", m.name, v)
 		}
-		if out := m.must("iptables -S FORWARD"); !strings.Contains(out, "-j LEASED-FWD") {
-			t.Errorf("%s: no jump to LEASED-FWD in FORWARD:\n%s", m.name, out)
+		cmds := []string{"ip6tables"}
+		if v4 {
+			cmds = append(cmds, "iptables")
+		}
+		for _, ipt := range cmds {
+			if out := m.must(ipt + " -S FORWARD"); !strings.Contains(out, "-j LEASED-FWD") {
+				t.Errorf("%s: no jump to LEASED-FWD in %s FORWARD:\n%s", m.name, ipt, out)
+			}
 		}
 	}
 }
@@ -497,7 +547,7 @@ func checkNothingDenied(t *testing.T, ms []*machine) {
 // subnet.env (a wider IPv6 network: every held subnet stays valid)
 // makes leased-docker-restart.path restart docker.service exactly once on
 // each machine.
-func checkConfigChangeRestartsDockerOnce(t *testing.T, l *lan, leasedBin string, ms []*machine, backendType string) {
+func checkConfigChangeRestartsDockerOnce(t *testing.T, l *lan, leasedBin string, ms []*machine, wider, network string) {
 	t.Helper()
 	starts := func(m *machine) int {
 		out, _ := m.sh(30*time.Second, "journalctl --no-pager -o cat -u docker.service | grep -c '^Started docker.service'")
@@ -510,7 +560,7 @@ func checkConfigChangeRestartsDockerOnce(t *testing.T, l *lan, leasedBin string,
 		before = append(before, starts(m))
 		env = append(env, m.must("cat /run/leased/subnet.env"))
 	}
-	putConfig(t, l, leasedBin, fmt.Sprintf(`{"Network":"10.100.0.0/16","IPv6Network":"fd10:100::/40","IPv6SubnetLen":80,"Backend":{"Type":%q}}`, backendType))
+	putConfig(t, l, leasedBin, wider)
 	for i, m := range ms {
 		deadline := time.Now().Add(60 * time.Second)
 		for m.must("cat /run/leased/subnet.env") == env[i] {
@@ -529,7 +579,7 @@ func checkConfigChangeRestartsDockerOnce(t *testing.T, l *lan, leasedBin string,
 			out, _ := m.sh(10*time.Second, "journalctl --no-pager -o cat -u leased-docker-restart.service")
 			t.Errorf("%s: docker.service started %d times after a config change that changed subnet.env, want 1; leased-docker-restart.service:\n%s", m.name, n, out)
 		}
-		if args := m.must("ps -o args= -C dockerd"); !strings.Contains(m.must("cat /run/leased/subnet.env"), "fd10:100::/40") {
+		if args := m.must("ps -o args= -C dockerd"); !strings.Contains(m.must("cat /run/leased/subnet.env"), network) {
 			t.Errorf("%s: subnet.env does not name the new network; dockerd runs as %q", m.name, args)
 		}
 	}
