@@ -1,7 +1,12 @@
 # leased — see README.md.
 GO ?= go
-# The version stamped into the binary and the package (dist/version.sh).
-VERSION ?= $(shell dist/version.sh)
+# The version stamped into the binary and the package (dist/version.sh),
+# computed once and passed to sub-makes, so that a commit made while
+# make test runs cannot make its targets disagree.
+ifndef VERSION
+VERSION := $(shell dist/version.sh)
+endif
+export VERSION
 LDFLAGS := -X main.version=$(VERSION)
 
 .PHONY: build deps lab test bench bench-datapath deb clean
