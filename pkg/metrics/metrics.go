@@ -47,7 +47,7 @@ var (
 	// NDPSolicitations counts Neighbor Solicitations seen by the proxy-NDP
 	// responder, by outcome (answered, ignored).
 	NDPSolicitations = promauto.NewCounterVec(prometheus.CounterOpts{
-		Name: "leased_ndp_solicitations_total", Help: "Neighbor Solicitations seen by the proxy-ndp backend, by result: answered or ignored (target outside this host's slice).",
+		Name: "leased_ndp_solicitations_total", Help: "Neighbor Solicitations seen by the proxy-ndp backend, by result: answered, or ignored (target outside this host's slice, sent by this host, or in present mode not present or not remembered under a flood).",
 	}, []string{"result"})
 	// Ready is 1 once the host is ready (lease held, subnet.env written,
 	// datapath applied).
