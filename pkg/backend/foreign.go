@@ -211,6 +211,21 @@ type HostRoute struct {
 	Own bool
 }
 
+// isHostRoute reports whether r is a HostRoute inside net4 or net6: a
+// gateway-less unicast route of the main table or a local address, not
+// leased's, not covering a whole network.
+func isHostRoute(r *netlink.Route, net4, net6 netip.Prefix) bool {
+	if r.Dst == nil || r.Protocol == RouteProtocol || len(r.Gw) > 0 || len(r.MultiPath) > 0 || r.Flags&unix.RTM_F_CLONED != 0 {
+		return false
+	}
+	local := r.Table == unix.RT_TABLE_LOCAL && r.Type == unix.RTN_LOCAL
+	if !local && (r.Table != unix.RT_TABLE_MAIN || r.Type != unix.RTN_UNICAST) {
+		return false
+	}
+	dst, ok := prefixFromIPNet(r.Dst)
+	return ok && insideNetwork(dst.Masked(), net4, net6)
+}
+
 // HostRoutes returns the host's routes (see HostRoute) in the agent's
 // network namespace that lie inside the cluster networks net4 and net6
 // (either may be zero) without covering a whole one, leaving out routes
@@ -238,25 +253,25 @@ func HostRoutes(net4, net6 netip.Prefix) ([]HostRoute, error) {
 	}
 	var out []HostRoute
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+		// Keep only the candidates while the dump is read: after a restart
+		// in a large cluster it holds a route per peer, all leased's.
 		rs, err := retryDump("routes", func() ([]netlink.Route, error) {
-			return h.RouteListFiltered(fam, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
+			var keep []netlink.Route
+			err := h.RouteListFilteredIter(fam, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
+				if isHostRoute(&r, net4, net6) {
+					keep = append(keep, r)
+				}
+				return true
+			})
+			return keep, err
 		})
 		if err != nil {
 			return nil, err
 		}
 		for i := range rs {
 			r := &rs[i]
-			if r.Dst == nil || r.Protocol == RouteProtocol || len(r.Gw) > 0 || len(r.MultiPath) > 0 || r.Flags&unix.RTM_F_CLONED != 0 {
-				continue
-			}
-			local := r.Table == unix.RT_TABLE_LOCAL && r.Type == unix.RTN_LOCAL
-			if !local && (r.Table != unix.RT_TABLE_MAIN || r.Type != unix.RTN_UNICAST) {
-				continue
-			}
-			dst, ok := prefixFromIPNet(r.Dst)
-			if dst = dst.Masked(); !ok || !insideNetwork(dst, net4, net6) {
-				continue
-			}
+			dst, _ := prefixFromIPNet(r.Dst)
+			dst = dst.Masked()
 			out = append(out, HostRoute{Dst: dst, Desc: describeRoute(r, dst, name), Own: r.LinkIndex > 0 && name(r.LinkIndex) != "" && own[r.LinkIndex]})
 		}
 	}
