@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/leased/leased/pkg/lease"
 	"github.com/leased/leased/pkg/metrics"
 )
 
@@ -290,7 +291,7 @@ func (m *etcdMonitor) ok() {
 func (m *etcdMonitor) check(ctx context.Context, cli *clientv3.Client) error {
 	cctx, cancel := context.WithTimeout(ctx, etcdCheckTimeout)
 	defer cancel()
-	_, err := cli.Get(cctx, strings.TrimSuffix(m.o.etcdPrefix, "/")+"/config", clientv3.WithCountOnly())
+	_, err := cli.Get(cctx, lease.NewKeys(m.o.etcdPrefix).Config(), clientv3.WithCountOnly())
 	return err
 }
 
