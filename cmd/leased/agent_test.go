@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -47,6 +48,30 @@ func (r *recorder) SetPeers(_ context.Context, p []backend.Peer) error {
 	r.applied++
 	return nil
 }
+// UpdatePeers applies the change as the real backends do: a changed peer
+// keeps its place in the set, a new one goes last.
+func (r *recorder) UpdatePeers(_ context.Context, ups []backend.Peer, rm []string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.peers = patchPeers(r.peers, ups, rm)
+	r.applied++
+	return nil
+}
+
+// patchPeers returns peers with a change applied as the real backends
+// apply it (see recorder.UpdatePeers).
+func patchPeers(peers, ups []backend.Peer, rm []string) []backend.Peer {
+	out := slices.DeleteFunc(slices.Clone(peers), func(p backend.Peer) bool { return slices.Contains(rm, p.Node) })
+	for _, u := range ups {
+		if i := slices.IndexFunc(out, func(p backend.Peer) bool { return p.Node == u.Node }); i >= 0 {
+			out[i] = u
+		} else {
+			out = append(out, u)
+		}
+	}
+	return out
+}
+
 func (r *recorder) peerNodes() string {
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
-	"slices"
 	"testing"
 	"time"
 
@@ -33,25 +32,10 @@ func startHinted(t *testing.T, endpoint, node, ip, hint string) *testAgent {
 	return startHintedWith(t, endpoint, node, ip, hint, rec, rec)
 }
 
-// deltaRecorder is a recorder that also takes peer changes as deltas, as
-// the real backends do; it counts them in applied too.
-type deltaRecorder struct{ *recorder }
-
-func (d deltaRecorder) UpdatePeers(_ context.Context, ups []backend.Peer, rm []string) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.applied++
-	d.peers = slices.DeleteFunc(d.peers, func(p backend.Peer) bool {
-		return slices.Contains(rm, p.Node) || slices.ContainsFunc(ups, func(u backend.Peer) bool { return u.Node == p.Node })
-	})
-	d.peers = append(d.peers, ups...)
-	return nil
-}
-
 func startHintedWith(t *testing.T, endpoint, node, ip, hint string, rec *recorder, be backend.Backend) *testAgent {
 	t.Helper()
 	ia := newIdleAgent(t, endpoint, node, ip, be)
-	ia.hint = subnetenv.Env{Subnet4: netip.MustParsePrefix(hint)}
+	ia.lease.hint = subnetenv.Env{Subnet4: netip.MustParsePrefix(hint)}
 	ctx, cancel := context.WithCancel(context.Background())
 	ia.run(ctx)
 	ta := &testAgent{agent: ia.agent, rec: rec, cancel: cancel, done: ia.done}
@@ -160,7 +144,7 @@ func TestAgentIgnoresReformattedConfig(t *testing.T) {
 	srv := startEtcd(t)
 	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","Backend":{"Type":"host-gw"}}`)
 	rec := &recorder{}
-	a := startHintedWith(t, srv.ClientURL, "a", "192.168.1.1", "10.100.1.0/24", rec, deltaRecorder{rec})
+	a := startHintedWith(t, srv.ClientURL, "a", "192.168.1.1", "10.100.1.0/24", rec, rec)
 	put(t, srv.ClientURL, lease.NewKeys("").Lease("b"), `{"Node":"b","Subnet":"10.100.2.0/24","PublicIP":"192.168.1.2","BackendType":"host-gw"}`)
 	eventually(t, "a routes to b", func() bool { return a.rec.peerNodes() == "b" })
 	time.Sleep(500 * time.Millisecond)
@@ -247,7 +231,7 @@ func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 	addr := netip.MustParseAddr("192.0.2.1")
 	ext := backend.ExtIface{Name: "eth0", Index: eth0.Attrs().Index, MTU: 1500, Addr4: addr, Public4: addr, HardwareAddr: eth0.Attrs().HardwareAddr}
 	a := newAgent(o, cli, ext, "fd")
-	a.newBackend = func(raw json.RawMessage, ext backend.ExtIface, node string, bo backend.Options) (backend.Backend, error) {
+	a.dp.newBackend = func(raw json.RawMessage, ext backend.ExtIface, node string, bo backend.Options) (backend.Backend, error) {
 		bo.NetNS = nsPath
 		return backend.New(raw, ext, node, bo)
 	}

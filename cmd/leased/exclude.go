@@ -17,15 +17,15 @@ import (
 // cover a whole network): the parts of the network this host cannot lease
 // a subnet in. It logs them, at the first
 // claim and whenever they change.
-func (a *agent) exclusions() ([]lease.Excluded, error) {
+func (k *leaseKeeper) exclusions(cfg *lease.Config) ([]lease.Excluded, error) {
 	var net4, net6 netip.Prefix
 	var nets []netip.Prefix
-	if a.cfg.IPv4 != nil {
-		net4 = a.cfg.IPv4.Network
+	if cfg.IPv4 != nil {
+		net4 = cfg.IPv4.Network
 		nets = append(nets, net4)
 	}
-	if a.cfg.IPv6 != nil {
-		net6 = a.cfg.IPv6.Network
+	if cfg.IPv6 != nil {
+		net6 = cfg.IPv6.Network
 		nets = append(nets, net6)
 	}
 	rs, err := backend.HostRoutes(net4, net6)
@@ -40,8 +40,8 @@ func (a *agent) exclusions() ([]lease.Excluded, error) {
 			descs = append(descs, r.Desc)
 		}
 	}
-	if logged := strings.Join(descs, ", "); logged != a.exclLogged {
-		a.exclLogged = logged
+	if logged := strings.Join(descs, ", "); logged != k.exclLogged {
+		k.exclLogged = logged
 		if logged != "" {
 			klog.InfoS("this host routes part of the cluster network itself; it will not lease a subnet that overlaps these routes",
 				"routes", descs, "networks", nets)

@@ -74,18 +74,26 @@ func (k *ownKeys) save(ids []clientv3.LeaseID) {
 	k.saveErr = false
 }
 
-// reportConflict logs a node name conflict once per holder and says so in
-// STATUS= and /readyz.
-func (a *agent) reportConflict(cf *lease.ConflictError) {
-	if msg := fmt.Sprintf("%s@%x", cf.Key, cf.Lease); msg != a.own.conflict {
+// reportConflict logs a node name conflict once per holder and returns
+// the status that says so in STATUS= and /readyz.
+func (k *leaseKeeper) reportConflict(cf *lease.ConflictError) string {
+	if msg := fmt.Sprintf("%s@%x", cf.Key, cf.Lease); msg != k.own.conflict {
 		klog.ErrorS(cf, "node name conflict: another host holds this host's node name; claiming no subnet until it is gone",
-			"node", a.node, "holder", cf.Holder(), "key", cf.Key,
+			"node", k.node, "holder", cf.Holder(), "key", cf.Key,
 			"remedy", "give one of the hosts another --node-name (LEASED_NODE_NAME), or regenerate /etc/machine-id and the hostname on a cloned machine")
-		a.own.conflict = msg
+		k.own.conflict = msg
 	} else {
-		klog.V(2).InfoS("node name still held by another host; retrying", "node", a.node, "holder", cf.Holder(), "key", cf.Key)
+		klog.V(2).InfoS("node name still held by another host; retrying", "node", k.node, "holder", cf.Holder(), "key", cf.Key)
 	}
-	a.setStatus(fmt.Sprintf("node name conflict: %q is held by another host (%s); set --node-name or regenerate /etc/machine-id; retrying", a.node, cf.Holder()))
+	return fmt.Sprintf("node name conflict: %q is held by another host (%s); set --node-name or regenerate /etc/machine-id; retrying", k.node, cf.Holder())
+}
+
+// lost says that this host stopped using its lease because its keys in
+// etcd changed under it: why (for STATUS=), and whether a backend that
+// answers for the lease on the link must stop answering (withdraw).
+type lost struct {
+	why      string // "": STATUS= stays as it is
+	withdraw bool
 }
 
 // checkOwnKeys looks at a watch batch for changes to this host's own keys
@@ -94,59 +102,57 @@ func (a *agent) reportConflict(cf *lease.ConflictError) {
 // another lease or by another node means the host no longer owns it: it
 // stops using its lease (as when the lease is lost) and claims again,
 // which reports the conflict if another host holds its node name. It
-// runs before the batch is applied to the view.
-func (a *agent) checkOwnKeys(b lease.Batch) {
-	if a.self == nil || a.sess == nil {
-		return
+// runs before the batch is applied to the view, and returns nil when the
+// host keeps its lease.
+func (k *leaseKeeper) checkOwnKeys(b lease.Batch) *lost {
+	if k.self == nil || k.sess == nil {
+		return nil
 	}
-	ours := int64(a.sess.Lease())
+	ours := int64(k.sess.Lease())
 	for _, e := range b.Events {
-		if e.ModRev <= a.self.ModRev {
+		if e.ModRev <= k.self.ModRev {
 			continue // from before this host's last write: not a change to it
 		}
-		own := e.Node == a.node
-		mySubnet := slices.Contains(a.self.Subnets(), e.Subnet)
+		own := e.Node == k.node
+		mySubnet := slices.Contains(k.self.Subnets(), e.Subnet)
 		switch {
 		case e.Kind == lease.LeaseDelete && own, e.Kind == lease.LockDelete && mySubnet:
-			klog.Warningf("this host's lease keys were deleted in etcd (expired, or by hand); claiming its subnets %v again", a.self.Subnets())
-			a.self = nil // ensureLease claims again, preferring the held subnets
-			a.startGrace()
-			a.withdraw()
-			a.setStatus("lease keys deleted; claiming them again")
-			return
+			klog.Warningf("this host's lease keys were deleted in etcd (expired, or by hand); claiming its subnets %v again", k.self.Subnets())
+			k.self = nil // ensure claims again, preferring the held subnets
+			return &lost{why: "lease keys deleted; claiming them again", withdraw: true}
 		case e.Kind == lease.LeasePut && own && (e.Record == nil || e.Record.Lease != ours):
-			a.lostOwnKeys(a.reg.Keys().Lease(a.node), a.node, e.Record)
-			return
-		case e.Kind == lease.LockPut && mySubnet && (e.Node != a.node || e.Lease != ours):
-			a.lostOwnKeys(a.reg.Keys().SubnetLock(e.Subnet), e.Node, nil)
-			return
+			return k.lostOwnKeys(k.reg.Keys().Lease(k.node), k.node, e.Record)
+		case e.Kind == lease.LockPut && mySubnet && (e.Node != k.node || e.Lease != ours):
+			return k.lostOwnKeys(k.reg.Keys().SubnetLock(e.Subnet), e.Node, nil)
 		}
 	}
+	return nil
 }
 
 // checkOwnRecord is checkOwnKeys for a full listing (a Reset batch, after
-// a compaction): the view, just applied, must hold this host's record under
-// its lease.
-func (a *agent) checkOwnRecord(b lease.Batch) {
-	if !b.Reset || a.self == nil || a.sess == nil || b.Rev <= a.self.ModRev {
-		return
+// a compaction): the view v, just applied, must hold this host's record
+// under its lease.
+func (k *leaseKeeper) checkOwnRecord(b lease.Batch, v *lease.View) *lost {
+	if !b.Reset || k.self == nil || k.sess == nil || b.Rev <= k.self.ModRev {
+		return nil
 	}
-	r := a.view.Records[a.node]
+	r := v.Records[k.node]
 	switch {
-	case r == nil && a.view.Malformed[a.node] == nil:
-		klog.Warningf("this host's lease record was deleted in etcd (expired, or by hand); claiming its subnets %v again", a.self.Subnets())
-		a.self = nil
-		a.startGrace()
-	case r == nil || r.Lease != int64(a.sess.Lease()):
-		a.lostOwnKeys(a.reg.Keys().Lease(a.node), a.node, r)
+	case r == nil && v.Malformed[k.node] == nil:
+		klog.Warningf("this host's lease record was deleted in etcd (expired, or by hand); claiming its subnets %v again", k.self.Subnets())
+		k.self = nil
+		return &lost{}
+	case r == nil || r.Lease != int64(k.sess.Lease()):
+		return k.lostOwnKeys(k.reg.Keys().Lease(k.node), k.node, r)
 	}
+	return nil
 }
 
 // lostOwnKeys stops using the lease after key was rewritten by someone
 // else: for node (this host's own name: another host with the same name,
 // as far as the record holder tells), or another node that took a lock.
-func (a *agent) lostOwnKeys(key, node string, holder *lease.Record) {
-	kv := []any{"key", key, "subnets", a.self.Subnets()}
+func (k *leaseKeeper) lostOwnKeys(key, node string, holder *lease.Record) *lost {
+	kv := []any{"key", key, "subnets", k.self.Subnets()}
 	if holder != nil {
 		for _, ip := range []netip.Addr{holder.PublicIP, holder.PublicIPv6} {
 			if ip.IsValid() {
@@ -154,13 +160,12 @@ func (a *agent) lostOwnKeys(key, node string, holder *lease.Record) {
 			}
 		}
 	}
-	if node == a.node {
+	if node == k.node {
 		klog.ErrorS(nil, "this host's lease keys were overwritten in etcd under another etcd lease; it stops serving its subnets and claims again (another host with the same node name? give each host its own --node-name)", kv...)
 	} else {
 		klog.ErrorS(nil, "this host's subnet lock was taken in etcd by another node; it stops serving that subnet and claims again", append(kv, "takenBy", node)...)
 	}
-	a.self = nil
-	a.startGrace()
-	a.withdraw() // proxy-ndp must not answer for a slice it may no longer hold
-	a.setStatus("this host's lease keys were overwritten in etcd; claiming again")
+	k.self = nil
+	// proxy-ndp must not answer for a slice it may no longer hold
+	return &lost{why: "this host's lease keys were overwritten in etcd; claiming again", withdraw: true}
 }

@@ -23,7 +23,7 @@ func TestAgentStopsBeforeClaimingWithoutPrivileges(t *testing.T) {
 	rec := &recorder{}
 	ia := newIdleAgent(t, srv.ClientURL, "a", "192.168.1.1", rec)
 	var checked string
-	ia.checkPrivileges = func(typ string, _ backend.ExtIface, v4, v6 bool, _ backend.Options) error {
+	ia.dp.checkPrivileges = func(typ string, _ backend.ExtIface, v4, v6 bool, _ backend.Options) error {
 		checked = typ
 		return &backend.PrivilegeError{Backend: typ, Problems: []string{"CAP_NET_ADMIN is missing"}}
 	}
@@ -47,7 +47,7 @@ func TestAgentStopsBeforeClaimingWithoutPrivileges(t *testing.T) {
 	}
 	c, cancel2 := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel2()
-	resp, err := ia.cli.Get(c, lease.NewKeys("").Leases(), clientv3.WithPrefix())
+	resp, err := ia.lease.cli.Get(c, lease.NewKeys("").Leases(), clientv3.WithPrefix())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -47,6 +47,18 @@ func (h *histBackend) SetPeers(_ context.Context, p []backend.Peer) error {
 	return nil
 }
 
+// UpdatePeers keeps the set the change leads to.
+func (h *histBackend) UpdatePeers(_ context.Context, ups []backend.Peer, rm []string) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var last []backend.Peer
+	if len(h.sets) > 0 {
+		last = h.sets[len(h.sets)-1]
+	}
+	h.sets = append(h.sets, patchPeers(last, ups, rm))
+	return nil
+}
+
 // last returns the latest peer set as node → IPv4 subnet, and how many sets
 // the backend received.
 func (h *histBackend) last() (map[string]netip.Prefix, int) {
@@ -81,10 +93,10 @@ func newIdleAgent(t *testing.T, endpoint, node, ip string, be backend.Backend) *
 		subnetFile: filepath.Join(t.TempDir(), "subnet.env")}
 	ext := backend.ExtIface{Name: "eth0", MTU: 1500, Public4: netip.MustParseAddr(ip), Addr4: netip.MustParseAddr(ip)}
 	a := newAgent(o, cli, ext, node)
-	a.newBackend = func(json.RawMessage, backend.ExtIface, string, backend.Options) (backend.Backend, error) {
+	a.dp.newBackend = func(json.RawMessage, backend.ExtIface, string, backend.Options) (backend.Backend, error) {
 		return be, nil
 	}
-	a.checkPrivileges = nil // be programs no kernel
+	a.dp.checkPrivileges = nil // be programs no kernel
 	ia := &idleAgent{agent: a, be: be, done: make(chan struct{})}
 	t.Cleanup(func() { cli.Close() })
 	return ia

@@ -3,8 +3,9 @@
 // etcd; callers hand it the host's own lease and the peer set.
 //
 // Every backend is a desired-state reconciler: SetPeers describes the whole
-// world and may be called any number of times with the same input; Run keeps
-// the kernel in line with the last description until its context ends.
+// world, UpdatePeers a change to it, and either may be called any number of
+// times with the same input; Run keeps the kernel in line with the last
+// description until its context ends.
 package backend
 
 import (
@@ -154,10 +155,13 @@ type Options struct {
 
 // Backend programs the datapath for one host.
 //
-// Call order: New, then Start once the host holds a lease (again whenever
-// the lease changes), then SetPeers any number of times, with Run running in
-// its own goroutine for the backend's lifetime. SetPeers and Start may be
-// called from any goroutine; the backend serialises them.
+// Call order: New, then SetPeers with the whole peer set and Start once the
+// host holds a lease (Start again whenever the lease changes), then
+// UpdatePeers with each change, any number of times, with Run running in its
+// own goroutine for the backend's lifetime. The caller computes what changed;
+// the backend applies it to its desired state and, on its resync timer,
+// compares the whole desired state with the kernel. SetPeers, UpdatePeers
+// and Start may be called from any goroutine; the backend serialises them.
 type Backend interface {
 	// Type returns the backend type name (TypeHostGW, ...).
 	Type() string
@@ -172,23 +176,21 @@ type Backend interface {
 	// agent never prunes against a peer set it has not yet received.
 	Start(ctx context.Context, local Local) error
 	// SetPeers replaces the desired peer set and runs one reconcile pass
-	// before returning. Peers that are invalid for this backend are skipped
-	// with a log line. The error joins every failure of the pass; what failed
-	// is retried by the next pass.
+	// over all of it before returning. Peers that are invalid for this
+	// backend are skipped with a log line. The error joins every failure of
+	// the pass; what failed is retried by the next pass. The agent calls it
+	// once per backend, with the whole set; changes go through UpdatePeers.
 	SetPeers(ctx context.Context, peers []Peer) error
+	// UpdatePeers applies a change to the desired peer set: upserts are
+	// added or replace the peers of their nodes, the nodes in removed are
+	// dropped (a node must not be in both). It has the effect of SetPeers
+	// with the changed set, at a cost that follows the change, not the
+	// size of the set. Before the first SetPeers it changes the set from
+	// empty, and the first pass prunes against it.
+	UpdatePeers(ctx context.Context, upserts []Peer, removed []string) error
 	// Run keeps the kernel in line with the desired state — reacting to
 	// netlink events and resyncing periodically — until ctx is done. It
 	// returns nil when ctx is cancelled. Kernel state is left in place so
 	// that a restarted agent disturbs no traffic.
 	Run(ctx context.Context) error
-}
-
-// PeerUpdater is implemented by backends that take a change to the peer
-// set instead of the whole set. UpdatePeers(ctx, upserts, removed) has the
-// same effect as SetPeers with the last set, upserts added or replacing the
-// peers of their nodes and the nodes in removed dropped, at a cost that
-// follows the change, not the size of the set. A node must not be in both
-// upserts and removed.
-type PeerUpdater interface {
-	UpdatePeers(ctx context.Context, upserts []Peer, removed []string) error
 }

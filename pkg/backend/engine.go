@@ -100,7 +100,7 @@ type engine struct {
 	// runs before, so a restart never prunes against an empty set.
 	peersSet bool
 	peers    []Peer
-	idx      peerIndex // peers by node, for SetPeers' incremental path
+	idx      peerIndex // peers by node, for UpdatePeers
 	applied  state     // what the last pass left in the kernel
 	// peerPos is each node's position in peers, for UpdatePeers; nil when
 	// peers holds a node name twice.
@@ -280,8 +280,9 @@ func (e *engine) ensureHost() {
 	}
 }
 
-// SetPeers replaces the peer set and runs one pass, whose cost follows the
-// peers that changed (incremental.go). Before Start it only records the set.
+// SetPeers replaces the peer set and runs one pass over all of it, against
+// what the last pass applied (incremental.go). Before Start it only records
+// the set.
 func (e *engine) SetPeers(ctx context.Context, peers []Peer) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()

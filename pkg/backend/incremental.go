@@ -11,33 +11,34 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// SetPeers costs what changed, not the size of the peer set. The engine
-// keeps the last peer set indexed by node name (peerIndex); one scan of the
-// new set finds the peers added, changed and removed. When the kernel is
-// trusted to hold exactly the applied state and the desired state is
-// "clean" (no two peers want an object with the same key, so it is the
-// disjoint union of what each peer wants alone), only the changed peers'
-// objects are computed and applied, and the wanted and applied states are
-// updated in place. Everything else — duplicate node names in the set, a
-// new peer colliding with another's subnet or VTEP MAC, an untrusted
-// kernel — takes the whole-set path (quickPassLocked or passLocked), which
-// remains the reference: TestIncrementalMatchesFullPass checks that both
-// leave the same kernel state.
+// The agent computes what changed in the peer set (one place: its peer
+// tracker, from lease.PeerSet) and hands the engine either the whole set
+// (SetPeers: after the backend was created) or a change (UpdatePeers). The
+// engine does not diff peer sets itself:
+//
+//   - SetPeers replaces the set and computes the desired state from all of
+//     it (quickPassLocked: against what the last pass applied; passLocked
+//     when the kernel is not trusted).
+//   - UpdatePeers applies the given change to the set. When the kernel is
+//     trusted to hold exactly the applied state and the desired state is
+//     "clean" (no two peers want an object with the same key, so it is the
+//     disjoint union of what each peer wants alone), only the changed
+//     peers' objects are computed and applied (applyPeerChangesLocked);
+//     otherwise — a new peer colliding with another's subnet or VTEP MAC,
+//     an untrusted kernel — the whole set is computed as SetPeers does.
+//   - Run's resync timer runs one full pass against the kernel (passLocked).
+//
+// TestIncrementalMatchesFullPass checks that the change path and the
+// whole-set path leave the same kernel state.
 
-// peerIndex is the last peer set by node name. Guarded by engine.mu.
+// peerIndex is the current peer set by node name. Guarded by engine.mu.
 type peerIndex struct {
-	// byNode is nil while the last set held two peers with one node name;
-	// the next set is then compared with the whole-set logPeerChanges.
-	byNode map[string]*indexedPeer
-	gen    uint64
+	// byNode is nil while the set holds two peers with one node name
+	// (UpdatePeers then rebuilds the whole set).
+	byNode map[string]Peer
 	// clean is true when the desired state last computed from the whole
 	// set had no collision between peers (see isClean).
 	clean bool
-}
-
-type indexedPeer struct {
-	p   Peer
-	gen uint64 // the last SetPeers that held the node
 }
 
 // peerChanges are the differences between two peer sets.
@@ -51,65 +52,17 @@ func (c peerChanges) empty() bool {
 	return len(c.added) == 0 && len(c.removed) == 0 && len(c.changed) == 0
 }
 
-func newPeerIndex() peerIndex { return peerIndex{byNode: map[string]*indexedPeer{}} }
+func newPeerIndex() peerIndex { return peerIndex{byNode: map[string]Peer{}} }
 
-// update makes the index hold peers and returns what changed. It returns
-// ok=false, with the index reset from peers, when the index was invalid or
-// peers holds a node name twice; changes are then not known.
-func (x *peerIndex) update(peers []Peer) (ch peerChanges, ok bool) {
-	if x.byNode == nil {
-		x.rebuild(peers)
-		return ch, false
-	}
-	x.gen++
-	matched := 0
-	if len(x.byNode) == 0 {
-		ch.added = make([]Peer, 0, len(peers))
-	}
-	for _, p := range peers {
-		ip := x.byNode[p.Node]
-		switch {
-		case ip == nil:
-			ch.added = append(ch.added, p)
-		case ip.gen == x.gen:
-			x.rebuild(peers) // node name twice in one set
-			return peerChanges{}, false
-		default:
-			matched++
-			if !samePeer(ip.p, p) {
-				ch.changed = append(ch.changed, [2]Peer{ip.p, p})
-			}
-		}
-		if ip != nil {
-			ip.gen = x.gen
-		}
-	}
-	if matched < len(x.byNode) {
-		for node, ip := range x.byNode {
-			if ip.gen != x.gen {
-				ch.removed = append(ch.removed, ip.p)
-				delete(x.byNode, node)
-			}
-		}
-	}
-	for _, c := range ch.changed {
-		x.byNode[c[1].Node].p = clonePeer(c[1])
-	}
-	for _, p := range ch.added {
-		x.byNode[p.Node] = &indexedPeer{p: clonePeer(p), gen: x.gen}
-	}
-	return ch, true
-}
-
+// rebuild indexes peers by node; byNode is nil when a node name repeats.
 func (x *peerIndex) rebuild(peers []Peer) {
-	x.gen++
-	x.byNode = make(map[string]*indexedPeer, len(peers))
+	x.byNode = make(map[string]Peer, len(peers))
 	for _, p := range peers {
 		if _, dup := x.byNode[p.Node]; dup {
 			x.byNode = nil
 			return
 		}
-		x.byNode[p.Node] = &indexedPeer{p: clonePeer(p), gen: x.gen}
+		x.byNode[p.Node] = p
 	}
 }
 
@@ -172,62 +125,36 @@ func (w *wantedSet) read(fn func(st *state) bool) bool {
 	return fn(&w.st)
 }
 
-// errNotIncremental makes setPeersLocked take the whole-set path.
+// errNotIncremental makes UpdatePeers compute the whole set.
 var errNotIncremental = errors.New("backend: change needs a whole-set pass")
 
-// setPeersLocked is SetPeers with e.mu held.
+// setPeersLocked is SetPeers with e.mu held: the whole set, computed whole.
 func (e *engine) setPeersLocked(ctx context.Context, peers []Peer) error {
-	ch, known := e.idx.update(peers)
-	if !known {
-		logPeerChanges(e.peers, peers)
-	}
+	logPeerChanges(e.peers, peers)
 	if len(peers) < len(e.peers) {
 		clear(e.peers[len(peers):]) // drop references past the new end
 	}
-	e.peers = append(e.peers[:0], peers...)
+	e.peers = e.peers[:0]
+	for _, p := range peers {
+		e.peers = append(e.peers, clonePeer(p))
+	}
 	e.peersSet = true
-	if known {
-		if e.peerPos == nil {
-			e.peerPos = make(map[string]int, len(peers))
-		}
-		clear(e.peerPos)
+	e.idx.rebuild(e.peers)
+	if e.idx.byNode == nil {
+		e.peerPos = nil // duplicate node names: UpdatePeers goes the SetPeers way
+	} else {
+		e.peerPos = make(map[string]int, len(e.peers))
 		for i, p := range e.peers {
 			e.peerPos[p.Node] = i
 		}
-	} else {
-		e.peerPos = nil // duplicate node names: UpdatePeers goes the SetPeers way
 	}
-	err := e.applyLocked(ctx, ch, known)
-	if known {
-		logChanges(ch) // after the kernel work: routes first, then the lines
-	}
-	return err
+	return e.quickPassLocked(ctx)
 }
 
-// applyLocked realises a peer change: nothing when nothing changed, the
-// changed peers alone when that is safe, else a whole-set pass.
-func (e *engine) applyLocked(ctx context.Context, ch peerChanges, known bool) error {
-	var err error
-	switch {
-	case known && ch.empty() && e.trusted && e.started:
-		// Nothing to do: applied is the wanted state, which only changes
-		// with the peer set or in a full pass.
-		e.passes++
-		e.lastChanges = 0
-	case known && e.trusted && e.started && e.idx.clean:
-		err = e.applyPeerChangesLocked(ctx, ch)
-		if errors.Is(err, errNotIncremental) {
-			err = e.quickPassLocked(ctx)
-		}
-	default:
-		err = e.quickPassLocked(ctx)
-	}
-	return err
-}
-
-// UpdatePeers is SetPeers for a change: the last set with upserts added or
-// replacing the peers of their nodes, and the nodes in removed dropped. Its
-// cost follows the change only, not the size of the set.
+// UpdatePeers applies a change to the peer set: upserts are added or
+// replace the peers of their nodes, the nodes in removed are dropped. Its
+// cost follows the change only, not the size of the set, whenever the
+// change collides with no other peer's objects (see the top of this file).
 func (e *engine) UpdatePeers(ctx context.Context, upserts []Peer, removed []string) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -240,11 +167,11 @@ func (e *engine) UpdatePeers(ctx context.Context, upserts []Peer, removed []stri
 	}
 	var ch peerChanges
 	for _, node := range removed {
-		ip := e.idx.byNode[node]
-		if ip == nil {
+		old, ok := e.idx.byNode[node]
+		if !ok {
 			continue
 		}
-		ch.removed = append(ch.removed, ip.p)
+		ch.removed = append(ch.removed, old)
 		delete(e.idx.byNode, node)
 		i, last := e.peerPos[node], len(e.peers)-1
 		e.peers[i] = e.peers[last]
@@ -255,24 +182,38 @@ func (e *engine) UpdatePeers(ctx context.Context, upserts []Peer, removed []stri
 	}
 	for _, p := range upserts {
 		p = clonePeer(p)
-		switch ip := e.idx.byNode[p.Node]; {
-		case ip == nil:
+		switch old, ok := e.idx.byNode[p.Node]; {
+		case !ok:
 			ch.added = append(ch.added, p)
-			e.idx.byNode[p.Node] = &indexedPeer{p: p, gen: e.idx.gen}
+			e.idx.byNode[p.Node] = p
 			e.peerPos[p.Node] = len(e.peers)
 			e.peers = append(e.peers, p)
-		case !samePeer(ip.p, p):
-			ch.changed = append(ch.changed, [2]Peer{ip.p, p})
-			ip.p = p
+		case !samePeer(old, p):
+			ch.changed = append(ch.changed, [2]Peer{old, p})
+			e.idx.byNode[p.Node] = p
 			e.peers[e.peerPos[p.Node]] = p
 		}
 	}
-	err := e.applyLocked(ctx, ch, true)
-	logChanges(ch)
+	var err error
+	switch {
+	case ch.empty() && e.trusted && e.started:
+		// Nothing to do: applied is the wanted state, which only changes
+		// with the peer set or in a full pass.
+		e.passes++
+		e.lastChanges = 0
+	case e.trusted && e.started && e.idx.clean:
+		err = e.applyPeerChangesLocked(ctx, ch)
+		if errors.Is(err, errNotIncremental) {
+			err = e.quickPassLocked(ctx)
+		}
+	default:
+		err = e.quickPassLocked(ctx)
+	}
+	logChanges(ch) // after the kernel work: routes first, then the lines
 	return err
 }
 
-// patched returns the last peer set with a change applied.
+// patched returns the peer set with a change applied.
 func (e *engine) patched(upserts []Peer, removed []string) []Peer {
 	drop := make(map[string]bool, len(removed)+len(upserts))
 	for _, n := range removed {

@@ -62,10 +62,11 @@ func newHostGWFake() (*engine, *fakeKernel) {
 	return e, k
 }
 
-// TestIncrementalMatchesFullPass applies random sequences of peer sets with
-// SetPeers, which takes the incremental path whenever it can, and checks
-// after every step that the kernel, the applied and the wanted state are
-// exactly what a from-scratch full pass over the same set produces.
+// TestIncrementalMatchesFullPass applies random sequences of peer changes,
+// with UpdatePeers (the change alone, applied incrementally whenever it can
+// be) or SetPeers (the whole set), and checks after every step that the
+// kernel, the applied and the wanted state are exactly what a from-scratch
+// full pass over the same set produces.
 func TestIncrementalMatchesFullPass(t *testing.T) {
 	ctx := context.Background()
 	for seed := range uint64(20) {

@@ -1,0 +1,223 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/pkg/backend"
+	"github.com/leased/leased/pkg/lease"
+	"github.com/leased/leased/pkg/subnetenv"
+)
+
+// leaseKeeper is the agent's stage that holds this host's lease: the etcd
+// session, the claim, republishing the record when the backend's data
+// changes, the subnet file, and the keys carrying the node name that are
+// this host's own (ownkeys.go). Not safe for concurrent use.
+type leaseKeeper struct {
+	o    *options
+	cli  *clientv3.Client
+	reg  *lease.Registry
+	node string
+	ext  backend.ExtIface // the public addresses the record names
+
+	sess *lease.Session
+	self *lease.Record // the lease record, nil while not (re)claimed
+	// held is the lease the datapath is programmed for: it stays while
+	// the lease is re-claimed, and the claim prefers its subnets.
+	held       lease.Record
+	hint       subnetenv.Env // the subnet file of an earlier run
+	own        ownKeys       // which keys carrying the node name are this host's
+	exclLogged string        // the host's own routes last logged (exclude.go)
+}
+
+func newLeaseKeeper(o *options, cli *clientv3.Client, reg *lease.Registry, ext backend.ExtIface, node string) *leaseKeeper {
+	k := &leaseKeeper{o: o, cli: cli, reg: reg, node: node, ext: ext}
+	if env, err := subnetenv.Read(o.subnetFile); err == nil {
+		k.hint = env
+	}
+	return k
+}
+
+// claimed says what ensure did: whether this host's subnets are new (the
+// datapath has to Start for them).
+type claimed struct {
+	new   bool // a claim ran: the grace period, if any, runs on from now
+	moved bool // the subnets differ from those the datapath serves
+}
+
+// ensure makes sure the host holds a lease covering every family cfg
+// enables, with its record naming be's current data.
+func (k *leaseKeeper) ensure(ctx context.Context, cfg *lease.Config, be backend.Backend) (claimed, error) {
+	if k.sess == nil {
+		// The grant waits at most 10s so that an unreachable etcd is
+		// reported and retried.
+		sess, err := lease.NewSession(ctx, k.cli, k.o.leaseTTL, 10*time.Second)
+		if err != nil {
+			return claimed{}, fmt.Errorf("creating an etcd lease at %s (is etcd up and reachable? check --etcd-endpoints and the TLS flags): %w", k.o.etcdEndpoints, err)
+		}
+		k.sess = sess
+		k.own.load(k.o, k.node)
+		k.own.granted(sess.Lease())
+	}
+	want := k.self == nil ||
+		(cfg.IPv4 != nil && !k.self.Subnet.IsValid()) ||
+		(cfg.IPv6 != nil && !k.self.IPv6Subnet.IsValid())
+	if !want {
+		return claimed{}, k.republish(ctx, be)
+	}
+	rec, err := k.claim(ctx, cfg, be)
+	if err != nil {
+		return claimed{}, err
+	}
+	moved := func(old, new netip.Prefix) bool { return old.IsValid() && old != new }
+	switch {
+	case k.held.Node == "" && (moved(k.hint.Subnet4, rec.Subnet) || moved(k.hint.Subnet6, rec.IPv6Subnet)):
+		klog.Warningf("this host's subnets changed since the last run (%s held %v, now %v): restart docker.service so that dockerd takes the new subnet.env", k.o.subnetFile, []netip.Prefix{k.hint.Subnet4, k.hint.Subnet6}, rec.Subnets())
+	case k.held.Node == "":
+	case moved(k.held.Subnet, rec.Subnet) || moved(k.held.IPv6Subnet, rec.IPv6Subnet):
+		klog.Warningf("this host's subnets changed from %v to %v: containers on the old subnet lose connectivity; restart docker.service so that dockerd takes the new subnet.env", k.held.Subnets(), rec.Subnets())
+	case k.held.Subnet != rec.Subnet || k.held.IPv6Subnet != rec.IPv6Subnet:
+		klog.InfoS("this host gained a subnet; restart docker.service to use it (the existing subnets are unchanged)", "subnets", rec.Subnets())
+	}
+	c := claimed{new: true, moved: k.held.Node == "" || k.held.Subnet != rec.Subnet || k.held.IPv6Subnet != rec.IPv6Subnet}
+	klog.InfoS("Lease acquired", "node", k.node, "subnets", rec.Subnets(), "ttl", k.o.leaseTTL)
+	k.self = rec
+	k.held = *rec
+	return c, nil
+}
+
+// republish rewrites the record when the backend's data changed.
+func (k *leaseKeeper) republish(ctx context.Context, be backend.Backend) error {
+	if k.self.BackendType == be.Type() && bytes.Equal(k.self.BackendData, be.LeaseData()) {
+		return nil
+	}
+	rec := *k.self
+	rec.BackendType, rec.BackendData = be.Type(), be.LeaseData()
+	if err := k.reg.Publish(ctx, k.sess.Lease(), &rec); err != nil {
+		if errors.Is(err, lease.ErrNotHeld) {
+			k.self = nil // claim again: restores deleted keys, reports a conflict
+		}
+		return err
+	}
+	k.self = &rec
+	return nil
+}
+
+// claim acquires a lease for cfg, preferring the subnets held or named by
+// the subnet file of an earlier run.
+func (k *leaseKeeper) claim(ctx context.Context, cfg *lease.Config, be backend.Backend) (*lease.Record, error) {
+	exclude, err := k.exclusions(cfg)
+	if err != nil {
+		return nil, err
+	}
+	c := lease.Claim{
+		Node: k.node, PublicIP: k.ext.Public4, PublicIPv6: k.ext.Public6, Exclude: exclude,
+		BackendType: be.Type(), BackendData: be.LeaseData(),
+		Hint4: k.hint.Subnet4, Hint6: k.hint.Subnet6,
+		Keep4: k.held.Subnet, Keep6: k.held.IPv6Subnet,
+		Own: k.own.ids, NoHistory: k.own.noHistory,
+	}
+	if cfg.IPv4 != nil {
+		klog.InfoS("Picking subnet in range", "range", cfg.IPv4.String())
+	}
+	if cfg.IPv6 != nil {
+		klog.InfoS("Picking subnet in range", "range", cfg.IPv6.String())
+	}
+	rec, err := k.reg.Acquire(ctx, k.sess.Lease(), cfg, c)
+	if err != nil {
+		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			// The etcd lease was revoked or expired; the session notices
+			// only at its next keep-alive (TTL/3). Grant a new one now.
+			k.sess.Orphan()
+			k.sess = nil
+		}
+		return nil, err
+	}
+	k.own.claimed(k.sess.Lease())
+	if k.own.conflict != "" {
+		klog.InfoS("node name conflict over: this host holds its node name again", "node", k.node)
+		k.own.conflict = ""
+	}
+	return rec, nil
+}
+
+// done returns the session's end (nil without a session).
+func (k *leaseKeeper) done() <-chan struct{} {
+	if k.sess == nil {
+		return nil
+	}
+	return k.sess.Done()
+}
+
+// sessionLost forgets the session that ended and the lease under it; the
+// next ensure claims again, preferring the held subnets.
+func (k *leaseKeeper) sessionLost() {
+	k.sess, k.self = nil, nil
+}
+
+// conflicted reports whether another host holds this host's node name.
+func (k *leaseKeeper) conflicted() bool { return k.own.conflict != "" && k.self == nil }
+
+// subnets are the subnets this host holds or still serves in the datapath
+// (also while it re-claims a lost lease).
+func (k *leaseKeeper) subnets() []netip.Prefix {
+	own := k.held.Subnets()
+	if k.self != nil {
+		own = append(own, k.self.Subnets()...)
+	}
+	return own
+}
+
+// local is the backend's view of the lease for cfg.
+func (k *leaseKeeper) local(cfg *lease.Config) backend.Local {
+	local := backend.Local{Node: k.node, Subnet4: k.self.Subnet, Subnet6: k.self.IPv6Subnet}
+	if cfg.IPv4 != nil {
+		local.Network4 = cfg.IPv4.Network
+	}
+	if cfg.IPv6 != nil {
+		local.Network6 = cfg.IPv6.Network
+	}
+	return local
+}
+
+// writeSubnetEnv writes the subnet file for the lease, cfg and be.
+func (k *leaseKeeper) writeSubnetEnv(cfg *lease.Config, be backend.Backend) error {
+	env := subnetenv.Env{Subnet4: k.self.Subnet, Subnet6: k.self.IPv6Subnet, MTU: be.MTU(), IPMasq: k.o.ipMasq, Backend: be.Type()}
+	if k.self.Subnet.IsValid() {
+		env.Network4 = cfg.IPv4.Network
+	}
+	if k.self.IPv6Subnet.IsValid() {
+		env.Network6 = cfg.IPv6.Network
+	}
+	changed, err := subnetenv.Write(k.o.subnetFile, env)
+	if err != nil {
+		return fmt.Errorf("writing %s (check the directory exists and is writable): %w", k.o.subnetFile, err)
+	}
+	if changed {
+		kv := []any{"path", k.o.subnetFile}
+		if env.Subnet4.IsValid() {
+			kv = append(kv, "subnet", env.Subnet4)
+		}
+		if env.Subnet6.IsValid() {
+			kv = append(kv, "ipv6Subnet", env.Subnet6)
+		}
+		klog.InfoS("wrote subnet file", append(kv, "mtu", env.MTU)...)
+	}
+	return nil
+}
+
+// orphan leaves the lease to expire on its own (the agent ends; a restarted
+// agent claims it again).
+func (k *leaseKeeper) orphan() {
+	if k.sess != nil {
+		k.sess.Orphan()
+	}
+}

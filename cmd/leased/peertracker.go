@@ -1,0 +1,280 @@
+package main
+
+import (
+	"cmp"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/pkg/backend"
+	"github.com/leased/leased/pkg/lease"
+)
+
+// peerTracker is the agent's stage between the view of etcd and the
+// datapath: it turns the leases the watch has shown into the peers to
+// program (lease.PeerSet), and those into changes for the backend. It is
+// the one place that computes what changed; the backend applies changes.
+// It owns the grace period after a lost lease and the logging of rejected
+// leases. Not safe for concurrent use.
+type peerTracker struct {
+	ttl   time.Duration   // the lease TTL: the length of a grace period
+	dirty map[string]bool // nodes whose lease changed since the last update
+	set   *lease.PeerSet  // the peer filter, kept up to date with dirty
+	cfg   *lease.Config   // the config and
+	self  *lease.Record   // own lease set was computed for
+	// programmed is what the datapath was handed: the accepted peers plus,
+	// during a grace period, peers kept although their leases vanished.
+	// After this host lost its own lease (it was cut off from etcd, and so,
+	// most likely, were its peers), peers that vanish from etcd are kept
+	// until graceUntil unless another node claims their subnet: their
+	// leases may have expired for the same reason, and they are
+	// re-claiming.
+	programmed map[string]*lease.Record
+	kept       map[string]bool // nodes in programmed only for the grace period
+	graceUntil time.Time
+	rejected   map[string]string // node → reason last logged
+}
+
+// peerChanges is what changed in the programmed peer set: the peers to add
+// or replace, oldest lease first, and the nodes to drop.
+type peerChanges struct {
+	upserts []backend.Peer
+	removed []string
+}
+
+func (c peerChanges) empty() bool { return len(c.upserts) == 0 && len(c.removed) == 0 }
+
+func newPeerTracker(ttl time.Duration) *peerTracker {
+	return &peerTracker{ttl: ttl, dirty: map[string]bool{}, programmed: map[string]*lease.Record{},
+		kept: map[string]bool{}, rejected: map[string]string{}}
+}
+
+// saw notes the leases a watch batch, already applied to v, changed, and
+// logs malformed lease records once each.
+func (t *peerTracker) saw(b lease.Batch, v *lease.View) {
+	if b.Reset {
+		t.set = nil // the view has a new records map
+	}
+	for _, e := range b.Events {
+		if e.Kind == lease.LeasePut || e.Kind == lease.LeaseDelete {
+			t.dirty[e.Node] = true
+		}
+	}
+	for node, err := range v.Malformed {
+		if t.rejected[node] != err.Error() {
+			klog.Warningf("ignoring malformed lease of %q: %v", node, err)
+			t.rejected[node] = err.Error()
+		}
+	}
+}
+
+// changed reports whether leases changed since the last update.
+func (t *peerTracker) changed() bool { return len(t.dirty) > 0 }
+
+// update brings the accepted peers in line with v for cfg and this host's
+// lease self, and returns how the programmed set changed. Its cost follows
+// the leases that changed, except when the filter has to be recomputed
+// (new config or own lease, a rejected lease involved) or during a grace
+// period.
+func (t *peerTracker) update(v *lease.View, cfg *lease.Config, self *lease.Record) peerChanges {
+	var touched []string
+	all := false
+	if t.set == nil || t.cfg != cfg || t.self != self {
+		t.set, t.cfg, t.self = lease.NewPeerSet(cfg, self, v.Records), cfg, self
+		all = true
+	} else {
+		for node := range t.dirty {
+			c, recomputed := t.set.Update(node)
+			all = all || recomputed
+			if c {
+				touched = append(touched, node)
+			}
+		}
+	}
+	clear(t.dirty)
+	if all || len(touched) > 0 {
+		t.logRejected(v)
+	}
+	accepted := t.set.Accepted()
+	if all {
+		touched = touched[:0]
+		for node := range accepted {
+			touched = append(touched, node)
+		}
+		for node := range t.programmed {
+			if _, ok := accepted[node]; !ok {
+				touched = append(touched, node)
+			}
+		}
+	}
+	var ups []*lease.Record
+	var ch peerChanges
+	graceOver := t.graceOver()
+	var held map[netip.Prefix]bool // subnets accepted peers and self hold (grace only)
+	for _, node := range touched {
+		acc, old := accepted[node], t.programmed[node]
+		switch {
+		case acc != nil:
+			delete(t.kept, node)
+			if acc != old {
+				ups = append(ups, acc)
+				t.programmed[node] = acc
+			}
+		case old == nil:
+		case !t.graceUntil.IsZero():
+			if held == nil {
+				held = t.held(accepted)
+			}
+			if !takenBy(old, held) {
+				t.kept[node] = true
+				continue
+			}
+			fallthrough
+		default:
+			ch.removed = append(ch.removed, node)
+			delete(t.programmed, node)
+			delete(t.kept, node)
+		}
+	}
+	// Peers kept for the grace period go once it is over, or once another
+	// node holds their subnet.
+	if len(t.kept) > 0 && (graceOver || len(ups) > 0 || all) {
+		if held == nil && !graceOver {
+			held = t.held(accepted)
+		}
+		for node := range t.kept {
+			if graceOver || takenBy(t.programmed[node], held) {
+				ch.removed = append(ch.removed, node)
+				delete(t.programmed, node)
+				delete(t.kept, node)
+			}
+		}
+	}
+	ch.upserts = sortedPeers(ups)
+	slices.Sort(ch.removed)
+	return ch
+}
+
+// logRejected logs each rejected lease once per reason, and forgets
+// reasons that no longer apply.
+func (t *peerTracker) logRejected(v *lease.View) {
+	rejected := t.set.Rejected()
+	for node, err := range rejected {
+		if t.rejected[node] != err.Error() {
+			klog.Warningf("ignoring lease of %q: %v", node, err)
+			t.rejected[node] = err.Error()
+		}
+	}
+	for node := range t.rejected {
+		_, bad := rejected[node]
+		_, malformed := v.Malformed[node]
+		if !bad && !malformed {
+			delete(t.rejected, node)
+		}
+	}
+}
+
+// all returns the whole programmed set, oldest lease first: what a new
+// backend is handed.
+func (t *peerTracker) all() []backend.Peer {
+	return toPeers(t.programmed)
+}
+
+// counts returns the number of programmed and of rejected peers (the
+// malformed ones of v included).
+func (t *peerTracker) counts(v *lease.View) (programmed, rejected int) {
+	if t.set != nil {
+		rejected = len(t.set.Rejected())
+	}
+	return len(t.programmed), rejected + len(v.Malformed)
+}
+
+// startGrace keeps vanishing peers for one lease TTL (see programmed).
+func (t *peerTracker) startGrace() {
+	t.graceUntil = time.Now().Add(t.ttl)
+	klog.InfoS("this host lost its lease; peers whose leases vanish meanwhile stay programmed until they re-claim or the grace period ends", "until", t.graceUntil.Format(time.RFC3339))
+}
+
+// extendGrace is called when this host holds its lease again: peers cut
+// off from etcd with it re-claim once they reach it again, which may be a
+// little later than this host did: their routes stay for one more TTL.
+func (t *peerTracker) extendGrace() {
+	if t.graceUntil.IsZero() {
+		return
+	}
+	if until := time.Now().Add(t.ttl); until.After(t.graceUntil) {
+		t.graceUntil = until
+		klog.V(2).InfoS("lease held again; peers that have not re-claimed theirs stay programmed for one more lease TTL", "until", t.graceUntil.Format(time.RFC3339))
+	}
+}
+
+// graceEnds returns when the grace period ends (zero: none), for the
+// agent's timer.
+func (t *peerTracker) graceEnds() time.Time { return t.graceUntil }
+
+// graceOver ends a grace period whose time is up and reports whether it did.
+func (t *peerTracker) graceOver() bool {
+	if t.graceUntil.IsZero() || !time.Now().After(t.graceUntil) {
+		return false
+	}
+	t.graceUntil = time.Time{}
+	klog.InfoS("grace period over; peers without a lease are dropped")
+	return true
+}
+
+// held returns the subnets the accepted peers and this host hold.
+func (t *peerTracker) held(accepted map[string]*lease.Record) map[netip.Prefix]bool {
+	held := map[netip.Prefix]bool{}
+	for _, r := range accepted {
+		for _, s := range r.Subnets() {
+			held[s] = true
+		}
+	}
+	if t.self != nil {
+		for _, s := range t.self.Subnets() {
+			held[s] = true
+		}
+	}
+	return held
+}
+
+// takenBy reports whether one of r's subnets is in held.
+func takenBy(r *lease.Record, held map[netip.Prefix]bool) bool {
+	return slices.ContainsFunc(r.Subnets(), func(s netip.Prefix) bool { return held[s] })
+}
+
+// toPeers returns the backend's peers for recs, oldest lease (lowest create
+// revision, then node name) first. The backend resolves a conflict between
+// two peers (both wanting one kernel object) in favour of the first, so the
+// order must not change from one call to the next, and the older holder
+// wins as in the peer filter.
+func toPeers(recs map[string]*lease.Record) []backend.Peer {
+	return sortedPeers(slices.Collect(maps.Values(recs)))
+}
+
+// sortedPeers is toPeers for a slice, which it sorts.
+func sortedPeers(recs []*lease.Record) []backend.Peer {
+	slices.SortFunc(recs, func(a, b *lease.Record) int {
+		if c := cmp.Compare(a.Rev, b.Rev); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Node, b.Node)
+	})
+	out := make([]backend.Peer, 0, len(recs))
+	for _, r := range recs {
+		out = append(out, toPeer(r))
+	}
+	return out
+}
+
+func toPeer(r *lease.Record) backend.Peer {
+	return backend.Peer{
+		Node: r.Node, Subnet4: r.Subnet, Subnet6: r.IPv6Subnet,
+		PublicIP4: r.PublicIP, PublicIP6: r.PublicIPv6,
+		BackendType: r.BackendType, BackendData: r.BackendData,
+	}
+}
