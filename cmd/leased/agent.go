@@ -1,13 +1,11 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -21,10 +19,11 @@ import (
 )
 
 // agent runs the data flow config → lease → peers → backend → kernel for
-// one host, as three stages that each own their state: the lease keeper
-// (session, claim, subnet file), the peer tracker (accepted peers and
-// what changed) and the datapath (the backend). Values flow one way: the
-// watch's batches into the view, the view and the config into the peer
+// one host, as stages that each own their state: the config keeper (the
+// config applied), the lease keeper (session, claim, subnet file), the
+// peer tracker (accepted peers and what changed) and the datapath (the
+// backend). Values flow one way: the watch's batches into the view, the
+// view into the config keeper, the view and the config into the peer
 // tracker, its changes into the datapath. Its state is owned by the
 // goroutine running run; nothing else touches it.
 type agent struct {
@@ -38,16 +37,7 @@ type agent struct {
 	lease *leaseKeeper
 	peers *peerTracker
 	dp    *datapath
-
-	// The config: cfg is the one applied. seenRaw is the value last
-	// parsed; refused is the valid config in etcd this host refused (it
-	// leaves out subnets that this host or a live peer holds, or changes
-	// the backend type), judged again whenever leases change (nil: none),
-	// and cfgRefused says why ("": the config in etcd is applied).
-	cfg        *lease.Config
-	seenRaw    []byte
-	refused    *lease.Config
-	cfgRefused string
+	conf  *configKeeper
 
 	// fatal, once set, stops run: the agent lacks a privilege (see
 	// datapath.ensure) and must not claim a subnet.
@@ -64,6 +54,7 @@ func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node strin
 	reg := lease.NewRegistry(cli, o.etcdPrefix)
 	opts := backend.Options{IPMasq: o.ipMasq, NoForwardRules: !o.iptablesForward, Resync: o.resync}
 	return &agent{o: o, reg: reg, node: node,
+		conf:  &configKeeper{key: reg.Keys().Config(), endpoints: o.etcdEndpoints},
 		lease: newLeaseKeeper(o, cli, reg, ext, node),
 		peers: newPeerTracker(o.leaseTTL),
 		dp:    newDatapath(ext, node, opts)}
@@ -232,17 +223,20 @@ func (a *agent) step(ctx context.Context) error {
 	if !a.view.Synced {
 		return nil
 	}
-	a.updateConfig()
-	if a.cfg == nil {
+	if status := a.conf.update(&a.view, a.lease.subnets(), a.peers.changed()); status != "" {
+		a.setStatus(status)
+	}
+	cfg := a.conf.cfg
+	if cfg == nil {
 		return nil
 	}
-	if err := a.dp.ensure(a.cfg); err != nil {
+	if err := a.dp.ensure(cfg); err != nil {
 		if pe := (*backend.PrivilegeError)(nil); errors.As(err, &pe) {
 			a.fatal = err
 		}
 		return err
 	}
-	c, err := a.lease.ensure(ctx, a.cfg, a.dp.be)
+	c, err := a.lease.ensure(ctx, cfg, a.dp.be)
 	if err != nil {
 		return a.leaseFailed(err)
 	}
@@ -253,12 +247,15 @@ func (a *agent) step(ctx context.Context) error {
 	if c.moved {
 		a.dp.leaseChanged()
 	}
-	changes := a.peers.update(&a.view, a.cfg, a.lease.self)
+	if c.new {
+		a.dp.answer(a.lease.local(cfg))
+	}
+	changes := a.peers.update(&a.view, cfg, a.lease.self)
 	a.dp.apply(ctx, changes, a.peers.all)
-	if err := a.dp.start(ctx, a.lease.local(a.cfg)); err != nil {
+	if err := a.dp.start(ctx, a.lease.local(cfg)); err != nil {
 		return err
 	}
-	if err := a.lease.writeSubnetEnv(a.cfg, a.dp.be); err != nil {
+	if err := a.lease.writeSubnetEnv(cfg, a.dp.be); err != nil {
 		return err
 	}
 	a.report()
@@ -309,149 +306,10 @@ func (a *agent) report() {
 		}
 	}
 	status := fmt.Sprintf("lease %v held; %d peers", self.Subnets(), npeers)
-	if a.cfgRefused != "" {
-		status = a.cfgRefused + "; running on the last good config; " + status
+	if a.conf.refusedWhy != "" {
+		status = a.conf.refusedWhy + "; running on the last good config; " + status
 	}
 	a.setStatus(status)
-}
-
-// updateConfig adopts the config in etcd when it is valid and compatible
-// with the lease this host holds; otherwise it says why and keeps the last
-// good config (and with it the datapath).
-func (a *agent) updateConfig() {
-	if a.view.Config == nil {
-		a.refused, a.seenRaw, a.cfgRefused = nil, nil, "" // nothing left to apply; a config put back is judged afresh
-		if a.cfg == nil && a.status != "waiting for config" {
-			key := a.reg.Keys().Config()
-			klog.ErrorS(nil, "Key not found: no network config in etcd; waiting for it",
-				"key", key,
-				"create", fmt.Sprintf(`ETCDCTL_API=3 etcdctl --endpoints=%s put %s '{"Network":"10.100.0.0/16","IPv6Network":"2001:db8:1::/48","Backend":{"Type":"host-gw"}}'`, a.o.etcdEndpoints, key),
-				"note", "the v2-era 'etcdctl set' writes the v2 keyspace, which leased (an etcd v3 client) never sees")
-			a.setStatus("waiting for config")
-		} else if a.cfg != nil && a.status != "config deleted" {
-			klog.Warningf("network config %s was deleted; keeping the last good config and the datapath", a.reg.Keys().Config())
-			a.status = "config deleted"
-		}
-		return
-	}
-	a.adoptConfig(a.view.Config)
-	a.recheckRefused()
-}
-
-// adoptConfig is updateConfig for the config value raw.
-func (a *agent) adoptConfig(raw []byte) {
-	if bytes.Equal(raw, a.seenRaw) {
-		return // nothing new since the last look
-	}
-	a.seenRaw = raw
-	cfg, warnings, err := lease.ParseConfig(raw)
-	if err == nil {
-		err = backend.ValidateConfig(cfg.Backend.Raw)
-	}
-	for _, w := range warnings {
-		klog.Warningf("network config %s: %s", a.reg.Keys().Config(), w)
-	}
-	if err != nil {
-		klog.ErrorS(err, "invalid network config; keeping the last good one", "key", a.reg.Keys().Config(),
-			"remedy", "fix the JSON and put it again (leased config validate FILE checks a file offline)")
-		a.refused = nil // what etcd holds now is this invalid config
-		a.cfgRefused = "invalid network config: " + err.Error()
-		a.setStatus(a.cfgRefused)
-		return
-	}
-	if a.cfg != nil {
-		if a.cfg.Equal(cfg) {
-			// Only the formatting changed: nothing to do on this host.
-			a.refused, a.cfgRefused = nil, ""
-			klog.V(2).InfoS("network config rewritten with the same content; nothing changes", "key", a.reg.Keys().Config())
-			return
-		}
-		if why := a.ownConflict(cfg); why != "" {
-			klog.ErrorS(nil, "network config change would invalidate this host's lease; keeping the last good config and the datapath",
-				"why", why, "remedy", "revert the change, or drain this host and restart leased to take a subnet under the new config")
-			a.refused = cfg
-			a.cfgRefused = "network config refused: " + why
-			a.setStatus(a.cfgRefused)
-			return
-		}
-		if why := a.peerConflict(cfg); why != "" {
-			klog.ErrorS(nil, "network config refused: it leaves out subnets that live hosts hold; keeping the last good config and the datapath",
-				"why", why, "remedy", "put back a config that keeps every held subnet (leased config put --dry-run checks this), or drain the hosts named; every host refuses the config while they hold those subnets, and applies it once they are gone")
-			a.refused = cfg
-			a.cfgRefused = "network config refused: " + why
-			a.setStatus(a.cfgRefused)
-			return
-		}
-		a.refused = nil
-		klog.InfoS("network config changed; applying", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
-	} else {
-		klog.InfoS("network config", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
-	}
-	a.cfg = cfg
-	a.cfgRefused = ""
-}
-
-func poolString(p *lease.Pool) string {
-	if p == nil {
-		return "disabled"
-	}
-	return p.String()
-}
-
-// ownConflict says why this host cannot move from a.cfg to new, or "": the
-// backend type changes, or new leaves out a subnet this host holds or still
-// serves in the datapath (also while it re-claims a lost lease).
-func (a *agent) ownConflict(new *lease.Config) string {
-	old := a.cfg
-	if old.Backend.Type != new.Backend.Type {
-		return fmt.Sprintf("Backend.Type changed from %s to %s: switching backends needs every host restarted", old.Backend.Type, new.Backend.Type)
-	}
-	for _, s := range a.lease.subnets() {
-		pool, fam := new.IPv4, "IPv4"
-		if s.Addr().Is6() {
-			pool, fam = new.IPv6, "IPv6"
-		}
-		if pool == nil {
-			return fmt.Sprintf("%s is disabled in the new config but this host holds %s", fam, s)
-		}
-		if !pool.Contains(s) {
-			return fmt.Sprintf("this host's subnet %s is not in the new range %s", s, pool)
-		}
-	}
-	return ""
-}
-
-// peerConflict says which live hosts' subnets new leaves out
-// (lease.ConfigConflicts), or "". Every host sees the same leases, so every
-// host refuses such a config, and none drops its routes to the stranded
-// hosts while the others keep theirs.
-func (a *agent) peerConflict(new *lease.Config) string {
-	c := lease.ConfigConflicts(a.cfg, new, a.view.Records)
-	if len(c) == 0 {
-		return ""
-	}
-	const show = 3
-	names := make([]string, 0, show)
-	for _, x := range c[:min(show, len(c))] {
-		names = append(names, x.String())
-	}
-	more := ""
-	if len(c) > show {
-		more = fmt.Sprintf(" and %d more (leased config put --dry-run lists them)", len(c)-show)
-	}
-	return fmt.Sprintf("%d live host(s) hold subnets outside it: %s%s", len(c), strings.Join(names, "; "), more)
-}
-
-// recheckRefused adopts the refused config once the leases that made it
-// refused are gone (for instance the hosts were drained).
-func (a *agent) recheckRefused() {
-	if a.refused == nil || !a.peers.changed() || a.ownConflict(a.refused) != "" || a.peerConflict(a.refused) != "" {
-		return
-	}
-	cfg := a.refused
-	a.refused, a.cfgRefused = nil, ""
-	klog.InfoS("network config no longer strands a held subnet; applying", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
-	a.cfg = cfg
 }
 
 // waitingForEtcd is the status while etcd cannot be used, with the reason
@@ -468,7 +326,7 @@ func (a *agent) waitingForEtcd() string {
 // whether it serves (/readyz, leased_ready): it does while it holds its
 // lease, has a subnet and applies the config in etcd.
 func (a *agent) setStatus(s string) {
-	serving := a.ready && a.lease.self != nil && a.exhausted == "" && a.cfgRefused == ""
+	serving := a.ready && a.lease.self != nil && a.exhausted == "" && a.conf.refusedWhy == ""
 	a.health.set(serving, s)
 	metrics.Ready.Set(float64(btoi(serving)))
 	if s == a.status {

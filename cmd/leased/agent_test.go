@@ -48,6 +48,7 @@ func (r *recorder) SetPeers(_ context.Context, p []backend.Peer) error {
 	r.applied++
 	return nil
 }
+
 // UpdatePeers applies the change as the real backends do: a changed peer
 // keeps its place in the set, a new one goes last.
 func (r *recorder) UpdatePeers(_ context.Context, ups []backend.Peer, rm []string) error {
@@ -218,7 +219,7 @@ func TestAgentKeepsLastGoodConfig(t *testing.T) {
 		if string(after) != string(before) {
 			t.Fatalf("config %s changed subnet.env:\n%s\nto\n%s", bad, before, after)
 		}
-		if a.cfg.IPv4.Network.String() != "10.100.0.0/16" || a.cfg.Backend.Type != "host-gw" {
+		if a.conf.cfg.IPv4.Network.String() != "10.100.0.0/16" || a.conf.cfg.Backend.Type != "host-gw" {
 			t.Fatalf("config %s was adopted", bad)
 		}
 	}

@@ -118,6 +118,19 @@ func (d *datapath) start(ctx context.Context, local backend.Local) error {
 	return nil
 }
 
+// answer makes a backend that answers for the host's lease on the link
+// (proxy-ndp) answer for local now, right after the claim, before the peer
+// set is computed and the backend started (Start answers again).
+func (d *datapath) answer(local backend.Local) {
+	ans, ok := d.be.(backend.Answerer)
+	if !ok || !local.Subnet6.IsValid() {
+		return
+	}
+	if err := ans.Answer(local); err != nil {
+		klog.V(2).InfoS("answering right after the claim failed; the backend's start retries", "err", err)
+	}
+}
+
 // leaseChanged makes the next start run Start again, for a new lease.
 func (d *datapath) leaseChanged() { d.started = false }
 

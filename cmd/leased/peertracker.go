@@ -78,42 +78,12 @@ func (t *peerTracker) changed() bool { return len(t.dirty) > 0 }
 // update brings the accepted peers in line with v for cfg and this host's
 // lease self, and returns how the programmed set changed. Its cost follows
 // the leases that changed, except when the filter has to be recomputed
-// (new config or own lease, a rejected lease involved) or during a grace
-// period.
+// (new config or own lease, a rejected lease involved).
 func (t *peerTracker) update(v *lease.View, cfg *lease.Config, self *lease.Record) peerChanges {
-	var touched []string
-	all := false
-	if t.set == nil || t.cfg != cfg || t.self != self {
-		t.set, t.cfg, t.self = lease.NewPeerSet(cfg, self, v.Records), cfg, self
-		all = true
-	} else {
-		for node := range t.dirty {
-			c, recomputed := t.set.Update(node)
-			all = all || recomputed
-			if c {
-				touched = append(touched, node)
-			}
-		}
-	}
-	clear(t.dirty)
-	if all || len(touched) > 0 {
-		t.logRejected(v)
-	}
+	touched := t.refilter(v, cfg, self)
 	accepted := t.set.Accepted()
-	if all {
-		touched = touched[:0]
-		for node := range accepted {
-			touched = append(touched, node)
-		}
-		for node := range t.programmed {
-			if _, ok := accepted[node]; !ok {
-				touched = append(touched, node)
-			}
-		}
-	}
 	var ups []*lease.Record
 	var ch peerChanges
-	graceOver := t.graceOver()
 	var held map[netip.Prefix]bool // subnets accepted peers and self hold (grace only)
 	for _, node := range touched {
 		acc, old := accepted[node], t.programmed[node]
@@ -125,38 +95,86 @@ func (t *peerTracker) update(v *lease.View, cfg *lease.Config, self *lease.Recor
 				t.programmed[node] = acc
 			}
 		case old == nil:
-		case !t.graceUntil.IsZero():
-			if held == nil {
-				held = t.held(accepted)
-			}
-			if !takenBy(old, held) {
-				t.kept[node] = true
-				continue
-			}
-			fallthrough
+		case !t.graceUntil.IsZero() && !takenBy(old, t.heldOnce(&held, accepted)):
+			t.kept[node] = true // vanished during the grace period
 		default:
 			ch.removed = append(ch.removed, node)
 			delete(t.programmed, node)
 			delete(t.kept, node)
 		}
 	}
-	// Peers kept for the grace period go once it is over, or once another
-	// node holds their subnet.
-	if len(t.kept) > 0 && (graceOver || len(ups) > 0 || all) {
-		if held == nil && !graceOver {
-			held = t.held(accepted)
-		}
-		for node := range t.kept {
-			if graceOver || takenBy(t.programmed[node], held) {
-				ch.removed = append(ch.removed, node)
-				delete(t.programmed, node)
-				delete(t.kept, node)
-			}
-		}
-	}
+	ch.removed = t.dropKept(ch.removed, held, accepted)
 	ch.upserts = sortedPeers(ups)
 	slices.Sort(ch.removed)
 	return ch
+}
+
+// refilter brings the peer filter up to date with the leases that changed
+// and returns the nodes whose programmed entry may have to change.
+func (t *peerTracker) refilter(v *lease.View, cfg *lease.Config, self *lease.Record) []string {
+	defer clear(t.dirty)
+	if t.set == nil || t.cfg != cfg || t.self != self {
+		t.set, t.cfg, t.self = lease.NewPeerSet(cfg, self, v.Records), cfg, self
+		t.logRejected(v)
+		return t.everyNode()
+	}
+	var touched []string
+	all := false
+	for node := range t.dirty {
+		c, recomputed := t.set.Update(node)
+		all = all || recomputed
+		if c {
+			touched = append(touched, node)
+		}
+	}
+	if all || len(touched) > 0 {
+		t.logRejected(v)
+	}
+	if all {
+		return t.everyNode()
+	}
+	return touched
+}
+
+// everyNode returns the nodes accepted or programmed.
+func (t *peerTracker) everyNode() []string {
+	accepted := t.set.Accepted()
+	out := make([]string, 0, len(accepted))
+	for node := range accepted {
+		out = append(out, node)
+	}
+	for node := range t.programmed {
+		if _, ok := accepted[node]; !ok {
+			out = append(out, node)
+		}
+	}
+	return out
+}
+
+// dropKept adds to removed the peers kept for the grace period that go:
+// all once it is over, else those whose subnet another node or this host
+// now holds. held is the index of held subnets if update built it already.
+func (t *peerTracker) dropKept(removed []string, held map[netip.Prefix]bool, accepted map[string]*lease.Record) []string {
+	over := t.graceOver()
+	if len(t.kept) == 0 {
+		return removed
+	}
+	for node := range t.kept {
+		if over || takenBy(t.programmed[node], t.heldOnce(&held, accepted)) {
+			removed = append(removed, node)
+			delete(t.programmed, node)
+			delete(t.kept, node)
+		}
+	}
+	return removed
+}
+
+// heldOnce returns *held, building it first when nil (see held).
+func (t *peerTracker) heldOnce(held *map[netip.Prefix]bool, accepted map[string]*lease.Record) map[netip.Prefix]bool {
+	if *held == nil {
+		*held = t.held(accepted)
+	}
+	return *held
 }
 
 // logRejected logs each rejected lease once per reason, and forgets

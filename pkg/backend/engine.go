@@ -102,9 +102,6 @@ type engine struct {
 	peers    []Peer
 	idx      peerIndex // peers by node, for UpdatePeers
 	applied  state     // what the last pass left in the kernel
-	// peerPos is each node's position in peers, for UpdatePeers; nil when
-	// peers holds a node name twice.
-	peerPos map[string]int
 	// trusted means applied mirrors the kernel: the last full pass
 	// succeeded and every later change went through us. SetPeers then
 	// diffs against applied instead of dumping the kernel; netlink events

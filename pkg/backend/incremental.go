@@ -31,11 +31,13 @@ import (
 // TestIncrementalMatchesFullPass checks that the change path and the
 // whole-set path leave the same kernel state.
 
-// peerIndex is the current peer set by node name. Guarded by engine.mu.
+// peerIndex locates each peer of the engine's set (engine.peers) by node
+// name. Guarded by engine.mu.
 type peerIndex struct {
-	// byNode is nil while the set holds two peers with one node name
-	// (UpdatePeers then rebuilds the whole set).
-	byNode map[string]Peer
+	// pos is each node's position in engine.peers; nil while the set
+	// holds two peers with one node name (UpdatePeers then rebuilds the
+	// whole set).
+	pos map[string]int
 	// clean is true when the desired state last computed from the whole
 	// set had no collision between peers (see isClean).
 	clean bool
@@ -52,17 +54,17 @@ func (c peerChanges) empty() bool {
 	return len(c.added) == 0 && len(c.removed) == 0 && len(c.changed) == 0
 }
 
-func newPeerIndex() peerIndex { return peerIndex{byNode: map[string]Peer{}} }
+func newPeerIndex() peerIndex { return peerIndex{pos: map[string]int{}} }
 
-// rebuild indexes peers by node; byNode is nil when a node name repeats.
+// rebuild indexes peers by node; pos is nil when a node name repeats.
 func (x *peerIndex) rebuild(peers []Peer) {
-	x.byNode = make(map[string]Peer, len(peers))
-	for _, p := range peers {
-		if _, dup := x.byNode[p.Node]; dup {
-			x.byNode = nil
+	x.pos = make(map[string]int, len(peers))
+	for i, p := range peers {
+		if _, dup := x.pos[p.Node]; dup {
+			x.pos = nil
 			return
 		}
-		x.byNode[p.Node] = p
+		x.pos[p.Node] = i
 	}
 }
 
@@ -140,14 +142,6 @@ func (e *engine) setPeersLocked(ctx context.Context, peers []Peer) error {
 	}
 	e.peersSet = true
 	e.idx.rebuild(e.peers)
-	if e.idx.byNode == nil {
-		e.peerPos = nil // duplicate node names: UpdatePeers goes the SetPeers way
-	} else {
-		e.peerPos = make(map[string]int, len(e.peers))
-		for i, p := range e.peers {
-			e.peerPos[p.Node] = i
-		}
-	}
 	return e.quickPassLocked(ctx)
 }
 
@@ -162,36 +156,34 @@ func (e *engine) UpdatePeers(ctx context.Context, upserts []Peer, removed []stri
 		return ErrClosed
 	}
 	defer observe("peers", time.Now())
-	if !e.peersSet || e.idx.byNode == nil || e.peerPos == nil {
+	if !e.peersSet || e.idx.pos == nil {
 		return e.setPeersLocked(ctx, e.patched(upserts, removed))
 	}
+	pos := e.idx.pos
 	var ch peerChanges
 	for _, node := range removed {
-		old, ok := e.idx.byNode[node]
+		i, ok := pos[node]
 		if !ok {
 			continue
 		}
-		ch.removed = append(ch.removed, old)
-		delete(e.idx.byNode, node)
-		i, last := e.peerPos[node], len(e.peers)-1
+		ch.removed = append(ch.removed, e.peers[i])
+		last := len(e.peers) - 1
 		e.peers[i] = e.peers[last]
-		e.peerPos[e.peers[i].Node] = i
+		pos[e.peers[i].Node] = i
 		e.peers[last] = Peer{}
 		e.peers = e.peers[:last]
-		delete(e.peerPos, node)
+		delete(pos, node)
 	}
 	for _, p := range upserts {
 		p = clonePeer(p)
-		switch old, ok := e.idx.byNode[p.Node]; {
+		switch i, ok := pos[p.Node]; {
 		case !ok:
 			ch.added = append(ch.added, p)
-			e.idx.byNode[p.Node] = p
-			e.peerPos[p.Node] = len(e.peers)
+			pos[p.Node] = len(e.peers)
 			e.peers = append(e.peers, p)
-		case !samePeer(old, p):
-			ch.changed = append(ch.changed, [2]Peer{old, p})
-			e.idx.byNode[p.Node] = p
-			e.peers[e.peerPos[p.Node]] = p
+		case !samePeer(e.peers[i], p):
+			ch.changed = append(ch.changed, [2]Peer{e.peers[i], p})
+			e.peers[i] = p
 		}
 	}
 	var err error
