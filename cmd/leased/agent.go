@@ -128,7 +128,10 @@ func (a *agent) retryIn(err error, bo *time.Duration) time.Duration {
 		return 10 * time.Second
 	}
 	if g := a.peers.graceEnds(); !g.IsZero() {
-		return time.Until(g) + 10*time.Millisecond
+		if d := time.Until(g); d > 0 {
+			return d + 10*time.Millisecond
+		}
+		return time.Second // over, but the step did not get to the peers
 	}
 	return 0
 }
@@ -241,14 +244,12 @@ func (a *agent) step(ctx context.Context) error {
 		return a.leaseFailed(err)
 	}
 	a.exhausted = ""
-	if c.new {
-		a.peers.extendGrace()
-	}
 	if c.moved {
 		a.dp.leaseChanged()
 	}
 	if c.new {
 		a.dp.answer(a.lease.local(cfg))
+		a.peers.extendGrace()
 	}
 	changes := a.peers.update(&a.view, cfg, a.lease.self)
 	a.dp.apply(ctx, changes, a.peers.all)

@@ -96,7 +96,7 @@ func (d *datapath) apply(ctx context.Context, ch peerChanges, all func() []backe
 		err = d.be.SetPeers(ctx, all())
 		d.handed = true
 	case !ch.empty():
-		err = d.be.UpdatePeers(ctx, ch.upserts, ch.removed)
+		err = d.be.UpdatePeers(ctx, ch.upserts(), ch.removed)
 	}
 	if err != nil {
 		klog.ErrorS(err, "programming peers; the backend retries on its next pass")

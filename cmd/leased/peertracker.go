@@ -40,13 +40,18 @@ type peerTracker struct {
 }
 
 // peerChanges is what changed in the programmed peer set: the peers to add
-// or replace, oldest lease first, and the nodes to drop.
+// or replace, and the nodes to drop (sorted).
 type peerChanges struct {
-	upserts []backend.Peer
+	ups     []*lease.Record
 	removed []string
 }
 
-func (c peerChanges) empty() bool { return len(c.upserts) == 0 && len(c.removed) == 0 }
+func (c peerChanges) empty() bool { return len(c.ups) == 0 && len(c.removed) == 0 }
+
+// upserts returns the peers to add or replace, oldest lease first (see
+// toPeers). It is computed only when needed: a new backend gets the whole
+// set instead.
+func (c peerChanges) upserts() []backend.Peer { return sortedPeers(c.ups) }
 
 func newPeerTracker(ttl time.Duration) *peerTracker {
 	return &peerTracker{ttl: ttl, dirty: map[string]bool{}, programmed: map[string]*lease.Record{},
@@ -82,7 +87,6 @@ func (t *peerTracker) changed() bool { return len(t.dirty) > 0 }
 func (t *peerTracker) update(v *lease.View, cfg *lease.Config, self *lease.Record) peerChanges {
 	touched := t.refilter(v, cfg, self)
 	accepted := t.set.Accepted()
-	var ups []*lease.Record
 	var ch peerChanges
 	var held map[netip.Prefix]bool // subnets accepted peers and self hold (grace only)
 	for _, node := range touched {
@@ -91,7 +95,7 @@ func (t *peerTracker) update(v *lease.View, cfg *lease.Config, self *lease.Recor
 		case acc != nil:
 			delete(t.kept, node)
 			if acc != old {
-				ups = append(ups, acc)
+				ch.ups = append(ch.ups, acc)
 				t.programmed[node] = acc
 			}
 		case old == nil:
@@ -104,7 +108,6 @@ func (t *peerTracker) update(v *lease.View, cfg *lease.Config, self *lease.Recor
 		}
 	}
 	ch.removed = t.dropKept(ch.removed, held, accepted)
-	ch.upserts = sortedPeers(ups)
 	slices.Sort(ch.removed)
 	return ch
 }

@@ -58,7 +58,7 @@ func (h *trackerHarness) del(node string) {
 // step runs one update and applies its changes to held.
 func (h *trackerHarness) step() {
 	h.last = h.tr.update(&h.view, h.cfg, h.self)
-	h.held = patchPeers(h.held, h.last.upserts, h.last.removed)
+	h.held = patchPeers(h.held, h.last.upserts(), h.last.removed)
 }
 
 func (h *trackerHarness) heldNodes() []string {
@@ -94,12 +94,12 @@ func TestPeerTrackerHandsChanges(t *testing.T) {
 		h.put(fmt.Sprintf("p%02d", i), 10+i)
 	}
 	h.step()
-	if len(h.last.upserts) != 50 || len(h.last.removed) != 0 {
-		t.Fatalf("first update: %d upserts, %d removals, want 50 and 0", len(h.last.upserts), len(h.last.removed))
+	if len(h.last.ups) != 50 || len(h.last.removed) != 0 {
+		t.Fatalf("first update: %d upserts, %d removals, want 50 and 0", len(h.last.ups), len(h.last.removed))
 	}
-	for i, p := range h.last.upserts[1:] { // oldest lease first
-		if p.Node < h.last.upserts[i].Node {
-			t.Fatalf("upserts not oldest first: %s after %s", p.Node, h.last.upserts[i].Node)
+	for i, p := range h.last.upserts()[1:] { // oldest lease first
+		if p.Node < h.last.upserts()[i].Node {
+			t.Fatalf("upserts not oldest first: %s after %s", p.Node, h.last.upserts()[i].Node)
 		}
 	}
 	h.step()
@@ -108,12 +108,12 @@ func TestPeerTrackerHandsChanges(t *testing.T) {
 	}
 	h.put("p07", 200) // moved to another subnet
 	h.step()
-	if len(h.last.upserts) != 1 || h.last.upserts[0].Node != "p07" || len(h.last.removed) != 0 {
+	if len(h.last.ups) != 1 || h.last.upserts()[0].Node != "p07" || len(h.last.removed) != 0 {
 		t.Fatalf("one lease changed: got %+v", h.last)
 	}
 	h.del("p08")
 	h.step()
-	if len(h.last.upserts) != 0 || !slices.Equal(h.last.removed, []string{"p08"}) {
+	if len(h.last.ups) != 0 || !slices.Equal(h.last.removed, []string{"p08"}) {
 		t.Fatalf("one lease gone: got %+v", h.last)
 	}
 	if len(h.held) != 49 {
@@ -128,7 +128,7 @@ func TestPeerTrackerHandsChanges(t *testing.T) {
 	}
 	h.del("p02") // the older holder leaves: the thief is accepted
 	h.step()
-	if !slices.Equal(h.last.removed, []string{"p02"}) || len(h.last.upserts) != 1 || h.last.upserts[0].Node != "thief" {
+	if !slices.Equal(h.last.removed, []string{"p02"}) || len(h.last.ups) != 1 || h.last.upserts()[0].Node != "thief" {
 		t.Fatalf("the older holder left: got %+v, want p02 removed and thief added", h.last)
 	}
 }
@@ -155,12 +155,12 @@ func TestPeerTrackerGrace(t *testing.T) {
 
 	h.put("d", 13) // a new peer during the grace period: just that one
 	h.step()
-	if len(h.last.upserts) != 1 || h.last.upserts[0].Node != "d" || len(h.last.removed) != 0 {
+	if len(h.last.ups) != 1 || h.last.upserts()[0].Node != "d" || len(h.last.removed) != 0 {
 		t.Fatalf("new peer during the grace period: got %+v", h.last)
 	}
 	h.put("thief", 10) // a's subnet, taken by another node: a goes
 	h.step()
-	if !slices.Equal(h.last.removed, []string{"a"}) || len(h.last.upserts) != 1 || h.last.upserts[0].Node != "thief" {
+	if !slices.Equal(h.last.removed, []string{"a"}) || len(h.last.ups) != 1 || h.last.upserts()[0].Node != "thief" {
 		t.Fatalf("a's subnet taken: got %+v, want a removed and thief added", h.last)
 	}
 	h.want("subnet taken", "b", "c", "d", "thief")
@@ -175,7 +175,7 @@ func TestPeerTrackerGrace(t *testing.T) {
 
 	h.tr.graceUntil = time.Now().Add(-time.Second) // the grace period is over
 	h.step()
-	if !slices.Equal(h.last.removed, []string{"b"}) || len(h.last.upserts) != 0 {
+	if !slices.Equal(h.last.removed, []string{"b"}) || len(h.last.ups) != 0 {
 		t.Fatalf("grace period over: got %+v, want b removed", h.last)
 	}
 	if !h.tr.graceEnds().IsZero() {
