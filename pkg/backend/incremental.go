@@ -279,19 +279,37 @@ func (e *engine) applyPeerChangesLocked(ctx context.Context, ch peerChanges) err
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	d, ok := e.objectChanges(ch)
+	if !ok {
+		return errNotIncremental
+	}
+	e.passes++
+	e.updateSkips(d.oldSkips, d.newSkips)
+	return e.applyObjectChangesLocked(d.gone, d.added)
+}
+
+// objectChanges are the kernel objects a peer change stops and starts
+// wanting, and the skips of the peers before and after.
+type objectChanges struct {
+	gone, added        state
+	oldSkips, newSkips []skip
+}
+
+// objectChanges computes what ch changes in the desired state from the
+// changed peers alone. ok is false when a new object has the key of one
+// that stays wanted or of another new one: the first peer in the set would
+// win, which only the whole-set computation knows.
+func (e *engine) objectChanges(ch peerChanges) (d objectChanges, ok bool) {
 	in := input{local: e.local, ext: e.ext, connected: e.connectedCache, foreign: e.foreign.Load()}
 	alone := func(p Peer) (state, []skip) {
 		in.peers = []Peer{p}
 		return e.dp.desired(in)
 	}
-	var oldSkips, newSkips []skip
-	gone, added := newState(), newState()
+	d.gone, d.added = newState(), newState()
 	drop := func(p Peer) {
 		st, sk := alone(p)
-		oldSkips = append(oldSkips, sk...)
-		mergeInto(gone.routes, st.routes)
-		mergeInto(gone.neighs, st.neighs)
-		mergeInto(gone.fdbs, st.fdbs)
+		d.oldSkips = append(d.oldSkips, sk...)
+		mergeState(d.gone, st)
 	}
 	for _, p := range ch.removed {
 		drop(p)
@@ -299,22 +317,17 @@ func (e *engine) applyPeerChangesLocked(ctx context.Context, ch peerChanges) err
 	for _, c := range ch.changed {
 		drop(c[0])
 	}
-	// Each new object must not collide with one that stays wanted, nor
-	// with another new one: the first peer in the set would win, which
-	// only the whole-set computation knows.
 	conflict := false
 	take := func(p Peer) {
 		st, sk := alone(p)
-		newSkips = append(newSkips, sk...)
+		d.newSkips = append(d.newSkips, sk...)
 		e.wanted.read(func(w *state) bool {
-			conflict = conflict || collides(w.routes, gone.routes, added.routes, st.routes) ||
-				collides(w.neighs, gone.neighs, added.neighs, st.neighs) ||
-				collides(w.fdbs, gone.fdbs, added.fdbs, st.fdbs)
+			conflict = conflict || collides(w.routes, d.gone.routes, d.added.routes, st.routes) ||
+				collides(w.neighs, d.gone.neighs, d.added.neighs, st.neighs) ||
+				collides(w.fdbs, d.gone.fdbs, d.added.fdbs, st.fdbs)
 			return false
 		})
-		mergeInto(added.routes, st.routes)
-		mergeInto(added.neighs, st.neighs)
-		mergeInto(added.fdbs, st.fdbs)
+		mergeState(d.added, st)
 	}
 	for _, p := range ch.added {
 		take(p)
@@ -322,12 +335,19 @@ func (e *engine) applyPeerChangesLocked(ctx context.Context, ch peerChanges) err
 	for _, c := range ch.changed {
 		take(c[1])
 	}
-	if conflict {
-		return errNotIncremental
-	}
-	e.passes++
-	e.updateSkips(oldSkips, newSkips)
+	return d, !conflict
+}
 
+// mergeState adds the objects of src to dst.
+func mergeState(dst, src state) {
+	mergeInto(dst.routes, src.routes)
+	mergeInto(dst.neighs, src.neighs)
+	mergeInto(dst.fdbs, src.fdbs)
+}
+
+// applyObjectChangesLocked takes the wanted and applied state, and the
+// kernel, from wanting gone to wanting added instead.
+func (e *engine) applyObjectChangesLocked(gone, added state) error {
 	fPut, fDel := changesOf(e.applied.fdbs, gone.fdbs, added.fdbs)
 	nPut, nDel := changesOf(e.applied.neighs, gone.neighs, added.neighs)
 	rPut, rDel := changesOf(e.applied.routes, gone.routes, added.routes)
