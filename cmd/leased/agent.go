@@ -56,7 +56,7 @@ func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node strin
 	return &agent{o: o, reg: reg, node: node,
 		conf:  &configKeeper{key: reg.Keys().Config(), endpoints: o.etcdEndpoints},
 		lease: newLeaseKeeper(o, cli, reg, ext, node),
-		peers: newPeerTracker(o.leaseTTL),
+		peers: newPeerTracker(),
 		dp:    newDatapath(ext, node, opts)}
 }
 
@@ -131,7 +131,9 @@ func (a *agent) retryIn(err error, bo *time.Duration) time.Duration {
 		if d := time.Until(g); d > 0 {
 			return d + 10*time.Millisecond
 		}
-		return time.Second // over, but the step did not get to the peers
+		// Over, but the step did not get to the peers (no lease): the
+		// step that gets there ends it. No timer: that would step again
+		// at once, and again (an Acquire each time, while out of subnets).
 	}
 	return 0
 }
@@ -148,7 +150,7 @@ func (a *agent) stop() {
 // lost reacts to this host no longer using its lease (see lost): peers
 // whose leases vanish meanwhile stay programmed for a grace period.
 func (a *agent) lost(l *lost) {
-	a.peers.startGrace()
+	a.peers.startGrace(a.o.leaseTTL)
 	if l.withdraw {
 		a.dp.withdraw()
 	}
@@ -249,7 +251,7 @@ func (a *agent) step(ctx context.Context) error {
 	}
 	if c.new {
 		a.dp.answer(a.lease.local(cfg))
-		a.peers.extendGrace()
+		a.peers.extendGrace(a.o.leaseTTL)
 	}
 	changes := a.peers.update(&a.view, cfg, a.lease.self)
 	a.dp.apply(ctx, changes, a.peers.all)

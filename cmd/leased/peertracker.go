@@ -21,7 +21,6 @@ import (
 // It owns the grace period after a lost lease and the logging of rejected
 // leases. Not safe for concurrent use.
 type peerTracker struct {
-	ttl   time.Duration   // the lease TTL: the length of a grace period
 	dirty map[string]bool // nodes whose lease changed since the last update
 	set   *lease.PeerSet  // the peer filter, kept up to date with dirty
 	cfg   *lease.Config   // the config and
@@ -53,8 +52,8 @@ func (c peerChanges) empty() bool { return len(c.ups) == 0 && len(c.removed) == 
 // set instead.
 func (c peerChanges) upserts() []backend.Peer { return sortedPeers(c.ups) }
 
-func newPeerTracker(ttl time.Duration) *peerTracker {
-	return &peerTracker{ttl: ttl, dirty: map[string]bool{}, programmed: map[string]*lease.Record{},
+func newPeerTracker() *peerTracker {
+	return &peerTracker{dirty: map[string]bool{}, programmed: map[string]*lease.Record{},
 		kept: map[string]bool{}, rejected: map[string]string{}}
 }
 
@@ -215,19 +214,19 @@ func (t *peerTracker) counts(v *lease.View) (programmed, rejected int) {
 }
 
 // startGrace keeps vanishing peers for one lease TTL (see programmed).
-func (t *peerTracker) startGrace() {
-	t.graceUntil = time.Now().Add(t.ttl)
+func (t *peerTracker) startGrace(ttl time.Duration) {
+	t.graceUntil = time.Now().Add(ttl)
 	klog.InfoS("this host lost its lease; peers whose leases vanish meanwhile stay programmed until they re-claim or the grace period ends", "until", t.graceUntil.Format(time.RFC3339))
 }
 
 // extendGrace is called when this host holds its lease again: peers cut
 // off from etcd with it re-claim once they reach it again, which may be a
 // little later than this host did: their routes stay for one more TTL.
-func (t *peerTracker) extendGrace() {
+func (t *peerTracker) extendGrace(ttl time.Duration) {
 	if t.graceUntil.IsZero() {
 		return
 	}
-	if until := time.Now().Add(t.ttl); until.After(t.graceUntil) {
+	if until := time.Now().Add(ttl); until.After(t.graceUntil) {
 		t.graceUntil = until
 		klog.V(2).InfoS("lease held again; peers that have not re-claimed theirs stay programmed for one more lease TTL", "until", t.graceUntil.Format(time.RFC3339))
 	}

@@ -25,12 +25,12 @@ type trackerHarness struct {
 	last peerChanges
 }
 
-func newTrackerHarness(t *testing.T, ttl time.Duration) *trackerHarness {
+func newTrackerHarness(t *testing.T) *trackerHarness {
 	cfg, _, err := lease.ParseConfig([]byte(`{"Network":"10.100.0.0/16","Backend":{"Type":"host-gw"}}`))
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &trackerHarness{t: t, cfg: cfg, tr: newPeerTracker(ttl)}
+	h := &trackerHarness{t: t, cfg: cfg, tr: newPeerTracker()}
 	h.self = h.record("self", 1)
 	h.view.Apply(lease.Batch{Reset: true, Rev: 1})
 	h.view.Records["self"] = h.self
@@ -89,7 +89,7 @@ func (h *trackerHarness) want(what string, nodes ...string) {
 // The peer tracker hands the datapath changes, not sets: one lease changed
 // is one upsert, one lease gone one removal, an unchanged view nothing.
 func TestPeerTrackerHandsChanges(t *testing.T) {
-	h := newTrackerHarness(t, time.Minute)
+	h := newTrackerHarness(t)
 	for i := range 50 {
 		h.put(fmt.Sprintf("p%02d", i), 10+i)
 	}
@@ -137,14 +137,14 @@ func TestPeerTrackerHandsChanges(t *testing.T) {
 // (no removal is handed to the datapath) until the grace period ends or
 // another node holds their subnet; changes go as changes throughout.
 func TestPeerTrackerGrace(t *testing.T) {
-	h := newTrackerHarness(t, time.Hour)
+	h := newTrackerHarness(t)
 	h.put("a", 10)
 	h.put("b", 11)
 	h.put("c", 12)
 	h.step()
 	h.want("start", "a", "b", "c")
 
-	h.tr.startGrace()
+	h.tr.startGrace(time.Hour)
 	h.del("a")
 	h.del("b")
 	h.step()
