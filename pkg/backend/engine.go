@@ -153,17 +153,11 @@ func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend,
 	default:
 		return nil, fmt.Errorf("%w: %q is not implemented yet", ErrUnknownType, cfg.Type)
 	}
-	ns := nsExec{path: opts.NetNS}
-	h, err := ns.handle()
+	k, err := openKernel(nsExec{path: opts.NetNS})
 	if err != nil {
-		return nil, fmt.Errorf("opening netlink handle: %w", err)
-	}
-	b, err := newRouteBatcher(ns)
-	if err != nil {
-		h.Close()
 		return nil, err
 	}
-	e := newEngine(cfg.Type, ext, opts, netlinkKernel{h: h, b: b}, dp)
+	e := newEngine(cfg.Type, ext, opts, k, dp)
 	if cfg.Type == TypeProxyNDP {
 		return newProxyNDP(e, cfg), nil
 	}
@@ -229,7 +223,8 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 	e.started = true
 	klog.InfoS("backend starting", "type", e.typ, "node", local.Node, "subnet4", local.Subnet4, "subnet6", local.Subnet6, "iface", e.ext.Name)
 	fwd := make(chan error, 1)
-	go func() { fwd <- e.setupHost(local, nil) }()
+	k := e.k
+	go func() { fwd <- e.setupHost(k, local, nil) }()
 	var err error
 	if !e.peersSet {
 		// Until the agent has handed over the full peer set, peer state
@@ -244,18 +239,16 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 	return errors.Join(<-fwd, err)
 }
 
-// setupHost sets the forwarding sysctls and the firewall rules for local,
-// in the backend's namespace, one caller at a time. It sets *changed (when
-// not nil) if anything had to change.
-func (e *engine) setupHost(local Local, changed *bool) error {
+// setupHost sets the forwarding sysctls and the firewall rules for local
+// through k, one caller at a time. It sets *changed (when not nil) if
+// anything had to change.
+func (e *engine) setupHost(k kernel, local Local, changed *bool) error {
 	e.hostMu.Lock()
 	defer e.hostMu.Unlock()
-	return e.ns.do(func() error {
-		return errors.Join(
-			enableForwarding(e.ext.Link(true).Name, local.Network4.IsValid(), local.Network6.IsValid(), changed),
-			setupForwarding(local, fwOptions{masq: e.opts.IPMasq, noFwd: e.opts.NoForwardRules}, changed),
-		)
-	})
+	return errors.Join(
+		enableForwarding(k, e.ext.Link(true).Name, local.Network4.IsValid(), local.Network6.IsValid(), changed),
+		setupForwarding(k, local, fwOptions{masq: e.opts.IPMasq, noFwd: e.opts.NoForwardRules}, changed),
+	)
 }
 
 // ensureHost re-applies setupHost for the current lease, for the periodic
@@ -264,13 +257,13 @@ func (e *engine) setupHost(local Local, changed *bool) error {
 // warning, as routes do.
 func (e *engine) ensureHost() {
 	e.mu.Lock()
-	local, started := e.local, e.started
+	local, started, k := e.local, e.started, e.k
 	e.mu.Unlock()
 	if !started {
 		return
 	}
 	var changed bool
-	err := e.setupHost(local, &changed)
+	err := e.setupHost(k, local, &changed)
 	if changed {
 		klog.Warning("forwarding sysctls or iptables rules restored (they were changed or removed outside leased)")
 		metrics.DriftRepairs.WithLabelValues("forwarding").Inc()
