@@ -538,3 +538,13 @@ func (t *fakeIPTables) dump() []string {
 	}
 	return out
 }
+
+// dump renders the routes as sorted text, e.g. "10.0.1.0/24 via 192.0.2.1 dev 2 proto 76".
+func (f *fakeKernel) dump() []string {
+	var out []string
+	for _, r := range f.routes {
+		out = append(out, fmt.Sprintf("%s via %s dev %d proto %d", r.Dst, r.Gw, r.LinkIndex, r.Protocol))
+	}
+	slices.Sort(out)
+	return out
+}
