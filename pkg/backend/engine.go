@@ -136,10 +136,23 @@ func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend,
 	if err := ext.validate(); err != nil {
 		return nil, err
 	}
-	var dp datapath
+	dp, err := datapathFor(cfg, ext, node)
+	if err != nil {
+		return nil, err
+	}
+	k, err := openKernel(nsExec{path: opts.NetNS})
+	if err != nil {
+		return nil, err
+	}
+	return assemble(cfg, ext, opts, k, dp), nil
+}
+
+// datapathFor returns the datapath of cfg's type, for a config and an
+// interface New checked.
+func datapathFor(cfg Config, ext ExtIface, node string) (datapath, error) {
 	switch cfg.Type {
 	case TypeHostGW:
-		dp = &hostGW{}
+		return &hostGW{}, nil
 	case TypeVXLAN:
 		if !ext.Addr4.IsValid() && !ext.Addr6.IsValid() {
 			if ext.Split() {
@@ -147,21 +160,20 @@ func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend,
 			}
 			return nil, fmt.Errorf("backend: vxlan needs an address on %s for the underlay; it has none: add one, or pick another interface with --iface", ext.Name)
 		}
-		dp = newVXLAN(cfg, ext, node)
+		return newVXLAN(cfg, ext, node), nil
 	case TypeProxyNDP:
-		dp = hostGW{} // peers are routed as host-gw does; ndp.go answers on the link
-	default:
-		return nil, fmt.Errorf("%w: %q is not implemented yet", ErrUnknownType, cfg.Type)
+		return hostGW{}, nil // peers are routed as host-gw does; ndp.go answers on the link
 	}
-	k, err := openKernel(nsExec{path: opts.NetNS})
-	if err != nil {
-		return nil, err
-	}
+	return nil, fmt.Errorf("%w: %q is not implemented yet", ErrUnknownType, cfg.Type)
+}
+
+// assemble returns the backend of cfg's type over the kernel k.
+func assemble(cfg Config, ext ExtIface, opts Options, k kernel, dp datapath) Backend {
 	e := newEngine(cfg.Type, ext, opts, k, dp)
 	if cfg.Type == TypeProxyNDP {
-		return newProxyNDP(e, cfg), nil
+		return newProxyNDP(e, cfg)
 	}
-	return e, nil
+	return e
 }
 
 func newEngine(typ string, ext ExtIface, opts Options, k kernel, dp datapath) *engine {
