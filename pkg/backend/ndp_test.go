@@ -95,7 +95,6 @@ func TestNDPCheckOnLink(t *testing.T) {
 	}
 }
 
-
 // ndpLab is a router namespace and a host namespace on one veth link, the
 // host at 2001:db8:ab11::11/64 and the router at ::1/64.
 func ndpLab(t *testing.T) (router, host string, ext ExtIface) {

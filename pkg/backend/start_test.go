@@ -126,7 +126,7 @@ func TestStartOnFakeKernel(t *testing.T) {
 			},
 			update: []Peer{
 				gwPeer("b", "10.100.2.0/24", "192.168.77.30", "fd00:100:2::/64", "2001:db8:77::3"), // moved
-				gwPeer("d", "10.100.4.0/24", "192.168.77.5", "", ""),                            // new; c left
+				gwPeer("d", "10.100.4.0/24", "192.168.77.5", "", ""),                               // new; c left
 			},
 			sysctls: map[string]string{"net/ipv4/ip_forward": "1", "net/ipv6/conf/all/forwarding": "1", "net/ipv6/conf/eth0/accept_ra": "2"},
 			ipt4:    append(slices.Clone(fwd4), masq4...),

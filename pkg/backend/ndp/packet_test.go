@@ -221,9 +221,9 @@ func TestNDPDecide(t *testing.T) {
 	}{
 		{cfg, s("2001:db8:ab11:0:8000::2", ndpRouterMAC), verdictAnswer},
 		{cfg, s("2001:db8:ab11:0:8000:ffff:ffff:ffff", ndpRouterMAC), verdictAnswer},
-		{cfg, s("2001:db8:ab11:0:8001::2", ndpRouterMAC), verdictDrop},                         // a peer's slice
-		{cfg, s("2001:db8:ab11::12", ndpRouterMAC), verdictDrop},                               // a host
-		{cfg, s("2001:db8:ab11:0:8000::2", ndpHostMAC), verdictDrop},                           // ourselves
+		{cfg, s("2001:db8:ab11:0:8001::2", ndpRouterMAC), verdictDrop},                      // a peer's slice
+		{cfg, s("2001:db8:ab11::12", ndpRouterMAC), verdictDrop},                            // a host
+		{cfg, s("2001:db8:ab11:0:8000::2", ndpHostMAC), verdictDrop},                        // ourselves
 		{&Answer{MAC: ndpHostMAC}, s("2001:db8:ab11:0:8000::2", ndpRouterMAC), verdictDrop}, // withdrawn
 	} {
 		if got := r.decide(tc.cfg, tc.s); got != tc.want {
@@ -242,7 +242,6 @@ func TestNDPDecide(t *testing.T) {
 		t.Errorf("address outside the slice: %v", got)
 	}
 }
-
 
 func BenchmarkNDPAnswer(b *testing.B) {
 	f := nsFrame(b, ndpRouter, netip.MustParseAddr("2001:db8:ab11:0:8000::42"), true)
