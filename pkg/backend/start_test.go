@@ -325,3 +325,59 @@ func checkAnswers(t *testing.T, k *fakeKernel, slice netip.Prefix) {
 	}
 	var _ ndp.PacketConn = c
 }
+
+// Check, against the fake kernel, finds nothing after Start and SetPeers of
+// vxlan, and names a deleted route, a deleted FDB entry and a device with
+// the wrong VNI.
+func TestCheckOnFakeKernel(t *testing.T) {
+	k := newFakeKernel()
+	k.addLink(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: fakeMAC, Flags: net.FlagUp}}, "192.168.77.2/24")
+	cfg, err := parseConfig([]byte(`{"Type":"vxlan"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ext := fakeExt
+	ext.Addr6, ext.Public6 = netip.Addr{}, netip.Addr{}
+	local := Local{Node: "a", Subnet4: netip.MustParsePrefix("10.100.1.0/24"), Network4: net4}
+	peers := []Peer{vxPeer("b", "10.100.2.0/24", "192.168.77.3", "", "")}
+	newB := func() Backend {
+		dp, err := datapathFor(cfg, ext, "a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return assemble(cfg, ext, Options{}, k, dp)
+	}
+	b := newB()
+	if err := b.Start(context.Background(), local); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.SetPeers(context.Background(), peers); err != nil {
+		t.Fatal(err)
+	}
+	d, err := Check(context.Background(), newB(), local, peers)
+	if err != nil || !d.Empty() {
+		t.Fatalf("Check after Start = %+v, %v; want no drift", d, err)
+	}
+	for id, r := range k.routes {
+		if r.Protocol == RouteProtocol {
+			delete(k.routes, id)
+		}
+	}
+	for id, n := range k.neighs {
+		if n.Family == unix.AF_BRIDGE {
+			delete(k.neighs, id)
+		}
+	}
+	l, _ := k.LinkByName(VXLANDev4)
+	l.(*netlink.Vxlan).VxlanId = 7
+	d, err = Check(context.Background(), newB(), local, peers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := strings.Join(append(d.Missing, d.Extra...), "\n")
+	for _, want := range []string{"route 10.100.2.0/24", "fdb ", "device leased.4 (VNI 7, want 1)"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("drift:\n%s\nlacks %q", got, want)
+		}
+	}
+}
