@@ -381,3 +381,54 @@ func TestCheckOnFakeKernel(t *testing.T) {
 		}
 	}
 }
+
+// teardown on the fake kernel removes what Start and SetPeers of vxlan with
+// --ip-masq created — routes, devices, both families' chains and jumps —
+// and leaves a foreign route, a foreign rule and the sysctls alone.
+func TestTeardownOnFakeKernel(t *testing.T) {
+	k := newFakeKernel()
+	k.addLink(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: fakeMAC, Flags: net.FlagUp}}, "192.168.77.2/24", "2001:db8:77::2/64")
+	foreign := fakeRoute("10.100.9.0/24", "192.168.77.9", unix.RTPROT_STATIC)
+	k.routes[routeID(&foreign)] = foreign
+	if err := k.ipt[0].Append("filter", "FORWARD", "-j", "DROP"); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := parseConfig([]byte(`{"Type":"vxlan"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp, err := datapathFor(cfg, fakeExt, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := assemble(cfg, fakeExt, Options{IPMasq: true}, k, dp)
+	if err := b.Start(context.Background(), localA()); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.SetPeers(context.Background(), []Peer{vxPeer("b", "10.100.2.0/24", "192.168.77.3", "fd00:100:2::/64", "2001:db8:77::3")}); err != nil {
+		t.Fatal(err)
+	}
+	removed, err := teardown(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("removed:\n%s", strings.Join(removed, "\n"))
+	if got, want := k.dump(), []string{"10.100.9.0/24 via 192.168.77.9 dev 2 proto 4"}; !slices.Equal(got, want) {
+		t.Errorf("routes after teardown: %v, want %v", got, want)
+	}
+	if l := k.linkDump(); len(l) != 0 {
+		t.Errorf("devices after teardown: %v", l)
+	}
+	if got, want := k.ipt[0].dump(), []string{"filter -A FORWARD -j DROP"}; !slices.Equal(got, want) {
+		t.Errorf("iptables after teardown: %v, want %v", got, want)
+	}
+	if got := k.ipt[1].dump(); len(got) != 0 {
+		t.Errorf("ip6tables after teardown: %v", got)
+	}
+	if k.sysctl["net/ipv4/ip_forward"] != "1" {
+		t.Error("teardown changed ip_forward")
+	}
+	if again, err := teardown(k); err != nil || len(again) != 0 {
+		t.Errorf("second teardown = %v, %v; want nothing", again, err)
+	}
+}
