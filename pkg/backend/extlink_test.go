@@ -158,7 +158,9 @@ func TestHostGWRoutesPerFamilyLink(t *testing.T) {
 	k.addrs[2] = []netip.Prefix{netip.MustParsePrefix("192.168.77.2/24"), netip.MustParsePrefix("2001:db8:77::2/64")}
 	k.addrs[3] = []netip.Prefix{netip.MustParsePrefix("2001:db8:88::2/64"), netip.MustParsePrefix("192.168.88.2/24")}
 	e := newEngine(TypeHostGW, splitExt(), Options{}, k, hostGW{})
-	e.started, e.local = true, localA() // not Start: it would touch this host's sysctls
+	if err := e.Start(context.Background(), localA()); err != nil { // the fake kernel: no sysctl or rule of this host changes
+		t.Fatal(err)
+	}
 	if err := e.SetPeers(context.Background(), splitPeers()); err != nil {
 		t.Fatal(err)
 	}
