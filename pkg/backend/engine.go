@@ -60,12 +60,11 @@ type skip struct {
 }
 
 // engine is the Backend implementation shared by every type: it owns the
-// netlink handle, the desired state and the reconcile loop.
+// kernel (its only way to it), the desired state and the reconcile loop.
 type engine struct {
 	typ  string
 	ext  ExtIface
 	opts Options
-	ns   nsExec
 	k    kernel
 	dp   datapath
 
@@ -181,7 +180,6 @@ func newEngine(typ string, ext ExtIface, opts Options, k kernel, dp datapath) *e
 		typ:      typ,
 		ext:      ext,
 		opts:     opts,
-		ns:       nsExec{path: opts.NetNS},
 		k:        k,
 		dp:       dp,
 		resync:   DefaultResync,
