@@ -41,6 +41,7 @@ type fakeKernel struct {
 	conns   []*fakeConn      // packet sockets opened, in order
 	closed  bool
 	sockets map[uint64]bool // PacketSockets
+	proxies []netlink.Neigh // NeighProxyList
 }
 
 func newFakeKernel() *fakeKernel {
@@ -283,7 +284,15 @@ func (f *fakeKernel) RouteListAll(family int, keep func(*netlink.Route) bool) ([
 	return out, nil
 }
 
-func (f *fakeKernel) NeighProxyList(int, int) ([]netlink.Neigh, error) { return nil, nil }
+func (f *fakeKernel) NeighProxyList(index, _ int) ([]netlink.Neigh, error) {
+	var out []netlink.Neigh
+	for _, n := range f.proxies {
+		if n.LinkIndex == index {
+			out = append(out, n)
+		}
+	}
+	return out, nil
+}
 
 func (f *fakeKernel) Sysctl(name string) (string, error) {
 	f.host.Lock()

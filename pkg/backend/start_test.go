@@ -432,3 +432,74 @@ func TestTeardownOnFakeKernel(t *testing.T) {
 		t.Errorf("second teardown = %v, %v; want nothing", again, err)
 	}
 }
+
+// hostRoutes on the fake kernel: a LAN and a bridge inside the network
+// count (the bridge's as Own), the local address inside the LAN adds
+// nothing, and routes via a gateway, leased's own and one covering the
+// whole network are left out.
+func TestHostRoutesOnFakeKernel(t *testing.T) {
+	k := newFakeKernel()
+	k.addLink(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Name: "eth1", Index: 3}})
+	k.addLink(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "docker0", Index: 4}})
+	add := func(dst string, table int, typ int, link int, gw string, proto netlink.RouteProtocol) {
+		r := fakeRoute(dst, gw, proto)
+		r.Table, r.Type, r.LinkIndex = table, typ, link
+		if gw == "" {
+			r.Gw = nil
+		}
+		k.routes[routeID(&r)] = r
+	}
+	add("10.100.5.0/24", unix.RT_TABLE_MAIN, unix.RTN_UNICAST, 3, "", unix.RTPROT_KERNEL)
+	add("10.100.5.7/32", unix.RT_TABLE_LOCAL, unix.RTN_LOCAL, 3, "", unix.RTPROT_KERNEL)
+	add("10.100.1.0/24", unix.RT_TABLE_MAIN, unix.RTN_UNICAST, 4, "", unix.RTPROT_KERNEL)
+	add("10.100.8.0/24", unix.RT_TABLE_MAIN, unix.RTN_UNICAST, 3, "10.100.5.1", unix.RTPROT_STATIC)
+	add("10.100.9.0/24", unix.RT_TABLE_MAIN, unix.RTN_UNICAST, 3, "", RouteProtocol)
+	add("10.0.0.0/8", unix.RT_TABLE_MAIN, unix.RTN_UNICAST, 3, "", unix.RTPROT_STATIC)
+	rs, err := hostRoutes(k, net4, net6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, r := range rs {
+		got = append(got, fmt.Sprintf("%s own=%v (%s)", r.Dst, r.Own, r.Desc))
+	}
+	slices.Sort(got)
+	want := []string{
+		"10.100.1.0/24 own=true (10.100.1.0/24 dev docker0 proto kernel)",
+		"10.100.5.0/24 own=false (10.100.5.0/24 dev eth1 proto kernel)",
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("host routes:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+// Check of proxy-ndp on the fake kernel: with no packet socket on the
+// uplink the answers are missing, and a kernel proxy entry for an address
+// of the cluster network is extra (one outside it is not leased's concern).
+func TestCheckProxyNDPOnFakeKernel(t *testing.T) {
+	k := newFakeKernel()
+	k.addLink(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: fakeMAC, Flags: net.FlagUp}}, "2001:db8:ab11::11/64")
+	k.proxies = []netlink.Neigh{
+		{LinkIndex: 2, Family: unix.AF_INET6, IP: net.ParseIP("2001:db8:ab11:0:8000::9")},
+		{LinkIndex: 2, Family: unix.AF_INET6, IP: net.ParseIP("2001:db8:ab11::99")},
+	}
+	cfg, err := parseConfig([]byte(`{"Type":"proxy-ndp"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp, err := datapathFor(cfg, ndpExt, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	local := Local{Node: "a", Subnet6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/80"), Network6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")}
+	d, err := Check(context.Background(), assemble(cfg, ndpExt, Options{}, k, dp), local, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(d.Missing) != 1 || !strings.HasPrefix(d.Missing[0], "ndp answers for 2001:db8:ab11:0:8000::/80 on eth0") {
+		t.Errorf("missing = %q, want the answers on eth0", d.Missing)
+	}
+	if len(d.Extra) != 1 || !strings.HasPrefix(d.Extra[0], "ndp proxy entry 2001:db8:ab11:0:8000::9 dev eth0") {
+		t.Errorf("extra = %q, want the proxy entry inside the network only", d.Extra)
+	}
+}
