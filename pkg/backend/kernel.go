@@ -30,15 +30,18 @@ const RouteProtocol netlink.RouteProtocol = 76
 
 // kernel is the engine's only way to the kernel: every route, neighbour,
 // FDB entry, link and address it reads or writes, the sysctls and firewall
-// rules it keeps, the netlink events it listens to and the sockets of the
-// proxy-NDP responder. netlinkKernel implements it in one network
+// rules it keeps, the netlink events it listens to, the packet sockets
+// `leased status` looks for and the connection of the proxy-NDP responder
+// (package ndp: its packet socket, neighbour dumps and probes). Only
+// CheckPrivileges, which runs before a backend exists, probes the kernel
+// directly. netlinkKernel implements it in one network
 // namespace; tests use an in-memory fake (fake_test.go), against which a
 // backend's Start runs as a pass does. It is composed of small interfaces,
 // one per kind of kernel object.
 //
 // The table methods (routeTable, neighTable, linkTable) are not safe for
 // concurrent use; the engine serialises them with its mutex. The others
-// (sysctls, firewall, eventSource, sideOpener) may be called from any
+// (sysctls, firewall, eventSource, sideOpener, packetSockets) may be called from any
 // goroutine, also while a table method runs.
 type kernel interface {
 	routeTable
