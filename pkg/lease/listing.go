@@ -7,7 +7,6 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -40,9 +39,8 @@ func (r *Registry) listLeases(ctx context.Context) (Batch, error) {
 	b := Batch{Rev: cresp.Header.Revision, Reset: true, ClusterID: cresp.Header.ClusterId}
 	var cfg []Event
 	for _, kv := range cresp.Kvs {
-		cfg = append(cfg, Event{Kind: ConfigPut, Value: kv.Value})
+		cfg = append(cfg, Event{Kind: ConfigPut, Value: kv.Value, ModRev: kv.ModRevision})
 	}
-	pc := r.prechecker(cresp.Kvs)
 	// Each part of a chunk (decoded on its own, so that the last and
 	// largest chunk is not decoded on one CPU after the stream ended)
 	// joins the map as soon as it and those before it are decoded, so the
@@ -66,7 +64,7 @@ func (r *Registry) listLeases(ctx context.Context) (Batch, error) {
 			prev = done
 			wg.Go(func() {
 				var c leaseChunk
-				r.decodeChunk(&c, part, pc)
+				r.decodeChunk(&c, part)
 				if left.Add(-1) == 0 {
 					rc.free()
 				}
@@ -109,9 +107,8 @@ func (r *Registry) listTxn(ctx context.Context) (Batch, error) {
 	b := Batch{Rev: resp.Header.Revision, Reset: true, ClusterID: resp.Header.ClusterId}
 	var evs []Event
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
-		evs = append(evs, Event{Kind: ConfigPut, Value: kv.Value})
+		evs = append(evs, Event{Kind: ConfigPut, Value: kv.Value, ModRev: kv.ModRevision})
 	}
-	pc := r.prechecker(resp.Responses[0].GetResponseRange().Kvs)
 	kvs := resp.Responses[1].GetResponseRange().Kvs
 	chunks := make([]leaseChunk, runtime.GOMAXPROCS(0))
 	per := (len(kvs) + len(chunks) - 1) / len(chunks)
@@ -123,7 +120,7 @@ func (r *Registry) listTxn(ctx context.Context) (Batch, error) {
 			for j, kv := range part {
 				raw[j] = rawKV{kv.Key, kv.Value, kv.CreateRevision, kv.Lease}
 			}
-			r.decodeChunk(&chunks[i], raw, pc)
+			r.decodeChunk(&chunks[i], raw)
 		})
 	}
 	wg.Wait()
@@ -148,9 +145,8 @@ type badLease struct {
 	e Event
 }
 
-// decodeChunk decodes kvs into c, with pc's peer checks when pc is not
-// nil; it keeps no reference to kvs.
-func (r *Registry) decodeChunk(c *leaseChunk, kvs []rawKV, pc *prechecker) {
+// decodeChunk decodes kvs into c; it keeps no reference to kvs.
+func (r *Registry) decodeChunk(c *leaseChunk, kvs []rawKV) {
 	c.recs = make([]Record, len(kvs))
 	// The node names (from the keys), in one string: one allocation for
 	// the chunk instead of one per record.
@@ -166,23 +162,8 @@ func (r *Registry) decodeChunk(c *leaseChunk, kvs []rawKV, pc *prechecker) {
 		names = names[l:]
 		if e := leaseEventInto(node, kv.value, kv.create, kv.lease, rec); e.Err != nil {
 			c.bad = append(c.bad, badLease{i, e})
-		} else if pc != nil {
-			pc.check(rec)
 		}
 	}
-}
-
-// prechecker returns the prechecker for the config among kvs (the result
-// of reading the config key), or nil when there is no valid config.
-func (r *Registry) prechecker(kvs []*mvccpb.KeyValue) *prechecker {
-	if len(kvs) == 0 {
-		return nil
-	}
-	cfg, _, err := ParseConfig(kvs[0].Value)
-	if err != nil {
-		return nil // the agent reports it
-	}
-	return newPrechecker(cfg)
 }
 
 // join adds c's well-formed records to base (see Batch.base: a listing of

@@ -142,7 +142,6 @@ func FuzzDecodeRecordFast(f *testing.F) {
 // must never change a result.
 func TestPeersMatchesByAge(t *testing.T) {
 	rnd := rand.New(rand.NewPCG(1, 2))
-	other := newPrechecker(mustConfig(t, `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32"}`))
 	for _, js := range []string{
 		`{"Network":"10.0.0.0/16","IPv6Network":"2001:db8::/48","IPv6SubnetLen":64}`,
 		`{"Network":"10.0.0.0/22","SubnetLen":26}`,
@@ -206,32 +205,16 @@ func TestPeersMatchesByAge(t *testing.T) {
 				fast++
 			}
 			wantPeers, wantRejected := peersByAge(cfg, self, records)
-			// Then with the checks a listing computes as it decodes
-			// (prechecker) on most records; some computed for other
-			// pools, which Peers must not trust.
-			for _, prechecked := range []bool{false, true} {
-				if prechecked {
-					for _, r := range records {
-						switch rnd.IntN(4) {
-						case 0:
-						case 1:
-							other.check(r)
-						default:
-							newPrechecker(cfg).check(r)
-						}
-					}
-				}
-				peers, rejected := Peers(cfg, self, records)
-				if got, want := peerNames(peers), peerNames(wantPeers); got != want {
-					t.Fatalf("%s round %d (prechecked %v): peers %s, want %s", js, round, prechecked, got, want)
-				}
-				if len(rejected) != len(wantRejected) {
-					t.Fatalf("%s round %d (prechecked %v): rejected %v, want %v", js, round, prechecked, rejected, wantRejected)
-				}
-				for node, err := range wantRejected {
-					if rejected[node] == nil || rejected[node].Error() != err.Error() {
-						t.Fatalf("%s round %d (prechecked %v): %s rejected for %v, want %v", js, round, prechecked, node, rejected[node], err)
-					}
+			peers, rejected := Peers(cfg, self, records)
+			if got, want := peerNames(peers), peerNames(wantPeers); got != want {
+				t.Fatalf("%s round %d: peers %s, want %s", js, round, got, want)
+			}
+			if len(rejected) != len(wantRejected) {
+				t.Fatalf("%s round %d: rejected %v, want %v", js, round, rejected, wantRejected)
+			}
+			for node, err := range wantRejected {
+				if rejected[node] == nil || rejected[node].Error() != err.Error() {
+					t.Fatalf("%s round %d: %s rejected for %v, want %v", js, round, node, rejected[node], err)
 				}
 			}
 		}

@@ -31,10 +31,6 @@ type Record struct {
 	// (set by Acquire and Publish only); not stored. Changes to its keys
 	// after it are someone else's.
 	ModRev int64 `json:"-"`
-
-	// peer is the part of the peer filter a listing computed for the
-	// record as it decoded it; not stored (see prechecker).
-	peer peerCheck
 }
 
 // Subnets returns the record's subnets, IPv4 first, zero prefixes omitted.

@@ -463,7 +463,7 @@ func (r *Registry) catchUp(ctx context.Context, decoded <-chan opened) (Batch, e
 	b.Rev, b.Reset, b.ClusterID = rev, true, resp.Header.ClusterId
 	b.Events = nil // the snapshot's config is replaced by etcd's
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
-		b.Events = append(b.Events, Event{Kind: ConfigPut, Value: kv.Value})
+		b.Events = append(b.Events, Event{Kind: ConfigPut, Value: kv.Value, ModRev: kv.ModRevision})
 	}
 	kvs := resp.Responses[1].GetResponseRange().Kvs
 	base := b.base
