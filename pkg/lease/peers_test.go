@@ -1,17 +1,14 @@
 package lease
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"maps"
 	"math/rand/v2"
 	"net/netip"
-	"reflect"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/leased/leased/pkg/backend/vtep"
 )
@@ -103,37 +100,6 @@ func FuzzParseSubnetKey(f *testing.F) {
 		p, err := ParseSubnetKey(s)
 		if err == nil && SubnetKey(p) != s && p.Masked() != p {
 			t.Fatalf("%q parsed to unmasked %v", s, p)
-		}
-	})
-}
-
-// The fast decoder agrees with encoding/json on every input it accepts.
-func FuzzDecodeRecordFast(f *testing.F) {
-	f.Add([]byte(`{"Node":"x","Subnet":"10.0.0.0/24","PublicIP":"192.0.2.1","Acquired":"2026-11-22T07:00:00Z"}`))
-	f.Add([]byte(`{"Node":"n","IPv6Subnet":"2001:db8::/64","BackendData":{"VtepMAC":"aa:bb:cc:dd:ee:ff","x":[1,{"y":"}"}]}}`))
-	f.Add([]byte(` { "node" : "x" } `))
-	f.Add([]byte(`{"Node":"x","Acquired":"2026-11-22T7:00:00Z"}`))
-	f.Add([]byte(`{"Node":"x","Subnet":"10.0.0.0/24","BackendType":"vxlan","Node":"y"}`))
-	_ = time.RFC3339
-	f.Fuzz(func(t *testing.T, data []byte) {
-		var fast Record
-		if !decodeRecordFast(data, &fast) {
-			return
-		}
-		var slow Record
-		if err := json.Unmarshal(data, &slow); err != nil {
-			t.Fatalf("fast path accepted %q, encoding/json: %v", data, err)
-		}
-		if !reflect.DeepEqual(fast.Subnets(), slow.Subnets()) || fast.Node != slow.Node || fast.PublicIP != slow.PublicIP || fast.PublicIPv6 != slow.PublicIPv6 || !fast.Acquired.Equal(slow.Acquired) || fast.BackendType != slow.BackendType || !bytes.Equal(fast.BackendData, slow.BackendData) {
-			t.Fatalf("%q: fast %+v, encoding/json %+v", data, fast, slow)
-		}
-		// With the key's node name given (a listing), the record is the same.
-		for _, node := range []string{"x", "n", fast.Node} {
-			var named Record
-			if !decodeRecordFastNode(data, &named, node) || named.Node != fast.Node || named.Subnet != fast.Subnet ||
-				named.IPv6Subnet != fast.IPv6Subnet || named.BackendType != fast.BackendType {
-				t.Fatalf("%q with node %q: %+v, without: %+v", data, node, named, fast)
-			}
 		}
 	})
 }

@@ -59,11 +59,8 @@ func DecodeRecord(node string, data []byte) (*Record, error) {
 // decodeRecordInto is DecodeRecord into *r, for decoding many records into
 // one slice (a listing allocates them together).
 func decodeRecordInto(node string, data []byte, rp *Record) error {
-	if !decodeRecordFastNode(data, rp, node) {
-		*rp = Record{}
-		if err := json.Unmarshal(data, rp); err != nil {
-			return fmt.Errorf("lease: decoding lease of %q: %w", node, err)
-		}
+	if err := json.Unmarshal(data, rp); err != nil {
+		return fmt.Errorf("lease: decoding lease of %q: %w", node, err)
 	}
 	return rp.checkShape(node)
 }

@@ -474,3 +474,14 @@ func (r *Registry) catchUp(ctx context.Context, h SnapshotHeader, decoded <-chan
 	klog.V(2).InfoS("brought the lease cache up to date", "leases", len(kvs), "unchanged", kept, "read", len(stale), "dropped", dropped, "rev", rev)
 	return b, nil
 }
+
+// internBackendType returns the known backend type names without an
+// allocation each, anything else as a new string.
+func internBackendType(val []byte) string {
+	for _, t := range backendTypes {
+		if string(val) == t {
+			return t
+		}
+	}
+	return string(val)
+}

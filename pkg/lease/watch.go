@@ -117,11 +117,12 @@ func (r *Registry) Watch(ctx context.Context, out chan<- Batch) error {
 // Watch's first batch gives. It is the one reader of lease keys: Watch
 // starts with it, and `leased leases`, `leased status`, `leased config
 // put` and the lab call it directly. Malformed records are in the view's
-// Malformed, with the reason.
+// Malformed, with the reason. Its errors are etcd's, unwrapped, for the
+// caller to explain.
 func (r *Registry) List(ctx context.Context) (*View, error) {
 	b, err := r.listLeases(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("listing %s: %w", r.keys.Prefix(), err)
+		return nil, err
 	}
 	v := new(View)
 	v.Apply(b)
@@ -249,10 +250,11 @@ func (r *Registry) event(ev *clientv3.Event) (Event, bool) {
 }
 
 func (r *Registry) leaseEvent(kv *mvccpb.KeyValue, del bool) Event {
+	node := strings.TrimPrefix(string(kv.Key), r.keys.Leases())
 	if del {
-		return Event{Kind: LeaseDelete, Node: strings.TrimPrefix(string(kv.Key), r.keys.Leases())}
+		return Event{Kind: LeaseDelete, Node: node}
 	}
-	return leaseEventInto(string(r.keys.trimLeases(kv.Key)), kv.Value, kv.CreateRevision, kv.Lease, new(Record))
+	return leaseEventInto(node, kv.Value, kv.CreateRevision, kv.Lease, new(Record))
 }
 
 // leaseEventInto is leaseEvent for a put of value under node's lease key
