@@ -2,8 +2,6 @@ package lease
 
 import (
 	"context"
-	"runtime"
-	"sync"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
@@ -29,19 +27,10 @@ func (r *Registry) listLeases(ctx context.Context) (Batch, error) {
 	kvs := resp.Responses[1].GetResponseRange().Kvs
 	recs := make([]Record, len(kvs)) // one allocation, not one per lease
 	evs := make([]Event, len(kvs))
-	workers := runtime.GOMAXPROCS(0)
-	per := (len(kvs) + workers - 1) / workers
-	var wg sync.WaitGroup
-	for lo := 0; lo < len(kvs); lo += per {
-		hi := min(lo+per, len(kvs))
-		wg.Go(func() {
-			for i := lo; i < hi; i++ {
-				kv := kvs[i]
-				evs[i] = leaseEventInto(string(kv.Key[len(k.Leases()):]), kv.Value, kv.CreateRevision, kv.Lease, &recs[i])
-			}
-		})
-	}
-	wg.Wait()
+	parallel(len(kvs), func(i int) {
+		kv := kvs[i]
+		evs[i] = leaseEventInto(string(kv.Key[len(k.Leases()):]), kv.Value, kv.CreateRevision, kv.Lease, &recs[i])
+	})
 	b.base = make(map[string]*Record, len(kvs))
 	for i := range evs {
 		if evs[i].Err != nil {
