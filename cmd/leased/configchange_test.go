@@ -56,7 +56,7 @@ func startHintedWith(t *testing.T, endpoint, node, ip, hint string, rec *recorde
 	ia.run(ctx)
 	ta := &testAgent{agent: ia.agent, rec: rec, cancel: cancel, done: ia.done}
 	t.Cleanup(ta.stop)
-	eventually(t, node+" holds "+hint, func() bool {
+	testutil.Eventually(t, 20*time.Second, node+" holds "+hint, func() bool {
 		env, err := ta.env(t)
 		return err == nil && env.Subnet4.String() == hint
 	})
@@ -83,8 +83,8 @@ func TestAgentsRefuseConfigThatStrandsAPeer(t *testing.T) {
 	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
 	low := startHinted(t, srv.ClientURL, "low", "192.168.1.1", "10.100.1.0/24")
 	high := startHinted(t, srv.ClientURL, "high", "192.168.1.2", "10.100.200.0/24")
-	eventually(t, "low routes to high", func() bool { return low.rec.peerNodes() == "high" })
-	eventually(t, "high routes to low", func() bool { return high.rec.peerNodes() == "low" })
+	testutil.Eventually(t, 20*time.Second, "low routes to high", func() bool { return low.rec.peerNodes() == "high" })
+	testutil.Eventually(t, 20*time.Second, "high routes to low", func() bool { return high.rec.peerNodes() == "low" })
 
 	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/17"}`)
 	time.Sleep(2 * time.Second)
@@ -110,7 +110,7 @@ func TestAgentsRefuseConfigThatStrandsAPeer(t *testing.T) {
 	if _, err := cli.Revoke(ctx, clientv3.LeaseID(resp.Kvs[0].Lease)); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "low adopts the /17 once high is gone", func() bool {
+	testutil.Eventually(t, 20*time.Second, "low adopts the /17 once high is gone", func() bool {
 		env, err := low.env(t)
 		return err == nil && env.Network4.String() == "10.100.0.0/17" && env.Subnet4.String() == "10.100.1.0/24"
 	})
@@ -137,7 +137,7 @@ func TestAgentRefusesConfigWhileReclaiming(t *testing.T) {
 	).Commit(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a's record back", func() bool {
+	testutil.Eventually(t, 20*time.Second, "a's record back", func() bool {
 		r, err := cli.Get(ctx, k.Lease("a"))
 		return err == nil && len(r.Kvs) == 1
 	})
@@ -162,7 +162,7 @@ func TestAgentIgnoresReformattedConfig(t *testing.T) {
 	rec := &recorder{}
 	a := startHintedWith(t, srv.ClientURL, "a", "192.168.1.1", "10.100.1.0/24", rec, deltaRecorder{rec})
 	put(t, srv.ClientURL, lease.NewKeys("").Lease("b"), `{"Node":"b","Subnet":"10.100.2.0/24","PublicIP":"192.168.1.2","BackendType":"host-gw"}`)
-	eventually(t, "a routes to b", func() bool { return a.rec.peerNodes() == "b" })
+	testutil.Eventually(t, 20*time.Second, "a routes to b", func() bool { return a.rec.peerNodes() == "b" })
 	time.Sleep(500 * time.Millisecond)
 	a.rec.mu.Lock()
 	applied, starts := a.rec.applied, len(a.rec.starts)
@@ -256,8 +256,8 @@ func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 	go func() { defer close(done); a.run(ctx) }() //nolint:errcheck // returns nil
 	t.Cleanup(func() { cancel(); <-done })
 
-	eventually(t, "the vxlan device with VNI 1", func() bool { return vni() == 1 })
-	eventually(t, "subnet.env", func() bool { _, err := subnetenv.Read(o.subnetFile); return err == nil })
+	testutil.Eventually(t, 20*time.Second, "the vxlan device with VNI 1", func() bool { return vni() == 1 })
+	testutil.Eventually(t, 20*time.Second, "subnet.env", func() bool { _, err := subnetenv.Read(o.subnetFile); return err == nil })
 	time.Sleep(500 * time.Millisecond) // let the first backend's subscriptions open
 	// The netlink sockets are *os.File: the garbage collector would close
 	// a leaked one some time later. Handles must be released when the
@@ -267,7 +267,7 @@ func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 	base := openFDs(t)
 	for n := 2; n <= 11; n++ {
 		put(t, srv.ClientURL, cfgKey, cfg(n))
-		eventually(t, fmt.Sprintf("the vxlan device with VNI %d", n), func() bool { return vni() == n })
+		testutil.Eventually(t, 20*time.Second, fmt.Sprintf("the vxlan device with VNI %d", n), func() bool { return vni() == n })
 	}
 	// The old backends close once their loops have ended; a few
 	// descriptors of slack for the etcd client and the runtime.

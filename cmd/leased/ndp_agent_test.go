@@ -6,10 +6,12 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/lease"
 )
@@ -61,7 +63,7 @@ func TestAgentAnsweringBackendLifetime(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	ia.run(ctx)
 	t.Cleanup(func() { cancel(); <-ia.done })
-	eventually(t, "the backend started", func() bool { return slices.Contains(rec.log(), "start") })
+	testutil.Eventually(t, 20*time.Second, "the backend started", func() bool { return slices.Contains(rec.log(), "start") })
 	if got := rec.log(); got[0] != "answer" {
 		t.Errorf("calls %v: want answering right after the claim, before the start", got)
 	}
@@ -75,7 +77,7 @@ func TestAgentAnsweringBackendLifetime(t *testing.T) {
 	if _, err := cli.Delete(context.Background(), lease.NewKeys("").Lease("a")); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a withdraw, then a start with the lease claimed again", func() bool {
+	testutil.Eventually(t, 20*time.Second, "a withdraw, then a start with the lease claimed again", func() bool {
 		after := rec.log()[n:]
 		i := slices.Index(after, "withdraw")
 		return i >= 0 && slices.Contains(after[i:], "start")
@@ -83,7 +85,7 @@ func TestAgentAnsweringBackendLifetime(t *testing.T) {
 
 	cancel()
 	<-ia.done
-	eventually(t, "the backend's Run ended", func() bool { return slices.Contains(rec.log(), "run ended") })
+	testutil.Eventually(t, 20*time.Second, "the backend's Run ended", func() bool { return slices.Contains(rec.log(), "run ended") })
 	if got := strings.Join(rec.log(), ","); !strings.HasSuffix(got, "handoff,run ended") {
 		t.Errorf("calls %s: want a handoff before the backend's Run ends on stop", got)
 	}

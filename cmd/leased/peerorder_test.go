@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -30,7 +31,7 @@ func TestAgentHandsPeersOldestFirst(t *testing.T) {
 	}
 	want := strings.Join(nodes, ",")
 	a := startTestAgent(t, srv.ClientURL, "a", "192.168.1.1")
-	eventually(t, "a programs every peer", func() bool { return len(strings.Split(a.rec.peerNodes(), ",")) == len(nodes) })
+	testutil.Eventually(t, 20*time.Second, "a programs every peer", func() bool { return len(strings.Split(a.rec.peerNodes(), ",")) == len(nodes) })
 	for round := range 10 {
 		if got := a.rec.peerNodes(); got != want {
 			t.Fatalf("round %d: peers handed over as %s, want %s (oldest lease first)", round, got, want)
@@ -41,7 +42,7 @@ func TestAgentHandsPeersOldestFirst(t *testing.T) {
 		a.rec.mu.Unlock()
 		i := round % len(nodes)
 		put(t, srv.ClientURL, "/leased/network/leases/"+nodes[i], rec(i, nodes[i], 100+round))
-		eventually(t, "the change handed over", func() bool {
+		testutil.Eventually(t, 20*time.Second, "the change handed over", func() bool {
 			a.rec.mu.Lock()
 			defer a.rec.mu.Unlock()
 			return a.rec.applied > applied

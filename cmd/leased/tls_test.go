@@ -401,13 +401,13 @@ func TestEtcdPasswordNeverShown(t *testing.T) {
 			exited := make(chan struct{})
 			go func() { cmd.Wait(); close(exited) }()
 			defer func() { cmd.Process.Kill(); <-exited }()
-			eventually(t, "the agent's lease in etcd (it authenticated)", func() bool {
+			testutil.Eventually(t, 20*time.Second, "the agent's lease in etcd (it authenticated)", func() bool {
 				c, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 				defer cancel()
 				r, err := root.Get(c, lease.NewKeys("").Lease(node))
 				return err == nil && len(r.Kvs) == 1
 			})
-			eventually(t, "the agent's log line for its lease", func() bool { return strings.Contains(log.String(), "Lease acquired") })
+			testutil.Eventually(t, 20*time.Second, "the agent's log line for its lease", func() bool { return strings.Contains(log.String(), "Lease acquired") })
 			cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", cmd.Process.Pid))
 			if err != nil {
 				t.Fatal(err)

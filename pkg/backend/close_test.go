@@ -10,6 +10,8 @@ import (
 	"runtime/debug"
 	"testing"
 	"time"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // Close releases every descriptor New, Start and Run opened, for each
@@ -58,7 +60,7 @@ func TestCloseReleasesHandles(t *testing.T) {
 			if err := b.Start(ctx, local); err != nil {
 				t.Fatal(err)
 			}
-			eventually(t, 10*time.Second, "the route to b", func() bool { _, ok := ourRoutes(t, h)["10.100.2.0/24"]; return ok })
+			testutil.Eventually(t, 10*time.Second, "the route to b", func() bool { _, ok := ourRoutes(t, h)["10.100.2.0/24"]; return ok })
 			if fds() <= base {
 				t.Fatalf("the backend opened no descriptor (%d before, %d now): the test counts nothing", base, fds())
 			}

@@ -14,6 +14,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // syncBuffer is a bytes.Buffer safe for klog's writer and the test.
@@ -206,7 +208,7 @@ func TestForeignRoutesAreNotLeaseds(t *testing.T) {
 		t.Fatal(err)
 	}
 	for dst, proto := range map[string]netlink.RouteProtocol{"10.100.9.0/24": unix.RTPROT_KERNEL, "fd00:100:9::/64": unix.RTPROT_KERNEL} {
-		eventually(t, 10*time.Second, "leased's route to "+dst+" withdrawn for the new bridge's", func() bool {
+		testutil.Eventually(t, 10*time.Second, "leased's route to "+dst+" withdrawn for the new bridge's", func() bool {
 			ok, _ := onlyForeign(t, h, dst, br.Attrs().Index, proto)
 			return ok
 		})
@@ -219,7 +221,7 @@ func TestForeignRoutesAreNotLeaseds(t *testing.T) {
 	}
 	sh(t, "ip", "-n", ns, "link", "del", "br-late")
 	for _, dst := range []string{"10.100.9.0/24", "fd00:100:9::/64"} {
-		eventually(t, 10*time.Second, "peer late routed again once the bridge is gone", func() bool {
+		testutil.Eventually(t, 10*time.Second, "peer late routed again once the bridge is gone", func() bool {
 			_, ok := ourRoutes(t, h)[dst]
 			return ok
 		})

@@ -12,6 +12,7 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/metrics"
 )
 
@@ -218,7 +219,7 @@ func TestForwardingRestoredOnResync(t *testing.T) {
 	run("ip6tables", "-t", "nat", "-D", "POSTROUTING", "-m", "comment", "--comment", "leased: jump to LEASED-POSTRTG", "-j", "LEASED-POSTRTG")
 	run("ip6tables", "-t", "nat", "-D", "LEASED-POSTRTG", "3")
 	run("sysctl", "-qw", "net.ipv4.ip_forward=0")
-	eventually(t, 10*time.Second, "forwarding state restored", func() bool {
+	testutil.Eventually(t, 10*time.Second, "forwarding state restored", func() bool {
 		return jumps("iptables", "filter", "FORWARD", "LEASED-FWD") == 1 && rules("iptables", "filter", "LEASED-FWD", "ACCEPT") == 2 &&
 			jumps("iptables", "nat", "POSTROUTING", "LEASED-POSTRTG") == 1 && jumps("ip6tables", "nat", "POSTROUTING", "LEASED-POSTRTG") == 1 &&
 			rules("ip6tables", "nat", "LEASED-POSTRTG", "MASQUERADE") == 1 &&

@@ -8,6 +8,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 var (
@@ -170,11 +172,11 @@ func TestHostGWRepairsDeletedRoute(t *testing.T) {
 	ns, h := resyncingHostGW(t)
 	for _, dst := range []string{"10.100.2.0/24", "fd00:100:2::/64"} {
 		sh(t, "ip", "-n", ns, "route", "del", dst)
-		eventually(t, 3*time.Second, "route "+dst+" restored", func() bool { _, ok := ourRoutes(t, h)[dst]; return ok })
+		testutil.Eventually(t, 3*time.Second, "route "+dst+" restored", func() bool { _, ok := ourRoutes(t, h)[dst]; return ok })
 	}
 	// A gateway changed by hand is put back.
 	sh(t, "ip", "-n", ns, "route", "replace", "10.100.2.0/24", "via", "192.168.77.50", "dev", "eth0", "proto", "76")
-	eventually(t, 3*time.Second, "gateway restored", func() bool {
+	testutil.Eventually(t, 3*time.Second, "gateway restored", func() bool {
 		r, ok := ourRoutes(t, h)["10.100.2.0/24"]
 		return ok && r.Gw.String() == "192.168.77.3"
 	})

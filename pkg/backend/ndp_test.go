@@ -15,6 +15,8 @@ import (
 	"golang.org/x/net/bpf"
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv6"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 var (
@@ -321,7 +323,7 @@ func routerNeigh(t *testing.T, router string, a netip.Addr) string {
 	t.Helper()
 	_ = exec.Command("ip", "netns", "exec", router, "ping", "-n", "-c", "1", "-W", "1", a.String()).Run()
 	var out string
-	eventually(t, 3*time.Second, "neighbour entry of "+a.String()+" settled", func() bool {
+	testutil.Eventually(t, 3*time.Second, "neighbour entry of "+a.String()+" settled", func() bool {
 		out = strings.TrimSpace(sh(t, "ip", "-n", router, "-6", "neigh", "show", a.String()))
 		return out != "" && !strings.Contains(out, "INCOMPLETE")
 	})

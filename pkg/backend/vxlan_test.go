@@ -12,6 +12,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // vxHost is one host of the vxlan lab: a host namespace with eth0 on the
@@ -147,7 +149,7 @@ func TestVXLANIPv4Underlay(t *testing.T) {
 	runBackend(t, b.b)
 	for _, dev := range []string{VXLANDev4, VXLANDev6} {
 		sh(t, "ip", "-n", a.ns, "link", "del", dev)
-		eventually(t, 5*time.Second, dev+" recreated with its peer", func() bool {
+		testutil.Eventually(t, 5*time.Second, dev+" recreated with its peer", func() bool {
 			ok4, _ := ping(a.ctr, "10.100.2.2")
 			ok6, _ := ping(a.ctr, "-6", "fd00:100:2::2")
 			return ok4 && ok6

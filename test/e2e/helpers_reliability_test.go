@@ -232,18 +232,6 @@ func synthPeer(l *lab.Lab, node string, s4, s6 netip.Prefix, host byte) map[stri
 	return rec
 }
 
-// waitFor polls cond every 200ms until it returns nil or timeout passes.
-func pollUntil(timeout time.Duration, cond func() error) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		err := cond()
-		if err == nil || time.Now().After(deadline) {
-			return err
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-}
-
 // runCmd runs a command and returns its combined output.
 func runCmd(name string, args ...string) (string, error) {
 	out, err := exec.Command(name, args...).CombinedOutput()

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -156,7 +157,7 @@ func TestNDPStopsWhenOwnKeysDeleted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "the agent logs that its keys were deleted", func() error {
+	testutil.Eventually(t, 10*time.Second, "the agent logs that its keys were deleted", func() error {
 		if !strings.Contains(l.LogTail(h, 200), "lease keys were deleted") {
 			return fmt.Errorf("not logged yet")
 		}
@@ -166,7 +167,7 @@ func TestNDPStopsWhenOwnKeysDeleted(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = lab.Ping(ctx(t), rtr.NS, h.Container.Addr6, 0)
-	eventually(t, 6*time.Second, "the router's resolution fails", func() error {
+	testutil.Eventually(t, 6*time.Second, "the router's resolution fails", func() error {
 		n, err := rtr.Neigh(h.Container.Addr6)
 		if err != nil {
 			return err

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 )
 
 // Scenario B: hosts on an on-link /64 whose upstream router knows nothing
@@ -111,7 +112,7 @@ func TestNDPUpstream(t *testing.T) {
 			_ = lab.Ping(ctx(t), rtr.NS, a, 0)
 		}
 		// The router gives up after 3 solicitations, 1 s apart.
-		eventually(t, 6*time.Second, "unanswered entries failed", func() error {
+		testutil.Eventually(t, 6*time.Second, "unanswered entries failed", func() error {
 			for _, a := range outside {
 				n, err := rtr.Neigh(a)
 				if err != nil {
@@ -167,7 +168,7 @@ func TestNDPPresentMode(t *testing.T) {
 	env, _ := l.Hosts[0].Env()
 	unused := addrIn(env.Subnet6, 0x77)
 	_ = lab.Ping(ctx(t), l.Upstream.NS, unused, 0)
-	eventually(t, 6*time.Second, "unused address failed", func() error {
+	testutil.Eventually(t, 6*time.Second, "unused address failed", func() error {
 		n, err := l.Upstream.Neigh(unused)
 		if err != nil {
 			return err

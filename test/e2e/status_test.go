@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 )
 
 // statusArgs are `leased status`'s arguments for h, as its agent runs.
@@ -25,7 +26,7 @@ func statusArgs(l *lab.Lab, h *lab.Host) []string {
 // kernel matches the leases.
 func statusClean(t *testing.T, l *lab.Lab, h *lab.Host) {
 	t.Helper()
-	eventually(t, 30*time.Second, "leased status clean on "+h.Name, func() error {
+	testutil.Eventually(t, 30*time.Second, "leased status clean on "+h.Name, func() error {
 		out, code := cli(t, h.NS, statusArgs(l, h)...)
 		if code != 0 || !strings.Contains(out, "the kernel matches the leases") {
 			return fmt.Errorf("exit %d:\n%s", code, out)

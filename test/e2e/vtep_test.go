@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/backend/vtep"
 )
 
@@ -49,7 +50,7 @@ func TestVXLANCopiedMACNeverTakesOverFDB(t *testing.T) {
 		}
 		return nil
 	}
-	eventually(t, 15*time.Second, "host1's FDB entries for host2", honest)
+	testutil.Eventually(t, 15*time.Second, "host1's FDB entries for host2", honest)
 
 	r2, err := leaseRecord(t, l.Client, h2.Name)
 	if err != nil || r2 == nil {
@@ -73,7 +74,7 @@ func TestVXLANCopiedMACNeverTakesOverFDB(t *testing.T) {
 		// A valid record written after it: once host1 programs it, it
 		// has processed the forged one.
 		putRecord(t, l.Client, "canary", synthPeer(l, "canary", s4, s6, byte(90+i)))
-		eventually(t, 15*time.Second, "host1 programs the canary", func() error {
+		testutil.Eventually(t, 15*time.Second, "host1 programs the canary", func() error {
 			for _, line := range leasedState(t, h1) {
 				if strings.Contains(line, fmt.Sprintf(" dst 192.168.100.%d ", 90+i)) {
 					return nil
