@@ -15,6 +15,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/leased/leased/internal/etcdserver"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 // startWatchFrom is startWatch for a snapshot batch.
@@ -69,7 +70,7 @@ func listAndSave(t *testing.T, cli *clientv3.Client, reg *Registry, n int) strin
 // etcd's state, including changes made while it was down, also after etcd
 // compacted past the snapshot's revision.
 func TestSnapshotResume(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	path := listAndSave(t, cli, reg, 5)
 
@@ -208,7 +209,7 @@ func TestListAndResumeOnOlderEtcd(t *testing.T) {
 	if strings.HasPrefix(ext.Version, "3.7") || strings.HasPrefix(ext.Version, "3.8") {
 		t.Fatalf("etcd binary is %s; this test needs one before 3.7 (Debian's etcd-server)", ext.Version)
 	}
-	cli := newClientAt(t, ext.ClientURL)
+	cli := etcdtest.Client(t, ext.ClientURL)
 	reg := NewRegistry(cli, "")
 	path := listAndSave(t, cli, reg, 3)
 	if !reg.noRangeStream.Load() {
@@ -222,7 +223,7 @@ func TestListAndResumeOnOlderEtcd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	resumed := NewRegistry(newClientAt(t, ext.ClientURL), "")
+	resumed := NewRegistry(etcdtest.Client(t, ext.ClientURL), "")
 	w2 := startWatchFrom(t, resumed, start)
 	w2.waitFor(t, "resumed state equals etcd", func(v *View) bool {
 		r1 := v.Records["n1"]

@@ -11,7 +11,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
-	"github.com/leased/leased/internal/tcpproxy"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 // watcher runs Registry.Watch into a View that the test can inspect.
@@ -85,13 +85,11 @@ func (w *watcher) waitFor(t *testing.T, what string, cond func(v *View) bool) {
 func putRecord(t *testing.T, cli *clientv3.Client, reg *Registry, node, subnet string) {
 	t.Helper()
 	v := fmt.Sprintf(`{"Node":%q,"Subnet":%q,"PublicIP":"192.0.2.%d","BackendType":"host-gw"}`, node, subnet, len(node))
-	if _, err := cli.Put(ctxT(t), reg.Keys().Lease(node), v); err != nil {
-		t.Fatal(err)
-	}
+	etcdtest.Put(t, cli, reg.Keys().Lease(node), v)
 }
 
 func TestWatchListsThenFollowsAndSurvivesRestart(t *testing.T) {
-	srv, cli := startEtcd(t)
+	srv, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	putRecord(t, cli, reg, "a", "10.100.1.0/24")
 	w := startWatch(t, reg)
@@ -117,28 +115,12 @@ func TestWatchListsThenFollowsAndSurvivesRestart(t *testing.T) {
 	w.waitFor(t, "changes after an etcd restart", func(v *View) bool { return v.Records["b"] != nil && v.Records["a"] == nil })
 }
 
-// newProxy relays to target and can cut the connection, to disconnect
-// one client from etcd while others keep writing.
-func newProxy(t *testing.T, target string) *tcpproxy.Proxy {
-	t.Helper()
-	p, err := tcpproxy.Loopback(target)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.Close() })
-	return p
-}
-
 // While the watcher is cut off, leases change and etcd compacts past its
 // revision: on reconnect it lists again and ends with exactly etcd's state.
 func TestWatchRelistsAfterCompaction(t *testing.T) {
-	srv, direct := startEtcd(t)
-	p := newProxy(t, srv.ClientURL[len("http://"):])
-	cut, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + p.Addr().String()}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cut.Close()
+	srv, direct := etcdtest.Start(t)
+	p := etcdtest.Proxy(t, srv.ClientURL[len("http://"):])
+	cut := etcdtest.Client(t, "http://"+p.Addr().String())
 	reg := NewRegistry(direct, "")
 	for i := range 5 {
 		putRecord(t, direct, reg, fmt.Sprintf("n%d", i), fmt.Sprintf("10.100.%d.0/24", i))
@@ -175,7 +157,7 @@ func TestWatchRelistsAfterCompaction(t *testing.T) {
 
 // A large initial listing arrives whole: every record once.
 func TestWatchListsManyPages(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	n := 9000
 	fillLeases(t, cli, reg, n)
@@ -191,7 +173,7 @@ func TestWatchListsManyPages(t *testing.T) {
 // The streamed listing and the one-transaction listing (for etcd before
 // 3.7) give the same events, malformed records included, in key order.
 func TestListStreamMatchesTxn(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	fillLeases(t, cli, reg, 9000) // several chunks
 	ctx := ctxT(t)
@@ -243,7 +225,7 @@ func TestListStreamMatchesTxn(t *testing.T) {
 // etcd with authentication on (the stream carries the client's token), so
 // the fallback to one transaction is not what makes listings work.
 func TestRangeStreamReadsEveryLease(t *testing.T) {
-	srv, cli := startEtcd(t)
+	srv, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	fillLeases(t, cli, reg, 9000)
 	ctx := ctxT(t)
@@ -257,7 +239,7 @@ func TestRangeStreamReadsEveryLease(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	anon := newClient(t, srv)
+	anon := etcdtest.Client(t, srv.ClientURL)
 	authed, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Username: "root", Password: "rootpw", Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
