@@ -17,9 +17,9 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
 	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/lease"
 	"github.com/leased/leased/pkg/subnetenv"
@@ -63,30 +63,20 @@ func startHintedWith(t *testing.T, endpoint, node, ip, hint string, rec *recorde
 	return ta
 }
 
-func etcdClient(t *testing.T, endpoint string) *clientv3.Client {
-	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cli.Close() })
-	return cli
-}
-
 // Narrowing Network from /16 to /17 while a host holds a subnet in the
 // upper half is refused by every host: the host in the lower half keeps its
 // route to the upper one (before, it adopted the /17 and dropped the upper
 // half's routes while the upper host refused). Once the upper host is
 // drained, its lease gone, the lower host adopts the /17 on its own.
 func TestAgentsRefuseConfigThatStrandsAPeer(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16"}`)
 	low := startHinted(t, srv.ClientURL, "low", "192.168.1.1", "10.100.1.0/24")
 	high := startHinted(t, srv.ClientURL, "high", "192.168.1.2", "10.100.200.0/24")
 	testutil.Eventually(t, 20*time.Second, "low routes to high", func() bool { return low.rec.peerNodes() == "high" })
 	testutil.Eventually(t, 20*time.Second, "high routes to low", func() bool { return high.rec.peerNodes() == "low" })
 
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/17"}`)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/17"}`)
 	time.Sleep(2 * time.Second)
 	for _, a := range []*testAgent{low, high} {
 		env, err := a.env(t)
@@ -100,7 +90,6 @@ func TestAgentsRefuseConfigThatStrandsAPeer(t *testing.T) {
 
 	// Drain high: stop it and let its lease go.
 	high.stop()
-	cli := etcdClient(t, srv.ClientURL)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	resp, err := cli.Get(ctx, lease.NewKeys("").Lease("high"))
@@ -121,11 +110,10 @@ func TestAgentsRefuseConfigThatStrandsAPeer(t *testing.T) {
 // datapath still serves it. Before, the check was skipped while re-claiming
 // and the host moved to another subnet.
 func TestAgentRefusesConfigWhileReclaiming(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16"}`)
 	a := startHinted(t, srv.ClientURL, "a", "192.168.1.1", "10.100.200.0/24")
 	env0, _ := a.env(t)
-	cli := etcdClient(t, srv.ClientURL)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	k := lease.NewKeys("")
@@ -157,18 +145,18 @@ func TestAgentRefusesConfigWhileReclaiming(t *testing.T) {
 // nothing on the host: no peer pass, no backend rebuild or restart (the
 // backend takes deltas, so a step without a change hands it nothing).
 func TestAgentIgnoresReformattedConfig(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","Backend":{"Type":"host-gw"}}`)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","Backend":{"Type":"host-gw"}}`)
 	rec := &recorder{}
 	a := startHintedWith(t, srv.ClientURL, "a", "192.168.1.1", "10.100.1.0/24", rec, deltaRecorder{rec})
-	put(t, srv.ClientURL, lease.NewKeys("").Lease("b"), `{"Node":"b","Subnet":"10.100.2.0/24","PublicIP":"192.168.1.2","BackendType":"host-gw"}`)
+	etcdtest.Put(t, cli, lease.NewKeys("").Lease("b"), `{"Node":"b","Subnet":"10.100.2.0/24","PublicIP":"192.168.1.2","BackendType":"host-gw"}`)
 	testutil.Eventually(t, 20*time.Second, "a routes to b", func() bool { return a.rec.peerNodes() == "b" })
 	time.Sleep(500 * time.Millisecond)
 	a.rec.mu.Lock()
 	applied, starts := a.rec.applied, len(a.rec.starts)
 	a.rec.mu.Unlock()
 
-	put(t, srv.ClientURL, cfgKey, "{\n  \"Backend\": { \"Type\": \"host-gw\" },\n  \"Network\": \"10.100.0.0/16\",\n  \"SubnetLen\": 24\n}\n")
+	etcdtest.Put(t, cli, cfgKey, "{\n  \"Backend\": { \"Type\": \"host-gw\" },\n  \"Network\": \"10.100.0.0/16\",\n  \"SubnetLen\": 24\n}\n")
 	time.Sleep(2 * time.Second)
 	a.rec.mu.Lock()
 	defer a.rec.mu.Unlock()
@@ -232,16 +220,11 @@ func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 		return 0
 	}
 
-	srv := startEtcd(t)
+	srv, cli := etcdtest.Start(t)
 	cfg := func(n int) string {
 		return fmt.Sprintf(`{"Network":"10.100.0.0/16","Backend":{"Type":"vxlan","VNI":%d}}`, n)
 	}
-	put(t, srv.ClientURL, cfgKey, cfg(1))
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cli.Close() })
+	etcdtest.Put(t, cli, cfgKey, cfg(1))
 	o := &options{etcdEndpoints: srv.ClientURL, etcdPrefix: lease.DefaultPrefix, leaseTTL: 10 * time.Second,
 		subnetFile: filepath.Join(t.TempDir(), "subnet.env")}
 	addr := netip.MustParseAddr("192.0.2.1")
@@ -266,7 +249,7 @@ func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 	defer debug.SetGCPercent(debug.SetGCPercent(-1))
 	base := openFDs(t)
 	for n := 2; n <= 11; n++ {
-		put(t, srv.ClientURL, cfgKey, cfg(n))
+		etcdtest.Put(t, cli, cfgKey, cfg(n))
 		testutil.Eventually(t, 20*time.Second, fmt.Sprintf("the vxlan device with VNI %d", n), func() bool { return vni() == n })
 	}
 	// The old backends close once their loops have ended; a few

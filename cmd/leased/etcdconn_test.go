@@ -29,6 +29,7 @@ import (
 
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 // leasedProc is the leased command run as a process.
@@ -389,7 +390,7 @@ func TestAgentSaysEtcdLostAndBack(t *testing.T) {
 	}
 	t.Cleanup(c.Stop)
 	m := c.Members[0]
-	put(t, m.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
+	etcdtest.Put(t, etcdtest.Client(t, m.ClientURL), cfgKey, `{"Network":"10.100.0.0/16"}`)
 	p := startLeased(t, ns, nil, agentArgs(t, "lost", "--etcd-endpoints="+m.UnixURL)...)
 	if p.waitLine(t, `"ready"`, 60*time.Second) > 60*time.Second {
 		t.Fatalf("the agent did not get ready:\n%s", p.log)

@@ -8,10 +8,8 @@ import (
 	"testing"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
-
 	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/lease"
 )
@@ -56,8 +54,8 @@ func (r *answeringRecorder) Run(ctx context.Context) error {
 // again; and, when the agent stops with its lease held, is told to keep
 // answering before its Run ends.
 func TestAgentAnsweringBackendLifetime(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
 	rec := &answeringRecorder{}
 	ia := newIdleAgent(t, srv.ClientURL, "a", "192.168.1.1", rec)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -68,11 +66,6 @@ func TestAgentAnsweringBackendLifetime(t *testing.T) {
 		t.Errorf("calls %v: want answering right after the claim, before the start", got)
 	}
 
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
 	n := len(rec.log())
 	if _, err := cli.Delete(context.Background(), lease.NewKeys("").Lease("a")); err != nil {
 		t.Fatal(err)

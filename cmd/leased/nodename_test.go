@@ -8,21 +8,11 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
 	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/lease"
 )
-
-func testClient(t *testing.T, endpoint string) *clientv3.Client {
-	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cli.Close() })
-	return cli
-}
 
 // recordOf returns node's lease record in etcd and the etcd lease it is
 // under (nil, 0 when there is none).
@@ -70,9 +60,8 @@ func (r *recorder) started() int {
 // subnet.env; the first keeps its keys. When the first host is gone for
 // good (its lease ended), the second one claims.
 func TestAgentsWithOneNodeNameNeverShareSubnet(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
-	cli := testClient(t, srv.ClientURL)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
 	a1 := startTestAgent(t, srv.ClientURL, "twin", "192.168.1.1")
 	testutil.Eventually(t, 20*time.Second, "first host's subnet.env", func() bool { _, err := a1.env(t); return err == nil })
 	env1, _ := a1.env(t)
@@ -116,8 +105,8 @@ func TestAgentsWithOneNodeNameNeverShareSubnet(t *testing.T) {
 // Two hosts with one node name that start at the same moment: one holds
 // the name, the other reports the conflict; they never both run a datapath.
 func TestAgentsWithOneNodeNameStartTogether(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","SubnetLen":22}`)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","SubnetLen":22}`)
 	recs := []*recorder{{}, {}}
 	agents := []*idleAgent{
 		newIdleAgent(t, srv.ClientURL, "twin", "192.168.1.1", recs[0]),
@@ -161,9 +150,8 @@ func TestAgentsWithOneNodeNameStartTogether(t *testing.T) {
 // after a reboot or an upgrade), as long as the record names this host's
 // address.
 func TestAgentRestartKeepsSubnet(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
-	cli := testClient(t, srv.ClientURL)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
 	a := startTestAgent(t, srv.ClientURL, "h", "192.168.1.1")
 	testutil.Eventually(t, 20*time.Second, "subnet.env", func() bool { _, err := a.env(t); return err == nil })
 	env0, _ := a.env(t)
@@ -199,9 +187,8 @@ func TestAgentRestartKeepsSubnet(t *testing.T) {
 // another node stops advertising that subnet: it moves to another one.
 func TestAgentNoticesOverwrittenKeys(t *testing.T) {
 	t.Run("record", func(t *testing.T) {
-		srv := startEtcd(t)
-		put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
-		cli := testClient(t, srv.ClientURL)
+		srv, cli := etcdtest.Start(t)
+		etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16"}`)
 		a := startTestAgent(t, srv.ClientURL, "a", "192.168.1.1")
 		testutil.Eventually(t, 20*time.Second, "subnet.env", func() bool { _, err := a.env(t); return err == nil })
 		env, _ := a.env(t)
@@ -223,9 +210,8 @@ func TestAgentNoticesOverwrittenKeys(t *testing.T) {
 		}
 	})
 	t.Run("lock", func(t *testing.T) {
-		srv := startEtcd(t)
-		put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
-		cli := testClient(t, srv.ClientURL)
+		srv, cli := etcdtest.Start(t)
+		etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16"}`)
 		a := startTestAgent(t, srv.ClientURL, "a", "192.168.1.1")
 		testutil.Eventually(t, 20*time.Second, "subnet.env", func() bool { _, err := a.env(t); return err == nil })
 		env, _ := a.env(t)
