@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"math/big"
 	"net/netip"
@@ -165,28 +164,6 @@ func lastSubnet(network string, bits int) netip.Prefix {
 	b := a.FillBytes(make([]byte, total/8))
 	addr, _ := netip.AddrFromSlice(b)
 	return netip.PrefixFrom(addr, bits)
-}
-
-// putRecord writes a lease record straight into etcd, as a hostile or
-// broken client could.
-func putRecord(t *testing.T, cli *clientv3.Client, node string, v any) {
-	t.Helper()
-	var s string
-	switch v := v.(type) {
-	case string:
-		s = v
-	default:
-		b, err := json.Marshal(v)
-		if err != nil {
-			t.Fatal(err)
-		}
-		s = string(b)
-	}
-	c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := cli.Put(c, lease.NewKeys("").Lease(node), s); err != nil {
-		t.Fatalf("putting the lease of %s: %v", node, err)
-	}
 }
 
 // record reads h's lease record from etcd (nil if there is none).

@@ -24,6 +24,8 @@ import (
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/lab"
 	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
+	"github.com/leased/leased/pkg/lease"
 )
 
 // Scenario 2: a 3-member etcd cluster (real members, each its own raft
@@ -287,7 +289,7 @@ func TestEtcdUnreachable(t *testing.T) {
 			for time.Since(start) < outage {
 				checkStays("while etcd is unreachable")
 				if !wrote && time.Since(start) > outage/2 {
-					putRecord(t, l.Client, "newpeer", newPeer) // etcd itself is up; only the hosts are cut off
+					etcdtest.Put(t, l.Client, lease.NewKeys("").Lease("newpeer"), newPeer) // etcd itself is up; only the hosts are cut off
 					wrote = true
 				}
 				time.Sleep(500 * time.Millisecond)
@@ -589,10 +591,10 @@ func TestHostileLeasesNeverProgrammed(t *testing.T) {
 		}
 	}
 	for _, h := range hs {
-		putRecord(t, l.Client, h.node, h.rec)
+		etcdtest.Put(t, l.Client, lease.NewKeys("").Lease(h.node), h.rec)
 	}
 	c4, c6 := sub(20)
-	putRecord(t, l.Client, "canary", synthPeer(l, "canary", c4, c6, 120))
+	etcdtest.Put(t, l.Client, lease.NewKeys("").Lease("canary"), synthPeer(l, "canary", c4, c6, 120))
 	for _, h := range l.Hosts {
 		testutil.Eventually(t, 15*time.Second, h.Name+" programs the canary written after the hostile records", func() error {
 			if dp := leasedState(t, h); !mentions(dp, c4.String()) || !mentions(dp, c6.String()) {

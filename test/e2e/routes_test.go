@@ -13,6 +13,8 @@ import (
 
 	"github.com/leased/leased/internal/lab"
 	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
+	"github.com/leased/leased/pkg/lease"
 )
 
 // addLAN gives h a second LAN link, name, addressed in the given prefixes
@@ -67,7 +69,7 @@ func TestHostRoutesStayTheHosts(t *testing.T) {
 		}
 	}
 	peer := synthPeer(l, "peer-lan", lan4, lan6, 93)
-	putRecord(t, l.Client, "peer-lan", peer)
+	etcdtest.Put(t, l.Client, lease.NewKeys("").Lease("peer-lan"), peer)
 	for _, dst := range []netip.Prefix{lan4, lan6} {
 		testutil.Eventually(t, 15*time.Second, "a routes peer-lan's "+dst.String(), func() error {
 			if r := routeTo(t, a, dst.String()); !strings.Contains(r, "proto 76") {
