@@ -35,7 +35,7 @@ import (
 // leasedProc is the leased command run as a process.
 type leasedProc struct {
 	cmd    *exec.Cmd
-	log    *syncBuffer
+	log    *testutil.SyncBuffer
 	start  time.Time
 	exited chan struct{}
 	code   int
@@ -51,7 +51,7 @@ func startLeased(t *testing.T, ns string, env []string, args ...string) *leasedP
 	}
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(append(os.Environ(), "LEASED_TEST_HELPER=1"), env...)
-	p := &leasedProc{cmd: cmd, log: &syncBuffer{}, exited: make(chan struct{})}
+	p := &leasedProc{cmd: cmd, log: &testutil.SyncBuffer{}, exited: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = p.log, p.log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	p.start = time.Now()

@@ -392,7 +392,7 @@ func TestEtcdPasswordNeverShown(t *testing.T) {
 			}
 			cmd := exec.Command("ip", args...)
 			cmd.Env = env
-			var log syncBuffer
+			var log testutil.SyncBuffer
 			cmd.Stdout, cmd.Stderr = &log, &log
 			cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 			if err := cmd.Start(); err != nil {
@@ -433,22 +433,4 @@ func TestEtcdPasswordNeverShown(t *testing.T) {
 			}
 		})
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for a process's stdout and stderr.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
