@@ -18,14 +18,14 @@ import (
 // backend type, leaves the kernel state in place, and makes later calls fail
 // with ErrClosed instead of touching the kernel.
 func TestCloseReleasesHandles(t *testing.T) {
-	requireRoot(t)
-	ns := newNS(t, "close")
-	sh(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
-	sh(t, "ip", "-n", ns, "addr", "add", "192.0.2.1/24", "dev", "eth0")
-	sh(t, "ip", "-n", ns, "addr", "add", "2001:db8:1::1/64", "dev", "eth0", "nodad")
-	sh(t, "ip", "-n", ns, "link", "set", "eth0", "up")
-	sh(t, "ip", "-n", ns, "link", "set", "eth1", "up")
-	h := nsHandle(t, ns)
+	testutil.RequireRoot(t)
+	ns := testutil.NewNS(t, "close")
+	testutil.Run(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+	testutil.Run(t, "ip", "-n", ns, "addr", "add", "192.0.2.1/24", "dev", "eth0")
+	testutil.Run(t, "ip", "-n", ns, "addr", "add", "2001:db8:1::1/64", "dev", "eth0", "nodad")
+	testutil.Run(t, "ip", "-n", ns, "link", "set", "eth0", "up")
+	testutil.Run(t, "ip", "-n", ns, "link", "set", "eth1", "up")
+	h := testutil.NSHandle(t, ns)
 	ext := extOf(t, h, "eth0", "192.0.2.1", "2001:db8:1::1")
 	local := Local{Node: "a", Subnet4: netip.MustParsePrefix("10.100.1.0/24"), Network4: netip.MustParsePrefix("10.100.0.0/16"),
 		Subnet6: netip.MustParsePrefix("2001:db8:1:0:8000::/80"), Network6: netip.MustParsePrefix("2001:db8:1:0:8000::/65")}
@@ -43,7 +43,7 @@ func TestCloseReleasesHandles(t *testing.T) {
 	for _, raw := range []string{`{"Type":"host-gw"}`, `{"Type":"vxlan"}`, `{"Type":"proxy-ndp","Mode":"present"}`} {
 		t.Run(raw, func(t *testing.T) {
 			base := fds()
-			b, err := New([]byte(raw), ext, "a", Options{NetNS: nsPath(ns)})
+			b, err := New([]byte(raw), ext, "a", Options{NetNS: testutil.NSPath(ns)})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -19,7 +19,7 @@ import (
 // ipt runs an iptables command in ns.
 func ipt(t *testing.T, ns string, args ...string) string {
 	t.Helper()
-	return sh(t, append([]string{"ip", "netns", "exec", ns}, args...)...)
+	return testutil.Run(t, append([]string{"ip", "netns", "exec", ns}, args...)...)
 }
 
 // forwardLines is ns's FORWARD chain in bin, rules only.

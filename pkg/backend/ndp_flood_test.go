@@ -9,6 +9,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // A flood of solicitations for 100,000 distinct addresses of the slice, in
@@ -17,15 +19,15 @@ import (
 // on the bridge) within probeBurst + probeRate per second: a real kernel
 // in a namespace, the bridge a veth whose peer answers nothing.
 func TestNDPPresentFloodBounded(t *testing.T) {
-	requireRoot(t)
-	ns := newNS(t, "flood")
-	sh(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "e0")
-	sh(t, "ip", "-n", ns, "link", "add", "cbr0", "type", "veth", "peer", "name", "c0")
+	testutil.RequireRoot(t)
+	ns := testutil.NewNS(t, "flood")
+	testutil.Run(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "e0")
+	testutil.Run(t, "ip", "-n", ns, "link", "add", "cbr0", "type", "veth", "peer", "name", "c0")
 	for _, l := range []string{"eth0", "e0", "cbr0", "c0"} {
-		sh(t, "ip", "-n", ns, "link", "set", l, "up")
+		testutil.Run(t, "ip", "-n", ns, "link", "set", l, "up")
 	}
-	sh(t, "ip", "-n", ns, "addr", "add", netip.PrefixFrom(ndpSlice.Addr().Next(), ndpSlice.Bits()).String(), "dev", "cbr0", "nodad")
-	h := nsHandle(t, ns)
+	testutil.Run(t, "ip", "-n", ns, "addr", "add", netip.PrefixFrom(ndpSlice.Addr().Next(), ndpSlice.Bits()).String(), "dev", "cbr0", "nodad")
+	h := testutil.NSHandle(t, ns)
 	up, err := h.LinkByName("eth0")
 	if err != nil {
 		t.Fatal(err)
@@ -34,7 +36,7 @@ func TestNDPPresentFloodBounded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	nse := nsExec{path: nsPath(ns)}
+	nse := nsExec{path: testutil.NSPath(ns)}
 	r := newNDPResponder(nse, "eth0", up.Attrs().Index, ModePresent)
 	r.cfg.Store(&answerCfg{slice: ndpSlice, mac: ndpHostMAC})
 	p, err := newPresence(nse, up.Attrs().Index, r)
