@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
@@ -15,7 +14,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/leased/leased/internal/testutil"
@@ -183,31 +181,9 @@ func openFDs(t *testing.T) int {
 // The backend is the real one, in a network namespace of its own.
 func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 	testutil.RequireRoot(t)
-	ns := fmt.Sprintf("leased-fd-%d", os.Getpid())
-	for _, args := range [][]string{
-		{"netns", "add", ns},
-		{"-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"},
-		{"-n", ns, "addr", "add", "192.0.2.1/24", "dev", "eth0"},
-		{"-n", ns, "link", "set", "eth0", "up"},
-		{"-n", ns, "link", "set", "eth1", "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			exec.Command("ip", "netns", "del", ns).Run()
-			t.Fatalf("ip %v: %v %s", args, err, out)
-		}
-	}
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
-	nsPath := filepath.Join("/var/run/netns", ns)
-	nsh, err := netns.GetFromPath(nsPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	h, err := netlink.NewHandleAt(nsh)
-	nsh.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	ns := testutil.HostNS(t, "fd")
+	nsPath := testutil.NSPath(ns)
+	h := testutil.NSHandle(t, ns)
 	eth0, err := h.LinkByName("eth0")
 	if err != nil {
 		t.Fatal(err)

@@ -10,7 +10,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"net"
 	"net/url"
 	"os"
@@ -19,7 +18,6 @@ import (
 	"regexp"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -106,31 +104,7 @@ func (p *leasedProc) waitLine(t *testing.T, re string, d time.Duration) time.Dur
 	return time.Since(p.start)
 }
 
-var nsSeq atomic.Int32
-
-// agentNetns makes a network namespace with lo and eth0 (192.0.2.1/24, a
-// veth whose peer stays inside) up, removed at the end of the test.
-func agentNetns(t *testing.T) string {
-	t.Helper()
-	testutil.RequireRoot(t)
-	ns := fmt.Sprintf("leased-ec-%d-%d", os.Getpid(), nsSeq.Add(1))
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
-	for _, args := range [][]string{
-		{"netns", "add", ns},
-		{"-n", ns, "link", "set", "lo", "up"},
-		{"-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"},
-		{"-n", ns, "addr", "add", "192.0.2.1/24", "dev", "eth0"},
-		{"-n", ns, "link", "set", "eth0", "up"},
-		{"-n", ns, "link", "set", "eth1", "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v %s", args, err, out)
-		}
-	}
-	return ns
-}
-
-// agentArgs are the flags of an agent in agentNetns.
+// agentArgs are the flags of an agent in a testutil.HostNS namespace.
 func agentArgs(t *testing.T, node string, more ...string) []string {
 	dir := t.TempDir()
 	return append([]string{"--iface=eth0", "--node-name=" + node, "--subnet-file=" + filepath.Join(dir, "subnet.env"),
@@ -273,7 +247,7 @@ func TestTLSListenerNeverGetsPlaintext(t *testing.T) {
 // stop the agent (exit status 2) saying so, naming the flag; the commands
 // say so too. A wrong password is no longer "creating etcd client".
 func TestEtcdAuthFailsFast(t *testing.T) {
-	ns := agentNetns(t)
+	ns := testutil.HostNS(t, "ec")
 	m, root := startAuthEtcd(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -325,7 +299,7 @@ func TestEtcdAuthFailsFast(t *testing.T) {
 // user name, when the client logs in before the agent starts), and a TLS
 // etcd whose CA the agent was not given.
 func TestAgentSaysWhyEtcdIsUnreachable(t *testing.T) {
-	ns := agentNetns(t)
+	ns := testutil.HostNS(t, "ec")
 	dir := t.TempDir()
 	ca := newPKI(t, dir, "ca")
 	other := newPKI(t, dir, "other")
@@ -383,7 +357,7 @@ func TestAgentSaysWhyEtcdIsUnreachable(t *testing.T) {
 // one when it is back, with the outage's length, and no line per retry in
 // between (the outage outlasts the lease TTL, so the agent re-claims).
 func TestAgentSaysEtcdLostAndBack(t *testing.T) {
-	ns := agentNetns(t)
+	ns := testutil.HostNS(t, "ec")
 	c, err := etcdserver.StartCluster(t.TempDir(), 1, etcdserver.ClusterOptions{Unix: true})
 	if err != nil {
 		t.Fatal(err)

@@ -363,20 +363,7 @@ func TestEtcdPasswordNeverShown(t *testing.T) {
 	}
 	for _, mode := range []string{"file", "env"} {
 		t.Run(mode, func(t *testing.T) {
-			ns := fmt.Sprintf("leased-pw-%d-%s", os.Getpid(), mode)
-			for _, args := range [][]string{
-				{"netns", "add", ns},
-				{"-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"},
-				{"-n", ns, "addr", "add", "192.0.2.1/24", "dev", "eth0"},
-				{"-n", ns, "link", "set", "eth0", "up"},
-				{"-n", ns, "link", "set", "eth1", "up"},
-			} {
-				if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-					exec.Command("ip", "netns", "del", ns).Run()
-					t.Fatalf("ip %v: %v %s", args, err, out)
-				}
-			}
-			t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+			ns := testutil.HostNS(t, "pw-"+mode)
 			dir := t.TempDir()
 			node := "pw-" + mode
 			args := []string{"netns", "exec", ns, os.Args[0], "-test.run=^TestHelperLeasedProcess$", "--",
