@@ -5,13 +5,10 @@ import (
 	be "encoding/binary"
 	"fmt"
 	"net/netip"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sys/unix"
 
@@ -37,7 +34,7 @@ func TestNDPPresentModeFlood(t *testing.T) {
 	}
 	pid := agentPID(h)
 	rss0, _ := procRSS(pid)
-	nh := nsNetlink(t, h.NS)
+	nh := testutil.NSHandle(t, h.NS)
 	br, err := nh.LinkByName("cbr0")
 	if err != nil {
 		t.Fatal(err)
@@ -180,22 +177,4 @@ func TestNDPStopsWhenOwnKeysDeleted(t *testing.T) {
 		}
 		return nil
 	})
-}
-
-// nsNetlink returns a netlink handle in the named namespace.
-func nsNetlink(t *testing.T, name string) *netlink.Handle {
-	t.Helper()
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	ns, err := netns.GetFromName(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(h.Close)
-	return h
 }
