@@ -17,7 +17,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -177,30 +176,7 @@ func TestEtcdFlagsUsageErrors(t *testing.T) {
 // rest speaks TLS. (Before, the etcd client spoke the first endpoint's
 // scheme to every endpoint.)
 func TestTLSListenerNeverGetsPlaintext(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	var mu sync.Mutex
-	var firsts [][]byte
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.SetReadDeadline(time.Now().Add(3 * time.Second))
-				b := make([]byte, 24)
-				n, _ := c.Read(b)
-				mu.Lock()
-				firsts = append(firsts, b[:n])
-				mu.Unlock()
-			}()
-		}
-	}()
+	l := testutil.NewSniffer(t, nil)
 	// A second endpoint that accepts nothing.
 	closed, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -208,7 +184,7 @@ func TestTLSListenerNeverGetsPlaintext(t *testing.T) {
 	}
 	other := closed.Addr().String()
 	closed.Close()
-	tlsEP, ca := "https://"+l.Addr().String(), newPKI(t, t.TempDir(), "ca").file
+	tlsEP, ca := "https://"+l.Addr(), newPKI(t, t.TempDir(), "ca").file
 	for _, c := range []struct {
 		o       options
 		refused bool // a usage error (exit status 2) before anything is sent
@@ -219,7 +195,7 @@ func TestTLSListenerNeverGetsPlaintext(t *testing.T) {
 		{options{etcdEndpoints: "http://" + other + "," + tlsEP, etcdCAFile: ca}, true},
 		{options{etcdEndpoints: tlsEP + ",http://" + other}, true},
 		// The listener meant as TLS by the flags, written http://.
-		{options{etcdEndpoints: "http://" + l.Addr().String(), etcdCAFile: ca}, true},
+		{options{etcdEndpoints: "http://" + l.Addr(), etcdCAFile: ca}, true},
 	} {
 		err := tryClient(t, &c.o)
 		switch {
@@ -231,8 +207,7 @@ func TestTLSListenerNeverGetsPlaintext(t *testing.T) {
 			t.Errorf("%+v: refused: %v", c.o, err)
 		}
 	}
-	mu.Lock()
-	defer mu.Unlock()
+	firsts := l.Take()
 	if len(firsts) == 0 {
 		t.Fatal("the client never connected")
 	}

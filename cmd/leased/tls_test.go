@@ -21,7 +21,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -209,41 +208,16 @@ func TestEtcdServerOnlyTLS(t *testing.T) {
 // server is a TLS ClientHello, never a plaintext HTTP/2 preface, and the
 // request fails against a plaintext server.
 func TestHTTPSEndpointNeverPlaintext(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	var mu sync.Mutex
-	var firsts [][]byte
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.SetReadDeadline(time.Now().Add(3 * time.Second))
-				b := make([]byte, 24)
-				n, _ := c.Read(b)
-				mu.Lock()
-				firsts = append(firsts, b[:n])
-				mu.Unlock()
-				c.Write([]byte("HTTP/1.1 400 Bad Request\r\n\r\n")) // a plaintext server's answer
-			}()
-		}
-	}()
+	l := testutil.NewSniffer(t, []byte("HTTP/1.1 400 Bad Request\r\n\r\n")) // a plaintext server's answer
 	for _, o := range []options{
-		{etcdEndpoints: "https://" + l.Addr().String()},
-		{etcdEndpoints: "https://" + l.Addr().String(), etcdCAFile: newPKI(t, t.TempDir(), "ca").file},
+		{etcdEndpoints: "https://" + l.Addr()},
+		{etcdEndpoints: "https://" + l.Addr(), etcdCAFile: newPKI(t, t.TempDir(), "ca").file},
 	} {
 		if err := tryClient(t, &o); err == nil {
 			t.Errorf("%+v: a request to a plaintext server over https:// worked", o)
 		}
 	}
-	mu.Lock()
-	defer mu.Unlock()
+	firsts := l.Take()
 	if len(firsts) == 0 {
 		t.Fatal("the client never connected")
 	}
@@ -257,10 +231,8 @@ func TestHTTPSEndpointNeverPlaintext(t *testing.T) {
 	}
 	// The same server with a plain http:// endpoint does get plaintext: the
 	// check above can tell the two apart.
-	firsts = nil
-	mu.Unlock()
-	tryClient(t, &options{etcdEndpoints: "http://" + l.Addr().String()})
-	mu.Lock()
+	tryClient(t, &options{etcdEndpoints: "http://" + l.Addr()})
+	firsts = l.Take()
 	plain := false
 	for _, b := range firsts {
 		plain = plain || bytes.HasPrefix(b, []byte("PRI * HTTP/2"))
