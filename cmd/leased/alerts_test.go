@@ -240,7 +240,7 @@ func TestAlertRulesFireOnAgentMetrics(t *testing.T) {
 		t.Fatalf("promtool check rules %s: %v\n%s", rulesFile, err, out)
 	}
 	rules := loadRules(t)
-	ns := testutil.HostNS(t, "alerts")
+	ns := testutil.UplinkNS(t, "alerts", "192.0.2.1/24")
 	c, err := etcdserver.StartCluster(t.TempDir(), 1, etcdserver.ClusterOptions{Unix: true})
 	if err != nil {
 		t.Fatal(err)

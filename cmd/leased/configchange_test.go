@@ -181,7 +181,7 @@ func openFDs(t *testing.T) int {
 // The backend is the real one, in a network namespace of its own.
 func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 	testutil.RequireRoot(t)
-	ns := testutil.HostNS(t, "fd")
+	ns := testutil.UplinkNS(t, "fd", "192.0.2.1/24")
 	nsPath := testutil.NSPath(ns)
 	h := testutil.NSHandle(t, ns)
 	eth0, err := h.LinkByName("eth0")

@@ -103,7 +103,7 @@ func (p *leasedProc) waitLine(t *testing.T, re string, d time.Duration) time.Dur
 	return time.Since(p.start)
 }
 
-// agentArgs are the flags of an agent in a testutil.HostNS namespace.
+// agentArgs are the flags of an agent in a testutil.UplinkNS namespace.
 func agentArgs(t *testing.T, node string, more ...string) []string {
 	dir := t.TempDir()
 	return append([]string{"--iface=eth0", "--node-name=" + node, "--subnet-file=" + filepath.Join(dir, "subnet.env"),
@@ -222,7 +222,7 @@ func TestTLSListenerNeverGetsPlaintext(t *testing.T) {
 // stop the agent (exit status 2) saying so, naming the flag; the commands
 // say so too. A wrong password is no longer "creating etcd client".
 func TestEtcdAuthFailsFast(t *testing.T) {
-	ns := testutil.HostNS(t, "ec")
+	ns := testutil.UplinkNS(t, "ec", "192.0.2.1/24")
 	m, root := startAuthEtcd(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -274,7 +274,7 @@ func TestEtcdAuthFailsFast(t *testing.T) {
 // user name, when the client logs in before the agent starts), and a TLS
 // etcd whose CA the agent was not given.
 func TestAgentSaysWhyEtcdIsUnreachable(t *testing.T) {
-	ns := testutil.HostNS(t, "ec")
+	ns := testutil.UplinkNS(t, "ec", "192.0.2.1/24")
 	dir := t.TempDir()
 	ca := newPKI(t, dir, "ca")
 	other := newPKI(t, dir, "other")
@@ -332,7 +332,7 @@ func TestAgentSaysWhyEtcdIsUnreachable(t *testing.T) {
 // one when it is back, with the outage's length, and no line per retry in
 // between (the outage outlasts the lease TTL, so the agent re-claims).
 func TestAgentSaysEtcdLostAndBack(t *testing.T) {
-	ns := testutil.HostNS(t, "ec")
+	ns := testutil.UplinkNS(t, "ec", "192.0.2.1/24")
 	c, err := etcdserver.StartCluster(t.TempDir(), 1, etcdserver.ClusterOptions{Unix: true})
 	if err != nil {
 		t.Fatal(err)

@@ -335,7 +335,7 @@ func TestEtcdPasswordNeverShown(t *testing.T) {
 	}
 	for _, mode := range []string{"file", "env"} {
 		t.Run(mode, func(t *testing.T) {
-			ns := testutil.HostNS(t, "pw-"+mode)
+			ns := testutil.UplinkNS(t, "pw-"+mode, "192.0.2.1/24")
 			dir := t.TempDir()
 			node := "pw-" + mode
 			args := []string{"netns", "exec", ns, os.Args[0], "-test.run=^TestHelperLeasedProcess$", "--",

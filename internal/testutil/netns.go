@@ -41,18 +41,23 @@ func NewNS(t testing.TB, role string) string {
 	return name
 }
 
-// HostNS is NewNS with one uplink, as the agent tests' host has: eth0
-// (192.0.2.1/24), a veth whose peer eth1 stays inside, both up.
-func HostNS(t testing.TB, role string) string {
+// UplinkNS is NewNS with the uplink of a test host: eth0, a veth whose
+// peer eth0p stays inside the namespace, both up, with the addresses
+// addrs (prefixes such as "192.0.2.1/24"; IPv6 ones without duplicate
+// address detection).
+func UplinkNS(t testing.TB, role string, addrs ...string) string {
 	t.Helper()
 	ns := NewNS(t, role)
-	for _, args := range [][]string{
-		{"link", "add", "eth0", "type", "veth", "peer", "name", "eth1"},
-		{"addr", "add", "192.0.2.1/24", "dev", "eth0"},
-		{"link", "set", "eth0", "up"},
-		{"link", "set", "eth1", "up"},
-	} {
-		Run(t, append([]string{"ip", "-n", ns}, args...)...)
+	ip := func(args ...string) { t.Helper(); Run(t, append([]string{"ip", "-n", ns}, args...)...) }
+	ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+	ip("link", "set", "eth0p", "up")
+	ip("link", "set", "eth0", "up")
+	for _, a := range addrs {
+		if strings.Contains(a, ":") {
+			ip("addr", "add", a, "dev", "eth0", "nodad")
+		} else {
+			ip("addr", "add", a, "dev", "eth0")
+		}
 	}
 	return ns
 }

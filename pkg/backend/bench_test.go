@@ -15,11 +15,7 @@ func BenchmarkHostGWSetPeers(b *testing.B) {
 	for _, n := range []int{1000, 5000} {
 		b.Run(fmt.Sprintf("peers=%d", n), func(b *testing.B) {
 			testutil.RequireRoot(b)
-			ns := testutil.NewNS(b, "bench")
-			testutil.Run(b, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
-			testutil.Run(b, "ip", "-n", ns, "link", "set", "eth0p", "up")
-			testutil.Run(b, "ip", "-n", ns, "link", "set", "eth0", "up")
-			testutil.Run(b, "ip", "-n", ns, "addr", "add", "192.168.0.1/16", "dev", "eth0")
+			ns := testutil.UplinkNS(b, "bench", "192.168.0.1/16")
 			h := testutil.NSHandle(b, ns)
 			ext := extOf(b, h, "eth0", "192.168.0.1", "")
 			e := mustNew(b, `{"Type":"host-gw"}`, ext, "bench", ns, Options{})

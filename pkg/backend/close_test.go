@@ -19,12 +19,7 @@ import (
 // with ErrClosed instead of touching the kernel.
 func TestCloseReleasesHandles(t *testing.T) {
 	testutil.RequireRoot(t)
-	ns := testutil.NewNS(t, "close")
-	testutil.Run(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
-	testutil.Run(t, "ip", "-n", ns, "addr", "add", "192.0.2.1/24", "dev", "eth0")
-	testutil.Run(t, "ip", "-n", ns, "addr", "add", "2001:db8:1::1/64", "dev", "eth0", "nodad")
-	testutil.Run(t, "ip", "-n", ns, "link", "set", "eth0", "up")
-	testutil.Run(t, "ip", "-n", ns, "link", "set", "eth1", "up")
+	ns := testutil.UplinkNS(t, "close", "192.0.2.1/24", "2001:db8:1::1/64")
 	h := testutil.NSHandle(t, ns)
 	ext := extOf(t, h, "eth0", "192.0.2.1", "2001:db8:1::1")
 	local := Local{Node: "a", Subnet4: netip.MustParsePrefix("10.100.1.0/24"), Network4: netip.MustParsePrefix("10.100.0.0/16"),

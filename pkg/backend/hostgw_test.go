@@ -29,12 +29,7 @@ func localA() Local {
 // 2001:db8:77::/64 (the other veth end stays in the namespace, up).
 func hostGWLab(t *testing.T) (string, *netlink.Handle, ExtIface) {
 	testutil.RequireRoot(t)
-	ns := testutil.NewNS(t, "hgw")
-	testutil.Run(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
-	testutil.Run(t, "ip", "-n", ns, "link", "set", "eth0p", "up")
-	testutil.Run(t, "ip", "-n", ns, "link", "set", "eth0", "up")
-	testutil.Run(t, "ip", "-n", ns, "addr", "add", "192.168.77.2/24", "dev", "eth0")
-	testutil.Run(t, "ip", "-n", ns, "addr", "add", "2001:db8:77::2/64", "dev", "eth0", "nodad")
+	ns := testutil.UplinkNS(t, "hgw", "192.168.77.2/24", "2001:db8:77::2/64")
 	h := testutil.NSHandle(t, ns)
 	return ns, h, extOf(t, h, "eth0", "192.168.77.2", "2001:db8:77::2")
 }

@@ -19,12 +19,7 @@ import (
 // batchNS is a namespace with eth0 (192.168.0.1/16, 2001:db8:ff::1/64) up.
 func batchNS(t testing.TB) (string, *netlink.Handle, int) {
 	t.Helper()
-	ns := testutil.NewNS(t, "batch")
-	testutil.Run(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
-	testutil.Run(t, "ip", "-n", ns, "link", "set", "eth0p", "up")
-	testutil.Run(t, "ip", "-n", ns, "link", "set", "eth0", "up")
-	testutil.Run(t, "ip", "-n", ns, "addr", "add", "192.168.0.1/16", "dev", "eth0")
-	testutil.Run(t, "ip", "-n", ns, "addr", "add", "2001:db8:ff::1/64", "dev", "eth0", "nodad")
+	ns := testutil.UplinkNS(t, "batch", "192.168.0.1/16", "2001:db8:ff::1/64")
 	h := testutil.NSHandle(t, ns)
 	l, err := h.LinkByName("eth0")
 	if err != nil {

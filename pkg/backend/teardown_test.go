@@ -15,15 +15,11 @@ import (
 // nothing more.
 func TestTeardownOwnsOnlyItsObjects(t *testing.T) {
 	testutil.RequireRoot(t)
-	ns := testutil.NewNS(t, "teardown")
+	ns := testutil.UplinkNS(t, "teardown", "192.0.2.1/24")
 	ip := func(args ...string) string { return testutil.Run(t, append([]string{"ip", "-n", ns}, args...)...) }
 	ipt := func(args ...string) string {
 		return testutil.Run(t, append([]string{"ip", "netns", "exec", ns, "iptables", "-w"}, args...)...)
 	}
-	ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
-	ip("addr", "add", "192.0.2.1/24", "dev", "eth0")
-	ip("link", "set", "eth0p", "up")
-	ip("link", "set", "eth0", "up")
 	ip("route", "add", "10.1.0.0/24", "via", "192.0.2.2", "proto", "76")
 	ip("route", "add", "10.1.1.0/24", "via", "192.0.2.3", "proto", "static")
 	ip("link", "add", "leased.4", "type", "veth", "peer", "name", "l4p") // not leased's
