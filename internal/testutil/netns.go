@@ -22,6 +22,12 @@ func Run(t testing.TB, args ...string) string {
 	return string(out)
 }
 
+// RunIn is Run inside the network namespace named ns (ip netns exec).
+func RunIn(t testing.TB, ns string, args ...string) string {
+	t.Helper()
+	return Run(t, append([]string{"ip", "netns", "exec", ns}, args...)...)
+}
+
 // NewNS creates a network namespace named leased-<role>-<8 random hex
 // digits> (so that parallel runs do not collide), with lo up and IPv6
 // duplicate address detection off, and returns its name. The namespace is

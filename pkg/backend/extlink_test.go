@@ -249,7 +249,7 @@ func TestHostGWIPv6LinkKernel(t *testing.T) {
 	if len(rs) != 3 {
 		t.Errorf("routes %v, want only the three above (c's IPv6 and d's IPv4 are not on-link on their family's link)", rs)
 	}
-	if ra := testutil.Run(t, "ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv6.conf.eth1.accept_ra"); strings.TrimSpace(ra) != "2" {
+	if ra := testutil.RunIn(t, ns, "sysctl", "-n", "net.ipv6.conf.eth1.accept_ra"); strings.TrimSpace(ra) != "2" {
 		t.Errorf("eth1 accept_ra = %s, want 2 (raised from 1 on the IPv6 link when forwarding)", strings.TrimSpace(ra))
 	}
 }

@@ -313,7 +313,7 @@ func ndpLab(t *testing.T) (router, host string, ext ExtIface) {
 	testutil.Run(t, "ip", "-n", host, "addr", "add", "2001:db8:ab11::11/64", "dev", "eth0", "nodad")
 	testutil.Run(t, "ip", "-n", router, "addr", "add", "2001:db8:ab11::1/64", "dev", "eth0", "nodad")
 	// Fail unanswered resolutions fast.
-	testutil.Run(t, "ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv6.neigh.eth0.retrans_time_ms=200", "net.ipv6.neigh.eth0.mcast_solicit=2")
+	testutil.RunIn(t, router, "sysctl", "-qw", "net.ipv6.neigh.eth0.retrans_time_ms=200", "net.ipv6.neigh.eth0.mcast_solicit=2")
 	return router, host, extOf(t, testutil.NSHandle(t, host), "eth0", "", "2001:db8:ab11::11")
 }
 
@@ -351,7 +351,7 @@ func TestNDPResponderNamespace(t *testing.T) {
 	if err := b.SetPeers(context.Background(), nil); err != nil {
 		t.Fatal(err)
 	}
-	if v := strings.TrimSpace(testutil.Run(t, "ip", "netns", "exec", host, "sysctl", "-n", "net.ipv6.conf.all.forwarding")); v != "1" {
+	if v := strings.TrimSpace(testutil.RunIn(t, host, "sysctl", "-n", "net.ipv6.conf.all.forwarding")); v != "1" {
 		t.Errorf("forwarding = %s", v)
 	}
 	in, out := netip.MustParseAddr("2001:db8:ab11:0:8000::5"), netip.MustParseAddr("2001:db8:ab11:0:8001::5")

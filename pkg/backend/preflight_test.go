@@ -19,13 +19,13 @@ func TestCheckPrivilegesAsRootChangesNothing(t *testing.T) {
 	testutil.RequireRoot(t)
 	ns := testutil.NewNS(t, "priv")
 	testutil.Run(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
-	testutil.Run(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_ra=1", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0")
+	testutil.RunIn(t, ns, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_ra=1", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0")
 	h := testutil.NSHandle(t, ns)
 	ext := extOf(t, h, "eth0", "", "")
 	snapshot := func() string {
-		return testutil.Run(t, "ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding", "net.ipv6.conf.eth0.accept_ra") +
+		return testutil.RunIn(t, ns, "sysctl", "-n", "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding", "net.ipv6.conf.eth0.accept_ra") +
 			testutil.Run(t, "ip", "-n", ns, "-o", "link") +
-			testutil.Run(t, "ip", "netns", "exec", ns, "iptables-save") + testutil.Run(t, "ip", "netns", "exec", ns, "ip6tables-save")
+			testutil.RunIn(t, ns, "iptables-save") + testutil.RunIn(t, ns, "ip6tables-save")
 	}
 	before := snapshot()
 	for _, typ := range []string{TypeHostGW, TypeVXLAN, TypeProxyNDP} {

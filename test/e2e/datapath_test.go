@@ -242,7 +242,7 @@ func TestStaleRoutesRemovedAtStart(t *testing.T) {
 // sent (Icmp6OutNeighborSolicits).
 func routerSolicits(t *testing.T, ns string) int {
 	t.Helper()
-	out := mustNS(t, ns, "cat", "/proc/net/snmp6")
+	out := testutil.RunIn(t, ns, "cat", "/proc/net/snmp6")
 	for _, line := range strings.Split(out, "\n") {
 		if f := strings.Fields(line); len(f) == 2 && f[0] == "Icmp6OutNeighborSolicits" {
 			n, _ := strconv.Atoi(f[1])
@@ -277,7 +277,7 @@ func TestAgentRestartLosesNoPacket(t *testing.T) {
 					// later, so the router keeps asking throughout the
 					// restarts.
 					for _, kv := range []string{"base_reachable_time_ms=1000", "delay_first_probe_time=1"} {
-						mustNS(t, l.Upstream.NS, "sysctl", "-qw", "net.ipv6.neigh.eth0."+kv)
+						testutil.RunIn(t, l.Upstream.NS, "sysctl", "-qw", "net.ipv6.neigh.eth0."+kv)
 					}
 					flows = append(flows, flow{l.Upstream.NS, h1.Container.Addr6}, flow{l.Upstream.NS, h2.Container.Addr6})
 				}
