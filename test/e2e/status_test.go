@@ -5,9 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -105,16 +103,7 @@ func TestCLIStatusProxyNDP(t *testing.T) {
 	t.Run("as another user", func(t *testing.T) {
 		// It may not see the agent's sockets: it says so rather than
 		// reporting the answers missing.
-		dir, err := os.MkdirTemp("", "leased-status-")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.RemoveAll(dir) })
-		if err := os.Chmod(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		bin := filepath.Join(dir, "leased")
-		copyFile(t, binary, bin, 0o755)
+		bin := publicBinary(t)
 		args := append([]string{"netns", "exec", h1.NS, "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", bin}, statusArgs(l, h1)...)
 		out, err := exec.Command("ip", args...).CombinedOutput()
 		var ee *exec.ExitError
