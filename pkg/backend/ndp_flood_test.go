@@ -64,7 +64,7 @@ func TestNDPPresentFloodOnTheWire(t *testing.T) {
 	}
 	t.Cleanup(func() { unix.Close(fd) })
 	send := func(target netip.Addr) {
-		if err := unix.Sendto(fd, nsFrame(t, ndpRouter, target, true), 0, &unix.SockaddrLinklayer{Ifindex: e0.Attrs().Index, Halen: 6}); err != nil && err != unix.ENOBUFS {
+		if err := unix.Sendto(fd, testutil.NSFrame(t, ndpRouterMAC, ndpRouter, target, true), 0, &unix.SockaddrLinklayer{Ifindex: e0.Attrs().Index, Halen: 6}); err != nil && err != unix.ENOBUFS {
 			t.Fatal(err)
 		}
 	}

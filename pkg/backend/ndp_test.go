@@ -2,7 +2,6 @@ package backend
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
@@ -10,9 +9,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"golang.org/x/net/icmp"
-	"golang.org/x/net/ipv6"
 
 	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/backend/ndp"
@@ -25,37 +21,6 @@ var (
 	ndpSlice     = netip.MustParsePrefix("2001:db8:ab11:0:8000::/80")
 	ndpNetwork   = netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")
 )
-
-// nsFrame builds an Ethernet frame carrying a Neighbor Solicitation for
-// target from src, encoded independently of the code under test: the
-// ICMPv6 message and its checksum by golang.org/x/net/icmp.
-func nsFrame(t testing.TB, src, target netip.Addr, sll bool) []byte {
-	t.Helper()
-	tb := target.As16() // solicited-node group, RFC 4291 2.7.1
-	dst := netip.AddrFrom16([16]byte{0: 0xff, 1: 0x02, 11: 0x01, 12: 0xff, 13: tb[13], 14: tb[14], 15: tb[15]})
-	body := make([]byte, 20) // reserved + target
-	copy(body[4:], target.AsSlice())
-	if sll {
-		body = append(body, 1, 1) // source link-layer address option
-		body = append(body, ndpRouterMAC[:]...)
-	}
-	m := icmp.Message{Type: ipv6.ICMPTypeNeighborSolicitation, Body: &icmp.RawBody{Data: body}}
-	msg, err := m.Marshal(icmp.IPv6PseudoHeader(net.IP(src.AsSlice()), net.IP(dst.AsSlice())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	d := dst.As16()
-	f := []byte{0x33, 0x33, d[12], d[13], d[14], d[15]}
-	f = append(f, ndpRouterMAC[:]...)
-	f = append(f, 0x86, 0xdd)
-	ip := make([]byte, 40)
-	ip[0] = 0x60
-	binary.BigEndian.PutUint16(ip[4:], uint16(len(msg)))
-	ip[6], ip[7] = 58, 255
-	copy(ip[8:], src.AsSlice())
-	copy(ip[24:], dst.AsSlice())
-	return append(append(f, ip...), msg...)
-}
 
 func TestNDPCheckOnLink(t *testing.T) {
 	pfx := func(ss ...string) []netip.Prefix {
