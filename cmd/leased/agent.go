@@ -31,8 +31,7 @@ type agent struct {
 	reg  *lease.Registry
 	node string
 
-	view    lease.View // etcd as the watch has shown it
-	resumed bool       // the watch resumed from the lease cache
+	view lease.View // etcd as the watch has shown it
 
 	lease *leaseKeeper
 	peers *peerTracker
@@ -178,7 +177,6 @@ func (a *agent) startWatch(ctx context.Context, batches chan lease.Batch) {
 			ok := a.reg.Usable(cctx, h)
 			cancel()
 			if ok {
-				a.resumed = true
 				klog.InfoS("starting from the lease cache of the previous run; reading only the leases changed since", "path", path, "rev", h.Rev, "leases", h.Leases)
 				go a.reg.WatchFromSnapshot(ctx, h, decode, batches) //nolint:errcheck // returns ctx.Err()
 				return
@@ -188,9 +186,6 @@ func (a *agent) startWatch(ctx context.Context, batches chan lease.Batch) {
 	}
 	go a.reg.Watch(ctx, batches) //nolint:errcheck // returns ctx.Err()
 }
-
-// onReady, when set, runs once the agent is first ready (for profiling).
-var onReady func()
 
 // cacheMinLeases is the smallest lease cache worth resuming from: below
 // it, listing takes a few milliseconds, no more than checking the cache.
@@ -304,9 +299,6 @@ func (a *agent) report() {
 	if !a.ready {
 		a.ready = true
 		klog.InfoS("ready", "node", a.node, "subnets", self.Subnets(), "peers", npeers)
-		if onReady != nil {
-			onReady()
-		}
 	}
 	status := fmt.Sprintf("lease %v held; %d peers", self.Subnets(), npeers)
 	if a.conf.refusedWhy != "" {

@@ -10,6 +10,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -36,22 +38,21 @@ func etcdRanges(t *testing.T) float64 {
 // retry timer for the end of the grace period even when that was past, so
 // it stepped, and tried to claim, in a tight loop until a subnet freed up.
 func TestOutOfSubnetsAfterGraceWaitsQuietly(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","SubnetMin":"10.100.5.0","SubnetMax":"10.100.5.0"}`)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","SubnetMin":"10.100.5.0","SubnetMax":"10.100.5.0"}`)
 	rec := &recorder{}
 	ia := newIdleAgent(t, srv.ClientURL, "a", "192.168.1.1", rec)
 	ia.o.leaseTTL = 2 * time.Second // the grace period
 	ctx, cancel := context.WithCancel(context.Background())
 	ia.run(ctx)
 	t.Cleanup(func() { cancel(); <-ia.done })
-	eventually(t, "a holds 10.100.5.0/24", func() bool {
+	testutil.Eventually(t, 20*time.Second, "a holds 10.100.5.0/24", func() bool {
 		env, err := subnetEnvOf(ia)
 		return err == nil && env.Subnet4.String() == "10.100.5.0/24"
 	})
 
 	// b takes the only subnet: a's record goes, b's lock and record come.
 	keys := lease.NewKeys("")
-	cli := etcdClient(t, srv.ClientURL)
 	tctx, tcancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer tcancel()
 	if _, err := cli.Txn(tctx).Then(
@@ -61,7 +62,7 @@ func TestOutOfSubnetsAfterGraceWaitsQuietly(t *testing.T) {
 	).Commit(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a out of subnets", func() bool { return strings.Contains(ia.health.statusText(), "out of subnets") })
+	testutil.Eventually(t, 20*time.Second, "a out of subnets", func() bool { return strings.Contains(ia.health.statusText(), "out of subnets") })
 	time.Sleep(ia.o.leaseTTL + time.Second) // the grace period is over
 
 	before := etcdRanges(t)
