@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/metrics"
+	"github.com/leased/leased/pkg/subnetenv"
 )
 
 // readyMetric is the value /metrics shows for leased_ready.
@@ -33,6 +35,9 @@ func TestReadyMetricFollowsLeaseAndConfig(t *testing.T) {
 	p := etcdtest.Proxy(t, strings.TrimPrefix(srv.ClientURL, "http://"))
 	a := newIdleAgent(t, "http://"+p.Addr().String(), "a", "192.168.1.1", &recorder{})
 	a.o.leaseTTL = 3 * time.Second
+	// A subnet below the SubnetMax of the config accepted below (a random
+	// one above it made that config refused, legitimately, 5 times in 256).
+	a.lease.hint = subnetenv.Env{Subnet4: netip.MustParsePrefix("10.100.1.0/24")}
 	ctx, cancel := context.WithCancel(context.Background())
 	a.run(ctx)
 	t.Cleanup(func() { cancel(); <-a.done })
