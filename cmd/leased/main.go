@@ -200,6 +200,7 @@ func runAgent(ctx context.Context, o *options) error {
 	}
 	a := newAgent(o, cli, ext, node)
 	a.etcd = mon
+	a.ipam = startDockerIPAM(ctx, &o.dockerIPAM)
 	if o.metricsAddr != "" {
 		if err := serveHTTP(ctx, o.metricsAddr, &a.health); err != nil {
 			return err

@@ -62,6 +62,7 @@ type Driver struct {
 	known   bool // SetSubnets ran: the lease is held
 	subnet4 netip.Prefix
 	subnet6 netip.Prefix
+	broken  error // the split does not fit the lease (SetSubnets)
 	pools   map[string]*Pool
 	// OnChange, when set, runs (under the lock) after the pools changed,
 	// with the number of pools per family (for the metric).
@@ -129,14 +130,20 @@ func (d *Driver) Pools() []Pool {
 // the family is not enabled). The agent calls it whenever it holds its
 // lease. Pools that lie outside a new lease are kept (Docker still uses
 // them) but logged: their containers are no longer reachable from other
-// hosts until the network is recreated.
-func (d *Driver) SetSubnets(subnet4, subnet6 netip.Prefix) {
+// hosts until the network is recreated. The error says the split does not
+// fit these subnets; the driver then refuses every pool with it, and
+// docker0 should keep the whole lease.
+func (d *Driver) SetSubnets(subnet4, subnet6 netip.Prefix) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.known && d.subnet4 == subnet4 && d.subnet6 == subnet6 {
-		return
+		return d.broken
 	}
 	d.known, d.subnet4, d.subnet6 = true, subnet4, subnet6
+	d.broken = d.split.Validate(subnet4, subnet6)
+	if d.broken != nil {
+		return d.broken
+	}
 	for _, p := range d.sorted() {
 		subnet := subnet4
 		if p.Prefix.Addr().Is6() {
@@ -149,6 +156,7 @@ func (d *Driver) SetSubnets(subnet4, subnet6 netip.Prefix) {
 			klog.Warningf("Docker network pool %s overlaps docker0's share %s of this host's subnet: --docker-ipam-docker0-bits changed since it was made; recreate the network to move it", p.Prefix, d.split.Docker0(subnet))
 		}
 	}
+	return nil
 }
 
 func validOnly(ps ...netip.Prefix) []netip.Prefix {
@@ -197,6 +205,9 @@ func (d *Driver) RequestPool(r PoolRequest) (*Pool, error) {
 	}
 	if !d.known {
 		return nil, fmt.Errorf("this host holds no leased subnet yet (the leased agent is still acquiring its lease; see journalctl -u leased or leased status): retry once the agent is ready")
+	}
+	if d.broken != nil {
+		return nil, fmt.Errorf("the agent's pool sizes do not fit this host's lease: %v", d.broken)
 	}
 	if !subnet.IsValid() {
 		return nil, fmt.Errorf("%s is not enabled in the leased network config, so this host has no %s subnet to carve: create the network without %s--subnet of that family, or enable %s in the cluster's config (leased config put)", fam, fam, flag, fam)

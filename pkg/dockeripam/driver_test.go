@@ -35,7 +35,9 @@ func serve(t *testing.T, state string, s4, s6 string) (*Driver, *client) {
 		p6 = netip.MustParsePrefix(s6)
 	}
 	if s4 != "" || s6 != "" {
-		d.SetSubnets(p4, p6)
+		if err := d.SetSubnets(p4, p6); err != nil {
+			t.Fatal(err)
+		}
 	}
 	sock := filepath.Join(t.TempDir(), "leased.sock")
 	l, err := Listen(sock)
