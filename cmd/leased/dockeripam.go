@@ -2,8 +2,11 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
+	"strings"
 
+	"github.com/leased/leased/internal/leaseview"
 	"github.com/leased/leased/pkg/dockeripam"
 	"github.com/leased/leased/pkg/metrics"
 	"k8s.io/klog/v2"
@@ -70,4 +73,54 @@ func (di *dockerIPAM) lease(subnet4, subnet6 netip.Prefix) int {
 	}
 	di.misfit = ""
 	return di.o.docker0Bits
+}
+
+// dockerPoolsStatus is `leased status`'s line on the Docker IPAM driver's
+// pools, and false when one lies outside the lease.
+func dockerPoolsStatus(state string, subnet4, subnet6 netip.Prefix) (string, bool) {
+	pools, err := dockeripam.ReadPools(state)
+	if err != nil {
+		return "docker ipam: " + err.Error(), false
+	}
+	if len(pools) == 0 {
+		return fmt.Sprintf("docker ipam: no pools (%s)", state), true
+	}
+	ok := true
+	var b strings.Builder
+	fmt.Fprintf(&b, "docker ipam: %d pools for user-defined networks (%s):", len(pools), state)
+	for _, p := range pools {
+		fmt.Fprintf(&b, "\n  %s  %d addresses in use", p.Prefix, len(p.Addrs))
+		lease := subnet4
+		if p.Prefix.Addr().Is6() {
+			lease = subnet6
+		}
+		if !lease.IsValid() || !lease.Contains(p.Prefix.Addr()) || p.Prefix.Bits() < lease.Bits() {
+			b.WriteString("  OUTSIDE the lease: other hosts do not reach it; recreate the network")
+			ok = false
+		}
+	}
+	return b.String(), ok
+}
+
+// addDockerPools puts this host's Docker network pools on its row of
+// `leased leases -o json` (nothing when the state file is missing or
+// unreadable: the command may run on a machine that is no host).
+func addDockerPools(rows []leaseview.Row, node, state string) {
+	if node == "" {
+		var err error
+		if node, err = defaultNodeName(); err != nil {
+			return
+		}
+	}
+	pools, err := dockeripam.ReadPools(state)
+	if err != nil || len(pools) == 0 {
+		return
+	}
+	for i := range rows {
+		if rows[i].Node == node {
+			for _, p := range pools {
+				rows[i].DockerPools = append(rows[i].DockerPools, p.Prefix.String())
+			}
+		}
+	}
 }

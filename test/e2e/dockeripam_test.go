@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
@@ -200,6 +201,7 @@ func TestDockerIPAM(t *testing.T) {
 			reachAll(t, conts)
 
 			h1, d1 := l.Hosts[0], ds[l.Hosts[0]]
+			checkPoolsShown(t, l, h1, d1)
 			// docker network rm frees the pool: the next network gets it.
 			if _, err := d1.run(ctx(t), "network", "create", "--ipam-driver=leased", "--ipv6", "tmp"); err != nil {
 				t.Fatal(err)
@@ -306,6 +308,45 @@ func badRequests(t *testing.T, h *lab.Host, d *dockerHost) {
 	for i := 0; i < 4; i++ {
 		if _, err := d.run(ctx(t), "network", "rm", fmt.Sprintf("fill%d", i)); err != nil {
 			t.Fatal(err)
+		}
+	}
+}
+
+// checkPoolsShown: `leased status` lists h's pools, `leased leases -o json`
+// puts them on h's row.
+func checkPoolsShown(t *testing.T, l *lab.Lab, h *lab.Host, d *dockerHost) {
+	t.Helper()
+	state := "--docker-ipam-state=" + filepath.Join(h.Dir, "docker-ipam.json")
+	want := append(d.subnets(t, "web"), d.subnets(t, "db")...)
+	out, _ := cli(t, h.NS, append(statusArgs(l, h), state)...)
+	for _, p := range want {
+		if !strings.Contains(out, "  "+p.String()+"  ") {
+			t.Errorf("leased status does not list the pool %s:\n%s", p, out)
+		}
+	}
+	t.Logf("leased status:\n%s", out)
+	out, code := cli(t, "", "leases", "--etcd-endpoints="+l.EtcdEndpoint, "-o", "json", "--node-name="+h.Name, state)
+	if code != 0 {
+		t.Fatalf("leased leases -o json: exit %d: %s", code, out)
+	}
+	var rows []struct {
+		Node        string
+		DockerPools []string
+	}
+	if err := json.Unmarshal([]byte(out), &rows); err != nil {
+		t.Fatalf("leased leases -o json: %v\n%s", err, out)
+	}
+	for _, r := range rows {
+		if r.Node != h.Name {
+			if len(r.DockerPools) != 0 {
+				t.Errorf("leased leases -o json shows pools %v on %s's row", r.DockerPools, r.Node)
+			}
+			continue
+		}
+		for _, p := range want {
+			if !slices.Contains(r.DockerPools, p.String()) {
+				t.Errorf("leased leases -o json: %s's dockerPools %v lack %s", h.Name, r.DockerPools, p)
+			}
 		}
 	}
 }
