@@ -325,7 +325,7 @@ func checkPoolsShown(t *testing.T, l *lab.Lab, h *lab.Host, d *dockerHost) {
 		}
 	}
 	t.Logf("leased status:\n%s", out)
-	out, code := cli(t, "", "leases", "--etcd-endpoints="+l.EtcdEndpoint, "-o", "json", "--node-name="+h.Name, state)
+	out, code := cli(t, h.NS, "leases", "--etcd-endpoints="+l.EtcdEndpoint, "-o", "json", "--node-name="+h.Name, state)
 	if code != 0 {
 		t.Fatalf("leased leases -o json: exit %d: %s", code, out)
 	}
