@@ -21,6 +21,12 @@
 //	LEASED_BACKEND=vxlan
 //	LEASED_DOCKER_OPTS="--bip=10.100.15.1/24 --mtu=1450 --ipv6 --fixed-cidr-v6=2001:db8:cd11:0:8000::/80 --ip-masq=false"
 //
+// When leased's Docker IPAM driver has part of the lease (Env.Docker0Bits),
+// LEASED_DOCKER0_SUBNET and LEASED_DOCKER0_SUBNET6 give docker0's share
+// (e.g. 10.100.15.1/26), and --bip and --fixed-cidr-v6 in
+// LEASED_DOCKER_OPTS are that share; LEASED_SUBNET and LEASED_SUBNET6 stay
+// the whole lease.
+//
 // The IPv4 network lines appear only when IPv4 is enabled, the IPv6 lines
 // (LEASED_IPMASQ6 among them) only when IPv6 is. LEASED_IPMASQ4 and
 // LEASED_IPMASQ6 say who masquerades each family's container traffic that
