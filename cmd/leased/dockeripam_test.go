@@ -1,0 +1,61 @@
+package main
+
+import (
+	"context"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/leased/leased/pkg/dockeripam"
+)
+
+// subnet.env's docker0 share: the configured one while the driver is on and
+// its split fits the lease; the whole lease when it is off or does not fit
+// (the driver then refuses pools, saying why).
+func TestDockerIPAMDocker0Share(t *testing.T) {
+	s4, s6 := netip.MustParsePrefix("10.100.15.0/24"), netip.MustParsePrefix("2001:db8:cd11:7::/64")
+	small := netip.MustParsePrefix("10.100.15.0/28")
+	for _, tc := range []struct {
+		name string
+		on   bool
+		s4   netip.Prefix
+		want int
+	}{
+		{"on", true, s4, 2},
+		{"off", false, s4, 0},
+		{"does not fit a /28", true, small, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			o := &dockerIPAMOptions{on: tc.on, socket: filepath.Join(dir, "leased.sock"), state: filepath.Join(dir, "ipam.json"),
+				docker0Bits: 2, poolBits4: 3, poolBits6: 16}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			di := startDockerIPAM(ctx, o)
+			if got := di.lease(tc.s4, s6); got != tc.want {
+				t.Fatalf("docker0 share = %d, want %d", got, tc.want)
+			}
+			if !tc.on {
+				if di.d != nil {
+					t.Fatal("the driver runs with --docker-ipam=false")
+				}
+				return
+			}
+			_, err := di.d.RequestPool(dockeripam.PoolRequest{})
+			if tc.want == 0 {
+				if err == nil || !strings.Contains(err.Error(), "--docker-ipam-pool-bits4 3 makes pools of /31") {
+					t.Fatalf("RequestPool on a lease the split does not fit: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	var nilIPAM *dockerIPAM // agents built without runAgent (tests)
+	if got := nilIPAM.lease(s4, s6); got != 0 {
+		t.Errorf("nil driver: docker0 share %d", got)
+	}
+}
