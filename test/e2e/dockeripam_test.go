@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -361,6 +362,84 @@ func checkPoolsShown(t *testing.T, l *lab.Lab, h *lab.Host, d *dockerHost) {
 			if !slices.Contains(r.DockerPools, p.String()) {
 				t.Errorf("leased leases -o json: %s's dockerPools %v lack %s", h.Name, r.DockerPools, p)
 			}
+		}
+	}
+}
+
+// composeFile is the compose project of TestDockerIPAMCompose: the issue's
+// example, the default network on the leased driver with IPv6.
+const composeFile = `version: "2.4"
+services:
+  web:
+    image: ` + dockerImage + `
+    command: ["httpd", "-f", "-p", "80", "-h", "/www"]
+networks:
+  default:
+    enable_ipv6: true
+    ipam:
+      driver: leased
+    driver_opts:
+      com.docker.network.bridge.enable_ip_masquerade: "false"
+`
+
+// A docker compose project whose default network uses the leased driver,
+// on two hosts: its pools lie in each host's lease, the services reach
+// each other across hosts over IPv4 and IPv6 with their own addresses, and
+// docker-compose down frees the pools.
+func TestDockerIPAMCompose(t *testing.T) {
+	dockerd, docker, busybox := dockerTools(t)
+	compose, err := exec.LookPath("docker-compose")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("docker-compose not found: CI must install the Debian package docker-compose")
+		}
+		t.Skip("docker-compose not found (Debian package docker-compose)")
+	}
+	l := up(t, lab.Config{Backend: "host-gw", Hosts: 2, NoContainers: true, AgentArgs: []string{"--ip-masq"}})
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "docker-compose.yml"), []byte(composeFile), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run := func(d *dockerHost, args ...string) string {
+		t.Helper()
+		cmd := exec.CommandContext(ctx(t), compose, append([]string{"-p", "demo", "-f", filepath.Join(dir, "docker-compose.yml")}, args...)...)
+		cmd.Env = append(os.Environ(), "DOCKER_HOST=unix://"+d.sock())
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("docker-compose %s on %s: %v\n%s", strings.Join(args, " "), d.h.Name, err, out)
+		}
+		return string(out)
+	}
+	var conts []*container
+	ds := map[*lab.Host]*dockerHost{}
+	for _, h := range l.Hosts {
+		d := startDockerdIPAM(t, h, dockerd, docker, busybox)
+		ds[h] = d
+		run(d, "up", "-d")
+		env, _ := h.Env()
+		subs := d.subnets(t, "demo_default")
+		if len(subs) != 2 {
+			t.Fatalf("%s: demo_default has %v, want a pool per family", h.Name, subs)
+		}
+		for _, s := range subs {
+			lease, d0 := env.Subnet4, env.Docker0Subnet4()
+			if s.Addr().Is6() {
+				lease, d0 = env.Subnet6, env.Docker0Subnet6()
+			}
+			if !lease.Contains(s.Addr()) || s.Bits() <= lease.Bits() || s.Overlaps(d0) {
+				t.Errorf("%s: compose's pool %s is not in the lease %s outside docker0's %s", h.Name, s, lease, d0)
+			}
+		}
+		c := &container{d: d, name: "demo_web_1"}
+		c.addr4, c.addr6 = d.addrs(t, c.name)
+		t.Logf("%s: demo_default %v, demo_web_1 %s %s", h.Name, subs, c.addr4, c.addr6)
+		conts = append(conts, c)
+	}
+	reachAll(t, conts, nil)
+	for _, h := range l.Hosts {
+		run(ds[h], "down")
+		if ps := statePools(t, h); len(ps) != 0 {
+			t.Errorf("%s: after docker-compose down the driver still holds %v", h.Name, ps)
 		}
 	}
 }
