@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/leased/leased/pkg/dockeripam"
+	"github.com/leased/leased/pkg/metrics"
+	dto "github.com/prometheus/client_model/go"
 )
 
 // subnet.env's docker0 share: the configured one while the driver is on and
@@ -51,6 +53,11 @@ func TestDockerIPAMDocker0Share(t *testing.T) {
 			}
 			if err != nil {
 				t.Fatal(err)
+			}
+			var m dto.Metric
+			metrics.DockerIPAMPools.WithLabelValues("ipv4").Write(&m)
+			if n := m.GetGauge().GetValue(); n != 1 {
+				t.Errorf("leased_docker_ipam_pools{family=\"ipv4\"} = %v after one pool, want 1", n)
 			}
 		})
 	}
