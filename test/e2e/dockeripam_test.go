@@ -140,12 +140,14 @@ func statePools(t *testing.T, h *lab.Host) []netip.Prefix {
 // pools inside their host's lease, apart from docker0's share and from each
 // other, and their containers reach containers on other hosts (on leased
 // networks and on docker0) over IPv4 and IPv6, with real dockerds, on
-// host-gw and vxlan. docker network rm frees a pool; dockerd and agent
+// host-gw, vxlan and proxy-ndp. docker network rm frees a pool; dockerd and agent
 // restarts keep every container's address and the connectivity; requests
 // the lease cannot satisfy fail with the driver's text in docker's output.
 func TestDockerIPAM(t *testing.T) {
 	dockerd, docker, busybox := dockerTools(t)
-	for i, backend := range []string{"host-gw", "vxlan"} {
+	// proxy-ndp: /80 leases (pools are /96s), and an upstream router that
+	// knows only the hosts' /64 reaches the networks' containers too.
+	for i, backend := range []string{"host-gw", "vxlan", "proxy-ndp"} {
 		t.Run(backend, func(t *testing.T) {
 			l := up(t, lab.Config{Backend: backend, Hosts: 2, NoContainers: true, AgentArgs: []string{"--ip-masq"}})
 			ds := map[*lab.Host]*dockerHost{}
@@ -213,6 +215,13 @@ func TestDockerIPAM(t *testing.T) {
 				conts = append(conts, d.runOn(t, "docker0-"+h.Name, "bridge"))
 			}
 			reachAll(t, conts, masqueraded)
+			if l.Upstream != nil {
+				for _, c := range conts {
+					if err := lab.PingUntil(ctx(t), l.Upstream.NS, c.addr6, 0, 15*time.Second); err != nil {
+						t.Errorf("upstream router → %s on %s (%s): %v", c.name, c.d.h.Name, c.addr6, err)
+					}
+				}
+			}
 
 			h1, d1 := l.Hosts[0], ds[l.Hosts[0]]
 			checkPoolsShown(t, l, h1, d1)
