@@ -252,10 +252,25 @@ func TestListenRefusesLiveSocket(t *testing.T) {
 		t.Fatalf("second Listen: %v", err)
 	}
 	l.Close()
-	os.WriteFile(sock, nil, 0o600) // stale
+	// A socket a killed agent left behind is replaced; a file that is not
+	// a socket is left alone.
+	stale, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale.(*net.UnixListener).SetUnlinkOnClose(false)
+	stale.Close()
 	l2, err := Listen(sock)
 	if err != nil {
-		t.Fatalf("Listen over a stale file: %v", err)
+		t.Fatalf("Listen over a stale socket: %v", err)
 	}
 	l2.Close()
+	other := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(other, []byte("x"), 0o600)
+	if _, err := Listen(other); err == nil || !strings.Contains(err.Error(), "is not a socket") {
+		t.Fatalf("Listen over a regular file: %v", err)
+	}
+	if b, _ := os.ReadFile(other); string(b) != "x" {
+		t.Fatal("Listen changed a file that is not a socket")
+	}
 }
