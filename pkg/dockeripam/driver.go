@@ -198,10 +198,9 @@ func (d *Driver) RequestPool(r PoolRequest) (*Pool, error) {
 	for k := range r.Options {
 		return nil, fmt.Errorf("unknown IPAM option %q: the %s IPAM driver takes no --ipam-opt; remove it (pool sizes are set on the agent: --docker-ipam-pool-bits4/6)", k, Name)
 	}
-	fam, flag := "IPv4", ""
 	subnet := d.subnet4
 	if r.V6 {
-		fam, flag, subnet = "IPv6", "--ipv6 ", d.subnet6
+		subnet = d.subnet6
 	}
 	if !d.known {
 		return nil, fmt.Errorf("this host holds no leased subnet yet (the leased agent is still acquiring its lease; see journalctl -u leased or leased status): retry once the agent is ready")
@@ -209,8 +208,12 @@ func (d *Driver) RequestPool(r PoolRequest) (*Pool, error) {
 	if d.broken != nil {
 		return nil, fmt.Errorf("the agent's pool sizes do not fit this host's lease: %v", d.broken)
 	}
-	if !subnet.IsValid() {
-		return nil, fmt.Errorf("%s is not enabled in the leased network config, so this host has no %s subnet to carve: create the network without %s--subnet of that family, or enable %s in the cluster's config (leased config put)", fam, fam, flag, fam)
+	switch {
+	case subnet.IsValid():
+	case r.V6:
+		return nil, fmt.Errorf("IPv6 is not enabled in the leased network config, so this host has no IPv6 subnet to carve: create the network without --ipv6 and IPv6 --subnet, or enable IPv6 in the cluster's config (leased config put)")
+	default:
+		return nil, fmt.Errorf("IPv4 is not enabled in the leased network config, so this host has no IPv4 subnet to carve, and Docker asks for an IPv4 pool for every network: use Docker's default IPAM driver for this network (leave --ipam-driver out), or enable IPv4 in the cluster's config (leased config put)")
 	}
 	var used []netip.Prefix
 	for _, p := range d.pools {
