@@ -66,3 +66,30 @@ func TestDockerIPAMDocker0Share(t *testing.T) {
 		t.Errorf("nil driver: docker0 share %d", got)
 	}
 }
+
+// leased status lists the driver's pools and fails on one outside the
+// lease (the host's lease changed under an existing network).
+func TestDockerPoolsStatus(t *testing.T) {
+	state := filepath.Join(t.TempDir(), "ipam.json")
+	s4 := netip.MustParsePrefix("10.100.15.0/24")
+	msg, ok := dockerPoolsStatus(state, s4, netip.Prefix{})
+	if !ok || !strings.Contains(msg, "no pools") {
+		t.Fatalf("no state file: %q %v", msg, ok)
+	}
+	d, err := dockeripam.New(state, dockeripam.DefaultSplit, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.SetSubnets(s4, netip.Prefix{})
+	if _, err := d.RequestPool(dockeripam.PoolRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	msg, ok = dockerPoolsStatus(state, s4, netip.Prefix{})
+	if !ok || !strings.Contains(msg, "1 pools for user-defined networks") || !strings.Contains(msg, "10.100.15.64/27  0 addresses in use") {
+		t.Fatalf("one pool: %q %v", msg, ok)
+	}
+	msg, ok = dockerPoolsStatus(state, netip.MustParsePrefix("10.100.99.0/24"), netip.Prefix{})
+	if ok || !strings.Contains(msg, "10.100.15.64/27  0 addresses in use  OUTSIDE the lease") {
+		t.Fatalf("after a lease change: %q %v", msg, ok)
+	}
+}
