@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"k8s.io/klog/v2"
 )
 
 // client speaks the plugin protocol to a driver over its unix socket, as
@@ -272,5 +274,33 @@ func TestListenRefusesLiveSocket(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(other); string(b) != "x" {
 		t.Fatal("Listen changed a file that is not a socket")
+	}
+}
+
+// When the host's lease changes, the agent's log names every pool left
+// outside it and says what to do, once per change.
+func TestLeaseChangeIsLogged(t *testing.T) {
+	var buf bytes.Buffer
+	klog.LogToStderr(false)
+	klog.SetOutput(&buf)
+	t.Cleanup(func() {
+		klog.Flush()
+		klog.SetOutput(os.Stderr)
+		klog.LogToStderr(true)
+	})
+	d, err := New(filepath.Join(t.TempDir(), "ipam.json"), DefaultSplit, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.SetSubnets(netip.MustParsePrefix("10.100.15.0/24"), netip.Prefix{})
+	if _, err := d.RequestPool(PoolRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	d.SetSubnets(netip.MustParsePrefix("10.100.99.0/24"), netip.Prefix{})
+	d.SetSubnets(netip.MustParsePrefix("10.100.99.0/24"), netip.Prefix{})
+	klog.Flush()
+	want := "Docker network pool 10.100.15.64/27 is outside this host's leased subnets [10.100.99.0/24]: its containers are not reachable from other hosts; recreate the network (docker network rm, then create it again, or docker compose down and up) to move it into the lease"
+	if n := strings.Count(buf.String(), want); n != 1 {
+		t.Fatalf("the log has %d times %q:\n%s", n, want, buf.String())
 	}
 }
