@@ -20,6 +20,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"k8s.io/klog/v2"
 
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/tcpproxy"
@@ -448,12 +449,14 @@ func TestAgentResumesFromLeaseCache(t *testing.T) {
 	hb2 := &histBackend{}
 	a2 := newIdleAgent(t, srv.ClientURL, "host", "192.168.200.1", hb2)
 	a2.o.subnetFile = a1.o.subnetFile // same directory: same cache
+	log := captureLog(t)
 	ctx2, stop2 := context.WithCancel(context.Background())
 	defer func() { stop2(); <-a2.done }()
 	a2.run(ctx2)
 	waitPeers(t, hb2, want)
-	if !a2.resumed {
-		t.Error("the restarted agent listed every lease instead of resuming from the cache")
+	klog.Flush()
+	if l := log.String(); !strings.Contains(l, "starting from the lease cache of the previous run") || strings.Contains(l, "lease cache not usable") {
+		t.Errorf("the restarted agent listed every lease instead of resuming from the cache; its log:\n%s", l)
 	}
 	checkNeverHeld(t, hb2, "peer-0000")
 	if got := firstSet(hb2); !mapsEqual(got, want) {
@@ -481,4 +484,19 @@ func peerDiff(got, want map[string]netip.Prefix) string {
 		d = append(d[:20], fmt.Sprintf("and %d more", len(d)-20))
 	}
 	return strings.Join(d, "; ")
+}
+
+// captureLog sends klog's output (what the agent logs at the default
+// verbosity) to a buffer until the test ends.
+func captureLog(t *testing.T) *syncBuffer {
+	t.Helper()
+	buf := &syncBuffer{}
+	klog.LogToStderr(false)
+	klog.SetOutput(buf)
+	t.Cleanup(func() {
+		klog.Flush()
+		klog.SetOutput(os.Stderr)
+		klog.LogToStderr(true)
+	})
+	return buf
 }
