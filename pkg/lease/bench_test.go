@@ -13,7 +13,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
+
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 const benchConfig = `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`
@@ -74,7 +75,7 @@ var benchN = 50000
 // dual-stack leases (/8 with /24s: 76% full; /32 with /64s): grant its etcd
 // lease and claim an IPv4 and an IPv6 subnet.
 func BenchmarkAcquire50k(b *testing.B) {
-	_, cli := startEtcd(b)
+	_, cli := etcdtest.Start(b)
 	reg := NewRegistry(cli, "")
 	cfg := mustConfig(b, benchConfig)
 	fillLeases(b, cli, reg, benchN)
@@ -198,14 +199,10 @@ func cpuTime() time.Duration {
 func benchEtcd(b *testing.B) *clientv3.Client {
 	ep := os.Getenv("LEASED_BENCH_ETCD")
 	if ep == "" {
-		_, cli := startEtcd(b)
+		_, cli := etcdtest.Start(b)
 		return cli
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{ep}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { cli.Close() })
+	cli := etcdtest.Client(b, ep)
 	if _, err := cli.Delete(context.Background(), DefaultPrefix, clientv3.WithPrefix()); err != nil {
 		b.Fatal(err)
 	}

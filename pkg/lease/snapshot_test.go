@@ -14,6 +14,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/leased/leased/internal/etcdserver"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 // startWatchFrom is startWatch from the snapshot saved at path
@@ -74,7 +75,7 @@ func listAndSave(t *testing.T, cli *clientv3.Client, reg *Registry, n int) strin
 // etcd's state, including changes made while it was down, also after etcd
 // compacted past the snapshot's revision.
 func TestSnapshotResume(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	path := listAndSave(t, cli, reg, 5)
 
@@ -205,14 +206,14 @@ func TestListAndResumeOnOlderEtcd(t *testing.T) {
 	if strings.HasPrefix(ext.Version, "3.7") || strings.HasPrefix(ext.Version, "3.8") {
 		t.Fatalf("etcd binary is %s; this test needs one before 3.7 (Debian's etcd-server)", ext.Version)
 	}
-	cli := newClientAt(t, ext.ClientURL)
+	cli := etcdtest.Client(t, ext.ClientURL)
 	reg := NewRegistry(cli, "")
 	path := listAndSave(t, cli, reg, 3)
 	cli.Delete(ctxT(t), reg.Keys().Lease("n0"))
 	putRecord(t, cli, reg, "n1", "10.100.41.0/24")
 	putRecord(t, cli, reg, "n9", "10.100.9.0/24")
 
-	resumed := NewRegistry(newClientAt(t, ext.ClientURL), "")
+	resumed := NewRegistry(etcdtest.Client(t, ext.ClientURL), "")
 	w2 := startWatchFrom(t, resumed, path)
 	w2.waitFor(t, "resumed state equals etcd", func(v *View) bool {
 		r1 := v.Records["n1"]

@@ -12,7 +12,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
-	"github.com/leased/leased/internal/tcpproxy"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 // watcher runs Registry.Watch into a View that the test can inspect.
@@ -86,13 +86,11 @@ func (w *watcher) waitFor(t *testing.T, what string, cond func(v *View) bool) {
 func putRecord(t *testing.T, cli *clientv3.Client, reg *Registry, node, subnet string) {
 	t.Helper()
 	v := fmt.Sprintf(`{"Node":%q,"Subnet":%q,"PublicIP":"192.0.2.%d","BackendType":"host-gw"}`, node, subnet, len(node))
-	if _, err := cli.Put(ctxT(t), reg.Keys().Lease(node), v); err != nil {
-		t.Fatal(err)
-	}
+	etcdtest.Put(t, cli, reg.Keys().Lease(node), v)
 }
 
 func TestWatchListsThenFollowsAndSurvivesRestart(t *testing.T) {
-	srv, cli := startEtcd(t)
+	srv, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	putRecord(t, cli, reg, "a", "10.100.1.0/24")
 	w := startWatch(t, reg)
@@ -118,28 +116,12 @@ func TestWatchListsThenFollowsAndSurvivesRestart(t *testing.T) {
 	w.waitFor(t, "changes after an etcd restart", func(v *View) bool { return v.Records["b"] != nil && v.Records["a"] == nil })
 }
 
-// newProxy relays to target and can cut the connection, to disconnect
-// one client from etcd while others keep writing.
-func newProxy(t *testing.T, target string) *tcpproxy.Proxy {
-	t.Helper()
-	p, err := tcpproxy.Loopback(target)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.Close() })
-	return p
-}
-
 // While the watcher is cut off, leases change and etcd compacts past its
 // revision: on reconnect it lists again and ends with exactly etcd's state.
 func TestWatchRelistsAfterCompaction(t *testing.T) {
-	srv, direct := startEtcd(t)
-	p := newProxy(t, srv.ClientURL[len("http://"):])
-	cut, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + p.Addr().String()}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cut.Close()
+	srv, direct := etcdtest.Start(t)
+	p := etcdtest.Proxy(t, srv.ClientURL[len("http://"):])
+	cut := etcdtest.Client(t, "http://"+p.Addr().String())
 	reg := NewRegistry(direct, "")
 	for i := range 5 {
 		putRecord(t, direct, reg, fmt.Sprintf("n%d", i), fmt.Sprintf("10.100.%d.0/24", i))
@@ -176,7 +158,7 @@ func TestWatchRelistsAfterCompaction(t *testing.T) {
 
 // A large initial listing arrives whole: every record once.
 func TestWatchListsManyPages(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	n := 9000
 	fillLeases(t, cli, reg, n)
@@ -193,7 +175,7 @@ func TestWatchListsManyPages(t *testing.T) {
 // as DecodeRecord does with their create revision and etcd lease, the
 // malformed ones with the reason, and the config with its mod revision.
 func TestListDecodesEveryRecord(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	fillLeases(t, cli, reg, 9000)
 	ctx := ctxT(t)
@@ -254,7 +236,7 @@ func TestListDecodesEveryRecord(t *testing.T) {
 // Listing works against an etcd with authentication on, with the
 // client's credentials, and not without.
 func TestListWithAuthentication(t *testing.T) {
-	srv, cli := startEtcd(t)
+	srv, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	fillLeases(t, cli, reg, 9000)
 	ctx := ctxT(t)
@@ -268,7 +250,7 @@ func TestListWithAuthentication(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	anon := newClient(t, srv)
+	anon := etcdtest.Client(t, srv.ClientURL)
 	authed, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Username: "root", Password: "rootpw", Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
