@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/leased/leased/internal/testutil"
 	"k8s.io/klog/v2"
 )
 
@@ -280,7 +281,7 @@ func TestListenRefusesLiveSocket(t *testing.T) {
 // When the host's lease changes, the agent's log names every pool left
 // outside it and says what to do, once per change.
 func TestLeaseChangeIsLogged(t *testing.T) {
-	var buf bytes.Buffer
+	var buf testutil.SyncBuffer // klog's flush daemon writes too
 	klog.LogToStderr(false)
 	klog.SetOutput(&buf)
 	t.Cleanup(func() {

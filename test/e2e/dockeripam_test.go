@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/dockeripam"
 )
 
@@ -115,7 +116,7 @@ func reachAll(t *testing.T, conts []*container, masqueraded map[*container]bool)
 			fmt.Fprintf(&script, "echo %s $(timeout 5 wget -q -O - http://%s/cgi-bin/addr 2>/dev/null || echo none)\n", dst, host)
 		}
 		seen := map[netip.Addr]netip.Addr{}
-		eventually(t, 30*time.Second, fmt.Sprintf("%s on %s → every container of the other hosts", a.name, a.d.h.Name), func() error {
+		testutil.Eventually(t, 30*time.Second, fmt.Sprintf("%s on %s → every container of the other hosts", a.name, a.d.h.Name), func() error {
 			c, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
 			out, err := a.d.run(c, "exec", a.name, "sh", "-c", script.String())
@@ -305,7 +306,7 @@ func TestDockerIPAM(t *testing.T) {
 				d.start(t)
 			}
 			for _, c := range conts {
-				eventually(t, 60*time.Second, c.name+" back after the dockerd restart with its addresses", func() error {
+				testutil.Eventually(t, 60*time.Second, c.name+" back after the dockerd restart with its addresses", func() error {
 					a4, a6 := c.d.addrs(t, c.name)
 					if a4 != c.addr4 || a6 != c.addr6 {
 						return fmt.Errorf("it has %v %v, had %v %v", a4, a6, c.addr4, c.addr6)
