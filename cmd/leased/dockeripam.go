@@ -9,6 +9,7 @@ import (
 	"github.com/leased/leased/internal/leaseview"
 	"github.com/leased/leased/pkg/dockeripam"
 	"github.com/leased/leased/pkg/metrics"
+	"github.com/leased/leased/pkg/subnetenv"
 	"k8s.io/klog/v2"
 )
 
@@ -19,14 +20,26 @@ type dockerIPAM struct {
 	o      *dockerIPAMOptions
 	d      *dockeripam.Driver // nil when it could not start
 	misfit string             // the split's error last logged
+	// before is the subnet.env this process found at start (zero: none).
+	// When it gave docker0 the whole of the subnets the host still holds
+	// (written by a leased without the driver, or with --docker-ipam=false),
+	// docker0 keeps them: shrinking it would renumber docker0 and restart
+	// dockerd under running containers. The split applies from the next
+	// boot (subnet.env lives in /run) or the next lease change.
+	before     subnetenv.Env
+	subnetFile string
+	keptLogd   bool // the "docker0 keeps the whole lease" line was logged
 }
 
 // startDockerIPAM loads the driver's state and serves it until ctx is
 // done. A driver that cannot start (a corrupt state file, a socket another
 // process answers on) is logged and left off: the datapath does not depend
 // on it, and docker network create then says the plugin is missing.
-func startDockerIPAM(ctx context.Context, o *dockerIPAMOptions) *dockerIPAM {
-	di := &dockerIPAM{o: o}
+func startDockerIPAM(ctx context.Context, o *dockerIPAMOptions, subnetFile string) *dockerIPAM {
+	di := &dockerIPAM{o: o, subnetFile: subnetFile}
+	if env, err := subnetenv.Read(subnetFile); err == nil {
+		di.before = env
+	}
 	if !o.on {
 		return di
 	}
@@ -60,6 +73,18 @@ func (di *dockerIPAM) lease(subnet4, subnet6 netip.Prefix) int {
 	if di == nil || !di.o.on {
 		return 0
 	}
+	if b := di.before; b.Docker0Bits == 0 && (b.Subnet4.IsValid() || b.Subnet6.IsValid()) && b.Subnet4 == subnet4 && b.Subnet6 == subnet6 {
+		why := fmt.Errorf("docker0 keeps the whole of this host's leased subnets %v, which it had before the Docker IPAM driver was on (shrinking it would renumber docker0's containers): the driver takes its share after the next boot, or now: stop docker, remove %s, restart leased, start docker", validOnly(subnet4, subnet6), di.subnetFile)
+		if di.d != nil {
+			di.d.Docker0KeepsAll(subnet4, subnet6, why)
+		}
+		if !di.keptLogd {
+			klog.Warning(why.Error())
+			di.keptLogd = true
+		}
+		return 0
+	}
+	di.before = subnetenv.Env{} // a new lease: the split applies from now on
 	err := di.o.split().Validate(subnet4, subnet6)
 	if di.d != nil {
 		err = di.d.SetSubnets(subnet4, subnet6)
@@ -123,4 +148,15 @@ func addDockerPools(rows []leaseview.Row, node, state string) {
 			}
 		}
 	}
+}
+
+// validOnly returns the valid prefixes of ps.
+func validOnly(ps ...netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range ps {
+		if p.IsValid() {
+			out = append(out, p)
+		}
+	}
+	return out
 }

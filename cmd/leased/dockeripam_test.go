@@ -9,6 +9,7 @@ import (
 
 	"github.com/leased/leased/pkg/dockeripam"
 	"github.com/leased/leased/pkg/metrics"
+	"github.com/leased/leased/pkg/subnetenv"
 	dto "github.com/prometheus/client_model/go"
 )
 
@@ -34,7 +35,7 @@ func TestDockerIPAMDocker0Share(t *testing.T) {
 				docker0Bits: 2, poolBits4: 3, poolBits6: 16}
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
-			di := startDockerIPAM(ctx, o)
+			di := startDockerIPAM(ctx, o, filepath.Join(dir, "subnet.env"))
 			if got := di.lease(tc.s4, s6); got != tc.want {
 				t.Fatalf("docker0 share = %d, want %d", got, tc.want)
 			}
@@ -91,5 +92,57 @@ func TestDockerPoolsStatus(t *testing.T) {
 	msg, ok = dockerPoolsStatus(state, netip.MustParsePrefix("10.100.99.0/24"), netip.Prefix{})
 	if ok || !strings.Contains(msg, "10.100.15.64/27  0 addresses in use  OUTSIDE the lease") {
 		t.Fatalf("after a lease change: %q %v", msg, ok)
+	}
+}
+
+// An agent upgraded from a leased without the driver (or restarted after
+// running with --docker-ipam=false) finds a subnet.env that gives docker0
+// the whole lease: docker0 keeps it while the host holds the same subnets,
+// so dockerd is not restarted with a smaller --bip under running
+// containers, and the driver refuses pools saying why and what to do. A
+// new lease (or no subnet.env, as after a boot) gets the split.
+func TestDockerIPAMKeepsDocker0OnUpgrade(t *testing.T) {
+	s4, s6 := netip.MustParsePrefix("10.100.15.0/24"), netip.MustParsePrefix("2001:db8:cd11:7::/64")
+	other4 := netip.MustParsePrefix("10.100.16.0/24")
+	for _, tc := range []struct {
+		name   string
+		before *subnetenv.Env
+		lease4 netip.Prefix
+		want   int
+	}{
+		{"whole lease before, same lease", &subnetenv.Env{Network4: netip.MustParsePrefix("10.100.0.0/16"), Subnet4: s4, Network6: netip.MustParsePrefix("2001:db8:cd11::/48"), Subnet6: s6, MTU: 1500, Backend: "host-gw"}, s4, 0},
+		{"whole lease before, new lease", &subnetenv.Env{Network4: netip.MustParsePrefix("10.100.0.0/16"), Subnet4: s4, Network6: netip.MustParsePrefix("2001:db8:cd11::/48"), Subnet6: s6, MTU: 1500, Backend: "host-gw"}, other4, 2},
+		{"split before", &subnetenv.Env{Network4: netip.MustParsePrefix("10.100.0.0/16"), Subnet4: s4, Network6: netip.MustParsePrefix("2001:db8:cd11::/48"), Subnet6: s6, MTU: 1500, Backend: "host-gw", Docker0Bits: 2}, s4, 2},
+		{"no subnet.env", nil, s4, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			envFile := filepath.Join(dir, "subnet.env")
+			if tc.before != nil {
+				if _, err := subnetenv.Write(envFile, *tc.before); err != nil {
+					t.Fatal(err)
+				}
+			}
+			o := &dockerIPAMOptions{on: true, socket: filepath.Join(dir, "leased.sock"), state: filepath.Join(dir, "ipam.json"),
+				docker0Bits: 2, poolBits4: 3, poolBits6: 16}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			di := startDockerIPAM(ctx, o, envFile)
+			for i := 0; i < 2; i++ { // the answer holds on every write of subnet.env
+				if got := di.lease(tc.lease4, s6); got != tc.want {
+					t.Fatalf("write %d: docker0 share = %d, want %d", i, got, tc.want)
+				}
+			}
+			_, err := di.d.RequestPool(dockeripam.PoolRequest{})
+			if tc.want == 0 {
+				if err == nil || !strings.Contains(err.Error(), "docker0 keeps the whole of this host's leased subnets") || !strings.Contains(err.Error(), "remove "+envFile) {
+					t.Fatalf("RequestPool while docker0 keeps the whole lease: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }

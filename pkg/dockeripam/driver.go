@@ -63,6 +63,8 @@ type Driver struct {
 	subnet4 netip.Prefix
 	subnet6 netip.Prefix
 	broken  error // the split does not fit the lease (SetSubnets)
+	refuse  error // why every pool request is refused (nil: none)
+	keepAll bool  // docker0 keeps the whole lease (Docker0KeepsAll)
 	pools   map[string]*Pool
 	// OnChange, when set, runs (under the lock) after the pools changed,
 	// with the number of pools per family (for the metric).
@@ -136,12 +138,13 @@ func (d *Driver) Pools() []Pool {
 func (d *Driver) SetSubnets(subnet4, subnet6 netip.Prefix) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.known && d.subnet4 == subnet4 && d.subnet6 == subnet6 {
+	if d.known && !d.keepAll && d.subnet4 == subnet4 && d.subnet6 == subnet6 {
 		return d.broken
 	}
 	d.known, d.subnet4, d.subnet6 = true, subnet4, subnet6
-	d.broken = d.split.Validate(subnet4, subnet6)
-	if d.broken != nil {
+	d.keepAll, d.refuse = false, nil
+	if d.broken = d.split.Validate(subnet4, subnet6); d.broken != nil {
+		d.refuse = fmt.Errorf("the agent's pool sizes do not fit this host's lease: %w", d.broken)
 		return d.broken
 	}
 	for _, p := range d.sorted() {
@@ -157,6 +160,17 @@ func (d *Driver) SetSubnets(subnet4, subnet6 netip.Prefix) error {
 		}
 	}
 	return nil
+}
+
+// Docker0KeepsAll tells the driver this host's leased subnets while
+// docker0 keeps all of them (the agent does so when docker0 already had the
+// whole lease, so as not to renumber it under running containers): every
+// pool request is refused with why, and existing pools stay.
+func (d *Driver) Docker0KeepsAll(subnet4, subnet6 netip.Prefix, why error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.known, d.subnet4, d.subnet6 = true, subnet4, subnet6
+	d.keepAll, d.broken, d.refuse = true, nil, why
 }
 
 func validOnly(ps ...netip.Prefix) []netip.Prefix {
@@ -205,8 +219,8 @@ func (d *Driver) RequestPool(r PoolRequest) (*Pool, error) {
 	if !d.known {
 		return nil, fmt.Errorf("this host holds no leased subnet yet (the leased agent is still acquiring its lease; see journalctl -u leased or leased status): retry once the agent is ready")
 	}
-	if d.broken != nil {
-		return nil, fmt.Errorf("the agent's pool sizes do not fit this host's lease: %v", d.broken)
+	if d.refuse != nil {
+		return nil, d.refuse
 	}
 	switch {
 	case subnet.IsValid():
