@@ -25,6 +25,11 @@ func (e *engine) Close() error {
 	if k, ok := e.k.(netlinkKernel); ok {
 		k.h.Close()
 		k.b.close()
+		if k.d != nil {
+			k.d.mu.Lock()
+			k.d.b.close()
+			k.d.mu.Unlock()
+		}
 	}
 	e.k = closedKernel{}
 	return nil

@@ -115,6 +115,10 @@ type engine struct {
 	passes         int
 	// lastChanges counts the puts and deletes of the last pass.
 	lastChanges int
+	// nh is how routes use nexthop objects (nexthop.go); nhOn mirrors
+	// nh.use for the event goroutines.
+	nh   nhTable
+	nhOn atomic.Bool
 	// routeHave tells putRoutes, during a pass's route puts, which keys
 	// hold a route of ours in the kernel (replaced; others are created).
 	routeHave func(routeKey) bool
@@ -163,7 +167,12 @@ func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend,
 		h.Close()
 		return nil, err
 	}
-	e := newEngine(cfg.Type, ext, opts, netlinkKernel{h: h, b: b}, dp)
+	db, err := newRouteBatcher(ns)
+	if err != nil {
+		h.Close()
+		return nil, err
+	}
+	e := newEngine(cfg.Type, ext, opts, netlinkKernel{h: h, b: b, d: &dumper{b: db}}, dp)
 	if cfg.Type == TypeProxyNDP {
 		return newProxyNDP(e, cfg), nil
 	}
@@ -189,6 +198,7 @@ func newEngine(typ string, ext ExtIface, opts Options, k kernel, dp datapath) *e
 		e.resync = opts.Resync
 	}
 	e.owned.Store(&[]int{})
+	e.nh.init()
 	return e
 }
 
@@ -227,6 +237,7 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 	}
 	e.local = local
 	e.started = true
+	e.probeNexthopsLocked()
 	klog.InfoS("backend starting", "type", e.typ, "node", local.Node, "subnet4", local.Subnet4, "subnet6", local.Subnet6, "iface", e.ext.Name)
 	fwd := make(chan error, 1)
 	go func() { fwd <- e.setupHost(local, nil) }()

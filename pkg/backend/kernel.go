@@ -70,6 +70,7 @@ type kernel interface {
 type netlinkKernel struct {
 	h *netlink.Handle
 	b *routeBatcher // route puts and deletes, in the handle's namespace
+	d *dumper       // route and nexthop dumps (nil: on b)
 }
 
 const dumpTries = 5

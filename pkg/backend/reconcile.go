@@ -78,7 +78,7 @@ func (e *engine) passLocked(ctx context.Context) error {
 	reached.routes, n, err = applyKind(want.routes, routes, e.applied.routes, e.putRoutes, e.delRoutes, "route")
 	e.routeHave = nil
 	e.lastChanges += n
-	errs = append(errs, err)
+	errs = append(errs, err, e.gcNexthopsLocked())
 	e.applied = reached
 	joined := errors.Join(errs...)
 	e.trusted = joined == nil
@@ -206,6 +206,9 @@ func (e *engine) listAllRoutes() ([]route, *foreignSet, error) { return e.listAl
 
 // listAllRoutesFor is listAllRoutes for the networks of local.
 func (e *engine) listAllRoutesFor(local Local) ([]route, *foreignSet, error) {
+	if nk := e.nhk(); nk != nil {
+		return e.listRoutesNH(nk, local)
+	}
 	var out []route
 	var all []netlink.Route
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
@@ -269,6 +272,25 @@ func (e *engine) listNeighs(owned []int) ([]neigh, []fdb, error) {
 // refreshed fails the put (EEXIST) instead of being replaced; a full pass
 // is then requested, which refuses the peer.
 func (e *engine) putRoutes(rs []route) []error {
+	nk := e.nhk()
+	if nk != nil && e.nh.use {
+		return e.putRoutesNH(nk, rs)
+	}
+	errs := e.putPlainRoutes(rs)
+	if nk != nil && len(e.nh.ids) > 0 {
+		// A plain route replaced one through our nexthop object; the
+		// object, now unused, goes with the next full pass.
+		for i, r := range rs {
+			if errs[i] == nil {
+				e.nh.unset(r.key())
+			}
+		}
+	}
+	return errs
+}
+
+// putPlainRoutes is putRoutes with gateway routes.
+func (e *engine) putPlainRoutes(rs []route) []error {
 	have := e.routeHave
 	nRep := 0
 	for _, r := range rs {
@@ -328,7 +350,12 @@ func lazyKeys(rs []route) func(routeKey) bool {
 		return ok
 	}
 }
-func (e *engine) delRoutes(rs []route) []error { return inChunks(rs, e.k.RoutesDel) }
+func (e *engine) delRoutes(rs []route) []error {
+	if nk := e.nhk(); nk != nil {
+		return e.delRoutesNH(nk, rs)
+	}
+	return inChunks(rs, e.k.RoutesDel)
+}
 func (e *engine) putNeighs(ns []neigh) []error {
 	return each(ns, func(n neigh) error { return e.k.NeighSet(n.netlink()) })
 }

@@ -84,7 +84,11 @@ func (e *engine) watch(ctx context.Context, nsh *netns.NsHandle) {
 	neighs := func(ch chan netlink.NeighUpdate, done chan struct{}, cb func(error)) error {
 		return netlink.NeighSubscribeWithOptions(ch, done, netlink.NeighSubscribeOptions{Namespace: nsh, ErrorCallback: cb, ReceiveBufferSize: buf})
 	}
-	finished := make(chan struct{}, 3)
+	finished := make(chan struct{}, 4)
+	go func() {
+		e.watchNexthops(ctx, nsh)
+		finished <- struct{}{}
+	}()
 	go func() {
 		subscribe(ctx, e, "route", routes, e.routeEventMatters)
 		finished <- struct{}{}
@@ -102,7 +106,7 @@ func (e *engine) watch(ctx context.Context, nsh *netns.NsHandle) {
 		})
 		finished <- struct{}{}
 	}()
-	for range 3 {
+	for range 4 {
 		<-finished
 	}
 }
