@@ -133,33 +133,40 @@ func (e *engine) probeNexthopsLocked() {
 	klog.InfoS("Using nexthop objects for the routes to peers (one per peer and family)")
 }
 
-// listRoutesNH is listAllRoutesFor on a kernel with its own dumps: it also
-// reads the nexthop objects, turns our routes through them into their
-// gateway form, and refreshes the nexthop table.
-func (e *engine) listRoutesNH(nk nexthopKernel, local Local) ([]route, *foreignSet, error) {
+// routeDump is what a route and nexthop dump found, before the engine
+// adopts it (adoptDump, under e.mu): our routes in their gateway form, the
+// foreign routes of the main table, and the nexthop objects.
+type routeDump struct {
+	routes  []route
+	foreign []netlink.Route
+	ids     map[routeKey]uint32 // our routes through our nexthop objects
+	orphans []uint32            // our nexthop objects no route uses
+	taken   map[uint32]struct{} // other programs' nexthop objects, and orphans
+	maxOwn  uint32
+}
+
+// dumpRoutesNH lists the nexthop objects and then the routes of both
+// families. It touches no engine state, so it runs without e.mu.
+func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
 	nhs, err := nk.NexthopList()
 	if err != nil && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EINVAL) {
-		return nil, nil, err // (a kernel without nexthop objects refuses the dump)
+		return nil, err // (a kernel without nexthop objects refuses the dump)
 	}
 	own := make(map[uint32]nexthop)
-	taken := make(map[uint32]struct{})
-	maxOwn := uint32(0)
+	d := &routeDump{ids: make(map[routeKey]uint32), taken: make(map[uint32]struct{})}
 	for _, n := range nhs {
 		if n.Proto == uint8(RouteProtocol) && !n.Other {
 			own[n.ID] = n
-			maxOwn = max(maxOwn, n.ID)
+			d.maxOwn = max(d.maxOwn, n.ID)
 		} else {
-			taken[n.ID] = struct{}{}
+			d.taken[n.ID] = struct{}{}
 		}
 	}
-	var out []route
-	var all []netlink.Route
-	ids := make(map[routeKey]uint32)
 	used := make(map[uint32]bool)
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
-		n0, a0 := len(out), len(all)
+		n0, a0 := len(d.routes), len(d.foreign)
 		err := nk.RouteDump(fam, func() {
-			out, all = out[:n0], all[:a0]
+			d.routes, d.foreign = d.routes[:n0], d.foreign[:a0]
 		}, func(r *kroute) {
 			if r.NH != 0 {
 				used[r.NH] = true
@@ -168,14 +175,14 @@ func (e *engine) listRoutesNH(nk nexthopKernel, local Local) ([]route, *foreignS
 				return
 			}
 			if r.Protocol != uint8(RouteProtocol) {
-				all = append(all, r.netlinkRoute())
+				d.foreign = append(d.foreign, r.netlinkRoute())
 				return
 			}
 			rr := route{Dst: r.Dst, Priority: r.Priority, Gw: r.Gw.Unmap(), Link: r.Link, OnLink: r.Flags&unix.RTNH_F_ONLINK != 0}
 			switch n, ours := own[r.NH]; {
 			case r.NH != 0 && ours:
 				rr.Gw, rr.Link, rr.OnLink = n.Gw, n.Link, n.OnLink
-				ids[rr.key()] = r.NH
+				d.ids[rr.key()] = r.NH
 			case r.NH != 0:
 				// Through a nexthop object not ours: differ from every
 				// desired route, so that it is replaced. (A plain
@@ -189,34 +196,79 @@ func (e *engine) listRoutesNH(nk nexthopKernel, local Local) ([]route, *foreignS
 			if r.Type != unix.RTN_UNICAST || r.Multipath {
 				rr.Link = -1
 			}
-			out = append(out, rr)
+			d.routes = append(d.routes, rr)
 		})
 		if err != nil {
-			return nil, nil, err
+			return nil, err
 		}
 	}
-	if e.nh.ids == nil {
-		e.nh.init()
+	for id := range own {
+		if !used[id] {
+			d.orphans = append(d.orphans, id)
+			d.taken[id] = struct{}{}
+		}
+	}
+	return d, nil
+}
+
+// adoptDump makes the nexthop table follow d and returns our routes and
+// the foreign set. touched are the route keys the engine changed since
+// the dump began (nil: none, the dump ran under e.mu): for them the
+// applied state, not the dump, tells what the kernel holds. e.mu must be
+// held.
+func (e *engine) adoptDump(d *routeDump, local Local, touched map[routeKey]struct{}) ([]route, *foreignSet) {
+	routes := d.routes
+	if len(touched) > 0 {
+		kept := routes[:0]
+		for _, r := range routes {
+			if _, t := touched[r.key()]; !t {
+				kept = append(kept, r)
+			}
+		}
+		routes = kept
+		for k := range touched {
+			delete(d.ids, k)
+			if r, ok := e.applied.routes[k]; ok {
+				routes = append(routes, r)
+				if id, ok := e.nh.ids[k]; ok {
+					d.ids[k] = id
+				}
+			}
+		}
+		// An object created since is not an orphan; one deleted since
+		// is deleted again harmlessly (ENOENT).
+		kept2 := d.orphans[:0]
+		for _, id := range d.orphans {
+			if _, now := e.nh.byID[id]; !now {
+				kept2 = append(kept2, id)
+			}
+		}
+		d.orphans = kept2
 	}
 	e.nh.mu.Lock()
-	e.nh.ids = ids
-	e.nh.byID = make(map[uint32]routeKey, len(ids))
-	for k, id := range ids {
+	e.nh.ids = d.ids
+	e.nh.byID = make(map[uint32]routeKey, len(d.ids))
+	for k, id := range d.ids {
 		e.nh.byID[id] = k
 	}
 	e.nh.mu.Unlock()
-	e.nh.orphans = e.nh.orphans[:0]
-	for id := range own {
-		if !used[id] {
-			e.nh.orphans = append(e.nh.orphans, id)
-			taken[id] = struct{}{}
-		}
+	e.nh.orphans = d.orphans
+	e.nh.taken = d.taken
+	if d.maxOwn >= e.nh.next && d.maxOwn != ^uint32(0) {
+		e.nh.next = d.maxOwn + 1
 	}
-	e.nh.taken = taken
-	if maxOwn >= e.nh.next && maxOwn != ^uint32(0) {
-		e.nh.next = maxOwn + 1
+	return routes, newForeignSet(local, d.foreign, linkNamer(e.k))
+}
+
+// listRoutesNH is listAllRoutesFor on a kernel with its own dumps, under
+// e.mu.
+func (e *engine) listRoutesNH(nk nexthopKernel, local Local) ([]route, *foreignSet, error) {
+	d, err := dumpRoutesNH(nk)
+	if err != nil {
+		return nil, nil, err
 	}
-	return out, newForeignSet(local, all, linkNamer(e.k)), nil
+	routes, fs := e.adoptDump(d, local, nil)
+	return routes, fs, nil
 }
 
 // gcNexthopsLocked deletes our nexthop objects that no route used at the

@@ -16,9 +16,10 @@ import (
 const resubscribeDelay = time.Second
 
 // Run reconciles until ctx is done: a pass within e.coalesce of the first
-// route, link or neighbour event that concerns us, and a full pass every
-// e.resync regardless, which also re-checks the forwarding sysctls and
-// firewall rules (ensureHost). It returns nil once ctx is cancelled and leaves the
+// route, nexthop, link or neighbour event that concerns us; every
+// e.resync a check of the forwarding sysctls and firewall rules
+// (ensureHost), which send no events; and every FullPassEvery resyncs a
+// full pass regardless. It returns nil once ctx is cancelled and leaves the
 // kernel state in place. Pass errors are logged, not returned: the next pass
 // retries. Run must be called at most once per backend.
 func (e *engine) Run(ctx context.Context) error {
@@ -35,12 +36,18 @@ func (e *engine) Run(ctx context.Context) error {
 
 	ticker := time.NewTicker(e.resync)
 	defer ticker.Stop()
+	ticks := 0
 	for {
 		resync := false
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-ticker.C:
+			ticks++
+			if ticks%FullPassEvery != 0 && e.fullPasses.Load() > 0 {
+				e.ensureHost()
+				continue
+			}
 			resync = true
 		case <-e.kick:
 			t := time.NewTimer(e.coalesce)
