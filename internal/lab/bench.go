@@ -223,7 +223,7 @@ func benchOne(ctx context.Context, o BenchOptions, n int) (BenchResult, error) {
 		if err := start(); err != nil {
 			return 0, err
 		}
-		deadline := time.After(5 * time.Minute)
+		deadline := time.After(15 * time.Minute)
 		tick := time.NewTicker(100 * time.Millisecond)
 		defer tick.Stop()
 	count:
@@ -242,7 +242,7 @@ func benchOne(ctx context.Context, o BenchOptions, n int) (BenchResult, error) {
 					break count
 				}
 			case <-deadline:
-				return 0, fmt.Errorf("%s installed %d of %d routes within 5m", what, countRoutes(), 2*n)
+				return 0, fmt.Errorf("%s installed %d of %d routes within 15m", what, countRoutes(), 2*n)
 			}
 		}
 		took := time.Since(t0)
