@@ -127,6 +127,8 @@ type engine struct {
 	// dumpTouched, while a full pass dumps routes without mu, collects
 	// the keys of the routes changed meanwhile.
 	dumpTouched map[routeKey]struct{}
+	// dumpHook, if set (tests), runs in pass before its unlocked dump.
+	dumpHook func()
 	// routeHave tells putRoutes, during a pass's route puts, which keys
 	// hold a route of ours in the kernel (replaced; others are created).
 	routeHave func(routeKey) bool
@@ -336,7 +338,11 @@ func (e *engine) pass(ctx context.Context) error {
 	}
 	e.dumpTouched = map[routeKey]struct{}{}
 	e.fullPasses.Add(1) // before the dump: this pass sees every earlier event
+	hook := e.dumpHook
 	e.mu.Unlock()
+	if hook != nil {
+		hook()
+	}
 	d, err := dumpRoutesNH(nk)
 	e.mu.Lock()
 	defer e.mu.Unlock()

@@ -322,3 +322,55 @@ func routeEvents(ch chan netlink.RouteUpdate, d time.Duration) []string {
 		}
 	}
 }
+
+// TestFullPassDoesNotBlockPeerChanges: while a full pass dumps the kernel,
+// a peer change is applied at once (the engine lock is not held across
+// the dump), and the pass does not undo or redo it: the new peer's route
+// stays, the removed peer's route stays gone, and the pass changes
+// nothing.
+func TestFullPassDoesNotBlockPeerChanges(t *testing.T) {
+	ns, _, ext := hostGWLab(t)
+	ctx := context.Background()
+	b := mustNew(t, `{"Type":"host-gw"}`, ext, "a", ns, Options{})
+	if err := b.SetPeers(ctx, []Peer{peerB}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(ctx, localA()); err != nil {
+		t.Fatal(err)
+	}
+	inDump, release := make(chan struct{}), make(chan struct{})
+	b.mu.Lock()
+	b.dumpHook = func() { close(inDump); <-release }
+	b.mu.Unlock()
+	passDone := make(chan error, 1)
+	go func() { passDone <- b.pass(ctx) }()
+	<-inDump
+	changed := make(chan error, 1)
+	go func() { changed <- b.UpdatePeers(ctx, []Peer{peerC}, []string{"b"}) }()
+	select {
+	case err := <-changed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		close(release)
+		t.Fatal("UpdatePeers waited for the full pass's dump")
+	}
+	close(release)
+	if err := <-passDone; err != nil {
+		t.Fatal(err)
+	}
+	b.mu.Lock()
+	b.dumpHook = nil
+	n := b.lastChanges
+	b.mu.Unlock()
+	if n != 0 {
+		t.Errorf("the full pass after the change made %d changes, want 0", n)
+	}
+	rs := nsRoutes(t, ns)
+	if _, ok := rs["10.100.2.0/24"]; ok {
+		t.Error("the removed peer b's route is back")
+	}
+	wantNH(t, ns, "10.100.5.0/24", "192.168.77.5")
+	assertSteady(t, b)
+}

@@ -44,7 +44,7 @@ func (e *engine) Run(ctx context.Context) error {
 			return nil
 		case <-ticker.C:
 			ticks++
-			if ticks%FullPassEvery != 0 && e.fullPasses.Load() > 0 {
+			if ticks%FullPassEvery != 0 && e.fullPasses.Load() > 0 && !e.untrusted() {
 				e.ensureHost()
 				continue
 			}
@@ -76,7 +76,16 @@ func (e *engine) Run(ctx context.Context) error {
 	}
 }
 
-// watch runs the three netlink subscriptions until ctx is done.
+// untrusted reports whether the last pass or peer change failed, so that
+// the next resync runs a full pass (the retry) instead of waiting for the
+// periodic one.
+func (e *engine) untrusted() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.started && e.peersSet && !e.trusted
+}
+
+// watch runs the netlink subscriptions until ctx is done.
 func (e *engine) watch(ctx context.Context, nsh *netns.NsHandle) {
 	ours := func(idx int) bool {
 		return idx == e.ext.Index || idx == e.ext.Link(true).Index || slices.Contains(*e.owned.Load(), idx)
