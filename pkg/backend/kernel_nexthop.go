@@ -107,8 +107,10 @@ type nexthopKernel interface {
 	// interrupted dump is retried from the start (fn sees the routes of
 	// the failed try first, and reset is called before each try).
 	RouteDump(family int, reset func(), fn func(*kroute)) error
-	// NexthopList returns every nexthop object (of every protocol).
+	// NexthopList returns every nexthop object (of every protocol);
+	// NexthopDump calls fn for each instead (as RouteDump).
 	NexthopList() ([]nexthop, error)
+	NexthopDump(reset func(), fn func(nexthop)) error
 	// NexthopsPut creates (replace=false: NLM_F_EXCL, EEXIST when the id
 	// is taken) or replaces each nexthop, with protocol RouteProtocol.
 	NexthopsPut(nhs []nexthop, replace bool) []error
@@ -305,17 +307,21 @@ func parseRoute(m []byte, r *kroute) bool {
 }
 
 func (k netlinkKernel) NexthopList() ([]nexthop, error) {
+	var out []nexthop
+	err := k.NexthopDump(func() { out = out[:0] }, func(n nexthop) { out = append(out, n) })
+	return out, err
+}
+
+func (k netlinkKernel) NexthopDump(reset func(), fn func(nexthop)) error {
 	b, unlock := k.dumpSock()
 	defer unlock()
-	var out []nexthop
-	err := retryRawDump("nexthop objects", func() { out = out[:0] }, func() error {
+	return retryRawDump("nexthop objects", reset, func() error {
 		return b.dump(unix.RTM_GETNEXTHOP, make([]byte, unix.SizeofNhmsg), func(typ uint16, m []byte) {
 			if n, ok := parseNexthop(m); ok && typ == unix.RTM_NEWNEXTHOP {
-				out = append(out, n)
+				fn(n)
 			}
 		})
 	})
-	return out, err
 }
 
 // parseNexthop decodes an RTM_NEWNEXTHOP (or RTM_DELNEXTHOP) payload.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -148,20 +149,30 @@ type routeDump struct {
 // dumpRoutesNH lists the nexthop objects and then the routes of both
 // families. It touches no engine state, so it runs without e.mu.
 func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
-	nhs, err := nk.NexthopList()
-	if err != nil && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EINVAL) {
-		return nil, err // (a kernel without nexthop objects refuses the dump)
+	// Our objects by id, decoded straight from the dump: at 50,000 peers
+	// there are 100,000.
+	type ownNH struct {
+		gw     netip.Addr
+		link   int32
+		onLink bool
 	}
-	own := make(map[uint32]nexthop)
-	d := &routeDump{ids: make(map[routeKey]uint32), taken: make(map[uint32]struct{})}
-	for _, n := range nhs {
+	var own map[uint32]ownNH
+	d := &routeDump{}
+	err := nk.NexthopDump(func() {
+		own = make(map[uint32]ownNH)
+		d.taken, d.maxOwn = make(map[uint32]struct{}), 0
+	}, func(n nexthop) {
 		if n.Proto == uint8(RouteProtocol) && !n.Other {
-			own[n.ID] = n
+			own[n.ID] = ownNH{n.Gw, int32(n.Link), n.OnLink}
 			d.maxOwn = max(d.maxOwn, n.ID)
 		} else {
 			d.taken[n.ID] = struct{}{}
 		}
+	})
+	if err != nil && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EINVAL) {
+		return nil, err // (a kernel without nexthop objects refuses the dump)
 	}
+	d.ids = make(map[routeKey]uint32, len(own))
 	used := make(map[uint32]bool)
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
 		n0, a0 := len(d.routes), len(d.foreign)
@@ -181,7 +192,7 @@ func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
 			rr := route{Dst: r.Dst, Priority: r.Priority, Gw: r.Gw.Unmap(), Link: r.Link, OnLink: r.Flags&unix.RTNH_F_ONLINK != 0}
 			switch n, ours := own[r.NH]; {
 			case r.NH != 0 && ours:
-				rr.Gw, rr.Link, rr.OnLink = n.Gw, n.Link, n.OnLink
+				rr.Gw, rr.Link, rr.OnLink = n.gw, int(n.link), n.onLink
 				d.ids[rr.key()] = r.NH
 			case r.NH != 0:
 				// Through a nexthop object not ours: differ from every
@@ -301,6 +312,22 @@ func nexthopOf(id uint32, r route) nexthop {
 // object is never replaced) and then its route, replacing our route of
 // that key (e.routeHave) or created with NLM_F_EXCL.
 func (e *engine) putRoutesNH(nk nexthopKernel, rs []route) []error {
+	// In chunks, so that a first pass over 100,000 routes does not hold
+	// its messages for all of them at once.
+	const chunk = 2048
+	if len(rs) <= chunk {
+		return e.putRoutesNHChunk(nk, rs)
+	}
+	errs := make([]error, 0, len(rs))
+	for len(rs) > 0 {
+		n := min(chunk, len(rs))
+		errs = append(errs, e.putRoutesNHChunk(nk, rs[:n])...)
+		rs = rs[n:]
+	}
+	return errs
+}
+
+func (e *engine) putRoutesNHChunk(nk nexthopKernel, rs []route) []error {
 	errs := make([]error, len(rs))
 	var repNH, newNH []nexthop
 	var repI, newI []int
