@@ -341,7 +341,7 @@ func benchOne(ctx context.Context, o BenchOptions, n int) (BenchResult, error) {
 		// The agent's own CPU time (utime+stime) over the window, with no
 		// lease changes; children (iptables runs of the periodic check)
 		// are counted once they are reaped.
-		c0, err := procCPU(pid)
+		c0, ch0, err := procCPU(pid)
 		if err != nil {
 			return res, err
 		}
@@ -352,12 +352,13 @@ func benchOne(ctx context.Context, o BenchOptions, n int) (BenchResult, error) {
 			return res, ctx.Err()
 		case <-time.After(o.IdleWindow):
 		}
-		c1, err := procCPU(pid)
+		c1, ch1, err := procCPU(pid)
 		if err != nil {
 			return res, err
 		}
 		res.IdleWindow = time.Since(t0)
 		res.IdleCPU = float64(c1-c0) / float64(res.IdleWindow)
+		log("idle CPU: agent %s (of which its reaped children, such as iptables runs: %s) in %s", c1-c0, ch1-ch0, res.IdleWindow)
 	}
 	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	res.PeakRSS = vmHWM(string(status))
@@ -412,22 +413,22 @@ func netipx(n *net.IPNet) (netip.Prefix, bool) {
 
 // procCPU returns the user and system CPU time of process pid
 // (/proc/<pid>/stat fields 14 and 15, and 16–17 for reaped children).
-func procCPU(pid int) (time.Duration, error) {
+func procCPU(pid int) (all, children time.Duration, err error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	s := string(b)
 	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:]) // fields from 3 on
 	if len(f) < 15 {
-		return 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
+		return 0, 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
 	}
-	var ticks int64
-	for _, x := range f[11:15] { // utime stime cutime cstime
-		v, _ := strconv.ParseInt(x, 10, 64)
-		ticks += v
+	var ticks [4]int64
+	for i, x := range f[11:15] { // utime stime cutime cstime
+		ticks[i], _ = strconv.ParseInt(x, 10, 64)
 	}
-	return time.Duration(ticks) * time.Second / 100, nil // USER_HZ is 100 on Linux
+	d := func(t int64) time.Duration { return time.Duration(t) * time.Second / 100 } // USER_HZ is 100 on Linux
+	return d(ticks[0] + ticks[1] + ticks[2] + ticks[3]), d(ticks[2] + ticks[3]), nil
 }
 
 // vmHWM reads the peak resident set (VmHWM) in bytes from a
