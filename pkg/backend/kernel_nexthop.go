@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -10,6 +11,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -122,6 +125,9 @@ type nexthopKernel interface {
 	// NexthopProbe creates and deletes a nexthop object, to learn whether
 	// the kernel has them.
 	NexthopProbe() error
+	// SubscribeNexthops calls fn with each nexthop event (RTM_NEWNEXTHOP,
+	// RTM_DELNEXTHOP) until ctx is done (nil) or the subscription fails.
+	SubscribeNexthops(ctx context.Context, fn func(typ uint16, n nexthop)) error
 }
 
 var errDumpInterrupted = errors.New("backend: netlink dump interrupted")
@@ -484,4 +490,44 @@ func (k netlinkKernel) NexthopProbe() error {
 		return nil
 	}
 	return err
+}
+
+func (k netlinkKernel) SubscribeNexthops(ctx context.Context, fn func(typ uint16, n nexthop)) error {
+	return k.inNS(func(nsh *netns.NsHandle) error {
+		target := netns.None()
+		if nsh != nil {
+			target = *nsh
+		}
+		s, err := nl.SubscribeAt(target, netns.None(), unix.NETLINK_ROUTE, unix.RTNLGRP_NEXTHOP)
+		if err != nil {
+			return err
+		}
+		defer s.Close()
+		// Wake up every second to notice ctx.
+		if err := s.SetReceiveTimeout(&unix.Timeval{Sec: 1}); err != nil {
+			return err
+		}
+		if s.SetReceiveBufferSize(1<<20, true) != nil {
+			_ = s.SetReceiveBufferSize(1<<20, false)
+		}
+		for ctx.Err() == nil {
+			msgs, _, err := s.Receive()
+			if err != nil {
+				if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
+					continue
+				}
+				return err
+			}
+			for _, m := range msgs {
+				typ := m.Header.Type
+				if typ != unix.RTM_NEWNEXTHOP && typ != unix.RTM_DELNEXTHOP {
+					continue
+				}
+				if n, ok := parseNexthop(m.Data); ok {
+					fn(typ, n)
+				}
+			}
+		}
+		return nil
+	})
 }

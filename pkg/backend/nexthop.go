@@ -9,8 +9,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netlink/nl"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 )
@@ -456,7 +454,7 @@ func (e *engine) nexthopEventMatters(typ uint16, n nexthop) bool {
 // ctx is done. The kernel flushes (without RTM_DELROUTE for IPv4) the
 // routes through a deleted nexthop object, so this is how such drift is
 // seen without dumping the route table.
-func (e *engine) watchNexthops(ctx context.Context, nsh *netns.NsHandle) {
+func (e *engine) watchNexthops(ctx context.Context, nk nexthopKernel) {
 	for ctx.Err() == nil {
 		if !e.nhOn.Load() { // plain routes (so far): nothing to watch
 			select {
@@ -465,7 +463,13 @@ func (e *engine) watchNexthops(ctx context.Context, nsh *netns.NsHandle) {
 			}
 			continue
 		}
-		if err := e.readNexthopEvents(ctx, nsh); err != nil && ctx.Err() == nil {
+		err := nk.SubscribeNexthops(ctx, func(typ uint16, n nexthop) {
+			if e.nexthopEventMatters(typ, n) {
+				klog.V(4).InfoS("netlink event", "nexthop", n.String(), "type", typ)
+				e.kickPass()
+			}
+		})
+		if err != nil && ctx.Err() == nil {
 			klog.ErrorS(err, "netlink subscription failed; subscribing again", "kind", "nexthop")
 			e.kickPass() // events may have been lost
 		}
@@ -474,42 +478,4 @@ func (e *engine) watchNexthops(ctx context.Context, nsh *netns.NsHandle) {
 		case <-time.After(resubscribeDelay):
 		}
 	}
-}
-
-func (e *engine) readNexthopEvents(ctx context.Context, nsh *netns.NsHandle) error {
-	target := netns.None()
-	if nsh != nil {
-		target = *nsh
-	}
-	s, err := nl.SubscribeAt(target, netns.None(), unix.NETLINK_ROUTE, unix.RTNLGRP_NEXTHOP)
-	if err != nil {
-		return err
-	}
-	defer s.Close()
-	if err := s.SetReceiveTimeout(&unix.Timeval{Sec: 1}); err != nil {
-		return err
-	}
-	if s.SetReceiveBufferSize(1<<20, true) != nil {
-		_ = s.SetReceiveBufferSize(1<<20, false)
-	}
-	for ctx.Err() == nil {
-		msgs, _, err := s.Receive()
-		if err != nil {
-			if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
-				continue
-			}
-			return err
-		}
-		for _, m := range msgs {
-			typ := m.Header.Type
-			if typ != unix.RTM_NEWNEXTHOP && typ != unix.RTM_DELNEXTHOP {
-				continue
-			}
-			if n, ok := parseNexthop(m.Data); ok && e.nexthopEventMatters(typ, n) {
-				klog.V(4).InfoS("netlink event", "nexthop", n.String(), "type", typ)
-				e.kickPass()
-			}
-		}
-	}
-	return nil
 }
