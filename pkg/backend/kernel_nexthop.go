@@ -507,8 +507,8 @@ func (k netlinkKernel) SubscribeNexthops(ctx context.Context, fn func(typ uint16
 		if err := s.SetReceiveTimeout(&unix.Timeval{Sec: 1}); err != nil {
 			return err
 		}
-		if s.SetReceiveBufferSize(1<<20, true) != nil {
-			_ = s.SetReceiveBufferSize(1<<20, false)
+		if s.SetReceiveBufferSize(subscribeBuf, true) != nil {
+			_ = s.SetReceiveBufferSize(subscribeBuf, false)
 		}
 		for ctx.Err() == nil {
 			msgs, _, err := s.Receive()
