@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // ipRoute is one route of `ip -j route show proto 76`.
@@ -34,7 +36,7 @@ func nsRoutes(t *testing.T, ns string) map[string]ipRoute {
 	out := map[string]ipRoute{}
 	for _, fam := range []string{"-4", "-6"} {
 		var rs []ipRoute
-		if err := json.Unmarshal([]byte(sh(t, "ip", "-n", ns, "-j", fam, "route", "show", "proto", "76")), &rs); err != nil {
+		if err := json.Unmarshal([]byte(testutil.Run(t, "ip", "-n", ns, "-j", fam, "route", "show", "proto", "76")), &rs); err != nil {
 			t.Fatal(err)
 		}
 		for _, r := range rs {
@@ -47,7 +49,7 @@ func nsRoutes(t *testing.T, ns string) map[string]ipRoute {
 func nsNexthops(t *testing.T, ns string) map[uint32]ipNexthop {
 	t.Helper()
 	var nhs []ipNexthop
-	if err := json.Unmarshal([]byte(sh(t, "ip", "-n", ns, "-j", "nexthop", "show")), &nhs); err != nil {
+	if err := json.Unmarshal([]byte(testutil.Run(t, "ip", "-n", ns, "-j", "nexthop", "show")), &nhs); err != nil {
 		t.Fatal(err)
 	}
 	out := map[uint32]ipNexthop{}
@@ -95,9 +97,9 @@ func TestNexthopRoutes(t *testing.T) {
 	ctx := context.Background()
 	// Another program's nexthop object and route over it, and an unused
 	// object of ours a previous run left.
-	sh(t, "ip", "-n", ns, "nexthop", "add", "id", "7", "via", "192.168.77.50", "dev", "eth0", "proto", "static")
-	sh(t, "ip", "-n", ns, "route", "add", "10.100.9.0/24", "nhid", "7", "proto", "static")
-	sh(t, "ip", "-n", ns, "nexthop", "add", "id", "1275068500", "via", "192.168.77.51", "dev", "eth0", "proto", "76")
+	testutil.Run(t, "ip", "-n", ns, "nexthop", "add", "id", "7", "via", "192.168.77.50", "dev", "eth0", "proto", "static")
+	testutil.Run(t, "ip", "-n", ns, "route", "add", "10.100.9.0/24", "nhid", "7", "proto", "static")
+	testutil.Run(t, "ip", "-n", ns, "nexthop", "add", "id", "1275068500", "via", "192.168.77.51", "dev", "eth0", "proto", "76")
 
 	b := mustNew(t, `{"Type":"host-gw"}`, ext, "a", ns, Options{})
 	if err := b.SetPeers(ctx, []Peer{peerB, peerC}); err != nil {
@@ -183,7 +185,7 @@ func TestNexthopRoutes(t *testing.T) {
 	if len(nhs) != 1 || nhs[7].Gateway != "192.168.77.50" {
 		t.Errorf("nexthop objects left: %v, want only the foreign 7", nhs)
 	}
-	if out := sh(t, "ip", "-n", ns, "route", "show", "10.100.9.0/24"); !strings.Contains(out, "nhid 7") {
+	if out := testutil.Run(t, "ip", "-n", ns, "route", "show", "10.100.9.0/24"); !strings.Contains(out, "nhid 7") {
 		t.Errorf("the foreign route over nexthop 7 is gone: %q", out)
 	}
 }
@@ -248,14 +250,14 @@ func TestNexthopDriftRepaired(t *testing.T) {
 	runBackend(t, b)
 	id := wantNH(t, ns, "10.100.2.0/24", "192.168.77.3")
 	time.Sleep(200 * time.Millisecond) // the subscriptions are up
-	sh(t, "ip", "-n", ns, "nexthop", "del", "id", itoa(id))
-	eventually(t, 5*time.Second, "route to b restored", func() bool {
+	testutil.Run(t, "ip", "-n", ns, "nexthop", "del", "id", itoa(id))
+	testutil.Eventually(t, 5*time.Second, "route to b restored", func() bool {
 		r, ok := nsRoutes(t, ns)["10.100.2.0/24"]
 		return ok && r.NHID != 0
 	})
 	id = wantNH(t, ns, "10.100.2.0/24", "192.168.77.3")
-	sh(t, "ip", "-n", ns, "nexthop", "replace", "id", itoa(id), "via", "192.168.77.60", "dev", "eth0", "proto", "76")
-	eventually(t, 5*time.Second, "gateway restored", func() bool {
+	testutil.Run(t, "ip", "-n", ns, "nexthop", "replace", "id", itoa(id), "via", "192.168.77.60", "dev", "eth0", "proto", "76")
+	testutil.Eventually(t, 5*time.Second, "gateway restored", func() bool {
 		r := nsRoutes(t, ns)["10.100.2.0/24"]
 		n := nsNexthops(t, ns)[r.NHID]
 		return n.Gateway == "192.168.77.3"
@@ -266,12 +268,12 @@ func TestNexthopDriftRepaired(t *testing.T) {
 // nexthop objects and those objects, and leaves another program's.
 func TestTeardownRemovesNexthops(t *testing.T) {
 	ns, _, _ := hostGWLab(t)
-	ip := func(args ...string) string { return sh(t, append([]string{"ip", "-n", ns}, args...)...) }
+	ip := func(args ...string) string { return testutil.Run(t, append([]string{"ip", "-n", ns}, args...)...) }
 	ip("nexthop", "add", "id", "1275068417", "via", "192.168.77.3", "dev", "eth0", "proto", "76")
 	ip("route", "add", "10.100.2.0/24", "nhid", "1275068417", "proto", "76")
 	ip("nexthop", "add", "id", "7", "via", "192.168.77.50", "dev", "eth0", "proto", "static")
 	ip("route", "add", "10.100.9.0/24", "nhid", "7", "proto", "static")
-	removed, err := Teardown(nsPath(ns))
+	removed, err := Teardown(testutil.NSPath(ns))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/leased/leased/dist"
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/lease"
 	"github.com/leased/leased/pkg/subnetenv"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -87,6 +88,10 @@ type dockerHost struct {
 	cmd    *exec.Cmd
 	exited chan struct{}
 	log    string
+	// plugins, when set, is the directory this dockerd sees as
+	// /run/docker/plugins: it runs in a private mount namespace with it
+	// bound there, so that it finds its own host's IPAM driver.
+	plugins string
 }
 
 func (d *dockerHost) sock() string { return filepath.Join(d.dir, "docker.sock") }
@@ -141,6 +146,15 @@ func productionArgs(t *testing.T, env []byte, dockerd, dir string) []string {
 // mounts under its directories released.
 func startDockerd(t *testing.T, h *lab.Host, dockerd, docker string) *dockerHost {
 	t.Helper()
+	d := newDockerd(t, h, dockerd, docker)
+	d.start(t)
+	return d
+}
+
+// newDockerd prepares h's dockerd (its directory, command line and
+// cleanup) without starting it.
+func newDockerd(t *testing.T, h *lab.Host, dockerd, docker string) *dockerHost {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "leased-dockerd-"+h.Name+"-")
 	if err != nil {
 		t.Fatal(err)
@@ -155,7 +169,6 @@ func startDockerd(t *testing.T, h *lab.Host, dockerd, docker string) *dockerHost
 	d := &dockerHost{h: h, dir: dir, docker: docker, log: filepath.Join(dir, "dockerd.log")}
 	d.argv = productionArgs(t, env, dockerd, dir)
 	t.Cleanup(func() { d.cleanup(t) })
-	d.start(t)
 	return d
 }
 
@@ -167,7 +180,11 @@ func (d *dockerHost) start(t *testing.T) {
 	}
 	// nsenter, not ip netns exec: the latter remounts /sys and dockerd then
 	// fails with "Devices cgroup isn't mounted".
-	cmd := exec.Command("nsenter", append([]string{"--net=/var/run/netns/" + d.h.NS}, d.argv...)...)
+	argv := d.argv
+	if d.plugins != "" {
+		argv = append([]string{"unshare", "--mount", "--propagation", "private", "sh", "-c", `mount --bind "$0" /run/docker/plugins && exec "$@"`, d.plugins}, argv...)
+	}
+	cmd := exec.Command("nsenter", append([]string{"--net=/var/run/netns/" + d.h.NS}, argv...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	t.Logf("%s: %s", d.h.Name, strings.Join(d.argv, " "))
@@ -424,7 +441,7 @@ func TestDocker(t *testing.T) {
 					}
 					for _, dst := range []netip.Addr{b.addr4, b.addr6} {
 						var seen netip.Addr
-						eventually(t, 15*time.Second, fmt.Sprintf("%s → %s (%s)", a.d.h.Name, b.d.h.Name, dst), func() error {
+						testutil.Eventually(t, 15*time.Second, fmt.Sprintf("%s → %s (%s)", a.d.h.Name, b.d.h.Name, dst), func() error {
 							c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 							defer cancel()
 							var err error
@@ -455,7 +472,7 @@ func TestDocker(t *testing.T) {
 					if err := lab.PingUntil(ctx(t), l.Upstream.NS, c.addr6, 0, 10*time.Second); err != nil {
 						t.Errorf("upstream router → %s's container: %v", c.d.h.Name, err)
 					}
-					eventually(t, 10*time.Second, c.d.h.Name+"'s container → upstream router", func() error {
+					testutil.Eventually(t, 10*time.Second, c.d.h.Name+"'s container → upstream router", func() error {
 						_, err := c.d.run(ctx(t), "exec", c.name, "ping", "-c", "1", "-W", "2", l.Upstream.Addr.String())
 						return err
 					})
@@ -522,7 +539,7 @@ func TestDockerSubnetChange(t *testing.T) {
 	).Commit(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 20*time.Second, "host1's subnet.env rewritten", func() error {
+	testutil.Eventually(t, 20*time.Second, "host1's subnet.env rewritten", func() error {
 		env, err := h1.Env()
 		if err != nil {
 			return err
@@ -553,7 +570,7 @@ func TestDockerSubnetChange(t *testing.T) {
 		t.Fatalf("after the restart the container has %s, %s; want addresses in %s, %s", c1.addr4, c1.addr6, next4, next6)
 	}
 	for _, dst := range []netip.Addr{c2.addr4, c2.addr6} {
-		eventually(t, 15*time.Second, "host1 (new subnet) → host2 "+dst.String(), func() error {
+		testutil.Eventually(t, 15*time.Second, "host1 (new subnet) → host2 "+dst.String(), func() error {
 			c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			_, err := c1.fetch(c, dst)
@@ -561,7 +578,7 @@ func TestDockerSubnetChange(t *testing.T) {
 		})
 	}
 	for _, dst := range []netip.Addr{c1.addr4, c1.addr6} {
-		eventually(t, 15*time.Second, "host2 → host1 (new subnet) "+dst.String(), func() error {
+		testutil.Eventually(t, 15*time.Second, "host2 → host1 (new subnet) "+dst.String(), func() error {
 			c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			_, err := c2.fetch(c, dst)
