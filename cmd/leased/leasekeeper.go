@@ -36,6 +36,7 @@ type leaseKeeper struct {
 	hint       subnetenv.Env // the subnet file of an earlier run
 	own        ownKeys       // which keys carrying the node name are this host's
 	exclLogged string        // the host's own routes last logged (exclude.go)
+	ipam       *dockerIPAM   // the Docker IPAM driver (dockeripam.go); nil in tests
 }
 
 func newLeaseKeeper(o *options, cli *clientv3.Client, reg *lease.Registry, ext backend.ExtIface, node string) *leaseKeeper {
@@ -191,6 +192,7 @@ func (k *leaseKeeper) local(cfg *lease.Config) backend.Local {
 // writeSubnetEnv writes the subnet file for the lease, cfg and be.
 func (k *leaseKeeper) writeSubnetEnv(cfg *lease.Config, be backend.Backend) error {
 	env := subnetenv.Env{Subnet4: k.self.Subnet, Subnet6: k.self.IPv6Subnet, MTU: be.MTU(), IPMasq: k.o.ipMasq, Backend: be.Type()}
+	env.Docker0Bits = k.ipam.lease(env.Subnet4, env.Subnet6) // docker0's share; the rest is the driver's
 	if k.self.Subnet.IsValid() {
 		env.Network4 = cfg.IPv4.Network
 	}
