@@ -35,6 +35,9 @@ type Proc struct {
 	log        *bytes.Buffer
 	mu         sync.Mutex
 	done       chan struct{}
+	bin        string
+	args       []string
+	waitAddr   string
 }
 
 // Pid returns the process ID.
@@ -44,6 +47,13 @@ func (p *Proc) Pid() int { return p.cmd.Process.Pid }
 func (p *Proc) Stop() {
 	p.cmd.Process.Kill()
 	<-p.done
+}
+
+// Restart stops the process and starts it again with the same arguments
+// (the same addresses and data directory).
+func (p *Proc) Restart() error {
+	p.Stop()
+	return p.run()
 }
 
 // Log returns what the process wrote to stdout and stderr so far.
@@ -75,26 +85,37 @@ func etcdBinary() (string, string, error) {
 }
 
 func startProc(name, bin string, args []string, waitAddr string) (*Proc, error) {
-	p := &Proc{Name: name, cmd: exec.Command(bin, args...), log: &bytes.Buffer{}, done: make(chan struct{})}
+	p := &Proc{Name: name, log: &bytes.Buffer{}, bin: bin, args: args, waitAddr: waitAddr}
+	if err := p.run(); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// run starts the process and waits until it accepts connections.
+func (p *Proc) run() error {
+	p.cmd, p.done = exec.Command(p.bin, p.args...), make(chan struct{})
 	p.cmd.Stdout, p.cmd.Stderr = lockedWriter{p}, lockedWriter{p}
 	if err := p.cmd.Start(); err != nil {
-		return nil, fmt.Errorf("starting %s: %w", name, err)
+		return fmt.Errorf("starting %s: %w", p.Name, err)
 	}
-	go func() { p.cmd.Wait(); close(p.done) }()
+	done := p.done
+	cmd := p.cmd
+	go func() { cmd.Wait(); close(done) }()
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		c, err := net.Dial("tcp", waitAddr)
+		c, err := net.Dial("tcp", p.waitAddr)
 		if err == nil {
 			c.Close()
-			return p, nil
+			return nil
 		}
 		select {
-		case <-p.done:
-			return nil, fmt.Errorf("%s exited: %s", name, lastLines(p.Log(), 5))
+		case <-done:
+			return fmt.Errorf("%s exited: %s", p.Name, lastLines(p.Log(), 5))
 		default:
 		}
 		if time.Now().After(deadline) {
 			p.Stop()
-			return nil, fmt.Errorf("%s at %s not up after 30s: %w", name, waitAddr, err)
+			return fmt.Errorf("%s at %s not up after 30s: %w", p.Name, p.waitAddr, err)
 		}
 	}
 }

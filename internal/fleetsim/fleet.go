@@ -307,8 +307,8 @@ func (f *Fleet) steadyState(ctx context.Context, res *Result) error {
 }
 
 // newHosts times Joins single new hosts, one after the other: from the
-// moment the new host's claim is committed until every running host has
-// it in its peer set.
+// moment the new host starts its claim (Acquire: a read, a probe and the
+// committing transaction) until every running host has it in its peer set.
 func (f *Fleet) newHosts(ctx context.Context, res *Result) error {
 	var lat []time.Duration
 	var watchers int64
@@ -330,7 +330,7 @@ func (f *Fleet) newHosts(ctx context.Context, res *Result) error {
 		}); err != nil {
 			return err
 		}
-		lat = append(lat, at.Sub(h.AcquiredAt))
+		lat = append(lat, at.Sub(h.ClaimStart))
 	}
 	// Let the last join's events arrive before counting them.
 	time.Sleep(500 * time.Millisecond)
@@ -379,7 +379,7 @@ func (f *Fleet) rollingRestart(ctx context.Context, res *Result) error {
 			}); err != nil {
 				return err
 			}
-			lat = append(lat, at.Sub(h.AcquiredAt))
+			lat = append(lat, at.Sub(h.ClaimStart))
 		}
 	}
 	res.RestartTotal = time.Since(t0)

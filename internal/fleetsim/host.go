@@ -123,8 +123,11 @@ type Host struct {
 	// agent's own-leases file).
 	own []clientv3.LeaseID
 
-	// AcquiredAt is when Acquire returned.
-	AcquiredAt time.Time
+	// ClaimStart is when the claim started (Acquire was called),
+	// AcquiredAt when it returned. Watchers may see the new record before
+	// AcquiredAt: etcd sends the watch events of a transaction and its
+	// response independently.
+	ClaimStart, AcquiredAt time.Time
 	// complete is when the host's peer set first held target peers
 	// (UnixNano; 0: not yet).
 	complete atomic.Int64
@@ -164,6 +167,7 @@ func (h *Host) start(ctx context.Context, endpoint string) error {
 	if h.rec != nil {
 		hint = h.rec.Subnet
 	}
+	h.ClaimStart = time.Now()
 	rec, err := reg.Acquire(hctx, sess.Lease(), f.cfg, lease.Claim{
 		Node: h.Name, PublicIP: h.publicIP, BackendType: "host-gw", Own: h.own, Hint4: hint,
 	})

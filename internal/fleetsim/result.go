@@ -82,12 +82,18 @@ func (r *Result) Violations() []string {
 
 // ProcFigures are one etcd process's figures in the steady state.
 type ProcFigures struct {
-	Name     string
-	Member   bool
-	CPU      float64 // cores (CPU seconds per second)
-	RSSMiB   float64
-	Watchers float64 // watchers the process serves (etcd_debugging_mvcc_watcher_total; members only)
-	ReqPerS  float64 // gRPC requests received per second (grpc_server_msg_received_total)
+	Name   string
+	Member bool
+	CPU    float64 // cores (CPU seconds per second)
+	RSSMiB float64
+	// Watchers are the watchers a member serves
+	// (etcd_debugging_mvcc_watcher_total), or the client watches a proxy
+	// coalesces (etcd_grpc_proxy_watchers_coalescing_total).
+	Watchers float64
+	// ReqPerS are the gRPC messages a member receives per second
+	// (grpc_server_msg_received_total: unary requests and stream
+	// messages, keep-alives included); proxies do not export it.
+	ReqPerS float64
 }
 
 type procSample struct {
@@ -101,8 +107,11 @@ func readProcs(ps []Proc) []procSample {
 	out := make([]procSample, len(ps))
 	for i, p := range ps {
 		out[i].cpu, out[i].rss = procStat(p.Pid)
-		m := scrape(p.MetricsURL, "grpc_server_msg_received_total", "etcd_debugging_mvcc_watcher_total")
+		m := scrape(p.MetricsURL, "grpc_server_msg_received_total", "etcd_debugging_mvcc_watcher_total", "etcd_grpc_proxy_watchers_coalescing_total")
 		out[i].msgs, out[i].w = m[0], m[1]
+		if !p.Member {
+			out[i].w = m[2] // the client watches the proxy serves, coalesced
+		}
 	}
 	return out
 }
@@ -222,13 +231,13 @@ func Print(w io.Writer, rs []*Result) {
 			return "-"
 		})
 		row("steady: "+label+" gRPC msgs in/s", func(r *Result) string {
-			if p, ok := name(r); ok {
+			if p, ok := name(r); ok && p.Member {
 				return fmt.Sprintf("%.1f", p.ReqPerS)
 			}
 			return "-"
 		})
 		row("steady: "+label+" watchers", func(r *Result) string {
-			if p, ok := name(r); ok && p.Member {
+			if p, ok := name(r); ok {
 				return fmt.Sprintf("%.0f", p.Watchers)
 			}
 			return "-"
