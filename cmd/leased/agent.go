@@ -165,12 +165,13 @@ func (a *agent) run(ctx context.Context) error {
 			if a.fatal != nil {
 				return a.fatal
 			}
+			d := lease.Jitter(bo) // a fleet that failed together retries apart
 			if a.etcd.quiet(err) { // the monitor has said why
-				klog.V(2).InfoS("retrying", "err", err, "in", bo)
+				klog.V(2).InfoS("retrying", "err", err, "in", d)
 			} else {
-				klog.ErrorS(err, "retrying", "in", bo)
+				klog.ErrorS(err, "retrying", "in", d)
 			}
-			retry.Reset(bo)
+			retry.Reset(d)
 			if bo *= 2; bo > 30*time.Second {
 				bo = 30 * time.Second
 			}
