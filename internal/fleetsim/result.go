@@ -87,8 +87,7 @@ type ProcFigures struct {
 	CPU    float64 // cores (CPU seconds per second)
 	RSSMiB float64
 	// Watchers are the watchers a member serves
-	// (etcd_debugging_mvcc_watcher_total), or the client watches a proxy
-	// coalesces (etcd_grpc_proxy_watchers_coalescing_total).
+	// (etcd_debugging_mvcc_watcher_total; members only).
 	Watchers float64
 	// ReqPerS are the gRPC messages a member receives per second
 	// (grpc_server_msg_received_total: unary requests and stream
@@ -107,11 +106,8 @@ func readProcs(ps []Proc) []procSample {
 	out := make([]procSample, len(ps))
 	for i, p := range ps {
 		out[i].cpu, out[i].rss = procStat(p.Pid)
-		m := scrape(p.MetricsURL, "grpc_server_msg_received_total", "etcd_debugging_mvcc_watcher_total", "etcd_grpc_proxy_watchers_coalescing_total")
+		m := scrape(p.MetricsURL, "grpc_server_msg_received_total", "etcd_debugging_mvcc_watcher_total")
 		out[i].msgs, out[i].w = m[0], m[1]
-		if !p.Member {
-			out[i].w = m[2] // the client watches the proxy serves, coalesced
-		}
 	}
 	return out
 }
@@ -237,7 +233,7 @@ func Print(w io.Writer, rs []*Result) {
 			return "-"
 		})
 		row("steady: "+label+" watchers", func(r *Result) string {
-			if p, ok := name(r); ok {
+			if p, ok := name(r); ok && p.Member {
 				return fmt.Sprintf("%.0f", p.Watchers)
 			}
 			return "-"
