@@ -80,8 +80,10 @@ func (f *Fleet) logf(format string, args ...any) {
 }
 
 func (f *Fleet) newHost(i int) *Host {
-	return &Host{Name: fmt.Sprintf("sim-%05d", i), idx: i, f: f,
+	h := &Host{Name: fmt.Sprintf("sim-%05d", i), idx: i, f: f,
 		publicIP: netip.AddrFrom4([4]byte{172, 16 + byte(i>>16), byte(i >> 8), byte(i)})}
+	h.stopped.Store(true) // until it started
+	return h
 }
 
 func (f *Fleet) endpoint(i int) string { return f.opts.Endpoints[i%len(f.opts.Endpoints)] }
@@ -223,7 +225,17 @@ func (f *Fleet) startHosts(ctx context.Context, idx []int, spread time.Duration,
 		}()
 	}
 	wg.Wait()
-	return hosts, errors.Join(errs...)
+	var failed []error
+	for _, err := range errs {
+		if err != nil {
+			failed = append(failed, err)
+		}
+	}
+	if len(failed) > 0 {
+		f.logf("%d of %d hosts did not start; the first: %v", len(failed), len(idx), failed[0])
+		return hosts, fmt.Errorf("%d of %d hosts did not start; the first: %w", len(failed), len(idx), failed[0])
+	}
+	return hosts, nil
 }
 
 func (f *Fleet) joinStorm(ctx context.Context, res *Result) error {
@@ -270,6 +282,8 @@ func (f *Fleet) joinStorm(ctx context.Context, res *Result) error {
 	res.StormPeers = time.Unix(0, done).Sub(t0)
 	d := f.ctr.snap().sub(before)
 	res.StormRetries = d.claimLost
+	res.StormErrors = d.claimErrors
+	res.StormLostLeases = d.lostLeases
 	res.StormEventsPerHost = float64(d.watchEvents) / float64(k)
 	dups, err := f.duplicates(ctx)
 	if err != nil {
@@ -324,7 +338,7 @@ func (f *Fleet) newHosts(ctx context.Context, res *Result) error {
 		h := hs[0]
 		var at time.Time
 		if err := f.wait(ctx, h.Name+" in every peer set", func() bool {
-			n, last := f.tr.count(h.Name, h.rec.Lease)
+			n, last := f.tr.count(h.Name, h.record().Lease)
 			at = last
 			return n >= others
 		}); err != nil {
@@ -360,7 +374,7 @@ func (f *Fleet) rollingRestart(ctx context.Context, res *Result) error {
 		for _, h := range batch {
 			h.stop()
 			idx = append(idx, h.idx)
-			old[h.idx] = h.rec.Subnet
+			old[h.idx] = h.record().Subnet
 		}
 		restarted, err := f.startHosts(ctx, idx, 0, false)
 		if err != nil {
@@ -368,12 +382,12 @@ func (f *Fleet) rollingRestart(ctx context.Context, res *Result) error {
 		}
 		others := len(f.live()) - 1
 		for _, h := range restarted {
-			if h.rec.Subnet != old[h.idx] {
+			if h.record().Subnet != old[h.idx] {
 				res.RestartSubnetMoved++
 			}
 			var at time.Time
 			if err := f.wait(ctx, h.Name+"'s new record everywhere", func() bool {
-				n, last := f.tr.count(h.Name, h.rec.Lease)
+				n, last := f.tr.count(h.Name, h.record().Lease)
 				at = last
 				return n >= others
 			}); err != nil {
@@ -443,7 +457,12 @@ func (f *Fleet) finalCheck(ctx context.Context, res *Result) error {
 		}
 	}
 	res.Rejected = f.tr.rejected.Load()
-	res.LostLeases = f.ctr.lostLeases.Load()
+	res.LostLeases = f.ctr.lostLeases.Load() - res.StormLostLeases
+	for _, p := range f.opts.Procs {
+		if p.Member {
+			res.LeaderChanges = max(res.LeaderChanges, int64(scrape(p.MetricsURL, "etcd_server_leader_changes_seen_total")[0]))
+		}
+	}
 	return nil
 }
 

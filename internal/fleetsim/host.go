@@ -30,20 +30,21 @@ type counters struct {
 	watchReqs   atomic.Int64 // Watch stream messages sent (create/cancel/progress)
 	watchEvents atomic.Int64 // events delivered to the hosts' watches (every key)
 	claimLost   atomic.Int64 // claim transactions whose compare failed (lost races)
+	claimErrors atomic.Int64 // grants or claims that failed (etcd errors) and were retried
 	lostLeases  atomic.Int64 // sessions that ended while their host ran
 }
 
 type snapshot struct {
-	unary, keepAlives, watchReqs, watchEvents, claimLost, lostLeases int64
+	unary, keepAlives, watchReqs, watchEvents, claimLost, claimErrors, lostLeases int64
 }
 
 func (c *counters) snap() snapshot {
-	return snapshot{c.unary.Load(), c.keepAlives.Load(), c.watchReqs.Load(), c.watchEvents.Load(), c.claimLost.Load(), c.lostLeases.Load()}
+	return snapshot{c.unary.Load(), c.keepAlives.Load(), c.watchReqs.Load(), c.watchEvents.Load(), c.claimLost.Load(), c.claimErrors.Load(), c.lostLeases.Load()}
 }
 
 func (s snapshot) sub(o snapshot) snapshot {
 	return snapshot{s.unary - o.unary, s.keepAlives - o.keepAlives, s.watchReqs - o.watchReqs,
-		s.watchEvents - o.watchEvents, s.claimLost - o.claimLost, s.lostLeases - o.lostLeases}
+		s.watchEvents - o.watchEvents, s.claimLost - o.claimLost, s.claimErrors - o.claimErrors, s.lostLeases - o.lostLeases}
 }
 
 // dialOptions count each request a client sends.
@@ -116,9 +117,10 @@ type Host struct {
 	f        *Fleet
 
 	cli    *clientv3.Client
+	cancel context.CancelFunc
+	mu     sync.Mutex // guards sess, rec and AcquiredAt
 	sess   *lease.Session
 	rec    *lease.Record
-	cancel context.CancelFunc
 	// own are the etcd leases earlier runs of this host granted (the
 	// agent's own-leases file).
 	own []clientv3.LeaseID
@@ -140,6 +142,9 @@ type Host struct {
 
 // start connects to endpoint, grants the host's etcd lease, claims its
 // subnet and starts its watch. It returns once the claim is committed.
+// Like the agent, it retries a failed grant or claim (after 1 s, doubling
+// up to 30 s, jittered) until f.opts.Timeout, and claims again when its
+// etcd lease is lost.
 func (h *Host) start(ctx context.Context, endpoint string) error {
 	f := h.f
 	cli, err := clientv3.New(clientv3.Config{
@@ -153,53 +158,115 @@ func (h *Host) start(ctx context.Context, endpoint string) error {
 	hctx, cancel := context.WithCancel(ctx)
 	h.cli, h.cancel, h.exited = cli, cancel, make(chan struct{})
 	h.synced.Store(false)
-	h.stopped.Store(false)
 	h.complete.Store(0)
-	sess, err := lease.NewSession(hctx, cli, f.opts.LeaseTTL, time.Minute)
-	if err != nil {
+	// Until the watch runs, the host counts as stopped: a host whose
+	// start failed is not waited for.
+	h.stopped.Store(true)
+	reg := lease.NewRegistry(cli, f.opts.Prefix)
+	if err := h.claim(hctx, reg); err != nil {
 		cancel()
 		cli.Close()
+		return err
+	}
+	h.stopped.Store(false)
+	go h.keep(hctx, reg)
+	go h.watch(hctx, reg)
+	return nil
+}
+
+// claim grants a session and claims, retrying like the agent does.
+func (h *Host) claim(ctx context.Context, reg *lease.Registry) error {
+	f := h.f
+	deadline := time.Now().Add(f.opts.Timeout)
+	bo := time.Second
+	for {
+		err := h.claimOnce(ctx, reg)
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil || time.Now().After(deadline) {
+			return err
+		}
+		f.ctr.claimErrors.Add(1)
+		select {
+		case <-time.After(lease.Jitter(bo)):
+		case <-ctx.Done():
+			return err
+		}
+		if bo *= 2; bo > 30*time.Second {
+			bo = 30 * time.Second
+		}
+	}
+}
+
+func (h *Host) claimOnce(ctx context.Context, reg *lease.Registry) error {
+	f := h.f
+	sess, err := lease.NewSession(ctx, h.cli, f.opts.LeaseTTL, 10*time.Second)
+	if err != nil {
 		return fmt.Errorf("%s: %w", h.Name, err)
 	}
-	h.sess = sess
-	reg := lease.NewRegistry(cli, f.opts.Prefix)
 	var hint netip.Prefix
-	if h.rec != nil {
-		hint = h.rec.Subnet
+	if r := h.record(); r != nil {
+		hint = r.Subnet
 	}
 	h.ClaimStart = time.Now()
-	rec, err := reg.Acquire(hctx, sess.Lease(), f.cfg, lease.Claim{
+	rec, err := reg.Acquire(ctx, sess.Lease(), f.cfg, lease.Claim{
 		Node: h.Name, PublicIP: h.publicIP, BackendType: "host-gw", Own: h.own, Hint4: hint,
 	})
 	if err != nil {
 		sess.Orphan()
-		cancel()
-		cli.Close()
 		return fmt.Errorf("%s: claim: %w", h.Name, err)
 	}
-	h.rec, h.AcquiredAt = rec, time.Now()
+	h.mu.Lock()
+	h.rec, h.sess, h.AcquiredAt = rec, sess, time.Now()
 	h.own = append(h.own, sess.Lease())
-	go func() {
+	h.mu.Unlock()
+	return nil
+}
+
+// keep claims again when the etcd lease is lost while the host runs (the
+// agent does the same); stop cancels ctx before it orphans the session.
+func (h *Host) keep(ctx context.Context, reg *lease.Registry) {
+	for {
+		sess := h.session()
 		select {
 		case <-sess.Done():
-			if hctx.Err() == nil { // stop cancels hctx before it orphans the session
-				f.ctr.lostLeases.Add(1)
-				f.logf("%s lost its etcd lease %x", h.Name, sess.Lease())
-			}
-		case <-hctx.Done():
+		case <-ctx.Done():
+			return
 		}
-	}()
-	go h.watch(hctx, reg)
-	return nil
+		if ctx.Err() != nil {
+			return
+		}
+		h.f.ctr.lostLeases.Add(1)
+		h.f.logf("%s lost its etcd lease %x; claiming again", h.Name, sess.Lease())
+		if err := h.claim(ctx, reg); err != nil {
+			h.f.logf("%s: %v", h.Name, err)
+			return
+		}
+	}
+}
+
+func (h *Host) record() *lease.Record {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.rec
+}
+
+func (h *Host) session() *lease.Session {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.sess
 }
 
 // stop ends the host the way a stopped agent ends: it stops renewing its
 // etcd lease without revoking it (the keys live until the TTL runs out)
 // and closes its watch and connection.
 func (h *Host) stop() {
-	h.stopped.Store(true)
+	if h.stopped.Swap(true) {
+		return
+	}
 	h.cancel()
-	h.sess.Orphan()
+	h.session().Orphan()
 	<-h.exited
 	h.cli.Close()
 }
@@ -235,7 +302,7 @@ func (h *Host) watch(ctx context.Context, reg *lease.Registry) {
 		now := time.Now()
 		view.Apply(b)
 		if b.Reset || ps == nil {
-			ps = lease.NewPeerSet(h.f.cfg, h.rec, view.Records)
+			ps = lease.NewPeerSet(h.f.cfg, h.record(), view.Records)
 			for node := range present {
 				diff(node, now)
 			}

@@ -23,6 +23,8 @@ type Result struct {
 	StormLeases        time.Duration // until every host holds its lease
 	StormPeers         time.Duration // until every host's peer set is complete
 	StormRetries       int64         // claim transactions that lost a race
+	StormErrors        int64         // grants or claims that failed (etcd errors) and were retried
+	StormLostLeases    int64         // etcd leases lost during the storm (claimed again)
 	StormEventsPerHost float64       // watch events delivered per host during the storm
 
 	// Steady state.
@@ -53,7 +55,10 @@ type Result struct {
 	Duplicates         int
 	IncompletePeerSets int
 	Rejected           int64
-	LostLeases         int64
+	LostLeases         int64 // after the storm
+	// LeaderChanges is the most leader changes a member saw (its start
+	// counts as one).
+	LeaderChanges int64
 }
 
 // Violations lists the invariants the run broke.
@@ -66,7 +71,7 @@ func (r *Result) Violations() []string {
 		v = append(v, fmt.Sprintf("%d hosts with an incomplete peer set at the end", r.IncompletePeerSets))
 	}
 	if r.LostLeases > 0 {
-		v = append(v, fmt.Sprintf("%d etcd leases lost by running hosts", r.LostLeases))
+		v = append(v, fmt.Sprintf("%d etcd leases lost by running hosts after the join storm", r.LostLeases))
 	}
 	if r.RestartFlaps > 0 {
 		v = append(v, fmt.Sprintf("%d peer-set entries removed during the rolling restart", r.RestartFlaps))
@@ -192,6 +197,8 @@ func Print(w io.Writer, rs []*Result) {
 	row("join storm: all leases held (ms)", func(r *Result) string { return ms(r.StormLeases) })
 	row("join storm: all peer sets complete (ms)", func(r *Result) string { return ms(r.StormPeers) })
 	row("join storm: claim retries", func(r *Result) string { return strconv.FormatInt(r.StormRetries, 10) })
+	row("join storm: failed grants/claims retried", func(r *Result) string { return strconv.FormatInt(r.StormErrors, 10) })
+	row("join storm: etcd leases lost (claimed again)", func(r *Result) string { return strconv.FormatInt(r.StormLostLeases, 10) })
 	row("join storm: watch events per host", func(r *Result) string { return fmt.Sprintf("%.0f", r.StormEventsPerHost) })
 	row("steady: requests/s per host", func(r *Result) string { return fmt.Sprintf("%.3f", r.SteadyReqPerHost) })
 	row("steady: keep-alives/s per host", func(r *Result) string { return fmt.Sprintf("%.3f", r.SteadyKeepAlivesPerHost) })
@@ -255,6 +262,8 @@ func Print(w io.Writer, rs []*Result) {
 	row("mass expiry: hosts killed", func(r *Result) string { return strconv.Itoa(r.Expired) })
 	row("mass expiry: until all survivors dropped them (ms)", func(r *Result) string { return ms(r.ExpiryDropped) })
 	row("mass expiry: lease TTL (ms)", func(r *Result) string { return ms(r.LeaseTTL) })
+	row("etcd leader changes (start = 1)", func(r *Result) string { return strconv.FormatInt(r.LeaderChanges, 10) })
+	row("leases lost after the storm", func(r *Result) string { return strconv.FormatInt(r.LostLeases, 10) })
 	row("duplicate subnets", func(r *Result) string { return strconv.Itoa(r.Duplicates) })
 	row("incomplete peer sets at the end", func(r *Result) string { return strconv.Itoa(r.IncompletePeerSets) })
 	tw.Flush()
