@@ -23,6 +23,16 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "missing packages: ${need[*]} (run as root, or apt-get install them)" >&2
     exit 1
   fi
+  # Install without starting daemons: on a machine whose PID 1 is systemd,
+  # installing etcd-server, docker.io or prometheus would otherwise start an
+  # etcd on :2379, a dockerd and a Prometheus on :9090. The tests start
+  # their own; policy-rc.d (honoured by invoke-rc.d and deb-systemd-invoke)
+  # says no for the time of the install, unless the machine has its own.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi

@@ -25,14 +25,37 @@ func (d Drift) Empty() bool { return len(d.Missing) == 0 && len(d.Extra) == 0 }
 // what `leased status` reports. b must come from New and must not have
 // been started in this process.
 func Check(ctx context.Context, b Backend, local Local, peers []Peer) (Drift, error) {
-	var ndp *proxyNDP
-	e, ok := b.(*engine)
-	if p, isNDP := b.(*proxyNDP); isNDP {
-		e, ndp, ok = p.engine, p, true
-	}
+	c, ok := b.(checker)
 	if !ok {
 		return Drift{}, errors.New("backend: Check needs a backend made by New")
 	}
+	return c.check(ctx, local, peers)
+}
+
+// checker is Check's part in the backends New returns.
+type checker interface {
+	check(ctx context.Context, local Local, peers []Peer) (Drift, error)
+}
+
+// deviceChecker is implemented by datapaths that own devices (vxlan).
+type deviceChecker interface {
+	// checkDevices reports, without changing anything, how the devices
+	// differ from what local needs, and returns the ifindexes of those
+	// that serve (whose neighbour and FDB entries Check compares).
+	checkDevices(k kernel, local Local) (owned []int, missing, extra []string)
+}
+
+func (e *engine) check(ctx context.Context, local Local, peers []Peer) (Drift, error) {
+	return e.checkWith(ctx, local, peers, nil)
+}
+
+func (b *proxyNDP) check(ctx context.Context, local Local, peers []Peer) (Drift, error) {
+	return b.engine.checkWith(ctx, local, peers, b.checkAnswers)
+}
+
+// checkWith is Check for the engine; extra, when set, adds the backend's
+// own findings (run with the engine's mutex held).
+func (e *engine) checkWith(ctx context.Context, local Local, peers []Peer, extra func(Local) (missing, extra []string, err error)) (Drift, error) {
 	if err := ctx.Err(); err != nil {
 		return Drift{}, err
 	}
@@ -40,32 +63,14 @@ func Check(ctx context.Context, b Backend, local Local, peers []Peer) (Drift, er
 	defer e.mu.Unlock()
 	var d Drift
 	var owned []int
-	if v, ok := e.dp.(*vxlan); ok {
-		// The desired state names the devices by ifindex; take the
-		// indexes of the devices as they are (ensure, which would set
-		// them, changes the kernel).
-		for i, dev := range v.devs {
-			v.idx[i] = 0
-			l, err := e.k.LinkByName(dev.name)
-			if !enabled(local, i == 1) {
-				if err == nil {
-					d.Extra = append(d.Extra, "device "+dev.name+" (its family holds no subnet)")
-				}
-				continue
-			}
-			if err != nil {
-				d.Missing = append(d.Missing, "device "+dev.name)
-				continue
-			}
-			if why := dev.mismatch(l); why != "" {
-				d.Extra = append(d.Extra, fmt.Sprintf("device %s (%s)", dev.name, why))
-			}
-			v.idx[i] = l.Attrs().Index
-			owned = append(owned, v.idx[i])
-		}
+	if dc, ok := e.dp.(deviceChecker); ok {
+		var m, x []string
+		owned, m, x = dc.checkDevices(e.k, local)
+		d.Missing = append(d.Missing, m...)
+		d.Extra = append(d.Extra, x...)
 	}
-	if ndp != nil {
-		m, x, err := ndp.checkAnswers(local)
+	if extra != nil {
+		m, x, err := extra(local)
 		if err != nil {
 			return d, err
 		}

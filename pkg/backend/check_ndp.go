@@ -31,12 +31,7 @@ func (b *proxyNDP) checkAnswers(local Local) (missing, extra []string, err error
 	if !local.Subnet6.IsValid() {
 		return nil, nil, nil
 	}
-	var inodes map[uint64]bool
-	err = b.ns.do(func() error {
-		var err error
-		inodes, err = packetSockets(link.Index)
-		return err
-	})
+	inodes, err := b.k.PacketSockets(link.Index)
 	if err != nil {
 		return nil, nil, fmt.Errorf("listing packet sockets: %w", err)
 	}
@@ -47,8 +42,8 @@ func (b *proxyNDP) checkAnswers(local Local) (missing, extra []string, err error
 	if !owned {
 		missing = append(missing, fmt.Sprintf("ndp answers for %s on %s (no leased process listens for neighbour solicitations there: is the agent running?)", local.Subnet6.Masked(), link.Name))
 	}
-	if nk, ok := b.k.(netlinkKernel); ok && local.Network6.IsValid() {
-		ps, err := nk.h.NeighProxyList(link.Index, netlink.FAMILY_V6)
+	if local.Network6.IsValid() {
+		ps, err := b.k.NeighProxyList(link.Index, netlink.FAMILY_V6)
 		if err != nil {
 			return nil, nil, fmt.Errorf("listing proxy neighbour entries on %s: %w", link.Name, err)
 		}
@@ -63,14 +58,23 @@ func (b *proxyNDP) checkAnswers(local Local) (missing, extra []string, err error
 	return missing, extra, nil
 }
 
-// packetSockets returns the inodes of the packet sockets in the calling
-// thread's network namespace that are bound to ifindex for IPv6
-// (/proc/thread-self/net/packet: sk RefCnt Type Proto Iface R Rmem User Inode).
-func packetSockets(ifindex int) (map[uint64]bool, error) {
-	data, err := os.ReadFile("/proc/thread-self/net/packet")
+// PacketSockets returns the inodes of the packet sockets in the kernel's
+// namespace that are bound to ifindex for IPv6.
+func (k netlinkKernel) PacketSockets(ifindex int) (map[uint64]bool, error) {
+	var data []byte
+	err := k.ns.do(func() (err error) {
+		data, err = os.ReadFile("/proc/thread-self/net/packet")
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
+	return parsePacketSockets(data, ifindex)
+}
+
+// parsePacketSockets picks the IPv6 sockets bound to ifindex from the
+// text of /proc/net/packet (sk RefCnt Type Proto Iface R Rmem User Inode).
+func parsePacketSockets(data []byte, ifindex int) (map[uint64]bool, error) {
 	out := map[uint64]bool{}
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	sc.Scan() // header

@@ -3,8 +3,12 @@ package backend
 import (
 	"errors"
 	"io"
+	"net/netip"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/net/bpf"
+
+	"github.com/leased/leased/pkg/backend/ndp"
 )
 
 // ErrClosed is returned by every kernel call of a backend after Close.
@@ -22,9 +26,8 @@ type Closer = io.Closer
 func (e *engine) Close() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if k, ok := e.k.(netlinkKernel); ok {
-		k.h.Close()
-		k.b.close()
+	if !e.closedLocked() {
+		e.k.Close()
 	}
 	e.k = closedKernel{}
 	return nil
@@ -38,7 +41,7 @@ func (e *engine) closedLocked() bool {
 
 // Close implements Closer: it also stops the answers.
 func (b *proxyNDP) Close() error {
-	b.r.close()
+	b.r.Close()
 	return b.engine.Close()
 }
 
@@ -72,6 +75,34 @@ func (closedKernel) LinkSetHardwareAddr(netlink.Link, []byte) error { return Err
 func (closedKernel) AddrList(int, int) ([]netlink.Addr, error)      { return nil, ErrClosed }
 func (closedKernel) AddrReplace(netlink.Link, *netlink.Addr) error  { return ErrClosed }
 func (closedKernel) AddrDel(netlink.Link, *netlink.Addr) error      { return ErrClosed }
+func (closedKernel) RouteListAll(int, func(*netlink.Route) bool) ([]netlink.Route, error) {
+	return nil, ErrClosed
+}
+func (closedKernel) NeighProxyList(int, int) ([]netlink.Neigh, error) { return nil, ErrClosed }
+func (closedKernel) Sysctl(string) (string, error)                    { return "", ErrClosed }
+func (closedKernel) SetSysctl(string, string) error                   { return ErrClosed }
+func (closedKernel) IPTables(bool) (ipTables, error)                  { return nil, ErrClosed }
+func (closedKernel) SubscribeRoutes(chan<- netlink.RouteUpdate, <-chan struct{}, func(error)) error {
+	return ErrClosed
+}
+func (closedKernel) SubscribeLinks(chan<- netlink.LinkUpdate, <-chan struct{}, func(error)) error {
+	return ErrClosed
+}
+func (closedKernel) SubscribeNeighs(chan<- netlink.NeighUpdate, <-chan struct{}, func(error)) error {
+	return ErrClosed
+}
+func (closedKernel) Side() ndp.Kernel                           { return closedSide{} }
+func (closedKernel) Close() error                               { return nil }
+func (closedKernel) PacketSockets(int) (map[uint64]bool, error) { return nil, ErrClosed }
+
+// closedSide is the side connection of a closed backend's kernel.
+type closedSide struct{ closedKernel }
+
+func (closedSide) ListenPacket(string, int, []bpf.RawInstruction) (ndp.PacketConn, error) {
+	return nil, ErrClosed
+}
+func (closedSide) RouteGet(netip.Addr) ([]netlink.Route, error) { return nil, ErrClosed }
+func (closedSide) Probe(netip.Addr) error                       { return ErrClosed }
 
 func closedErrs(n int) []error {
 	errs := make([]error, n)

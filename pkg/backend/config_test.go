@@ -78,13 +78,13 @@ func TestNewProxyNDP(t *testing.T) {
 		t.Fatalf("New(proxy-ndp) = %v", err)
 	}
 	p, ok := b.(*proxyNDP)
-	if !ok || b.Type() != TypeProxyNDP || p.r.mode != ModePresent {
+	if !ok || b.Type() != TypeProxyNDP || p.r.Mode() != ModePresent {
 		t.Fatalf("New(proxy-ndp) = %T type %q", b, b.Type())
 	}
 	if _, ok := b.(Withdrawer); !ok {
 		t.Error("proxy-ndp does not implement Withdrawer")
 	}
-	p.k.(netlinkKernel).h.Close()
+	p.Close()
 }
 
 func TestVTEPMAC(t *testing.T) {

@@ -60,12 +60,11 @@ type skip struct {
 }
 
 // engine is the Backend implementation shared by every type: it owns the
-// netlink handle, the desired state and the reconcile loop.
+// kernel (its only way to it), the desired state and the reconcile loop.
 type engine struct {
 	typ  string
 	ext  ExtIface
 	opts Options
-	ns   nsExec
 	k    kernel
 	dp   datapath
 
@@ -136,10 +135,23 @@ func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend,
 	if err := ext.validate(); err != nil {
 		return nil, err
 	}
-	var dp datapath
+	dp, err := datapathFor(cfg, ext, node)
+	if err != nil {
+		return nil, err
+	}
+	k, err := openKernel(nsExec{path: opts.NetNS})
+	if err != nil {
+		return nil, err
+	}
+	return assemble(cfg, ext, opts, k, dp), nil
+}
+
+// datapathFor returns the datapath of cfg's type, for a config and an
+// interface New checked.
+func datapathFor(cfg Config, ext ExtIface, node string) (datapath, error) {
 	switch cfg.Type {
 	case TypeHostGW:
-		dp = &hostGW{}
+		return &hostGW{}, nil
 	case TypeVXLAN:
 		if !ext.Addr4.IsValid() && !ext.Addr6.IsValid() {
 			if ext.Split() {
@@ -147,27 +159,20 @@ func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend,
 			}
 			return nil, fmt.Errorf("backend: vxlan needs an address on %s for the underlay; it has none: add one, or pick another interface with --iface", ext.Name)
 		}
-		dp = newVXLAN(cfg, ext, node)
+		return newVXLAN(cfg, ext, node), nil
 	case TypeProxyNDP:
-		dp = hostGW{} // peers are routed as host-gw does; ndp.go answers on the link
-	default:
-		return nil, fmt.Errorf("%w: %q is not implemented yet", ErrUnknownType, cfg.Type)
+		return hostGW{}, nil // peers are routed as host-gw does; ndp.go answers on the link
 	}
-	ns := nsExec{path: opts.NetNS}
-	h, err := ns.handle()
-	if err != nil {
-		return nil, fmt.Errorf("opening netlink handle: %w", err)
-	}
-	b, err := newRouteBatcher(ns)
-	if err != nil {
-		h.Close()
-		return nil, err
-	}
-	e := newEngine(cfg.Type, ext, opts, netlinkKernel{h: h, b: b}, dp)
+	return nil, fmt.Errorf("%w: %q is not implemented yet", ErrUnknownType, cfg.Type)
+}
+
+// assemble returns the backend of cfg's type over the kernel k.
+func assemble(cfg Config, ext ExtIface, opts Options, k kernel, dp datapath) Backend {
+	e := newEngine(cfg.Type, ext, opts, k, dp)
 	if cfg.Type == TypeProxyNDP {
-		return newProxyNDP(e, cfg), nil
+		return newProxyNDP(e, cfg)
 	}
-	return e, nil
+	return e
 }
 
 func newEngine(typ string, ext ExtIface, opts Options, k kernel, dp datapath) *engine {
@@ -175,7 +180,6 @@ func newEngine(typ string, ext ExtIface, opts Options, k kernel, dp datapath) *e
 		typ:      typ,
 		ext:      ext,
 		opts:     opts,
-		ns:       nsExec{path: opts.NetNS},
 		k:        k,
 		dp:       dp,
 		resync:   DefaultResync,
@@ -229,7 +233,8 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 	e.started = true
 	klog.InfoS("backend starting", "type", e.typ, "node", local.Node, "subnet4", local.Subnet4, "subnet6", local.Subnet6, "iface", e.ext.Name)
 	fwd := make(chan error, 1)
-	go func() { fwd <- e.setupHost(local, nil) }()
+	k := e.k
+	go func() { fwd <- e.setupHost(k, local, nil) }()
 	var err error
 	if !e.peersSet {
 		// Until the agent has handed over the full peer set, peer state
@@ -244,18 +249,16 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 	return errors.Join(<-fwd, err)
 }
 
-// setupHost sets the forwarding sysctls and the firewall rules for local,
-// in the backend's namespace, one caller at a time. It sets *changed (when
-// not nil) if anything had to change.
-func (e *engine) setupHost(local Local, changed *bool) error {
+// setupHost sets the forwarding sysctls and the firewall rules for local
+// through k, one caller at a time. It sets *changed (when not nil) if
+// anything had to change.
+func (e *engine) setupHost(k kernel, local Local, changed *bool) error {
 	e.hostMu.Lock()
 	defer e.hostMu.Unlock()
-	return e.ns.do(func() error {
-		return errors.Join(
-			enableForwarding(e.ext.Link(true).Name, local.Network4.IsValid(), local.Network6.IsValid(), changed),
-			setupForwarding(local, fwOptions{masq: e.opts.IPMasq, noFwd: e.opts.NoForwardRules}, changed),
-		)
-	})
+	return errors.Join(
+		enableForwarding(k, e.ext.Link(true).Name, local.Network4.IsValid(), local.Network6.IsValid(), changed),
+		setupForwarding(k, local, fwOptions{masq: e.opts.IPMasq, noFwd: e.opts.NoForwardRules}, changed),
+	)
 }
 
 // ensureHost re-applies setupHost for the current lease, for the periodic
@@ -264,13 +267,13 @@ func (e *engine) setupHost(local Local, changed *bool) error {
 // warning, as routes do.
 func (e *engine) ensureHost() {
 	e.mu.Lock()
-	local, started := e.local, e.started
+	local, started, k := e.local, e.started, e.k
 	e.mu.Unlock()
 	if !started {
 		return
 	}
 	var changed bool
-	err := e.setupHost(local, &changed)
+	err := e.setupHost(k, local, &changed)
 	if changed {
 		klog.Warning("forwarding sysctls or iptables rules restored (they were changed or removed outside leased)")
 		metrics.DriftRepairs.WithLabelValues("forwarding").Inc()

@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/vishvananda/netlink"
 )
 
 // Tests of ExtIface's per-family links: IPv4 and IPv6 may leave the host
@@ -136,9 +138,16 @@ func TestProxyNDPAnswersOnIPv6Link(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := newProxyNDP(newEngine(TypeProxyNDP, splitExt(), Options{}, newFakeKernel(), hostGW{}), cfg)
-	if b.r.ifname != "eth1" || b.r.ifindex != 3 {
-		t.Errorf("responder on %s #%d, want eth1 #3 (the IPv6 link)", b.r.ifname, b.r.ifindex)
+	k := newFakeKernel()
+	mac := net.HardwareAddr{2, 0, 0, 0, 0, 3}
+	k.addLink(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Name: "eth1", Index: 3, MTU: 1400, HardwareAddr: mac}}, "2001:db8:88::2/64", "fe80::3/64")
+	b := newProxyNDP(newEngine(TypeProxyNDP, splitExt(), Options{}, k, hostGW{}), cfg)
+	t.Cleanup(func() { b.Close() })
+	if err := b.Answer(Local{Node: "a", Subnet6: netip.MustParsePrefix("2001:db8:88:0:8000::/80"), Network6: netip.MustParsePrefix("2001:db8:88:0:8000::/65")}); err != nil {
+		t.Fatal(err)
+	}
+	if len(k.conns) != 1 || k.conns[0].ifname != "eth1" || k.conns[0].ifindex != 3 {
+		t.Fatalf("packet sockets %+v, want one on eth1 #3 (the IPv6 link)", k.conns)
 	}
 }
 
@@ -149,7 +158,9 @@ func TestHostGWRoutesPerFamilyLink(t *testing.T) {
 	k.addrs[2] = []netip.Prefix{netip.MustParsePrefix("192.168.77.2/24"), netip.MustParsePrefix("2001:db8:77::2/64")}
 	k.addrs[3] = []netip.Prefix{netip.MustParsePrefix("2001:db8:88::2/64"), netip.MustParsePrefix("192.168.88.2/24")}
 	e := newEngine(TypeHostGW, splitExt(), Options{}, k, hostGW{})
-	e.started, e.local = true, localA() // not Start: it would touch this host's sysctls
+	if err := e.Start(context.Background(), localA()); err != nil { // the fake kernel: no sysctl or rule of this host changes
+		t.Fatal(err)
+	}
 	if err := e.SetPeers(context.Background(), splitPeers()); err != nil {
 		t.Fatal(err)
 	}

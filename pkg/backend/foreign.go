@@ -231,18 +231,23 @@ func isHostRoute(r *netlink.Route, net4, net6 netip.Prefix) bool {
 // (either may be zero) without covering a whole one, leaving out routes
 // via a gateway and leased's own (RouteProtocol).
 func HostRoutes(net4, net6 netip.Prefix) ([]HostRoute, error) {
-	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	k, err := openKernel(nsExec{})
 	if err != nil {
-		return nil, fmt.Errorf("opening a netlink handle: %w", err)
+		return nil, err
 	}
-	defer h.Close()
+	defer k.Close()
+	return hostRoutes(k, net4, net6)
+}
+
+// hostRoutes is HostRoutes on k.
+func hostRoutes(k kernel, net4, net6 netip.Prefix) ([]HostRoute, error) {
 	own := map[int]bool{}
 	names := map[int]string{}
 	name := func(idx int) string {
 		if n, ok := names[idx]; ok {
 			return n
 		}
-		if l, err := h.LinkByIndex(idx); err == nil {
+		if l, err := k.LinkByIndex(idx); err == nil {
 			a := l.Attrs()
 			names[idx] = a.Name
 			own[idx] = l.Type() == "bridge" || a.Name == VXLANDev4 || a.Name == VXLANDev6
@@ -255,16 +260,7 @@ func HostRoutes(net4, net6 netip.Prefix) ([]HostRoute, error) {
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
 		// Keep only the candidates while the dump is read: after a restart
 		// in a large cluster it holds a route per peer, all leased's.
-		rs, err := retryDump("routes", func() ([]netlink.Route, error) {
-			var keep []netlink.Route
-			err := h.RouteListFilteredIter(fam, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE, func(r netlink.Route) bool {
-				if isHostRoute(&r, net4, net6) {
-					keep = append(keep, r)
-				}
-				return true
-			})
-			return keep, err
-		})
+		rs, err := k.RouteListAll(fam, func(r *netlink.Route) bool { return isHostRoute(r, net4, net6) })
 		if err != nil {
 			return nil, err
 		}

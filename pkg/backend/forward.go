@@ -1,15 +1,12 @@
 package backend
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"net/netip"
-	"os/exec"
 	"slices"
 	"strings"
 
-	"github.com/coreos/go-iptables/iptables"
 	"k8s.io/klog/v2"
 )
 
@@ -87,29 +84,28 @@ type fwOptions struct {
 }
 
 // setupForwarding installs the forward and (with masq) NAT rules for the
-// enabled families. It runs in the backend's namespace and is idempotent:
+// enabled families through k and is idempotent:
 // chains already holding exactly the desired rules are not touched, so a
 // restart does not disturb traffic. A chain whose rules differ is replaced
 // in one iptables-restore transaction, so it never passes through an empty
 // state. It sets *changed (when not nil) if it had to change anything.
-func setupForwarding(local Local, o fwOptions, changed *bool) error {
+func setupForwarding(k firewall, local Local, o fwOptions, changed *bool) error {
 	var errs []error
 	for _, f := range []struct {
 		network, subnet netip.Prefix
-		proto           iptables.Protocol
-		bin             string
+		v6              bool
 	}{
-		{local.Network4, local.Subnet4, iptables.ProtocolIPv4, "iptables"},
-		{local.Network6, local.Subnet6, iptables.ProtocolIPv6, "ip6tables"},
+		{local.Network4, local.Subnet4, false},
+		{local.Network6, local.Subnet6, true},
 	} {
 		if !f.network.IsValid() {
 			continue
 		}
-		ipt, err := newIPTables(f.proto, f.bin)
+		ipt, err := k.IPTables(f.v6)
 		if err != nil {
 			return errors.Join(append(errs, err)...)
 		}
-		c := chains{ipt: ipt, bin: f.bin}
+		c := chains{ipt: ipt, bin: ipt.Cmd()}
 		if o.noFwd {
 			errs = append(errs, c.remove("filter", "FORWARD", ForwardChain, changed))
 		} else {
@@ -124,27 +120,13 @@ func setupForwarding(local Local, o fwOptions, changed *bool) error {
 	return errors.Join(errs...)
 }
 
-func newIPTables(proto iptables.Protocol, bin string) (*iptables.IPTables, error) {
-	if _, err := exec.LookPath(bin); err != nil {
-		return nil, fmt.Errorf("%w (%s: %v)", ErrNoIptables, bin, err)
-	}
-	if _, err := exec.LookPath(bin + "-restore"); err != nil {
-		return nil, fmt.Errorf("%w (%s-restore: %v)", ErrNoIptables, bin, err)
-	}
-	ipt, err := iptables.NewWithProtocol(proto)
-	if err != nil {
-		return nil, fmt.Errorf("running %s: %w", bin, err)
-	}
-	return ipt, nil
-}
-
 func jumpRule(chain string) rule {
 	return rule{"-m", "comment", "--comment", "leased: jump to " + chain, "-j", chain}
 }
 
 // chains edits leased's chains of one family.
 type chains struct {
-	ipt *iptables.IPTables
+	ipt ipTables
 	bin string // iptables or ip6tables
 }
 
@@ -171,30 +153,13 @@ func (c chains) ensure(table, parent, chain string, rules []rule, changed *bool)
 		have = ruleLines(lines)
 	}
 	if !exists || !slices.Equal(have, want) {
-		if err := c.restore(table, chain, want); err != nil {
+		if err := c.ipt.Restore(table, chain, want); err != nil {
 			return err
 		}
 		mark(changed)
 		klog.V(2).InfoS("set iptables chain", "cmd", c.bin, "table", table, "chain", chain, "rules", len(rules))
 	}
 	return c.placeJump(table, parent, chain, changed)
-}
-
-// restore replaces chain's rules with lines (iptables -S form) in one
-// transaction, creating the chain if needed; other chains are untouched.
-func (c chains) restore(table, chain string, lines []string) error {
-	var in bytes.Buffer
-	fmt.Fprintf(&in, "*%s\n:%s - [0:0]\n", table, chain)
-	for _, l := range lines {
-		in.WriteString(l + "\n")
-	}
-	in.WriteString("COMMIT\n")
-	cmd := exec.Command(c.bin+"-restore", "--noflush", "-w", "5")
-	cmd.Stdin = &in
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("writing chain %s/%s with %s-restore: %w: %s", table, chain, c.bin, err, bytes.TrimSpace(out))
-	}
-	return nil
 }
 
 // placeJump makes parent jump to chain exactly once. A missing jump is

@@ -81,7 +81,7 @@ func TestForwarding(t *testing.T) {
 	ipt(t, ns, "iptables", "-I", "FORWARD", "1", "-j", "DROP")
 	before := forwardLines(t, ns, "iptables")
 	var changed bool
-	if err := b.setupHost(localA(), &changed); err != nil {
+	if err := b.setupHost(b.k, localA(), &changed); err != nil {
 		t.Fatal(err)
 	}
 	if after := forwardLines(t, ns, "iptables"); changed || !slices.Equal(after, before) {
@@ -177,7 +177,7 @@ func TestForwardingSwapNeverEmpty(t *testing.T) {
 
 func TestForwardingWithoutIptables(t *testing.T) {
 	t.Setenv("PATH", t.TempDir())
-	err := setupForwarding(localA(), fwOptions{}, nil)
+	err := setupForwarding(netlinkKernel{}, localA(), fwOptions{}, nil)
 	if !errors.Is(err, ErrNoIptables) || !strings.Contains(err.Error(), "install the iptables package") {
 		t.Fatalf("setupForwarding without iptables = %v, want ErrNoIptables", err)
 	}

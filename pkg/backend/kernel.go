@@ -28,10 +28,37 @@ import (
 // kernel's own routes, so the reconciler could not tell what it owns.
 const RouteProtocol netlink.RouteProtocol = 76
 
-// kernel holds only the netlink calls the backends make. netlinkKernel
-// implements it over one *netlink.Handle; tests use an in-memory fake.
-// Lists return complete dumps: an interrupted dump is retried.
+// kernel is the engine's only way to the kernel: every route, neighbour,
+// FDB entry, link and address it reads or writes, the sysctls and firewall
+// rules it keeps, the netlink events it listens to, the packet sockets
+// `leased status` looks for and the connection of the proxy-NDP responder
+// (package ndp: its packet socket, neighbour dumps and probes). Only
+// CheckPrivileges, which runs before a backend exists, probes the kernel
+// directly. netlinkKernel implements it in one network
+// namespace; tests use an in-memory fake (fake_test.go), against which a
+// backend's Start runs as a pass does. It is composed of small interfaces,
+// one per kind of kernel object.
+//
+// The table methods (routeTable, neighTable, linkTable) are not safe for
+// concurrent use; the engine serialises them with its mutex. The others
+// (sysctls, firewall, eventSource, sideOpener, packetSockets) may be called from any
+// goroutine, also while a table method runs.
 type kernel interface {
+	routeTable
+	neighTable
+	linkTable
+	sysctls
+	firewall
+	eventSource
+	sideOpener
+	packetSockets
+	// Close releases the handles and sockets; the kernel state stays.
+	Close() error
+}
+
+// routeTable is the main routing table as the reconciler sees it.
+// Lists return complete dumps: an interrupted dump is retried.
+type routeTable interface {
 	// RouteList returns the main-table routes of family, of every
 	// protocol: the reconciler's own (RouteProtocol) and the foreign ones
 	// it must not collide with.
@@ -45,12 +72,26 @@ type kernel interface {
 	// table, destination and metric another route already has (which it
 	// leaves alone), as RoutesReplace would not.
 	RoutesAdd(rs []*netlink.Route) (errs []error)
+	// RouteListAll returns the routes of family in every table for which
+	// keep returns true; keep sees each route while the dump is read, so
+	// that a large dump is never held whole (HostRoutes).
+	RouteListAll(family int, keep func(*netlink.Route) bool) ([]netlink.Route, error)
+}
+
+// neighTable is the neighbour table, FDB entries (AF_BRIDGE) included.
+type neighTable interface {
 	// NeighList returns every neighbour entry of family (AF_BRIDGE for FDB)
 	// on every link.
 	NeighList(family int) ([]netlink.Neigh, error)
 	NeighSet(n *netlink.Neigh) error
 	NeighDel(n *netlink.Neigh) error
+	// NeighProxyList returns the proxy entries (ip neigh add proxy) of
+	// family on the link with index.
+	NeighProxyList(index, family int) ([]netlink.Neigh, error)
+}
 
+// linkTable is the links and their addresses.
+type linkTable interface {
 	LinkByName(name string) (netlink.Link, error)
 	LinkByIndex(index int) (netlink.Link, error)
 	LinkAdd(l netlink.Link) error
@@ -58,7 +99,8 @@ type kernel interface {
 	LinkSetUp(l netlink.Link) error
 	LinkSetMTU(l netlink.Link, mtu int) error
 	LinkSetHardwareAddr(l netlink.Link, mac []byte) error
-	// AddrList returns the addresses of family on the link with index.
+	// AddrList returns the addresses of family on the link with index,
+	// or on every link when index is 0.
 	AddrList(index, family int) ([]netlink.Addr, error)
 	AddrReplace(l netlink.Link, a *netlink.Addr) error
 	AddrDel(l netlink.Link, a *netlink.Addr) error
@@ -68,8 +110,9 @@ type kernel interface {
 // which is bound to the backend's network namespace. It is not safe for
 // concurrent use; the backend serialises calls with its mutex.
 type netlinkKernel struct {
-	h *netlink.Handle
-	b *routeBatcher // route puts and deletes, in the handle's namespace
+	h  *netlink.Handle
+	b  *routeBatcher // route puts and deletes, in the handle's namespace
+	ns nsExec        // the namespace, for sysctls, iptables, sockets and subscriptions
 }
 
 const dumpTries = 5
@@ -124,9 +167,12 @@ func (k netlinkKernel) LinkSetHardwareAddr(l netlink.Link, mac []byte) error {
 }
 
 func (k netlinkKernel) AddrList(index, family int) ([]netlink.Addr, error) {
-	attrs := netlink.NewLinkAttrs()
-	attrs.Index = index
-	link := &netlink.Device{LinkAttrs: attrs}
+	var link netlink.Link // nil: every link
+	if index != 0 {
+		attrs := netlink.NewLinkAttrs()
+		attrs.Index = index
+		link = &netlink.Device{LinkAttrs: attrs}
+	}
 	return retryDump("addresses", func() ([]netlink.Addr, error) { return k.h.AddrList(link, family) })
 }
 

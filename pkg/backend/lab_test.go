@@ -132,7 +132,7 @@ func mustNew(t testing.TB, raw string, ext ExtIface, node, ns string, opts Optio
 		t.Fatal(err)
 	}
 	e := b.(*engine)
-	t.Cleanup(func() { e.k.(netlinkKernel).h.Close() })
+	t.Cleanup(func() { e.Close() })
 	return e
 }
 

@@ -10,6 +10,17 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/pkg/backend/ndp"
+)
+
+// Proxy-NDP modes (Backend.Mode).
+const (
+	// ModeSubnet answers for every address of the host's IPv6 slice.
+	ModeSubnet = ndp.ModeSubnet
+	// ModePresent answers only for addresses present behind the host: a
+	// neighbour entry or an address on a link other than the uplink.
+	ModePresent = ndp.ModePresent
 )
 
 // ErrNotOnLink is returned by the proxy-ndp backend's Start when the IPv6
@@ -21,7 +32,7 @@ var ErrNotOnLink = errors.New("backend: proxy-ndp: IPv6Network must be a part of
 // (a /64 the upstream router treats as on-link and routes nowhere), the
 // cluster's IPv6Network is a part of it, and each host's leased slice is
 // made reachable on the link by answering Neighbor Solicitations for its
-// addresses with the host's MAC (ndpResponder). Nothing happens per
+// addresses with the host's MAC (package ndp). Nothing happens per
 // container. The link is the external interface's IPv6 link
 // (ExtIface.Link(true)), which may differ from the IPv4 one.
 //
@@ -35,7 +46,7 @@ var ErrNotOnLink = errors.New("backend: proxy-ndp: IPv6Network must be a part of
 // the uplink, accept_ra 1→2 (enableForwarding).
 type proxyNDP struct {
 	*engine
-	r    *ndpResponder
+	r    *ndp.Responder
 	keep atomic.Bool // Handoff: Run leaves the responder answering
 }
 
@@ -69,7 +80,7 @@ type Answerer interface {
 
 func newProxyNDP(e *engine, cfg Config) *proxyNDP {
 	l := e.ext.Link(true)
-	return &proxyNDP{engine: e, r: newNDPResponder(e.ns, l.Name, l.Index, cfg.Mode)}
+	return &proxyNDP{engine: e, r: ndp.NewResponder(e.k.Side(), l.Name, l.Index, cfg.Mode)}
 }
 
 // Start checks that the IPv6 network lies inside a prefix on-link on the
@@ -138,14 +149,14 @@ func (b *proxyNDP) answer(local Local) (checkErr, startErr error) {
 	if err := checkOnLink(link.Name, local.Network6, ifAddrs); err != nil {
 		return err, nil
 	}
-	cfg := answerCfg{slice: local.Subnet6.Masked(), mac: [6]byte(mac), src: src}
-	if *b.r.cfg.Load() == cfg {
+	cfg := ndp.Answer{Slice: local.Subnet6.Masked(), MAC: [6]byte(mac), Src: src}
+	if b.r.Answering() == cfg {
 		return nil, nil // answering already (Answer, then Start)
 	}
-	if err := b.r.start(cfg); err != nil {
+	if err := b.r.Start(cfg); err != nil {
 		return nil, err
 	}
-	klog.InfoS("proxy-ndp answering", "subnet", local.Subnet6.Masked(), "iface", link.Name, "mac", mac.String(), "mode", b.r.mode, "source", src)
+	klog.InfoS("proxy-ndp answering", "subnet", local.Subnet6.Masked(), "iface", link.Name, "mac", mac.String(), "mode", b.r.Mode(), "source", src)
 	return nil, nil
 }
 
@@ -156,7 +167,7 @@ func (b *proxyNDP) answer(local Local) (checkErr, startErr error) {
 func (b *proxyNDP) Run(ctx context.Context) error {
 	defer func() {
 		if !b.keep.Load() {
-			b.r.close()
+			b.r.Close()
 		}
 	}()
 	return b.engine.Run(ctx)
@@ -170,7 +181,7 @@ func (b *proxyNDP) Handoff() {
 
 // Withdraw stops answering until the next Start (see Withdrawer).
 func (b *proxyNDP) Withdraw() {
-	if err := b.r.withdraw(); err != nil {
+	if err := b.r.Withdraw(); err != nil {
 		klog.ErrorS(err, "proxy-ndp: withdrawing the solicitation filter; answering is off in user space")
 	}
 	klog.InfoS("proxy-ndp stopped answering until the lease is held again", "iface", b.ext.Link(true).Name)
@@ -181,16 +192,16 @@ func (b *proxyNDP) logSysctls() {
 	name := b.ext.Link(true).Name
 	names := []string{"net/ipv6/conf/all/forwarding", "net/ipv6/conf/" + name + "/forwarding", "net/ipv6/conf/" + name + "/accept_ra"}
 	kv := make([]any, 0, 2*len(names))
-	_ = b.ns.do(func() error {
-		for _, n := range names {
-			v, err := getSysctl(n)
-			if err != nil {
-				v = "?"
-			}
-			kv = append(kv, strings.ReplaceAll(n, "/", "."), v)
+	b.mu.Lock()
+	k := b.k
+	b.mu.Unlock()
+	for _, n := range names {
+		v, err := k.Sysctl(n)
+		if err != nil {
+			v = "?"
 		}
-		return nil
-	})
+		kv = append(kv, strings.ReplaceAll(n, "/", "."), v)
+	}
 	klog.InfoS("proxy-ndp sysctls (kernel proxy entries unused: proxy_ndp, proxy_delay untouched)", kv...)
 }
 

@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
@@ -188,6 +189,15 @@ func probePacketSocket() error {
 		return fmt.Errorf("AF_PACKET sockets are not allowed (%v): proxy-ndp answers neighbour solicitations on one; add AF_PACKET to systemd's RestrictAddressFamilies=", err)
 	}
 	return fmt.Errorf("opening an AF_PACKET socket for proxy-ndp (needs CAP_NET_RAW): %v", err)
+}
+
+// getSysctl reads a sysctl in the calling thread's namespace.
+func getSysctl(name string) (string, error) {
+	b, err := os.ReadFile(filepath.Join("/proc/sys", name))
+	if err != nil {
+		return "", fmt.Errorf("reading sysctl %s: %w", name, err)
+	}
+	return string(bytes.TrimSpace(b)), nil
 }
 
 func unwrapPath(err error) error {

@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 )
@@ -22,15 +21,13 @@ const resubscribeDelay = time.Second
 // kernel state in place. Pass errors are logged, not returned: the next pass
 // retries. Run must be called at most once per backend.
 func (e *engine) Run(ctx context.Context) error {
-	nsh, closeNS, err := e.ns.subscribeNS()
-	if err != nil {
-		return err
-	}
-	defer closeNS()
+	e.mu.Lock()
+	k := e.k
+	e.mu.Unlock()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	done := make(chan struct{})
-	go func() { defer close(done); e.watch(ctx, nsh) }()
+	go func() { defer close(done); e.watch(ctx, k) }()
 	defer func() { cancel(); <-done }()
 
 	ticker := time.NewTicker(e.resync)
@@ -69,21 +66,12 @@ func (e *engine) Run(ctx context.Context) error {
 	}
 }
 
-// watch runs the three netlink subscriptions until ctx is done.
-func (e *engine) watch(ctx context.Context, nsh *netns.NsHandle) {
+// watch runs the three netlink subscriptions of k until ctx is done.
+func (e *engine) watch(ctx context.Context, k eventSource) {
 	ours := func(idx int) bool {
 		return idx == e.ext.Index || idx == e.ext.Link(true).Index || slices.Contains(*e.owned.Load(), idx)
 	}
-	const buf = 1 << 22
-	routes := func(ch chan netlink.RouteUpdate, done chan struct{}, cb func(error)) error {
-		return netlink.RouteSubscribeWithOptions(ch, done, netlink.RouteSubscribeOptions{Namespace: nsh, ErrorCallback: cb, ReceiveBufferSize: buf})
-	}
-	links := func(ch chan netlink.LinkUpdate, done chan struct{}, cb func(error)) error {
-		return netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{Namespace: nsh, ErrorCallback: cb, ReceiveBufferSize: buf})
-	}
-	neighs := func(ch chan netlink.NeighUpdate, done chan struct{}, cb func(error)) error {
-		return netlink.NeighSubscribeWithOptions(ch, done, netlink.NeighSubscribeOptions{Namespace: nsh, ErrorCallback: cb, ReceiveBufferSize: buf})
-	}
+	routes, links, neighs := k.SubscribeRoutes, k.SubscribeLinks, k.SubscribeNeighs
 	finished := make(chan struct{}, 3)
 	go func() {
 		subscribe(ctx, e, "route", routes, e.routeEventMatters)
@@ -111,7 +99,7 @@ func (e *engine) watch(ctx context.Context, nsh *netns.NsHandle) {
 // relevant events into pass requests. When the subscription fails it
 // subscribes again and requests a pass, since events may have been lost.
 func subscribe[T any](ctx context.Context, e *engine, kind string,
-	sub func(chan T, chan struct{}, func(error)) error, relevant func(T) bool) {
+	sub func(chan<- T, <-chan struct{}, func(error)) error, relevant func(T) bool) {
 	for ctx.Err() == nil {
 		ch := make(chan T, 128) // the socket's 4 MiB buffer absorbs bursts
 		done := make(chan struct{})

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/coreos/go-iptables/iptables"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -34,53 +33,47 @@ import (
 // call returns none. An error (joining every failure) leaves the objects
 // it could not remove in place; running it again retries them.
 func Teardown(netNS string) (removed []string, err error) {
-	n := nsExec{path: netNS}
-	h, err := n.handle()
-	if err != nil {
-		return nil, fmt.Errorf("opening netlink handle: %w", err)
-	}
-	defer h.Close()
-	b, err := newRouteBatcher(n)
+	k, err := openKernel(nsExec{path: netNS})
 	if err != nil {
 		return nil, err
 	}
-	defer b.close()
-	removed, kerr := teardownKernel(netlinkKernel{h: h, b: b})
-	err = n.do(func() error {
-		var errs []error
-		for _, f := range []struct {
-			proto iptables.Protocol
-			bin   string
-		}{{iptables.ProtocolIPv4, "iptables"}, {iptables.ProtocolIPv6, "ip6tables"}} {
-			ipt, err := newIPTables(f.proto, f.bin)
-			if err != nil {
-				if errors.Is(err, ErrNoIptables) {
-					continue // no binary: leased could not have added rules with it
-				}
-				errs = append(errs, err)
-				continue
-			}
-			c := chains{ipt: ipt, bin: f.bin}
-			for _, ch := range []struct{ table, parent, chain string }{
-				{"filter", "FORWARD", ForwardChain},
-				{"nat", "POSTROUTING", MasqChain},
-			} {
-				changed := false
-				if err := c.remove(ch.table, ch.parent, ch.chain, &changed); err != nil {
-					errs = append(errs, err)
-				} else if changed {
-					removed = append(removed, fmt.Sprintf("%s chain %s/%s and the jumps to it from %s", f.bin, ch.table, ch.chain, ch.parent))
-				}
-			}
-		}
-		return errors.Join(errs...)
-	})
-	return removed, errors.Join(kerr, err)
+	defer k.Close()
+	return teardown(k)
 }
 
-// teardownKernel is Teardown's netlink part: leased's routes (those the
-// reconciler lists as its own: main table, RouteProtocol), then its VXLAN
-// devices.
+// teardown is Teardown on k: leased's routes (those the reconciler lists
+// as its own: main table, RouteProtocol), then its VXLAN devices, then its
+// iptables chains.
+func teardown(k kernel) (removed []string, err error) {
+	removed, kerr := teardownKernel(k)
+	var errs []error
+	for _, v6 := range []bool{false, true} {
+		ipt, err := k.IPTables(v6)
+		if err != nil {
+			if errors.Is(err, ErrNoIptables) {
+				continue // no binary: leased could not have added rules with it
+			}
+			errs = append(errs, err)
+			continue
+		}
+		c := chains{ipt: ipt, bin: ipt.Cmd()}
+		for _, ch := range []struct{ table, parent, chain string }{
+			{"filter", "FORWARD", ForwardChain},
+			{"nat", "POSTROUTING", MasqChain},
+		} {
+			changed := false
+			if err := c.remove(ch.table, ch.parent, ch.chain, &changed); err != nil {
+				errs = append(errs, err)
+			} else if changed {
+				removed = append(removed, fmt.Sprintf("%s chain %s/%s and the jumps to it from %s", c.bin, ch.table, ch.chain, ch.parent))
+			}
+		}
+	}
+	return removed, errors.Join(kerr, errors.Join(errs...))
+}
+
+// teardownKernel is teardown's netlink part: leased's routes, then its
+// VXLAN devices.
 func teardownKernel(k kernel) (removed []string, err error) {
 	var errs []error
 	name := linkNamer(k)

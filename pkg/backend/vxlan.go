@@ -120,6 +120,32 @@ func enabled(local Local, v6 bool) bool {
 	return local.Subnet4.IsValid()
 }
 
+// checkDevices implements deviceChecker. The desired state names the
+// devices by ifindex; it takes the indexes of the devices as they are
+// (ensure, which would set them, changes the kernel).
+func (v *vxlan) checkDevices(k kernel, local Local) (owned []int, missing, extra []string) {
+	for i, dev := range v.devs {
+		v.idx[i] = 0
+		l, err := k.LinkByName(dev.name)
+		if !enabled(local, i == 1) {
+			if err == nil {
+				extra = append(extra, "device "+dev.name+" (its family holds no subnet)")
+			}
+			continue
+		}
+		if err != nil {
+			missing = append(missing, "device "+dev.name)
+			continue
+		}
+		if why := dev.mismatch(l); why != "" {
+			extra = append(extra, fmt.Sprintf("device %s (%s)", dev.name, why))
+		}
+		v.idx[i] = l.Attrs().Index
+		owned = append(owned, v.idx[i])
+	}
+	return owned, missing, extra
+}
+
 // ensure creates, repairs or removes the devices so that exactly the enabled
 // overlay families have a correct device, and returns their ifindexes.
 func (v *vxlan) ensure(k kernel, local Local) ([]int, error) {

@@ -1,4 +1,4 @@
-package backend
+package ndp
 
 import (
 	"context"
@@ -70,34 +70,40 @@ const (
 	probeBurst = 20
 )
 
-// answerCfg is what the responder answers for; replaced as a whole.
-type answerCfg struct {
-	slice netip.Prefix // invalid: answer nothing
-	mac   [6]byte      // the uplink's MAC: the target link-layer address
-	src   netip.Addr   // source of advertisements: the uplink's link-local address
+// resubscribeDelay is the wait before subscribing again after the
+// neighbour subscription failed (e.g. ENOBUFS after an event burst).
+const resubscribeDelay = time.Second
+
+// Answer is what the responder answers for; replaced as a whole.
+type Answer struct {
+	Slice netip.Prefix // invalid: answer nothing
+	MAC   [6]byte      // the uplink's MAC: the target link-layer address
+	Src   netip.Addr   // source of advertisements: the uplink's link-local address
 }
 
-// ndpResponder answers Neighbor Solicitations arriving on the uplink for
+// Responder answers Neighbor Solicitations arriving on the uplink for
 // addresses of the host's slice with Neighbor Advertisements carrying the
-// uplink's MAC. It reads from one AF_PACKET socket bound to the uplink,
-// filtered in the kernel by nsFilter, with the uplink in all-multicast mode
-// for as long as the socket is open (a membership of the socket, so the
-// kernel drops it when the socket closes, however the agent ends).
+// uplink's MAC. It reads from one packet socket bound to the uplink
+// (Kernel.ListenPacket), filtered in the kernel by nsFilter, with the
+// uplink in all-multicast mode for as long as the socket is open (a
+// membership of the socket, so the kernel drops it when the socket closes,
+// however the agent ends).
 //
-// start may be called any number of times; it opens the socket once and
-// replaces what is answered. withdraw stops answering until the next start.
-// close stops for good: the socket is closed and every goroutine has ended
-// when it returns. All three may be called from any goroutine.
-type ndpResponder struct {
-	ns      nsExec
+// Start may be called any number of times; it opens the socket once and
+// replaces what is answered. Withdraw stops answering until the next
+// Start. Close stops for good: the socket and the Kernel are closed and
+// every goroutine has ended when it returns. All of them may be called
+// from any goroutine.
+type Responder struct {
+	k       Kernel
 	ifname  string
 	ifindex int
 	mode    string
 
-	cfg atomic.Pointer[answerCfg]
+	cfg atomic.Pointer[Answer]
 
 	mu      sync.Mutex // guards the fields below
-	f       *os.File   // the packet socket; nil before start and after close
+	f       PacketConn // the packet socket; nil before Start and after Close
 	closed  bool
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
@@ -113,21 +119,31 @@ var (
 	ndpIgnored  = metrics.NDPSolicitations.WithLabelValues("ignored")
 )
 
-func newNDPResponder(ns nsExec, ifname string, ifindex int, mode string) *ndpResponder {
-	r := &ndpResponder{ns: ns, ifname: ifname, ifindex: ifindex, mode: mode}
-	r.cfg.Store(&answerCfg{})
+// NewResponder returns a responder for the uplink ifname (index ifindex)
+// in mode (ModeSubnet or ModePresent) that reaches the kernel through k,
+// which it owns from now on. It opens nothing until Start.
+func NewResponder(k Kernel, ifname string, ifindex int, mode string) *Responder {
+	r := &Responder{k: k, ifname: ifname, ifindex: ifindex, mode: mode}
+	r.cfg.Store(&Answer{})
 	return r
 }
 
-// errResponderClosed is returned by start after close.
-var errResponderClosed = errors.New("backend: proxy-ndp responder is stopped (its Run ended)")
+// ErrClosed is returned by Start after Close.
+var ErrClosed = errors.New("backend: proxy-ndp responder is stopped (its Run ended)")
 
-// start answers for cfg.slice from now on, opening the socket on first use.
-func (r *ndpResponder) start(cfg answerCfg) error {
+// Mode is the mode the responder was made with.
+func (r *Responder) Mode() string { return r.mode }
+
+// Answering is what the responder answers for now (zero before Start and
+// after Close; Slice invalid after Withdraw).
+func (r *Responder) Answering() Answer { return *r.cfg.Load() }
+
+// Start answers for cfg.Slice from now on, opening the socket on first use.
+func (r *Responder) Start(cfg Answer) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed {
-		return errResponderClosed
+		return ErrClosed
 	}
 	if r.f == nil {
 		if err := r.openLocked(); err != nil {
@@ -136,8 +152,8 @@ func (r *ndpResponder) start(cfg answerCfg) error {
 	}
 	old := r.cfg.Load()
 	r.cfg.Store(&cfg)
-	if old.slice != cfg.slice {
-		if err := r.setFilterLocked(cfg.slice); err != nil {
+	if old.Slice != cfg.Slice {
+		if err := r.setFilterLocked(cfg.Slice); err != nil {
 			return err
 		}
 	}
@@ -147,13 +163,13 @@ func (r *ndpResponder) start(cfg answerCfg) error {
 	return nil
 }
 
-// withdraw stops answering (the kernel filter passes nothing) until the
-// next start. The socket stays open.
-func (r *ndpResponder) withdraw() error {
+// Withdraw stops answering (the kernel filter passes nothing) until the
+// next Start. The socket stays open.
+func (r *Responder) Withdraw() error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	c := *r.cfg.Load()
-	c.slice = netip.Prefix{}
+	c.Slice = netip.Prefix{}
 	r.cfg.Store(&c)
 	if r.f == nil {
 		return nil
@@ -161,11 +177,13 @@ func (r *ndpResponder) withdraw() error {
 	return r.setFilterLocked(netip.Prefix{})
 }
 
-// close stops answering for good and waits for the goroutines to end.
-func (r *ndpResponder) close() {
+// Close stops answering for good, waits for the goroutines to end and
+// closes the Kernel. It is idempotent.
+func (r *Responder) Close() {
 	r.mu.Lock()
+	was := r.closed
 	r.closed = true
-	r.cfg.Store(&answerCfg{})
+	r.cfg.Store(&Answer{})
 	f, cancel := r.f, r.cancel
 	r.f, r.cancel = nil, nil
 	r.mu.Unlock()
@@ -176,100 +194,53 @@ func (r *ndpResponder) close() {
 		f.Close() // wakes the reader with os.ErrClosed
 	}
 	r.wg.Wait()
+	if !was {
+		r.k.Close()
+	}
 }
 
-// openLocked creates the socket in the backend's namespace: protocol 0
-// first (it receives nothing), then the filter, then the bind to the uplink
-// for IPv6, so that no unfiltered frame is ever queued.
-func (r *ndpResponder) openLocked() error {
-	var fd int
-	err := r.ns.do(func() error {
-		var err error
-		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
-		if err != nil {
-			return fmt.Errorf("opening a packet socket (needs CAP_NET_RAW): %w", err)
-		}
-		if err := attachFilter(fd, nsFilter(netip.Prefix{})); err != nil {
-			return err
-		}
-		// Frames we send are not looped back to us (Linux ≥ 4.20; older
-		// kernels deliver them and parseNS drops them as advertisements).
-		_ = unix.SetsockoptInt(fd, unix.SOL_PACKET, unix.PACKET_IGNORE_OUTGOING, 1)
-		// Room for bursts: a router resolving many addresses at once.
-		if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 4<<20) != nil {
-			_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
-		}
-		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_IPV6), Ifindex: r.ifindex}); err != nil {
-			return fmt.Errorf("binding a packet socket to %s: %w", r.ifname, err)
-		}
-		// Solicitations go to solicited-node multicast groups this host
-		// never joined; a NIC filters those unless it is in all-multicast.
-		mreq := unix.PacketMreq{Ifindex: int32(r.ifindex), Type: unix.PACKET_MR_ALLMULTI}
-		if err := unix.SetsockoptPacketMreq(fd, unix.SOL_PACKET, unix.PACKET_ADD_MEMBERSHIP, &mreq); err != nil {
-			return fmt.Errorf("setting %s to all-multicast: %w", r.ifname, err)
-		}
-		return nil
-	})
+// openLocked opens the socket, passing nothing until the first filter is
+// set, and starts the goroutines.
+func (r *Responder) openLocked() error {
+	f, err := r.k.ListenPacket(r.ifname, r.ifindex, assemble(nsFilter(netip.Prefix{})))
 	if err != nil {
-		if fd > 0 {
-			unix.Close(fd)
-		}
 		return err
 	}
-	r.f = os.NewFile(uintptr(fd), "ndp@"+r.ifname) // non-blocking: uses the poller
+	r.f = f
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel = cancel
 	if r.mode == ModePresent {
-		p, err := newPresence(r.ns, r.ifindex, r)
-		if err != nil {
-			cancel()
-			r.f.Close()
-			r.f, r.cancel = nil, nil
-			return err
-		}
+		p := newPresence(r.k, r.ifindex, r)
 		r.present = p
 		r.wg.Add(1)
 		go func() { defer r.wg.Done(); p.run(ctx) }()
 	}
 	r.wg.Add(1)
-	go func(f *os.File) { defer r.wg.Done(); r.serve(f) }(r.f)
+	go func(f PacketConn) { defer r.wg.Done(); r.serve(f) }(r.f)
 	klog.InfoS("proxy-ndp responder listening", "iface", r.ifname, "mode", r.mode)
 	return nil
 }
 
-func (r *ndpResponder) setFilterLocked(slice netip.Prefix) error {
-	rc, err := r.f.SyscallConn()
-	if err != nil {
+func (r *Responder) setFilterLocked(slice netip.Prefix) error {
+	if err := r.f.SetFilter(assemble(nsFilter(slice))); err != nil {
 		return fmt.Errorf("setting the solicitation filter: %w", err)
-	}
-	var ferr error
-	if err := rc.Control(func(fd uintptr) { ferr = attachFilter(int(fd), nsFilter(slice)) }); err != nil {
-		return fmt.Errorf("setting the solicitation filter: %w", err)
-	}
-	return ferr
-}
-
-func attachFilter(fd int, prog []bpf.Instruction) error {
-	raw, err := bpf.Assemble(prog)
-	if err != nil {
-		return fmt.Errorf("assembling the solicitation filter: %w", err)
-	}
-	fs := make([]unix.SockFilter, len(raw))
-	for i, in := range raw {
-		fs[i] = unix.SockFilter{Code: in.Op, Jt: in.Jt, Jf: in.Jf, K: in.K}
-	}
-	fprog := unix.SockFprog{Len: uint16(len(fs)), Filter: &fs[0]}
-	if err := unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &fprog); err != nil {
-		return fmt.Errorf("attaching the solicitation filter: %w", err)
 	}
 	return nil
 }
 
-func htons(v uint16) uint16 { return v<<8 | v>>8 }
+// assemble assembles a filter that nsFilter built; it cannot fail for
+// those (TestNDPFilter assembles every shape).
+func assemble(prog []bpf.Instruction) []bpf.RawInstruction {
+	raw, err := bpf.Assemble(prog)
+	if err != nil {
+		panic(fmt.Sprintf("ndp: assembling the solicitation filter: %v", err))
+	}
+	return raw
+}
 
 // serve reads solicitations until f is closed and answers them in place:
 // one read, one check, one write per solicitation, no allocation.
-func (r *ndpResponder) serve(f *os.File) {
+func (r *Responder) serve(f PacketConn) {
 	buf := make([]byte, 1<<16)
 	out := make([]byte, 0, naLen)
 	var s solicitation
@@ -317,8 +288,8 @@ const (
 // target lies in the slice the host holds now and, in present mode, is
 // known to be behind the host. Solicitations from the host itself (an
 // Ethernet source equal to the uplink's MAC) are never answered.
-func (r *ndpResponder) decide(cfg *answerCfg, s *solicitation) verdict {
-	if !cfg.slice.IsValid() || !cfg.slice.Contains(s.target) || s.ethSrc == cfg.mac {
+func (r *Responder) decide(cfg *Answer, s *solicitation) verdict {
+	if !cfg.Slice.IsValid() || !cfg.Slice.Contains(s.target) || s.ethSrc == cfg.MAC {
 		return verdictDrop
 	}
 	if r.present == nil || r.present.has(s.target) {
@@ -327,12 +298,12 @@ func (r *ndpResponder) decide(cfg *answerCfg, s *solicitation) verdict {
 	return verdictPending
 }
 
-func (r *ndpResponder) answer(f *os.File, cfg *answerCfg, s *solicitation, buf []byte) {
-	src := cfg.src
+func (r *Responder) answer(f PacketConn, cfg *Answer, s *solicitation, buf []byte) {
+	src := cfg.Src
 	if !src.IsValid() {
 		src = s.target
 	}
-	if _, err := f.Write(appendNA(buf[:0], s, cfg.mac, src)); err != nil {
+	if _, err := f.Write(appendNA(buf[:0], s, cfg.MAC, src)); err != nil {
 		if !errors.Is(err, os.ErrClosed) {
 			klog.V(2).InfoS("proxy-ndp: sending an advertisement failed", "target", s.target, "to", s.src, "err", err)
 		}
@@ -346,7 +317,7 @@ func (r *ndpResponder) answer(f *os.File, cfg *answerCfg, s *solicitation, buf [
 
 // sendNA answers a remembered solicitation (present mode), if the
 // responder still answers for its target.
-func (r *ndpResponder) sendNA(s solicitation) {
+func (r *Responder) sendNA(s solicitation) {
 	r.mu.Lock()
 	f := r.f
 	r.mu.Unlock()
@@ -366,11 +337,9 @@ func (r *ndpResponder) sendNA(s solicitation) {
 // resolve it on the link it is routed to) and is remembered for
 // pendingTTL: when the address appears, the solicitor is answered at once.
 type presence struct {
-	ns     nsExec
+	k      Kernel
 	uplink int
-	r      *ndpResponder
-	h      *netlink.Handle
-	probe  int // UDP socket in the backend's namespace
+	r      *Responder
 
 	mu      sync.Mutex
 	addrs   map[netip.Addr]bool
@@ -386,25 +355,12 @@ type pendingNS struct {
 	expires time.Time
 }
 
-func newPresence(ns nsExec, uplink int, r *ndpResponder) (*presence, error) {
-	h, err := ns.handle()
-	if err != nil {
-		return nil, fmt.Errorf("opening netlink handle: %w", err)
-	}
-	p := &presence{ns: ns, uplink: uplink, r: r, h: h, probe: -1,
+func newPresence(k Kernel, uplink int, r *Responder) *presence {
+	p := &presence{k: k, uplink: uplink, r: r,
 		addrs: map[netip.Addr]bool{}, pending: map[netip.Addr][]pendingNS{}, probed: map[netip.Addr]time.Time{},
 		tokens: probeBurst, refill: time.Now(), kick: make(chan struct{}, 1)}
-	err = ns.do(func() error {
-		fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
-		p.probe = fd
-		return err
-	})
-	if err != nil {
-		h.Close()
-		return nil, fmt.Errorf("opening the probe socket: %w", err)
-	}
 	p.refresh()
-	return p, nil
+	return p
 }
 
 func (p *presence) has(a netip.Addr) bool {
@@ -425,23 +381,14 @@ func (p *presence) refresh() {
 const usable = netlink.NUD_REACHABLE | netlink.NUD_STALE | netlink.NUD_DELAY | netlink.NUD_PROBE | netlink.NUD_PERMANENT | netlink.NUD_NOARP
 
 func (p *presence) run(ctx context.Context) {
-	defer p.h.Close()
-	defer unix.Close(p.probe)
-	nsh, closeNS, err := p.ns.subscribeNS()
-	if err != nil {
-		klog.ErrorS(err, "proxy-ndp: present mode cannot watch neighbours; relying on the periodic dump")
-		nsh, closeNS = nil, func() {}
-	}
-	defer closeNS()
 	t := time.NewTicker(presentRefresh)
 	defer t.Stop()
 	exp := time.NewTicker(presentExpire)
 	defer exp.Stop()
 	for ctx.Err() == nil {
 		ch, done := make(chan netlink.NeighUpdate, 1024), make(chan struct{})
-		opts := netlink.NeighSubscribeOptions{Namespace: nsh, ReceiveBufferSize: 1 << 22}
 		events := ch
-		if err := netlink.NeighSubscribeWithOptions(ch, done, opts); err != nil {
+		if err := p.k.SubscribeNeighs(ch, done, nil); err != nil {
 			klog.ErrorS(err, "proxy-ndp: subscribing to neighbour events; relying on the periodic dump")
 			events = nil // only the dump from here on
 		}
@@ -483,7 +430,7 @@ func (p *presence) event(u netlink.NeighUpdate) {
 	if !ok || u.LinkIndex == p.uplink || u.Family != unix.AF_INET6 {
 		return
 	}
-	if !p.r.cfg.Load().slice.Contains(a) {
+	if !p.r.cfg.Load().Slice.Contains(a) {
 		return
 	}
 	p.set(a, u.Type == unix.RTM_NEWNEIGH && u.State&usable != 0)
@@ -521,7 +468,7 @@ func (p *presence) set(a netip.Addr, present bool) {
 func (p *presence) dump() {
 	cfg := p.r.cfg.Load()
 	found := map[netip.Addr]bool{}
-	ns, err := p.h.NeighList(0, unix.AF_INET6)
+	ns, err := p.k.NeighList(unix.AF_INET6)
 	if err != nil {
 		klog.V(2).InfoS("proxy-ndp: listing neighbours failed", "err", err)
 		return
@@ -531,7 +478,7 @@ func (p *presence) dump() {
 			found[a] = true
 		}
 	}
-	as, err := p.h.AddrList(nil, unix.AF_INET6)
+	as, err := p.k.AddrList(0, unix.AF_INET6)
 	if err != nil {
 		klog.V(2).InfoS("proxy-ndp: listing addresses failed", "err", err)
 		return
@@ -545,7 +492,7 @@ func (p *presence) dump() {
 	old := p.addrs
 	p.addrs = map[netip.Addr]bool{}
 	for a := range found {
-		if cfg.slice.Contains(a) {
+		if cfg.Slice.Contains(a) {
 			p.addrs[a] = true
 		}
 	}
@@ -603,12 +550,11 @@ func (p *presence) takeToken(now time.Time) bool {
 // probeAddr makes the kernel resolve a on the link it is routed to, unless
 // that link is the uplink (then a cannot be behind this host).
 func (p *presence) probeAddr(a netip.Addr) {
-	rs, err := p.h.RouteGet(a.AsSlice())
+	rs, err := p.k.RouteGet(a)
 	if err != nil || len(rs) == 0 || rs[0].LinkIndex == p.uplink {
 		return
 	}
-	sa := &unix.SockaddrInet6{Port: 9, Addr: a.As16()} // discard
-	if err := unix.Sendto(p.probe, nil, 0, sa); err != nil && !errors.Is(err, unix.EAGAIN) {
+	if err := p.k.Probe(a); err != nil && !errors.Is(err, unix.EAGAIN) {
 		klog.V(4).InfoS("proxy-ndp: probing failed", "addr", a, "err", err)
 	}
 }

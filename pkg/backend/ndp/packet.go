@@ -1,4 +1,11 @@
-package backend
+// Package ndp is the proxy-ndp backend's responder: it answers Neighbor
+// Solicitations arriving on the uplink for addresses of the host's IPv6
+// slice with Neighbor Advertisements carrying the uplink's MAC. It parses
+// and writes the NDP wire format (this file), filters solicitations in the
+// kernel with a BPF program, and in present mode tracks which addresses are
+// behind the host. It reaches the kernel only through Kernel, which
+// pkg/backend's kernel provides.
+package ndp
 
 import (
 	"encoding/binary"
@@ -35,7 +42,7 @@ const (
 
 // errNotNS is returned by parseNS for frames that are not a valid Neighbor
 // Solicitation; the responder drops them silently.
-var errNotNS = errors.New("backend: not a valid neighbor solicitation")
+var errNotNS = errors.New("ndp: not a valid neighbor solicitation")
 
 // solicitation is a Neighbor Solicitation that passed the checks of RFC
 // 4861 section 7.1.1.
