@@ -36,6 +36,12 @@ type Options struct {
 	LeaseTTL time.Duration
 	// Dual enables IPv6 too (one more lock key per host).
 	Dual bool
+	// StormSpread is how long the join storm takes to start every host
+	// (default 1 s); a negative value starts them all at once.
+	StormSpread time.Duration
+	// Config, when set, is the network config (JSON) instead of a /8 of
+	// /24s (or its dual-stack form); e.g. a small pool to make claims race.
+	Config string
 	// Joins is the number of single new hosts timed one after the other.
 	Joins int
 	// Steady is how long the steady state is measured.
@@ -157,6 +163,9 @@ func Run(ctx context.Context, o Options) (res *Result, err error) {
 	if o.Dual {
 		cfgJSON = `{"Network":"10.0.0.0/8","SubnetLen":24,"IPv6Network":"fd00:5::/48","IPv6SubnetLen":64,"Backend":{"Type":"host-gw"}}`
 	}
+	if o.Config != "" {
+		cfgJSON = o.Config
+	}
 	if f.cfg, _, err = lease.ParseConfig([]byte(cfgJSON)); err != nil {
 		return nil, err
 	}
@@ -253,7 +262,11 @@ func (f *Fleet) joinStorm(ctx context.Context, res *Result) error {
 	f.mu.Unlock()
 	before := f.ctr.snap()
 	t0 := time.Now()
-	hosts, err := f.startHosts(ctx, idx, time.Second, false)
+	spread := f.opts.StormSpread
+	if spread == 0 {
+		spread = time.Second
+	}
+	hosts, err := f.startHosts(ctx, idx, max(spread, 0), false)
 	if err != nil {
 		return err
 	}
