@@ -240,7 +240,7 @@ func (h *Host) keep(ctx context.Context, reg *lease.Registry) {
 		h.f.ctr.lostLeases.Add(1)
 		h.f.logf("%s lost its etcd lease %x; claiming again", h.Name, sess.Lease())
 		if err := h.claim(ctx, reg); err != nil {
-			h.f.logf("%s: %v", h.Name, err)
+			h.f.logf("%v", err) // names the host
 			return
 		}
 	}
