@@ -60,7 +60,6 @@ type agent struct {
 	graceUntil time.Time
 	cfg        *lease.Config
 	rejected   map[string]string // node → reason last logged
-	resumed    bool              // the watch resumed from the lease cache
 	exhausted  string            // last "out of subnets" message logged
 	cfgRefused string            // why the config in etcd is not applied ("": it is)
 	exclLogged string            // the host's own routes last logged (exclude.go)
@@ -217,7 +216,6 @@ func (a *agent) startWatch(ctx context.Context, batches chan lease.Batch) {
 			ok := a.reg.Usable(cctx, h)
 			cancel()
 			if ok {
-				a.resumed = true
 				klog.InfoS("starting from the lease cache of the previous run; reading only the leases changed since", "path", path, "rev", h.Rev, "leases", h.Leases)
 				go a.reg.WatchFromSnapshot(ctx, h, decode, batches) //nolint:errcheck // returns ctx.Err()
 				return
@@ -227,9 +225,6 @@ func (a *agent) startWatch(ctx context.Context, batches chan lease.Batch) {
 	}
 	go a.reg.Watch(ctx, batches) //nolint:errcheck // returns ctx.Err()
 }
-
-// onReady, when set, runs once the agent is first ready (for profiling).
-var onReady func()
 
 // cacheMinLeases is the smallest lease cache worth resuming from: below
 // it, listing takes a few milliseconds, no more than checking the cache.
@@ -406,9 +401,6 @@ func (a *agent) step(ctx context.Context) error {
 	if !a.ready {
 		a.ready = true
 		klog.InfoS("ready", "node", a.node, "subnets", a.self.Subnets(), "peers", npeers)
-		if onReady != nil {
-			onReady()
-		}
 	}
 	status := fmt.Sprintf("lease %v held; %d peers", a.self.Subnets(), npeers)
 	if a.cfgRefused != "" {

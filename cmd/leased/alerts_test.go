@@ -12,7 +12,6 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -30,12 +29,12 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
-	clientv3 "go.etcd.io/etcd/client/v3"
 	"sigs.k8s.io/yaml"
 
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/nsutil"
 	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -241,15 +240,16 @@ func TestAlertRulesFireOnAgentMetrics(t *testing.T) {
 		t.Fatalf("promtool check rules %s: %v\n%s", rulesFile, err, out)
 	}
 	rules := loadRules(t)
-	ns := agentNetns(t)
+	ns := testutil.UplinkNS(t, "alerts", "192.0.2.1/24")
 	c, err := etcdserver.StartCluster(t.TempDir(), 1, etcdserver.ClusterOptions{Unix: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(c.Stop)
 	m := c.Members[0]
+	cli := etcdtest.Client(t, m.ClientURL)
 	good := `{"Network":"10.100.0.0/16","Backend":{"Type":"host-gw"}}`
-	put(t, m.ClientURL, cfgKey, good)
+	etcdtest.Put(t, cli, cfgKey, good)
 	const metricsAddr = "127.0.0.1:9464"
 	p := startLeased(t, ns, nil, agentArgs(t, "agent", "--etcd-endpoints="+m.UnixURL,
 		"--metrics-addr="+metricsAddr, "--lease-ttl=30s")...)
@@ -277,7 +277,6 @@ func TestAlertRulesFireOnAgentMetrics(t *testing.T) {
 	}
 
 	// A peer on eth0's link, so that the agent has a route to lose.
-	cli := etcdClient(t, m.ClientURL)
 	waitFor("the agent to be ready", settled)
 	own, _ := recordOf(t, cli, "agent")
 	if own == nil {
@@ -287,7 +286,7 @@ func TestAlertRulesFireOnAgentMetrics(t *testing.T) {
 	if own.Subnet.String() == peerNet {
 		peerNet = "10.100.78.0/24"
 	}
-	putKey(t, cli, lease.NewKeys("").Lease("peer"), fmt.Sprintf(`{"Node":"peer","Subnet":%q,"PublicIP":"192.0.2.2","BackendType":"host-gw"}`, peerNet))
+	etcdtest.Put(t, cli, lease.NewKeys("").Lease("peer"), fmt.Sprintf(`{"Node":"peer","Subnet":%q,"PublicIP":"192.0.2.2","BackendType":"host-gw"}`, peerNet))
 	routed := func(s scrape) bool { return settled(s) && s.get("leased_peers_programmed") == 1 }
 	var states []state
 
@@ -307,17 +306,17 @@ func TestAlertRulesFireOnAgentMetrics(t *testing.T) {
 
 	// A malformed peer lease.
 	before = waitFor("a healthy agent", routed)
-	putKey(t, cli, lease.NewKeys("").Lease("broken"), `{"Node":"broken","Subnet":`)
+	etcdtest.Put(t, cli, lease.NewKeys("").Lease("broken"), `{"Node":"broken","Subnet":`)
 	after = waitFor("the malformed lease to be rejected", func(s scrape) bool { return s.get("leased_peers_rejected") == 1 })
 	states = append(states, state{"malformed peer lease", before, after, []string{"LeasedPeersRejected"}})
-	delKey(t, cli, lease.NewKeys("").Lease("broken"))
+	etcdtest.Delete(t, cli, lease.NewKeys("").Lease("broken"))
 
 	// A config this host refuses: its subnet is outside the new network.
 	before = waitFor("a healthy agent", routed)
-	put(t, m.ClientURL, cfgKey, `{"Network":"10.200.0.0/16","Backend":{"Type":"host-gw"}}`)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.200.0.0/16","Backend":{"Type":"host-gw"}}`)
 	after = waitFor("the config to be refused", func(s scrape) bool { return s.get("leased_ready") == 0 })
 	states = append(states, state{"config refused", before, after, []string{"LeasedNotReady"}})
-	put(t, m.ClientURL, cfgKey, good)
+	etcdtest.Put(t, cli, cfgKey, good)
 
 	// etcd stopped: first unreachable only, then, after the lease TTL,
 	// the lease is lost and the host not ready.
@@ -391,20 +390,3 @@ func TestAlertRulesFireOnAgentMetrics(t *testing.T) {
 
 // putKey and delKey write and delete a key straight in etcd, as a broken
 // or hostile client could.
-func putKey(t *testing.T, cli *clientv3.Client, key, val string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := cli.Put(ctx, key, val); err != nil {
-		t.Fatalf("putting %s: %v", key, err)
-	}
-}
-
-func delKey(t *testing.T, cli *clientv3.Client, key string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := cli.Delete(ctx, key); err != nil {
-		t.Fatalf("deleting %s: %v", key, err)
-	}
-}

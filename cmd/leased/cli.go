@@ -178,23 +178,20 @@ var beforeConfigWrite func()
 // by someone else since the read is never overwritten unseen. With dryRun
 // it prints what would change and writes nothing.
 func putConfig(ctx context.Context, o *options, cli *clientv3.Client, data []byte, cfg *lease.Config, force, dryRun bool, stdout, stderr io.Writer) int {
-	k := lease.NewKeys(o.etcdPrefix)
-	resp, err := cli.Txn(ctx).Then(clientv3.OpGet(k.Config()), clientv3.OpGet(k.Leases(), clientv3.WithPrefix())).Commit()
+	reg := lease.NewRegistry(cli, o.etcdPrefix)
+	k := reg.Keys()
+	view, err := reg.List(ctx)
 	if err != nil {
 		fmt.Fprintf(stderr, "leased config put: %s\n", etcdErr(o, err))
 		return 1
 	}
-	var modRev int64 // 0: the key does not exist
+	modRev, oldRaw := view.ConfigRev, view.Config // 0, nil: the key does not exist
 	var old *lease.Config
-	var oldRaw []byte
-	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-		modRev, oldRaw = kvs[0].ModRevision, kvs[0].Value
+	if oldRaw != nil {
 		if old, _, err = lease.ParseConfig(oldRaw); err != nil {
 			fmt.Fprintf(stderr, "leased config put: note: the config in etcd is invalid (%v); hosts run on the last valid one they saw\n", err)
 		}
 	}
-	var view lease.View
-	view.Apply(lease.Batch{Reset: true, Events: lease.LeaseEvents(k, resp.Responses[1].GetResponseRange().Kvs)})
 
 	if old != nil && old.Equal(cfg) {
 		fmt.Fprintf(stdout, "%s already holds this config (at most the formatting differs); nothing written\n", k.Config())
@@ -380,24 +377,22 @@ func runStatus(args []string) int {
 	code := 0
 	fail := func(format string, a ...any) { fmt.Printf(format+"\n", a...); code = 1 }
 
-	k := lease.NewKeys(o.etcdPrefix)
-	resp, err := cli.Txn(ctx).Then(clientv3.OpGet(k.Config()), clientv3.OpGet(k.Leases(), clientv3.WithPrefix())).Commit()
+	reg := lease.NewRegistry(cli, o.etcdPrefix)
+	k := reg.Keys()
+	view, err := reg.List(ctx)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "leased status: %s\n", etcdErr(o, err))
 		return 1
 	}
-	ckvs := resp.Responses[0].GetResponseRange().Kvs
-	if len(ckvs) == 0 {
+	if view.Config == nil {
 		fmt.Fprintf(os.Stderr, "leased status: no network config at %s; write one with: leased config put FILE\n", k.Config())
 		return 1
 	}
-	cfg, _, err := lease.ParseConfig(ckvs[0].Value)
+	cfg, _, err := lease.ParseConfig(view.Config)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "leased status: the config in etcd is invalid: %v\n", err)
 		return 1
 	}
-	var view lease.View
-	view.Apply(lease.Batch{Reset: true, Events: lease.LeaseEvents(k, resp.Responses[1].GetResponseRange().Kvs)})
 	self := view.Records[node]
 	fmt.Printf("node:        %s\n", node)
 	if self == nil {

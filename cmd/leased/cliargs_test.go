@@ -10,8 +10,7 @@ import (
 	"testing"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -48,7 +47,7 @@ func TestParseInterspersed(t *testing.T) {
 // `leased config put FILE --etcd-endpoints=URL`, as an operator types it,
 // writes the config to that etcd (it used to exit 2 with only the usage).
 func TestConfigPutFlagsAfterFile(t *testing.T) {
-	srv := startEtcd(t)
+	srv, cli := etcdtest.Start(t)
 	f := filepath.Join(t.TempDir(), "net.json")
 	if err := os.WriteFile(f, []byte(`{"Network":"10.100.0.0/16"}`), 0o644); err != nil {
 		t.Fatal(err)
@@ -57,11 +56,6 @@ func TestConfigPutFlagsAfterFile(t *testing.T) {
 	if code := runConfigTo([]string{"put", f, "--etcd-endpoints=" + srv.ClientURL}, &out, &errb); code != 0 {
 		t.Fatalf("exit %d:\n%s%s", code, out.String(), errb.String())
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, DialTimeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	resp, err := cli.Get(ctx, lease.NewKeys("").Config())

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
@@ -15,11 +14,10 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
 	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/lease"
 	"github.com/leased/leased/pkg/subnetenv"
@@ -56,21 +54,11 @@ func startHintedWith(t *testing.T, endpoint, node, ip, hint string, rec *recorde
 	ia.run(ctx)
 	ta := &testAgent{agent: ia.agent, rec: rec, cancel: cancel, done: ia.done}
 	t.Cleanup(ta.stop)
-	eventually(t, node+" holds "+hint, func() bool {
+	testutil.Eventually(t, 20*time.Second, node+" holds "+hint, func() bool {
 		env, err := ta.env(t)
 		return err == nil && env.Subnet4.String() == hint
 	})
 	return ta
-}
-
-func etcdClient(t *testing.T, endpoint string) *clientv3.Client {
-	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cli.Close() })
-	return cli
 }
 
 // Narrowing Network from /16 to /17 while a host holds a subnet in the
@@ -79,14 +67,14 @@ func etcdClient(t *testing.T, endpoint string) *clientv3.Client {
 // half's routes while the upper host refused). Once the upper host is
 // drained, its lease gone, the lower host adopts the /17 on its own.
 func TestAgentsRefuseConfigThatStrandsAPeer(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16"}`)
 	low := startHinted(t, srv.ClientURL, "low", "192.168.1.1", "10.100.1.0/24")
 	high := startHinted(t, srv.ClientURL, "high", "192.168.1.2", "10.100.200.0/24")
-	eventually(t, "low routes to high", func() bool { return low.rec.peerNodes() == "high" })
-	eventually(t, "high routes to low", func() bool { return high.rec.peerNodes() == "low" })
+	testutil.Eventually(t, 20*time.Second, "low routes to high", func() bool { return low.rec.peerNodes() == "high" })
+	testutil.Eventually(t, 20*time.Second, "high routes to low", func() bool { return high.rec.peerNodes() == "low" })
 
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/17"}`)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/17"}`)
 	time.Sleep(2 * time.Second)
 	for _, a := range []*testAgent{low, high} {
 		env, err := a.env(t)
@@ -100,7 +88,6 @@ func TestAgentsRefuseConfigThatStrandsAPeer(t *testing.T) {
 
 	// Drain high: stop it and let its lease go.
 	high.stop()
-	cli := etcdClient(t, srv.ClientURL)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	resp, err := cli.Get(ctx, lease.NewKeys("").Lease("high"))
@@ -110,7 +97,7 @@ func TestAgentsRefuseConfigThatStrandsAPeer(t *testing.T) {
 	if _, err := cli.Revoke(ctx, clientv3.LeaseID(resp.Kvs[0].Lease)); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "low adopts the /17 once high is gone", func() bool {
+	testutil.Eventually(t, 20*time.Second, "low adopts the /17 once high is gone", func() bool {
 		env, err := low.env(t)
 		return err == nil && env.Network4.String() == "10.100.0.0/17" && env.Subnet4.String() == "10.100.1.0/24"
 	})
@@ -121,11 +108,10 @@ func TestAgentsRefuseConfigThatStrandsAPeer(t *testing.T) {
 // datapath still serves it. Before, the check was skipped while re-claiming
 // and the host moved to another subnet.
 func TestAgentRefusesConfigWhileReclaiming(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16"}`)
 	a := startHinted(t, srv.ClientURL, "a", "192.168.1.1", "10.100.200.0/24")
 	env0, _ := a.env(t)
-	cli := etcdClient(t, srv.ClientURL)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	k := lease.NewKeys("")
@@ -137,7 +123,7 @@ func TestAgentRefusesConfigWhileReclaiming(t *testing.T) {
 	).Commit(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a's record back", func() bool {
+	testutil.Eventually(t, 20*time.Second, "a's record back", func() bool {
 		r, err := cli.Get(ctx, k.Lease("a"))
 		return err == nil && len(r.Kvs) == 1
 	})
@@ -157,18 +143,18 @@ func TestAgentRefusesConfigWhileReclaiming(t *testing.T) {
 // nothing on the host: no peer pass, no backend rebuild or restart (the
 // backend takes deltas, so a step without a change hands it nothing).
 func TestAgentIgnoresReformattedConfig(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","Backend":{"Type":"host-gw"}}`)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","Backend":{"Type":"host-gw"}}`)
 	rec := &recorder{}
 	a := startHintedWith(t, srv.ClientURL, "a", "192.168.1.1", "10.100.1.0/24", rec, deltaRecorder{rec})
-	put(t, srv.ClientURL, lease.NewKeys("").Lease("b"), `{"Node":"b","Subnet":"10.100.2.0/24","PublicIP":"192.168.1.2","BackendType":"host-gw"}`)
-	eventually(t, "a routes to b", func() bool { return a.rec.peerNodes() == "b" })
+	etcdtest.Put(t, cli, lease.NewKeys("").Lease("b"), `{"Node":"b","Subnet":"10.100.2.0/24","PublicIP":"192.168.1.2","BackendType":"host-gw"}`)
+	testutil.Eventually(t, 20*time.Second, "a routes to b", func() bool { return a.rec.peerNodes() == "b" })
 	time.Sleep(500 * time.Millisecond)
 	a.rec.mu.Lock()
 	applied, starts := a.rec.applied, len(a.rec.starts)
 	a.rec.mu.Unlock()
 
-	put(t, srv.ClientURL, cfgKey, "{\n  \"Backend\": { \"Type\": \"host-gw\" },\n  \"Network\": \"10.100.0.0/16\",\n  \"SubnetLen\": 24\n}\n")
+	etcdtest.Put(t, cli, cfgKey, "{\n  \"Backend\": { \"Type\": \"host-gw\" },\n  \"Network\": \"10.100.0.0/16\",\n  \"SubnetLen\": 24\n}\n")
 	time.Sleep(2 * time.Second)
 	a.rec.mu.Lock()
 	defer a.rec.mu.Unlock()
@@ -195,31 +181,9 @@ func openFDs(t *testing.T) int {
 // The backend is the real one, in a network namespace of its own.
 func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 	testutil.RequireRoot(t)
-	ns := fmt.Sprintf("leased-fd-%d", os.Getpid())
-	for _, args := range [][]string{
-		{"netns", "add", ns},
-		{"-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"},
-		{"-n", ns, "addr", "add", "192.0.2.1/24", "dev", "eth0"},
-		{"-n", ns, "link", "set", "eth0", "up"},
-		{"-n", ns, "link", "set", "eth1", "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			exec.Command("ip", "netns", "del", ns).Run()
-			t.Fatalf("ip %v: %v %s", args, err, out)
-		}
-	}
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
-	nsPath := filepath.Join("/var/run/netns", ns)
-	nsh, err := netns.GetFromPath(nsPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	h, err := netlink.NewHandleAt(nsh)
-	nsh.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	ns := testutil.UplinkNS(t, "fd", "192.0.2.1/24")
+	nsPath := testutil.NSPath(ns)
+	h := testutil.NSHandle(t, ns)
 	eth0, err := h.LinkByName("eth0")
 	if err != nil {
 		t.Fatal(err)
@@ -232,16 +196,11 @@ func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 		return 0
 	}
 
-	srv := startEtcd(t)
+	srv, cli := etcdtest.Start(t)
 	cfg := func(n int) string {
 		return fmt.Sprintf(`{"Network":"10.100.0.0/16","Backend":{"Type":"vxlan","VNI":%d}}`, n)
 	}
-	put(t, srv.ClientURL, cfgKey, cfg(1))
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cli.Close() })
+	etcdtest.Put(t, cli, cfgKey, cfg(1))
 	o := &options{etcdEndpoints: srv.ClientURL, etcdPrefix: lease.DefaultPrefix, leaseTTL: 10 * time.Second,
 		subnetFile: filepath.Join(t.TempDir(), "subnet.env")}
 	addr := netip.MustParseAddr("192.0.2.1")
@@ -256,8 +215,8 @@ func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 	go func() { defer close(done); a.run(ctx) }() //nolint:errcheck // returns nil
 	t.Cleanup(func() { cancel(); <-done })
 
-	eventually(t, "the vxlan device with VNI 1", func() bool { return vni() == 1 })
-	eventually(t, "subnet.env", func() bool { _, err := subnetenv.Read(o.subnetFile); return err == nil })
+	testutil.Eventually(t, 20*time.Second, "the vxlan device with VNI 1", func() bool { return vni() == 1 })
+	testutil.Eventually(t, 20*time.Second, "subnet.env", func() bool { _, err := subnetenv.Read(o.subnetFile); return err == nil })
 	time.Sleep(500 * time.Millisecond) // let the first backend's subscriptions open
 	// The netlink sockets are *os.File: the garbage collector would close
 	// a leaked one some time later. Handles must be released when the
@@ -266,8 +225,8 @@ func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 	defer debug.SetGCPercent(debug.SetGCPercent(-1))
 	base := openFDs(t)
 	for n := 2; n <= 11; n++ {
-		put(t, srv.ClientURL, cfgKey, cfg(n))
-		eventually(t, fmt.Sprintf("the vxlan device with VNI %d", n), func() bool { return vni() == n })
+		etcdtest.Put(t, cli, cfgKey, cfg(n))
+		testutil.Eventually(t, 20*time.Second, fmt.Sprintf("the vxlan device with VNI %d", n), func() bool { return vni() == n })
 	}
 	// The old backends close once their loops have ended; a few
 	// descriptors of slack for the etcd client and the runtime.

@@ -11,8 +11,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -52,19 +52,14 @@ func storedConfig(t *testing.T, cli *clientv3.Client) (string, int64) {
 // reformatted config writes nothing; a put that loses the race to another
 // writer says so and overwrites nothing.
 func TestConfigPutChecksLiveLeases(t *testing.T) {
-	srv := startEtcd(t)
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
+	srv, cli := etcdtest.Start(t)
 	const base = `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`
 	if code, out, errs := configCLI(t, srv.ClientURL, base); code != 0 || !strings.Contains(out, "wrote "+cfgKey) {
 		t.Fatalf("first put: exit %d\n%s%s", code, out, errs)
 	}
 	k := lease.NewKeys("")
-	put(t, srv.ClientURL, k.Lease("low"), `{"Node":"low","Subnet":"10.100.1.0/24","IPv6Subnet":"2001:db8:0:1::/64","PublicIP":"192.0.2.1","BackendType":"host-gw"}`)
-	put(t, srv.ClientURL, k.Lease("high"), `{"Node":"high","Subnet":"10.100.200.0/24","IPv6Subnet":"2001:db8:0:2::/64","PublicIP":"192.0.2.2","BackendType":"host-gw"}`)
+	etcdtest.Put(t, cli, k.Lease("low"), `{"Node":"low","Subnet":"10.100.1.0/24","IPv6Subnet":"2001:db8:0:1::/64","PublicIP":"192.0.2.1","BackendType":"host-gw"}`)
+	etcdtest.Put(t, cli, k.Lease("high"), `{"Node":"high","Subnet":"10.100.200.0/24","IPv6Subnet":"2001:db8:0:2::/64","PublicIP":"192.0.2.2","BackendType":"host-gw"}`)
 	stored, rev := storedConfig(t, cli)
 
 	refused := []struct {
@@ -129,7 +124,7 @@ func TestConfigPutChecksLiveLeases(t *testing.T) {
 
 	// Another writer between the read and the write: nothing is overwritten.
 	other := `{"Network":"10.0.0.0/9","IPv6Network":"2001:db8::/48"}`
-	beforeConfigWrite = func() { put(t, srv.ClientURL, cfgKey, other) }
+	beforeConfigWrite = func() { etcdtest.Put(t, cli, cfgKey, other) }
 	code, out, errs := configCLI(t, srv.ClientURL, wide)
 	beforeConfigWrite = nil
 	if code != 1 || !strings.Contains(errs, "changed while this put ran") || !strings.Contains(errs, fmt.Sprintf("read at revision %d", rev)) || strings.Contains(out, "wrote") {

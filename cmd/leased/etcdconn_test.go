@@ -10,7 +10,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"net"
 	"net/url"
 	"os"
@@ -18,8 +17,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -29,12 +26,13 @@ import (
 
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 // leasedProc is the leased command run as a process.
 type leasedProc struct {
 	cmd    *exec.Cmd
-	log    *syncBuffer
+	log    *testutil.SyncBuffer
 	start  time.Time
 	exited chan struct{}
 	code   int
@@ -50,7 +48,7 @@ func startLeased(t *testing.T, ns string, env []string, args ...string) *leasedP
 	}
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(append(os.Environ(), "LEASED_TEST_HELPER=1"), env...)
-	p := &leasedProc{cmd: cmd, log: &syncBuffer{}, exited: make(chan struct{})}
+	p := &leasedProc{cmd: cmd, log: &testutil.SyncBuffer{}, exited: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = p.log, p.log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	p.start = time.Now()
@@ -105,31 +103,7 @@ func (p *leasedProc) waitLine(t *testing.T, re string, d time.Duration) time.Dur
 	return time.Since(p.start)
 }
 
-var nsSeq atomic.Int32
-
-// agentNetns makes a network namespace with lo and eth0 (192.0.2.1/24, a
-// veth whose peer stays inside) up, removed at the end of the test.
-func agentNetns(t *testing.T) string {
-	t.Helper()
-	testutil.RequireRoot(t)
-	ns := fmt.Sprintf("leased-ec-%d-%d", os.Getpid(), nsSeq.Add(1))
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
-	for _, args := range [][]string{
-		{"netns", "add", ns},
-		{"-n", ns, "link", "set", "lo", "up"},
-		{"-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"},
-		{"-n", ns, "addr", "add", "192.0.2.1/24", "dev", "eth0"},
-		{"-n", ns, "link", "set", "eth0", "up"},
-		{"-n", ns, "link", "set", "eth1", "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v %s", args, err, out)
-		}
-	}
-	return ns
-}
-
-// agentArgs are the flags of an agent in agentNetns.
+// agentArgs are the flags of an agent in a testutil.UplinkNS namespace.
 func agentArgs(t *testing.T, node string, more ...string) []string {
 	dir := t.TempDir()
 	return append([]string{"--iface=eth0", "--node-name=" + node, "--subnet-file=" + filepath.Join(dir, "subnet.env"),
@@ -202,30 +176,7 @@ func TestEtcdFlagsUsageErrors(t *testing.T) {
 // rest speaks TLS. (Before, the etcd client spoke the first endpoint's
 // scheme to every endpoint.)
 func TestTLSListenerNeverGetsPlaintext(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	var mu sync.Mutex
-	var firsts [][]byte
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.SetReadDeadline(time.Now().Add(3 * time.Second))
-				b := make([]byte, 24)
-				n, _ := c.Read(b)
-				mu.Lock()
-				firsts = append(firsts, b[:n])
-				mu.Unlock()
-			}()
-		}
-	}()
+	l := testutil.NewSniffer(t, nil)
 	// A second endpoint that accepts nothing.
 	closed, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -233,7 +184,7 @@ func TestTLSListenerNeverGetsPlaintext(t *testing.T) {
 	}
 	other := closed.Addr().String()
 	closed.Close()
-	tlsEP, ca := "https://"+l.Addr().String(), newPKI(t, t.TempDir(), "ca").file
+	tlsEP, ca := "https://"+l.Addr(), newPKI(t, t.TempDir(), "ca").file
 	for _, c := range []struct {
 		o       options
 		refused bool // a usage error (exit status 2) before anything is sent
@@ -244,7 +195,7 @@ func TestTLSListenerNeverGetsPlaintext(t *testing.T) {
 		{options{etcdEndpoints: "http://" + other + "," + tlsEP, etcdCAFile: ca}, true},
 		{options{etcdEndpoints: tlsEP + ",http://" + other}, true},
 		// The listener meant as TLS by the flags, written http://.
-		{options{etcdEndpoints: "http://" + l.Addr().String(), etcdCAFile: ca}, true},
+		{options{etcdEndpoints: "http://" + l.Addr(), etcdCAFile: ca}, true},
 	} {
 		err := tryClient(t, &c.o)
 		switch {
@@ -256,8 +207,7 @@ func TestTLSListenerNeverGetsPlaintext(t *testing.T) {
 			t.Errorf("%+v: refused: %v", c.o, err)
 		}
 	}
-	mu.Lock()
-	defer mu.Unlock()
+	firsts := l.Take()
 	if len(firsts) == 0 {
 		t.Fatal("the client never connected")
 	}
@@ -272,7 +222,7 @@ func TestTLSListenerNeverGetsPlaintext(t *testing.T) {
 // stop the agent (exit status 2) saying so, naming the flag; the commands
 // say so too. A wrong password is no longer "creating etcd client".
 func TestEtcdAuthFailsFast(t *testing.T) {
-	ns := agentNetns(t)
+	ns := testutil.UplinkNS(t, "ec", "192.0.2.1/24")
 	m, root := startAuthEtcd(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -324,7 +274,7 @@ func TestEtcdAuthFailsFast(t *testing.T) {
 // user name, when the client logs in before the agent starts), and a TLS
 // etcd whose CA the agent was not given.
 func TestAgentSaysWhyEtcdIsUnreachable(t *testing.T) {
-	ns := agentNetns(t)
+	ns := testutil.UplinkNS(t, "ec", "192.0.2.1/24")
 	dir := t.TempDir()
 	ca := newPKI(t, dir, "ca")
 	other := newPKI(t, dir, "other")
@@ -382,14 +332,14 @@ func TestAgentSaysWhyEtcdIsUnreachable(t *testing.T) {
 // one when it is back, with the outage's length, and no line per retry in
 // between (the outage outlasts the lease TTL, so the agent re-claims).
 func TestAgentSaysEtcdLostAndBack(t *testing.T) {
-	ns := agentNetns(t)
+	ns := testutil.UplinkNS(t, "ec", "192.0.2.1/24")
 	c, err := etcdserver.StartCluster(t.TempDir(), 1, etcdserver.ClusterOptions{Unix: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(c.Stop)
 	m := c.Members[0]
-	put(t, m.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
+	etcdtest.Put(t, etcdtest.Client(t, m.ClientURL), cfgKey, `{"Network":"10.100.0.0/16"}`)
 	p := startLeased(t, ns, nil, agentArgs(t, "lost", "--etcd-endpoints="+m.UnixURL)...)
 	if p.waitLine(t, `"ready"`, 60*time.Second) > 60*time.Second {
 		t.Fatalf("the agent did not get ready:\n%s", p.log)

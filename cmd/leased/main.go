@@ -105,13 +105,7 @@ func run(args []string) int {
 	}
 	if p := os.Getenv("LEASED_MEMPROFILE"); p != "" { // the heap when READY
 		runtime.MemProfileRate = 4096
-		onReady = func() {
-			if f, err := os.Create(p); err == nil {
-				runtime.GC()
-				pprof.Lookup("heap").WriteTo(f, 0) //nolint:errcheck
-				f.Close()
-			}
-		}
+		go writeHeapWhenReady(ctx, p)
 	}
 	if err := runAgent(ctx, o); err != nil {
 		var pe *backend.PrivilegeError

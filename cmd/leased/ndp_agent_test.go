@@ -6,10 +6,10 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
-
+	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/lease"
 )
@@ -54,28 +54,23 @@ func (r *answeringRecorder) Run(ctx context.Context) error {
 // again; and, when the agent stops with its lease held, is told to keep
 // answering before its Run ends.
 func TestAgentAnsweringBackendLifetime(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
 	rec := &answeringRecorder{}
 	ia := newIdleAgent(t, srv.ClientURL, "a", "192.168.1.1", rec)
 	ctx, cancel := context.WithCancel(context.Background())
 	ia.run(ctx)
 	t.Cleanup(func() { cancel(); <-ia.done })
-	eventually(t, "the backend started", func() bool { return slices.Contains(rec.log(), "start") })
+	testutil.Eventually(t, 20*time.Second, "the backend started", func() bool { return slices.Contains(rec.log(), "start") })
 	if got := rec.log(); got[0] != "answer" {
 		t.Errorf("calls %v: want answering right after the claim, before the start", got)
 	}
 
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
 	n := len(rec.log())
 	if _, err := cli.Delete(context.Background(), lease.NewKeys("").Lease("a")); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a withdraw, then a start with the lease claimed again", func() bool {
+	testutil.Eventually(t, 20*time.Second, "a withdraw, then a start with the lease claimed again", func() bool {
 		after := rec.log()[n:]
 		i := slices.Index(after, "withdraw")
 		return i >= 0 && slices.Contains(after[i:], "start")
@@ -83,7 +78,7 @@ func TestAgentAnsweringBackendLifetime(t *testing.T) {
 
 	cancel()
 	<-ia.done
-	eventually(t, "the backend's Run ended", func() bool { return slices.Contains(rec.log(), "run ended") })
+	testutil.Eventually(t, 20*time.Second, "the backend's Run ended", func() bool { return slices.Contains(rec.log(), "run ended") })
 	if got := strings.Join(rec.log(), ","); !strings.HasSuffix(got, "handoff,run ended") {
 		t.Errorf("calls %s: want a handoff before the backend's Run ends on stop", got)
 	}

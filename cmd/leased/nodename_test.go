@@ -8,20 +8,11 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
+	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/lease"
 )
-
-func testClient(t *testing.T, endpoint string) *clientv3.Client {
-	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cli.Close() })
-	return cli
-}
 
 // recordOf returns node's lease record in etcd and the etcd lease it is
 // under (nil, 0 when there is none).
@@ -69,16 +60,15 @@ func (r *recorder) started() int {
 // subnet.env; the first keeps its keys. When the first host is gone for
 // good (its lease ended), the second one claims.
 func TestAgentsWithOneNodeNameNeverShareSubnet(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
-	cli := testClient(t, srv.ClientURL)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
 	a1 := startTestAgent(t, srv.ClientURL, "twin", "192.168.1.1")
-	eventually(t, "first host's subnet.env", func() bool { _, err := a1.env(t); return err == nil })
+	testutil.Eventually(t, 20*time.Second, "first host's subnet.env", func() bool { _, err := a1.env(t); return err == nil })
 	env1, _ := a1.env(t)
 	_, lease1 := recordOf(t, cli, "twin")
 
 	a2 := startTestAgent(t, srv.ClientURL, "twin", "192.168.1.2")
-	eventually(t, "the second host reports the conflict", func() bool {
+	testutil.Eventually(t, 20*time.Second, "the second host reports the conflict", func() bool {
 		s := a2.health.statusText()
 		return strings.Contains(s, "node name conflict") && strings.Contains(s, "192.168.1.1") && strings.Contains(s, "--node-name")
 	})
@@ -105,7 +95,7 @@ func TestAgentsWithOneNodeNameNeverShareSubnet(t *testing.T) {
 	if _, err := cli.Revoke(context.Background(), clientv3.LeaseID(lease1)); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the second host claims", func() bool {
+	testutil.Eventually(t, 20*time.Second, "the second host claims", func() bool {
 		rec, _ := recordOf(t, cli, "twin")
 		_, err := a2.env(t)
 		return err == nil && rec != nil && rec.PublicIP.String() == "192.168.1.2" && a2.health.ready.Load()
@@ -115,8 +105,8 @@ func TestAgentsWithOneNodeNameNeverShareSubnet(t *testing.T) {
 // Two hosts with one node name that start at the same moment: one holds
 // the name, the other reports the conflict; they never both run a datapath.
 func TestAgentsWithOneNodeNameStartTogether(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","SubnetLen":22}`)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","SubnetLen":22}`)
 	recs := []*recorder{{}, {}}
 	agents := []*idleAgent{
 		newIdleAgent(t, srv.ClientURL, "twin", "192.168.1.1", recs[0]),
@@ -132,7 +122,7 @@ func TestAgentsWithOneNodeNameStartTogether(t *testing.T) {
 	for _, a := range agents {
 		a.run(ctx)
 	}
-	eventually(t, "one host ready, the other reporting the conflict", func() bool {
+	testutil.Eventually(t, 20*time.Second, "one host ready, the other reporting the conflict", func() bool {
 		for i := range 2 {
 			if agents[i].health.ready.Load() && strings.Contains(agents[1-i].health.statusText(), "node name conflict") {
 				return true
@@ -160,11 +150,10 @@ func TestAgentsWithOneNodeNameStartTogether(t *testing.T) {
 // after a reboot or an upgrade), as long as the record names this host's
 // address.
 func TestAgentRestartKeepsSubnet(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
-	cli := testClient(t, srv.ClientURL)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
 	a := startTestAgent(t, srv.ClientURL, "h", "192.168.1.1")
-	eventually(t, "subnet.env", func() bool { _, err := a.env(t); return err == nil })
+	testutil.Eventually(t, 20*time.Second, "subnet.env", func() bool { _, err := a.env(t); return err == nil })
 	env0, _ := a.env(t)
 	dir := a.o.subnetFile
 	for _, tc := range []struct {
@@ -179,7 +168,7 @@ func TestAgentRestartKeepsSubnet(t *testing.T) {
 			}
 		}
 		a = startTestAgentIn(t, srv.ClientURL, "h", "192.168.1.1", dir) // same machine
-		eventually(t, tc.name+": the record under the new run's lease", func() bool {
+		testutil.Eventually(t, 20*time.Second, tc.name+": the record under the new run's lease", func() bool {
 			rec, l := recordOf(t, cli, "h")
 			return rec != nil && l != before && a.health.ready.Load()
 		})
@@ -198,11 +187,10 @@ func TestAgentRestartKeepsSubnet(t *testing.T) {
 // another node stops advertising that subnet: it moves to another one.
 func TestAgentNoticesOverwrittenKeys(t *testing.T) {
 	t.Run("record", func(t *testing.T) {
-		srv := startEtcd(t)
-		put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
-		cli := testClient(t, srv.ClientURL)
+		srv, cli := etcdtest.Start(t)
+		etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16"}`)
 		a := startTestAgent(t, srv.ClientURL, "a", "192.168.1.1")
-		eventually(t, "subnet.env", func() bool { _, err := a.env(t); return err == nil })
+		testutil.Eventually(t, 20*time.Second, "subnet.env", func() bool { _, err := a.env(t); return err == nil })
 		env, _ := a.env(t)
 		g, err := cli.Grant(context.Background(), 60)
 		if err != nil {
@@ -212,7 +200,7 @@ func TestAgentNoticesOverwrittenKeys(t *testing.T) {
 		if _, err := cli.Put(context.Background(), lease.NewKeys("").Lease("a"), foreign, clientv3.WithLease(g.ID)); err != nil {
 			t.Fatal(err)
 		}
-		eventually(t, "the conflict reported", func() bool {
+		testutil.Eventually(t, 20*time.Second, "the conflict reported", func() bool {
 			s := a.health.statusText()
 			return strings.Contains(s, "node name conflict") && strings.Contains(s, "192.168.1.9") && !a.health.ready.Load()
 		})
@@ -222,11 +210,10 @@ func TestAgentNoticesOverwrittenKeys(t *testing.T) {
 		}
 	})
 	t.Run("lock", func(t *testing.T) {
-		srv := startEtcd(t)
-		put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
-		cli := testClient(t, srv.ClientURL)
+		srv, cli := etcdtest.Start(t)
+		etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16"}`)
 		a := startTestAgent(t, srv.ClientURL, "a", "192.168.1.1")
-		eventually(t, "subnet.env", func() bool { _, err := a.env(t); return err == nil })
+		testutil.Eventually(t, 20*time.Second, "subnet.env", func() bool { _, err := a.env(t); return err == nil })
 		env, _ := a.env(t)
 		g, err := cli.Grant(context.Background(), 60)
 		if err != nil {
@@ -236,7 +223,7 @@ func TestAgentNoticesOverwrittenKeys(t *testing.T) {
 		if _, err := cli.Put(context.Background(), lock, "intruder", clientv3.WithLease(g.ID)); err != nil {
 			t.Fatal(err)
 		}
-		eventually(t, "the record no longer names the lost subnet", func() bool {
+		testutil.Eventually(t, 20*time.Second, "the record no longer names the lost subnet", func() bool {
 			rec, _ := recordOf(t, cli, "a")
 			return rec != nil && rec.Subnet.IsValid() && rec.Subnet != env.Subnet4
 		})

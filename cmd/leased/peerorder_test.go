@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -15,22 +17,22 @@ import (
 // object two peers want to the first, and that must not flip on every
 // lease change.
 func TestAgentHandsPeersOldestFirst(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16"}`)
 	// Created in this order: create revisions ascending, names not sorted.
 	nodes := []string{"p5", "p3", "p9", "p1", "p7", "p2", "p8", "p4"}
 	rec := func(i int, node string, ip int) string {
 		return fmt.Sprintf(`{"Node":%q,"Subnet":"10.100.%d.0/24","PublicIP":"192.168.7.%d","BackendType":"host-gw"}`, node, 200+i, ip)
 	}
 	for i, n := range nodes {
-		put(t, srv.ClientURL, "/leased/network/leases/"+n, rec(i, n, 10+i))
+		etcdtest.Put(t, cli, "/leased/network/leases/"+n, rec(i, n, 10+i))
 		// The subnet lock too, as agents write it: without it the agent
 		// under test could claim one of these subnets itself.
-		put(t, srv.ClientURL, lease.NewKeys("").SubnetLock(netip.MustParsePrefix(fmt.Sprintf("10.100.%d.0/24", 200+i))), n)
+		etcdtest.Put(t, cli, lease.NewKeys("").SubnetLock(netip.MustParsePrefix(fmt.Sprintf("10.100.%d.0/24", 200+i))), n)
 	}
 	want := strings.Join(nodes, ",")
 	a := startTestAgent(t, srv.ClientURL, "a", "192.168.1.1")
-	eventually(t, "a programs every peer", func() bool { return len(strings.Split(a.rec.peerNodes(), ",")) == len(nodes) })
+	testutil.Eventually(t, 20*time.Second, "a programs every peer", func() bool { return len(strings.Split(a.rec.peerNodes(), ",")) == len(nodes) })
 	for round := range 10 {
 		if got := a.rec.peerNodes(); got != want {
 			t.Fatalf("round %d: peers handed over as %s, want %s (oldest lease first)", round, got, want)
@@ -40,8 +42,8 @@ func TestAgentHandsPeersOldestFirst(t *testing.T) {
 		applied := a.rec.applied
 		a.rec.mu.Unlock()
 		i := round % len(nodes)
-		put(t, srv.ClientURL, "/leased/network/leases/"+nodes[i], rec(i, nodes[i], 100+round))
-		eventually(t, "the change handed over", func() bool {
+		etcdtest.Put(t, cli, "/leased/network/leases/"+nodes[i], rec(i, nodes[i], 100+round))
+		testutil.Eventually(t, 20*time.Second, "the change handed over", func() bool {
 			a.rec.mu.Lock()
 			defer a.rec.mu.Unlock()
 			return a.rec.applied > applied

@@ -8,6 +8,8 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/metrics"
 )
 
@@ -25,10 +27,10 @@ func readyMetric(t *testing.T) float64 {
 // while the host has lost its lease or refuses the config in etcd, and
 // return to 1 / 200 when that is over.
 func TestReadyMetricFollowsLeaseAndConfig(t *testing.T) {
-	srv := startEtcd(t)
+	srv, cli := etcdtest.Start(t)
 	good := `{"Network":"10.100.0.0/16"}`
-	put(t, srv.ClientURL, cfgKey, good)
-	p := newCutProxy(t, strings.TrimPrefix(srv.ClientURL, "http://"))
+	etcdtest.Put(t, cli, cfgKey, good)
+	p := etcdtest.Proxy(t, strings.TrimPrefix(srv.ClientURL, "http://"))
 	a := newIdleAgent(t, "http://"+p.Addr().String(), "a", "192.168.1.1", &recorder{})
 	a.o.leaseTTL = 3 * time.Second
 	ctx, cancel := context.WithCancel(context.Background())
@@ -37,26 +39,26 @@ func TestReadyMetricFollowsLeaseAndConfig(t *testing.T) {
 	ready := func(want bool) func() bool {
 		return func() bool { return (readyMetric(t) == 1) == want && a.health.ready.Load() == want }
 	}
-	eventually(t, "leased_ready 1 once the lease is held", ready(true))
+	testutil.Eventually(t, 20*time.Second, "leased_ready 1 once the lease is held", ready(true))
 
 	// A config this host refuses (its subnet is outside the new network).
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.200.0.0/16"}`)
-	eventually(t, "leased_ready 0 while the config in etcd is refused", ready(false))
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.200.0.0/16"}`)
+	testutil.Eventually(t, 20*time.Second, "leased_ready 0 while the config in etcd is refused", ready(false))
 	if s := a.health.statusText(); !strings.Contains(s, "refused") {
 		t.Errorf("/readyz says %q; want it to say the config is refused", s)
 	}
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","SubnetMax":"10.100.250.0"}`)
-	eventually(t, "leased_ready 1 once a config this host accepts is back", ready(true))
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","SubnetMax":"10.100.250.0"}`)
+	testutil.Eventually(t, 20*time.Second, "leased_ready 1 once a config this host accepts is back", ready(true))
 
 	// An invalid config is refused too.
-	put(t, srv.ClientURL, cfgKey, `{"Network":`)
-	eventually(t, "leased_ready 0 while the config in etcd is invalid", ready(false))
-	put(t, srv.ClientURL, cfgKey, good)
-	eventually(t, "leased_ready 1 once the config is valid again", ready(true))
+	etcdtest.Put(t, cli, cfgKey, `{"Network":`)
+	testutil.Eventually(t, 20*time.Second, "leased_ready 0 while the config in etcd is invalid", ready(false))
+	etcdtest.Put(t, cli, cfgKey, good)
+	testutil.Eventually(t, 20*time.Second, "leased_ready 1 once the config is valid again", ready(true))
 
 	// etcd out of reach for longer than the lease TTL: the lease is lost.
 	p.SetDown(true)
-	eventually(t, "leased_ready 0 after the lease is lost", ready(false))
+	testutil.Eventually(t, 20*time.Second, "leased_ready 0 after the lease is lost", ready(false))
 	p.SetDown(false)
-	eventually(t, "leased_ready 1 once the lease is claimed again", ready(true))
+	testutil.Eventually(t, 20*time.Second, "leased_ready 1 once the lease is claimed again", ready(true))
 }

@@ -20,9 +20,10 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"k8s.io/klog/v2"
 
-	"github.com/leased/leased/internal/etcdserver"
-	"github.com/leased/leased/internal/tcpproxy"
+	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/lease"
 	"github.com/leased/leased/pkg/subnetenv"
@@ -110,8 +111,8 @@ func (ia *idleAgent) exited() bool {
 // record in etcd says so, every one sees the 49 others as peers, and none
 // exits.
 func TestFiftyAgentsStartTogether(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16","SubnetLen":22,"IPv6Network":"2001:db8::/58","IPv6SubnetLen":64}`)
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","SubnetLen":22,"IPv6Network":"2001:db8::/58","IPv6SubnetLen":64}`)
 	const n = 50
 	agents := make([]*idleAgent, n)
 	recs := make([]*recorder, n)
@@ -170,8 +171,6 @@ func TestFiftyAgentsStartTogether(t *testing.T) {
 		seen4[env.Subnet4], seen6[env.Subnet6] = node, node
 	}
 	// etcd agrees: 50 records, each naming the subnets of its subnet.env.
-	cli, _ := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
-	defer cli.Close()
 	resp, err := cli.Get(context.Background(), lease.NewKeys("").Leases(), clientv3.WithPrefix())
 	if err != nil {
 		t.Fatal(err)
@@ -211,31 +210,14 @@ func TestFiftyAgentsStartTogether(t *testing.T) {
 
 func subnetEnvOf(a *idleAgent) (subnetenv.Env, error) { return subnetenv.Read(a.o.subnetFile) }
 
-// newCutProxy relays to an etcd member and can cut every connection and
-// refuse new ones.
-func newCutProxy(t *testing.T, target string) *tcpproxy.Proxy {
-	t.Helper()
-	p, err := tcpproxy.Loopback(target)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.Close() })
-	return p
-}
-
 // Scenario 6: while an agent is cut off from etcd, peers leave, move and
 // arrive, and etcd compacts past the agent's watch revision. On reconnect
 // the agent lists again and the backend gets exactly etcd's peer set; in
 // between it is never handed a set that drops a peer that did not change
 // (which on a real host would withdraw a working route).
 func TestAgentRelistsAfterCompaction(t *testing.T) {
-	srv := startEtcd(t)
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.100.0.0/16"}`)
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
+	srv, cli := etcdtest.Start(t)
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16"}`)
 	keys := lease.NewKeys("")
 	// putPeer writes a peer as an agent would: its record and the lock on
 	// its subnet, so that a's claim (which runs while the listing streams
@@ -254,7 +236,7 @@ func TestAgentRelistsAfterCompaction(t *testing.T) {
 	for i, n := range []string{"b", "c", "d", "e"} {
 		putPeer(n, fmt.Sprintf("10.100.%d.0/24", 200+i))
 	}
-	p := newCutProxy(t, strings.TrimPrefix(srv.ClientURL, "http://"))
+	p := etcdtest.Proxy(t, strings.TrimPrefix(srv.ClientURL, "http://"))
 	hb := &histBackend{}
 	a := newIdleAgent(t, "http://"+p.Addr().String(), "a", "192.168.1.1", hb)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -344,16 +326,10 @@ func waitPeers(t *testing.T, hb *histBackend, want map[string]netip.Prefix) {
 
 // putPeers writes a config and n peer records peer-0000… (records only,
 // no subnet locks: a host's claim stays above them, from 10.100.0.0). It
-// returns a client, the key layout, how record i is written, and the
-// peers by node.
-func putPeers(t *testing.T, srv *etcdserver.Server, n int) (*clientv3.Client, lease.Keys, func(node string, i int) string, map[string]netip.Prefix) {
+// returns the key layout, how record i is written, and the peers by node.
+func putPeers(t *testing.T, cli *clientv3.Client, n int) (lease.Keys, func(node string, i int) string, map[string]netip.Prefix) {
 	t.Helper()
-	put(t, srv.ClientURL, cfgKey, `{"Network":"10.0.0.0/8","SubnetMin":"10.100.0.0"}`)
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cli.Close() })
+	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.0.0.0/8","SubnetMin":"10.100.0.0"}`)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	keys := lease.NewKeys("")
@@ -373,22 +349,17 @@ func putPeers(t *testing.T, srv *etcdserver.Server, n int) (*clientv3.Client, le
 			ops = ops[:0]
 		}
 	}
-	return cli, keys, record, want
+	return keys, record, want
 }
 
 // changePeers deletes peer-0000, moves peer-0001 and adds peer-new (see
 // putPeers), in etcd and in want.
-func changePeers(t *testing.T, srv *etcdserver.Server, keys lease.Keys, record func(string, int) string, want map[string]netip.Prefix) {
+func changePeers(t *testing.T, cli *clientv3.Client, keys lease.Keys, record func(string, int) string, want map[string]netip.Prefix) {
 	t.Helper()
-	put(t, srv.ClientURL, keys.Lease("peer-0001"), record("peer-0001", 5000))
+	etcdtest.Put(t, cli, keys.Lease("peer-0001"), record("peer-0001", 5000))
 	want["peer-0001"] = pfx("10.20.136.0/24")
-	put(t, srv.ClientURL, keys.Lease("peer-new"), record("peer-new", 6000))
+	etcdtest.Put(t, cli, keys.Lease("peer-new"), record("peer-new", 6000))
 	want["peer-new"] = pfx("10.24.112.0/24")
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if _, err := cli.Delete(ctx, keys.Lease("peer-0000")); err != nil {
@@ -428,8 +399,8 @@ func firstSet(hb *histBackend) map[string]netip.Prefix {
 // down are right in the very first set, and the deleted one is never in
 // any set.
 func TestAgentResumesFromLeaseCache(t *testing.T) {
-	srv := startEtcd(t)
-	_, keys, record, want := putPeers(t, srv, 1200)
+	srv, cli := etcdtest.Start(t)
+	keys, record, want := putPeers(t, cli, 1200)
 	hb1 := &histBackend{}
 	a1 := newIdleAgent(t, srv.ClientURL, "host", "192.168.200.1", hb1)
 	ctx1, stop1 := context.WithCancel(context.Background())
@@ -443,17 +414,19 @@ func TestAgentResumesFromLeaseCache(t *testing.T) {
 	}
 
 	// While the agent is down.
-	changePeers(t, srv, keys, record, want)
+	changePeers(t, cli, keys, record, want)
 
 	hb2 := &histBackend{}
 	a2 := newIdleAgent(t, srv.ClientURL, "host", "192.168.200.1", hb2)
 	a2.o.subnetFile = a1.o.subnetFile // same directory: same cache
+	log := captureLog(t)
 	ctx2, stop2 := context.WithCancel(context.Background())
 	defer func() { stop2(); <-a2.done }()
 	a2.run(ctx2)
 	waitPeers(t, hb2, want)
-	if !a2.resumed {
-		t.Error("the restarted agent listed every lease instead of resuming from the cache")
+	klog.Flush()
+	if l := log.String(); !strings.Contains(l, "starting from the lease cache of the previous run") || strings.Contains(l, "lease cache not usable") {
+		t.Errorf("the restarted agent listed every lease instead of resuming from the cache; its log:\n%s", l)
 	}
 	checkNeverHeld(t, hb2, "peer-0000")
 	if got := firstSet(hb2); !mapsEqual(got, want) {
@@ -481,4 +454,19 @@ func peerDiff(got, want map[string]netip.Prefix) string {
 		d = append(d[:20], fmt.Sprintf("and %d more", len(d)-20))
 	}
 	return strings.Join(d, "; ")
+}
+
+// captureLog sends klog's output (what the agent logs at the default
+// verbosity) to a buffer until the test ends.
+func captureLog(t *testing.T) *testutil.SyncBuffer {
+	t.Helper()
+	buf := &testutil.SyncBuffer{}
+	klog.LogToStderr(false)
+	klog.SetOutput(buf)
+	t.Cleanup(func() {
+		klog.Flush()
+		klog.SetOutput(os.Stderr)
+		klog.LogToStderr(true)
+	})
+	return buf
 }

@@ -21,7 +21,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -209,41 +208,16 @@ func TestEtcdServerOnlyTLS(t *testing.T) {
 // server is a TLS ClientHello, never a plaintext HTTP/2 preface, and the
 // request fails against a plaintext server.
 func TestHTTPSEndpointNeverPlaintext(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	var mu sync.Mutex
-	var firsts [][]byte
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.SetReadDeadline(time.Now().Add(3 * time.Second))
-				b := make([]byte, 24)
-				n, _ := c.Read(b)
-				mu.Lock()
-				firsts = append(firsts, b[:n])
-				mu.Unlock()
-				c.Write([]byte("HTTP/1.1 400 Bad Request\r\n\r\n")) // a plaintext server's answer
-			}()
-		}
-	}()
+	l := testutil.NewSniffer(t, []byte("HTTP/1.1 400 Bad Request\r\n\r\n")) // a plaintext server's answer
 	for _, o := range []options{
-		{etcdEndpoints: "https://" + l.Addr().String()},
-		{etcdEndpoints: "https://" + l.Addr().String(), etcdCAFile: newPKI(t, t.TempDir(), "ca").file},
+		{etcdEndpoints: "https://" + l.Addr()},
+		{etcdEndpoints: "https://" + l.Addr(), etcdCAFile: newPKI(t, t.TempDir(), "ca").file},
 	} {
 		if err := tryClient(t, &o); err == nil {
 			t.Errorf("%+v: a request to a plaintext server over https:// worked", o)
 		}
 	}
-	mu.Lock()
-	defer mu.Unlock()
+	firsts := l.Take()
 	if len(firsts) == 0 {
 		t.Fatal("the client never connected")
 	}
@@ -257,10 +231,8 @@ func TestHTTPSEndpointNeverPlaintext(t *testing.T) {
 	}
 	// The same server with a plain http:// endpoint does get plaintext: the
 	// check above can tell the two apart.
-	firsts = nil
-	mu.Unlock()
-	tryClient(t, &options{etcdEndpoints: "http://" + l.Addr().String()})
-	mu.Lock()
+	tryClient(t, &options{etcdEndpoints: "http://" + l.Addr()})
+	firsts = l.Take()
 	plain := false
 	for _, b := range firsts {
 		plain = plain || bytes.HasPrefix(b, []byte("PRI * HTTP/2"))
@@ -363,20 +335,7 @@ func TestEtcdPasswordNeverShown(t *testing.T) {
 	}
 	for _, mode := range []string{"file", "env"} {
 		t.Run(mode, func(t *testing.T) {
-			ns := fmt.Sprintf("leased-pw-%d-%s", os.Getpid(), mode)
-			for _, args := range [][]string{
-				{"netns", "add", ns},
-				{"-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"},
-				{"-n", ns, "addr", "add", "192.0.2.1/24", "dev", "eth0"},
-				{"-n", ns, "link", "set", "eth0", "up"},
-				{"-n", ns, "link", "set", "eth1", "up"},
-			} {
-				if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-					exec.Command("ip", "netns", "del", ns).Run()
-					t.Fatalf("ip %v: %v %s", args, err, out)
-				}
-			}
-			t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+			ns := testutil.UplinkNS(t, "pw-"+mode, "192.0.2.1/24")
 			dir := t.TempDir()
 			node := "pw-" + mode
 			args := []string{"netns", "exec", ns, os.Args[0], "-test.run=^TestHelperLeasedProcess$", "--",
@@ -392,7 +351,7 @@ func TestEtcdPasswordNeverShown(t *testing.T) {
 			}
 			cmd := exec.Command("ip", args...)
 			cmd.Env = env
-			var log syncBuffer
+			var log testutil.SyncBuffer
 			cmd.Stdout, cmd.Stderr = &log, &log
 			cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 			if err := cmd.Start(); err != nil {
@@ -401,13 +360,13 @@ func TestEtcdPasswordNeverShown(t *testing.T) {
 			exited := make(chan struct{})
 			go func() { cmd.Wait(); close(exited) }()
 			defer func() { cmd.Process.Kill(); <-exited }()
-			eventually(t, "the agent's lease in etcd (it authenticated)", func() bool {
+			testutil.Eventually(t, 20*time.Second, "the agent's lease in etcd (it authenticated)", func() bool {
 				c, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 				defer cancel()
 				r, err := root.Get(c, lease.NewKeys("").Lease(node))
 				return err == nil && len(r.Kvs) == 1
 			})
-			eventually(t, "the agent's log line for its lease", func() bool { return strings.Contains(log.String(), "Lease acquired") })
+			testutil.Eventually(t, 20*time.Second, "the agent's log line for its lease", func() bool { return strings.Contains(log.String(), "Lease acquired") })
 			cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", cmd.Process.Pid))
 			if err != nil {
 				t.Fatal(err)
@@ -433,22 +392,4 @@ func TestEtcdPasswordNeverShown(t *testing.T) {
 			}
 		})
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for a process's stdout and stderr.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -4,16 +4,16 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"os/exec"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"text/tabwriter"
 	"time"
-
-	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/leased/leased/pkg/lease"
 )
@@ -147,22 +147,13 @@ func PrintMatrix(w io.Writer, l *Lab, cells []Cell) int {
 	return failed
 }
 
-// Leases reads every lease record from etcd.
+// Leases reads every well-formed lease record from etcd, by node name.
 func (l *Lab) Leases(ctx context.Context) ([]*lease.Record, error) {
-	k := lease.NewKeys("")
-	resp, err := l.Client.Get(ctx, k.Leases(), clientv3.WithPrefix())
+	view, err := lease.NewRegistry(l.Client, "").List(ctx)
 	if err != nil {
 		return nil, err
 	}
-	var out []*lease.Record
-	for _, kv := range resp.Kvs {
-		node := strings.TrimPrefix(string(kv.Key), k.Leases())
-		r, err := lease.DecodeRecord(node, kv.Value)
-		if err != nil {
-			continue
-		}
-		out = append(out, r)
-	}
+	out := slices.Collect(maps.Values(view.Records))
 	sort.Slice(out, func(i, j int) bool { return out[i].Node < out[j].Node })
 	return out, nil
 }

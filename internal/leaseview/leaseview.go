@@ -7,8 +7,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
+	"slices"
 	"sort"
-	"strings"
 	"sync"
 	"text/tabwriter"
 	"time"
@@ -36,25 +37,18 @@ type Row struct {
 	ExpiresIn int64 `json:"expiresInSeconds"`
 }
 
-// Read lists every lease under prefix with one range request, and asks etcd
-// for the remaining TTL of each distinct lease (16 at a time). Malformed
-// records are returned as errors next to the rows.
+// Read lists every lease under prefix (lease.Registry.List, the one
+// reader of lease keys), and asks etcd for the remaining TTL of each
+// distinct lease (16 at a time). Malformed records are returned as errors
+// next to the rows, by node name.
 func Read(ctx context.Context, cli *clientv3.Client, prefix string) ([]Row, []error, error) {
-	k := lease.NewKeys(prefix)
-	resp, err := cli.Get(ctx, k.Leases(), clientv3.WithPrefix())
+	view, err := lease.NewRegistry(cli, prefix).List(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
 	var rows []Row
-	var bad []error
 	ids := map[clientv3.LeaseID]int64{}
-	for _, kv := range resp.Kvs {
-		node := strings.TrimPrefix(string(kv.Key), k.Leases())
-		r, err := lease.DecodeRecord(node, kv.Value)
-		if err != nil {
-			bad = append(bad, err)
-			continue
-		}
+	for _, r := range view.Records {
 		row := Row{Node: r.Node, Backend: r.BackendType, BackendData: r.BackendData, ExpiresIn: -1}
 		if r.Subnet.IsValid() {
 			row.Subnet = r.Subnet.String()
@@ -72,11 +66,16 @@ func Read(ctx context.Context, cli *clientv3.Client, prefix string) ([]Row, []er
 			t := r.Acquired
 			row.Acquired = &t
 		}
-		if kv.Lease != 0 {
-			row.LeaseID = fmt.Sprintf("%x", kv.Lease)
-			ids[clientv3.LeaseID(kv.Lease)] = -1
+		if r.Lease != 0 {
+			row.LeaseID = fmt.Sprintf("%x", r.Lease)
+			ids[clientv3.LeaseID(r.Lease)] = -1
 		}
 		rows = append(rows, row)
+	}
+	nodes := slices.Sorted(maps.Keys(view.Malformed))
+	bad := make([]error, 0, len(nodes))
+	for _, n := range nodes {
+		bad = append(bad, view.Malformed[n])
 	}
 	var mu sync.Mutex
 	var wg sync.WaitGroup

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net/netip"
 	"testing"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // BenchmarkHostGWSetPeers measures one SetPeers that installs n host-gw
@@ -12,13 +14,9 @@ import (
 func BenchmarkHostGWSetPeers(b *testing.B) {
 	for _, n := range []int{1000, 5000} {
 		b.Run(fmt.Sprintf("peers=%d", n), func(b *testing.B) {
-			requireRoot(b)
-			ns := newNS(b, "bench")
-			sh(b, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
-			sh(b, "ip", "-n", ns, "link", "set", "eth0p", "up")
-			sh(b, "ip", "-n", ns, "link", "set", "eth0", "up")
-			sh(b, "ip", "-n", ns, "addr", "add", "192.168.0.1/16", "dev", "eth0")
-			h := nsHandle(b, ns)
+			testutil.RequireRoot(b)
+			ns := testutil.UplinkNS(b, "bench", "192.168.0.1/16")
+			h := testutil.NSHandle(b, ns)
 			ext := extOf(b, h, "eth0", "192.168.0.1", "")
 			e := mustNew(b, `{"Type":"host-gw"}`, ext, "bench", ns, Options{})
 			local := Local{Node: "bench", Subnet4: netip.MustParsePrefix("10.0.0.0/24"), Network4: netip.MustParsePrefix("10.0.0.0/8")}

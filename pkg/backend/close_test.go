@@ -10,20 +10,17 @@ import (
 	"runtime/debug"
 	"testing"
 	"time"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // Close releases every descriptor New, Start and Run opened, for each
 // backend type, leaves the kernel state in place, and makes later calls fail
 // with ErrClosed instead of touching the kernel.
 func TestCloseReleasesHandles(t *testing.T) {
-	requireRoot(t)
-	ns := newNS(t, "close")
-	sh(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
-	sh(t, "ip", "-n", ns, "addr", "add", "192.0.2.1/24", "dev", "eth0")
-	sh(t, "ip", "-n", ns, "addr", "add", "2001:db8:1::1/64", "dev", "eth0", "nodad")
-	sh(t, "ip", "-n", ns, "link", "set", "eth0", "up")
-	sh(t, "ip", "-n", ns, "link", "set", "eth1", "up")
-	h := nsHandle(t, ns)
+	testutil.RequireRoot(t)
+	ns := testutil.UplinkNS(t, "close", "192.0.2.1/24", "2001:db8:1::1/64")
+	h := testutil.NSHandle(t, ns)
 	ext := extOf(t, h, "eth0", "192.0.2.1", "2001:db8:1::1")
 	local := Local{Node: "a", Subnet4: netip.MustParsePrefix("10.100.1.0/24"), Network4: netip.MustParsePrefix("10.100.0.0/16"),
 		Subnet6: netip.MustParsePrefix("2001:db8:1:0:8000::/80"), Network6: netip.MustParsePrefix("2001:db8:1:0:8000::/65")}
@@ -41,7 +38,7 @@ func TestCloseReleasesHandles(t *testing.T) {
 	for _, raw := range []string{`{"Type":"host-gw"}`, `{"Type":"vxlan"}`, `{"Type":"proxy-ndp","Mode":"present"}`} {
 		t.Run(raw, func(t *testing.T) {
 			base := fds()
-			b, err := New([]byte(raw), ext, "a", Options{NetNS: nsPath(ns)})
+			b, err := New([]byte(raw), ext, "a", Options{NetNS: testutil.NSPath(ns)})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -58,7 +55,7 @@ func TestCloseReleasesHandles(t *testing.T) {
 			if err := b.Start(ctx, local); err != nil {
 				t.Fatal(err)
 			}
-			eventually(t, 10*time.Second, "the route to b", func() bool { _, ok := ourRoutes(t, h)["10.100.2.0/24"]; return ok })
+			testutil.Eventually(t, 10*time.Second, "the route to b", func() bool { _, ok := ourRoutes(t, h)["10.100.2.0/24"]; return ok })
 			if fds() <= base {
 				t.Fatalf("the backend opened no descriptor (%d before, %d now): the test counts nothing", base, fds())
 			}

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/vishvananda/netlink"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // Tests of ExtIface's per-family links: IPv4 and IPv6 may leave the host
@@ -205,8 +207,8 @@ func splitPeers() []Peer {
 // The same in a real namespace: eth0 carries IPv4 (and an IPv6 prefix
 // that is not the IPv6 link's), eth1 (MTU 1400) carries IPv6.
 func TestHostGWIPv6LinkKernel(t *testing.T) {
-	requireRoot(t)
-	ns := newNS(t, "hgw6")
+	testutil.RequireRoot(t)
+	ns := testutil.NewNS(t, "hgw6")
 	for _, c := range [][]string{
 		{"link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"},
 		{"link", "add", "eth1", "mtu", "1400", "type", "veth", "peer", "name", "eth1p", "mtu", "1400"},
@@ -217,9 +219,9 @@ func TestHostGWIPv6LinkKernel(t *testing.T) {
 		{"addr", "add", "192.168.88.2/24", "dev", "eth1"},
 		{"addr", "add", "2001:db8:88::2/64", "dev", "eth1", "nodad"},
 	} {
-		sh(t, append([]string{"ip", "-n", ns}, c...)...)
+		testutil.Run(t, append([]string{"ip", "-n", ns}, c...)...)
 	}
-	h := nsHandle(t, ns)
+	h := testutil.NSHandle(t, ns)
 	ext := extOf(t, h, "eth0", "192.168.77.2", "")
 	l6 := extOf(t, h, "eth1", "", "2001:db8:88::2")
 	ext.Name6, ext.Index6, ext.MTU6, ext.HardwareAddr6 = l6.Name, l6.Index, l6.MTU, l6.HardwareAddr
@@ -258,7 +260,7 @@ func TestHostGWIPv6LinkKernel(t *testing.T) {
 	if len(rs) != 3 {
 		t.Errorf("routes %v, want only the three above (c's IPv6 and d's IPv4 are not on-link on their family's link)", rs)
 	}
-	if ra := sh(t, "ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv6.conf.eth1.accept_ra"); strings.TrimSpace(ra) != "2" {
+	if ra := testutil.RunIn(t, ns, "sysctl", "-n", "net.ipv6.conf.eth1.accept_ra"); strings.TrimSpace(ra) != "2" {
 		t.Errorf("eth1 accept_ra = %s, want 2 (raised from 1 on the IPv6 link when forwarding)", strings.TrimSpace(ra))
 	}
 }

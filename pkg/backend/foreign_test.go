@@ -1,12 +1,10 @@
 package backend
 
 import (
-	"bytes"
 	"context"
 	"net/netip"
 	"os"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -14,30 +12,14 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
-// syncBuffer is a bytes.Buffer safe for klog's writer and the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // captureKlog sends klog's output to a buffer until the test ends.
-func captureKlog(t *testing.T) *syncBuffer {
+func captureKlog(t *testing.T) *testutil.SyncBuffer {
 	t.Helper()
-	buf := &syncBuffer{}
+	buf := &testutil.SyncBuffer{}
 	klog.LogToStderr(false)
 	klog.SetOutput(buf)
 	t.Cleanup(func() {
@@ -91,12 +73,12 @@ func TestForeignRoutesAreNotLeaseds(t *testing.T) {
 	ctx := context.Background()
 
 	// The host's second LAN, inside the cluster network.
-	sh(t, "ip", "-n", ns, "link", "add", "a0", "type", "veth", "peer", "name", "a0p")
-	sh(t, "ip", "-n", ns, "link", "set", "a0p", "up")
-	sh(t, "ip", "-n", ns, "link", "set", "a0", "up")
-	sh(t, "ip", "-n", ns, "addr", "add", "10.100.7.1/24", "dev", "a0")
-	sh(t, "ip", "-n", ns, "addr", "add", "fd00:100:7::1/64", "dev", "a0", "nodad")
-	sh(t, "ip", "-n", ns, "-6", "route", "add", "fd00:100:8::/64", "dev", "a0", "metric", "1024", "proto", "static")
+	testutil.Run(t, "ip", "-n", ns, "link", "add", "a0", "type", "veth", "peer", "name", "a0p")
+	testutil.Run(t, "ip", "-n", ns, "link", "set", "a0p", "up")
+	testutil.Run(t, "ip", "-n", ns, "link", "set", "a0", "up")
+	testutil.Run(t, "ip", "-n", ns, "addr", "add", "10.100.7.1/24", "dev", "a0")
+	testutil.Run(t, "ip", "-n", ns, "addr", "add", "fd00:100:7::1/64", "dev", "a0", "nodad")
+	testutil.Run(t, "ip", "-n", ns, "-6", "route", "add", "fd00:100:8::/64", "dev", "a0", "metric", "1024", "proto", "static")
 	a0, err := h.LinkByName("a0")
 	if err != nil {
 		t.Fatal(err)
@@ -159,8 +141,8 @@ func TestForeignRoutesAreNotLeaseds(t *testing.T) {
 	// A foreign route that appears under a peer's key after the last full
 	// pass (no Run here to notice it) fails the incremental put instead of
 	// being replaced; the next pass refuses the peer.
-	sh(t, "ip", "-n", ns, "route", "add", "10.100.11.0/24", "dev", "a0", "proto", "static")
-	sh(t, "ip", "-n", ns, "-6", "route", "add", "fd00:100:11::/64", "dev", "a0", "metric", "1024", "proto", "static")
+	testutil.Run(t, "ip", "-n", ns, "route", "add", "10.100.11.0/24", "dev", "a0", "proto", "static")
+	testutil.Run(t, "ip", "-n", ns, "-6", "route", "add", "fd00:100:11::/64", "dev", "a0", "metric", "1024", "proto", "static")
 	race := Peer{Node: "race",
 		Subnet4: netip.MustParsePrefix("10.100.11.0/24"), PublicIP4: netip.MustParseAddr("192.168.77.11"),
 		Subnet6: netip.MustParsePrefix("fd00:100:11::/64"), PublicIP6: netip.MustParseAddr("2001:db8:77::11")}
@@ -196,17 +178,17 @@ func TestForeignRoutesAreNotLeaseds(t *testing.T) {
 			t.Fatalf("peer late's route to %s was not installed", dst)
 		}
 	}
-	sh(t, "ip", "-n", ns, "link", "add", "br-late", "type", "veth", "peer", "name", "br-latep")
-	sh(t, "ip", "-n", ns, "link", "set", "br-latep", "up")
-	sh(t, "ip", "-n", ns, "link", "set", "br-late", "up")
-	sh(t, "ip", "-n", ns, "addr", "add", "10.100.9.1/24", "dev", "br-late")
-	sh(t, "ip", "-n", ns, "addr", "add", "fd00:100:9::1/64", "dev", "br-late", "nodad")
+	testutil.Run(t, "ip", "-n", ns, "link", "add", "br-late", "type", "veth", "peer", "name", "br-latep")
+	testutil.Run(t, "ip", "-n", ns, "link", "set", "br-latep", "up")
+	testutil.Run(t, "ip", "-n", ns, "link", "set", "br-late", "up")
+	testutil.Run(t, "ip", "-n", ns, "addr", "add", "10.100.9.1/24", "dev", "br-late")
+	testutil.Run(t, "ip", "-n", ns, "addr", "add", "fd00:100:9::1/64", "dev", "br-late", "nodad")
 	br, err := h.LinkByName("br-late")
 	if err != nil {
 		t.Fatal(err)
 	}
 	for dst, proto := range map[string]netlink.RouteProtocol{"10.100.9.0/24": unix.RTPROT_KERNEL, "fd00:100:9::/64": unix.RTPROT_KERNEL} {
-		eventually(t, 10*time.Second, "leased's route to "+dst+" withdrawn for the new bridge's", func() bool {
+		testutil.Eventually(t, 10*time.Second, "leased's route to "+dst+" withdrawn for the new bridge's", func() bool {
 			ok, _ := onlyForeign(t, h, dst, br.Attrs().Index, proto)
 			return ok
 		})
@@ -217,9 +199,9 @@ func TestForeignRoutesAreNotLeaseds(t *testing.T) {
 			t.Errorf("later: %s is routed by %q, want only the bridge's route", dst, got)
 		}
 	}
-	sh(t, "ip", "-n", ns, "link", "del", "br-late")
+	testutil.Run(t, "ip", "-n", ns, "link", "del", "br-late")
 	for _, dst := range []string{"10.100.9.0/24", "fd00:100:9::/64"} {
-		eventually(t, 10*time.Second, "peer late routed again once the bridge is gone", func() bool {
+		testutil.Eventually(t, 10*time.Second, "peer late routed again once the bridge is gone", func() bool {
 			_, ok := ourRoutes(t, h)[dst]
 			return ok
 		})

@@ -12,29 +12,24 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/metrics"
 )
 
-// ipt runs an iptables command in ns.
-func ipt(t *testing.T, ns string, args ...string) string {
-	t.Helper()
-	return sh(t, append([]string{"ip", "netns", "exec", ns}, args...)...)
-}
-
 // forwardLines is ns's FORWARD chain in bin, rules only.
 func forwardLines(t *testing.T, ns, bin string) []string {
-	return ruleLines(strings.Split(strings.TrimSpace(ipt(t, ns, bin, "-S", "FORWARD")), "\n"))
+	return ruleLines(strings.Split(strings.TrimSpace(testutil.RunIn(t, ns, bin, "-S", "FORWARD")), "\n"))
 }
 
 func TestForwarding(t *testing.T) {
 	ns, _, ext := hostGWLab(t)
 	ctx := context.Background()
 	save := func() string {
-		return ipt(t, ns, "iptables", "-S") + ipt(t, ns, "iptables", "-t", "nat", "-S") +
-			ipt(t, ns, "ip6tables", "-S") + ipt(t, ns, "ip6tables", "-t", "nat", "-S")
+		return testutil.RunIn(t, ns, "iptables", "-S") + testutil.RunIn(t, ns, "iptables", "-t", "nat", "-S") +
+			testutil.RunIn(t, ns, "ip6tables", "-S") + testutil.RunIn(t, ns, "ip6tables", "-t", "nat", "-S")
 	}
 	// Rules of others already in FORWARD stay above leased's jump.
-	ipt(t, ns, "iptables", "-A", "FORWARD", "-i", "docker0", "-j", "ACCEPT")
+	testutil.RunIn(t, ns, "iptables", "-A", "FORWARD", "-i", "docker0", "-j", "ACCEPT")
 	b := mustNew(t, `{}`, ext, "a", ns, Options{IPMasq: true})
 	if err := b.Start(ctx, localA()); err != nil {
 		t.Fatal(err)
@@ -62,7 +57,7 @@ func TestForwarding(t *testing.T) {
 		t.Errorf("leased's jump must be appended after the rules already in FORWARD: %q", got)
 	}
 	for name, want := range map[string]string{"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"} {
-		if got := strings.TrimSpace(ipt(t, ns, "sysctl", "-n", name)); got != want {
+		if got := strings.TrimSpace(testutil.RunIn(t, ns, "sysctl", "-n", name)); got != want {
 			t.Errorf("%s = %s, want %s", name, got, want)
 		}
 	}
@@ -76,9 +71,9 @@ func TestForwarding(t *testing.T) {
 	}
 	// Someone inserts rules above ours, as dockerd does when it starts:
 	// leased's jump stays where it is, once.
-	ipt(t, ns, "iptables", "-N", "DOCKER-USER")
-	ipt(t, ns, "iptables", "-I", "FORWARD", "1", "-j", "DOCKER-USER")
-	ipt(t, ns, "iptables", "-I", "FORWARD", "1", "-j", "DROP")
+	testutil.RunIn(t, ns, "iptables", "-N", "DOCKER-USER")
+	testutil.RunIn(t, ns, "iptables", "-I", "FORWARD", "1", "-j", "DOCKER-USER")
+	testutil.RunIn(t, ns, "iptables", "-I", "FORWARD", "1", "-j", "DROP")
 	before := forwardLines(t, ns, "iptables")
 	var changed bool
 	if err := b.setupHost(b.k, localA(), &changed); err != nil {
@@ -89,7 +84,7 @@ func TestForwarding(t *testing.T) {
 	}
 	// A jump above DOCKER-USER's (what an older leased left) moves below
 	// it, and only one remains.
-	ipt(t, ns, "iptables", "-I", "FORWARD", "1", "-m", "comment", "--comment", "leased: jump to LEASED-FWD", "-j", "LEASED-FWD")
+	testutil.RunIn(t, ns, "iptables", "-I", "FORWARD", "1", "-m", "comment", "--comment", "leased: jump to LEASED-FWD", "-j", "LEASED-FWD")
 	if err := b.Start(ctx, localA()); err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +100,7 @@ func TestForwarding(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, bin := range []string{"iptables", "ip6tables"} {
-		if nat := ipt(t, ns, bin, "-t", "nat", "-S"); strings.Contains(nat, "LEASED-POSTRTG") {
+		if nat := testutil.RunIn(t, ns, bin, "-t", "nat", "-S"); strings.Contains(nat, "LEASED-POSTRTG") {
 			t.Errorf("%s: NAT chain left without IPMasq:\n%s", bin, nat)
 		}
 	}
@@ -118,7 +113,7 @@ func TestForwarding(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, bin := range []string{"iptables", "ip6tables"} {
-		if all := ipt(t, ns, bin, "-S"); strings.Contains(all, "LEASED-FWD") {
+		if all := testutil.RunIn(t, ns, bin, "-S"); strings.Contains(all, "LEASED-FWD") {
 			t.Errorf("%s: LEASED-FWD left with NoForwardRules:\n%s", bin, all)
 		}
 	}
@@ -170,7 +165,7 @@ func TestForwardingSwapNeverEmpty(t *testing.T) {
 	if out, bad := <-seen; bad {
 		t.Fatalf("LEASED-FWD was seen without its accept rules during a network change:\n%s", out)
 	}
-	if got := ipt(t, ns, "iptables", "-S", "LEASED-FWD"); !strings.Contains(got, "-s 10.96.0.0/11") && !strings.Contains(got, "-s 10.100.0.0/16") {
+	if got := testutil.RunIn(t, ns, "iptables", "-S", "LEASED-FWD"); !strings.Contains(got, "-s 10.96.0.0/11") && !strings.Contains(got, "-s 10.100.0.0/16") {
 		t.Errorf("LEASED-FWD after the changes:\n%s", got)
 	}
 }
@@ -195,7 +190,7 @@ func TestForwardingRestoredOnResync(t *testing.T) {
 		t.Fatal(err)
 	}
 	runBackend(t, b)
-	run := func(args ...string) string { return ipt(t, ns, args...) }
+	run := func(args ...string) string { return testutil.RunIn(t, ns, args...) }
 	jumps := func(bin, table, parent, chain string) int {
 		return strings.Count(run(bin, "-t", table, "-S", parent), "-j "+chain+"\n")
 	}
@@ -218,7 +213,7 @@ func TestForwardingRestoredOnResync(t *testing.T) {
 	run("ip6tables", "-t", "nat", "-D", "POSTROUTING", "-m", "comment", "--comment", "leased: jump to LEASED-POSTRTG", "-j", "LEASED-POSTRTG")
 	run("ip6tables", "-t", "nat", "-D", "LEASED-POSTRTG", "3")
 	run("sysctl", "-qw", "net.ipv4.ip_forward=0")
-	eventually(t, 10*time.Second, "forwarding state restored", func() bool {
+	testutil.Eventually(t, 10*time.Second, "forwarding state restored", func() bool {
 		return jumps("iptables", "filter", "FORWARD", "LEASED-FWD") == 1 && rules("iptables", "filter", "LEASED-FWD", "ACCEPT") == 2 &&
 			jumps("iptables", "nat", "POSTROUTING", "LEASED-POSTRTG") == 1 && jumps("ip6tables", "nat", "POSTROUTING", "LEASED-POSTRTG") == 1 &&
 			rules("ip6tables", "nat", "LEASED-POSTRTG", "MASQUERADE") == 1 &&

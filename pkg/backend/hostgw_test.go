@@ -8,6 +8,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 var (
@@ -26,14 +28,9 @@ func localA() Local {
 // hostGWLab is one host namespace whose eth0 sits on 192.168.77.0/24 and
 // 2001:db8:77::/64 (the other veth end stays in the namespace, up).
 func hostGWLab(t *testing.T) (string, *netlink.Handle, ExtIface) {
-	requireRoot(t)
-	ns := newNS(t, "hgw")
-	sh(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
-	sh(t, "ip", "-n", ns, "link", "set", "eth0p", "up")
-	sh(t, "ip", "-n", ns, "link", "set", "eth0", "up")
-	sh(t, "ip", "-n", ns, "addr", "add", "192.168.77.2/24", "dev", "eth0")
-	sh(t, "ip", "-n", ns, "addr", "add", "2001:db8:77::2/64", "dev", "eth0", "nodad")
-	h := nsHandle(t, ns)
+	testutil.RequireRoot(t)
+	ns := testutil.UplinkNS(t, "hgw", "192.168.77.2/24", "2001:db8:77::2/64")
+	h := testutil.NSHandle(t, ns)
 	return ns, h, extOf(t, h, "eth0", "192.168.77.2", "2001:db8:77::2")
 }
 
@@ -57,10 +54,10 @@ func TestHostGWRoutes(t *testing.T) {
 
 	// State a previous run left: a still-valid route, a route to a peer
 	// that is gone, and someone else's route that must be left alone.
-	sh(t, "ip", "-n", ns, "route", "add", "10.100.2.0/24", "via", "192.168.77.3", "dev", "eth0", "proto", "76")
-	sh(t, "ip", "-n", ns, "route", "add", "fd00:100:2::/64", "via", "2001:db8:77::3", "dev", "eth0", "proto", "76")
-	sh(t, "ip", "-n", ns, "route", "add", "10.100.4.0/24", "via", "192.168.77.4", "dev", "eth0", "proto", "76")
-	sh(t, "ip", "-n", ns, "route", "add", "10.100.9.0/24", "via", "192.168.77.9", "dev", "eth0", "proto", "static")
+	testutil.Run(t, "ip", "-n", ns, "route", "add", "10.100.2.0/24", "via", "192.168.77.3", "dev", "eth0", "proto", "76")
+	testutil.Run(t, "ip", "-n", ns, "route", "add", "fd00:100:2::/64", "via", "2001:db8:77::3", "dev", "eth0", "proto", "76")
+	testutil.Run(t, "ip", "-n", ns, "route", "add", "10.100.4.0/24", "via", "192.168.77.4", "dev", "eth0", "proto", "76")
+	testutil.Run(t, "ip", "-n", ns, "route", "add", "10.100.9.0/24", "via", "192.168.77.9", "dev", "eth0", "proto", "static")
 
 	events := make(chan netlink.RouteUpdate, 100)
 	done := make(chan struct{})
@@ -140,7 +137,7 @@ collect:
 
 func nsHandleNS(t *testing.T, name string) netnsHandle {
 	t.Helper()
-	ns, err := netnsFromPath(nsPath(name))
+	ns, err := netnsFromPath(testutil.NSPath(name))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,12 +166,12 @@ func resyncingHostGW(t *testing.T) (string, *netlink.Handle) {
 func TestHostGWRepairsDeletedRoute(t *testing.T) {
 	ns, h := resyncingHostGW(t)
 	for _, dst := range []string{"10.100.2.0/24", "fd00:100:2::/64"} {
-		sh(t, "ip", "-n", ns, "route", "del", dst)
-		eventually(t, 3*time.Second, "route "+dst+" restored", func() bool { _, ok := ourRoutes(t, h)[dst]; return ok })
+		testutil.Run(t, "ip", "-n", ns, "route", "del", dst)
+		testutil.Eventually(t, 3*time.Second, "route "+dst+" restored", func() bool { _, ok := ourRoutes(t, h)[dst]; return ok })
 	}
 	// A gateway changed by hand is put back.
-	sh(t, "ip", "-n", ns, "route", "replace", "10.100.2.0/24", "via", "192.168.77.50", "dev", "eth0", "proto", "76")
-	eventually(t, 3*time.Second, "gateway restored", func() bool {
+	testutil.Run(t, "ip", "-n", ns, "route", "replace", "10.100.2.0/24", "via", "192.168.77.50", "dev", "eth0", "proto", "76")
+	testutil.Eventually(t, 3*time.Second, "gateway restored", func() bool {
 		r, ok := ourRoutes(t, h)["10.100.2.0/24"]
 		return ok && r.Gw.String() == "192.168.77.3"
 	})

@@ -12,18 +12,15 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // batchNS is a namespace with eth0 (192.168.0.1/16, 2001:db8:ff::1/64) up.
 func batchNS(t testing.TB) (string, *netlink.Handle, int) {
 	t.Helper()
-	ns := newNS(t, "batch")
-	sh(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
-	sh(t, "ip", "-n", ns, "link", "set", "eth0p", "up")
-	sh(t, "ip", "-n", ns, "link", "set", "eth0", "up")
-	sh(t, "ip", "-n", ns, "addr", "add", "192.168.0.1/16", "dev", "eth0")
-	sh(t, "ip", "-n", ns, "addr", "add", "2001:db8:ff::1/64", "dev", "eth0", "nodad")
-	h := nsHandle(t, ns)
+	ns := testutil.UplinkNS(t, "batch", "192.168.0.1/16", "2001:db8:ff::1/64")
+	h := testutil.NSHandle(t, ns)
 	l, err := h.LinkByName("eth0")
 	if err != nil {
 		t.Fatal(err)
@@ -51,9 +48,9 @@ func batchRoutes(n, link int) []route {
 // request in the middle of a batch fails alone, and deletes report routes
 // that are gone.
 func TestRouteBatcher(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	ns, h, link := batchNS(t)
-	b, err := newRouteBatcher(nsExec{path: nsPath(ns)})
+	b, err := newRouteBatcher(nsExec{path: testutil.NSPath(ns)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,17 +111,17 @@ func TestRouteBatcher(t *testing.T) {
 // datapath benchmark's shape) into a namespace with the batcher, with
 // netlink.Handle one request at a time, and with `ip -batch`.
 func BenchmarkRouteInstall(b *testing.B) {
-	requireRoot(b)
+	testutil.RequireRoot(b)
 	ns, h, link := batchNS(b)
 	want := batchRoutes(5000, link)
 	flush := func() {
 		b.StopTimer()
-		sh(b, "ip", "-n", ns, "-4", "route", "flush", "proto", "76")
-		sh(b, "ip", "-n", ns, "-6", "route", "flush", "proto", "76")
+		testutil.Run(b, "ip", "-n", ns, "-4", "route", "flush", "proto", "76")
+		testutil.Run(b, "ip", "-n", ns, "-6", "route", "flush", "proto", "76")
 		b.StartTimer()
 	}
 	b.Run("batch", func(b *testing.B) {
-		bt, err := newRouteBatcher(nsExec{path: nsPath(ns)})
+		bt, err := newRouteBatcher(nsExec{path: testutil.NSPath(ns)})
 		if err != nil {
 			b.Fatal(err)
 		}

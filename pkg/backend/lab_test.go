@@ -2,13 +2,8 @@ package backend
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"net/netip"
-	"os/exec"
-	"strings"
 	"testing"
-	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -16,52 +11,7 @@ import (
 	"github.com/leased/leased/internal/testutil"
 )
 
-// Test hosts are network namespaces made with `ip netns add`, named with a
-// random suffix so parallel runs do not collide, and deleted in t.Cleanup.
-
-func requireRoot(t testing.TB) { testutil.RequireRoot(t) }
-
-func sh(t testing.TB, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
-// newNS creates a namespace with lo up and IPv6 DAD off, and returns its name.
-func newNS(t testing.TB, role string) string {
-	t.Helper()
-	b := make([]byte, 4)
-	_, _ = rand.Read(b)
-	name := "leased-" + role + "-" + hex.EncodeToString(b)
-	sh(t, "ip", "netns", "add", name)
-	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", name).Run() })
-	for _, s := range []string{"net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"} {
-		sh(t, "ip", "netns", "exec", name, "sysctl", "-qw", s)
-	}
-	sh(t, "ip", "-n", name, "link", "set", "lo", "up")
-	return name
-}
-
-func nsPath(name string) string { return "/var/run/netns/" + name }
-
-// nsHandle returns a netlink handle in the namespace for inspecting it.
-func nsHandle(t testing.TB, name string) *netlink.Handle {
-	t.Helper()
-	ns, err := netns.GetFromPath(nsPath(name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(h.Close)
-	return h
-}
+// Test hosts are network namespaces made with testutil.NewNS.
 
 // extOf describes an interface in the namespace as an ExtIface.
 func extOf(t testing.TB, h *netlink.Handle, name string, addr4, addr6 string) ExtIface {
@@ -99,17 +49,6 @@ func ourRoutes(t testing.TB, h *netlink.Handle) map[string]netlink.Route {
 }
 
 // eventually polls cond until it holds or the timeout passes.
-func eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // runBackend runs b.Run until the test ends.
 func runBackend(t testing.TB, b Backend) {
 	t.Helper()
@@ -126,7 +65,7 @@ func runBackend(t testing.TB, b Backend) {
 
 func mustNew(t testing.TB, raw string, ext ExtIface, node, ns string, opts Options) *engine {
 	t.Helper()
-	opts.NetNS = nsPath(ns)
+	opts.NetNS = testutil.NSPath(ns)
 	b, err := New([]byte(raw), ext, node, opts)
 	if err != nil {
 		t.Fatal(err)

@@ -8,6 +8,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // Bounds of the present mode's probes that Documentation/backends.md
@@ -26,16 +28,16 @@ const (
 // nothing. (TestNDPPresentFloodBounded in package ndp checks the
 // responder's bookkeeping under the same flood.)
 func TestNDPPresentFloodOnTheWire(t *testing.T) {
-	requireRoot(t)
-	ns := newNS(t, "flood")
-	sh(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "e0")
-	sh(t, "ip", "-n", ns, "link", "add", "cbr0", "type", "veth", "peer", "name", "c0")
+	testutil.RequireRoot(t)
+	ns := testutil.NewNS(t, "flood")
+	testutil.Run(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "e0")
+	testutil.Run(t, "ip", "-n", ns, "link", "add", "cbr0", "type", "veth", "peer", "name", "c0")
 	for _, l := range []string{"eth0", "e0", "cbr0", "c0"} {
-		sh(t, "ip", "-n", ns, "link", "set", l, "up")
+		testutil.Run(t, "ip", "-n", ns, "link", "set", l, "up")
 	}
-	sh(t, "ip", "-n", ns, "addr", "add", "2001:db8:ab11::11/64", "dev", "eth0", "nodad")
-	sh(t, "ip", "-n", ns, "addr", "add", netip.PrefixFrom(ndpSlice.Addr().Next(), ndpSlice.Bits()).String(), "dev", "cbr0", "nodad")
-	h := nsHandle(t, ns)
+	testutil.Run(t, "ip", "-n", ns, "addr", "add", "2001:db8:ab11::11/64", "dev", "eth0", "nodad")
+	testutil.Run(t, "ip", "-n", ns, "addr", "add", netip.PrefixFrom(ndpSlice.Addr().Next(), ndpSlice.Bits()).String(), "dev", "cbr0", "nodad")
+	h := testutil.NSHandle(t, ns)
 	br, err := h.LinkByName("cbr0")
 	if err != nil {
 		t.Fatal(err)
@@ -51,7 +53,7 @@ func TestNDPPresentFloodOnTheWire(t *testing.T) {
 
 	// The router's side: a packet socket on e0.
 	var fd int
-	if err := (nsExec{path: nsPath(ns)}).do(func() (err error) {
+	if err := (nsExec{path: testutil.NSPath(ns)}).do(func() (err error) {
 		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_IPV6)))
 		if err != nil {
 			return err
@@ -62,7 +64,7 @@ func TestNDPPresentFloodOnTheWire(t *testing.T) {
 	}
 	t.Cleanup(func() { unix.Close(fd) })
 	send := func(target netip.Addr) {
-		if err := unix.Sendto(fd, nsFrame(t, ndpRouter, target, true), 0, &unix.SockaddrLinklayer{Ifindex: e0.Attrs().Index, Halen: 6}); err != nil && err != unix.ENOBUFS {
+		if err := unix.Sendto(fd, testutil.NSFrame(t, ndpRouterMAC, ndpRouter, target, true), 0, &unix.SockaddrLinklayer{Ifindex: e0.Attrs().Index, Halen: 6}); err != nil && err != unix.ENOBUFS {
 			t.Fatal(err)
 		}
 	}

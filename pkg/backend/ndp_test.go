@@ -2,7 +2,6 @@ package backend
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
@@ -11,9 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/net/icmp"
-	"golang.org/x/net/ipv6"
-
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/backend/ndp"
 )
 
@@ -24,37 +21,6 @@ var (
 	ndpSlice     = netip.MustParsePrefix("2001:db8:ab11:0:8000::/80")
 	ndpNetwork   = netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")
 )
-
-// nsFrame builds an Ethernet frame carrying a Neighbor Solicitation for
-// target from src, encoded independently of the code under test: the
-// ICMPv6 message and its checksum by golang.org/x/net/icmp.
-func nsFrame(t testing.TB, src, target netip.Addr, sll bool) []byte {
-	t.Helper()
-	tb := target.As16() // solicited-node group, RFC 4291 2.7.1
-	dst := netip.AddrFrom16([16]byte{0: 0xff, 1: 0x02, 11: 0x01, 12: 0xff, 13: tb[13], 14: tb[14], 15: tb[15]})
-	body := make([]byte, 20) // reserved + target
-	copy(body[4:], target.AsSlice())
-	if sll {
-		body = append(body, 1, 1) // source link-layer address option
-		body = append(body, ndpRouterMAC[:]...)
-	}
-	m := icmp.Message{Type: ipv6.ICMPTypeNeighborSolicitation, Body: &icmp.RawBody{Data: body}}
-	msg, err := m.Marshal(icmp.IPv6PseudoHeader(net.IP(src.AsSlice()), net.IP(dst.AsSlice())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	d := dst.As16()
-	f := []byte{0x33, 0x33, d[12], d[13], d[14], d[15]}
-	f = append(f, ndpRouterMAC[:]...)
-	f = append(f, 0x86, 0xdd)
-	ip := make([]byte, 40)
-	ip[0] = 0x60
-	binary.BigEndian.PutUint16(ip[4:], uint16(len(msg)))
-	ip[6], ip[7] = 58, 255
-	copy(ip[8:], src.AsSlice())
-	copy(ip[24:], dst.AsSlice())
-	return append(append(f, ip...), msg...)
-}
 
 func TestNDPCheckOnLink(t *testing.T) {
 	pfx := func(ss ...string) []netip.Prefix {
@@ -98,16 +64,16 @@ func TestNDPCheckOnLink(t *testing.T) {
 // ndpLab is a router namespace and a host namespace on one veth link, the
 // host at 2001:db8:ab11::11/64 and the router at ::1/64.
 func ndpLab(t *testing.T) (router, host string, ext ExtIface) {
-	requireRoot(t)
-	router, host = newNS(t, "rtr"), newNS(t, "ndp")
-	sh(t, "ip", "-n", host, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", router)
-	sh(t, "ip", "-n", host, "link", "set", "eth0", "address", net.HardwareAddr(ndpHostMAC[:]).String(), "up")
-	sh(t, "ip", "-n", router, "link", "set", "eth0", "up")
-	sh(t, "ip", "-n", host, "addr", "add", "2001:db8:ab11::11/64", "dev", "eth0", "nodad")
-	sh(t, "ip", "-n", router, "addr", "add", "2001:db8:ab11::1/64", "dev", "eth0", "nodad")
+	testutil.RequireRoot(t)
+	router, host = testutil.NewNS(t, "rtr"), testutil.NewNS(t, "ndp")
+	testutil.Run(t, "ip", "-n", host, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", router)
+	testutil.Run(t, "ip", "-n", host, "link", "set", "eth0", "address", net.HardwareAddr(ndpHostMAC[:]).String(), "up")
+	testutil.Run(t, "ip", "-n", router, "link", "set", "eth0", "up")
+	testutil.Run(t, "ip", "-n", host, "addr", "add", "2001:db8:ab11::11/64", "dev", "eth0", "nodad")
+	testutil.Run(t, "ip", "-n", router, "addr", "add", "2001:db8:ab11::1/64", "dev", "eth0", "nodad")
 	// Fail unanswered resolutions fast.
-	sh(t, "ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv6.neigh.eth0.retrans_time_ms=200", "net.ipv6.neigh.eth0.mcast_solicit=2")
-	return router, host, extOf(t, nsHandle(t, host), "eth0", "", "2001:db8:ab11::11")
+	testutil.RunIn(t, router, "sysctl", "-qw", "net.ipv6.neigh.eth0.retrans_time_ms=200", "net.ipv6.neigh.eth0.mcast_solicit=2")
+	return router, host, extOf(t, testutil.NSHandle(t, host), "eth0", "", "2001:db8:ab11::11")
 }
 
 // routerNeigh pings a from the router (ignoring the result) and returns the
@@ -116,8 +82,8 @@ func routerNeigh(t *testing.T, router string, a netip.Addr) string {
 	t.Helper()
 	_ = exec.Command("ip", "netns", "exec", router, "ping", "-n", "-c", "1", "-W", "1", a.String()).Run()
 	var out string
-	eventually(t, 3*time.Second, "neighbour entry of "+a.String()+" settled", func() bool {
-		out = strings.TrimSpace(sh(t, "ip", "-n", router, "-6", "neigh", "show", a.String()))
+	testutil.Eventually(t, 3*time.Second, "neighbour entry of "+a.String()+" settled", func() bool {
+		out = strings.TrimSpace(testutil.Run(t, "ip", "-n", router, "-6", "neigh", "show", a.String()))
 		return out != "" && !strings.Contains(out, "INCOMPLETE")
 	})
 	return out
@@ -144,7 +110,7 @@ func TestNDPResponderNamespace(t *testing.T) {
 	if err := b.SetPeers(context.Background(), nil); err != nil {
 		t.Fatal(err)
 	}
-	if v := strings.TrimSpace(sh(t, "ip", "netns", "exec", host, "sysctl", "-n", "net.ipv6.conf.all.forwarding")); v != "1" {
+	if v := strings.TrimSpace(testutil.RunIn(t, host, "sysctl", "-n", "net.ipv6.conf.all.forwarding")); v != "1" {
 		t.Errorf("forwarding = %s", v)
 	}
 	in, out := netip.MustParseAddr("2001:db8:ab11:0:8000::5"), netip.MustParseAddr("2001:db8:ab11:0:8001::5")
@@ -154,7 +120,7 @@ func TestNDPResponderNamespace(t *testing.T) {
 	if e := routerNeigh(t, router, out); answered(e) {
 		t.Errorf("address outside the slice answered: %s", e)
 	}
-	flush := func() { sh(t, "ip", "-n", router, "-6", "neigh", "flush", "dev", "eth0") }
+	flush := func() { testutil.Run(t, "ip", "-n", router, "-6", "neigh", "flush", "dev", "eth0") }
 
 	// The lease moves: the new slice is answered, the old one no longer.
 	moved := local
@@ -195,7 +161,7 @@ func TestNDPResponderNamespace(t *testing.T) {
 	if err := b.Start(context.Background(), moved); !errors.Is(err, ndp.ErrClosed) {
 		t.Errorf("Start after Run ended = %v, want ndp.ErrClosed", err)
 	}
-	if strings.Contains(sh(t, "ip", "-n", host, "link", "show", "eth0"), "ALLMULTI") {
+	if strings.Contains(testutil.Run(t, "ip", "-n", host, "link", "show", "eth0"), "ALLMULTI") {
 		t.Error("eth0 still in all-multicast after Run ended")
 	}
 }
@@ -204,15 +170,15 @@ func TestNDPResponderNamespace(t *testing.T) {
 // time within the solicitor's first try.
 func TestNDPPresentModeNamespace(t *testing.T) {
 	router, host, ext := ndpLab(t)
-	c := newNS(t, "ctr")
-	sh(t, "ip", "-n", host, "link", "add", "cbr0", "type", "bridge")
-	sh(t, "ip", "-n", host, "link", "set", "cbr0", "up")
-	sh(t, "ip", "-n", host, "addr", "add", "2001:db8:ab11:0:8000::1/80", "dev", "cbr0", "nodad")
-	sh(t, "ip", "-n", c, "link", "add", "eth0", "type", "veth", "peer", "name", "veth0", "netns", host)
-	sh(t, "ip", "-n", host, "link", "set", "veth0", "master", "cbr0", "up")
-	sh(t, "ip", "-n", c, "link", "set", "eth0", "up")
-	sh(t, "ip", "-n", c, "addr", "add", "2001:db8:ab11:0:8000::2/80", "dev", "eth0", "nodad")
-	sh(t, "ip", "-n", c, "-6", "route", "add", "default", "via", "2001:db8:ab11:0:8000::1")
+	c := testutil.NewNS(t, "ctr")
+	testutil.Run(t, "ip", "-n", host, "link", "add", "cbr0", "type", "bridge")
+	testutil.Run(t, "ip", "-n", host, "link", "set", "cbr0", "up")
+	testutil.Run(t, "ip", "-n", host, "addr", "add", "2001:db8:ab11:0:8000::1/80", "dev", "cbr0", "nodad")
+	testutil.Run(t, "ip", "-n", c, "link", "add", "eth0", "type", "veth", "peer", "name", "veth0", "netns", host)
+	testutil.Run(t, "ip", "-n", host, "link", "set", "veth0", "master", "cbr0", "up")
+	testutil.Run(t, "ip", "-n", c, "link", "set", "eth0", "up")
+	testutil.Run(t, "ip", "-n", c, "addr", "add", "2001:db8:ab11:0:8000::2/80", "dev", "eth0", "nodad")
+	testutil.Run(t, "ip", "-n", c, "-6", "route", "add", "default", "via", "2001:db8:ab11:0:8000::1")
 
 	b := mustNDP(t, `{"Type":"proxy-ndp","Mode":"present"}`, ext, host)
 	runBackend(t, b)
@@ -242,7 +208,7 @@ func TestNDPPresentModeNamespace(t *testing.T) {
 
 func mustNDP(t *testing.T, raw string, ext ExtIface, ns string) *proxyNDP {
 	t.Helper()
-	b, err := New([]byte(raw), ext, "a", Options{NetNS: nsPath(ns)})
+	b, err := New([]byte(raw), ext, "a", Options{NetNS: testutil.NSPath(ns)})
 	if err != nil {
 		t.Fatal(err)
 	}

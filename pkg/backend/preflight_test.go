@@ -8,27 +8,29 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // As root, in a fresh namespace, every backend type and family passes the
 // check, and the check changes nothing: forwarding stays off, accept_ra
 // stays 1, no device appears and iptables holds no chain of leased's.
 func TestCheckPrivilegesAsRootChangesNothing(t *testing.T) {
-	requireRoot(t)
-	ns := newNS(t, "priv")
-	sh(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
-	sh(t, "ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_ra=1", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0")
-	h := nsHandle(t, ns)
+	testutil.RequireRoot(t)
+	ns := testutil.NewNS(t, "priv")
+	testutil.Run(t, "ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+	testutil.RunIn(t, ns, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_ra=1", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0")
+	h := testutil.NSHandle(t, ns)
 	ext := extOf(t, h, "eth0", "", "")
 	snapshot := func() string {
-		return sh(t, "ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding", "net.ipv6.conf.eth0.accept_ra") +
-			sh(t, "ip", "-n", ns, "-o", "link") +
-			sh(t, "ip", "netns", "exec", ns, "iptables-save") + sh(t, "ip", "netns", "exec", ns, "ip6tables-save")
+		return testutil.RunIn(t, ns, "sysctl", "-n", "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding", "net.ipv6.conf.eth0.accept_ra") +
+			testutil.Run(t, "ip", "-n", ns, "-o", "link") +
+			testutil.RunIn(t, ns, "iptables-save") + testutil.RunIn(t, ns, "ip6tables-save")
 	}
 	before := snapshot()
 	for _, typ := range []string{TypeHostGW, TypeVXLAN, TypeProxyNDP} {
 		for _, fam := range []struct{ v4, v6 bool }{{true, false}, {false, true}, {true, true}} {
-			if err := CheckPrivileges(typ, ext, fam.v4, fam.v6, Options{NetNS: nsPath(ns)}); err != nil {
+			if err := CheckPrivileges(typ, ext, fam.v4, fam.v6, Options{NetNS: testutil.NSPath(ns)}); err != nil {
 				t.Errorf("%s v4=%v v6=%v: %v", typ, fam.v4, fam.v6, err)
 			}
 		}
@@ -73,7 +75,7 @@ func TestPrivilegesCheckPicksRelevantProblems(t *testing.T) {
 // socket and lock file are allowed, and iptables-nft needs nothing beyond
 // CAP_NET_ADMIN.
 func TestProbeIptablesVariants(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	for _, tc := range []struct{ multi string }{{"xtables-legacy-multi"}, {"xtables-nft-multi"}} {
 		real := ""
 		for _, d := range []string{"/usr/sbin", "/sbin", "/usr/local/sbin"} {

@@ -14,6 +14,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/backend/ndp"
 	"github.com/leased/leased/pkg/backend/vtep"
 )
@@ -296,13 +297,13 @@ func checkAnswers(t *testing.T, k *fakeKernel, slice netip.Prefix) {
 	}
 	c := conns[0]
 	in, out := slice.Addr().Next(), netip.MustParseAddr("2001:db8:ab11:0:8001::5")
-	if !c.passes(nsFrame(t, ndpRouter, in, true)) {
+	if !c.passes(testutil.NSFrame(t, ndpRouterMAC, ndpRouter, in, true)) {
 		t.Errorf("the socket's filter drops a solicitation for %s, in the slice", in)
 	}
-	if c.passes(nsFrame(t, ndpRouter, out, true)) {
+	if c.passes(testutil.NSFrame(t, ndpRouterMAC, ndpRouter, out, true)) {
 		t.Errorf("the socket's filter passes a solicitation for %s, outside the slice", out)
 	}
-	c.in <- nsFrame(t, ndpRouter, in, true)
+	c.in <- testutil.NSFrame(t, ndpRouterMAC, ndpRouter, in, true)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		c.mu.Lock()

@@ -4,6 +4,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // TestTeardownOwnsOnlyItsObjects: Teardown removes routes of protocol 76,
@@ -12,16 +14,12 @@ import (
 // an error naming it) and other chains in FORWARD. A second run removes
 // nothing more.
 func TestTeardownOwnsOnlyItsObjects(t *testing.T) {
-	requireRoot(t)
-	ns := newNS(t, "teardown")
-	ip := func(args ...string) string { return sh(t, append([]string{"ip", "-n", ns}, args...)...) }
+	testutil.RequireRoot(t)
+	ns := testutil.UplinkNS(t, "teardown", "192.0.2.1/24")
+	ip := func(args ...string) string { return testutil.Run(t, append([]string{"ip", "-n", ns}, args...)...) }
 	ipt := func(args ...string) string {
-		return sh(t, append([]string{"ip", "netns", "exec", ns, "iptables", "-w"}, args...)...)
+		return testutil.Run(t, append([]string{"ip", "netns", "exec", ns, "iptables", "-w"}, args...)...)
 	}
-	ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
-	ip("addr", "add", "192.0.2.1/24", "dev", "eth0")
-	ip("link", "set", "eth0p", "up")
-	ip("link", "set", "eth0", "up")
 	ip("route", "add", "10.1.0.0/24", "via", "192.0.2.2", "proto", "76")
 	ip("route", "add", "10.1.1.0/24", "via", "192.0.2.3", "proto", "static")
 	ip("link", "add", "leased.4", "type", "veth", "peer", "name", "l4p") // not leased's
@@ -32,7 +30,7 @@ func TestTeardownOwnsOnlyItsObjects(t *testing.T) {
 	ipt("-A", ForwardChain, "-j", "ACCEPT")
 	ipt("-A", "FORWARD", "-m", "comment", "--comment", "leased: jump to "+ForwardChain, "-j", ForwardChain)
 
-	removed, err := Teardown(nsPath(ns))
+	removed, err := Teardown(testutil.NSPath(ns))
 	t.Logf("removed: %q, err: %v", removed, err)
 	if err == nil || !strings.Contains(err.Error(), "a link named leased.4 exists but is of type veth") {
 		t.Errorf("want an error about the veth leased.4, got %v", err)
@@ -57,7 +55,7 @@ func TestTeardownOwnsOnlyItsObjects(t *testing.T) {
 		t.Errorf("want LEASED-FWD gone and OTHER-FWD kept:\n%s", rules)
 	}
 
-	again, err := Teardown(nsPath(ns))
+	again, err := Teardown(testutil.NSPath(ns))
 	if len(again) != 0 {
 		t.Errorf("a second run removed %q", again)
 	}

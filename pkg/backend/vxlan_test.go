@@ -12,6 +12,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // vxHost is one host of the vxlan lab: a host namespace with eth0 on the
@@ -36,25 +38,25 @@ func (x *vxHost) peer() Peer {
 // vxlanLab builds hosts a and b joined by one veth pair. With v4Underlay
 // false the LAN has only IPv6 addresses, so both overlays ride IPv6.
 func vxlanLab(t *testing.T, raw string, v4Underlay bool) (*vxHost, *vxHost) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	if _, err := exec.LookPath("ping"); err != nil {
 		t.Fatal("ping not found: install iputils-ping")
 	}
-	nsA, nsB := newNS(t, "vxa"), newNS(t, "vxb")
-	sh(t, "ip", "-n", nsA, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", nsB)
+	nsA, nsB := testutil.NewNS(t, "vxa"), testutil.NewNS(t, "vxb")
+	testutil.Run(t, "ip", "-n", nsA, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", nsB)
 	hosts := make([]*vxHost, 2)
 	for i, ns := range []string{nsA, nsB} {
 		n := i + 1
-		x := &vxHost{ns: ns, ctr: newNS(t, fmt.Sprintf("ctr%d", n))}
+		x := &vxHost{ns: ns, ctr: testutil.NewNS(t, fmt.Sprintf("ctr%d", n))}
 		a4, a6 := fmt.Sprintf("192.168.88.%d", n), fmt.Sprintf("fd88::%d", n)
-		sh(t, "ip", "-n", ns, "link", "set", "eth0", "up")
+		testutil.Run(t, "ip", "-n", ns, "link", "set", "eth0", "up")
 		if v4Underlay {
-			sh(t, "ip", "-n", ns, "addr", "add", a4+"/24", "dev", "eth0")
+			testutil.Run(t, "ip", "-n", ns, "addr", "add", a4+"/24", "dev", "eth0")
 		} else {
 			a4 = ""
 		}
-		sh(t, "ip", "-n", ns, "addr", "add", a6+"/64", "dev", "eth0", "nodad")
-		x.h = nsHandle(t, ns)
+		testutil.Run(t, "ip", "-n", ns, "addr", "add", a6+"/64", "dev", "eth0", "nodad")
+		x.h = testutil.NSHandle(t, ns)
 		x.ext = extOf(t, x.h, "eth0", a4, a6)
 		x.local = Local{
 			Node:    fmt.Sprintf("node-%d", n),
@@ -66,15 +68,15 @@ func vxlanLab(t *testing.T, raw string, v4Underlay bool) (*vxHost, *vxHost) {
 			t.Fatal(err)
 		}
 		mtu := strconv.Itoa(x.b.MTU())
-		sh(t, "ip", "-n", ns, "link", "add", "vc", "mtu", mtu, "type", "veth", "peer", "name", "eth0", "mtu", mtu, "netns", x.ctr)
-		sh(t, "ip", "-n", ns, "link", "set", "vc", "up")
-		sh(t, "ip", "-n", ns, "addr", "add", fmt.Sprintf("10.100.%d.1/24", n), "dev", "vc")
-		sh(t, "ip", "-n", ns, "addr", "add", fmt.Sprintf("fd00:100:%d::1/64", n), "dev", "vc", "nodad")
-		sh(t, "ip", "-n", x.ctr, "link", "set", "eth0", "up")
-		sh(t, "ip", "-n", x.ctr, "addr", "add", fmt.Sprintf("10.100.%d.2/24", n), "dev", "eth0")
-		sh(t, "ip", "-n", x.ctr, "addr", "add", fmt.Sprintf("fd00:100:%d::2/64", n), "dev", "eth0", "nodad")
-		sh(t, "ip", "-n", x.ctr, "route", "add", "default", "via", fmt.Sprintf("10.100.%d.1", n))
-		sh(t, "ip", "-n", x.ctr, "-6", "route", "add", "default", "via", fmt.Sprintf("fd00:100:%d::1", n))
+		testutil.Run(t, "ip", "-n", ns, "link", "add", "vc", "mtu", mtu, "type", "veth", "peer", "name", "eth0", "mtu", mtu, "netns", x.ctr)
+		testutil.Run(t, "ip", "-n", ns, "link", "set", "vc", "up")
+		testutil.Run(t, "ip", "-n", ns, "addr", "add", fmt.Sprintf("10.100.%d.1/24", n), "dev", "vc")
+		testutil.Run(t, "ip", "-n", ns, "addr", "add", fmt.Sprintf("fd00:100:%d::1/64", n), "dev", "vc", "nodad")
+		testutil.Run(t, "ip", "-n", x.ctr, "link", "set", "eth0", "up")
+		testutil.Run(t, "ip", "-n", x.ctr, "addr", "add", fmt.Sprintf("10.100.%d.2/24", n), "dev", "eth0")
+		testutil.Run(t, "ip", "-n", x.ctr, "addr", "add", fmt.Sprintf("fd00:100:%d::2/64", n), "dev", "eth0", "nodad")
+		testutil.Run(t, "ip", "-n", x.ctr, "route", "add", "default", "via", fmt.Sprintf("10.100.%d.1", n))
+		testutil.Run(t, "ip", "-n", x.ctr, "-6", "route", "add", "default", "via", fmt.Sprintf("fd00:100:%d::1", n))
 		hosts[i] = x
 	}
 	a, b := hosts[0], hosts[1]
@@ -146,8 +148,8 @@ func TestVXLANIPv4Underlay(t *testing.T) {
 	runBackend(t, a.b)
 	runBackend(t, b.b)
 	for _, dev := range []string{VXLANDev4, VXLANDev6} {
-		sh(t, "ip", "-n", a.ns, "link", "del", dev)
-		eventually(t, 5*time.Second, dev+" recreated with its peer", func() bool {
+		testutil.Run(t, "ip", "-n", a.ns, "link", "del", dev)
+		testutil.Eventually(t, 5*time.Second, dev+" recreated with its peer", func() bool {
 			ok4, _ := ping(a.ctr, "10.100.2.2")
 			ok6, _ := ping(a.ctr, "-6", "fd00:100:2::2")
 			return ok4 && ok6

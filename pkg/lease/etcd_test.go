@@ -6,37 +6,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
-
-	"github.com/leased/leased/internal/etcdserver"
 )
-
-// startEtcd runs a real etcd member for the test and returns it with a
-// client; both are closed when the test ends.
-func startEtcd(t testing.TB) (*etcdserver.Server, *clientv3.Client) {
-	t.Helper()
-	srv, err := etcdserver.Start(t.TempDir(), "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Stop)
-	return srv, newClient(t, srv)
-}
-
-func newClient(t testing.TB, srv *etcdserver.Server) *clientv3.Client {
-	t.Helper()
-	return newClientAt(t, srv.ClientURL)
-}
-
-func newClientAt(t testing.TB, url string) *clientv3.Client {
-	t.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{url}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cli.Close() })
-	return cli
-}
 
 func newSession(t testing.TB, cli *clientv3.Client, ttl int) *Session {
 	t.Helper()

@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 // A host never claims a subnet that overlaps one of its own routes, not
@@ -12,7 +14,7 @@ import (
 // Docker bridge) inside a subnet it held before does not count; when every
 // free subnet overlaps, the error names the routes.
 func TestAcquireSkipsExcluded(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	mp := netip.MustParsePrefix
 	cases := []struct {
@@ -79,7 +81,7 @@ func TestAcquireSkipsExcluded(t *testing.T) {
 // In a huge range the random pick and the gap search both avoid
 // exclusions much larger than a subnet.
 func TestAcquireSkipsExcludedHugeRange(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	cfg := mustConfig(t, `{"IPv6Network":"2001:db8::/46","IPv6SubnetLen":64}`)
 	ex := []Excluded{{Prefix: netip.MustParsePrefix("2001:db8::/47")}, {Prefix: netip.MustParsePrefix("2001:db8:2::/48")}}

@@ -14,6 +14,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/leased/leased/internal/etcdserver"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 // lockLeases returns, for every subnet lock under reg, the etcd lease it is
@@ -39,7 +40,7 @@ func lockLeases(t *testing.T, cli *clientv3.Client, reg *Registry) map[string]in
 // whatever the second knows of its own history. Once the first host's
 // lease has expired, the second one claims.
 func TestSameNodeNameNeverSharesSubnet(t *testing.T) {
-	srv, _ := startEtcd(t)
+	srv, _ := etcdtest.Start(t)
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
 	ipA, ipB := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("192.0.2.2")
 	tests := []struct {
@@ -54,7 +55,7 @@ func TestSameNodeNameNeverSharesSubnet(t *testing.T) {
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			prefix := fmt.Sprintf("/twin%d", i)
-			cliA, cliB := newClient(t, srv), newClient(t, srv)
+			cliA, cliB := etcdtest.Client(t, srv.ClientURL), etcdtest.Client(t, srv.ClientURL)
 			regA, regB := NewRegistry(cliA, prefix), NewRegistry(cliB, prefix)
 			sessA, sessB := newSession(t, cliA, 30), newSession(t, cliB, 30)
 			a, err := regA.Acquire(ctxT(t), sessA.Lease(), cfg, Claim{Node: "twin", PublicIP: ipA, NoHistory: true})
@@ -103,11 +104,11 @@ func TestSameNodeNameNeverSharesSubnet(t *testing.T) {
 // wins, the other is refused with a conflict, and no subnet lock is ever
 // under the loser's lease.
 func TestSameNodeNameConcurrentClaims(t *testing.T) {
-	srv, _ := startEtcd(t)
+	srv, _ := etcdtest.Start(t)
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","SubnetLen":22,"IPv6Network":"2001:db8::/58","IPv6SubnetLen":64}`)
 	for round := range 10 {
 		prefix := fmt.Sprintf("/race%d", round)
-		clis := []*clientv3.Client{newClient(t, srv), newClient(t, srv)}
+		clis := []*clientv3.Client{etcdtest.Client(t, srv.ClientURL), etcdtest.Client(t, srv.ClientURL)}
 		sess := []*Session{newSession(t, clis[0], 30), newSession(t, clis[1], 30)}
 		recs := make([]*Record, 2)
 		errs := make([]error, 2)
@@ -141,7 +142,7 @@ func TestSameNodeNameConcurrentClaims(t *testing.T) {
 // previous run in Claim.Own, and without any history (first start after a
 // reboot or an upgrade) when the record names this host's addresses.
 func TestRestartOnSameMachineKeepsSubnet(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
 	reg := NewRegistry(cli, "")
 	ip := netip.MustParseAddr("192.0.2.1")
@@ -174,7 +175,7 @@ func TestRestartOnSameMachineKeepsSubnet(t *testing.T) {
 // moves to the reservation. A host serving a subnet reserved for another
 // node keeps it too.
 func TestReservationDoesNotMoveServingHost(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16"}`)
 	reg := NewRegistry(cli, "")
 	sess := newSession(t, cli, 30)
@@ -222,7 +223,7 @@ func TestReservationDoesNotMoveServingHost(t *testing.T) {
 
 // Publish never rewrites a record another host took.
 func TestPublishRefusesForeignRecord(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16"}`)
 	reg := NewRegistry(cli, "")
 	sess := newSession(t, cli, 30)
@@ -284,7 +285,7 @@ func TestNodeNameConflictOnOlderEtcd(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(ext.Stop)
-	cli := newClientAt(t, ext.ClientURL)
+	cli := etcdtest.Client(t, ext.ClientURL)
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16"}`)
 	reg := NewRegistry(cli, "")
 	sessA, sessB := newSession(t, cli, 30), newSession(t, cli, 30)

@@ -13,6 +13,13 @@ import (
 	"github.com/leased/leased/pkg/backend/vtep"
 )
 
+// Peers is the acceptance stage: it turns decoded lease records, the config
+// and this host's own record (self, nil when it holds none) into the peers
+// the host may program. Decoding (List, Watch, DecodeRecord) checks only a
+// record's shape; every decision that depends on the config or on this
+// host is made here (and by PeerSet, which keeps the result up to date
+// record by record).
+//
 // Peers filters lease records down to the peers a host may program. A record
 // is used only when every subnet it names lies inside the config's network
 // of that family with the configured length, does not overlap the host's own
@@ -56,16 +63,10 @@ func peersUnordered(cfg *Config, self *Record, records map[string]*Record) (peer
 	// keys[f][i] is 1 + the pool index of recs[i]'s subnet of family f (0: none).
 	keys := [2][]uint64{make([]uint64, len(recs)), make([]uint64, len(recs))}
 	var unkeyed atomic.Bool
-	pools := poolsOf(cfg)
 	parallel(len(recs), func(i int) {
 		r := recs[i]
 		if self != nil && r.Node == self.Node {
 			errs[i] = errSelf
-			return
-		}
-		if c := &r.peer; c.of == r && c.ok && *c.pools == pools {
-			keys[0][i], keys[1][i] = c.keys[0], c.keys[1]
-			errs[i] = selfConflict(self, r)
 			return
 		}
 		for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
@@ -305,80 +306,4 @@ func errOverlap(s netip.Prefix, holder string) error {
 
 func errOwnAddress(a netip.Addr) error {
 	return fmt.Errorf("public address %s is this host's own", a)
-}
-
-// peerCheck is what the peer filter finds for a record that does not
-// depend on this host: the listing computes it while it waits for etcd
-// (see prechecker), and Peers then only compares the record with this
-// host's own. It is trusted only for the record it was computed on (a
-// copy of the record does not inherit it) and for the same pools.
-type peerCheck struct {
-	of    *Record
-	pools *poolSet
-	keys  [2]uint64 // 1 + the pool index of the subnet of each family (0: none)
-	ok    bool      // the record passes every check not involving this host
-}
-
-// poolSet is what the peer filter reads of a config: each family's network
-// and subnet length (zero when the family is disabled).
-type poolSet struct {
-	net4, net6 netip.Prefix
-	len4, len6 int
-}
-
-func poolsOf(cfg *Config) poolSet {
-	var p poolSet
-	if cfg.IPv4 != nil {
-		p.net4, p.len4 = cfg.IPv4.Network, cfg.IPv4.SubnetLen
-	}
-	if cfg.IPv6 != nil {
-		p.net6, p.len6 = cfg.IPv6.Network, cfg.IPv6.SubnetLen
-	}
-	return p
-}
-
-// prechecker computes the peerCheck of decoded records for one config.
-type prechecker struct {
-	cfg   *Config
-	pools poolSet
-}
-
-func newPrechecker(cfg *Config) *prechecker {
-	return &prechecker{cfg: cfg, pools: poolsOf(cfg)}
-}
-
-// check sets r's peerCheck. r must have passed checkShape (so that it
-// names at most one subnet of each family).
-func (p *prechecker) check(r *Record) {
-	c := peerCheck{of: r, pools: &p.pools, ok: checkPeer(p.cfg, nil, r, heldSet{}) == nil}
-	for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
-		if f, idx, ok := poolIndex(p.cfg, s); ok {
-			c.keys[f] = idx + 1
-		}
-	}
-	r.peer = c
-}
-
-// selfConflict is checkPeer for a record whose peerCheck is ok, with only
-// self's subnets held: of all the checks, only those against this host
-// are left, in checkPeer's order. (Subnets never carry a zone, so prefix
-// equality is what heldSet compares.)
-func selfConflict(self, r *Record) error {
-	if self == nil {
-		return nil
-	}
-	for f, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
-		if r.peer.keys[f] == 0 {
-			continue // no subnet of that family, or the family is disabled
-		}
-		if s == self.Subnet || s == self.IPv6Subnet {
-			return errOverlap(s, self.Node+" (this host)")
-		}
-	}
-	for _, a := range [2]netip.Addr{r.PublicIP, r.PublicIPv6} {
-		if a.IsValid() && (a == self.PublicIP || a == self.PublicIPv6) {
-			return errOwnAddress(a)
-		}
-	}
-	return nil
 }

@@ -1,17 +1,14 @@
 package lease
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"maps"
 	"math/rand/v2"
 	"net/netip"
-	"reflect"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/leased/leased/pkg/backend/vtep"
 )
@@ -107,42 +104,10 @@ func FuzzParseSubnetKey(f *testing.F) {
 	})
 }
 
-// The fast decoder agrees with encoding/json on every input it accepts.
-func FuzzDecodeRecordFast(f *testing.F) {
-	f.Add([]byte(`{"Node":"x","Subnet":"10.0.0.0/24","PublicIP":"192.0.2.1","Acquired":"2026-11-22T07:00:00Z"}`))
-	f.Add([]byte(`{"Node":"n","IPv6Subnet":"2001:db8::/64","BackendData":{"VtepMAC":"aa:bb:cc:dd:ee:ff","x":[1,{"y":"}"}]}}`))
-	f.Add([]byte(` { "node" : "x" } `))
-	f.Add([]byte(`{"Node":"x","Acquired":"2026-11-22T7:00:00Z"}`))
-	f.Add([]byte(`{"Node":"x","Subnet":"10.0.0.0/24","BackendType":"vxlan","Node":"y"}`))
-	_ = time.RFC3339
-	f.Fuzz(func(t *testing.T, data []byte) {
-		var fast Record
-		if !decodeRecordFast(data, &fast) {
-			return
-		}
-		var slow Record
-		if err := json.Unmarshal(data, &slow); err != nil {
-			t.Fatalf("fast path accepted %q, encoding/json: %v", data, err)
-		}
-		if !reflect.DeepEqual(fast.Subnets(), slow.Subnets()) || fast.Node != slow.Node || fast.PublicIP != slow.PublicIP || fast.PublicIPv6 != slow.PublicIPv6 || !fast.Acquired.Equal(slow.Acquired) || fast.BackendType != slow.BackendType || !bytes.Equal(fast.BackendData, slow.BackendData) {
-			t.Fatalf("%q: fast %+v, encoding/json %+v", data, fast, slow)
-		}
-		// With the key's node name given (a listing), the record is the same.
-		for _, node := range []string{"x", "n", fast.Node} {
-			var named Record
-			if !decodeRecordFastNode(data, &named, node) || named.Node != fast.Node || named.Subnet != fast.Subnet ||
-				named.IPv6Subnet != fast.IPv6Subnet || named.BackendType != fast.BackendType {
-				t.Fatalf("%q with node %q: %+v, without: %+v", data, node, named, fast)
-			}
-		}
-	})
-}
-
 // Peers gives what its reference, peersByAge, gives: the unordered fast path
 // must never change a result.
 func TestPeersMatchesByAge(t *testing.T) {
 	rnd := rand.New(rand.NewPCG(1, 2))
-	other := newPrechecker(mustConfig(t, `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32"}`))
 	for _, js := range []string{
 		`{"Network":"10.0.0.0/16","IPv6Network":"2001:db8::/48","IPv6SubnetLen":64}`,
 		`{"Network":"10.0.0.0/22","SubnetLen":26}`,
@@ -206,32 +171,16 @@ func TestPeersMatchesByAge(t *testing.T) {
 				fast++
 			}
 			wantPeers, wantRejected := peersByAge(cfg, self, records)
-			// Then with the checks a listing computes as it decodes
-			// (prechecker) on most records; some computed for other
-			// pools, which Peers must not trust.
-			for _, prechecked := range []bool{false, true} {
-				if prechecked {
-					for _, r := range records {
-						switch rnd.IntN(4) {
-						case 0:
-						case 1:
-							other.check(r)
-						default:
-							newPrechecker(cfg).check(r)
-						}
-					}
-				}
-				peers, rejected := Peers(cfg, self, records)
-				if got, want := peerNames(peers), peerNames(wantPeers); got != want {
-					t.Fatalf("%s round %d (prechecked %v): peers %s, want %s", js, round, prechecked, got, want)
-				}
-				if len(rejected) != len(wantRejected) {
-					t.Fatalf("%s round %d (prechecked %v): rejected %v, want %v", js, round, prechecked, rejected, wantRejected)
-				}
-				for node, err := range wantRejected {
-					if rejected[node] == nil || rejected[node].Error() != err.Error() {
-						t.Fatalf("%s round %d (prechecked %v): %s rejected for %v, want %v", js, round, prechecked, node, rejected[node], err)
-					}
+			peers, rejected := Peers(cfg, self, records)
+			if got, want := peerNames(peers), peerNames(wantPeers); got != want {
+				t.Fatalf("%s round %d: peers %s, want %s", js, round, got, want)
+			}
+			if len(rejected) != len(wantRejected) {
+				t.Fatalf("%s round %d: rejected %v, want %v", js, round, rejected, wantRejected)
+			}
+			for node, err := range wantRejected {
+				if rejected[node] == nil || rejected[node].Error() != err.Error() {
+					t.Fatalf("%s round %d: %s rejected for %v, want %v", js, round, node, rejected[node], err)
 				}
 			}
 		}

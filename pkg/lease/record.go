@@ -31,10 +31,6 @@ type Record struct {
 	// (set by Acquire and Publish only); not stored. Changes to its keys
 	// after it are someone else's.
 	ModRev int64 `json:"-"`
-
-	// peer is the part of the peer filter a listing computed for the
-	// record as it decoded it; not stored (see prechecker).
-	peer peerCheck
 }
 
 // Subnets returns the record's subnets, IPv4 first, zero prefixes omitted.
@@ -63,11 +59,8 @@ func DecodeRecord(node string, data []byte) (*Record, error) {
 // decodeRecordInto is DecodeRecord into *r, for decoding many records into
 // one slice (a listing allocates them together).
 func decodeRecordInto(node string, data []byte, rp *Record) error {
-	if !decodeRecordFastNode(data, rp, node) {
-		*rp = Record{}
-		if err := json.Unmarshal(data, rp); err != nil {
-			return fmt.Errorf("lease: decoding lease of %q: %w", node, err)
-		}
+	if err := json.Unmarshal(data, rp); err != nil {
+		return fmt.Errorf("lease: decoding lease of %q: %w", node, err)
 	}
 	return rp.checkShape(node)
 }

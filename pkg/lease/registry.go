@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -44,12 +43,6 @@ func (e *ExhaustedError) Is(target error) bool { return target == ErrNoFreeSubne
 type Registry struct {
 	cli  *clientv3.Client
 	keys Keys
-	// noRangeStream is set once etcd refused RangeStream (etcd before
-	// 3.7); listings then use one transaction.
-	noRangeStream atomic.Bool
-	// listed is the number of leases of the last listing, to size the
-	// next one's map.
-	listed atomic.Int64
 }
 
 // NewRegistry returns a registry under prefix ("" means DefaultPrefix).

@@ -9,10 +9,12 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 func TestAcquireFamiliesAndLengths(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	tests := []struct {
 		name   string
 		config string
@@ -68,7 +70,7 @@ func TestAcquireFamiliesAndLengths(t *testing.T) {
 
 // 50 hosts claiming at the same moment all get distinct subnets, none fails.
 func TestConcurrentClaimsDistinct(t *testing.T) {
-	srv, _ := startEtcd(t)
+	srv, _ := etcdtest.Start(t)
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","SubnetLen":22,"IPv6Network":"2001:db8::/58","IPv6SubnetLen":64}`)
 	// /16 with /22s = 64 subnets and /58 with /64s = 64: 50 claimants collide often.
 	const n = 50
@@ -77,7 +79,7 @@ func TestConcurrentClaimsDistinct(t *testing.T) {
 	recs := make([]*Record, n)
 	errs := make([]error, n)
 	for i := range n {
-		cli := newClient(t, srv) // one client per host, like real agents
+		cli := etcdtest.Client(t, srv.ClientURL) // one client per host, like real agents
 		sess := newSession(t, cli, 30)
 		wg.Add(1)
 		go func() {
@@ -108,7 +110,7 @@ func TestConcurrentClaimsDistinct(t *testing.T) {
 // A node gets its subnets back after a restart (new session while the old
 // lease lives) and after its lease expired, keyed by node name.
 func TestReclaimAfterRestartAndExpiry(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	cfg := mustConfig(t, `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
 	reg := NewRegistry(cli, "")
 	firstSess := newSession(t, cli, 2)
@@ -158,7 +160,7 @@ func TestReclaimAfterRestartAndExpiry(t *testing.T) {
 
 // A real TTL expiry frees the subnet lock and the record.
 func TestLeaseExpiresWithTTL(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16"}`)
 	reg := NewRegistry(cli, "")
 	sess := newSession(t, cli, 2)
@@ -186,7 +188,7 @@ func TestLeaseExpiresWithTTL(t *testing.T) {
 }
 
 func TestExhaustionAndReservation(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	// The cookbook's example: room for exactly three /25s.
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","SubnetLen":25,"SubnetMin":"10.100.0.0","SubnetMax":"10.100.1.0"}`)
 	reg := NewRegistry(cli, "")
@@ -225,7 +227,7 @@ func TestExhaustionAndReservation(t *testing.T) {
 // Candidate choice is independent of the range size: a /32 with /64s
 // (2^32 candidates) leases like a small range.
 func TestHugeRangeAndNearlyFull(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	huge := mustConfig(t, `{"IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
 	if _, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), huge, Claim{Node: "x"}); err != nil {

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -34,10 +33,7 @@ import (
 // read (the agent lists instead, once).
 const snapshotFormat = 2
 
-// SnapshotHeader identifies what a snapshot belongs to. The revision is
-// saved as "revision": the leased versions that wrote format 1 (JSON lines)
-// required "rev", so after a downgrade they refuse a format 2 file and list,
-// instead of reading binary records as lines and resuming from almost none.
+// SnapshotHeader identifies what a snapshot belongs to.
 type SnapshotHeader struct {
 	Format    int             `json:"format"`
 	ClusterID uint64          `json:"clusterID"`
@@ -92,21 +88,11 @@ func EncodeSnapshot(prefix string, v *View) ([]byte, error) {
 	return buf.Bytes(), nil
 }
 
-// LoadSnapshot reads a snapshot and returns its header and the Reset batch
-// it stands for. Leases that do not decode are left out: the catch-up
-// reads them from etcd, and a damaged file only costs reads.
-func LoadSnapshot(path string) (SnapshotHeader, Batch, error) {
-	h, decode, err := OpenSnapshot(path)
-	if err != nil {
-		return h, Batch{}, err
-	}
-	return h, decode(), nil
-}
-
 // OpenSnapshot reads a snapshot's header and returns it with a function
 // that decodes its leases into the Reset batch the snapshot stands for
-// (LoadSnapshot in two steps, so that the catch-up with etcd can start
-// before the decoding).
+// (two steps, so that the catch-up with etcd can start before the
+// decoding). Leases that do not decode are left out: the catch-up reads
+// them from etcd, and a damaged file only costs reads.
 func OpenSnapshot(path string) (SnapshotHeader, func() Batch, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
@@ -122,9 +108,6 @@ func parseSnapshot(data []byte, what string) (SnapshotHeader, func() Batch, erro
 	head, rest, _ := bytes.Cut(data, []byte{'\n'})
 	if json.Unmarshal(head, &h) != nil {
 		return h, nil, fmt.Errorf("lease: %s has no valid header", what)
-	}
-	if h.Format == 0 {
-		h.Format = 1 // the JSON lines of leased before format 2 named none
 	}
 	if h.Format != snapshotFormat {
 		return h, nil, fmt.Errorf("lease: %s is in format %d, this leased reads format %d", what, h.Format, snapshotFormat)
@@ -361,16 +344,10 @@ func (r *Registry) Usable(ctx context.Context, h SnapshotHeader) bool {
 	return resp.Header.ClusterId == h.ClusterID && h.Rev <= resp.Header.Revision
 }
 
-// WatchFrom is Watch that starts from a snapshot's batch instead of a
-// full listing: it brings the batch up to date with etcd (see
-// WatchFromSnapshot), delivers it as one Reset batch, and goes on like
-// Watch.
-func (r *Registry) WatchFrom(ctx context.Context, start Batch, out chan<- Batch) error {
-	return r.WatchFromSnapshot(ctx, SnapshotHeader{Rev: start.Rev, ClusterID: start.ClusterID}, func() Batch { return withBase(start) }, out)
-}
-
-// WatchFromSnapshot is WatchFrom for a snapshot opened with OpenSnapshot.
-// While decode runs, it lists the config and the lease keys without their
+// WatchFromSnapshot is Watch that starts from a snapshot opened with
+// OpenSnapshot instead of a full listing: it brings the snapshot's batch up
+// to date with etcd, delivers it as one Reset batch, and goes on like
+// Watch. While decode runs, it lists the config and the lease keys without their
 // values in one read (etcd 3.7 and later answer that from their in-memory
 // index, without touching a value; older ones read the values and drop
 // them, which is slower but just as exact). A cached record whose key etcd still holds,
@@ -388,28 +365,14 @@ func (r *Registry) WatchFrom(ctx context.Context, start Batch, out chan<- Batch)
 // progress request before the watcher has caught up (etcd issue 15220),
 // and the consumer would act on stale leases (TestListAndResumeOnOlderEtcd).
 func (r *Registry) WatchFromSnapshot(ctx context.Context, h SnapshotHeader, decode func() Batch, out chan<- Batch) error {
-	return r.watchFromCache(ctx, "lease cache", func() opened { return opened{h: h, b: decode()} }, out)
-}
-
-// opened is a cache's header and the Reset batch it stands for, or why
-// there is none.
-type opened struct {
-	h   SnapshotHeader
-	b   Batch
-	err error
-}
-
-// watchFromCache is WatchFromSnapshot with the cache opened by open,
-// concurrently with the keys-only listing; what names the cache in logs.
-func (r *Registry) watchFromCache(ctx context.Context, what string, open func() opened, out chan<- Batch) error {
-	decoded := make(chan opened, 1)
-	go func() { decoded <- open() }()
-	b, err := r.catchUp(ctx, decoded)
+	decoded := make(chan Batch, 1)
+	go func() { decoded <- decode() }()
+	b, err := r.catchUp(ctx, h, decoded)
 	switch {
 	case ctx.Err() != nil:
 		return ctx.Err()
 	case err != nil:
-		klog.InfoS(what+" not usable; listing instead", "reason", err)
+		klog.InfoS("lease cache not usable; listing instead", "reason", err)
 		return r.Watch(ctx, out)
 	}
 	select {
@@ -431,9 +394,9 @@ const maxCatchUpReads = 4096
 // maxTxnOps is etcd's default --max-txn-ops.
 const maxTxnOps = 128
 
-// catchUp returns the snapshot batch from decoded brought up to etcd's
-// current state (see WatchFromSnapshot).
-func (r *Registry) catchUp(ctx context.Context, decoded <-chan opened) (Batch, error) {
+// catchUp returns the batch of the snapshot h (decoded) brought up to
+// etcd's current state (see WatchFromSnapshot).
+func (r *Registry) catchUp(ctx context.Context, h SnapshotHeader, decoded <-chan Batch) (Batch, error) {
 	k := r.keys
 	resp, err := r.cli.Txn(ctx).Then(
 		clientv3.OpGet(k.Config()),
@@ -442,17 +405,13 @@ func (r *Registry) catchUp(ctx context.Context, decoded <-chan opened) (Batch, e
 	if err != nil {
 		return Batch{}, fmt.Errorf("listing the lease keys: %w", err)
 	}
-	var o opened
+	var b Batch
 	select {
-	case o = <-decoded:
+	case b = <-decoded:
 	case <-ctx.Done():
 		return Batch{}, ctx.Err()
 	}
-	h, b := o.h, o.b
-	if o.err != nil {
-		return Batch{}, o.err
-	}
-	if id := resp.Header.ClusterId; h.ClusterID != 0 && id != h.ClusterID {
+	if id := resp.Header.ClusterId; id != h.ClusterID {
 		return Batch{}, fmt.Errorf("etcd cluster %x is not the cache's %x", id, h.ClusterID)
 	}
 	rev := resp.Header.Revision
@@ -463,7 +422,7 @@ func (r *Registry) catchUp(ctx context.Context, decoded <-chan opened) (Batch, e
 	b.Rev, b.Reset, b.ClusterID = rev, true, resp.Header.ClusterId
 	b.Events = nil // the snapshot's config is replaced by etcd's
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
-		b.Events = append(b.Events, Event{Kind: ConfigPut, Value: kv.Value})
+		b.Events = append(b.Events, Event{Kind: ConfigPut, Value: kv.Value, ModRev: kv.ModRevision})
 	}
 	kvs := resp.Responses[1].GetResponseRange().Kvs
 	base := b.base
@@ -516,20 +475,13 @@ func (r *Registry) catchUp(ctx context.Context, decoded <-chan opened) (Batch, e
 	return b, nil
 }
 
-// withBase returns b with its lease records (of events and base) in a new
-// base map (see Batch.base), leaving b's own map and events untouched, so
-// that a caller's batch can be used again.
-func withBase(b Batch) Batch {
-	base := make(map[string]*Record, len(b.base)+len(b.Events))
-	maps.Copy(base, b.base)
-	var rest []Event
-	for _, e := range b.Events {
-		if e.Kind == LeasePut && e.Err == nil && e.Record != nil {
-			base[e.Node] = e.Record
-		} else {
-			rest = append(rest, e)
+// internBackendType returns the known backend type names without an
+// allocation each, anything else as a new string.
+func internBackendType(val []byte) string {
+	for _, t := range backendTypes {
+		if string(val) == t {
+			return t
 		}
 	}
-	b.Events, b.base = rest, base
-	return b
+	return string(val)
 }

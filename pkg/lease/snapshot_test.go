@@ -1,7 +1,6 @@
 package lease
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -15,15 +14,22 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/leased/leased/internal/etcdserver"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
-// startWatchFrom is startWatch for a snapshot batch.
-func startWatchFrom(t *testing.T, reg *Registry, start Batch) *watcher {
+// startWatchFrom is startWatch from the snapshot saved at path
+// (OpenSnapshot, WatchFromSnapshot, as the agent starts).
+func startWatchFrom(t *testing.T, reg *Registry, path string) *watcher {
+	t.Helper()
+	h, decode, err := OpenSnapshot(path)
+	if err != nil {
+		t.Fatal(err)
+	}
 	w := &watcher{}
 	ctx, cancel := context.WithCancel(context.Background())
 	ch := make(chan Batch)
 	done := make(chan struct{})
-	go func() { defer close(done); reg.WatchFrom(ctx, start, ch) }()
+	go func() { defer close(done); reg.WatchFromSnapshot(ctx, h, decode, ch) }()
 	go func() {
 		for {
 			select {
@@ -69,7 +75,7 @@ func listAndSave(t *testing.T, cli *clientv3.Client, reg *Registry, n int) strin
 // etcd's state, including changes made while it was down, also after etcd
 // compacted past the snapshot's revision.
 func TestSnapshotResume(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	path := listAndSave(t, cli, reg, 5)
 
@@ -81,26 +87,18 @@ func TestSnapshotResume(t *testing.T) {
 	cli.Put(ctxT(t), reg.Keys().Lease("n4"), `{"Node":"n4","Subnet":"not a subnet"}`)
 	cli.Put(ctxT(t), reg.Keys().Config(), `{"Network":"10.100.0.0/16","SubnetLen":25}`)
 
-	h, start, err := LoadSnapshot(path)
+	h, _, err := OpenSnapshot(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	// leased versions that read format 1 require a header with "rev" > 0:
-	// they must refuse this file rather than read its binary records as lines.
-	data, _ := os.ReadFile(path)
-	head, _, _ := bytes.Cut(data, []byte{'\n'})
-	var old struct {
-		Rev int64 `json:"rev"`
-	}
-	if json.Unmarshal(head, &old) != nil || old.Rev != 0 || !bytes.Contains(head, []byte(`"format":2`)) {
-		t.Errorf("header %s: a format 1 reader would take it", head)
-	}
-	// A cache of the leased before format 2 (JSON lines) is refused with
-	// a message that says so.
-	oldPath := filepath.Join(t.TempDir(), "old.cache")
-	os.WriteFile(oldPath, []byte(`{"clusterID":1,"prefix":"/leased/network/","rev":5}`+"\n5 0 n1 {}\n"), 0o644)
-	if _, _, err := OpenSnapshot(oldPath); err == nil || !strings.Contains(err.Error(), "format 1, this leased reads format 2") {
-		t.Errorf("old cache: %v", err)
+	// A cache in another format, or with none, is refused with a message
+	// that says so.
+	for _, head := range []string{`{"format":1,"clusterID":1,"prefix":"/leased/network/","revision":5}`, `{"clusterID":1,"prefix":"/leased/network/","revision":5}`} {
+		oldPath := filepath.Join(t.TempDir(), "old.cache")
+		os.WriteFile(oldPath, []byte(head+"\n5 0 n1 {}\n"), 0o644)
+		if _, _, err := OpenSnapshot(oldPath); err == nil || !strings.Contains(err.Error(), ", this leased reads format 2") {
+			t.Errorf("cache with header %s: %v", head, err)
+		}
 	}
 	if !reg.Usable(ctxT(t), h) {
 		t.Fatal("snapshot of this cluster and prefix not usable")
@@ -108,7 +106,7 @@ func TestSnapshotResume(t *testing.T) {
 	if NewRegistry(cli, "/other").Usable(ctxT(t), h) {
 		t.Error("snapshot usable under another prefix")
 	}
-	w2 := startWatchFrom(t, reg, start)
+	w2 := startWatchFrom(t, reg, path)
 	w2.waitFor(t, "resumed state equals etcd", func(v *View) bool {
 		r1, r9 := v.Records["n1"], v.Records["n9"]
 		return len(v.Records) == 4 && v.Records["n0"] == nil && r1 != nil && r1.Subnet == netip.MustParsePrefix("10.100.41.0/24") &&
@@ -126,7 +124,7 @@ func TestSnapshotResume(t *testing.T) {
 		t.Fatal(err)
 	}
 	cli.Delete(ctxT(t), reg.Keys().Lease("n2"))
-	w3 := startWatchFrom(t, reg, start)
+	w3 := startWatchFrom(t, reg, path)
 	w3.waitFor(t, "resumed state equals etcd after a compaction", func(v *View) bool {
 		return len(v.Records) == 3 && v.Records["n2"] == nil && v.Records["n9"] != nil && v.Malformed["n4"] != nil
 	})
@@ -208,22 +206,15 @@ func TestListAndResumeOnOlderEtcd(t *testing.T) {
 	if strings.HasPrefix(ext.Version, "3.7") || strings.HasPrefix(ext.Version, "3.8") {
 		t.Fatalf("etcd binary is %s; this test needs one before 3.7 (Debian's etcd-server)", ext.Version)
 	}
-	cli := newClientAt(t, ext.ClientURL)
+	cli := etcdtest.Client(t, ext.ClientURL)
 	reg := NewRegistry(cli, "")
 	path := listAndSave(t, cli, reg, 3)
-	if !reg.noRangeStream.Load() {
-		t.Error("etcd before 3.7 answered RangeStream?")
-	}
 	cli.Delete(ctxT(t), reg.Keys().Lease("n0"))
 	putRecord(t, cli, reg, "n1", "10.100.41.0/24")
 	putRecord(t, cli, reg, "n9", "10.100.9.0/24")
 
-	_, start, err := LoadSnapshot(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resumed := NewRegistry(newClientAt(t, ext.ClientURL), "")
-	w2 := startWatchFrom(t, resumed, start)
+	resumed := NewRegistry(etcdtest.Client(t, ext.ClientURL), "")
+	w2 := startWatchFrom(t, resumed, path)
 	w2.waitFor(t, "resumed state equals etcd", func(v *View) bool {
 		r1 := v.Records["n1"]
 		return len(v.Records) == 3 && v.Records["n0"] == nil && r1 != nil && r1.Subnet == netip.MustParsePrefix("10.100.41.0/24") && v.Records["n9"] != nil

@@ -52,7 +52,8 @@ type Event struct {
 	Value  []byte
 	// Lease is the etcd lease of a LockPut's key.
 	Lease int64
-	// ModRev is the etcd revision of the change (0 in listings).
+	// ModRev is the etcd revision of the change. In listings it is the
+	// config key's mod revision for a ConfigPut, and 0 for leases.
 	ModRev int64
 }
 
@@ -110,6 +111,23 @@ func (r *Registry) Watch(ctx context.Context, out chan<- Batch) error {
 		klog.InfoS("lease watch fell behind a compaction; listing again", "rev", rev)
 		metrics.WatchRestarts.WithLabelValues("compaction").Inc()
 	}
+}
+
+// List reads the config and every lease record under the registry's
+// prefix at one etcd revision and returns them decoded, as the view that
+// Watch's first batch gives. It is the one reader of lease keys: Watch
+// starts with it, and `leased leases`, `leased status`, `leased config
+// put` and the lab call it directly. Malformed records are in the view's
+// Malformed, with the reason. Its errors are etcd's, unwrapped, for the
+// caller to explain.
+func (r *Registry) List(ctx context.Context) (*View, error) {
+	b, err := r.listLeases(ctx)
+	if err != nil {
+		return nil, err
+	}
+	v := new(View)
+	v.Apply(b)
+	return v, nil
 }
 
 // list reads the config and every lease record at one revision (see
@@ -210,9 +228,9 @@ func (r *Registry) event(ev *clientv3.Event) (Event, bool) {
 	switch {
 	case key == k.Config():
 		if del {
-			return Event{Kind: ConfigDelete}, true
+			return Event{Kind: ConfigDelete, ModRev: ev.Kv.ModRevision}, true
 		}
-		return Event{Kind: ConfigPut, Value: ev.Kv.Value}, true
+		return Event{Kind: ConfigPut, Value: ev.Kv.Value, ModRev: ev.Kv.ModRevision}, true
 	case strings.HasPrefix(key, k.Leases()):
 		e := r.leaseEvent(ev.Kv, del)
 		e.ModRev = ev.Kv.ModRevision
@@ -232,22 +250,12 @@ func (r *Registry) event(ev *clientv3.Event) (Event, bool) {
 	return Event{}, false
 }
 
-// LeaseEvents turns lease-record key-values read under k.Leases() into
-// LeasePut events, for callers that list leases themselves.
-func LeaseEvents(k Keys, kvs []*mvccpb.KeyValue) []Event {
-	r := &Registry{keys: k}
-	out := make([]Event, 0, len(kvs))
-	for _, kv := range kvs {
-		out = append(out, r.leaseEvent(kv, false))
-	}
-	return out
-}
-
 func (r *Registry) leaseEvent(kv *mvccpb.KeyValue, del bool) Event {
+	node := strings.TrimPrefix(string(kv.Key), r.keys.Leases())
 	if del {
-		return Event{Kind: LeaseDelete, Node: strings.TrimPrefix(string(kv.Key), r.keys.Leases())}
+		return Event{Kind: LeaseDelete, Node: node}
 	}
-	return leaseEventInto(string(r.keys.trimLeases(kv.Key)), kv.Value, kv.CreateRevision, kv.Lease, new(Record))
+	return leaseEventInto(node, kv.Value, kv.CreateRevision, kv.Lease, new(Record))
 }
 
 // leaseEventInto is leaseEvent for a put of value under node's lease key
@@ -307,6 +315,9 @@ type View struct {
 	Synced bool
 	// Config is the raw config value; nil when the key does not exist.
 	Config []byte
+	// ConfigRev is the mod revision of the config key (0: it does not
+	// exist), for a compare-and-swap on it (leased config put).
+	ConfigRev int64
 	// Records holds the well-formed lease records by node.
 	Records map[string]*Record
 	// Malformed holds why each malformed lease record was refused, by node.
@@ -320,7 +331,7 @@ type View struct {
 // Apply folds one batch into the view.
 func (v *View) Apply(b Batch) {
 	if b.Reset || v.Records == nil {
-		v.Records, v.Malformed, v.Config = map[string]*Record{}, map[string]error{}, nil
+		v.Records, v.Malformed, v.Config, v.ConfigRev = map[string]*Record{}, map[string]error{}, nil, 0
 		if b.Reset && b.base != nil {
 			v.Records = b.base
 		}
@@ -333,9 +344,9 @@ func (v *View) Apply(b Batch) {
 	for _, e := range b.Events {
 		switch e.Kind {
 		case ConfigPut:
-			v.Config = e.Value
+			v.Config, v.ConfigRev = e.Value, e.ModRev
 		case ConfigDelete:
-			v.Config = nil
+			v.Config, v.ConfigRev = nil, 0
 		case LeasePut:
 			if e.Err != nil {
 				delete(v.Records, e.Node)

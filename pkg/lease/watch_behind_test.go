@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 // recv takes the next batch from ch, failing the test after a generous wait.
@@ -28,9 +30,9 @@ func recv(t *testing.T, ch <-chan Batch, what string) Batch {
 // next run, resuming from it, ends with etcd's state (here, a peer's moved
 // PublicIP), not with the state of 1,000 changes ago.
 func TestLeaseCacheSavedBehindResumesEveryChange(t *testing.T) {
-	srv, direct := startEtcd(t)
-	p := newProxy(t, strings.TrimPrefix(srv.ClientURL, "http://"))
-	reg := NewRegistry(newClientAt(t, "http://"+p.Addr().String()), "")
+	srv, direct := etcdtest.Start(t)
+	p := etcdtest.Proxy(t, strings.TrimPrefix(srv.ClientURL, "http://"))
+	reg := NewRegistry(etcdtest.Client(t, "http://"+p.Addr().String()), "")
 	rec := func(ip string) string {
 		return fmt.Sprintf(`{"Node":"h1","Subnet":"10.100.1.0/24","PublicIP":%q,"BackendType":"host-gw"}`, ip)
 	}

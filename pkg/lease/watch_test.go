@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -11,7 +12,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
-	"github.com/leased/leased/internal/tcpproxy"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 // watcher runs Registry.Watch into a View that the test can inspect.
@@ -85,13 +86,11 @@ func (w *watcher) waitFor(t *testing.T, what string, cond func(v *View) bool) {
 func putRecord(t *testing.T, cli *clientv3.Client, reg *Registry, node, subnet string) {
 	t.Helper()
 	v := fmt.Sprintf(`{"Node":%q,"Subnet":%q,"PublicIP":"192.0.2.%d","BackendType":"host-gw"}`, node, subnet, len(node))
-	if _, err := cli.Put(ctxT(t), reg.Keys().Lease(node), v); err != nil {
-		t.Fatal(err)
-	}
+	etcdtest.Put(t, cli, reg.Keys().Lease(node), v)
 }
 
 func TestWatchListsThenFollowsAndSurvivesRestart(t *testing.T) {
-	srv, cli := startEtcd(t)
+	srv, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	putRecord(t, cli, reg, "a", "10.100.1.0/24")
 	w := startWatch(t, reg)
@@ -117,28 +116,12 @@ func TestWatchListsThenFollowsAndSurvivesRestart(t *testing.T) {
 	w.waitFor(t, "changes after an etcd restart", func(v *View) bool { return v.Records["b"] != nil && v.Records["a"] == nil })
 }
 
-// newProxy relays to target and can cut the connection, to disconnect
-// one client from etcd while others keep writing.
-func newProxy(t *testing.T, target string) *tcpproxy.Proxy {
-	t.Helper()
-	p, err := tcpproxy.Loopback(target)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { p.Close() })
-	return p
-}
-
 // While the watcher is cut off, leases change and etcd compacts past its
 // revision: on reconnect it lists again and ends with exactly etcd's state.
 func TestWatchRelistsAfterCompaction(t *testing.T) {
-	srv, direct := startEtcd(t)
-	p := newProxy(t, srv.ClientURL[len("http://"):])
-	cut, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + p.Addr().String()}, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cut.Close()
+	srv, direct := etcdtest.Start(t)
+	p := etcdtest.Proxy(t, srv.ClientURL[len("http://"):])
+	cut := etcdtest.Client(t, "http://"+p.Addr().String())
 	reg := NewRegistry(direct, "")
 	for i := range 5 {
 		putRecord(t, direct, reg, fmt.Sprintf("n%d", i), fmt.Sprintf("10.100.%d.0/24", i))
@@ -175,7 +158,7 @@ func TestWatchRelistsAfterCompaction(t *testing.T) {
 
 // A large initial listing arrives whole: every record once.
 func TestWatchListsManyPages(t *testing.T) {
-	_, cli := startEtcd(t)
+	_, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	n := 9000
 	fillLeases(t, cli, reg, n)
@@ -188,12 +171,13 @@ func TestWatchListsManyPages(t *testing.T) {
 	}
 }
 
-// The streamed listing and the one-transaction listing (for etcd before
-// 3.7) give the same events, malformed records included, in key order.
-func TestListStreamMatchesTxn(t *testing.T) {
-	_, cli := startEtcd(t)
+// List decodes every record at one revision: the well-formed ones exactly
+// as DecodeRecord does with their create revision and etcd lease, the
+// malformed ones with the reason, and the config with its mod revision.
+func TestListDecodesEveryRecord(t *testing.T) {
+	_, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
-	fillLeases(t, cli, reg, 9000) // several chunks
+	fillLeases(t, cli, reg, 9000)
 	ctx := ctxT(t)
 	for key, val := range map[string]string{
 		reg.Keys().Config():          benchConfig,
@@ -206,44 +190,53 @@ func TestListStreamMatchesTxn(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	streamed, err := reg.listLeases(ctx)
+	v, err := reg.List(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	whole, err := reg.listTxn(ctx)
+	resp, err := cli.Get(ctx, reg.Keys().Prefix(), clientv3.WithPrefix())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if streamed.Rev != whole.Rev || !streamed.Reset || streamed.ClusterID != whole.ClusterID || len(streamed.base) != 9001 || len(whole.base) != 9001 {
-		t.Fatalf("streamed rev %d, %d records; one transaction rev %d, %d records", streamed.Rev, len(streamed.base), whole.Rev, len(whole.base))
+	if !v.Synced || v.Rev == 0 || string(v.Config) != benchConfig || len(v.Records) != 9001 || len(v.Malformed) != 3 {
+		t.Fatalf("view: synced %v rev %d, config %q, %d records, malformed %v", v.Synced, v.Rev, v.Config, len(v.Records), v.Malformed)
 	}
-	if len(streamed.Events) != 4 || len(whole.Events) != 4 { // the config and the 3 malformed records
-		t.Fatalf("streamed %d events, one transaction %d; want 4", len(streamed.Events), len(whole.Events))
-	}
-	for i, s := range streamed.Events {
-		w := whole.Events[i]
-		if s.Kind != w.Kind || s.Node != w.Node || string(s.Value) != string(w.Value) || fmt.Sprint(s.Err) != fmt.Sprint(w.Err) ||
-			(s.Record == nil) != (w.Record == nil) || s.Record != nil && recordString(s.Record) != recordString(w.Record) {
-			t.Fatalf("event %d: streamed %+v, one transaction %+v", i, s, w)
+	for _, kv := range resp.Kvs {
+		key := string(kv.Key)
+		if key == reg.Keys().Config() {
+			if v.ConfigRev != kv.ModRevision {
+				t.Errorf("ConfigRev %d, want the config key's mod revision %d", v.ConfigRev, kv.ModRevision)
+			}
+			continue
 		}
-	}
-	for node, s := range streamed.base {
-		if w := whole.base[node]; w == nil || recordString(s) != recordString(w) {
-			t.Fatalf("record of %s: streamed %+v, one transaction %+v", node, s, w)
+		node, ok := strings.CutPrefix(key, reg.Keys().Leases())
+		if !ok {
+			continue
 		}
-	}
-	var v View
-	v.Apply(streamed)
-	if string(v.Config) != benchConfig || len(v.Records) != 9001 || len(v.Malformed) != 3 || v.Records["zz-last"].Rev == 0 || v.Records["filler-00000"].Lease == 0 {
-		t.Fatalf("view: config %q, %d records, malformed %v", v.Config, len(v.Records), v.Malformed)
+		want, werr := DecodeRecord(node, kv.Value)
+		if node == "-invalid" {
+			werr = ValidNodeName(node)
+		}
+		switch got := v.Records[node]; {
+		case werr != nil:
+			if got != nil || v.Malformed[node] == nil || !strings.Contains(v.Malformed[node].Error(), werr.Error()) {
+				t.Errorf("%s: listed %+v, malformed %v; want refused: %v", node, got, v.Malformed[node], werr)
+			}
+		case got == nil:
+			t.Errorf("%s: not listed (malformed: %v)", node, v.Malformed[node])
+		default:
+			want.Rev, want.Lease = kv.CreateRevision, kv.Lease
+			if recordString(got) != recordString(want) {
+				t.Errorf("%s: listed %+v, want %+v", node, got, want)
+			}
+		}
 	}
 }
 
-// The listing's stream reads every lease in several chunks, also from an
-// etcd with authentication on (the stream carries the client's token), so
-// the fallback to one transaction is not what makes listings work.
-func TestRangeStreamReadsEveryLease(t *testing.T) {
-	srv, cli := startEtcd(t)
+// Listing works against an etcd with authentication on, with the
+// client's credentials, and not without.
+func TestListWithAuthentication(t *testing.T) {
+	srv, cli := etcdtest.Start(t)
 	reg := NewRegistry(cli, "")
 	fillLeases(t, cli, reg, 9000)
 	ctx := ctxT(t)
@@ -257,38 +250,20 @@ func TestRangeStreamReadsEveryLease(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	anon := newClient(t, srv)
+	anon := etcdtest.Client(t, srv.ClientURL)
 	authed, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.ClientURL}, Username: "root", Password: "rootpw", Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer authed.Close()
-	k := reg.Keys()
-	read := func(c *clientv3.Client) (chunks, kvs int, err error) {
-		err = rangeStream(ctx, c.ActiveConnection(), k.Leases(), clientv3.GetPrefixRangeEnd(k.Leases()), 0, func(rc *rangeChunk) {
-			chunks++
-			kvs += len(rc.kvs)
-			rc.free()
-		})
-		return chunks, kvs, err
+	if v, err := NewRegistry(anon, "").List(ctx); err == nil {
+		t.Fatalf("a client without credentials listed %d leases of an etcd with authentication on", len(v.Records))
 	}
-	if _, _, err := read(anon); err == nil {
-		t.Fatal("a client without credentials streamed the leases of an etcd with authentication on")
-	}
-	chunks, kvs, err := read(authed)
-	if err != nil || chunks < 2 || kvs != 9000 {
-		t.Fatalf("stream with credentials: %d chunks, %d leases, %v; want several chunks, 9000 leases", chunks, kvs, err)
-	}
-	b, err := NewRegistry(authed, "").listLeases(ctx)
-	if err != nil || len(b.base) != 9000 {
-		t.Fatalf("listing with credentials: %d records, %v", len(b.base), err)
+	v, err := NewRegistry(authed, "").List(ctx)
+	if err != nil || len(v.Records) != 9000 {
+		t.Fatalf("listing with credentials: %v", err)
 	}
 }
 
-// recordString formats r and the verdict of its peer check, without the
-// check's pointers (which differ between two decodings of one value).
-func recordString(r *Record) string {
-	c := *r
-	c.peer = peerCheck{}
-	return fmt.Sprint(c, r.peer.keys, r.peer.ok)
-}
+// recordString formats r.
+func recordString(r *Record) string { return fmt.Sprint(*r) }

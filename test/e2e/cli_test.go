@@ -17,6 +17,7 @@ import (
 
 	"github.com/leased/leased/internal/lab"
 	"github.com/leased/leased/internal/nsutil"
+	"github.com/leased/leased/internal/testutil"
 )
 
 // cli runs the leased binary with args (in namespace ns when not empty)
@@ -151,7 +152,7 @@ func TestHealthAndMetricsEndpoints(t *testing.T) {
 	l := up(t, lab.Config{Hosts: 2, AgentArgs: []string{"--metrics-addr=127.0.0.1:9464"}})
 	h1 := l.Hosts[0]
 	base := "http://127.0.0.1:9464"
-	eventually(t, 10*time.Second, "ready", func() error {
+	testutil.Eventually(t, 10*time.Second, "ready", func() error {
 		code, body, err := httpGetIn(h1.NS, base+"/readyz")
 		if err != nil || code != 200 {
 			return fmt.Errorf("readyz %d %q %v", code, body, err)
@@ -179,7 +180,7 @@ func TestHealthAndMetricsEndpoints(t *testing.T) {
 	if err := l.StartAgent(h1); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "not ready without config", func() error {
+	testutil.Eventually(t, 10*time.Second, "not ready without config", func() error {
 		code, body, err := httpGetIn(h1.NS, base+"/readyz")
 		if err != nil || code != 503 || !strings.Contains(body, "config") {
 			return fmt.Errorf("readyz %d %q %v", code, body, err)
@@ -192,7 +193,7 @@ func TestHealthAndMetricsEndpoints(t *testing.T) {
 	if _, err := l.Client.Put(ctx(t), "/leased/network/config", string(cfg)); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "ready after config", func() error {
+	testutil.Eventually(t, 10*time.Second, "ready after config", func() error {
 		if code, body, err := httpGetIn(h1.NS, base+"/readyz"); err != nil || code != 200 {
 			return fmt.Errorf("readyz %d %q %v", code, body, err)
 		}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 )
 
 // A config that leaves one host's subnet out is refused by `leased config
@@ -32,7 +33,7 @@ func TestConfigThatStrandsAHostIsRefusedEverywhere(t *testing.T) {
 		h   *lab.Host
 		dst string
 	}{{h1, env2.Subnet4.String()}, {h2, env1.Subnet4.String()}} {
-		eventually(t, 20*time.Second, p.h.Name+" routes to "+p.dst, func() error {
+		testutil.Eventually(t, 20*time.Second, p.h.Name+" routes to "+p.dst, func() error {
 			if routeTo(t, p.h, p.dst) == "" {
 				return fmt.Errorf("no route")
 			}
@@ -68,7 +69,7 @@ func TestConfigThatStrandsAHostIsRefusedEverywhere(t *testing.T) {
 	if r := routeTo(t, h2, env1.Subnet4.String()); r == "" {
 		t.Errorf("%s dropped its route to %s's subnet %s", h2.Name, h1.Name, env1.Subnet4)
 	}
-	eventually(t, 20*time.Second, "both agents log the refusal", func() error {
+	testutil.Eventually(t, 20*time.Second, "both agents log the refusal", func() error {
 		for _, h := range l.Hosts {
 			if log := l.LogTail(h, 0); !strings.Contains(log, "network config refused") && !strings.Contains(log, "would invalidate this host's lease") {
 				return fmt.Errorf("%s has not logged it", h.Name)

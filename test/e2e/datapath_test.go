@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 )
 
 // Containers on different hosts reach each other by address, for every
@@ -107,7 +108,7 @@ func TestRemovedPeerRoutesDisappear(t *testing.T) {
 			l := up(t, lab.Config{Backend: backend, Hosts: 3})
 			h1, h3 := l.Hosts[0], l.Hosts[2]
 			env3, _ := h3.Env()
-			eventually(t, 10*time.Second, "route to host3", func() error {
+			testutil.Eventually(t, 10*time.Second, "route to host3", func() error {
 				if routeTo(t, h1, env3.Subnet4.String()) == "" || routeTo(t, h1, env3.Subnet6.String()) == "" {
 					return fmt.Errorf("no route to %s/%s", env3.Subnet4, env3.Subnet6)
 				}
@@ -117,7 +118,7 @@ func TestRemovedPeerRoutesDisappear(t *testing.T) {
 				t.Fatal(err)
 			}
 			revokeLease(t, l, h3.Name)
-			eventually(t, 5*time.Second, "host3's routes removed from host1", func() error {
+			testutil.Eventually(t, 5*time.Second, "host3's routes removed from host1", func() error {
 				if r := routeTo(t, h1, env3.Subnet4.String()) + routeTo(t, h1, env3.Subnet6.String()); r != "" {
 					return fmt.Errorf("still there: %s", r)
 				}
@@ -155,9 +156,9 @@ func TestDriftIsRepaired(t *testing.T) {
 		h1, h2 := l.Hosts[0], l.Hosts[1]
 		env2, _ := h2.Env()
 		for _, s := range []string{env2.Subnet4.String(), env2.Subnet6.String()} {
-			eventually(t, 10*time.Second, "route", func() error { return nonEmpty(routeTo(t, h1, s)) })
+			testutil.Eventually(t, 10*time.Second, "route", func() error { return nonEmpty(routeTo(t, h1, s)) })
 			mustIP(t, h1, "route", "del", s)
-			eventually(t, 15*time.Second, "route "+s+" restored", func() error {
+			testutil.Eventually(t, 15*time.Second, "route "+s+" restored", func() error {
 				r := routeTo(t, h1, s)
 				if !strings.Contains(r, "proto 76") {
 					return fmt.Errorf("route is %q", r)
@@ -175,7 +176,7 @@ func TestDriftIsRepaired(t *testing.T) {
 		for _, dev := range []string{"leased.4", "leased.6"} {
 			mustIP(t, h1, "link", "del", dev)
 		}
-		eventually(t, 15*time.Second, "devices back with all peers", func() error {
+		testutil.Eventually(t, 15*time.Second, "devices back with all peers", func() error {
 			for _, dev := range []string{"leased.4", "leased.6"} {
 				out, err := h1.IP("neigh", "show", "dev", dev)
 				if err != nil {
@@ -210,7 +211,7 @@ func TestStaleRoutesRemovedAtStart(t *testing.T) {
 	l := up(t, lab.Config{Backend: "host-gw"})
 	h1, h2 := l.Hosts[0], l.Hosts[1]
 	env2, _ := h2.Env()
-	eventually(t, 10*time.Second, "route to host2", func() error { return nonEmpty(routeTo(t, h1, env2.Subnet4.String())) })
+	testutil.Eventually(t, 10*time.Second, "route to host2", func() error { return nonEmpty(routeTo(t, h1, env2.Subnet4.String())) })
 	if err := l.StopAgent(h1, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -223,7 +224,7 @@ func TestStaleRoutesRemovedAtStart(t *testing.T) {
 	if err := l.StartAgent(h1); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "stale routes removed", func() error {
+	testutil.Eventually(t, 10*time.Second, "stale routes removed", func() error {
 		if r := routeTo(t, h1, "10.100.254.0/24") + routeTo(t, h1, "2001:db8:cd11:ffff::/64"); r != "" {
 			return fmt.Errorf("still there: %s", r)
 		}
@@ -241,7 +242,7 @@ func TestStaleRoutesRemovedAtStart(t *testing.T) {
 // sent (Icmp6OutNeighborSolicits).
 func routerSolicits(t *testing.T, ns string) int {
 	t.Helper()
-	out := mustNS(t, ns, "cat", "/proc/net/snmp6")
+	out := testutil.RunIn(t, ns, "cat", "/proc/net/snmp6")
 	for _, line := range strings.Split(out, "\n") {
 		if f := strings.Fields(line); len(f) == 2 && f[0] == "Icmp6OutNeighborSolicits" {
 			n, _ := strconv.Atoi(f[1])
@@ -276,7 +277,7 @@ func TestAgentRestartLosesNoPacket(t *testing.T) {
 					// later, so the router keeps asking throughout the
 					// restarts.
 					for _, kv := range []string{"base_reachable_time_ms=1000", "delay_first_probe_time=1"} {
-						mustNS(t, l.Upstream.NS, "sysctl", "-qw", "net.ipv6.neigh.eth0."+kv)
+						testutil.RunIn(t, l.Upstream.NS, "sysctl", "-qw", "net.ipv6.neigh.eth0."+kv)
 					}
 					flows = append(flows, flow{l.Upstream.NS, h1.Container.Addr6}, flow{l.Upstream.NS, h2.Container.Addr6})
 				}

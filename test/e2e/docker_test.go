@@ -20,6 +20,7 @@ import (
 
 	"github.com/leased/leased/dist"
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/lease"
 	"github.com/leased/leased/pkg/subnetenv"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -424,7 +425,7 @@ func TestDocker(t *testing.T) {
 					}
 					for _, dst := range []netip.Addr{b.addr4, b.addr6} {
 						var seen netip.Addr
-						eventually(t, 15*time.Second, fmt.Sprintf("%s → %s (%s)", a.d.h.Name, b.d.h.Name, dst), func() error {
+						testutil.Eventually(t, 15*time.Second, fmt.Sprintf("%s → %s (%s)", a.d.h.Name, b.d.h.Name, dst), func() error {
 							c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 							defer cancel()
 							var err error
@@ -455,7 +456,7 @@ func TestDocker(t *testing.T) {
 					if err := lab.PingUntil(ctx(t), l.Upstream.NS, c.addr6, 0, 10*time.Second); err != nil {
 						t.Errorf("upstream router → %s's container: %v", c.d.h.Name, err)
 					}
-					eventually(t, 10*time.Second, c.d.h.Name+"'s container → upstream router", func() error {
+					testutil.Eventually(t, 10*time.Second, c.d.h.Name+"'s container → upstream router", func() error {
 						_, err := c.d.run(ctx(t), "exec", c.name, "ping", "-c", "1", "-W", "2", l.Upstream.Addr.String())
 						return err
 					})
@@ -522,7 +523,7 @@ func TestDockerSubnetChange(t *testing.T) {
 	).Commit(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 20*time.Second, "host1's subnet.env rewritten", func() error {
+	testutil.Eventually(t, 20*time.Second, "host1's subnet.env rewritten", func() error {
 		env, err := h1.Env()
 		if err != nil {
 			return err
@@ -553,7 +554,7 @@ func TestDockerSubnetChange(t *testing.T) {
 		t.Fatalf("after the restart the container has %s, %s; want addresses in %s, %s", c1.addr4, c1.addr6, next4, next6)
 	}
 	for _, dst := range []netip.Addr{c2.addr4, c2.addr6} {
-		eventually(t, 15*time.Second, "host1 (new subnet) → host2 "+dst.String(), func() error {
+		testutil.Eventually(t, 15*time.Second, "host1 (new subnet) → host2 "+dst.String(), func() error {
 			c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			_, err := c1.fetch(c, dst)
@@ -561,7 +562,7 @@ func TestDockerSubnetChange(t *testing.T) {
 		})
 	}
 	for _, dst := range []netip.Addr{c1.addr4, c1.addr6} {
-		eventually(t, 15*time.Second, "host2 → host1 (new subnet) "+dst.String(), func() error {
+		testutil.Eventually(t, 15*time.Second, "host2 → host1 (new subnet) "+dst.String(), func() error {
 			c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			_, err := c2.fetch(c, dst)

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/subnetenv"
 )
 
@@ -87,7 +88,7 @@ func TestDockerUserPrecedence(t *testing.T) {
 	env2, _ := h2.Env()
 	c1 := ds[h1].runContainer(t, "c1")
 	c2 := ds[h2].runContainer(t, "c2")
-	eventually(t, 20*time.Second, "c1 → c2 before any DOCKER-USER rule", func() error { return c1.ping(ctx(t), c2.addr4) })
+	testutil.Eventually(t, 20*time.Second, "c1 → c2 before any DOCKER-USER rule", func() error { return c1.ping(ctx(t), c2.addr4) })
 
 	drop := []string{"DOCKER-USER", "-s", env1.Subnet4.String(), "-d", env2.Subnet4.String(), "-j", "DROP"}
 	nsRun(t, h2, append([]string{"iptables", "-I"}, drop...)...)
@@ -114,7 +115,7 @@ func TestDockerUserPrecedence(t *testing.T) {
 	if err := l.StartAgent(h2); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 30*time.Second, "leased's jump back in host2's FORWARD", func() error {
+	testutil.Eventually(t, 30*time.Second, "leased's jump back in host2's FORWARD", func() error {
 		if out := nsRun(t, h2, "iptables", "-S", "FORWARD"); !strings.Contains(out, "-j LEASED-FWD") {
 			return fmt.Errorf("no jump yet")
 		}
@@ -127,7 +128,7 @@ func TestDockerUserPrecedence(t *testing.T) {
 	// (the FORWARD policy is DROP and dockerd accepts nothing new towards
 	// docker0 from outside).
 	nsRun(t, h2, append([]string{"iptables", "-D"}, drop...)...)
-	eventually(t, 20*time.Second, "c1 → c2 after the DROP rule is gone", func() error { return c1.ping(ctx(t), c2.addr4) })
+	testutil.Eventually(t, 20*time.Second, "c1 → c2 after the DROP rule is gone", func() error { return c1.ping(ctx(t), c2.addr4) })
 	if n := countLeasedFwd(t, h2); n == 0 {
 		t.Errorf("LEASED-FWD on host2 counted no packets: the traffic was not accepted by leased's rules")
 	}
@@ -139,7 +140,7 @@ func TestDockerUserPrecedence(t *testing.T) {
 	ds[h2].argv = append(ds[h2].argv, "--icc=false")
 	ds[h2].start(t)
 	c3, c4 := ds[h2].runContainer(t, "c3"), ds[h2].runContainer(t, "c4")
-	eventually(t, 20*time.Second, "c1 → c4 with --icc=false on host2", func() error { return c1.ping(ctx(t), c4.addr4) })
+	testutil.Eventually(t, 20*time.Second, "c1 → c4 with --icc=false on host2", func() error { return c1.ping(ctx(t), c4.addr4) })
 	for i := range 3 {
 		if err := c3.ping(ctx(t), c4.addr4); err == nil {
 			t.Fatalf("--icc=false: c3 reached c4 on the same docker0 (try %d); host2 iptables -S FORWARD:\n%s", i+1, nsRun(t, h2, "iptables", "-S", "FORWARD"))
@@ -252,7 +253,7 @@ func TestIPMasqPerFamily(t *testing.T) {
 				t.Fatalf("the container has %s and %s; want an IPv4 address and one in %s", c.addr4, c.addr6, env.Subnet6)
 			}
 			for _, dst := range []netip.Addr{in.addr4, in.addr6} {
-				eventually(t, 15*time.Second, fmt.Sprintf("container (%s, %s) → internet %s", c.addr4, c.addr6, dst), func() error { return c.ping(ctx(t), dst) })
+				testutil.Eventually(t, 15*time.Second, fmt.Sprintf("container (%s, %s) → internet %s", c.addr4, c.addr6, dst), func() error { return c.ping(ctx(t), dst) })
 			}
 			nat6 := nsRun(t, h, "ip6tables", "-t", "nat", "-S", "LEASED-POSTRTG")
 			if !strings.Contains(nat6, "-s "+env.Subnet6.String()+" -m comment --comment \"leased: NAT leaving the cluster network\" -j MASQUERADE") {

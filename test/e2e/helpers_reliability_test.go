@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"math/big"
 	"net/netip"
@@ -167,28 +166,6 @@ func lastSubnet(network string, bits int) netip.Prefix {
 	return netip.PrefixFrom(addr, bits)
 }
 
-// putRecord writes a lease record straight into etcd, as a hostile or
-// broken client could.
-func putRecord(t *testing.T, cli *clientv3.Client, node string, v any) {
-	t.Helper()
-	var s string
-	switch v := v.(type) {
-	case string:
-		s = v
-	default:
-		b, err := json.Marshal(v)
-		if err != nil {
-			t.Fatal(err)
-		}
-		s = string(b)
-	}
-	c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := cli.Put(c, lease.NewKeys("").Lease(node), s); err != nil {
-		t.Fatalf("putting the lease of %s: %v", node, err)
-	}
-}
-
 // record reads h's lease record from etcd (nil if there is none).
 func leaseRecord(t *testing.T, cli *clientv3.Client, node string) (*lease.Record, error) {
 	c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -230,18 +207,6 @@ func synthPeer(l *lab.Lab, node string, s4, s6 netip.Prefix, host byte) map[stri
 		rec["IPv6Subnet"] = s6.String()
 	}
 	return rec
-}
-
-// waitFor polls cond every 200ms until it returns nil or timeout passes.
-func pollUntil(timeout time.Duration, cond func() error) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		err := cond()
-		if err == nil || time.Now().After(deadline) {
-			return err
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
 }
 
 // runCmd runs a command and returns its combined output.

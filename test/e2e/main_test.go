@@ -82,22 +82,6 @@ func ctx(t *testing.T) context.Context {
 	return c
 }
 
-// eventually retries cond until it returns nil or timeout passes.
-func eventually(t *testing.T, timeout time.Duration, what string, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: still not true after %s: %v", what, timeout, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
 // routeTo returns the line of `ip route show <dst>` in h (empty if none).
 func routeTo(t *testing.T, h *lab.Host, dst string) string {
 	t.Helper()

@@ -5,17 +5,15 @@ import (
 	be "encoding/binary"
 	"fmt"
 	"net/netip"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sys/unix"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -36,7 +34,7 @@ func TestNDPPresentModeFlood(t *testing.T) {
 	}
 	pid := agentPID(h)
 	rss0, _ := procRSS(pid)
-	nh := nsNetlink(t, h.NS)
+	nh := testutil.NSHandle(t, h.NS)
 	br, err := nh.LinkByName("cbr0")
 	if err != nil {
 		t.Fatal(err)
@@ -156,7 +154,7 @@ func TestNDPStopsWhenOwnKeysDeleted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "the agent logs that its keys were deleted", func() error {
+	testutil.Eventually(t, 10*time.Second, "the agent logs that its keys were deleted", func() error {
 		if !strings.Contains(l.LogTail(h, 200), "lease keys were deleted") {
 			return fmt.Errorf("not logged yet")
 		}
@@ -166,7 +164,7 @@ func TestNDPStopsWhenOwnKeysDeleted(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = lab.Ping(ctx(t), rtr.NS, h.Container.Addr6, 0)
-	eventually(t, 6*time.Second, "the router's resolution fails", func() error {
+	testutil.Eventually(t, 6*time.Second, "the router's resolution fails", func() error {
 		n, err := rtr.Neigh(h.Container.Addr6)
 		if err != nil {
 			return err
@@ -179,22 +177,4 @@ func TestNDPStopsWhenOwnKeysDeleted(t *testing.T) {
 		}
 		return nil
 	})
-}
-
-// nsNetlink returns a netlink handle in the named namespace.
-func nsNetlink(t *testing.T, name string) *netlink.Handle {
-	t.Helper()
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	ns, err := netns.GetFromName(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(h.Close)
-	return h
 }

@@ -4,13 +4,13 @@ import (
 	be "encoding/binary"
 	"fmt"
 	"net/netip"
-	"os/exec"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 )
 
 // Scenario B: hosts on an on-link /64 whose upstream router knows nothing
@@ -31,7 +31,7 @@ func TestNDPUpstream(t *testing.T) {
 			t.Fatalf("%s (%s) or its container (%s) is not in %s", h.Name, h.Addr6, h.Container.Addr6, lab.UpstreamPrefix)
 		}
 	}
-	if r := strings.TrimSpace(mustNS(t, rtr.NS, "ip", "-6", "route", "show", "proto", "76")); r != "" {
+	if r := strings.TrimSpace(testutil.RunIn(t, rtr.NS, "ip", "-6", "route", "show", "proto", "76")); r != "" {
 		t.Fatalf("the router has leased routes: %s", r)
 	}
 
@@ -73,7 +73,7 @@ func TestNDPUpstream(t *testing.T) {
 	t.Run("address added after start is reachable", func(t *testing.T) {
 		env2, _ := h2.Env()
 		late := addrIn(env2.Subnet6, 0x99)
-		mustNS(t, h2.CNS, "ip", "-6", "addr", "add", netip.PrefixFrom(late, env2.Subnet6.Bits()).String(), "dev", "eth0", "nodad")
+		testutil.RunIn(t, h2.CNS, "ip", "-6", "addr", "add", netip.PrefixFrom(late, env2.Subnet6.Bits()).String(), "dev", "eth0", "nodad")
 		start := time.Now()
 		if err := lab.PingUntil(ctx(t), rtr.NS, late, 0, 5*time.Second); err != nil {
 			t.Fatalf("router → new container address %s: %v", late, err)
@@ -111,7 +111,7 @@ func TestNDPUpstream(t *testing.T) {
 			_ = lab.Ping(ctx(t), rtr.NS, a, 0)
 		}
 		// The router gives up after 3 solicitations, 1 s apart.
-		eventually(t, 6*time.Second, "unanswered entries failed", func() error {
+		testutil.Eventually(t, 6*time.Second, "unanswered entries failed", func() error {
 			for _, a := range outside {
 				n, err := rtr.Neigh(a)
 				if err != nil {
@@ -167,7 +167,7 @@ func TestNDPPresentMode(t *testing.T) {
 	env, _ := l.Hosts[0].Env()
 	unused := addrIn(env.Subnet6, 0x77)
 	_ = lab.Ping(ctx(t), l.Upstream.NS, unused, 0)
-	eventually(t, 6*time.Second, "unused address failed", func() error {
+	testutil.Eventually(t, 6*time.Second, "unused address failed", func() error {
 		n, err := l.Upstream.Neigh(unused)
 		if err != nil {
 			return err
@@ -220,13 +220,4 @@ func nextPrefix(p netip.Prefix) netip.Prefix {
 	be.BigEndian.PutUint64(a[:8], hi)
 	be.BigEndian.PutUint64(a[8:], lo)
 	return netip.PrefixFrom(netip.AddrFrom16(a), p.Bits())
-}
-
-func mustNS(t *testing.T, ns string, args ...string) string {
-	t.Helper()
-	out, err := exec.Command("ip", append([]string{"netns", "exec", ns}, args...)...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%v in %s: %v: %s", args, ns, err, out)
-	}
-	return string(out)
 }

@@ -37,18 +37,8 @@ func runUnprivileged(t *testing.T, l *lab.Lab, h *lab.Host, node string, tc unpr
 		}
 		t.Skip("setpriv not found (Debian package util-linux)")
 	}
-	// A copy of the binary that every user may run (the test's temporary
-	// directories are private to root).
-	dir, err := os.MkdirTemp("", "leased-priv-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(dir, "leased")
-	copyFile(t, binary, bin, 0o755)
+	bin := publicBinary(t)
+	dir := filepath.Dir(bin) // the agent's files and tools, where it may read them
 
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
@@ -104,6 +94,24 @@ func runUnprivileged(t *testing.T, l *lab.Lab, h *lab.Host, node string, tc unpr
 	if _, err := os.Stat(filepath.Join(dir, "subnet.env")); err == nil {
 		t.Errorf("the agent wrote subnet.env")
 	}
+}
+
+// publicBinary returns a copy of the leased binary under test that every
+// user may run (the test's temporary directories are private to root),
+// removed when t ends. Its directory is readable by all too.
+func publicBinary(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "leased-bin-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "leased")
+	copyFile(t, binary, bin, 0o755)
+	return bin
 }
 
 func copyFile(t *testing.T, src, dst string, mode os.FileMode) {

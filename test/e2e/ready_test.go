@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 )
 
 // leased_ready, as an agent's /metrics shows it, and the /readyz answer.
@@ -29,7 +30,7 @@ func readiness(h *lab.Host) (metric string, code int, status string, err error) 
 // agrees (200 or 503 with a status containing say).
 func waitReadiness(t *testing.T, h *lab.Host, what, want, say string) {
 	t.Helper()
-	eventually(t, 30*time.Second, what, func() error {
+	testutil.Eventually(t, 30*time.Second, what, func() error {
 		m, code, status, err := readiness(h)
 		if err != nil {
 			return err

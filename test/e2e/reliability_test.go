@@ -23,6 +23,9 @@ import (
 
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
+	"github.com/leased/leased/pkg/lease"
 )
 
 // Scenario 2: a 3-member etcd cluster (real members, each its own raft
@@ -66,7 +69,7 @@ func TestEtcdClusterMemberLossAndQuorum(t *testing.T) {
 	}
 	leases := map[string]int64{}
 	for _, h := range l.Hosts {
-		eventually(t, 30*time.Second, h.Name+"'s lease in the cluster", func() error {
+		testutil.Eventually(t, 30*time.Second, h.Name+"'s lease in the cluster", func() error {
 			r, err := leaseRecord(t, cli, h.Name)
 			if err != nil || r == nil {
 				return fmt.Errorf("no record: %v", err)
@@ -100,14 +103,14 @@ func TestEtcdClusterMemberLossAndQuorum(t *testing.T) {
 	leader.Stop()
 	cfg := l.Cfg
 	peerA := synthPeer(l, "peer-a", lastSubnet(cfg.Network, cfg.SubnetLen), lastSubnet(cfg.IPv6Network, cfg.IPv6SubnetLen), 91)
-	eventually(t, 15*time.Second, "a write to the two remaining members", func() error {
+	testutil.Eventually(t, 15*time.Second, "a write to the two remaining members", func() error {
 		c, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
 		_, err := cli.Put(c, "/leased/network/leases/peer-a", mustJSON(peerA))
 		return err
 	})
 	for _, h := range l.Hosts {
-		eventually(t, 15*time.Second, h.Name+" programs peer-a", func() error {
+		testutil.Eventually(t, 15*time.Second, h.Name+" programs peer-a", func() error {
 			if !mentions(leasedState(t, h), peerA["Subnet"].(string)) || !mentions(leasedState(t, h), peerA["IPv6Subnet"].(string)) {
 				return fmt.Errorf("no route to peer-a")
 			}
@@ -162,14 +165,14 @@ func TestEtcdClusterMemberLossAndQuorum(t *testing.T) {
 	}
 	t.Log("quorum is back")
 	peerB := synthPeer(l, "peer-b", prevSubnet(lastSubnet(cfg.Network, cfg.SubnetLen)), prevSubnet(lastSubnet(cfg.IPv6Network, cfg.IPv6SubnetLen)), 92)
-	eventually(t, 15*time.Second, "a write after quorum returned", func() error {
+	testutil.Eventually(t, 15*time.Second, "a write after quorum returned", func() error {
 		c, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
 		_, err := cli.Put(c, "/leased/network/leases/peer-b", mustJSON(peerB))
 		return err
 	})
 	for _, h := range l.Hosts {
-		eventually(t, 30*time.Second, h.Name+" catches up", func() error {
+		testutil.Eventually(t, 30*time.Second, h.Name+" catches up", func() error {
 			r, err := leaseRecord(t, cli, h.Name)
 			if err != nil || r == nil {
 				return fmt.Errorf("no record: %v", err)
@@ -286,7 +289,7 @@ func TestEtcdUnreachable(t *testing.T) {
 			for time.Since(start) < outage {
 				checkStays("while etcd is unreachable")
 				if !wrote && time.Since(start) > outage/2 {
-					putRecord(t, l.Client, "newpeer", newPeer) // etcd itself is up; only the hosts are cut off
+					etcdtest.Put(t, l.Client, lease.NewKeys("").Lease("newpeer"), newPeer) // etcd itself is up; only the hosts are cut off
 					wrote = true
 				}
 				time.Sleep(500 * time.Millisecond)
@@ -301,7 +304,7 @@ func TestEtcdUnreachable(t *testing.T) {
 			t.Log("etcd reachable again")
 			recovered := time.Now()
 			for _, h := range l.Hosts {
-				err := pollUntil(30*time.Second, func() error {
+				err := testutil.Poll(30*time.Second, func() error {
 					checkStays("after etcd came back")
 					r, err := leaseRecord(t, l.Client, h.Name)
 					if err != nil || r == nil {
@@ -344,7 +347,7 @@ func TestDeadHostRemovedWithinTTL(t *testing.T) {
 	h1, h2, h3 := l.Hosts[0], l.Hosts[1], l.Hosts[2]
 	env3, _ := h3.Env()
 	for _, h := range []*lab.Host{h1, h2} {
-		eventually(t, 10*time.Second, h.Name+" routes to host3", func() error {
+		testutil.Eventually(t, 10*time.Second, h.Name+" routes to host3", func() error {
 			if !mentions(leasedState(t, h), env3.Subnet4.String()) || !mentions(leasedState(t, h), env3.Subnet6.String()) {
 				return fmt.Errorf("no routes to %s", h3.Name)
 			}
@@ -376,7 +379,7 @@ func TestDeadHostRemovedWithinTTL(t *testing.T) {
 	}
 	limit := ttl + 5*time.Second
 	for _, h := range []*lab.Host{h1, h2} {
-		err := pollUntil(limit-time.Since(killed), func() error {
+		err := testutil.Poll(limit-time.Since(killed), func() error {
 			if left := vtep(h); len(left) > 0 {
 				return fmt.Errorf("still there:\n%s", strings.Join(left, "\n"))
 			}
@@ -403,7 +406,7 @@ func TestBadConfigKeepsDatapath(t *testing.T) {
 	h1, h2 := l.Hosts[0], l.Hosts[1]
 	env1, _ := h1.Env()
 	env2, _ := h2.Env()
-	eventually(t, 10*time.Second, "routes", func() error {
+	testutil.Eventually(t, 10*time.Second, "routes", func() error {
 		if !mentions(leasedState(t, h1), env2.Subnet4.String()) || !mentions(leasedState(t, h2), env1.Subnet4.String()) {
 			return fmt.Errorf("hosts do not route to each other yet")
 		}
@@ -442,7 +445,7 @@ func TestBadConfigKeepsDatapath(t *testing.T) {
 		}
 		for _, h := range l.Hosts {
 			var line string
-			err := pollUntil(10*time.Second, func() error {
+			err := testutil.Poll(10*time.Second, func() error {
 				log, _ := os.ReadFile(h.LogFile())
 				for _, ln := range strings.Split(string(log[offsets[h.Name]:]), "\n") {
 					all := true
@@ -483,7 +486,7 @@ func TestBadConfigKeepsDatapath(t *testing.T) {
 	}
 	for _, pair := range [][2]*lab.Host{{h1, h2}, {h2, h1}} {
 		h, peer := pair[0], pair[1]
-		eventually(t, 15*time.Second, h.Name+" applies the valid config", func() error {
+		testutil.Eventually(t, 15*time.Second, h.Name+" applies the valid config", func() error {
 			env, _ := h.Env()
 			penv, _ := peer.Env()
 			was, _ := map[string]netip.Prefix{h1.Name: env1.Subnet4, h2.Name: env2.Subnet4}[h.Name]
@@ -517,7 +520,7 @@ func TestHostileLeasesNeverProgrammed(t *testing.T) {
 	h1, h2 := l.Hosts[0], l.Hosts[1]
 	env1, _ := h1.Env()
 	env2, _ := h2.Env()
-	eventually(t, 10*time.Second, "routes", func() error {
+	testutil.Eventually(t, 10*time.Second, "routes", func() error {
 		if !mentions(leasedState(t, h1), env2.Subnet6.String()) || !mentions(leasedState(t, h2), env1.Subnet6.String()) {
 			return fmt.Errorf("hosts do not route to each other yet")
 		}
@@ -588,12 +591,12 @@ func TestHostileLeasesNeverProgrammed(t *testing.T) {
 		}
 	}
 	for _, h := range hs {
-		putRecord(t, l.Client, h.node, h.rec)
+		etcdtest.Put(t, l.Client, lease.NewKeys("").Lease(h.node), h.rec)
 	}
 	c4, c6 := sub(20)
-	putRecord(t, l.Client, "canary", synthPeer(l, "canary", c4, c6, 120))
+	etcdtest.Put(t, l.Client, lease.NewKeys("").Lease("canary"), synthPeer(l, "canary", c4, c6, 120))
 	for _, h := range l.Hosts {
-		eventually(t, 15*time.Second, h.Name+" programs the canary written after the hostile records", func() error {
+		testutil.Eventually(t, 15*time.Second, h.Name+" programs the canary written after the hostile records", func() error {
 			if dp := leasedState(t, h); !mentions(dp, c4.String()) || !mentions(dp, c6.String()) {
 				return fmt.Errorf("canary not programmed")
 			}

@@ -19,6 +19,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -201,7 +202,7 @@ func TestLeaseChurnAbsorbed(t *testing.T) {
 		want[fmt.Sprintf("10.250.%d.0/24", m)] = "192.168.100.250"
 	}
 	t0 := time.Now()
-	err = pollUntil(15*time.Second, func() error {
+	err = testutil.Poll(15*time.Second, func() error {
 		got := map[string]string{}
 		for _, line := range leasedState(t, h) {
 			f := strings.Fields(strings.TrimPrefix(line, "route "))

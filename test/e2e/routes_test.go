@@ -12,6 +12,9 @@ import (
 	"time"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
+	"github.com/leased/leased/pkg/lease"
 )
 
 // addLAN gives h a second LAN link, name, addressed in the given prefixes
@@ -66,9 +69,9 @@ func TestHostRoutesStayTheHosts(t *testing.T) {
 		}
 	}
 	peer := synthPeer(l, "peer-lan", lan4, lan6, 93)
-	putRecord(t, l.Client, "peer-lan", peer)
+	etcdtest.Put(t, l.Client, lease.NewKeys("").Lease("peer-lan"), peer)
 	for _, dst := range []netip.Prefix{lan4, lan6} {
-		eventually(t, 15*time.Second, "a routes peer-lan's "+dst.String(), func() error {
+		testutil.Eventually(t, 15*time.Second, "a routes peer-lan's "+dst.String(), func() error {
 			if r := routeTo(t, a, dst.String()); !strings.Contains(r, "proto 76") {
 				return fmt.Errorf("a's route: %q", r)
 			}
@@ -87,7 +90,7 @@ func TestHostRoutesStayTheHosts(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, dst := range []netip.Prefix{lan4, lan6} {
-		eventually(t, 15*time.Second, "a drops peer-lan's "+dst.String(), func() error {
+		testutil.Eventually(t, 15*time.Second, "a drops peer-lan's "+dst.String(), func() error {
 			if r := routeTo(t, a, dst.String()); r != "" {
 				return fmt.Errorf("a's route: %q", r)
 			}
@@ -110,7 +113,7 @@ func TestHostRoutesStayTheHosts(t *testing.T) {
 	if err := l.StartAgent(a); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 30*time.Second, "a leases subnets off its LAN", func() error {
+	testutil.Eventually(t, 30*time.Second, "a leases subnets off its LAN", func() error {
 		r, err := leaseRecord(t, l.Client, a.Name)
 		if err != nil || r == nil {
 			return fmt.Errorf("no lease record of a: %v", err)

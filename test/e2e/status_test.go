@@ -5,15 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 )
 
 // statusArgs are `leased status`'s arguments for h, as its agent runs.
@@ -25,7 +24,7 @@ func statusArgs(l *lab.Lab, h *lab.Host) []string {
 // kernel matches the leases.
 func statusClean(t *testing.T, l *lab.Lab, h *lab.Host) {
 	t.Helper()
-	eventually(t, 30*time.Second, "leased status clean on "+h.Name, func() error {
+	testutil.Eventually(t, 30*time.Second, "leased status clean on "+h.Name, func() error {
 		out, code := cli(t, h.NS, statusArgs(l, h)...)
 		if code != 0 || !strings.Contains(out, "the kernel matches the leases") {
 			return fmt.Errorf("exit %d:\n%s", code, out)
@@ -104,16 +103,7 @@ func TestCLIStatusProxyNDP(t *testing.T) {
 	t.Run("as another user", func(t *testing.T) {
 		// It may not see the agent's sockets: it says so rather than
 		// reporting the answers missing.
-		dir, err := os.MkdirTemp("", "leased-status-")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.RemoveAll(dir) })
-		if err := os.Chmod(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		bin := filepath.Join(dir, "leased")
-		copyFile(t, binary, bin, 0o755)
+		bin := publicBinary(t)
 		args := append([]string{"netns", "exec", h1.NS, "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", bin}, statusArgs(l, h1)...)
 		out, err := exec.Command("ip", args...).CombinedOutput()
 		var ee *exec.ExitError

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -54,7 +55,7 @@ func TestTeardown(t *testing.T) {
 					"--node-name="+h.Name, "--subnet-file="+h.SubnetFile())
 			}
 			// Converged: the kernel matches the leases (leased status).
-			eventually(t, 60*time.Second, "leased status of host1 reports a converged datapath", func() error {
+			testutil.Eventually(t, 60*time.Second, "leased status of host1 reports a converged datapath", func() error {
 				out, code := leasedIn(t, h1, agentArgs(h1, "status")...)
 				if code != 0 {
 					return errors.New(out)
@@ -190,7 +191,7 @@ func TestAgentWaitsForTeardown(t *testing.T) {
 	if err := l.StartAgent(h); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 30*time.Second, "the agent says it waits for teardown", func() error {
+	testutil.Eventually(t, 30*time.Second, "the agent says it waits for teardown", func() error {
 		if !strings.Contains(l.LogTail(h, 0), "leased teardown is running for this host; waiting for it to finish") {
 			return errors.New("not yet")
 		}

@@ -10,7 +10,10 @@ import (
 	"time"
 
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/backend/vtep"
+	"github.com/leased/leased/pkg/lease"
 )
 
 // A lease record that copies an honest host's VTEP MACs (a cloned or
@@ -49,7 +52,7 @@ func TestVXLANCopiedMACNeverTakesOverFDB(t *testing.T) {
 		}
 		return nil
 	}
-	eventually(t, 15*time.Second, "host1's FDB entries for host2", honest)
+	testutil.Eventually(t, 15*time.Second, "host1's FDB entries for host2", honest)
 
 	r2, err := leaseRecord(t, l.Client, h2.Name)
 	if err != nil || r2 == nil {
@@ -64,16 +67,16 @@ func TestVXLANCopiedMACNeverTakesOverFDB(t *testing.T) {
 	// A broken record as well: while one exists, the peer filter is
 	// recomputed on every change, and the whole peer set goes to the
 	// backend each time.
-	putRecord(t, l.Client, "broken", map[string]any{"Node": "broken", "Subnet": "10.254.0.0/24", "PublicIP": "192.168.100.66", "BackendType": "vxlan"})
+	etcdtest.Put(t, l.Client, lease.NewKeys("").Lease("broken"), map[string]any{"Node": "broken", "Subnet": "10.254.0.0/24", "PublicIP": "192.168.100.66", "BackendType": "vxlan"})
 	s4, s6 := prevSubnet(n4), prevSubnet(n6)
 	for i := range 8 {
 		forged := synthPeer(l, "mallory", n4, n6, byte(70+i))
 		forged["BackendData"] = copied
-		putRecord(t, l.Client, "mallory", forged)
+		etcdtest.Put(t, l.Client, lease.NewKeys("").Lease("mallory"), forged)
 		// A valid record written after it: once host1 programs it, it
 		// has processed the forged one.
-		putRecord(t, l.Client, "canary", synthPeer(l, "canary", s4, s6, byte(90+i)))
-		eventually(t, 15*time.Second, "host1 programs the canary", func() error {
+		etcdtest.Put(t, l.Client, lease.NewKeys("").Lease("canary"), synthPeer(l, "canary", s4, s6, byte(90+i)))
+		testutil.Eventually(t, 15*time.Second, "host1 programs the canary", func() error {
 			for _, line := range leasedState(t, h1) {
 				if strings.Contains(line, fmt.Sprintf(" dst 192.168.100.%d ", 90+i)) {
 					return nil

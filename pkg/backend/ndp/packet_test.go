@@ -11,6 +11,8 @@ import (
 	"golang.org/x/net/bpf"
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv6"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 var (
@@ -21,42 +23,12 @@ var (
 	ndpNetwork   = netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")
 )
 
-// nsFrame builds an Ethernet frame carrying a Neighbor Solicitation for
-// target from src, encoded independently of the code under test: the
-// ICMPv6 message and its checksum by golang.org/x/net/icmp.
-func nsFrame(t testing.TB, src, target netip.Addr, sll bool) []byte {
-	t.Helper()
-	dst := solicitedNode(target)
-	body := make([]byte, 20) // reserved + target
-	copy(body[4:], target.AsSlice())
-	if sll {
-		body = append(body, optSourceLL, 1)
-		body = append(body, ndpRouterMAC[:]...)
-	}
-	m := icmp.Message{Type: ipv6.ICMPTypeNeighborSolicitation, Body: &icmp.RawBody{Data: body}}
-	msg, err := m.Marshal(icmp.IPv6PseudoHeader(net.IP(src.AsSlice()), net.IP(dst.AsSlice())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	d := dst.As16()
-	f := []byte{0x33, 0x33, d[12], d[13], d[14], d[15]}
-	f = append(f, ndpRouterMAC[:]...)
-	f = append(f, 0x86, 0xdd)
-	ip := make([]byte, 40)
-	ip[0] = 0x60
-	binary.BigEndian.PutUint16(ip[4:], uint16(len(msg)))
-	ip[6], ip[7] = 58, 255
-	copy(ip[8:], src.AsSlice())
-	copy(ip[24:], dst.AsSlice())
-	return append(append(f, ip...), msg...)
-}
-
 func TestNDPParseAndAnswer(t *testing.T) {
 	target := netip.MustParseAddr("2001:db8:ab11:0:8000::42")
 	lladdr := netip.MustParseAddr("fe80::11")
 	for _, sll := range []bool{true, false} {
 		var s solicitation
-		if err := parseNS(nsFrame(t, ndpRouter, target, sll), &s); err != nil {
+		if err := parseNS(testutil.NSFrame(t, ndpRouterMAC, ndpRouter, target, sll), &s); err != nil {
 			t.Fatalf("parseNS(sll=%v): %v", sll, err)
 		}
 		if s.src != ndpRouter || s.target != target || s.hasSLL != sll || s.ethSrc != ndpRouterMAC || s.dad() {
@@ -104,7 +76,7 @@ func TestNDPParseAndAnswer(t *testing.T) {
 func TestNDPParseDAD(t *testing.T) {
 	target := netip.MustParseAddr("2001:db8:ab11:0:8000::42")
 	var s solicitation
-	if err := parseNS(nsFrame(t, netip.IPv6Unspecified(), target, false), &s); err != nil {
+	if err := parseNS(testutil.NSFrame(t, ndpRouterMAC, netip.IPv6Unspecified(), target, false), &s); err != nil {
 		t.Fatal(err)
 	}
 	if !s.dad() {
@@ -124,22 +96,29 @@ func TestNDPParseDAD(t *testing.T) {
 
 func TestNDPParseRejects(t *testing.T) {
 	target := netip.MustParseAddr("2001:db8:ab11:0:8000::42")
-	good := func() []byte { return nsFrame(t, ndpRouter, target, true) }
+	good := func() []byte { return testutil.NSFrame(t, ndpRouterMAC, ndpRouter, target, true) }
 	cases := map[string]func() []byte{
-		"hop limit 254":      func() []byte { f := good(); f[21] = 254; return f },
-		"bad checksum":       func() []byte { f := good(); f[56] ^= 1; return f },
-		"code 1":             func() []byte { f := good(); f[55] = 1; return f }, // checksum also off, but code first
-		"not ICMPv6":         func() []byte { f := good(); f[20] = 17; return f },
-		"extension header":   func() []byte { f := good(); f[20] = 0; return f },
-		"not IPv6":           func() []byte { f := good(); f[12] = 0x08; f[13] = 0; return f },
-		"truncated":          func() []byte { return good()[:70] },
-		"payload too long":   func() []byte { f := good(); f[19] += 8; return f },
-		"advertisement":      func() []byte { f := good(); f[54] = icmpTypeNA; return f },
-		"multicast target":   func() []byte { return nsFrame(t, ndpRouter, netip.MustParseAddr("ff02::1"), false) },
-		"DAD with SLL":       func() []byte { return nsFrame(t, netip.IPv6Unspecified(), target, true) },
-		"zero-length option": func() []byte { f := nsFrame(t, ndpRouter, target, true); f[79] = 0; fixSum(f); return f },
+		"hop limit 254":    func() []byte { f := good(); f[21] = 254; return f },
+		"bad checksum":     func() []byte { f := good(); f[56] ^= 1; return f },
+		"code 1":           func() []byte { f := good(); f[55] = 1; return f }, // checksum also off, but code first
+		"not ICMPv6":       func() []byte { f := good(); f[20] = 17; return f },
+		"extension header": func() []byte { f := good(); f[20] = 0; return f },
+		"not IPv6":         func() []byte { f := good(); f[12] = 0x08; f[13] = 0; return f },
+		"truncated":        func() []byte { return good()[:70] },
+		"payload too long": func() []byte { f := good(); f[19] += 8; return f },
+		"advertisement":    func() []byte { f := good(); f[54] = icmpTypeNA; return f },
+		"multicast target": func() []byte {
+			return testutil.NSFrame(t, ndpRouterMAC, ndpRouter, netip.MustParseAddr("ff02::1"), false)
+		},
+		"DAD with SLL": func() []byte { return testutil.NSFrame(t, ndpRouterMAC, netip.IPv6Unspecified(), target, true) },
+		"zero-length option": func() []byte {
+			f := testutil.NSFrame(t, ndpRouterMAC, ndpRouter, target, true)
+			f[79] = 0
+			fixSum(f)
+			return f
+		},
 		"DAD not solicited-node": func() []byte {
-			f := nsFrame(t, netip.IPv6Unspecified(), target, false)
+			f := testutil.NSFrame(t, ndpRouterMAC, netip.IPv6Unspecified(), target, false)
 			f[53] ^= 1
 			fixSum(f)
 			return f
@@ -179,28 +158,28 @@ func TestNDPFilter(t *testing.T) {
 			t.Fatalf("%s: %v", tc.slice, err)
 		}
 		for _, a := range tc.in {
-			if n, err := vm.Run(nsFrame(t, ndpRouter, netip.MustParseAddr(a), true)); err != nil || n == 0 {
+			if n, err := vm.Run(testutil.NSFrame(t, ndpRouterMAC, ndpRouter, netip.MustParseAddr(a), true)); err != nil || n == 0 {
 				t.Errorf("%s: solicitation for %s dropped (%d, %v)", tc.slice, a, n, err)
 			}
 		}
 		for _, a := range tc.out {
-			if n, _ := vm.Run(nsFrame(t, ndpRouter, netip.MustParseAddr(a), true)); n != 0 {
+			if n, _ := vm.Run(testutil.NSFrame(t, ndpRouterMAC, ndpRouter, netip.MustParseAddr(a), true)); n != 0 {
 				t.Errorf("%s: solicitation for %s passed", tc.slice, a)
 			}
 		}
-		f := nsFrame(t, ndpRouter, netip.MustParseAddr(tc.in[0]), true)
+		f := testutil.NSFrame(t, ndpRouterMAC, ndpRouter, netip.MustParseAddr(tc.in[0]), true)
 		f[54] = icmpTypeNA
 		if n, _ := vm.Run(f); n != 0 {
 			t.Errorf("%s: an advertisement passed", tc.slice)
 		}
-		f = nsFrame(t, ndpRouter, netip.MustParseAddr(tc.in[0]), true)
+		f = testutil.NSFrame(t, ndpRouterMAC, ndpRouter, netip.MustParseAddr(tc.in[0]), true)
 		f[21] = 64
 		if n, _ := vm.Run(f); n != 0 {
 			t.Errorf("%s: hop limit 64 passed", tc.slice)
 		}
 	}
 	vm, _ := bpf.NewVM(nsFilter(netip.Prefix{}))
-	if n, _ := vm.Run(nsFrame(t, ndpRouter, netip.MustParseAddr("2001:db8::1"), true)); n != 0 {
+	if n, _ := vm.Run(testutil.NSFrame(t, ndpRouterMAC, ndpRouter, netip.MustParseAddr("2001:db8::1"), true)); n != 0 {
 		t.Error("the withdrawn filter passed a solicitation")
 	}
 	if _, err := bpf.Assemble(nsFilter(netip.MustParsePrefix("::/0"))); err != nil {
@@ -244,7 +223,7 @@ func TestNDPDecide(t *testing.T) {
 }
 
 func BenchmarkNDPAnswer(b *testing.B) {
-	f := nsFrame(b, ndpRouter, netip.MustParseAddr("2001:db8:ab11:0:8000::42"), true)
+	f := testutil.NSFrame(b, ndpRouterMAC, ndpRouter, netip.MustParseAddr("2001:db8:ab11:0:8000::42"), true)
 	out := make([]byte, 0, naLen)
 	var s solicitation
 	src := netip.MustParseAddr("fe80::11")
