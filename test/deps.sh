@@ -2,7 +2,8 @@
 # Installs the system packages the lab and the tests use, when missing
 # (gcc and libc6-dev: cgo, for make test's race detector run;
 # systemd-container, mmdebstrap and zstd: the real-systemd test in
-# test/systemd; lintian: make test checks the Debian package).
+# test/systemd; lintian: make test checks the Debian package; docker-compose:
+# TestDockerIPAMCompose).
 # Debian/Ubuntu, as root. Extra package names can be passed as arguments.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -10,7 +11,7 @@ need=()
 for pkg_cmd in iproute2:ip iptables:iptables iputils-ping:ping procps:sysctl etcd-server:etcd \
     systemd:systemd-analyze docker.io:dockerd busybox-static:busybox-static \
     gcc:gcc libc6-dev:libc6-dev systemd-container:systemd-nspawn mmdebstrap:mmdebstrap \
-    zstd:zstd lintian:lintian prometheus:promtool "$@"; do
+    zstd:zstd lintian:lintian prometheus:promtool docker-compose:docker-compose "$@"; do
   pkg=${pkg_cmd%%:*} cmd=${pkg_cmd#*:}
   if [ "$pkg" = "$cmd" ]; then
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")

@@ -75,8 +75,9 @@ type agent struct {
 	started  bool // be.Start ran for self
 	ready    bool
 	status   string
-	health   health  // what /readyz reports
-	own      ownKeys // which keys carrying the node name are this host's
+	health   health      // what /readyz reports
+	own      ownKeys     // which keys carrying the node name are this host's
+	ipam     *dockerIPAM // the Docker IPAM driver (dockeripam.go); nil in tests
 
 	// etcd says why etcd cannot be used (nil in tests of the agent alone).
 	etcd *etcdMonitor
@@ -734,6 +735,7 @@ func (a *agent) ensureLease(ctx context.Context) error {
 
 func (a *agent) writeSubnetEnv() error {
 	env := subnetenv.Env{Subnet4: a.self.Subnet, Subnet6: a.self.IPv6Subnet, MTU: a.be.MTU(), IPMasq: a.o.ipMasq, Backend: a.be.Type()}
+	env.Docker0Bits = a.ipam.lease(env.Subnet4, env.Subnet6) // docker0's share; the rest is the driver's
 	if a.self.Subnet.IsValid() {
 		env.Network4 = a.cfg.IPv4.Network
 	}

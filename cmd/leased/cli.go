@@ -311,6 +311,8 @@ func runLeases(args []string) int {
 	o := &options{}
 	fs := cliFlags("leased leases", "leased leases [-o table|json] [flags]", o)
 	format := fs.String("o", "table", "output format: table or json")
+	ipamState := fs.String("docker-ipam-state", "/var/lib/leased/docker-ipam.json", "with -o json, this host's Docker network pools are read from here and shown on its row")
+	node := fs.String("node-name", "", "this host's node name (default: as the agent derives it)")
 	if !parseCLI(fs, args) {
 		return 2
 	}
@@ -335,6 +337,7 @@ func runLeases(args []string) int {
 		fmt.Fprintf(os.Stderr, "leased leases: warning: %v\n", e)
 	}
 	if *format == "json" {
+		addDockerPools(rows, *node, *ipamState)
 		if err := leaseview.JSON(os.Stdout, rows); err != nil {
 			return 1
 		}
@@ -408,6 +411,13 @@ func runStatus(args []string) int {
 		fail("subnet.env:  %s holds %v, the lease %v: the agent has not caught up or dockerd's file is stale", o.subnetFile, []any{env.Subnet4, env.Subnet6}, self.Subnets())
 	default:
 		fmt.Printf("subnet.env:  %s matches the lease (MTU %d)\n", o.subnetFile, env.MTU)
+	}
+	if o.dockerIPAM.on {
+		if msg, ok := dockerPoolsStatus(o.dockerIPAM.state, self.Subnet, self.IPv6Subnet); ok {
+			fmt.Println(msg)
+		} else {
+			fail("%s", msg)
+		}
 	}
 	ext, _, err := findExtIface(o)
 	if err != nil {

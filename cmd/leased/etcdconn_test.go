@@ -107,7 +107,7 @@ func (p *leasedProc) waitLine(t *testing.T, re string, d time.Duration) time.Dur
 func agentArgs(t *testing.T, node string, more ...string) []string {
 	dir := t.TempDir()
 	return append([]string{"--iface=eth0", "--node-name=" + node, "--subnet-file=" + filepath.Join(dir, "subnet.env"),
-		"--lease-ttl=10s"}, more...)
+		"--lease-ttl=10s", "--docker-ipam=false"}, more...)
 }
 
 // Endpoints that do not parse, TLS mixed with plaintext, TLS flags with an

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/leased/leased/pkg/dockeripam"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -34,6 +35,17 @@ type options struct {
 	resync           time.Duration
 	metricsAddr      string
 	leaseCache       string
+	dockerIPAM       dockerIPAMOptions
+}
+
+// dockerIPAMOptions are the flags of the Docker IPAM driver (pkg/dockeripam).
+type dockerIPAMOptions struct {
+	on          bool
+	socket      string
+	state       string
+	docker0Bits int
+	poolBits4   int
+	poolBits6   int
 }
 
 // DefaultLeaseTTL is how long a host's lease outlives its last keep-alive.
@@ -88,6 +100,28 @@ func (o *options) registerAgent(fs *flag.FlagSet) {
 	fs.StringVar(&o.leaseCache, "lease-cache", "", "where the agent saves the lease set at exit, to resume the etcd watch from it on restart instead of reading every lease (default: leases.cache next to --subnet-file; \"none\" disables)")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", "", "serve /healthz, /readyz and /metrics on this address (e.g. 127.0.0.1:9464); off when empty")
 	fs.DurationVar(&o.resync, "resync-interval", 10*time.Second, "how often the datapath is compared with the kernel in full")
+	d := &o.dockerIPAM
+	fs.BoolVar(&d.on, "docker-ipam", true, "serve the Docker IPAM driver \"leased\" (docker network create --ipam-driver=leased): pools for user-defined networks from this host's lease; docker0 then keeps only a share of the lease (see --docker-ipam-docker0-bits)")
+	fs.StringVar(&d.socket, "docker-ipam-socket", dockeripam.DefaultSocket, "the IPAM driver's unix socket, where dockerd looks for plugins")
+	fs.StringVar(&d.state, "docker-ipam-state", "/var/lib/leased/docker-ipam.json", "where the IPAM driver keeps the pools and addresses it handed out (must survive reboots, as Docker's networks do)")
+	fs.IntVar(&d.docker0Bits, "docker-ipam-docker0-bits", dockeripam.DefaultSplit.Docker0Bits, "with --docker-ipam, docker0 keeps the first 1/2^N of each leased subnet (2: a /26 of a /24, a /66 of a /64); the rest is for user-defined networks")
+	fs.IntVar(&d.poolBits4, "docker-ipam-pool-bits4", dockeripam.DefaultSplit.PoolBits4, "a user-defined network's IPv4 pool is 1/2^N of the leased subnet (3: /27s of a /24), unless it asks for a --subnet")
+	fs.IntVar(&d.poolBits6, "docker-ipam-pool-bits6", dockeripam.DefaultSplit.PoolBits6, "a user-defined network's IPv6 pool is 1/2^N of the leased subnet (16: /80s of a /64), unless it asks for a --subnet")
+}
+
+// split is how the leased subnets are shared between docker0 and the
+// Docker IPAM driver's pools.
+func (d *dockerIPAMOptions) split() dockeripam.Split {
+	return dockeripam.Split{Docker0Bits: d.docker0Bits, PoolBits4: d.poolBits4, PoolBits6: d.poolBits6}
+}
+
+// docker0Share is subnet.env's split: docker0 keeps everything without the
+// driver.
+func (d *dockerIPAMOptions) docker0Share() int {
+	if !d.on {
+		return 0
+	}
+	return d.docker0Bits
 }
 
 // applyEnv sets every flag not given on the command line from
@@ -135,6 +169,12 @@ func (o *options) validate() error {
 		}
 		if (a.name == "--public-ip") != ip.Is4() {
 			return fmt.Errorf("%s %s has the wrong address family", a.name, a.v)
+		}
+	}
+	if o.dockerIPAM.on {
+		// The subnets' lengths are checked once the lease is known.
+		if err := o.dockerIPAM.split().Validate(netip.Prefix{}, netip.Prefix{}); err != nil {
+			return err
 		}
 	}
 	if o.etcdPassword != "" && o.etcdPasswordFile != "" {

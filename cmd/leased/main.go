@@ -194,6 +194,7 @@ func runAgent(ctx context.Context, o *options) error {
 	}
 	a := newAgent(o, cli, ext, node)
 	a.etcd = mon
+	a.ipam = startDockerIPAM(ctx, &o.dockerIPAM, o.subnetFile)
 	if o.metricsAddr != "" {
 		if err := serveHTTP(ctx, o.metricsAddr, &a.health); err != nil {
 			return err

@@ -340,7 +340,7 @@ func TestEtcdPasswordNeverShown(t *testing.T) {
 			node := "pw-" + mode
 			args := []string{"netns", "exec", ns, os.Args[0], "-test.run=^TestHelperLeasedProcess$", "--",
 				"--etcd-endpoints=" + m.UnixURL, "--etcd-username=leased", "--iface=eth0", "--node-name=" + node,
-				"--subnet-file=" + filepath.Join(dir, "subnet.env"), "--lease-ttl=10s", "-v=10"}
+				"--subnet-file=" + filepath.Join(dir, "subnet.env"), "--lease-ttl=10s", "-v=10", "--docker-ipam=false"}
 			env := append(os.Environ(), "LEASED_TEST_HELPER=1")
 			if mode == "file" {
 				pw := filepath.Join(dir, "pw")

@@ -28,14 +28,42 @@ import (
 
 // BenchResult is one row of the datapath benchmark.
 type BenchResult struct {
-	Peers         int
-	Routes        int
-	AgentStart    time.Duration // agent start → all 2N routes in the kernel
-	IPBatch       time.Duration // ip -batch installing the same 2N routes
-	PeakRSS       int64         // agent VmHWM in bytes
+	Peers      int
+	Routes     int
+	AgentStart time.Duration // agent start → all 2N routes in the kernel
+	IPBatch    time.Duration // ip -batch installing the same 2N routes as plain gateway routes
+	// IPBatchNH is ip -batch installing them through one nexthop object
+	// per route (`nexthop add id …` + `route add … nhid …`); zero when the
+	// kernel refused nexthop objects.
+	IPBatchNH     time.Duration
+	PeakRSS       int64 // agent VmHWM in bytes
 	NewPeerP50    time.Duration
 	NewPeerP99    time.Duration
+	NewPeerMax    time.Duration
 	NewPeerSample int
+	// IdleCPU is the agent's CPU time divided by IdleWindow, measured with
+	// no lease changes after the joins (0 when not measured).
+	IdleCPU    float64
+	IdleWindow time.Duration
+}
+
+// BenchOptions configure BenchDatapathWith.
+type BenchOptions struct {
+	Binary string // the leased agent
+	Sizes  []int  // peer counts, each measured Runs times on a fresh lab
+	Runs   int
+	// NewPeers joins are timed (lease put → route), JoinInterval apart, so
+	// that they spread across several resync periods.
+	NewPeers     int
+	JoinInterval time.Duration
+	// IdleWindow is how long the idle agent's CPU is averaged, at the
+	// largest size only; 0 skips it.
+	IdleWindow time.Duration
+	// PlainMax skips the plain-route ip -batch above this many peers (0:
+	// never): at 50,000 it takes minutes on an idle machine, far longer
+	// on a loaded one.
+	PlainMax int
+	Log      func(string, ...any)
 }
 
 // BenchDatapath measures, for each N in sizes, one host-gw host in a
@@ -45,10 +73,20 @@ type BenchResult struct {
 // namespace — the time `ip -batch` takes to install the same routes.
 // Each size is measured runs times (at least once), each run on a fresh lab.
 func BenchDatapath(ctx context.Context, binary string, sizes []int, runs, newPeers int, log func(string, ...any)) ([]BenchResult, error) {
+	return BenchDatapathWith(ctx, BenchOptions{Binary: binary, Sizes: sizes, Runs: runs, NewPeers: newPeers, Log: log})
+}
+
+// BenchDatapathWith is BenchDatapath with every option.
+func BenchDatapathWith(ctx context.Context, o BenchOptions) ([]BenchResult, error) {
 	var out []BenchResult
-	for _, n := range sizes {
-		for range max(runs, 1) {
-			r, err := benchOne(ctx, binary, n, newPeers, log)
+	largest := slices.Max(o.Sizes)
+	for _, n := range o.Sizes {
+		for range max(o.Runs, 1) {
+			oo := o
+			if n != largest {
+				oo.IdleWindow = 0
+			}
+			r, err := benchOne(ctx, oo, n)
 			if err != nil {
 				return out, err
 			}
@@ -58,10 +96,11 @@ func BenchDatapath(ctx context.Context, binary string, sizes []int, runs, newPee
 	return out, nil
 }
 
-func benchOne(ctx context.Context, binary string, n, newPeers int, log func(string, ...any)) (BenchResult, error) {
+func benchOne(ctx context.Context, o BenchOptions, n int) (BenchResult, error) {
+	log, newPeers := o.Log, o.NewPeers
 	res := BenchResult{Peers: n, Routes: 2 * n}
 	l, err := Up(ctx, Config{Hosts: 1, Backend: "host-gw", IPv4: true, IPv6: true, Network: "10.0.0.0/8", SubnetLen: 24,
-		IPv6Network: "2001:db8::/32", IPv6SubnetLen: 64, Binary: binary, LeaseTTL: 10 * time.Minute, Log: log})
+		IPv6Network: "2001:db8::/32", IPv6SubnetLen: 64, Binary: o.Binary, LeaseTTL: 30 * time.Minute, Log: log})
 	if err != nil {
 		return res, err
 	}
@@ -70,7 +109,12 @@ func benchOne(ctx context.Context, binary string, n, newPeers int, log func(stri
 	if err := l.StopAgent(h, syscall.SIGTERM); err != nil {
 		return res, err
 	}
-	// N peers on the LAN (gateways .20-.219 / ::14-..., repeated).
+	// N peers, each with a public IP of its own on the host's link, as in
+	// a real cluster: IPv4 from benchPeerNet4 (an extra prefix on eth0),
+	// IPv6 from the LAN's /64.
+	if _, err := h.IP("addr", "add", benchPeerNet4.String(), "dev", "eth0"); err != nil {
+		return res, fmt.Errorf("adding %s to eth0: %w", benchPeerNet4, err)
+	}
 	g, err := l.Client.Grant(ctx, 3600)
 	if err != nil {
 		return res, err
@@ -98,13 +142,16 @@ func benchOne(ctx context.Context, binary string, n, newPeers int, log func(stri
 			}
 		}
 	}
-	var batch4, batch6 strings.Builder
-	for range n {
+	var batch4, batch6, batchNH strings.Builder
+	for i := range n {
 		rec := nextPeer()
 		v, _ := json.Marshal(rec)
 		ops = append(ops, clientv3.OpPut(lease.NewKeys("").Lease(rec.Node), string(v), clientv3.WithLease(g.ID)))
 		fmt.Fprintf(&batch4, "route add %s via %s dev eth0 proto 76\n", rec.Subnet, rec.PublicIP)
 		fmt.Fprintf(&batch6, "route add %s via %s dev eth0 proto 76\n", rec.IPv6Subnet, rec.PublicIPv6)
+		id4, id6 := 1000000+2*i, 1000000+2*i+1
+		fmt.Fprintf(&batchNH, "nexthop add id %d via %s dev eth0 proto 76\nroute add %s nhid %d proto 76\n", id4, rec.PublicIP, rec.Subnet, id4)
+		fmt.Fprintf(&batchNH, "nexthop add id %d via %s dev eth0 proto 76\nroute add %s nhid %d proto 76\n", id6, rec.PublicIPv6, rec.IPv6Subnet, id6)
 		if len(ops) == 100 {
 			if err := flush(); err != nil {
 				return res, err
@@ -133,9 +180,13 @@ func benchOne(ctx context.Context, binary string, n, newPeers int, log func(stri
 		return c
 	}
 	flushRoutes := func() error {
+		// Nexthop objects first (ip -batch's or the agent's), which takes
+		// the routes through them along: `ip route flush` cannot delete
+		// those. An older kernel or ip has none to flush.
+		_, _ = h.IP("nexthop", "flush", "proto", "76")
 		for _, fam := range []string{"-4", "-6"} {
-			if _, err := h.IP(fam, "route", "flush", "proto", "76"); err != nil {
-				return err
+			if out, err := h.IP(fam, "route", "flush", "proto", "76"); err != nil {
+				log("ip %s route flush proto 76: %v: %s", fam, err, out)
 			}
 		}
 		if c := countRoutes(); c != 0 {
@@ -176,7 +227,7 @@ func benchOne(ctx context.Context, binary string, n, newPeers int, log func(stri
 		if err := start(); err != nil {
 			return 0, err
 		}
-		deadline := time.After(5 * time.Minute)
+		deadline := time.After(15 * time.Minute)
 		tick := time.NewTicker(100 * time.Millisecond)
 		defer tick.Stop()
 	count:
@@ -195,7 +246,7 @@ func benchOne(ctx context.Context, binary string, n, newPeers int, log func(stri
 					break count
 				}
 			case <-deadline:
-				return 0, fmt.Errorf("%s installed %d of %d routes within 5m", what, countRoutes(), 2*n)
+				return 0, fmt.Errorf("%s installed %d of %d routes within 15m", what, countRoutes(), 2*n)
 			}
 		}
 		took := time.Since(t0)
@@ -206,20 +257,31 @@ func benchOne(ctx context.Context, binary string, n, newPeers int, log func(stri
 		return took, nil
 	}
 
-	// ip -batch baseline, on the same namespace.
-	bf := filepath.Join(h.Dir, "routes.batch")
-	if err := os.WriteFile(bf, []byte(batch4.String()+batch6.String()), 0o644); err != nil {
-		return res, err
+	// ip -batch baselines, on the same namespace: plain gateway routes,
+	// then routes through nexthop objects.
+	runBatch := func(what, file, text string) (time.Duration, error) {
+		bf := filepath.Join(h.Dir, file)
+		if err := os.WriteFile(bf, []byte(text), 0o644); err != nil {
+			return 0, err
+		}
+		ipBatch := exec.Command("ip", "-n", h.NS, "-batch", bf)
+		var ipOut strings.Builder
+		ipBatch.Stdout, ipBatch.Stderr = &ipOut, &ipOut
+		took, err := untilRoutes(what, ipBatch.Start)
+		if werr := ipBatch.Wait(); werr != nil {
+			return took, fmt.Errorf("%s: %v: %s", what, werr, ipOut.String())
+		}
+		return took, err
 	}
-	ipBatch := exec.Command("ip", "-n", h.NS, "-batch", bf)
-	var ipOut strings.Builder
-	ipBatch.Stdout, ipBatch.Stderr = &ipOut, &ipOut
-	res.IPBatch, err = untilRoutes("ip -batch", ipBatch.Start)
-	if werr := ipBatch.Wait(); werr != nil {
-		return res, fmt.Errorf("ip -batch: %v: %s", werr, ipOut.String())
+	if o.PlainMax == 0 || n <= o.PlainMax {
+		if res.IPBatch, err = runBatch("ip -batch", "routes.batch", batch4.String()+batch6.String()); err != nil {
+			return res, err
+		}
 	}
-	if err != nil {
-		return res, err
+	if res.IPBatchNH, err = runBatch("ip -batch (nexthops)", "routes-nh.batch", batchNH.String()); err != nil {
+		// Kernels before 5.3 have no nexthop objects: the column stays empty.
+		log("%v", err)
+		res.IPBatchNH = 0
 	}
 
 	// Agent start → 2N routes.
@@ -237,7 +299,14 @@ func benchOne(ctx context.Context, binary string, n, newPeers int, log func(stri
 		return res, err
 	}
 	var lat []time.Duration
-	for range newPeers {
+	for j := range newPeers {
+		if j > 0 && o.JoinInterval > 0 {
+			select {
+			case <-ctx.Done():
+				return res, ctx.Err()
+			case <-time.After(o.JoinInterval):
+			}
+		}
 		rec := nextPeer()
 		rec.IPv6Subnet, rec.PublicIPv6 = netip.Prefix{}, netip.Addr{}
 		v, _ := json.Marshal(rec)
@@ -264,10 +333,36 @@ func benchOne(ctx context.Context, binary string, n, newPeers int, log func(stri
 		slices.Sort(lat)
 		res.NewPeerP50 = lat[len(lat)/2]
 		res.NewPeerP99 = lat[min(len(lat)-1, len(lat)*99/100)]
+		res.NewPeerMax = lat[len(lat)-1]
 		res.NewPeerSample = len(lat)
 	}
-	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", h.cmd.Process.Pid))
+	pid := h.cmd.Process.Pid
+	if o.IdleWindow > 0 {
+		// The agent's own CPU time (utime+stime) over the window, with no
+		// lease changes; children (iptables runs of the periodic check)
+		// are counted once they are reaped.
+		c0, ch0, err := procCPU(pid)
+		if err != nil {
+			return res, err
+		}
+		t0 := time.Now()
+		log("measuring the idle agent's CPU for %s", o.IdleWindow)
+		select {
+		case <-ctx.Done():
+			return res, ctx.Err()
+		case <-time.After(o.IdleWindow):
+		}
+		c1, ch1, err := procCPU(pid)
+		if err != nil {
+			return res, err
+		}
+		res.IdleWindow = time.Since(t0)
+		res.IdleCPU = float64(c1-c0) / float64(res.IdleWindow)
+		log("idle CPU: agent %s (of which its reaped children, such as iptables runs: %s) in %s", c1-c0, ch1-ch0, res.IdleWindow)
+	}
+	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	res.PeakRSS = vmHWM(string(status))
+	log("result: %+v", res)
 	for _, line := range strings.Split(string(status), "\n") {
 		if strings.HasPrefix(line, "Rss") { // file-backed (binary) vs anonymous (heap)
 			log("agent %s", line)
@@ -276,14 +371,27 @@ func benchOne(ctx context.Context, binary string, n, newPeers int, log func(stri
 	return res, l.StopAgent(h, syscall.SIGTERM)
 }
 
-// benchPeer is the i-th synthetic peer: 10.x.y.0/24, 2001:db8:i::/64, a
-// gateway on the lab LAN.
+// benchPeerNet4 is added to the bench host's eth0 so that every synthetic
+// peer has an on-link IPv4 address of its own (100.64.0.2 on); the
+// host keeps its LAN address as its first.
+var benchPeerNet4 = netip.MustParsePrefix("100.64.0.1/10")
+
+// benchPeer is the i-th synthetic peer: 10.x.y.0/24, 2001:db8:i::/64, and
+// public addresses of its own: 100.64.0.0/10 + i + 2 and the lab LAN's
+// /64 with i + 0x10000 in its last 32 bits (no other peer shares a
+// gateway, as in a real cluster; the kernel's cost of plain gateway
+// routes depends on that).
 func benchPeer(i int) *lease.Record {
 	i4 := uint32(i + 1)
 	var a6 [16]byte
 	copy(a6[:4], []byte{0x20, 0x01, 0x0d, 0xb8})
 	binary.BigEndian.PutUint32(a6[4:8], i4)
-	g4, g6 := lanAddr(0, byte(20+i%200))
+	g4b := benchPeerNet4.Masked().Addr().As4()
+	binary.BigEndian.PutUint32(g4b[:], binary.BigEndian.Uint32(g4b[:])+uint32(i)+2)
+	_, lan6 := lanAddr(0, 0)
+	g6b := lan6.As16()
+	binary.BigEndian.PutUint32(g6b[12:], uint32(i)+0x10000)
+	g4, g6 := netip.AddrFrom4(g4b), netip.AddrFrom16(g6b)
 	return &lease.Record{
 		Node:        "peer-" + strconv.Itoa(i),
 		Subnet:      netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i4 >> 8), byte(i4), 0}), 24),
@@ -301,6 +409,26 @@ func netipx(n *net.IPNet) (netip.Prefix, bool) {
 	}
 	ones, _ := n.Mask.Size()
 	return netip.PrefixFrom(a.Unmap(), ones), true
+}
+
+// procCPU returns the user and system CPU time of process pid
+// (/proc/<pid>/stat fields 14 and 15, and 16–17 for reaped children).
+func procCPU(pid int) (all, children time.Duration, err error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:]) // fields from 3 on
+	if len(f) < 15 {
+		return 0, 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
+	}
+	var ticks [4]int64
+	for i, x := range f[11:15] { // utime stime cutime cstime
+		ticks[i], _ = strconv.ParseInt(x, 10, 64)
+	}
+	d := func(t int64) time.Duration { return time.Duration(t) * time.Second / 100 } // USER_HZ is 100 on Linux
+	return d(ticks[0] + ticks[1] + ticks[2] + ticks[3]), d(ticks[2] + ticks[3]), nil
 }
 
 // vmHWM reads the peak resident set (VmHWM) in bytes from a
@@ -322,11 +450,24 @@ func vmHWM(status string) int64 {
 // peer count measured more than once a median row (each column's median).
 func PrintBench(w io.Writer, rs []BenchResult) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "peers\troutes\tagent start→routes\tip -batch\tratio\tpeak RSS\tnew peer→route p50\tp99\t")
+	fmt.Fprintln(tw, "peers\troutes\tagent start→routes\tip -batch\tip -batch nexthops\tratio (nexthops)\tpeak RSS\tjoins\tjoin p50\tp99\tmax\tidle CPU\t")
 	row := func(label string, r BenchResult) {
-		ratio := float64(r.AgentStart) / float64(r.IPBatch)
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%.2f×\t%.1f MB\t%s\t%s\t\n", label, r.Routes, r.AgentStart.Round(time.Millisecond),
-			r.IPBatch.Round(time.Millisecond), ratio, float64(r.PeakRSS)/(1<<20), r.NewPeerP50.Round(10*time.Microsecond), r.NewPeerP99.Round(10*time.Microsecond))
+		ratio, nh := "-", "-"
+		if r.IPBatchNH > 0 {
+			ratio = fmt.Sprintf("%.2f×", float64(r.AgentStart)/float64(r.IPBatchNH))
+			nh = r.IPBatchNH.Round(time.Millisecond).String()
+		}
+		idle := "-"
+		if r.IdleWindow > 0 {
+			idle = fmt.Sprintf("%.2f%% over %s", 100*r.IdleCPU, r.IdleWindow.Round(time.Second))
+		}
+		plain := "-"
+		if r.IPBatch > 0 {
+			plain = r.IPBatch.Round(time.Millisecond).String()
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%.1f MB\t%d\t%s\t%s\t%s\t%s\t\n", label, r.Routes, r.AgentStart.Round(time.Millisecond),
+			plain, nh, ratio, float64(r.PeakRSS)/(1<<20), r.NewPeerSample,
+			r.NewPeerP50.Round(10*time.Microsecond), r.NewPeerP99.Round(10*time.Microsecond), r.NewPeerMax.Round(10*time.Microsecond), idle)
 	}
 	for i, r := range rs {
 		row(strconv.Itoa(r.Peers), r)
@@ -361,10 +502,15 @@ func medianResult(rs []BenchResult) BenchResult {
 	}
 	return BenchResult{
 		Peers: rs[0].Peers, Routes: rs[0].Routes,
-		AgentStart: d(func(r BenchResult) time.Duration { return r.AgentStart }),
-		IPBatch:    d(func(r BenchResult) time.Duration { return r.IPBatch }),
-		PeakRSS:    med(func(r BenchResult) int64 { return r.PeakRSS }),
-		NewPeerP50: d(func(r BenchResult) time.Duration { return r.NewPeerP50 }),
-		NewPeerP99: d(func(r BenchResult) time.Duration { return r.NewPeerP99 }),
+		AgentStart:    d(func(r BenchResult) time.Duration { return r.AgentStart }),
+		IPBatch:       d(func(r BenchResult) time.Duration { return r.IPBatch }),
+		IPBatchNH:     d(func(r BenchResult) time.Duration { return r.IPBatchNH }),
+		NewPeerMax:    d(func(r BenchResult) time.Duration { return r.NewPeerMax }),
+		IdleCPU:       float64(med(func(r BenchResult) int64 { return int64(r.IdleCPU * 1e6) })) / 1e6,
+		IdleWindow:    d(func(r BenchResult) time.Duration { return r.IdleWindow }),
+		NewPeerSample: rs[0].NewPeerSample,
+		PeakRSS:       med(func(r BenchResult) int64 { return r.PeakRSS }),
+		NewPeerP50:    d(func(r BenchResult) time.Duration { return r.NewPeerP50 }),
+		NewPeerP99:    d(func(r BenchResult) time.Duration { return r.NewPeerP99 }),
 	}
 }

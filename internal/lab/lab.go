@@ -86,6 +86,10 @@ type Host struct {
 // SubnetFile is the host's subnet.env.
 func (h *Host) SubnetFile() string { return filepath.Join(h.Dir, "subnet.env") }
 
+// IPAMSocket is h's Docker IPAM driver socket, in the directory h's dockerd
+// must see as /run/docker/plugins.
+func (h *Host) IPAMSocket() string { return filepath.Join(h.Dir, "plugins", "leased.sock") }
+
 // LogFile is the host's agent log.
 func (h *Host) LogFile() string { return filepath.Join(h.Dir, "leased.log") }
 
@@ -387,6 +391,9 @@ func (l *Lab) StartAgent(h *Host) error {
 		"--node-name=" + h.Name,
 		"--subnet-file=" + h.SubnetFile(),
 		"--lease-ttl=" + l.Cfg.LeaseTTL.String(),
+		// Each host's own Docker IPAM driver, not the machine's.
+		"--docker-ipam-socket=" + h.IPAMSocket(),
+		"--docker-ipam-state=" + filepath.Join(h.Dir, "docker-ipam.json"),
 	}
 	args = append(args, l.Cfg.AgentArgs...)
 	logf, err := os.OpenFile(h.LogFile(), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)

@@ -35,6 +35,10 @@ type Row struct {
 	// ExpiresIn is the seconds until the lease expires without renewal;
 	// -1 when it has no lease.
 	ExpiresIn int64 `json:"expiresInSeconds"`
+	// DockerPools are the pools leased's Docker IPAM driver holds for
+	// user-defined networks on this host; only the row of the host the
+	// command runs on has them (they are local, not in etcd).
+	DockerPools []string `json:"dockerPools,omitempty"`
 }
 
 // Read lists every lease under prefix (lease.Registry.List, the one

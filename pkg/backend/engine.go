@@ -19,6 +19,11 @@ import (
 const (
 	DefaultResync   = 10 * time.Second
 	defaultCoalesce = 75 * time.Millisecond
+	// FullPassEvery is how many resync periods lie between two periodic
+	// full passes (5 minutes at the default 10s). Drift shows in netlink
+	// events, which start a pass at once; the periodic full pass is the
+	// backstop for an event the kernel never sent.
+	FullPassEvery = 30
 )
 
 // datapath is what differs between backend types: the host-local devices
@@ -114,6 +119,15 @@ type engine struct {
 	passes         int
 	// lastChanges counts the puts and deletes of the last pass.
 	lastChanges int
+	// nh is how routes use nexthop objects (nexthop.go); nhOn mirrors
+	// nh.use for the event goroutines.
+	nh   nhTable
+	nhOn atomic.Bool
+	// dumpTouched, while a full pass dumps routes without mu, collects
+	// the keys of the routes changed meanwhile.
+	dumpTouched map[routeKey]struct{}
+	// dumpHook, if set (tests), runs in pass before its unlocked dump.
+	dumpHook func()
 	// routeHave tells putRoutes, during a pass's route puts, which keys
 	// hold a route of ours in the kernel (replaced; others are created).
 	routeHave func(routeKey) bool
@@ -193,6 +207,7 @@ func newEngine(typ string, ext ExtIface, opts Options, k kernel, dp datapath) *e
 		e.resync = opts.Resync
 	}
 	e.owned.Store(&[]int{})
+	e.nh.init()
 	return e
 }
 
@@ -231,6 +246,7 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 	}
 	e.local = local
 	e.started = true
+	e.probeNexthopsLocked()
 	klog.InfoS("backend starting", "type", e.typ, "node", local.Node, "subnet4", local.Subnet4, "subnet6", local.Subnet6, "iface", e.ext.Name)
 	fwd := make(chan error, 1)
 	k := e.k
@@ -300,15 +316,43 @@ func observe(pass string, start time.Time) {
 	metrics.ReconcileDuration.WithLabelValues(pass).Observe(time.Since(start).Seconds())
 }
 
-// pass runs one reconcile pass.
+// pass runs one full reconcile pass. On the netlink kernel the route and
+// nexthop dumps, the bulk of a full pass in a large cluster, run without
+// e.mu, so that a peer change applied meanwhile (SetPeers, UpdatePeers)
+// does not wait for them; what it changes is taken from the applied state
+// instead of the dump (adoptDump).
 func (e *engine) pass(ctx context.Context) error {
 	e.mu.Lock()
+	if e.closedLocked() {
+		e.mu.Unlock()
+		return ErrClosed
+	}
+	start := time.Now()
+	defer observe("full", start)
+	nk := e.nhk()
+	if nk == nil || !e.started || !e.peersSet || e.dumpTouched != nil {
+		defer e.mu.Unlock()
+		return e.passLocked(ctx)
+	}
+	e.dumpTouched = map[routeKey]struct{}{}
+	e.fullPasses.Add(1) // before the dump: this pass sees every earlier event
+	hook := e.dumpHook
+	e.mu.Unlock()
+	if hook != nil {
+		hook()
+	}
+	d, err := dumpRoutesNH(nk)
+	e.mu.Lock()
 	defer e.mu.Unlock()
+	touched := e.dumpTouched
+	e.dumpTouched = nil
 	if e.closedLocked() {
 		return ErrClosed
 	}
-	defer observe("full", time.Now())
-	return e.passLocked(ctx)
+	if err != nil {
+		return err
+	}
+	return e.passLockedWith(ctx, d, touched)
 }
 
 func (e *engine) kickPass() {

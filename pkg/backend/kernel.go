@@ -112,6 +112,7 @@ type linkTable interface {
 type netlinkKernel struct {
 	h  *netlink.Handle
 	b  *routeBatcher // route puts and deletes, in the handle's namespace
+	d  *dumper       // route and nexthop dumps, on a socket of their own (nil: on b)
 	ns nsExec        // the namespace, for sysctls, iptables, sockets and subscriptions
 }
 

@@ -79,13 +79,21 @@ func (b *routeBatcher) add(rs []*netlink.Route) []error {
 
 // doFlags is do with the flags of RTM_NEWROUTE requests.
 func (b *routeBatcher) doFlags(typ, newFlags uint16, rs []*netlink.Route) []error {
-	errs := make([]error, len(rs))
-	for start := 0; start < len(rs); {
+	return b.batch(len(rs), func(buf []byte, i int, seq uint32) ([]byte, error) {
+		return appendRouteMsg(buf, typ, newFlags, seq, rs[i])
+	})
+}
+
+// batch sends n requests, the i-th appended to buf by enc with sequence
+// number seq, many per sendmsg, and returns the outcome of each.
+func (b *routeBatcher) batch(n int, enc func(buf []byte, i int, seq uint32) ([]byte, error)) []error {
+	errs := make([]error, n)
+	for start := 0; start < n; {
 		b.send = b.send[:0]
 		end := start
 		first := b.seq + 1
-		for end < len(rs) && end-start < batchMaxMsgs && len(b.send) < batchMaxBytes {
-			msg, err := appendRouteMsg(b.send, typ, newFlags, first+uint32(end-start), rs[end])
+		for end < n && end-start < batchMaxMsgs && len(b.send) < batchMaxBytes {
+			msg, err := enc(b.send, end, first+uint32(end-start))
 			if err != nil {
 				errs[end] = err
 				// Keep the sequence numbers contiguous: send nothing for

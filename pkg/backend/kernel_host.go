@@ -90,12 +90,24 @@ func openKernel(ns nsExec) (netlinkKernel, error) {
 		h.Close()
 		return netlinkKernel{}, err
 	}
-	return netlinkKernel{h: h, b: b, ns: ns}, nil
+	db, err := newRouteBatcher(ns)
+	if err != nil {
+		h.Close()
+		b.close()
+		return netlinkKernel{}, err
+	}
+	return netlinkKernel{h: h, b: b, d: &dumper{b: db}, ns: ns}, nil
 }
 
 func (k netlinkKernel) Close() error {
 	k.h.Close()
 	k.b.close()
+	if k.d != nil {
+		// After a dump in flight, which holds d.mu.
+		k.d.mu.Lock()
+		k.d.b.close()
+		k.d.mu.Unlock()
+	}
 	return nil
 }
 

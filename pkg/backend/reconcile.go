@@ -19,7 +19,12 @@ import (
 // object kind and family, puts what is missing or differs, then deletes what
 // is ours and no longer wanted. Failures do not stop the pass; they are
 // joined and retried by the next one.
-func (e *engine) passLocked(ctx context.Context) error {
+func (e *engine) passLocked(ctx context.Context) error { return e.passLockedWith(ctx, nil, nil) }
+
+// passLockedWith is passLocked with the route dump d made before e.mu was
+// taken (nil: dump now); touched are the route keys changed since d began
+// (see adoptDump).
+func (e *engine) passLockedWith(ctx context.Context, d *routeDump, touched map[routeKey]struct{}) error {
 	if !e.started || !e.peersSet {
 		return nil
 	}
@@ -27,7 +32,9 @@ func (e *engine) passLocked(ctx context.Context) error {
 		return err
 	}
 	e.passes++
-	e.fullPasses.Add(1) // before the lists: this pass sees every earlier event
+	if d == nil {
+		e.fullPasses.Add(1) // before the lists: this pass sees every earlier event
+	}
 	e.lastChanges = 0
 	var errs []error
 	owned, err := e.dp.ensure(e.k, e.local)
@@ -45,7 +52,13 @@ func (e *engine) passLocked(ctx context.Context) error {
 	// Our routes and the foreign ones come from one dump, listed before
 	// the desired state is computed: a peer overlapping a foreign route
 	// is not wanted.
-	routes, foreign, err := e.listAllRoutes()
+	var routes []route
+	var foreign *foreignSet
+	if d != nil {
+		routes, foreign = e.adoptDump(d, e.local, touched)
+	} else {
+		routes, foreign, err = e.listAllRoutes()
+	}
 	if err != nil {
 		// Without the foreign routes a peer could replace one: change
 		// nothing this pass.
@@ -78,7 +91,7 @@ func (e *engine) passLocked(ctx context.Context) error {
 	reached.routes, n, err = applyKind(want.routes, routes, e.applied.routes, e.putRoutes, e.delRoutes, "route")
 	e.routeHave = nil
 	e.lastChanges += n
-	errs = append(errs, err)
+	errs = append(errs, err, e.gcNexthopsLocked())
 	e.applied = reached
 	joined := errors.Join(errs...)
 	e.trusted = joined == nil
@@ -206,6 +219,9 @@ func (e *engine) listAllRoutes() ([]route, *foreignSet, error) { return e.listAl
 
 // listAllRoutesFor is listAllRoutes for the networks of local.
 func (e *engine) listAllRoutesFor(local Local) ([]route, *foreignSet, error) {
+	if nk := e.nhk(); nk != nil {
+		return e.listRoutesNH(nk, local)
+	}
 	var out []route
 	var all []netlink.Route
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
@@ -269,6 +285,26 @@ func (e *engine) listNeighs(owned []int) ([]neigh, []fdb, error) {
 // refreshed fails the put (EEXIST) instead of being replaced; a full pass
 // is then requested, which refuses the peer.
 func (e *engine) putRoutes(rs []route) []error {
+	e.touch(rs)
+	nk := e.nhk()
+	if nk != nil && e.nh.use {
+		return e.putRoutesNH(nk, rs)
+	}
+	errs := e.putPlainRoutes(rs)
+	if nk != nil && len(e.nh.ids) > 0 {
+		// A plain route replaced one through our nexthop object; the
+		// object, now unused, goes with the next full pass.
+		for i, r := range rs {
+			if errs[i] == nil {
+				e.nh.unset(r.key())
+			}
+		}
+	}
+	return errs
+}
+
+// putPlainRoutes is putRoutes with gateway routes.
+func (e *engine) putPlainRoutes(rs []route) []error {
 	have := e.routeHave
 	nRep := 0
 	for _, r := range rs {
@@ -328,7 +364,13 @@ func lazyKeys(rs []route) func(routeKey) bool {
 		return ok
 	}
 }
-func (e *engine) delRoutes(rs []route) []error { return inChunks(rs, e.k.RoutesDel) }
+func (e *engine) delRoutes(rs []route) []error {
+	e.touch(rs)
+	if nk := e.nhk(); nk != nil {
+		return e.delRoutesNH(nk, rs)
+	}
+	return inChunks(rs, e.k.RoutesDel)
+}
 func (e *engine) putNeighs(ns []neigh) []error {
 	return each(ns, func(n neigh) error { return e.k.NeighSet(n.netlink()) })
 }
@@ -370,4 +412,15 @@ func each[V any](vs []V, fn func(V) error) []error {
 		errs[i] = fn(v)
 	}
 	return errs
+}
+
+// touch records the keys of routes changed while a full pass dumps the
+// kernel without e.mu (see pass).
+func (e *engine) touch(rs []route) {
+	if e.dumpTouched == nil {
+		return
+	}
+	for _, r := range rs {
+		e.dumpTouched[r.key()] = struct{}{}
+	}
 }

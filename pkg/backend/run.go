@@ -15,9 +15,10 @@ import (
 const resubscribeDelay = time.Second
 
 // Run reconciles until ctx is done: a pass within e.coalesce of the first
-// route, link or neighbour event that concerns us, and a full pass every
-// e.resync regardless, which also re-checks the forwarding sysctls and
-// firewall rules (ensureHost). It returns nil once ctx is cancelled and leaves the
+// route, nexthop, link or neighbour event that concerns us; every
+// e.resync a check of the forwarding sysctls and firewall rules
+// (ensureHost), which send no events; and every FullPassEvery resyncs a
+// full pass regardless. It returns nil once ctx is cancelled and leaves the
 // kernel state in place. Pass errors are logged, not returned: the next pass
 // retries. Run must be called at most once per backend.
 func (e *engine) Run(ctx context.Context) error {
@@ -32,12 +33,18 @@ func (e *engine) Run(ctx context.Context) error {
 
 	ticker := time.NewTicker(e.resync)
 	defer ticker.Stop()
+	ticks := 0
 	for {
 		resync := false
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-ticker.C:
+			ticks++
+			if ticks%FullPassEvery != 0 && e.fullPasses.Load() > 0 && !e.untrusted() {
+				e.ensureHost()
+				continue
+			}
 			resync = true
 		case <-e.kick:
 			t := time.NewTimer(e.coalesce)
@@ -66,13 +73,28 @@ func (e *engine) Run(ctx context.Context) error {
 	}
 }
 
-// watch runs the three netlink subscriptions of k until ctx is done.
+// untrusted reports whether the last pass or peer change failed, so that
+// the next resync runs a full pass (the retry) instead of waiting for the
+// periodic one.
+func (e *engine) untrusted() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.started && e.peersSet && !e.trusted
+}
+
+// watch runs the netlink subscriptions of k until ctx is done.
 func (e *engine) watch(ctx context.Context, k eventSource) {
 	ours := func(idx int) bool {
 		return idx == e.ext.Index || idx == e.ext.Link(true).Index || slices.Contains(*e.owned.Load(), idx)
 	}
 	routes, links, neighs := k.SubscribeRoutes, k.SubscribeLinks, k.SubscribeNeighs
-	finished := make(chan struct{}, 3)
+	finished := make(chan struct{}, 4)
+	go func() {
+		if nk, ok := k.(nexthopKernel); ok {
+			e.watchNexthops(ctx, nk)
+		}
+		finished <- struct{}{}
+	}()
 	go func() {
 		subscribe(ctx, e, "route", routes, e.routeEventMatters)
 		finished <- struct{}{}
@@ -90,7 +112,7 @@ func (e *engine) watch(ctx context.Context, k eventSource) {
 		})
 		finished <- struct{}{}
 	}()
-	for range 3 {
+	for range 4 {
 		<-finished
 	}
 }

@@ -97,7 +97,37 @@ func teardownKernel(k kernel) (removed []string, err error) {
 			del = append(del, r)
 			descs = append(descs, "route "+describeRoute(r, rr.Dst, name))
 		}
-		for i, err := range k.RoutesDel(del) {
+		for i, err := range delOwnRoutes(k, del) {
+			if err != nil && !isGone(err) {
+				errs = append(errs, fmt.Errorf("deleting %s: %w", descs[i], err))
+				continue
+			}
+			removed = append(removed, descs[i])
+		}
+	}
+	if nk, ok := k.(nexthopKernel); ok {
+		// The nexthop objects of those routes (protocol RouteProtocol);
+		// others' are left alone. A kernel without them has none.
+		nhs, err := nk.NexthopList()
+		if err != nil && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EINVAL) {
+			errs = append(errs, err)
+		}
+		var ids []uint32
+		var descs []string
+		for _, n := range nhs {
+			if n.Proto == uint8(RouteProtocol) {
+				ids = append(ids, n.ID)
+				d := fmt.Sprintf("nexthop object id %d", n.ID)
+				if n.Gw.IsValid() {
+					d += " via " + n.Gw.String()
+				}
+				if nm := name(n.Link); nm != "" {
+					d += " dev " + nm
+				}
+				descs = append(descs, d)
+			}
+		}
+		for i, err := range nk.NexthopsDel(ids) {
 			if err != nil && !isGone(err) {
 				errs = append(errs, fmt.Errorf("deleting %s: %w", descs[i], err))
 				continue
@@ -124,4 +154,21 @@ func teardownKernel(k kernel) (removed []string, err error) {
 		removed = append(removed, "VXLAN device "+dev+" (with its addresses, neighbour and FDB entries)")
 	}
 	return removed, errors.Join(errs...)
+}
+
+// delOwnRoutes deletes routes of ours. On the netlink kernel a delete
+// names only the destination, metric, table and protocol, which also
+// matches a route through a nexthop object (a delete naming its gateway
+// and device does not).
+func delOwnRoutes(k kernel, rs []*netlink.Route) []error {
+	nk, ok := k.(nexthopKernel)
+	if !ok {
+		return k.RoutesDel(rs)
+	}
+	del := make([]nhRoute, len(rs))
+	for i, r := range rs {
+		rr, _ := routeFromNetlink(*r)
+		del[i] = nhRoute{Dst: rr.Dst, Priority: r.Priority}
+	}
+	return nk.NHRoutesDel(del)
 }

@@ -65,6 +65,11 @@ var (
 	DriftRepairs = promauto.NewCounterVec(prometheus.CounterOpts{
 		Name: "leased_kernel_drift_repairs_total", Help: "Kernel objects restored after they were changed or removed outside leased, by kind (route, neighbour, fdb entry, forwarding).",
 	}, []string{"kind"})
+	// DockerIPAMPools is the number of pools the Docker IPAM driver holds
+	// for user-defined networks on this host, by family (ipv4, ipv6).
+	DockerIPAMPools = promauto.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "leased_docker_ipam_pools", Help: "Pools the Docker IPAM driver holds for user-defined Docker networks on this host, by family.",
+	}, []string{"family"})
 )
 
 // The label values alerts compute increase() over are exported at 0 from

@@ -21,6 +21,12 @@
 //	LEASED_BACKEND=vxlan
 //	LEASED_DOCKER_OPTS="--bip=10.100.15.1/24 --mtu=1450 --ipv6 --fixed-cidr-v6=2001:db8:cd11:0:8000::/80 --ip-masq=false"
 //
+// When leased's Docker IPAM driver has part of the lease (Env.Docker0Bits),
+// LEASED_DOCKER0_SUBNET and LEASED_DOCKER0_SUBNET6 give docker0's share
+// (e.g. 10.100.15.1/26), and --bip and --fixed-cidr-v6 in
+// LEASED_DOCKER_OPTS are that share; LEASED_SUBNET and LEASED_SUBNET6 stay
+// the whole lease.
+//
 // The IPv4 network lines appear only when IPv4 is enabled, the IPv6 lines
 // (LEASED_IPMASQ6 among them) only when IPv6 is. LEASED_IPMASQ4 and
 // LEASED_IPMASQ6 say who masquerades each family's container traffic that
@@ -55,6 +61,10 @@ const (
 	KeyIPMasq6    = "LEASED_IPMASQ6"
 	KeyBackend    = "LEASED_BACKEND"
 	KeyDockerOpts = "LEASED_DOCKER_OPTS"
+	// KeyDocker0 and KeyDocker06 are docker0's share of the leased subnets
+	// when the rest goes to user-defined networks (Env.Docker0Bits > 0).
+	KeyDocker0  = "LEASED_DOCKER0_SUBNET"
+	KeyDocker06 = "LEASED_DOCKER0_SUBNET6"
 )
 
 // Header is the comment line the file starts with.
@@ -75,6 +85,25 @@ type Env struct {
 	IPMasq bool
 	// Backend is the backend type, e.g. "vxlan".
 	Backend string
+	// Docker0Bits splits the leased subnets between docker0 and leased's
+	// Docker IPAM driver: docker0 keeps the first 1/2^Docker0Bits of each
+	// (its --bip and --fixed-cidr-v6), user-defined networks get pools
+	// from the rest. 0 hands docker0 the whole subnets.
+	Docker0Bits int
+}
+
+// Docker0Subnet4 is the part of Subnet4 docker0 uses: Subnet4 itself, or
+// its first 1/2^Docker0Bits. Zero when IPv4 is disabled.
+func (e Env) Docker0Subnet4() netip.Prefix { return share(e.Subnet4, e.Docker0Bits) }
+
+// Docker0Subnet6 is the part of Subnet6 docker0 uses (--fixed-cidr-v6).
+func (e Env) Docker0Subnet6() netip.Prefix { return share(e.Subnet6, e.Docker0Bits) }
+
+func share(p netip.Prefix, bits int) netip.Prefix {
+	if !p.IsValid() {
+		return p
+	}
+	return netip.PrefixFrom(p.Addr(), p.Bits()+bits)
 }
 
 var backendRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
@@ -123,6 +152,9 @@ func (e Env) Validate() error {
 		}
 		if f.subnet.Bits() > f.maxBits {
 			return fmt.Errorf("subnetenv: %s %s is too small for containers: use a /%d or shorter subnet", f.sKey, f.subnet, f.maxBits)
+		}
+		if e.Docker0Bits < 0 || f.subnet.Bits()+e.Docker0Bits > f.maxBits {
+			return fmt.Errorf("subnetenv: docker0's share of %s %s (1/2^%d of it) is too small for containers: use a smaller --docker-ipam-docker0-bits", f.sKey, f.subnet, e.Docker0Bits)
 		}
 	}
 	if fams == 0 {
@@ -176,12 +208,22 @@ func (e Env) Masq6() string {
 
 // BridgeIP returns the address docker0 takes in Subnet4 (dockerd --bip): the
 // first address after the network address, with the subnet's length. It is
-// the zero prefix when IPv4 is disabled.
+// the zero prefix when IPv4 is disabled. It is LEASED_SUBNET, the whole
+// lease, also when docker0 keeps only a share (see Docker0BridgeIP).
 func (e Env) BridgeIP() netip.Prefix {
 	if !e.Subnet4.IsValid() {
 		return netip.Prefix{}
 	}
 	return netip.PrefixFrom(e.Subnet4.Addr().Next(), e.Subnet4.Bits())
+}
+
+// Docker0BridgeIP is dockerd's --bip: BridgeIP with docker0's share's
+// length.
+func (e Env) Docker0BridgeIP() netip.Prefix {
+	if !e.Subnet4.IsValid() {
+		return netip.Prefix{}
+	}
+	return netip.PrefixFrom(e.Subnet4.Addr().Next(), e.Docker0Subnet4().Bits())
 }
 
 // DockerOpts returns the dockerd flags for e, in order: --bip, --mtu, then
@@ -197,11 +239,11 @@ func (e Env) BridgeIP() netip.Prefix {
 func (e Env) DockerOpts() []string {
 	var opts []string
 	if e.Subnet4.IsValid() {
-		opts = append(opts, "--bip="+e.BridgeIP().String())
+		opts = append(opts, "--bip="+e.Docker0BridgeIP().String())
 	}
 	opts = append(opts, "--mtu="+strconv.Itoa(e.MTU))
 	if e.Subnet6.IsValid() {
-		opts = append(opts, "--ipv6", "--fixed-cidr-v6="+e.Subnet6.String())
+		opts = append(opts, "--ipv6", "--fixed-cidr-v6="+e.Docker0Subnet6().String())
 	}
 	if e.Masq4() == MasqLeased {
 		opts = append(opts, "--ip-masq=false")
@@ -230,6 +272,14 @@ func (e Env) Render() []byte {
 		line(KeyIPMasq6, m)
 	}
 	line(KeyBackend, e.Backend)
+	if e.Docker0Bits > 0 {
+		if e.Subnet4.IsValid() {
+			line(KeyDocker0, e.Docker0BridgeIP().String())
+		}
+		if e.Subnet6.IsValid() {
+			line(KeyDocker06, e.Docker0Subnet6().String())
+		}
+	}
 	line(KeyDockerOpts, strings.Join(e.DockerOpts(), " "))
 	return b.Bytes()
 }
@@ -338,6 +388,7 @@ func Read(path string) (Env, error) {
 // (10.100.15.0/24). The result must pass Validate. Errors name the line.
 func Parse(data []byte) (Env, error) {
 	var e Env
+	var d0, d06 string
 	seen := map[string]bool{}
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	sc.Buffer(nil, 1<<20)
@@ -354,6 +405,12 @@ func Parse(data []byte) (Env, error) {
 		v, err := unquote(strings.TrimSpace(raw))
 		if err != nil {
 			return Env{}, fmt.Errorf("line %d: %s: %w", n, k, err)
+		}
+		switch k {
+		case KeyDocker0:
+			d0 = v
+		case KeyDocker06:
+			d06 = v
 		}
 		if err := e.set(k, v); err != nil {
 			return Env{}, fmt.Errorf("line %d: %w", n, err)
@@ -376,10 +433,44 @@ func Parse(data []byte) (Env, error) {
 			return Env{}, fmt.Errorf("%s is missing", k)
 		}
 	}
+	if err := e.parseDocker0(d0, d06); err != nil {
+		return Env{}, err
+	}
 	if err := e.Validate(); err != nil {
 		return Env{}, err
 	}
 	return e, nil
+}
+
+// parseDocker0 derives Docker0Bits from the docker0 lines (each "" when
+// absent): each must be the start of its leased subnet, and both must
+// keep the same share.
+func (e *Env) parseDocker0(d0, d06 string) error {
+	bits := -1
+	for _, f := range []struct {
+		key, v string
+		subnet netip.Prefix
+	}{{KeyDocker0, d0, e.Subnet4}, {KeyDocker06, d06, e.Subnet6}} {
+		if f.v == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(f.v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: want a CIDR prefix: %w", f.key, short(f.v), err)
+		}
+		if !f.subnet.IsValid() || p.Masked().Addr() != f.subnet.Addr() || p.Bits() < f.subnet.Bits() {
+			return fmt.Errorf("%s=%s is not the first part of the leased subnet %v", f.key, p, f.subnet)
+		}
+		b := p.Bits() - f.subnet.Bits()
+		if bits >= 0 && b != bits {
+			return fmt.Errorf("%s and %s keep different shares of their subnets", KeyDocker0, KeyDocker06)
+		}
+		bits = b
+	}
+	if bits > 0 {
+		e.Docker0Bits = bits
+	}
+	return nil
 }
 
 // set assigns the value of one known key; unknown keys are ignored.

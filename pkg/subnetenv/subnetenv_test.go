@@ -68,6 +68,25 @@ LEASED_DOCKER_OPTS="--bip=10.100.15.1/24 --mtu=1450 --ipv6 --fixed-cidr-v6=2001:
 `,
 		},
 		{
+			// leased's Docker IPAM driver has the rest of each subnet.
+			name: "dual stack, docker0 keeps a quarter",
+			env:  Env{Network4: net4, Subnet4: sub4, Network6: net6, Subnet6: netip.MustParsePrefix("2001:db8:cd11:7::/64"), MTU: 1450, IPMasq: true, Backend: "vxlan", Docker0Bits: 2},
+			want: `# written by leased; do not edit
+LEASED_NETWORK=10.100.0.0/16
+LEASED_SUBNET=10.100.15.1/24
+LEASED_NETWORK6=2001:db8:cd11::/48
+LEASED_SUBNET6=2001:db8:cd11:7::/64
+LEASED_MTU=1450
+LEASED_IPMASQ=true
+LEASED_IPMASQ4=leased
+LEASED_IPMASQ6=leased
+LEASED_BACKEND=vxlan
+LEASED_DOCKER0_SUBNET=10.100.15.1/26
+LEASED_DOCKER0_SUBNET6=2001:db8:cd11:7::/66
+LEASED_DOCKER_OPTS="--bip=10.100.15.1/26 --mtu=1450 --ipv6 --fixed-cidr-v6=2001:db8:cd11:7::/66 --ip-masq=false"
+`,
+		},
+		{
 			name: "IPv6 only /64",
 			env:  Env{Network6: net6, Subnet6: netip.MustParsePrefix("2001:db8:cd11:7::/64"), MTU: 1500, Backend: "host-gw"},
 			want: `# written by leased; do not edit
@@ -288,6 +307,16 @@ func TestParse(t *testing.T) {
 			in:   "FLANNEL_NETWORK=10.100.0.0/16\nFLANNEL_SUBNET=10.100.15.1/24\n",
 			// nothing of ours
 			wantErr: "no subnet",
+		},
+		{
+			name:    "docker0's share not at the start of the lease",
+			in:      "LEASED_NETWORK=10.100.0.0/16\nLEASED_SUBNET=10.100.15.1/24\nLEASED_MTU=1450\nLEASED_IPMASQ=true\nLEASED_BACKEND=vxlan\nLEASED_DOCKER0_SUBNET=10.100.15.65/26\n",
+			wantErr: "LEASED_DOCKER0_SUBNET=10.100.15.65/26 is not the first part of the leased subnet 10.100.15.0/24",
+		},
+		{
+			name:    "docker0's shares differ",
+			in:      "LEASED_NETWORK=10.100.0.0/16\nLEASED_SUBNET=10.100.15.1/24\nLEASED_NETWORK6=2001:db8:cd11::/48\nLEASED_SUBNET6=2001:db8:cd11:7::/64\nLEASED_MTU=1450\nLEASED_IPMASQ=true\nLEASED_BACKEND=vxlan\nLEASED_DOCKER0_SUBNET=10.100.15.1/26\nLEASED_DOCKER0_SUBNET6=2001:db8:cd11:7::/65\n",
+			wantErr: "keep different shares",
 		},
 		{
 			name:    "not key=value",

@@ -88,6 +88,10 @@ type dockerHost struct {
 	cmd    *exec.Cmd
 	exited chan struct{}
 	log    string
+	// plugins, when set, is the directory this dockerd sees as
+	// /run/docker/plugins: it runs in a private mount namespace with it
+	// bound there, so that it finds its own host's IPAM driver.
+	plugins string
 }
 
 func (d *dockerHost) sock() string { return filepath.Join(d.dir, "docker.sock") }
@@ -142,6 +146,15 @@ func productionArgs(t *testing.T, env []byte, dockerd, dir string) []string {
 // mounts under its directories released.
 func startDockerd(t *testing.T, h *lab.Host, dockerd, docker string) *dockerHost {
 	t.Helper()
+	d := newDockerd(t, h, dockerd, docker)
+	d.start(t)
+	return d
+}
+
+// newDockerd prepares h's dockerd (its directory, command line and
+// cleanup) without starting it.
+func newDockerd(t *testing.T, h *lab.Host, dockerd, docker string) *dockerHost {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "leased-dockerd-"+h.Name+"-")
 	if err != nil {
 		t.Fatal(err)
@@ -156,7 +169,6 @@ func startDockerd(t *testing.T, h *lab.Host, dockerd, docker string) *dockerHost
 	d := &dockerHost{h: h, dir: dir, docker: docker, log: filepath.Join(dir, "dockerd.log")}
 	d.argv = productionArgs(t, env, dockerd, dir)
 	t.Cleanup(func() { d.cleanup(t) })
-	d.start(t)
 	return d
 }
 
@@ -168,7 +180,11 @@ func (d *dockerHost) start(t *testing.T) {
 	}
 	// nsenter, not ip netns exec: the latter remounts /sys and dockerd then
 	// fails with "Devices cgroup isn't mounted".
-	cmd := exec.Command("nsenter", append([]string{"--net=/var/run/netns/" + d.h.NS}, d.argv...)...)
+	argv := d.argv
+	if d.plugins != "" {
+		argv = append([]string{"unshare", "--mount", "--propagation", "private", "sh", "-c", `mount --bind "$0" /run/docker/plugins && exec "$@"`, d.plugins}, argv...)
+	}
+	cmd := exec.Command("nsenter", append([]string{"--net=/var/run/netns/" + d.h.NS}, argv...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	t.Logf("%s: %s", d.h.Name, strings.Join(d.argv, " "))

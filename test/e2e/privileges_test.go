@@ -45,7 +45,7 @@ func runUnprivileged(t *testing.T, l *lab.Lab, h *lab.Host, node string, tc unpr
 	args := append([]string{"netns", "exec", h.NS, setpriv}, tc.setpriv...)
 	args = append(args, "--", bin,
 		"--etcd-endpoints="+l.EtcdEndpoint, "--iface=eth0", "--node-name="+node,
-		"--subnet-file="+filepath.Join(dir, "subnet.env"), "--lease-ttl=30s")
+		"--subnet-file="+filepath.Join(dir, "subnet.env"), "--lease-ttl=30s", "--docker-ipam=false")
 	cmd := exec.CommandContext(ctx, "ip", args...)
 	if tc.legacy {
 		multi := "/usr/sbin/xtables-legacy-multi"

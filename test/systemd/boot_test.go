@@ -108,7 +108,7 @@ func TestBootWithEtcdDown(t *testing.T) {
 		t.Errorf("dockerd started at %dµs, before leased was ready at %dµs", dockerStart, leasedActive)
 	}
 	env := m.must("cat /run/leased/subnet.env")
-	if args := m.must("ps -o args= -C dockerd"); !containsArg(args, "--fixed-cidr-v6="+envValue(env, "LEASED_SUBNET6")) {
+	if args := m.must("ps -o args= -C dockerd"); !containsArg(args, "--fixed-cidr-v6="+docker0Value(env, "LEASED_SUBNET6")) {
 		t.Errorf("dockerd runs as %q, not with leased's IPv6 subnet (subnet.env:\n%s)", args, env)
 	}
 	for {

@@ -289,9 +289,9 @@ func checkStartOrder(t *testing.T, ms []*machine, v4 bool) {
 				t.Fatalf("%s: subnet.env has no %s:\n%s", m.name, k, env)
 			}
 		}
-		want := []string{"--mtu=" + envValue(env, "LEASED_MTU"), "--ipv6", "--fixed-cidr-v6=" + envValue(env, "LEASED_SUBNET6")}
+		want := []string{"--mtu=" + envValue(env, "LEASED_MTU"), "--ipv6", "--fixed-cidr-v6=" + docker0Value(env, "LEASED_SUBNET6")}
 		if v4 {
-			sub4 := envValue(env, "LEASED_SUBNET")
+			sub4 := docker0Value(env, "LEASED_SUBNET")
 			want = append(want, "--bip="+sub4[:strings.LastIndexByte(sub4, '.')+1]+"1/"+sub4[strings.IndexByte(sub4, '/')+1:])
 		}
 		for _, w := range want {
@@ -312,6 +312,15 @@ func containsArg(args, w string) bool {
 		}
 	}
 	return false
+}
+
+// docker0Value is docker0's share of LEASED_SUBNET or LEASED_SUBNET6: the
+// LEASED_DOCKER0_ line when leased's Docker IPAM driver has the rest.
+func docker0Value(env, key string) string {
+	if v := envValue(env, strings.Replace(key, "LEASED_", "LEASED_DOCKER0_", 1)); v != "" {
+		return v
+	}
+	return envValue(env, key)
 }
 
 func envValue(env, key string) string {
