@@ -165,7 +165,7 @@ func (a *agent) run(ctx context.Context) error {
 			if a.fatal != nil {
 				return a.fatal
 			}
-			d := lease.Jitter(bo) // a fleet that failed together retries apart
+			d := lease.Jitter(bo)  // a fleet that failed together retries apart
 			if a.etcd.quiet(err) { // the monitor has said why
 				klog.V(2).InfoS("retrying", "err", err, "in", d)
 			} else {
