@@ -5,6 +5,7 @@
 //
 //	leased-lab [lab] [flags]      bring up a multi-host lab in network namespaces
 //	leased-lab bench-datapath     the datapath benchmark (Documentation/performance.md)
+//	leased-lab sim                the fleet simulator (Documentation/scale.md)
 //
 // `leased lab` and `leased bench-datapath` run this binary too.
 package main
@@ -20,7 +21,8 @@ import (
 const usage = `usage:
   leased-lab [lab] [flags]       a multi-host lab in network namespaces
   leased-lab bench-datapath      the datapath benchmark
-Each command takes -h. Both run the leased agent binary found next to
+  leased-lab sim                 the fleet simulator: K hosts' leasing code against one etcd cluster
+Each command takes -h. lab and bench-datapath run the leased agent binary found next to
 leased-lab (or in $PATH); --leased PATH picks another.
 `
 
@@ -35,6 +37,8 @@ func run(args []string) int {
 			return runLab(args[1:])
 		case "bench-datapath":
 			return runBench(args[1:])
+		case "sim":
+			return runSim(args[1:])
 		case "help", "-h", "--help":
 			fmt.Fprint(os.Stderr, usage)
 			return 0

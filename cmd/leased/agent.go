@@ -113,12 +113,12 @@ func (a *agent) run(ctx context.Context) error {
 // after a step that returned err; bo is the backoff of failed steps.
 func (a *agent) retryIn(err error, bo *time.Duration) time.Duration {
 	if err != nil {
+		d := lease.Jitter(*bo) // a fleet that failed together retries apart
 		if a.etcd.quiet(err) { // the monitor has said why
-			klog.V(2).InfoS("retrying", "err", err, "in", *bo)
+			klog.V(2).InfoS("retrying", "err", err, "in", d)
 		} else {
-			klog.ErrorS(err, "retrying", "in", *bo)
+			klog.ErrorS(err, "retrying", "in", d)
 		}
-		d := *bo
 		*bo = min(2**bo, 30*time.Second)
 		return d
 	}

@@ -1,6 +1,7 @@
 package lease
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -143,8 +144,10 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 		}
 	}
 	var aff affinity
+	var affVal []byte // the affinity record as stored; nil when there is none
 	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
 		aff, _ = decodeAffinity(kvs[0].Value)
+		affVal = kvs[0].Value
 	}
 	var mine affinity
 	reservedForOthers := map[netip.Prefix]string{}
@@ -216,7 +219,7 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 		if prev != nil && prev.Subnet == rec.Subnet && prev.IPv6Subnet == rec.IPv6Subnet && !prev.Acquired.IsZero() {
 			rec.Acquired = prev.Acquired
 		}
-		ok, err := r.commit(ctx, leaseID, rec, prev, &recRev, fams)
+		ok, err := r.commit(ctx, leaseID, rec, prev, &recRev, affVal, fams)
 		if err != nil {
 			return nil, err
 		}
@@ -405,8 +408,9 @@ func (r *Registry) listTaken(ctx context.Context, f *family, node string) error 
 // lock or the node's record changed under us; *recRev is the mod revision
 // of the node's record as last read (0: none). It returns a
 // *ConflictError when another host with the same node name holds the
-// record or a candidate's lock.
-func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, prev *Record, recRev *int64, fams []*family) (bool, error) {
+// record or a candidate's lock. oldAff is the node's affinity record as
+// read before the claim (nil: none).
+func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, prev *Record, recRev *int64, oldAff []byte, fams []*family) (bool, error) {
 	k := r.keys
 	lease := clientv3.WithLease(leaseID)
 	val, err := json.Marshal(rec)
@@ -435,10 +439,16 @@ func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, pr
 		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(recKey), "=", 0))
 	}
 	elses = append(elses, clientv3.OpGet(recKey))
-	thens = append(thens,
-		clientv3.OpPut(recKey, string(val), lease),
-		clientv3.OpPut(k.Node(rec.Node), string(aff)),
-	)
+	thens = append(thens, clientv3.OpPut(recKey, string(val), lease))
+	// The affinity record has no lease, so a claim that keeps the subnets
+	// (an agent restart) need not write it again: an unchanged write
+	// would only send every watcher of the prefix one more event. Only
+	// agents with this node name write it, so the value read before the
+	// claim is current unless another host has the same name (a conflict
+	// the compares on the record and the locks catch).
+	if !bytes.Equal(aff, oldAff) {
+		thens = append(thens, clientv3.OpPut(k.Node(rec.Node), string(aff)))
+	}
 	// Release locks of subnets this node held before and no longer wants,
 	// but only while they are still ours: under the lease of the record
 	// that named them (a claim writes both under one lease).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"runtime"
 	"strings"
@@ -271,6 +272,17 @@ func leaseEventInto(node string, value []byte, create, lease int64, rec *Record)
 	return Event{Kind: LeasePut, Node: node, Record: rec}
 }
 
+// Jitter returns a random duration in [d/2, d]. Retry loops wait that long
+// instead of d so that the hosts of a fleet that failed together (an etcd
+// member restarted, a leader election) do not retry together: their
+// retries spread over half the delay instead of arriving in one burst.
+func Jitter(d time.Duration) time.Duration {
+	if d <= 1 {
+		return d
+	}
+	return d/2 + rand.N(d/2+1)
+}
+
 // backoff is a capped exponential delay for retry loops.
 type backoff struct{ d time.Duration }
 
@@ -279,10 +291,10 @@ func newBackoff() *backoff { return &backoff{d: 100 * time.Millisecond} }
 func (b *backoff) peek() time.Duration { return b.d }
 func (b *backoff) reset()              { b.d = 100 * time.Millisecond }
 
-// wait sleeps for the current delay, doubles it (up to 5s) and reports
-// false when ctx ended first.
+// wait sleeps for the current delay, jittered (see Jitter), doubles it
+// (up to 5s) and reports false when ctx ended first.
 func (b *backoff) wait(ctx context.Context) bool {
-	t := time.NewTimer(b.d)
+	t := time.NewTimer(Jitter(b.d))
 	defer t.Stop()
 	if b.d *= 2; b.d > 5*time.Second {
 		b.d = 5 * time.Second

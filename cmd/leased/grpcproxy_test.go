@@ -1,0 +1,136 @@
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"math/big"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/leased/leased/internal/etcdserver"
+	"github.com/leased/leased/pkg/lease"
+)
+
+// The agent's etcd client works through an etcd gRPC proxy with TLS on
+// both sides: the agent verifies the proxy's certificate and presents its
+// own, and the proxy talks to a cluster that demands a client
+// certificate. The agent claims a subnet (transactions), keeps its etcd
+// lease alive and sees records in its prefix watch. (etcd 3.4's proxy
+// cannot demand client certificates itself; see Documentation/scale.md.)
+func TestAgentThroughTLSGRPCProxy(t *testing.T) {
+	dir := t.TempDir()
+	ca := newPKI(t, dir, "ca")
+	member := startTLSEtcd(t, ca, true)
+	proxyServer, proxyServerKey := ca.issue(t, "proxy-server", true, time.Now().Add(24*time.Hour))
+	// etcd's proxy refuses a certificate towards the cluster that has a
+	// Common Name ("cert has non empty Common Name"): the cluster would
+	// take every proxied request as that user.
+	proxyClient, proxyClientKey := issueWithoutCN(t, ca, "proxy-client")
+	p, err := etcdserver.StartGRPCProxy("proxy", filepath.Join(dir, "proxy"), []string{member}, etcdserver.ProxyTLS{
+		Cert: proxyServer, Key: proxyServerKey, ClientCA: ca.file,
+		CA: ca.file, ClusterCert: proxyClient, ClusterKey: proxyClientKey,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("--- proxy log ---\n%s", p.Log())
+		}
+		p.Stop()
+	})
+	if !strings.HasPrefix(p.ClientURL, "https://") {
+		t.Fatalf("the proxy serves %s, want https", p.ClientURL)
+	}
+	agentCert, agentKey := ca.issue(t, "agent", false, time.Now().Add(24*time.Hour))
+	// A client that does not trust the proxy's CA is refused: the agent
+	// verifies the proxy.
+	wrongCA := newPKI(t, dir, "wrong-ca")
+	if err := tryClient(t, &options{etcdEndpoints: p.ClientURL, etcdCAFile: wrongCA.file, etcdCertFile: agentCert, etcdKeyFile: agentKey}); err == nil ||
+		!strings.Contains(err.Error(), "certificate signed by unknown authority") {
+		t.Errorf("a client that does not trust the proxy's certificate: %v; want certificate signed by unknown authority", err)
+	}
+
+	o := &options{etcdEndpoints: p.ClientURL, etcdCAFile: ca.file, etcdCertFile: agentCert, etcdKeyFile: agentKey}
+	cli, err := newEtcdClient(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cfgJSON := `{"Network":"10.0.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}`
+	if _, err := cli.Put(ctx, lease.NewKeys("").Config(), cfgJSON); err != nil {
+		t.Fatal(err)
+	}
+	cfg, _, err := lease.ParseConfig([]byte(cfgJSON))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A 3 s TTL is renewed every second: a lost keep-alive path would end
+	// the session within the 5 s this test waits.
+	sess, err := lease.NewSession(ctx, cli, 3*time.Second, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sess.Orphan()
+	reg := lease.NewRegistry(cli, "")
+	rec, err := reg.Acquire(ctx, sess.Lease(), cfg, lease.Claim{Node: "host1", PublicIP: netip.MustParseAddr("192.0.2.1"), BackendType: "host-gw"})
+	if err != nil {
+		t.Fatalf("claim through the proxy: %v", err)
+	}
+	batches := make(chan lease.Batch)
+	go reg.Watch(ctx, batches) //nolint:errcheck // returns ctx.Err()
+	var view lease.View
+	view.Apply(<-batches)
+	if got := view.Records["host1"]; got == nil || got.Subnet != rec.Subnet {
+		t.Fatalf("the listing through the proxy holds %v, want host1 with %s", view.Records, rec.Subnet)
+	}
+	if _, err := cli.Put(ctx, lease.NewKeys("").Lease("host2"), `{"Node":"host2","Subnet":"10.0.200.0/24","PublicIP":"192.0.2.2","BackendType":"host-gw"}`); err != nil {
+		t.Fatal(err)
+	}
+	for view.Records["host2"] == nil {
+		select {
+		case b := <-batches:
+			view.Apply(b)
+		case <-ctx.Done():
+			t.Fatal("the watch through the proxy did not deliver host2's record")
+		}
+	}
+	select {
+	case <-sess.Done():
+		t.Fatal("the etcd lease was lost through the proxy")
+	case <-time.After(5 * time.Second):
+	}
+	ttl, err := cli.TimeToLive(ctx, sess.Lease())
+	if err != nil || ttl.TTL <= 0 {
+		t.Fatalf("the etcd lease after 5 s of keep-alives through the proxy: %+v, %v", ttl, err)
+	}
+}
+
+// issueWithoutCN is pki.issue for a client certificate with an empty
+// Common Name.
+func issueWithoutCN(t *testing.T, p *pki, file string) (certFile, keyFile string) {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	serial++
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(serial), NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.cert, &key.PublicKey, p.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, _ := x509.MarshalECPrivateKey(key)
+	certFile, keyFile = filepath.Join(p.dir, file+".pem"), filepath.Join(p.dir, file+"-key.pem")
+	writePEM(t, certFile, "CERTIFICATE", der)
+	writePEM(t, keyFile, "EC PRIVATE KEY", kder)
+	return certFile, keyFile
+}
