@@ -35,11 +35,17 @@ type BenchResult struct {
 	// IPBatchNH is ip -batch installing them through one nexthop object
 	// per route (`nexthop add id …` + `route add … nhid …`); zero when the
 	// kernel refused nexthop objects.
-	IPBatchNH     time.Duration
-	PeakRSS       int64 // agent VmHWM in bytes
-	NewPeerP50    time.Duration
-	NewPeerP99    time.Duration
-	NewPeerMax    time.Duration
+	IPBatchNH  time.Duration
+	PeakRSS    int64 // agent VmHWM in bytes
+	NewPeerP50 time.Duration
+	NewPeerP99 time.Duration
+	NewPeerMax time.Duration
+	// PutP99 is the p99 of the lease puts themselves (etcd's commit, with
+	// its fsync), which each join latency includes.
+	PutP99 time.Duration
+	// AfterPutP99 is the p99 of each join's time from its put's answer to
+	// its route (0 when the route came first): what leased adds to etcd.
+	AfterPutP99   time.Duration
 	NewPeerSample int
 	// IdleCPU is the agent's CPU time divided by IdleWindow, measured with
 	// no lease changes after the joins (0 when not measured).
@@ -298,7 +304,7 @@ func benchOne(ctx context.Context, o BenchOptions, n int) (BenchResult, error) {
 	if err := netlink.RouteSubscribeAt(nsh, updates, done); err != nil {
 		return res, err
 	}
-	var lat []time.Duration
+	var lat, puts []time.Duration
 	for j := range newPeers {
 		if j > 0 && o.JoinInterval > 0 {
 			select {
@@ -315,6 +321,7 @@ func benchOne(ctx context.Context, o BenchOptions, n int) (BenchResult, error) {
 		if _, err := l.Client.Put(ctx, lease.NewKeys("").Lease(rec.Node), string(v), clientv3.WithLease(g.ID)); err != nil {
 			return res, err
 		}
+		puts = append(puts, time.Since(t0))
 		timeout := time.After(5 * time.Second)
 	wait:
 		for {
@@ -335,6 +342,14 @@ func benchOne(ctx context.Context, o BenchOptions, n int) (BenchResult, error) {
 		res.NewPeerP99 = lat[min(len(lat)-1, len(lat)*99/100)]
 		res.NewPeerMax = lat[len(lat)-1]
 		res.NewPeerSample = len(lat)
+		after := make([]time.Duration, len(lat))
+		for i := range lat {
+			after[i] = max(0, lat[i]-puts[i])
+		}
+		slices.Sort(after)
+		res.AfterPutP99 = after[min(len(after)-1, len(after)*99/100)]
+		slices.Sort(puts)
+		res.PutP99 = puts[min(len(puts)-1, len(puts)*99/100)]
 	}
 	pid := h.cmd.Process.Pid
 	if o.IdleWindow > 0 {
@@ -450,7 +465,7 @@ func vmHWM(status string) int64 {
 // peer count measured more than once a median row (each column's median).
 func PrintBench(w io.Writer, rs []BenchResult) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "peers\troutes\tagent start→routes\tip -batch\tip -batch nexthops\tratio (nexthops)\tpeak RSS\tjoins\tjoin p50\tp99\tmax\tidle CPU\t")
+	fmt.Fprintln(tw, "peers\troutes\tagent start→routes\tip -batch\tip -batch nexthops\tratio (nexthops)\tpeak RSS\tjoins\tjoin p50\tp99\tmax\tetcd put p99\tput→route p99\tidle CPU\t")
 	row := func(label string, r BenchResult) {
 		ratio, nh := "-", "-"
 		if r.IPBatchNH > 0 {
@@ -465,9 +480,9 @@ func PrintBench(w io.Writer, rs []BenchResult) {
 		if r.IPBatch > 0 {
 			plain = r.IPBatch.Round(time.Millisecond).String()
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%.1f MB\t%d\t%s\t%s\t%s\t%s\t\n", label, r.Routes, r.AgentStart.Round(time.Millisecond),
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%.1f MB\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t\n", label, r.Routes, r.AgentStart.Round(time.Millisecond),
 			plain, nh, ratio, float64(r.PeakRSS)/(1<<20), r.NewPeerSample,
-			r.NewPeerP50.Round(10*time.Microsecond), r.NewPeerP99.Round(10*time.Microsecond), r.NewPeerMax.Round(10*time.Microsecond), idle)
+			r.NewPeerP50.Round(10*time.Microsecond), r.NewPeerP99.Round(10*time.Microsecond), r.NewPeerMax.Round(10*time.Microsecond), r.PutP99.Round(10*time.Microsecond), r.AfterPutP99.Round(10*time.Microsecond), idle)
 	}
 	for i, r := range rs {
 		row(strconv.Itoa(r.Peers), r)
@@ -512,5 +527,7 @@ func medianResult(rs []BenchResult) BenchResult {
 		PeakRSS:       med(func(r BenchResult) int64 { return r.PeakRSS }),
 		NewPeerP50:    d(func(r BenchResult) time.Duration { return r.NewPeerP50 }),
 		NewPeerP99:    d(func(r BenchResult) time.Duration { return r.NewPeerP99 }),
+		PutP99:        d(func(r BenchResult) time.Duration { return r.PutP99 }),
+		AfterPutP99:   d(func(r BenchResult) time.Duration { return r.AfterPutP99 }),
 	}
 }
