@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -205,9 +206,11 @@ func TestLeaseChurnAbsorbed(t *testing.T) {
 	err = testutil.Poll(15*time.Second, func() error {
 		got := map[string]string{}
 		for _, line := range leasedState(t, h) {
+			// "P via G dev D", or "P nhid N via G dev D" through a
+			// nexthop object (kernels with them).
 			f := strings.Fields(strings.TrimPrefix(line, "route "))
-			if strings.HasPrefix(line, "route ") && len(f) >= 3 && f[1] == "via" {
-				got[f[0]] = f[2]
+			if i := slices.Index(f, "via"); strings.HasPrefix(line, "route ") && i > 0 && i+1 < len(f) {
+				got[f[0]] = f[i+1]
 			}
 		}
 		var diff []string
