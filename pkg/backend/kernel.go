@@ -114,6 +114,8 @@ type netlinkKernel struct {
 	b  *routeBatcher // route puts and deletes, in the handle's namespace
 	d  *dumper       // route and nexthop dumps, on a socket of their own (nil: on b)
 	ns nsExec        // the namespace, for sysctls, iptables, sockets and subscriptions
+	// ipts keeps the iptables of each family (nil: made on every call).
+	ipts *iptCache
 }
 
 const dumpTries = 5
