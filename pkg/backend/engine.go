@@ -85,6 +85,9 @@ type engine struct {
 	// after it starts); kickedAt is the count when the latest kick came.
 	// Run skips a kicked pass when a full pass started after the kick.
 	fullPasses, kickedAt atomic.Uint64
+	// burstUntil (unix ns) and passDue: see inBurst.
+	burstUntil atomic.Int64
+	passDue    atomic.Bool
 	// wanted is the desired state of the current or last pass, updated
 	// before its kernel calls: event goroutines compare events with it so
 	// that the agent's own changes do not trigger passes, while anything

@@ -2,7 +2,10 @@ package backend
 
 import (
 	"context"
+	"errors"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -41,7 +44,8 @@ func (e *engine) Run(ctx context.Context) error {
 			return nil
 		case <-ticker.C:
 			ticks++
-			if ticks%FullPassEvery != 0 && e.fullPasses.Load() > 0 && !e.untrusted() {
+			due := e.passDue.Swap(false)
+			if ticks%FullPassEvery != 0 && e.fullPasses.Load() > 0 && !e.untrusted() && !due {
 				e.ensureHost()
 				continue
 			}
@@ -71,6 +75,39 @@ func (e *engine) Run(ctx context.Context) error {
 			e.ensureHost()
 		}
 	}
+}
+
+// burstMin is the number of routes a put or delete must change for the
+// agent's own events to be a burst that may overflow a subscription, and
+// burstGrace how long after it an overflow is still put down to it (the
+// subscriptions' readers lag behind the kernel).
+const (
+	burstMin   = 1024
+	burstGrace = 5 * time.Second
+)
+
+// noteBurst records that the engine is about to change, or has just
+// changed, n routes (see inBurst).
+func (e *engine) noteBurst(n int) {
+	if n >= burstMin {
+		e.burstUntil.Store(time.Now().Add(burstGrace).UnixNano())
+	}
+}
+
+// inBurst reports whether the engine is changing many routes or did so
+// within burstGrace: a subscription overflow (ENOBUFS) then comes from the
+// kernel's announcements of the agent's own changes, and the full pass
+// that makes up for the lost events waits for the next resync (passDue)
+// instead of running at once, on top of the burst's memory. Events of
+// others lost in the overflow are seen by that pass, within one
+// --resync-interval.
+func (e *engine) inBurst() bool { return time.Now().UnixNano() < e.burstUntil.Load() }
+
+// isOverflow reports whether err is a subscription's ENOBUFS: the kernel
+// dropped events because the socket's buffer was full. (The netlink
+// library reports it as text.)
+func isOverflow(err error) bool {
+	return errors.Is(err, unix.ENOBUFS) || strings.Contains(err.Error(), unix.ENOBUFS.Error())
 }
 
 // untrusted reports whether the last pass or peer change failed, so that
@@ -122,19 +159,33 @@ func (e *engine) watch(ctx context.Context, k eventSource) {
 // subscribes again and requests a pass, since events may have been lost.
 func subscribe[T any](ctx context.Context, e *engine, kind string,
 	sub func(chan<- T, <-chan struct{}, func(error)) error, relevant func(T) bool) {
+	var ownBurst atomic.Bool // the last failure was an overflow during our own burst
 	for ctx.Err() == nil {
 		ch := make(chan T, 128) // the socket's 4 MiB buffer absorbs bursts
 		done := make(chan struct{})
 		err := sub(ch, done, func(err error) {
-			if ctx.Err() == nil {
-				klog.ErrorS(err, "netlink subscription failed; subscribing again", "kind", kind)
+			if ctx.Err() != nil {
+				return
 			}
+			if isOverflow(err) && e.inBurst() {
+				ownBurst.Store(true)
+				klog.InfoS("netlink events overflowed while leased programmed many kernel objects; subscribing again, the kernel is compared in full at the next resync", "kind", kind, "err", err)
+				return
+			}
+			klog.ErrorS(err, "netlink subscription failed; subscribing again", "kind", kind)
 		})
 		if err != nil {
 			klog.ErrorS(err, "subscribing to netlink events", "kind", kind)
 			close(done)
 		} else {
-			e.kickPass()
+			if ownBurst.Swap(false) {
+				// The lost events were mostly the agent's own: compare
+				// the kernel in full at the next resync, once the
+				// burst's memory is free, not at once at its peak.
+				e.passDue.Store(true)
+			} else {
+				e.kickPass()
+			}
 			consume(ctx, ch, relevant, e.kickPass)
 			close(done)
 			go func() { // let the library's reader finish and close ch
