@@ -45,7 +45,7 @@ func TestOverflowDuringOwnBurstDefersFullPass(t *testing.T) {
 				return nil
 			}
 			if tc.burst {
-				e.noteBurst(burstMin)
+				defer e.burst(burstMin)()
 			}
 			finished := make(chan struct{})
 			go func() { subscribe(ctx, e, "route", sub, func(int) bool { return false }); close(finished) }()

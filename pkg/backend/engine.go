@@ -85,7 +85,8 @@ type engine struct {
 	// after it starts); kickedAt is the count when the latest kick came.
 	// Run skips a kicked pass when a full pass started after the kick.
 	fullPasses, kickedAt atomic.Uint64
-	// burstUntil (unix ns) and passDue: see inBurst.
+	// bursts, burstUntil (unix ns) and passDue: see inBurst.
+	bursts     atomic.Int32
 	burstUntil atomic.Int64
 	passDue    atomic.Bool
 	// wanted is the desired state of the current or last pass, updated

@@ -302,8 +302,7 @@ func (e *engine) listNeighs(owned []int) ([]neigh, []fdb, error) {
 // is then requested, which refuses the peer.
 func (e *engine) putRoutes(rs []route) []error {
 	e.touch(rs)
-	e.noteBurst(len(rs))
-	defer e.noteBurst(len(rs))
+	defer e.burst(len(rs))()
 	nk := e.nhk()
 	if nk != nil && e.nh.use {
 		return e.putRoutesNH(nk, rs)
@@ -384,8 +383,7 @@ func lazyKeys(rs []route) func(routeKey) bool {
 }
 func (e *engine) delRoutes(rs []route) []error {
 	e.touch(rs)
-	e.noteBurst(len(rs))
-	defer e.noteBurst(len(rs))
+	defer e.burst(len(rs))()
 	if nk := e.nhk(); nk != nil {
 		return e.delRoutesNH(nk, rs)
 	}
