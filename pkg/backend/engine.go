@@ -102,8 +102,10 @@ type engine struct {
 	mu      sync.Mutex // guards everything below and every kernel call
 	local   Local
 	started bool
-	// hostMu serialises setupHost (Start's and the resync's).
-	hostMu sync.Mutex
+	// hostMu serialises setupHost (Start's and the resync's) and guards
+	// natGone (fwOptions).
+	hostMu  sync.Mutex
+	natGone [2]bool
 	// peersSet is true once SetPeers has given the full peer set; no pass
 	// runs before, so a restart never prunes against an empty set.
 	peersSet bool
@@ -274,7 +276,7 @@ func (e *engine) setupHost(k kernel, local Local, changed *bool) error {
 	defer e.hostMu.Unlock()
 	return errors.Join(
 		enableForwarding(k, e.ext.Link(true).Name, local.Network4.IsValid(), local.Network6.IsValid(), changed),
-		setupForwarding(k, local, fwOptions{masq: e.opts.IPMasq, noFwd: e.opts.NoForwardRules}, changed),
+		setupForwarding(k, local, fwOptions{masq: e.opts.IPMasq, noFwd: e.opts.NoForwardRules, natGone: &e.natGone}, changed),
 	)
 }
 

@@ -81,6 +81,11 @@ func masqRules(subnet, network netip.Prefix) []rule {
 type fwOptions struct {
 	masq  bool // --ip-masq: LEASED-POSTRTG for every enabled family
 	noFwd bool // --iptables-forward-rules=false: no LEASED-FWD, FORWARD is the operator's
+	// natGone, when set, remembers per family (0: IPv4, 1: IPv6) that
+	// LEASED-POSTRTG was found absent or removed without --ip-masq: only
+	// leased creates it, so later checks need not list the nat table
+	// again (two iptables runs fewer per resync).
+	natGone *[2]bool
 }
 
 // setupForwarding installs the forward and (with masq) NAT rules for the
@@ -111,10 +116,23 @@ func setupForwarding(k firewall, local Local, o fwOptions, changed *bool) error 
 		} else {
 			errs = append(errs, c.ensure("filter", "FORWARD", ForwardChain, forwardRules(f.network, f.subnet), changed))
 		}
-		if o.masq && f.subnet.IsValid() {
+		fam := 0
+		if f.v6 {
+			fam = 1
+		}
+		switch {
+		case o.masq && f.subnet.IsValid():
 			errs = append(errs, c.ensure("nat", "POSTROUTING", MasqChain, masqRules(f.subnet, f.network), changed))
-		} else {
-			errs = append(errs, c.remove("nat", "POSTROUTING", MasqChain, changed))
+			if o.natGone != nil {
+				o.natGone[fam] = false
+			}
+		case o.natGone != nil && o.natGone[fam]:
+		default:
+			listed, err := c.removeListed("nat", "POSTROUTING", MasqChain, changed)
+			errs = append(errs, err)
+			if o.natGone != nil {
+				o.natGone[fam] = listed && err == nil
+			}
 		}
 	}
 	return errors.Join(errs...)
@@ -268,12 +286,23 @@ func ruleLines(lines []string) []string {
 // nothing of leased's, so that is not an error: hosts without --ip-masq do
 // not need the nat table. When the chain is absent it costs one listing.
 func (c chains) remove(table, parent, chain string, changed *bool) error {
+	_, err := c.removeListed(table, parent, chain, changed)
+	return err
+}
+
+// removeListed is remove that also reports whether the table could be
+// listed (false: nothing was checked).
+func (c chains) removeListed(table, parent, chain string, changed *bool) (listed bool, err error) {
 	lines, err := c.ipt.ListTable(table)
 	if err != nil {
 		klog.V(2).InfoS("cannot list the table; nothing of leased's to remove there", "cmd", c.bin, "table", table, "err", err)
-		return nil
+		return false, nil
 	}
-	t := parseTable(lines)
+	return true, c.removeFrom(parseTable(lines), table, parent, chain, changed)
+}
+
+// removeFrom is remove on the table's listing t.
+func (c chains) removeFrom(t tableRules, table, parent, chain string, changed *bool) error {
 	if !t.chains[chain] {
 		return nil
 	}
