@@ -201,7 +201,7 @@ func (k *leaseKeeper) writeSubnetEnv(cfg *lease.Config, be backend.Backend) erro
 	}
 	changed, err := subnetenv.Write(k.o.subnetFile, env)
 	if err != nil {
-		return fmt.Errorf("writing %s (check the directory exists and is writable): %w", k.o.subnetFile, err)
+		return fmt.Errorf("subnet file (--subnet-file): %w", err)
 	}
 	if changed {
 		kv := []any{"path", k.o.subnetFile}

@@ -247,8 +247,8 @@ func TestPublishRefusesForeignRecord(t *testing.T) {
 	}
 }
 
-// The lease file round-trips, keeps the newest IDs, and is ignored for
-// another node name.
+// The lease file round-trips, keeps the newest IDs, is readable by root
+// only, and is ignored for another node name.
 func TestOwnLeasesFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "own-leases")
 	o := OwnLeases{Path: path, Node: "h"}
@@ -261,6 +261,11 @@ func TestOwnLeasesFile(t *testing.T) {
 	}
 	if err := o.Save(all); err != nil {
 		t.Fatal(err)
+	}
+	if fi, err := os.Stat(path); err != nil {
+		t.Fatal(err)
+	} else if fi.Mode() != 0o600 {
+		t.Errorf("the file's mode is %v, want 0600: it is this machine's alone", fi.Mode())
 	}
 	ids, ok, err := o.Load()
 	if !ok || err != nil || !slices.Equal(ids, all[len(all)-ownLeasesMax:]) {
