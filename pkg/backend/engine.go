@@ -154,7 +154,12 @@ func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend,
 	if err != nil {
 		return nil, err
 	}
-	return assemble(cfg, ext, opts, k, dp), nil
+	b, err := assemble(cfg, ext, opts, k, dp)
+	if err != nil {
+		k.Close()
+		return nil, err
+	}
+	return b, nil
 }
 
 // datapathFor returns the datapath of cfg's type, for a config and an
@@ -177,13 +182,19 @@ func datapathFor(cfg Config, ext ExtIface, node string) (datapath, error) {
 	return nil, fmt.Errorf("%w: %q is not implemented yet", ErrUnknownType, cfg.Type)
 }
 
-// assemble returns the backend of cfg's type over the kernel k.
-func assemble(cfg Config, ext ExtIface, opts Options, k kernel, dp datapath) Backend {
+// assemble returns the backend of cfg's type over the kernel k. It fails
+// only when the proxy-NDP responder cannot be made (ndp.NewResponder); the
+// caller then still owns k.
+func assemble(cfg Config, ext ExtIface, opts Options, k kernel, dp datapath) (Backend, error) {
 	e := newEngine(cfg.Type, ext, opts, k, dp)
 	if cfg.Type == TypeProxyNDP {
-		return newProxyNDP(e, cfg)
+		b, err := newProxyNDP(e, cfg)
+		if err != nil {
+			return nil, err
+		}
+		return b, nil
 	}
-	return e
+	return e, nil
 }
 
 func newEngine(typ string, ext ExtIface, opts Options, k kernel, dp datapath) *engine {

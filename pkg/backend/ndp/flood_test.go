@@ -72,7 +72,10 @@ func (c *writeConn) Close() error                         { return nil }
 // a real kernel and counts the neighbour entries the probes leave.)
 func TestNDPPresentFloodBounded(t *testing.T) {
 	k := &fakeKernel{subbed: make(chan struct{})}
-	r := NewResponder(k, "eth0", 2, ModePresent)
+	r, err := NewResponder(k, "eth0", 2, ModePresent)
+	if err != nil {
+		t.Fatal(err)
+	}
 	r.cfg.Store(&Answer{Slice: ndpSlice, MAC: ndpHostMAC})
 	conn := &writeConn{}
 	r.f = conn

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"golang.org/x/net/bpf"
@@ -187,8 +188,39 @@ func TestNDPFilter(t *testing.T) {
 	}
 }
 
+// The filter assembles for a slice of every length, so NewResponder
+// succeeds; a filter that does not assemble is an error that says what to
+// do, not a panic.
+func TestNDPFilterAssembles(t *testing.T) {
+	if err := checkFilters(nsFilter); err != nil {
+		t.Fatalf("checkFilters(nsFilter) = %v", err)
+	}
+	if _, err := NewResponder(nil, "eth0", 2, ModeSubnet); err != nil {
+		t.Fatalf("NewResponder = %v", err)
+	}
+	broken := func(slice netip.Prefix) []bpf.Instruction {
+		prog := nsFilter(slice)
+		if slice.Bits() == 77 {
+			prog[0] = bpf.LoadAbsolute{Off: 12, Size: 3} // no such load size
+		}
+		return prog
+	}
+	err := checkFilters(broken)
+	if err == nil {
+		t.Fatal("checkFilters accepted a filter that does not assemble")
+	}
+	for _, want := range []string{"length 77", "defective", "install another version"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+}
+
 func TestNDPDecide(t *testing.T) {
-	r := NewResponder(nil, "eth0", 2, ModeSubnet)
+	r, err := NewResponder(nil, "eth0", 2, ModeSubnet)
+	if err != nil {
+		t.Fatal(err)
+	}
 	cfg := &Answer{Slice: ndpSlice, MAC: ndpHostMAC}
 	s := func(target string, from [6]byte) *solicitation {
 		return &solicitation{ethSrc: from, src: ndpRouter, target: netip.MustParseAddr(target)}
