@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"k8s.io/klog/v2"
 )
@@ -109,6 +110,35 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 	if err := ValidNodeName(c.Node); err != nil {
 		return nil, err
 	}
+	st, err := r.readClaim(ctx, leaseID, c)
+	if err != nil {
+		return nil, err
+	}
+	fams, err := st.families(cfg, c, r.keys)
+	if err != nil {
+		return nil, err
+	}
+	return r.claim(ctx, leaseID, c, st, fams)
+}
+
+// claimState is what Acquire read of the node's keys before it claims.
+type claimState struct {
+	own    ownSet  // the etcd leases whose keys of the node are this host's
+	prev   *Record // the node's lease record; nil when there is none or it is malformed
+	recRev int64   // mod revision of the node's record; 0 when there is none
+	aff    affinity
+	affVal []byte // the affinity record as stored; nil when there is none
+	// mine is the node's reservation; reservedForOthers the subnets
+	// reserved for other nodes.
+	mine              affinity
+	reservedForOthers map[netip.Prefix]string
+}
+
+// readClaim reads, in one transaction, the node's lease record, its
+// affinity record and every reservation. It returns a *ConflictError when
+// the node's record is held under an etcd lease that is not this host's
+// (see Claim.Own).
+func (r *Registry) readClaim(ctx context.Context, leaseID clientv3.LeaseID, c Claim) (*claimState, error) {
 	k := r.keys
 	resp, err := r.cli.Txn(ctx).Then(
 		clientv3.OpGet(k.Lease(c.Node)),
@@ -118,68 +148,87 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 	if err != nil {
 		return nil, fmt.Errorf("reading lease records of %s: %w", c.Node, err)
 	}
-	own := ownSet{int64(leaseID): true}
+	st := &claimState{own: ownSet{int64(leaseID): true}}
 	for _, id := range c.Own {
-		own[int64(id)] = true
+		st.own[int64(id)] = true
 	}
-	var prev *Record
-	var recRev int64 // mod revision of the node's record; 0 when there is none
 	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-		kv := kvs[0]
-		rec, derr := DecodeRecord(c.Node, kv.Value)
-		if !own[kv.Lease] {
-			if c.NoHistory && derr == nil && kv.Lease != 0 && sameAddrs(rec, c) {
-				klog.InfoS("taking over the lease keys of this host's previous run (same node name and public addresses)", "node", c.Node, "lease", fmt.Sprintf("%x", kv.Lease))
-				own[kv.Lease] = true
-			} else {
-				return nil, r.conflict(ctx, c.Node, string(kv.Key), kv)
-			}
-		}
-		recRev = kv.ModRevision
-		if prev = rec; derr != nil {
-			klog.Warningf("ignoring this node's own malformed lease record: %v", derr)
-			prev = nil
-		} else {
-			prev.Lease = kv.Lease
+		if err := r.adoptRecord(ctx, c, kvs[0], st); err != nil {
+			return nil, err
 		}
 	}
-	var aff affinity
-	var affVal []byte // the affinity record as stored; nil when there is none
 	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
-		aff, _ = decodeAffinity(kvs[0].Value)
-		affVal = kvs[0].Value
+		st.aff, _ = decodeAffinity(kvs[0].Value)
+		st.affVal = kvs[0].Value
 	}
-	var mine affinity
-	reservedForOthers := map[netip.Prefix]string{}
-	for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
-		node := strings.TrimPrefix(string(kv.Key), k.Reservations())
+	st.mine, st.reservedForOthers = r.reservations(c.Node, resp.Responses[2].GetResponseRange().Kvs)
+	return st, nil
+}
+
+// adoptRecord sets st.prev and st.recRev from the node's lease record kv,
+// if it is this host's own: held under one of st.own, or, with
+// c.NoHistory, naming exactly this host's public addresses (then its lease
+// joins st.own). Otherwise it returns a *ConflictError.
+func (r *Registry) adoptRecord(ctx context.Context, c Claim, kv *mvccpb.KeyValue, st *claimState) error {
+	rec, derr := DecodeRecord(c.Node, kv.Value)
+	if !st.own[kv.Lease] {
+		if c.NoHistory && derr == nil && kv.Lease != 0 && sameAddrs(rec, c) {
+			klog.InfoS("taking over the lease keys of this host's previous run (same node name and public addresses)", "node", c.Node, "lease", fmt.Sprintf("%x", kv.Lease))
+			st.own[kv.Lease] = true
+		} else {
+			return r.conflict(ctx, c.Node, string(kv.Key), kv)
+		}
+	}
+	st.recRev = kv.ModRevision
+	if st.prev = rec; derr != nil {
+		klog.Warningf("ignoring this node's own malformed lease record: %v", derr)
+		st.prev = nil
+	} else {
+		st.prev.Lease = kv.Lease
+	}
+	return nil
+}
+
+// reservations returns node's reservation and the subnets reserved for
+// other nodes, from the reservation keys kvs; malformed ones are logged
+// and ignored.
+func (r *Registry) reservations(node string, kvs []*mvccpb.KeyValue) (mine affinity, reservedForOthers map[netip.Prefix]string) {
+	reservedForOthers = map[netip.Prefix]string{}
+	for _, kv := range kvs {
+		other := strings.TrimPrefix(string(kv.Key), r.keys.Reservations())
 		a, err := decodeAffinity(kv.Value)
 		if err != nil {
 			klog.Warningf("ignoring malformed reservation %s: %v", kv.Key, err)
 			continue
 		}
-		if node == c.Node {
+		if other == node {
 			mine = a
 			continue
 		}
 		for _, s := range []netip.Prefix{a.Subnet, a.IPv6Subnet} {
 			if s.IsValid() {
-				reservedForOthers[s] = node
+				reservedForOthers[s] = other
 			}
 		}
 	}
+	return mine, reservedForOthers
+}
 
+// families returns Acquire's state for each family cfg enables, with the
+// subnets to try first in the order Acquire documents, and logs a
+// reservation it cannot or will not use.
+func (st *claimState) families(cfg *Config, c Claim, k Keys) ([]*family, error) {
 	fams := []*family{}
 	if cfg.IPv4 != nil {
-		f := &family{pool: cfg.IPv4, taken: map[netip.Prefix]bool{}, reserved: reservedForOthers, own: own,
-			keep: c.Keep4, reservation: mine.Subnet}
-		f.prefs = []netip.Prefix{c.Keep4, mine.Subnet, prev.subnet4(), aff.Subnet, c.Hint4}
+		f := &family{pool: cfg.IPv4, taken: map[netip.Prefix]bool{}, reserved: st.reservedForOthers, own: st.own,
+			keep: c.Keep4, reservation: st.mine.Subnet}
+		f.prefs = []netip.Prefix{c.Keep4, st.mine.Subnet, st.prev.subnet4(), st.aff.Subnet, c.Hint4}
 		fams = append(fams, f)
 	}
 	if cfg.IPv6 != nil {
-		f := &family{pool: cfg.IPv6, taken: map[netip.Prefix]bool{}, reserved: reservedForOthers, own: own,
-			keep: c.Keep6, reservation: mine.IPv6Subnet}
-		f.prefs = []netip.Prefix{c.Keep6, mine.IPv6Subnet, prev.subnet6(), aff.IPv6Subnet, c.Hint6}
+		f := &family{pool: cfg.IPv6, taken: map[netip.Prefix]bool{}, reserved: st.reservedForOthers, own: st.own,
+			keep: c.Keep6, reservation: st.mine.IPv6Subnet}
+		f.prefs = []netip.Prefix{c.Keep6, st.mine.IPv6Subnet, st.prev.subnet6(), st.aff.IPv6Subnet, c.Hint6}
 		fams = append(fams, f)
 	}
 	if len(fams) == 0 {
@@ -194,7 +243,12 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 			klog.InfoS("this host serves another subnet than its reservation; it keeps the one it serves (restart leased to move it to the reservation)", "node", c.Node, "serves", f.keep, "reserved", r)
 		}
 	}
+	return fams, nil
+}
 
+// claim picks a candidate per family and commits them with the node's
+// record, picking again after each lost race, until a commit succeeds.
+func (r *Registry) claim(ctx context.Context, leaseID clientv3.LeaseID, c Claim, st *claimState, fams []*family) (*Record, error) {
 	for attempt := 0; ; attempt++ {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -204,22 +258,8 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 				return nil, err
 			}
 		}
-		rec := &Record{
-			Node: c.Node, PublicIP: c.PublicIP, PublicIPv6: c.PublicIPv6,
-			BackendType: c.BackendType, BackendData: c.BackendData,
-			Acquired: time.Now().UTC().Truncate(time.Second),
-		}
-		for _, f := range fams {
-			if f.cand.Addr().Is4() {
-				rec.Subnet = f.cand
-			} else {
-				rec.IPv6Subnet = f.cand
-			}
-		}
-		if prev != nil && prev.Subnet == rec.Subnet && prev.IPv6Subnet == rec.IPv6Subnet && !prev.Acquired.IsZero() {
-			rec.Acquired = prev.Acquired
-		}
-		ok, err := r.commit(ctx, leaseID, rec, prev, &recRev, affVal, fams)
+		rec := st.record(c, fams)
+		ok, err := r.commit(ctx, leaseID, rec, st.prev, &st.recRev, st.affVal, fams)
 		if err != nil {
 			return nil, err
 		}
@@ -229,6 +269,28 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 		}
 		klog.V(2).InfoS("claim lost a race, trying another subnet", "node", c.Node, "attempt", attempt+1)
 	}
+}
+
+// record returns the lease record for the candidates of fams; it keeps the
+// previous record's acquisition time when the subnets are the same.
+func (st *claimState) record(c Claim, fams []*family) *Record {
+	rec := &Record{
+		Node: c.Node, PublicIP: c.PublicIP, PublicIPv6: c.PublicIPv6,
+		BackendType: c.BackendType, BackendData: c.BackendData,
+		Acquired: time.Now().UTC().Truncate(time.Second),
+	}
+	for _, f := range fams {
+		if f.cand.Addr().Is4() {
+			rec.Subnet = f.cand
+		} else {
+			rec.IPv6Subnet = f.cand
+		}
+	}
+	prev := st.prev
+	if prev != nil && prev.Subnet == rec.Subnet && prev.IPv6Subnet == rec.IPv6Subnet && !prev.Acquired.IsZero() {
+		rec.Acquired = prev.Acquired
+	}
+	return rec
 }
 
 // family is Acquire's per-address-family state.
