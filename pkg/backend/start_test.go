@@ -300,13 +300,13 @@ func checkAnswers(t *testing.T, k *fakeKernel, slice netip.Prefix) {
 	}
 	c := conns[0]
 	in, out := slice.Addr().Next(), netip.MustParseAddr("2001:db8:ab11:0:8001::5")
-	if !c.passes(testutil.NSFrame(t, ndpRouterMAC, ndpRouter, in, true)) {
+	if !c.passes(testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, in, true)) {
 		t.Errorf("the socket's filter drops a solicitation for %s, in the slice", in)
 	}
-	if c.passes(testutil.NSFrame(t, ndpRouterMAC, ndpRouter, out, true)) {
+	if c.passes(testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, out, true)) {
 		t.Errorf("the socket's filter passes a solicitation for %s, outside the slice", out)
 	}
-	c.in <- testutil.NSFrame(t, ndpRouterMAC, ndpRouter, in, true)
+	c.in <- testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, in, true)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		c.mu.Lock()
