@@ -142,9 +142,7 @@ func TestSameNodeNameConcurrentClaims(t *testing.T) {
 // previous run in Claim.Own, and without any history (first start after a
 // reboot or an upgrade) when the record names this host's addresses.
 func TestRestartOnSameMachineKeepsSubnet(t *testing.T) {
-	_, cli := etcdtest.Start(t)
-	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
-	reg := NewRegistry(cli, "")
+	cli, reg, cfg := startRegistry(t, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
 	ip := netip.MustParseAddr("192.0.2.1")
 	s1 := newSession(t, cli, 30)
 	first, err := reg.Acquire(ctxT(t), s1.Lease(), cfg, Claim{Node: "h", PublicIP: ip, NoHistory: true})
@@ -175,9 +173,7 @@ func TestRestartOnSameMachineKeepsSubnet(t *testing.T) {
 // moves to the reservation. A host serving a subnet reserved for another
 // node keeps it too.
 func TestReservationDoesNotMoveServingHost(t *testing.T) {
-	_, cli := etcdtest.Start(t)
-	cfg := mustConfig(t, `{"Network":"10.100.0.0/16"}`)
-	reg := NewRegistry(cli, "")
+	cli, reg, cfg := startRegistry(t, `{"Network":"10.100.0.0/16"}`)
 	sess := newSession(t, cli, 30)
 	ip := netip.MustParseAddr("192.0.2.1")
 	held, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "h", PublicIP: ip})
@@ -223,9 +219,7 @@ func TestReservationDoesNotMoveServingHost(t *testing.T) {
 
 // Publish never rewrites a record another host took.
 func TestPublishRefusesForeignRecord(t *testing.T) {
-	_, cli := etcdtest.Start(t)
-	cfg := mustConfig(t, `{"Network":"10.100.0.0/16"}`)
-	reg := NewRegistry(cli, "")
+	cli, reg, cfg := startRegistry(t, `{"Network":"10.100.0.0/16"}`)
 	sess := newSession(t, cli, 30)
 	rec, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "h", PublicIP: netip.MustParseAddr("192.0.2.1")})
 	if err != nil {
