@@ -48,7 +48,7 @@ func TestWriteContentAndMode(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := t.TempDir()
 			path := filepath.Join(dir, "state")
-			var ino uint64
+			var before os.FileInfo
 			if tt.before != 0 {
 				if err := os.WriteFile(path, []byte("old content\n"), tt.before); err != nil {
 					t.Fatal(err)
@@ -56,7 +56,10 @@ func TestWriteContentAndMode(t *testing.T) {
 				if err := os.Chmod(path, tt.before); err != nil {
 					t.Fatal(err)
 				}
-				ino = stat(t, path).Ino
+				var err error
+				if before, err = os.Stat(path); err != nil {
+					t.Fatal(err)
+				}
 			}
 			if err := Write(path, []byte(tt.content), tt.perm); err != nil {
 				t.Fatalf("Write: %v", err)
@@ -72,7 +75,7 @@ func TestWriteContentAndMode(t *testing.T) {
 			if fi.Mode() != tt.perm {
 				t.Errorf("mode = %v, want %v", fi.Mode(), tt.perm)
 			}
-			if ino != 0 && stat(t, path).Ino == ino {
+			if before != nil && os.SameFile(before, fi) {
 				t.Error("the file was rewritten in place, not replaced by a rename")
 			}
 			if extra := leftovers(t, dir, "state"); extra != nil {
@@ -80,15 +83,6 @@ func TestWriteContentAndMode(t *testing.T) {
 			}
 		})
 	}
-}
-
-func stat(t *testing.T, path string) *syscall.Stat_t {
-	t.Helper()
-	fi, err := os.Stat(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return fi.Sys().(*syscall.Stat_t)
 }
 
 // TestWriteFailsCleanly: a Write that cannot complete returns an error
