@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/leased/leased/internal/etcdserver"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/internal/testutil/testcerts"
 	"github.com/leased/leased/pkg/lease"
 )
@@ -28,18 +29,9 @@ func TestAgentThroughTLSGRPCProxy(t *testing.T) {
 	// Common Name ("cert has non empty Common Name"): the cluster would
 	// take every proxied request as that user.
 	proxyClient, proxyClientKey := ca.IssueWithoutCN(t, "proxy-client")
-	p, err := etcdserver.StartGRPCProxy("proxy", filepath.Join(dir, "proxy"), []string{member}, etcdserver.ProxyTLS{
+	p := etcdtest.GRPCProxy(t, "proxy", filepath.Join(dir, "proxy"), []string{member}, etcdserver.ProxyTLS{
 		Cert: proxyServer, Key: proxyServerKey, ClientCA: ca.File,
 		CA: ca.File, ClusterCert: proxyClient, ClusterKey: proxyClientKey,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("--- proxy log ---\n%s", p.Log())
-		}
-		p.Stop()
 	})
 	if !strings.HasPrefix(p.ClientURL, "https://") {
 		t.Fatalf("the proxy serves %s, want https", p.ClientURL)

@@ -11,6 +11,7 @@ import (
 
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/lab"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -26,16 +27,7 @@ func TestConnectivityThroughGRPCProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(c.Stop)
-	p, err := etcdserver.StartGRPCProxy("proxy", filepath.Join(dir, "proxy"), c.Endpoints(), etcdserver.ProxyTLS{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("--- proxy log ---\n%s", p.Log())
-		}
-		p.Stop()
-	})
+	p := etcdtest.GRPCProxy(t, "proxy", filepath.Join(dir, "proxy"), c.Endpoints(), etcdserver.ProxyTLS{})
 	l := up(t, lab.Config{Hosts: 3, Backend: "host-gw", EtcdEndpoints: []string{p.ClientURL}})
 	check := func(when string) {
 		t.Helper()
