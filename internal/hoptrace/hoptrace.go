@@ -117,19 +117,28 @@ func Flush() {
 	if !On {
 		return
 	}
-	now := time.Now()
+	for _, kv := range flush(time.Now()) {
+		klog.InfoS("hop trace", kv...)
+	}
+}
+
+// flush forgets every taken change and returns the key/value pairs of
+// its "hop trace" line, the stages in the order they were stamped.
+func flush(now time.Time) [][]any {
 	gc := gcCycles()
 	mu.Lock()
 	defer mu.Unlock()
+	var out [][]any
 	for key, h := range taken {
 		kv := []any{"node", key, "watch", h.arrived.UnixNano(), "loop", h.taken.UnixNano()}
 		for _, s := range h.stages {
 			kv = append(kv, s.name, s.at.UnixNano())
 		}
 		kv = append(kv, "done", now.UnixNano(), "gc", gc-h.gc0, "events", h.events, "batch", len(taken))
-		klog.InfoS("hop trace", kv...)
-		delete(taken, key)
+		out = append(out, kv)
 	}
+	clear(taken)
+	return out
 }
 
 // Span logs that work named what ran from start until now.

@@ -169,6 +169,9 @@ func logJoinTrace(log func(string, ...any), joins []joinTimes, bw *benchWatch, a
 	for i := 0; i+1 < len(points); i++ {
 		defs = append(defs, hopDef{points[i], points[i+1]})
 	}
+	// The route exists once the kernel acked it: sent → acked is the join
+	// without the bench's own reading of the announcement (acked → seen).
+	defs = append(defs, hopDef{"acked", "seen"}, hopDef{"sent", "acked"})
 	delta := func(r row, d hopDef) time.Duration {
 		a, b := at(r, d.from), at(r, d.to)
 		if a == 0 || b == 0 {
@@ -201,6 +204,30 @@ func logJoinTrace(log func(string, ...any), joins []joinTimes, bw *benchWatch, a
 		}
 		log("  %s total %.2f (put %.2f, bench watch %.2f): %s; gc %d/%d; events %d; batch %d; %s", r.j.node, ms(r.total), ms(r.j.answered.Sub(r.j.sent)), ms(delta(r, hopDef{"sent", "etcdw"})),
 			strings.Join(parts, " "), r.h["gc"], r.j.gc, r.h["events"], r.h["batch"], strings.Join(over, ", "))
+	}
+	// Joins that overlapped a span of other agent work against the rest.
+	for _, what := range []string{"host check", "full pass"} {
+		var in, out []time.Duration
+		for _, r := range rows {
+			s, e := r.j.sent.UnixNano(), r.j.seen.UnixNano()
+			hit := false
+			for _, sp := range spans {
+				if sp.what == what && sp.start < e && sp.end > s {
+					hit = true
+				}
+			}
+			if hit {
+				in = append(in, r.total)
+			} else {
+				out = append(out, r.total)
+			}
+		}
+		if len(in) > 0 && len(out) > 0 {
+			slices.Sort(in)
+			slices.Sort(out)
+			log("joins during a %s: %d, median %.2f ms, max %.2f ms; the others: %d, median %.2f ms, max %.2f ms", what,
+				len(in), ms(in[len(in)/2]), ms(in[len(in)-1]), len(out), ms(out[len(out)/2]), ms(out[len(out)-1]))
+		}
 	}
 	var hc, fp int
 	var hcDur []time.Duration
