@@ -171,7 +171,8 @@ func logJoinTrace(log func(string, ...any), joins []joinTimes, bw *benchWatch, a
 	}
 	// The route exists once the kernel acked it: sent → acked is the join
 	// without the bench's own reading of the announcement (acked → seen).
-	defs = append(defs, hopDef{"acked", "seen"}, hopDef{"sent", "acked"})
+	// watch → acked is the agent's own share.
+	defs = append(defs, hopDef{"acked", "seen"}, hopDef{"sent", "acked"}, hopDef{"watch", "acked"})
 	delta := func(r row, d hopDef) time.Duration {
 		a, b := at(r, d.from), at(r, d.to)
 		if a == 0 || b == 0 {
