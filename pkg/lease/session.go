@@ -2,9 +2,11 @@ package lease
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/leased/leased/pkg/metrics"
@@ -30,14 +32,56 @@ func NewSession(ctx context.Context, cli *clientv3.Client, ttl, grantTimeout tim
 		metrics.LeaseFailures.WithLabelValues("grant").Inc()
 		return nil, fmt.Errorf("granting an etcd lease: %w", err)
 	}
+	return keepAlive(ctx, cli, g.ID)
+}
+
+// ErrLeaseGone says that ResumeSession found the etcd lease expired or
+// revoked, or granted with another TTL: the caller grants a new one.
+var ErrLeaseGone = errors.New("lease: the earlier etcd lease is gone or has another TTL")
+
+// ResumeSession keeps alive the etcd lease id that an earlier run of this
+// host granted, instead of granting a new one, when it is still alive and
+// was granted with ttl (rounded to seconds): a restarted agent's claim
+// then finds every key under its own lease with the value it would write
+// and writes nothing, so a restart costs the hosts watching the prefix
+// no event. It renews the lease once (waiting at most timeout) before it
+// returns, so that the lease does not expire while the claim runs. It
+// returns an error wrapping ErrLeaseGone when the lease expired, was
+// revoked or has another TTL (--lease-ttl changed), and etcd's error when
+// etcd cannot be reached; either way the caller grants a new lease.
+func ResumeSession(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID, ttl, timeout time.Duration) (*Session, error) {
+	want := int64(ttl.Round(time.Second) / time.Second)
+	rctx, cancel := context.WithTimeout(ctx, timeout)
+	ttlResp, err := cli.TimeToLive(rctx, id)
+	if err == nil && ttlResp.TTL > 0 && ttlResp.GrantedTTL == want {
+		var ka *clientv3.LeaseKeepAliveResponse
+		ka, err = cli.KeepAliveOnce(rctx, id)
+		if err == nil && ka.TTL <= 0 {
+			err = ErrLeaseGone
+		}
+	} else if err == nil {
+		err = fmt.Errorf("%w (%x: %ds left of %ds, want %ds)", ErrLeaseGone, id, ttlResp.TTL, ttlResp.GrantedTTL, want)
+	}
+	cancel()
+	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		err = fmt.Errorf("%w (%x: %v)", ErrLeaseGone, id, err)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return keepAlive(ctx, cli, id)
+}
+
+// keepAlive starts renewing lease id.
+func keepAlive(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID) (*Session, error) {
 	kctx, kcancel := context.WithCancel(context.WithoutCancel(ctx))
-	ka, err := cli.KeepAlive(kctx, g.ID)
+	ka, err := cli.KeepAlive(kctx, id)
 	if err != nil {
 		kcancel()
 		metrics.LeaseFailures.WithLabelValues("grant").Inc()
-		return nil, fmt.Errorf("keeping lease %x alive: %w", g.ID, err)
+		return nil, fmt.Errorf("keeping lease %x alive: %w", id, err)
 	}
-	s := &Session{id: g.ID, done: make(chan struct{}), cancel: kcancel}
+	s := &Session{id: id, done: make(chan struct{}), cancel: kcancel}
 	go func() {
 		defer close(s.done)
 		for range ka {
