@@ -11,6 +11,7 @@ import (
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
 
 	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/internal/testutil/etcdtest"
@@ -299,5 +300,45 @@ func TestWatchLocks(t *testing.T) {
 		}
 	case <-time.After(20 * time.Second):
 		t.Fatal("nothing after a compaction")
+	}
+}
+
+// A lease whose first renewal is answered late (etcd unreachable for
+// longer than the client's dial timeout + 1 s, as in a join storm that
+// loads the cluster, but not for the TTL) is not lost: before, the etcd
+// client gave up on it after dial timeout + 1 s and the host claimed
+// again, adding to the storm.
+func TestSessionSurvivesLateFirstRenewal(t *testing.T) {
+	srv, admin := etcdtest.Start(t)
+	p := etcdtest.Proxy(t, strings.TrimPrefix(srv.ClientURL, "http://"))
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{p.Addr().String()}, DialTimeout: time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	if _, err := cli.Get(ctxT(t), "x"); err != nil { // connected
+		t.Fatal(err)
+	}
+	g, err := admin.Grant(ctxT(t), 30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	granted := time.Now()
+	p.SetDown(true) // the first renewal goes unanswered
+	s, err := keepAlive(context.Background(), cli, g.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Orphan)
+	time.Sleep(4 * time.Second) // past the client's first-renewal deadline (2 s)
+	p.SetDown(false)
+	select {
+	case <-s.Done():
+		t.Fatal("the session ended though its lease has 25 s left")
+	case <-time.After(8 * time.Second):
+	}
+	ttl, err := admin.TimeToLive(ctxT(t), g.ID)
+	if left := 30 - int64(time.Since(granted).Seconds()); err != nil || ttl.TTL <= left+1 {
+		t.Errorf("the lease was not renewed after etcd answered again: %d s left, %d s without renewals (%v)", ttl.TTL, left, err)
 	}
 }

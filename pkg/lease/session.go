@@ -84,14 +84,40 @@ func keepAlive(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID) (
 	s := &Session{id: id, done: make(chan struct{}), cancel: kcancel}
 	go func() {
 		defer close(s.done)
-		for range ka {
-			metrics.LeaseRenewals.Inc()
-		}
-		if kctx.Err() == nil {
-			metrics.LeaseFailures.WithLabelValues("lost").Inc()
+		for {
+			for range ka {
+				metrics.LeaseRenewals.Inc()
+			}
+			if kctx.Err() != nil {
+				return
+			}
+			// The etcd client also gives up on a lease whose first
+			// renewal is not answered within its dial timeout + 1 s,
+			// however long the TTL: a loaded cluster (a join storm)
+			// answers later than that. Ask etcd before calling the
+			// lease lost, and keep renewing it while it lives.
+			if !stillAlive(kctx, cli, id) {
+				metrics.LeaseFailures.WithLabelValues("lost").Inc()
+				return
+			}
+			if ka, err = cli.KeepAlive(kctx, id); err != nil {
+				if kctx.Err() == nil {
+					metrics.LeaseFailures.WithLabelValues("lost").Inc()
+				}
+				return
+			}
 		}
 	}()
 	return s, nil
+}
+
+// stillAlive reports whether etcd says lease id has time left, asking for
+// up to 10 s.
+func stillAlive(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID) bool {
+	c, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	resp, err := cli.TimeToLive(c, id)
+	return err == nil && resp.TTL > 0
 }
 
 // Lease returns the etcd lease ID.
