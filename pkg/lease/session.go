@@ -111,13 +111,26 @@ func keepAlive(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID) (
 	return s, nil
 }
 
-// stillAlive reports whether etcd says lease id has time left, asking for
-// up to 10 s.
+// stillAlive reports whether etcd says lease id has time left. It asks
+// for up to 10 s, again after an error such as a leader election
+// ("leader changed"), and reports false when etcd gave no answer by then.
 func stillAlive(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID) bool {
 	c, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	resp, err := cli.TimeToLive(c, id)
-	return err == nil && resp.TTL > 0
+	for {
+		resp, err := cli.TimeToLive(c, id)
+		switch {
+		case err == nil:
+			return resp.TTL > 0
+		case errors.Is(err, rpctypes.ErrLeaseNotFound):
+			return false
+		}
+		select {
+		case <-c.Done():
+			return false
+		case <-time.After(Jitter(time.Second)):
+		}
+	}
 }
 
 // Lease returns the etcd lease ID.
