@@ -325,7 +325,7 @@ func TestSessionSurvivesLateFirstRenewal(t *testing.T) {
 	}
 	granted := time.Now()
 	p.SetDown(true) // the first renewal goes unanswered
-	s, err := keepAlive(context.Background(), cli, g.ID)
+	s, err := keepAlive(context.Background(), cli, g.ID, 30*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}

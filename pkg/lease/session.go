@@ -32,7 +32,7 @@ func NewSession(ctx context.Context, cli *clientv3.Client, ttl, grantTimeout tim
 		metrics.LeaseFailures.WithLabelValues("grant").Inc()
 		return nil, fmt.Errorf("granting an etcd lease: %w", err)
 	}
-	return keepAlive(ctx, cli, g.ID)
+	return keepAlive(ctx, cli, g.ID, time.Duration(g.TTL)*time.Second)
 }
 
 // ErrLeaseGone says that ResumeSession found the etcd lease expired or
@@ -69,11 +69,11 @@ func ResumeSession(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseI
 	if err != nil {
 		return nil, err
 	}
-	return keepAlive(ctx, cli, id)
+	return keepAlive(ctx, cli, id, time.Duration(want)*time.Second)
 }
 
-// keepAlive starts renewing lease id.
-func keepAlive(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID) (*Session, error) {
+// keepAlive starts renewing lease id, just granted or renewed with ttl.
+func keepAlive(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID, ttl time.Duration) (*Session, error) {
 	kctx, kcancel := context.WithCancel(context.WithoutCancel(ctx))
 	ka, err := cli.KeepAlive(kctx, id)
 	if err != nil {
@@ -84,9 +84,11 @@ func keepAlive(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID) (
 	s := &Session{id: id, done: make(chan struct{}), cancel: kcancel}
 	go func() {
 		defer close(s.done)
+		renewed := time.Now() // the lease lives at least until renewed+ttl
 		for {
-			for range ka {
+			for resp := range ka {
 				metrics.LeaseRenewals.Inc()
+				renewed, ttl = time.Now(), time.Duration(resp.TTL)*time.Second
 			}
 			if kctx.Err() != nil {
 				return
@@ -95,8 +97,9 @@ func keepAlive(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID) (
 			// renewal is not answered within its dial timeout + 1 s,
 			// however long the TTL: a loaded cluster (a join storm)
 			// answers later than that. Ask etcd before calling the
-			// lease lost, and keep renewing it while it lives.
-			if !stillAlive(kctx, cli, id) {
+			// lease lost, for as long as the lease can live, and keep
+			// renewing it while it lives.
+			if !stillAlive(kctx, cli, id, renewed.Add(ttl)) {
 				metrics.LeaseFailures.WithLabelValues("lost").Inc()
 				return
 			}
@@ -112,10 +115,11 @@ func keepAlive(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID) (
 }
 
 // stillAlive reports whether etcd says lease id has time left. It asks
-// for up to 10 s, again after an error such as a leader election
-// ("leader changed"), and reports false when etcd gave no answer by then.
-func stillAlive(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID) bool {
-	c, cancel := context.WithTimeout(ctx, 10*time.Second)
+// until deadline (when the lease expires unless renewed), again after an
+// error such as a leader election ("leader changed"), and reports false
+// when etcd gave no answer by then.
+func stillAlive(ctx context.Context, cli *clientv3.Client, id clientv3.LeaseID, deadline time.Time) bool {
+	c, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	for {
 		resp, err := cli.TimeToLive(c, id)
