@@ -305,6 +305,13 @@ func benchOne(ctx context.Context, o BenchOptions, n int) (BenchResult, error) {
 		return res, err
 	}
 	var lat, puts []time.Duration
+	var joins []joinTimes // for the hop trace (jointrace.go)
+	var bw *benchWatch
+	if traceHops() {
+		wctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		bw = startBenchWatch(wctx, l.Client)
+	}
 	for j := range newPeers {
 		if j > 0 && o.JoinInterval > 0 {
 			select {
@@ -317,11 +324,13 @@ func benchOne(ctx context.Context, o BenchOptions, n int) (BenchResult, error) {
 		rec.IPv6Subnet, rec.PublicIPv6 = netip.Prefix{}, netip.Addr{}
 		v, _ := json.Marshal(rec)
 		want := rec.Subnet.String()
+		gc0 := benchGCCycles()
 		t0 := time.Now()
 		if _, err := l.Client.Put(ctx, lease.NewKeys("").Lease(rec.Node), string(v), clientv3.WithLease(g.ID)); err != nil {
 			return res, err
 		}
 		puts = append(puts, time.Since(t0))
+		jt := joinTimes{node: rec.Node, sent: t0, answered: t0.Add(puts[len(puts)-1])}
 		timeout := time.After(5 * time.Second)
 	wait:
 		for {
@@ -329,12 +338,17 @@ func benchOne(ctx context.Context, o BenchOptions, n int) (BenchResult, error) {
 			case u := <-updates:
 				if u.Type == syscall.RTM_NEWROUTE && u.Dst != nil && u.Dst.String() == want {
 					lat = append(lat, time.Since(t0))
+					jt.seen, jt.gc = t0.Add(lat[len(lat)-1]), benchGCCycles()-gc0
+					joins = append(joins, jt)
 					break wait
 				}
 			case <-timeout:
 				return res, fmt.Errorf("no route for new peer %s within 5s", want)
 			}
 		}
+	}
+	if traceHops() {
+		logJoinTrace(log, joins, bw, l.LogTail(h, 0))
 	}
 	if len(lat) > 0 {
 		slices.Sort(lat)

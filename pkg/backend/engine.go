@@ -12,6 +12,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/leased/leased/internal/hoptrace"
 	"github.com/leased/leased/pkg/metrics"
 )
 
@@ -286,6 +287,7 @@ func (e *engine) ensureHost() {
 		return
 	}
 	var changed bool
+	defer hoptrace.Span("host check", time.Now())
 	err := e.setupHost(k, local, &changed)
 	if changed {
 		klog.Warning("forwarding sysctls or iptables rules restored (they were changed or removed outside leased)")
@@ -327,6 +329,7 @@ func (e *engine) pass(ctx context.Context) error {
 	}
 	start := time.Now()
 	defer observe("full", start)
+	defer hoptrace.Span("full pass", start)
 	nk := e.nhk()
 	if nk == nil || !e.started || !e.peersSet || e.dumpTouched != nil {
 		defer e.mu.Unlock()

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/internal/hoptrace"
 )
 
 // The agent computes what changed in the peer set (one place: its peer
@@ -156,6 +158,7 @@ func (e *engine) UpdatePeers(ctx context.Context, upserts []Peer, removed []stri
 		return ErrClosed
 	}
 	defer observe("peers", time.Now())
+	hoptrace.Stage(hoptrace.Apply)
 	if !e.peersSet || e.idx.pos == nil {
 		return e.setPeersLocked(ctx, e.patched(upserts, removed))
 	}
@@ -374,6 +377,8 @@ func (e *engine) applyObjectChangesLocked(gone, added state) error {
 
 	// FDB entries, then neighbours, then routes, as in a full pass; a
 	// failed put is removed from applied again.
+	hoptrace.Stage(hoptrace.Kernel)
+	defer hoptrace.Stage(hoptrace.Acked)
 	nF, errF := applyChanges(fPut, fDel, nil, e.applied.fdbs, e.putFDBs, e.delFDBs, "fdb entry")
 	nN, errN := applyChanges(nPut, nDel, nil, e.applied.neighs, e.putNeighs, e.delNeighs, "neighbour")
 	e.routeHave = func(k routeKey) bool { return rReplace[k] }

@@ -16,6 +16,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"k8s.io/klog/v2"
 
+	"github.com/leased/leased/internal/hoptrace"
 	"github.com/leased/leased/pkg/metrics"
 )
 
@@ -203,6 +204,11 @@ func (r *Registry) watchFrom(ctx context.Context, rev int64, out chan<- Batch) e
 			}
 			if len(b.Events) == 0 {
 				continue
+			}
+			if hoptrace.On {
+				for _, e := range b.Events {
+					hoptrace.Arrived(e.Node, len(b.Events))
+				}
 			}
 			select {
 			case out <- b:
