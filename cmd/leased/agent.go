@@ -91,6 +91,10 @@ func (a *agent) run(ctx context.Context) error {
 					drained = true
 				}
 			}
+		case b := <-a.lease.lockEvents():
+			if l := a.lease.checkOwnKeys(b); l != nil {
+				a.lost(l)
+			}
 		case <-a.lease.done():
 			klog.Warningf("lease of %s lost (no keep-alive answer within --lease-ttl %s); claiming it again, the datapath stays as it is", a.node, a.o.leaseTTL)
 			a.lease.sessionLost()

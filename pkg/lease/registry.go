@@ -125,7 +125,7 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 type claimState struct {
 	own    ownSet  // the etcd leases whose keys of the node are this host's
 	prev   *Record // the node's lease record; nil when there is none or it is malformed
-	recRev int64   // mod revision of the node's record; 0 when there is none
+	cur    stored  // the node's record as read; Rev 0 when there is none
 	aff    affinity
 	affVal []byte // the affinity record as stored; nil when there is none
 	// mine is the node's reservation; reservedForOthers the subnets
@@ -165,7 +165,7 @@ func (r *Registry) readClaim(ctx context.Context, leaseID clientv3.LeaseID, c Cl
 	return st, nil
 }
 
-// adoptRecord sets st.prev and st.recRev from the node's lease record kv,
+// adoptRecord sets st.prev and st.cur from the node's lease record kv,
 // if it is this host's own: held under one of st.own, or, with
 // c.NoHistory, naming exactly this host's public addresses (then its lease
 // joins st.own). Otherwise it returns a *ConflictError.
@@ -179,7 +179,7 @@ func (r *Registry) adoptRecord(ctx context.Context, c Claim, kv *mvccpb.KeyValue
 			return r.conflict(ctx, c.Node, string(kv.Key), kv)
 		}
 	}
-	st.recRev = kv.ModRevision
+	st.cur = stored{Rev: kv.ModRevision, Value: kv.Value, Lease: kv.Lease}
 	if st.prev = rec; derr != nil {
 		klog.Warningf("ignoring this node's own malformed lease record: %v", derr)
 		st.prev = nil
@@ -259,7 +259,7 @@ func (r *Registry) claim(ctx context.Context, leaseID clientv3.LeaseID, c Claim,
 			}
 		}
 		rec := st.record(c, fams)
-		ok, err := r.commit(ctx, leaseID, rec, st.prev, &st.recRev, st.affVal, fams)
+		ok, err := r.commit(ctx, leaseID, rec, st.prev, &st.cur, st.affVal, fams)
 		if err != nil {
 			return nil, err
 		}
@@ -311,9 +311,18 @@ type family struct {
 	excluded   []Excluded
 	loggedSkip map[netip.Prefix]bool
 
-	cand    netip.Prefix // the candidate of this attempt
-	modRev  int64        // mod revision of cand's lock when it is already ours
-	ownLock bool
+	cand      netip.Prefix // the candidate of this attempt
+	modRev    int64        // mod revision of cand's lock when it is already ours
+	lockLease int64        // the etcd lease of cand's lock when it is already ours
+	ownLock   bool
+}
+
+// stored is a key as read from etcd: its mod revision (0: it does not
+// exist), value and etcd lease.
+type stored struct {
+	Rev   int64
+	Value []byte
+	Lease int64
 }
 
 func (r *Record) subnet4() netip.Prefix {
@@ -348,7 +357,7 @@ func (r *Registry) pick(ctx context.Context, f *family, node string) error {
 	if f.usable(f.cand) {
 		return nil
 	}
-	f.ownLock, f.modRev = false, 0
+	f.ownLock, f.modRev, f.lockLease = false, 0, 0
 	for _, s := range f.prefs {
 		if f.usable(s) {
 			f.cand = s
@@ -467,12 +476,12 @@ func (r *Registry) listTaken(ctx context.Context, f *family, node string) error 
 
 // commit runs the claim transaction. It reports false when another node
 // holds a candidate (recorded in the family's taken set) or the candidate's
-// lock or the node's record changed under us; *recRev is the mod revision
-// of the node's record as last read (0: none). It returns a
+// lock or the node's record changed under us; *cur is the node's record
+// as last read (Rev 0: none). It returns a
 // *ConflictError when another host with the same node name holds the
 // record or a candidate's lock. oldAff is the node's affinity record as
 // read before the claim (nil: none).
-func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, prev *Record, recRev *int64, oldAff []byte, fams []*family) (bool, error) {
+func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, prev *Record, cur *stored, oldAff []byte, fams []*family) (bool, error) {
 	k := r.keys
 	lease := clientv3.WithLease(leaseID)
 	val, err := json.Marshal(rec)
@@ -489,19 +498,29 @@ func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, pr
 		} else {
 			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(key), "=", 0))
 		}
-		thens = append(thens, clientv3.OpPut(key, rec.Node, lease))
+		// A lock that is already this host's under this very etcd lease
+		// (a restart that resumed its lease, see ResumeSession) is left
+		// as it is: a put of the same value would still send every
+		// watcher of the key an event.
+		if !f.ownLock || f.lockLease != int64(leaseID) {
+			thens = append(thens, clientv3.OpPut(key, rec.Node, lease))
+		}
 		elses = append(elses, clientv3.OpGet(key))
 	}
 	// The record is this host's to write only while it is the one read
 	// (this host's own) or there is none: never another host's.
 	recKey := k.Lease(rec.Node)
-	if *recRev != 0 {
-		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(recKey), "=", *recRev))
+	if cur.Rev != 0 {
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(recKey), "=", cur.Rev))
 	} else {
 		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(recKey), "=", 0))
 	}
 	elses = append(elses, clientv3.OpGet(recKey))
-	thens = append(thens, clientv3.OpPut(recKey, string(val), lease))
+	// Likewise the record, when it already says exactly this under this
+	// etcd lease: then the claim writes nothing at all.
+	if cur.Rev == 0 || cur.Lease != int64(leaseID) || !bytes.Equal(cur.Value, val) {
+		thens = append(thens, clientv3.OpPut(recKey, string(val), lease))
+	}
 	// The affinity record has no lease, so a claim that keeps the subnets
 	// (an agent restart) need not write it again: an unchanged write
 	// would only send every watcher of the prefix one more event. Only
@@ -535,24 +554,25 @@ func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, pr
 		return true, nil
 	}
 	if kvs := resp.Responses[len(fams)].GetResponseRange().Kvs; len(kvs) > 0 {
-		if kv := kvs[0]; kv.ModRevision != *recRev {
+		if kv := kvs[0]; kv.ModRevision != cur.Rev {
 			if !fams[0].own[kv.Lease] {
 				return false, r.conflict(ctx, rec.Node, recKey, kv)
 			}
-			*recRev = kv.ModRevision // rewritten by this host (an earlier run)
+			// rewritten by this host (an earlier run)
+			*cur = stored{Rev: kv.ModRevision, Value: kv.Value, Lease: kv.Lease}
 		}
 	} else {
-		*recRev = 0 // gone (expired, or deleted by hand)
+		*cur = stored{} // gone (expired, or deleted by hand)
 	}
 	for i, f := range fams {
 		kvs := resp.Responses[i].GetResponseRange().Kvs
 		switch {
 		case len(kvs) == 0:
 			// Free now (it was ours with another revision, or was released).
-			f.ownLock, f.modRev = false, 0
+			f.ownLock, f.modRev, f.lockLease = false, 0, 0
 		case string(kvs[0].Value) == rec.Node && f.own[kvs[0].Lease]:
 			// Already ours (a previous run of this host): take it over.
-			f.ownLock, f.modRev = true, kvs[0].ModRevision
+			f.ownLock, f.modRev, f.lockLease = true, kvs[0].ModRevision, kvs[0].Lease
 		case string(kvs[0].Value) == rec.Node:
 			return false, r.conflict(ctx, rec.Node, string(kvs[0].Key), kvs[0])
 		default:
