@@ -380,6 +380,13 @@ func (b *benchRun) joins() error {
 		return err
 	}
 	var lat, puts []time.Duration
+	var joins []joinTimes // for the hop trace (jointrace.go)
+	var bw *benchWatch
+	if traceHops() {
+		wctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		bw = startBenchWatch(wctx, b.l.Client)
+	}
 	for j := range b.o.NewPeers {
 		if j > 0 && b.o.JoinInterval > 0 {
 			select {
@@ -392,11 +399,13 @@ func (b *benchRun) joins() error {
 		rec.IPv6Subnet, rec.PublicIPv6 = netip.Prefix{}, netip.Addr{}
 		v, _ := json.Marshal(rec)
 		want := rec.Subnet.String()
+		gc0 := benchGCCycles()
 		t0 := time.Now()
 		if _, err := b.l.Client.Put(ctx, lease.NewKeys("").Lease(rec.Node), string(v), clientv3.WithLease(b.g.ID)); err != nil {
 			return err
 		}
 		puts = append(puts, time.Since(t0))
+		jt := joinTimes{node: rec.Node, sent: t0, answered: t0.Add(puts[len(puts)-1])}
 		timeout := time.After(5 * time.Second)
 	wait:
 		for {
@@ -404,12 +413,17 @@ func (b *benchRun) joins() error {
 			case u := <-updates:
 				if u.Type == syscall.RTM_NEWROUTE && u.Dst != nil && u.Dst.String() == want {
 					lat = append(lat, time.Since(t0))
+					jt.seen, jt.gc = t0.Add(lat[len(lat)-1]), benchGCCycles()-gc0
+					joins = append(joins, jt)
 					break wait
 				}
 			case <-timeout:
 				return fmt.Errorf("no route for new peer %s within 5s", want)
 			}
 		}
+	}
+	if traceHops() {
+		logJoinTrace(b.log, joins, bw, b.l.LogTail(b.h, 0))
 	}
 	b.res.joinStats(lat, puts)
 	return nil

@@ -12,6 +12,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/leased/leased/internal/hoptrace"
 	"github.com/leased/leased/pkg/metrics"
 )
 
@@ -160,7 +161,12 @@ func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend,
 	if err != nil {
 		return nil, err
 	}
-	return assemble(cfg, ext, opts, k, dp), nil
+	b, err := assemble(cfg, ext, opts, k, dp)
+	if err != nil {
+		k.Close()
+		return nil, err
+	}
+	return b, nil
 }
 
 // datapathFor returns the datapath of cfg's type, for a config and an
@@ -183,13 +189,19 @@ func datapathFor(cfg Config, ext ExtIface, node string) (datapath, error) {
 	return nil, fmt.Errorf("%w: %q is not implemented yet", ErrUnknownType, cfg.Type)
 }
 
-// assemble returns the backend of cfg's type over the kernel k.
-func assemble(cfg Config, ext ExtIface, opts Options, k kernel, dp datapath) Backend {
+// assemble returns the backend of cfg's type over the kernel k. It fails
+// only when the proxy-NDP responder cannot be made (ndp.NewResponder); the
+// caller then still owns k.
+func assemble(cfg Config, ext ExtIface, opts Options, k kernel, dp datapath) (Backend, error) {
 	e := newEngine(cfg.Type, ext, opts, k, dp)
 	if cfg.Type == TypeProxyNDP {
-		return newProxyNDP(e, cfg)
+		b, err := newProxyNDP(e, cfg)
+		if err != nil {
+			return nil, err
+		}
+		return b, nil
 	}
-	return e
+	return e, nil
 }
 
 func newEngine(typ string, ext ExtIface, opts Options, k kernel, dp datapath) *engine {
@@ -292,6 +304,7 @@ func (e *engine) ensureHost() {
 		return
 	}
 	var changed bool
+	defer hoptrace.Span("host check", time.Now())
 	err := e.setupHost(k, local, &changed)
 	if changed {
 		klog.Warning("forwarding sysctls or iptables rules restored (they were changed or removed outside leased)")
@@ -333,6 +346,7 @@ func (e *engine) pass(ctx context.Context) error {
 	}
 	start := time.Now()
 	defer observe("full", start)
+	defer hoptrace.Span("full pass", start)
 	nk := e.nhk()
 	if nk == nil || !e.started || !e.peersSet || e.dumpTouched != nil {
 		defer e.mu.Unlock()

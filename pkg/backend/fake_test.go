@@ -355,6 +355,10 @@ func (f *fakeKernel) Close() error {
 
 func (f *fakeKernel) Side() ndp.Kernel { return fakeSide{f} }
 
+// Nexthops implements nexthopSource: the fake has no nexthop objects, so
+// the engine lists routes with RouteList and puts plain gateway routes.
+func (f *fakeKernel) Nexthops() nexthopKernel { return nil }
+
 // fakeSide is the responder's connection: packet sockets are fakeConns;
 // the rest is not used in subnet mode and fails.
 type fakeSide struct{ f *fakeKernel }

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/internal/hoptrace"
 )
 
 // The agent computes what changed in the peer set (one place: its peer
@@ -157,6 +159,7 @@ func (e *engine) UpdatePeers(ctx context.Context, upserts []Peer, removed []stri
 		return ErrClosed
 	}
 	defer observe("peers", time.Now())
+	hoptrace.Stage(hoptrace.Apply)
 	if !e.peersSet || e.idx.pos == nil {
 		return e.setPeersLocked(ctx, e.patched(upserts, removed))
 	}
@@ -387,6 +390,8 @@ func (e *engine) applyObjectChangesLocked(gone, added state) error {
 	// FDB entries, then neighbours, then routes, as in a full pass; a
 	// failed put is removed from applied again (which then stops sharing
 	// the wanted map: the wanted state keeps the object).
+	hoptrace.Stage(hoptrace.Kernel)
+	defer hoptrace.Stage(hoptrace.Acked)
 	nF, errF := applyChanges(fPut, fDel, nil, len(e.wanted.st.fdbs), unshareDrop(&e.applied.fdbs, &sharedF), e.putFDBs, e.delFDBs, "fdb entry")
 	nN, errN := applyChanges(nPut, nDel, nil, len(e.wanted.st.neighs), unshareDrop(&e.applied.neighs, &sharedN), e.putNeighs, e.delNeighs, "neighbour")
 	e.routeHave = func(k routeKey) bool { return rReplace[k] }

@@ -103,10 +103,7 @@ func (t *nhTable) alloc() uint32 {
 
 // nhk returns the kernel's nexthop interface, or nil (the unit tests'
 // fake, a closed backend).
-func (e *engine) nhk() nexthopKernel {
-	nk, _ := e.k.(nexthopKernel)
-	return nk
-}
+func (e *engine) nhk() nexthopKernel { return e.k.Nexthops() }
 
 // probeNexthopsLocked decides, once, whether routes go through nexthop
 // objects, and logs the choice. e.mu must be held.

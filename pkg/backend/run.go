@@ -134,14 +134,14 @@ func (e *engine) untrusted() bool {
 }
 
 // watch runs the netlink subscriptions of k until ctx is done.
-func (e *engine) watch(ctx context.Context, k eventSource) {
+func (e *engine) watch(ctx context.Context, k kernel) {
 	ours := func(idx int) bool {
 		return idx == e.ext.Index || idx == e.ext.Link(true).Index || slices.Contains(*e.owned.Load(), idx)
 	}
 	routes, links, neighs := k.SubscribeRoutes, k.SubscribeLinks, k.SubscribeNeighs
 	finished := make(chan struct{}, 4)
 	go func() {
-		if nk, ok := k.(nexthopKernel); ok {
+		if nk := k.Nexthops(); nk != nil {
 			e.watchNexthops(ctx, nk)
 		}
 		finished <- struct{}{}
