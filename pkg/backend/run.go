@@ -22,7 +22,8 @@ const resubscribeDelay = time.Second
 // route, nexthop, link or neighbour event that concerns us; every
 // e.resync a check of the forwarding sysctls and firewall rules
 // (ensureHost), which send no events; and every FullPassEvery resyncs a
-// full pass regardless. It returns nil once ctx is cancelled and leaves the
+// full pass regardless, or at the next resync after a subscription
+// overflowed during the agent's own burst of changes (see inBurst). It returns nil once ctx is cancelled and leaves the
 // kernel state in place. Pass errors are logged, not returned: the next pass
 // retries. Run must be called at most once per backend.
 func (e *engine) Run(ctx context.Context) error {
