@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -135,17 +136,49 @@ var errNotIncremental = errors.New("backend: change needs a whole-set pass")
 
 // setPeersLocked is SetPeers with e.mu held: the whole set, computed whole.
 func (e *engine) setPeersLocked(ctx context.Context, peers []Peer) error {
-	logPeerChanges(e.peers, peers)
+	first := len(e.peers) == 0
+	if !first {
+		logPeerChanges(e.peers, peers)
+	}
 	if len(peers) < len(e.peers) {
 		clear(e.peers[len(peers):]) // drop references past the new end
 	}
-	e.peers = e.peers[:0]
+	// Sized once: at 50,000 peers, growing by appends would leave about
+	// as much garbage as the set itself during the first pass.
+	e.peers = slices.Grow(e.peers[:0], len(peers))
 	for _, p := range peers {
 		e.peers = append(e.peers, clonePeer(p))
 	}
 	e.peersSet = true
 	e.idx.rebuild(e.peers)
+	if first {
+		logFirstPeers(peers, e.idx.pos != nil)
+	}
 	return e.quickPassLocked(ctx)
+}
+
+// logFirstPeers is logPeerChanges from an empty set. When the summary
+// line is all that is logged (more than logEachMax subnets, not -v=2) and
+// no node name repeats (unique; then no subnet is counted twice), it only
+// counts the subnets instead of indexing them: at 50,000 peers the index
+// would be tens of megabytes of garbage at the agent's start.
+func logFirstPeers(peers []Peer, unique bool) {
+	if unique && !klog.V(2).Enabled() {
+		n := 0
+		for _, p := range peers {
+			if p.Subnet4.IsValid() {
+				n++
+			}
+			if p.Subnet6.IsValid() {
+				n++
+			}
+		}
+		if n > logEachMax {
+			logEach("Subnets changed", n, n, 0, 0)
+			return
+		}
+	}
+	logPeerChanges(nil, peers)
 }
 
 // UpdatePeers applies a change to the peer set: upserts are added or
