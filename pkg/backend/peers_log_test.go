@@ -82,3 +82,30 @@ func sortedLines(s string) string {
 	slices.Sort(ls)
 	return strings.Join(ls, "\n")
 }
+
+// TestNHKeyRoundTrip checks that the nexthop table's compact keys name
+// exactly the route keys they were made from.
+func TestNHKeyRoundTrip(t *testing.T) {
+	keys := []routeKey{
+		{},
+		{Priority: 1024},
+		{netip.MustParsePrefix("10.1.2.0/24"), 0},
+		{netip.MustParsePrefix("10.1.2.0/24"), 1024},
+		{netip.MustParsePrefix("0.0.0.0/0"), 0},
+		{netip.MustParsePrefix("::/0"), 1024},
+		{netip.MustParsePrefix("2001:db8:8881:3837::/64"), 1024},
+		{netip.MustParsePrefix("::ffff:10.1.2.0/120"), 0},
+		{netip.MustParsePrefix("fd00::1/128"), 1<<32 - 1},
+	}
+	seen := map[nhKey]routeKey{}
+	for _, k := range keys {
+		n := nhKeyOf(k)
+		if got := n.routeKey(); got != k {
+			t.Errorf("nhKeyOf(%v).routeKey() = %v", k, got)
+		}
+		if o, dup := seen[n]; dup {
+			t.Errorf("%v and %v have one nexthop key", o, k)
+		}
+		seen[n] = k
+	}
+}
