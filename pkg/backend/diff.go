@@ -22,49 +22,36 @@ type keyed[K comparable] interface {
 // the desired value produce nothing, so a restart touches nothing that is
 // already right. Callers apply puts before deletes.
 func diff[K comparable, V keyed[K]](want map[K]V, have []V) (put, del []V) {
-	byKey := make(map[K]V, len(have))
-	var multi map[K][]V // the keys held more than once, with every object
+	// Per key: how many actual objects have it and whether one equals
+	// the desired value. Not the objects themselves: at 50,000 peers this
+	// index of 100,000 routes is built at every full pass, at a third of
+	// the size.
+	type seen struct {
+		n    uint32
+		same bool
+	}
+	byKey := make(map[K]seen, len(have))
 	for _, h := range have {
 		k := h.key()
-		first, dup := byKey[k]
-		if !dup {
-			byKey[k] = h
-			continue
+		s := byKey[k]
+		s.n++
+		if w, ok := want[k]; ok && w == h {
+			s.same = true
 		}
-		if multi == nil {
-			multi = map[K][]V{}
-		}
-		if len(multi[k]) == 0 {
-			multi[k] = []V{first}
-		}
-		multi[k] = append(multi[k], h)
+		byKey[k] = s
 	}
 	if missing := len(want) - len(byKey); missing > 0 {
 		put = make([]V, 0, missing) // at least this many: one growth, not a dozen
 	}
 	for k, w := range want {
-		if hs, ok := multi[k]; ok {
-			if !slices.Contains(hs, w) {
-				put = append(put, w)
-			}
-		} else if h, ok := byKey[k]; !ok || h != w {
+		if !byKey[k].same {
 			put = append(put, w)
 		}
 	}
-	for k, h := range byKey {
-		w, wanted := want[k]
-		hs, several := multi[k]
-		switch {
-		case !wanted && several:
-			del = append(del, hs...)
-		case !wanted:
+	for _, h := range have {
+		k := h.key()
+		if w, wanted := want[k]; !wanted || (byKey[k].n > 1 && h != w) {
 			del = append(del, h)
-		case several:
-			for _, x := range hs {
-				if x != w {
-					del = append(del, x)
-				}
-			}
 		}
 	}
 	return put, del

@@ -212,7 +212,10 @@ func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
 		return nil, err // (a kernel without nexthop objects refuses the dump)
 	}
 	d.ids = make(map[nhKey]uint32, len(own))
-	used := make(map[uint32]bool)
+	used := make(map[uint32]bool, len(own))
+	// About one route per object of ours: sized once, not grown by
+	// doubling through 100,000 routes.
+	d.routes = make([]route, 0, len(own)+64)
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
 		n0, a0 := len(d.routes), len(d.foreign)
 		err := nk.RouteDump(fam, func() {
