@@ -28,6 +28,9 @@ func (f Family) String() string {
 	return "IPv4"
 }
 
+// Other returns the other family.
+func (f Family) Other() Family { return 1 - f }
+
 // Of returns the family of a (an IPv4-mapped IPv6 address is IPv6).
 func Of(a netip.Addr) Family {
 	if a.Is4() {
