@@ -3,6 +3,7 @@ package backend
 import (
 	"context"
 	"errors"
+	"github.com/leased/leased/pkg/ipfam"
 	"net"
 	"net/netip"
 	"os/exec"
@@ -103,7 +104,7 @@ func TestNDPResponderNamespace(t *testing.T) {
 	go func() { done <- b.Run(ctx) }()
 	defer func() { cancel(); <-done }()
 
-	local := Local{Node: "a", Subnet6: ndpSlice, Network6: ndpNetwork}
+	local := Local{Node: "a", Subnet: ipfam.Pair[netip.Prefix]{V6: ndpSlice}, Network: ipfam.Pair[netip.Prefix]{V6: ndpNetwork}}
 	if err := b.Start(context.Background(), local); err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +125,7 @@ func TestNDPResponderNamespace(t *testing.T) {
 
 	// The lease moves: the new slice is answered, the old one no longer.
 	moved := local
-	moved.Subnet6 = netip.MustParsePrefix("2001:db8:ab11:0:8001::/80")
+	moved.Subnet.V6 = netip.MustParsePrefix("2001:db8:ab11:0:8001::/80")
 	if err := b.Start(context.Background(), moved); err != nil {
 		t.Fatal(err)
 	}
@@ -182,7 +183,7 @@ func TestNDPPresentModeNamespace(t *testing.T) {
 
 	b := mustNDP(t, `{"Type":"proxy-ndp","Mode":"present"}`, ext, host)
 	runBackend(t, b)
-	if err := b.Start(context.Background(), Local{Node: "a", Subnet6: ndpSlice, Network6: ndpNetwork}); err != nil {
+	if err := b.Start(context.Background(), Local{Node: "a", Subnet: ipfam.Pair[netip.Prefix]{V6: ndpSlice}, Network: ipfam.Pair[netip.Prefix]{V6: ndpNetwork}}); err != nil {
 		t.Fatal(err)
 	}
 	if err := b.SetPeers(context.Background(), nil); err != nil {

@@ -2,6 +2,7 @@ package backend
 
 import (
 	"context"
+	"github.com/leased/leased/pkg/ipfam"
 	"slices"
 	"time"
 
@@ -85,7 +86,7 @@ func (e *engine) untrusted() bool {
 // watch runs the netlink subscriptions of k until ctx is done.
 func (e *engine) watch(ctx context.Context, k eventSource) {
 	ours := func(idx int) bool {
-		return idx == e.ext.Index || idx == e.ext.Link(true).Index || slices.Contains(*e.owned.Load(), idx)
+		return idx == e.ext.V4.Index || idx == e.ext.Link(ipfam.IPv6).Index || slices.Contains(*e.owned.Load(), idx)
 	}
 	routes, links, neighs := k.SubscribeRoutes, k.SubscribeLinks, k.SubscribeNeighs
 	finished := make(chan struct{}, 4)
