@@ -1,6 +1,8 @@
 package main
 
 import (
+	"github.com/leased/leased/pkg/ipfam"
+
 	"context"
 	"fmt"
 	"net/netip"
@@ -73,7 +75,7 @@ func (di *dockerIPAM) lease(subnet4, subnet6 netip.Prefix) int {
 	if di == nil || !di.o.on {
 		return 0
 	}
-	if b := di.before; b.Docker0Bits == 0 && (b.Subnet4.IsValid() || b.Subnet6.IsValid()) && b.Subnet4 == subnet4 && b.Subnet6 == subnet6 {
+	if b := di.before; b.Docker0Bits == 0 && ipfam.Any(b.Subnet) && b.Subnet == (ipfam.Pair[netip.Prefix]{V4: subnet4, V6: subnet6}) {
 		why := fmt.Errorf("docker0 keeps the whole of this host's leased subnets %v, which it had before the Docker IPAM driver was on (shrinking it would renumber docker0's containers): the driver takes its share after the next boot, or now: stop docker, remove %s, restart leased, start docker", validOnly(subnet4, subnet6), di.subnetFile)
 		if di.d != nil {
 			di.d.Docker0KeepsAll(subnet4, subnet6, why)

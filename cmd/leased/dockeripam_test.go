@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -110,9 +111,9 @@ func TestDockerIPAMKeepsDocker0OnUpgrade(t *testing.T) {
 		lease4 netip.Prefix
 		want   int
 	}{
-		{"whole lease before, same lease", &subnetenv.Env{Network4: netip.MustParsePrefix("10.100.0.0/16"), Subnet4: s4, Network6: netip.MustParsePrefix("2001:db8:cd11::/48"), Subnet6: s6, MTU: 1500, Backend: "host-gw"}, s4, 0},
-		{"whole lease before, new lease", &subnetenv.Env{Network4: netip.MustParsePrefix("10.100.0.0/16"), Subnet4: s4, Network6: netip.MustParsePrefix("2001:db8:cd11::/48"), Subnet6: s6, MTU: 1500, Backend: "host-gw"}, other4, 2},
-		{"split before", &subnetenv.Env{Network4: netip.MustParsePrefix("10.100.0.0/16"), Subnet4: s4, Network6: netip.MustParsePrefix("2001:db8:cd11::/48"), Subnet6: s6, MTU: 1500, Backend: "host-gw", Docker0Bits: 2}, s4, 2},
+		{"whole lease before, same lease", &subnetenv.Env{Network: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.0.0/16"), V6: netip.MustParsePrefix("2001:db8:cd11::/48")}, Subnet: ipfam.Pair[netip.Prefix]{V4: s4, V6: s6}, MTU: 1500, Backend: "host-gw"}, s4, 0},
+		{"whole lease before, new lease", &subnetenv.Env{Network: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.0.0/16"), V6: netip.MustParsePrefix("2001:db8:cd11::/48")}, Subnet: ipfam.Pair[netip.Prefix]{V4: s4, V6: s6}, MTU: 1500, Backend: "host-gw"}, other4, 2},
+		{"split before", &subnetenv.Env{Network: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.0.0/16"), V6: netip.MustParsePrefix("2001:db8:cd11::/48")}, Subnet: ipfam.Pair[netip.Prefix]{V4: s4, V6: s6}, MTU: 1500, Backend: "host-gw", Docker0Bits: 2}, s4, 2},
 		{"no subnet.env", nil, s4, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
