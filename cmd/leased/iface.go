@@ -1,6 +1,8 @@
 package main
 
 import (
+	"github.com/leased/leased/pkg/ipfam"
+
 	"errors"
 	"fmt"
 	"net"
@@ -39,7 +41,7 @@ func findExtIface(o *options) (backend.ExtIface, string, error) {
 	if o.publicIPv6 != "" {
 		ext.V6.Public = netip.MustParseAddr(o.publicIPv6)
 	}
-	if !ext.V4.Public.IsValid() && !ext.V6.Public.IsValid() {
+	if !ipfam.Any(ext.Public()) {
 		if ext.Split() {
 			return ext, "", fmt.Errorf("interface %s has no global IPv4 address and %s no global IPv6 address: add one, or pick another interface with --iface", ext.V4.Name, ext.V6.Name)
 		}

@@ -129,7 +129,7 @@ func (k *leaseKeeper) claim(ctx context.Context, cfg *lease.Config, be backend.B
 		return nil, err
 	}
 	c := lease.Claim{
-		Node: k.node, PublicIP: ipfam.Pair[netip.Addr]{V4: k.ext.V4.Public, V6: k.ext.V6.Public}, Exclude: exclude,
+		Node: k.node, PublicIP: k.ext.Public(), Exclude: exclude,
 		BackendType: be.Type(), BackendData: be.LeaseData(),
 		Hint: k.hint.Subnet, Keep: k.held.Subnet,
 		Own: k.own.ids, NoHistory: k.own.noHistory,

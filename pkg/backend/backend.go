@@ -98,6 +98,11 @@ func (e ExtIface) Link(f ipfam.Family) ExtLink {
 	return l
 }
 
+// Public returns each family's public address (ExtLink.Public).
+func (e ExtIface) Public() ipfam.Pair[netip.Addr] {
+	return ipfam.Pair[netip.Addr]{V4: e.V4.Public, V6: e.V6.Public}
+}
+
 // validate reports an ExtIface New cannot use.
 func (e ExtIface) validate() error {
 	if e.V4.Index <= 0 || e.V4.MTU <= 0 {
