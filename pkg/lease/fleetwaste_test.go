@@ -34,7 +34,7 @@ func TestRestartDoesNotRewriteAffinity(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rec2.Subnet.V4 != rec.Subnet.V4 || rec2.Subnet.V6 != rec.Subnet.V6 {
+	if rec2.Subnet != rec.Subnet {
 		t.Fatalf("the restart moved the host from %v to %v", rec.Subnets(), rec2.Subnets())
 	}
 	var keys []string

@@ -155,13 +155,13 @@ func TestRestartOnSameMachineKeepsSubnet(t *testing.T) {
 	s1.Orphan() // the agent stops without revoking
 	s2 := newSession(t, cli, 30)
 	again, err := reg.Acquire(ctxT(t), s2.Lease(), cfg, Claim{Node: "h", PublicIP: ipfam.Pair[netip.Addr]{V4: ip}, Own: []clientv3.LeaseID{s1.Lease(), s2.Lease()}})
-	if err != nil || again.Subnet.V4 != first.Subnet.V4 || again.Subnet.V6 != first.Subnet.V6 {
+	if err != nil || again.Subnet != first.Subnet {
 		t.Fatalf("restart with its lease history: %v, %v; want %v", again, err, first.Subnets())
 	}
 	s2.Orphan()
 	s3 := newSession(t, cli, 30)
 	third, err := reg.Acquire(ctxT(t), s3.Lease(), cfg, Claim{Node: "h", PublicIP: ipfam.Pair[netip.Addr]{V4: ip}, NoHistory: true})
-	if err != nil || third.Subnet.V4 != first.Subnet.V4 || third.Subnet.V6 != first.Subnet.V6 {
+	if err != nil || third.Subnet != first.Subnet {
 		t.Fatalf("restart without history, same addresses: %v, %v; want %v", third, err, first.Subnets())
 	}
 	for key, l := range lockLeases(t, cli, reg) {

@@ -61,7 +61,7 @@ func TestAcquireFamiliesAndLengths(t *testing.T) {
 					t.Fatalf("lease record of %s: %v %v", node, resp, err)
 				}
 				got, err := DecodeRecord(node, resp.Kvs[0].Value)
-				if err != nil || got.Subnet.V4 != rec.Subnet.V4 || got.Subnet.V6 != rec.Subnet.V6 {
+				if err != nil || got.Subnet != rec.Subnet {
 					t.Errorf("stored record %+v (%v), want %+v", got, err, rec)
 				}
 			}
@@ -126,7 +126,7 @@ func TestReclaimAfterRestartAndExpiry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if again.Subnet.V4 != first.Subnet.V4 || again.Subnet.V6 != first.Subnet.V6 {
+	if again.Subnet != first.Subnet {
 		t.Fatalf("after restart got %v, want %v", again.Subnets(), first.Subnets())
 	}
 	if !again.Acquired.Equal(first.Acquired) {
@@ -154,7 +154,7 @@ func TestReclaimAfterRestartAndExpiry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if back.Subnet.V4 != third.Subnet.V4 || back.Subnet.V6 != third.Subnet.V6 {
+	if back.Subnet != third.Subnet {
 		t.Fatalf("after expiry got %v, want %v", back.Subnets(), third.Subnets())
 	}
 }
