@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/leased/leased/pkg/ipfam"
@@ -103,14 +104,21 @@ func DecodeRecord(node string, data []byte) (*Record, error) {
 // one slice (a listing allocates them together).
 func decodeRecordInto(node string, data []byte, rp *Record) error {
 	// Into the stored format directly, not through UnmarshalJSON, which
-	// would have encoding/json scan data twice.
-	j := rp.toJSON()
-	if err := json.Unmarshal(data, &j); err != nil {
+	// would have encoding/json scan data twice; through a pooled one, which
+	// would otherwise escape to the heap for every record of a listing.
+	j := recordJSONPool.Get().(*recordJSON)
+	*j = rp.toJSON()
+	err := json.Unmarshal(data, j)
+	rp.fromJSON(j)
+	*j = recordJSON{}
+	recordJSONPool.Put(j)
+	if err != nil {
 		return fmt.Errorf("lease: decoding lease of %q: %w", node, err)
 	}
-	rp.fromJSON(&j)
 	return rp.checkShape(node)
 }
+
+var recordJSONPool = sync.Pool{New: func() any { return new(recordJSON) }}
 
 // checkShape is DecodeRecord's check of a decoded record stored under node.
 func (rp *Record) checkShape(node string) error {
