@@ -413,7 +413,7 @@ func runStatus(args []string) int {
 		fmt.Printf("subnet.env:  %s matches the lease (MTU %d)\n", o.subnetFile, env.MTU)
 	}
 	if o.dockerIPAM.on {
-		if msg, ok := dockerPoolsStatus(o.dockerIPAM.state, self.Subnet.V4, self.Subnet.V6); ok {
+		if msg, ok := dockerPoolsStatus(o.dockerIPAM.state, self.Subnet); ok {
 			fmt.Println(msg)
 		} else {
 			fail("%s", msg)

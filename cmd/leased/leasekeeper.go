@@ -204,7 +204,7 @@ func backendLocal(node string, self *lease.Record, cfg *lease.Config) backend.Lo
 // writeSubnetEnv writes the subnet file for the lease, cfg and be.
 func (k *leaseKeeper) writeSubnetEnv(cfg *lease.Config, be backend.Backend) error {
 	env := subnetenv.Env{Subnet: k.self.Subnet, MTU: be.MTU(), IPMasq: k.o.ipMasq, Backend: be.Type()}
-	env.Docker0Bits = k.ipam.lease(env.Subnet.V4, env.Subnet.V6) // docker0's share; the rest is the driver's
+	env.Docker0Bits = k.ipam.lease(env.Subnet) // docker0's share; the rest is the driver's
 	for f := range ipfam.Valid(k.self.Subnet) {
 		env.Network.Set(f, cfg.Pools().Get(f).Network)
 	}
