@@ -68,7 +68,7 @@ type vxlan struct {
 	cfg  Config
 	ext  ExtIface
 	data json.RawMessage
-	devs [2]vxDev // by overlay family: 0 IPv4, 1 IPv6
+	devs [2]vxDev // by overlay family (indexed by ipfam.Family)
 	idx  [2]int   // ifindex after the last ensure, 0 when absent
 }
 
@@ -105,20 +105,13 @@ func (v *vxlan) leaseData() json.RawMessage { return v.data }
 func (v *vxlan) mtu(local Local) int {
 	m := 0
 	for i, d := range v.devs {
-		if enabled(local, i == 1) || !ipfam.Any(local.Subnet) {
+		if local.Subnet.Get(ipfam.Family(i)).IsValid() || !ipfam.Any(local.Subnet) {
 			if m == 0 || d.mtu < m {
 				m = d.mtu
 			}
 		}
 	}
 	return m
-}
-
-func enabled(local Local, v6 bool) bool {
-	if v6 {
-		return local.Subnet.V6.IsValid()
-	}
-	return local.Subnet.V4.IsValid()
 }
 
 // checkDevices implements deviceChecker. The desired state names the
@@ -128,7 +121,7 @@ func (v *vxlan) checkDevices(k kernel, local Local) (owned []int, missing, extra
 	for i, dev := range v.devs {
 		v.idx[i] = 0
 		l, err := k.LinkByName(dev.name)
-		if !enabled(local, i == 1) {
+		if !local.Subnet.Get(ipfam.Family(i)).IsValid() {
 			if err == nil {
 				extra = append(extra, "device "+dev.name+" (its family holds no subnet)")
 			}
@@ -153,12 +146,12 @@ func (v *vxlan) ensure(k kernel, local Local) ([]int, error) {
 	var errs []error
 	var owned []int
 	for i, d := range v.devs {
-		if !enabled(local, i == 1) {
+		subnet := local.Subnet.Get(ipfam.Family(i))
+		if !subnet.IsValid() {
 			errs = append(errs, removeDevice(k, d.name))
 			v.idx[i] = 0
 			continue
 		}
-		subnet := local.Subnet.Get(ipfam.Family(i))
 		idx, err := ensureDevice(k, d, subnet, v.idx[i] != 0)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("setting up %s: %w", d.name, err))
