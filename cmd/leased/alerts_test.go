@@ -283,7 +283,7 @@ func TestAlertRulesFireOnAgentMetrics(t *testing.T) {
 		t.Fatalf("the agent has no lease record:\n%s", p.log)
 	}
 	peerNet := "10.100.77.0/24"
-	if own.Subnet.String() == peerNet {
+	if own.Subnet.V4.String() == peerNet {
 		peerNet = "10.100.78.0/24"
 	}
 	etcdtest.Put(t, cli, lease.NewKeys("").Lease("peer"), fmt.Sprintf(`{"Node":"peer","Subnet":%q,"PublicIP":"192.0.2.2","BackendType":"host-gw"}`, peerNet))

@@ -407,13 +407,13 @@ func runStatus(args []string) int {
 	switch {
 	case err != nil:
 		fail("subnet.env:  %v", err)
-	case env.Subnet4 != self.Subnet || env.Subnet6 != self.IPv6Subnet:
-		fail("subnet.env:  %s holds %v, the lease %v: the agent has not caught up or dockerd's file is stale", o.subnetFile, []any{env.Subnet4, env.Subnet6}, self.Subnets())
+	case env.Subnet != self.Subnet:
+		fail("subnet.env:  %s holds %v, the lease %v: the agent has not caught up or dockerd's file is stale", o.subnetFile, []any{env.Subnet.V4, env.Subnet.V6}, self.Subnets())
 	default:
 		fmt.Printf("subnet.env:  %s matches the lease (MTU %d)\n", o.subnetFile, env.MTU)
 	}
 	if o.dockerIPAM.on {
-		if msg, ok := dockerPoolsStatus(o.dockerIPAM.state, self.Subnet, self.IPv6Subnet); ok {
+		if msg, ok := dockerPoolsStatus(o.dockerIPAM.state, self.Subnet); ok {
 			fmt.Println(msg)
 		} else {
 			fail("%s", msg)
@@ -431,13 +431,7 @@ func runStatus(args []string) int {
 	}
 	ps := lease.NewPeerSet(cfg, self, view.Records)
 	peers, rejected := ps.Accepted(), ps.Rejected()
-	local := backend.Local{Node: node, Subnet4: self.Subnet, Subnet6: self.IPv6Subnet}
-	if cfg.IPv4 != nil {
-		local.Network4 = cfg.IPv4.Network
-	}
-	if cfg.IPv6 != nil {
-		local.Network6 = cfg.IPv6.Network
-	}
+	local := backendLocal(node, self, cfg)
 	drift, err := backend.Check(ctx, be, local, toPeers(peers))
 	if err != nil {
 		fail("datapath:    %v", err)

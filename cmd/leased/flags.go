@@ -3,6 +3,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -173,7 +174,7 @@ func (o *options) validate() error {
 	}
 	if o.dockerIPAM.on {
 		// The subnets' lengths are checked once the lease is known.
-		if err := o.dockerIPAM.split().Validate(netip.Prefix{}, netip.Prefix{}); err != nil {
+		if err := o.dockerIPAM.split().Validate(ipfam.Pair[netip.Prefix]{}); err != nil {
 			return err
 		}
 	}
