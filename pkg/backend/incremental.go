@@ -166,10 +166,7 @@ func logFirstPeers(peers []Peer, unique bool) {
 	if unique && !klog.V(2).Enabled() {
 		n := 0
 		for _, p := range peers {
-			if p.Subnet4.IsValid() {
-				n++
-			}
-			if p.Subnet6.IsValid() {
+			for range ipfam.Valid(p.Subnet) {
 				n++
 			}
 		}

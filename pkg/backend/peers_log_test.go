@@ -11,6 +11,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/pkg/ipfam"
 )
 
 // TestFirstPeersLogged checks that the agent's first peer set is logged
@@ -21,15 +22,19 @@ func TestFirstPeersLogged(t *testing.T) {
 	logs := testutil.CaptureKlog(t)
 	peer := func(i int) Peer {
 		return Peer{Node: fmt.Sprintf("n%d", i),
-			Subnet4: netip.MustParsePrefix(fmt.Sprintf("10.1.%d.0/24", i)), PublicIP4: netip.AddrFrom4([4]byte{192, 168, byte(i / 256), byte(i)}),
-			Subnet6: netip.MustParsePrefix(fmt.Sprintf("fd00:1:%x::/64", i)), PublicIP6: netip.MustParseAddr(fmt.Sprintf("2001:db8::%x", i))}
+			Subnet: ipfam.Pair[netip.Prefix]{
+				V4: netip.MustParsePrefix(fmt.Sprintf("10.1.%d.0/24", i)),
+				V6: netip.MustParsePrefix(fmt.Sprintf("fd00:1:%x::/64", i))},
+			PublicIP: ipfam.Pair[netip.Addr]{
+				V4: netip.AddrFrom4([4]byte{192, 168, byte(i / 256), byte(i)}),
+				V6: netip.MustParseAddr(fmt.Sprintf("2001:db8::%x", i))}}
 	}
 	peers := func(n int, v4only bool) []Peer {
 		out := make([]Peer, n)
 		for i := range out {
 			out[i] = peer(i)
 			if v4only {
-				out[i].Subnet6, out[i].PublicIP6 = netip.Prefix{}, netip.Addr{}
+				out[i].Subnet.V6, out[i].PublicIP.V6 = netip.Prefix{}, netip.Addr{}
 			}
 		}
 		return out
