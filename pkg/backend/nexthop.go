@@ -51,7 +51,7 @@ type nhTable struct {
 // nhKey is a routeKey in the nexthop table's maps: 24 bytes without a
 // pointer instead of 40 with one (netip's zone), so that the two maps of
 // 100,000 entries at 50,000 peers are smaller and the GC does not scan
-// them. routeKeyOf(nhKeyOf(k)) == k for every route key of ours (a
+// them. nhKeyOf(k).routeKey() == k for every route key of ours (a
 // prefix without zone, a metric the kernel can hold).
 type nhKey struct {
 	addr   [16]byte
