@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/leased/leased/internal/agent"
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/pkg/lease"
 )
@@ -52,13 +53,13 @@ func TestAgentThroughTLSGRPCProxy(t *testing.T) {
 	// A client that does not trust the proxy's CA is refused: the agent
 	// verifies the proxy.
 	wrongCA := newPKI(t, dir, "wrong-ca")
-	if err := tryClient(t, &options{etcdEndpoints: p.ClientURL, etcdCAFile: wrongCA.file, etcdCertFile: agentCert, etcdKeyFile: agentKey}); err == nil ||
+	if err := tryClient(t, &agent.Options{EtcdEndpoints: p.ClientURL, EtcdCAFile: wrongCA.file, EtcdCertFile: agentCert, EtcdKeyFile: agentKey}); err == nil ||
 		!strings.Contains(err.Error(), "certificate signed by unknown authority") {
 		t.Errorf("a client that does not trust the proxy's certificate: %v; want certificate signed by unknown authority", err)
 	}
 
-	o := &options{etcdEndpoints: p.ClientURL, etcdCAFile: ca.file, etcdCertFile: agentCert, etcdKeyFile: agentKey}
-	cli, err := newEtcdClient(o)
+	o := &agent.Options{EtcdEndpoints: p.ClientURL, EtcdCAFile: ca.file, EtcdCertFile: agentCert, EtcdKeyFile: agentKey}
+	cli, err := agent.NewEtcdClient(o)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,6 +17,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sys/unix"
 
+	"github.com/leased/leased/internal/agent"
 	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/lease"
 )
@@ -30,10 +31,10 @@ func runTeardown(args []string) int { return runTeardownTo(args, os.Stdout, os.S
 
 // runTeardownTo is runTeardown writing to stdout and stderr.
 func runTeardownTo(args []string, stdout, stderr io.Writer) int {
-	o := &options{}
+	o := &agent.Options{}
 	fl := flag.NewFlagSet("leased teardown", flag.ContinueOnError)
 	fl.SetOutput(stderr)
-	o.register(fl)
+	register(fl, o)
 	release := fl.Bool("release", false, "also delete this host's lease record and subnet locks in etcd (only keys under this host's node name held under an etcd lease this machine's agent granted) and remove subnet.env, own-leases and the lease cache next to --subnet-file")
 	fl.Usage = func() {
 		fmt.Fprint(fl.Output(), "usage: leased teardown [--release] [flags]\n\n"+
@@ -70,28 +71,28 @@ func runTeardownTo(args []string, stdout, stderr io.Writer) int {
 	}
 	n := len(removed)
 	if *release {
-		node := o.nodeName
+		node := o.NodeName
 		if node == "" {
-			if node, err = defaultNodeName(); err != nil {
+			if node, err = agent.DefaultNodeName(); err != nil {
 				fmt.Fprintf(stderr, "leased teardown: %v\n", err)
 				return 1
 			}
 		}
-		own := lease.OwnLeases{Path: o.ownLeasesFile(), Node: node}
+		own := lease.OwnLeases{Path: o.OwnLeasesFile(), Node: node}
 		ids, _, err := own.Load()
 		if err != nil {
 			fmt.Fprintf(stderr, "leased teardown: reading %s: %v\n", own.Path, err)
 			return 1
 		}
-		cli, err := newEtcdClient(o)
+		cli, err := agent.NewEtcdClient(o)
 		if err != nil {
 			fmt.Fprintf(stderr, "leased teardown: %v\n", err)
-			return exitCode(err)
+			return agent.ExitCode(err)
 		}
 		defer cli.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
 		defer cancel()
-		keys, err := releaseOwnKeys(ctx, cli, lease.NewKeys(o.etcdPrefix), node, ids, own.Path)
+		keys, err := releaseOwnKeys(ctx, cli, lease.NewKeys(o.EtcdPrefix), node, ids, own.Path)
 		for _, k := range keys {
 			fmt.Fprintf(stdout, "deleted etcd key %s\n", k)
 		}
@@ -108,7 +109,7 @@ func runTeardownTo(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "leased teardown: %s\n", etcdErr(o, err))
 			return 1
 		}
-		for _, p := range []string{o.subnetFile, o.ownLeasesFile(), o.leaseCachePath()} {
+		for _, p := range []string{o.SubnetFile, o.OwnLeasesFile(), o.LeaseCachePath()} {
 			if p == "" {
 				continue
 			}
@@ -132,9 +133,9 @@ func runTeardownTo(args []string, stdout, stderr io.Writer) int {
 // agents' lock file (see agentlock.go), and also looks for a process
 // named leased running as an agent in this network namespace (an agent
 // of a build without the lock, or one whose --subnet-file differs).
-func lockOutAgent(o *options) (unlock func(), err error) {
+func lockOutAgent(o *agent.Options) (unlock func(), err error) {
 	unlock = func() {}
-	path := o.agentLockFile()
+	path := o.AgentLockFile()
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):

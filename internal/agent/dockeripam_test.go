@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -31,8 +31,8 @@ func TestDockerIPAMDocker0Share(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			o := &dockerIPAMOptions{on: tc.on, socket: filepath.Join(dir, "leased.sock"), state: filepath.Join(dir, "ipam.json"),
-				docker0Bits: 2, poolBits4: 3, poolBits6: 16}
+			o := &dockerIPAMOptions{On: tc.on, Socket: filepath.Join(dir, "leased.sock"), State: filepath.Join(dir, "ipam.json"),
+				Docker0Bits: 2, PoolBits4: 3, PoolBits6: 16}
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			di := startDockerIPAM(ctx, o, filepath.Join(dir, "subnet.env"))
@@ -73,7 +73,7 @@ func TestDockerIPAMDocker0Share(t *testing.T) {
 func TestDockerPoolsStatus(t *testing.T) {
 	state := filepath.Join(t.TempDir(), "ipam.json")
 	s4 := netip.MustParsePrefix("10.100.15.0/24")
-	msg, ok := dockerPoolsStatus(state, s4, netip.Prefix{})
+	msg, ok := DockerPoolsStatus(state, s4, netip.Prefix{})
 	if !ok || !strings.Contains(msg, "no pools") {
 		t.Fatalf("no state file: %q %v", msg, ok)
 	}
@@ -85,11 +85,11 @@ func TestDockerPoolsStatus(t *testing.T) {
 	if _, err := d.RequestPool(dockeripam.PoolRequest{}); err != nil {
 		t.Fatal(err)
 	}
-	msg, ok = dockerPoolsStatus(state, s4, netip.Prefix{})
+	msg, ok = DockerPoolsStatus(state, s4, netip.Prefix{})
 	if !ok || !strings.Contains(msg, "1 pools for user-defined networks") || !strings.Contains(msg, "10.100.15.64/27  0 addresses in use") {
 		t.Fatalf("one pool: %q %v", msg, ok)
 	}
-	msg, ok = dockerPoolsStatus(state, netip.MustParsePrefix("10.100.99.0/24"), netip.Prefix{})
+	msg, ok = DockerPoolsStatus(state, netip.MustParsePrefix("10.100.99.0/24"), netip.Prefix{})
 	if ok || !strings.Contains(msg, "10.100.15.64/27  0 addresses in use  OUTSIDE the lease") {
 		t.Fatalf("after a lease change: %q %v", msg, ok)
 	}
@@ -123,8 +123,8 @@ func TestDockerIPAMKeepsDocker0OnUpgrade(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			o := &dockerIPAMOptions{on: true, socket: filepath.Join(dir, "leased.sock"), state: filepath.Join(dir, "ipam.json"),
-				docker0Bits: 2, poolBits4: 3, poolBits6: 16}
+			o := &dockerIPAMOptions{On: true, Socket: filepath.Join(dir, "leased.sock"), State: filepath.Join(dir, "ipam.json"),
+				Docker0Bits: 2, PoolBits4: 3, PoolBits6: 16}
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			di := startDockerIPAM(ctx, o, envFile)

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"errors"
@@ -13,14 +13,14 @@ import (
 	"github.com/leased/leased/pkg/backend"
 )
 
-// findExtIface picks the interface that carries inter-host traffic: the
+// FindExtIface picks the interface that carries inter-host traffic: the
 // first --iface (name or address) that exists, else the first link whose
 // name matches --iface-regex and has an address; both families then use
 // that link. Without either, each family uses the link of its own default
 // route (IPv4 the IPv4 default route's, IPv6 the IPv6 one's), and a family
 // without a default route uses the other family's link. The returned text
 // says why, per family when they differ.
-func findExtIface(o *options) (backend.ExtIface, string, error) {
+func FindExtIface(o *options) (backend.ExtIface, string, error) {
 	link4, link6, why, err := pickLinks(o)
 	if err != nil {
 		return backend.ExtIface{}, "", err
@@ -33,11 +33,11 @@ func findExtIface(o *options) (backend.ExtIface, string, error) {
 		_, ext.Addr6 = linkAddrs(link6)
 	}
 	ext.Public4, ext.Public6 = ext.Addr4, ext.Addr6
-	if o.publicIP != "" {
-		ext.Public4 = netip.MustParseAddr(o.publicIP) // validated in options.validate
+	if o.PublicIP != "" {
+		ext.Public4 = netip.MustParseAddr(o.PublicIP) // validated in options.validate
 	}
-	if o.publicIPv6 != "" {
-		ext.Public6 = netip.MustParseAddr(o.publicIPv6)
+	if o.PublicIPv6 != "" {
+		ext.Public6 = netip.MustParseAddr(o.PublicIPv6)
 	}
 	if !ext.Public4.IsValid() && !ext.Public6.IsValid() {
 		if ext.Split() {
@@ -51,8 +51,8 @@ func findExtIface(o *options) (backend.ExtIface, string, error) {
 // pickLinks returns the links of IPv4 and IPv6 traffic and why they were
 // chosen.
 func pickLinks(o *options) (link4, link6 netlink.Link, why string, err error) {
-	if len(o.ifaces) > 0 {
-		for _, spec := range o.ifaces {
+	if len(o.Ifaces) > 0 {
+		for _, spec := range o.Ifaces {
 			if ip, err := netip.ParseAddr(spec); err == nil {
 				if l := linkWithAddr(ip); l != nil {
 					return l, l, "--iface " + spec, nil
@@ -63,12 +63,12 @@ func pickLinks(o *options) (link4, link6 netlink.Link, why string, err error) {
 				return l, l, "--iface " + spec, nil
 			}
 		}
-		return nil, nil, "", fmt.Errorf("none of --iface %v exists on this host: check the names with 'ip link' and addresses with 'ip addr'", []string(o.ifaces))
+		return nil, nil, "", fmt.Errorf("none of --iface %v exists on this host: check the names with 'ip link' and addresses with 'ip addr'", []string(o.Ifaces))
 	}
-	if o.ifaceRegex != "" {
-		re, err := regexp.Compile(o.ifaceRegex)
+	if o.IfaceRegex != "" {
+		re, err := regexp.Compile(o.IfaceRegex)
 		if err != nil {
-			return nil, nil, "", fmt.Errorf("--iface-regex %q: %w", o.ifaceRegex, err)
+			return nil, nil, "", fmt.Errorf("--iface-regex %q: %w", o.IfaceRegex, err)
 		}
 		links, err := netlink.LinkList()
 		if err != nil {
@@ -76,10 +76,10 @@ func pickLinks(o *options) (link4, link6 netlink.Link, why string, err error) {
 		}
 		for _, l := range links {
 			if a4, a6 := linkAddrs(l); re.MatchString(l.Attrs().Name) && (a4.IsValid() || a6.IsValid()) {
-				return l, l, "--iface-regex " + o.ifaceRegex, nil
+				return l, l, "--iface-regex " + o.IfaceRegex, nil
 			}
 		}
-		return nil, nil, "", fmt.Errorf("no interface with an address matches --iface-regex %q", o.ifaceRegex)
+		return nil, nil, "", fmt.Errorf("no interface with an address matches --iface-regex %q", o.IfaceRegex)
 	}
 	if link4, err = defaultRouteLink(netlink.FAMILY_V4); err != nil {
 		return nil, nil, "", err

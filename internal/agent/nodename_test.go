@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -40,7 +40,7 @@ func startTestAgentIn(t *testing.T, endpoint, node, ip, subnetFile string) *test
 	t.Helper()
 	rec := &recorder{}
 	ia := newIdleAgent(t, endpoint, node, ip, rec)
-	ia.o.subnetFile = subnetFile
+	ia.o.SubnetFile = subnetFile
 	ctx, cancel := context.WithCancel(context.Background())
 	ia.run(ctx)
 	ta := &testAgent{agent: ia.agent, rec: rec, cancel: cancel, done: ia.done}
@@ -155,7 +155,7 @@ func TestAgentRestartKeepsSubnet(t *testing.T) {
 	a := startTestAgent(t, srv.ClientURL, "h", "192.168.1.1")
 	testutil.Eventually(t, 20*time.Second, "subnet.env", func() bool { _, err := a.env(t); return err == nil })
 	env0, _ := a.env(t)
-	dir := a.o.subnetFile
+	dir := a.o.SubnetFile
 	for _, tc := range []struct {
 		name     string
 		keepFile bool
@@ -163,7 +163,7 @@ func TestAgentRestartKeepsSubnet(t *testing.T) {
 		_, before := recordOf(t, cli, "h")
 		a.stop()
 		if !tc.keepFile {
-			if err := os.Remove(a.o.ownLeasesFile()); err != nil {
+			if err := os.Remove(a.o.OwnLeasesFile()); err != nil {
 				t.Fatal(err)
 			}
 		}

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"bytes"
@@ -41,7 +41,7 @@ type leaseKeeper struct {
 
 func newLeaseKeeper(o *options, cli *clientv3.Client, reg *lease.Registry, ext backend.ExtIface, node string) *leaseKeeper {
 	k := &leaseKeeper{o: o, cli: cli, reg: reg, node: node, ext: ext}
-	if env, err := subnetenv.Read(o.subnetFile); err == nil {
+	if env, err := subnetenv.Read(o.SubnetFile); err == nil {
 		k.hint = env
 	}
 	return k
@@ -60,9 +60,9 @@ func (k *leaseKeeper) ensure(ctx context.Context, cfg *lease.Config, be backend.
 	if k.sess == nil {
 		// The grant waits at most 10s so that an unreachable etcd is
 		// reported and retried.
-		sess, err := lease.NewSession(ctx, k.cli, k.o.leaseTTL, 10*time.Second)
+		sess, err := lease.NewSession(ctx, k.cli, k.o.LeaseTTL, 10*time.Second)
 		if err != nil {
-			return claimed{}, fmt.Errorf("creating an etcd lease at %s (is etcd up and reachable? check --etcd-endpoints and the TLS flags): %w", k.o.etcdEndpoints, err)
+			return claimed{}, fmt.Errorf("creating an etcd lease at %s (is etcd up and reachable? check --etcd-endpoints and the TLS flags): %w", k.o.EtcdEndpoints, err)
 		}
 		k.sess = sess
 		k.own.load(k.o, k.node)
@@ -81,7 +81,7 @@ func (k *leaseKeeper) ensure(ctx context.Context, cfg *lease.Config, be backend.
 	moved := func(old, new netip.Prefix) bool { return old.IsValid() && old != new }
 	switch {
 	case k.held.Node == "" && (moved(k.hint.Subnet4, rec.Subnet) || moved(k.hint.Subnet6, rec.IPv6Subnet)):
-		klog.Warningf("this host's subnets changed since the last run (%s held %v, now %v): restart docker.service so that dockerd takes the new subnet.env", k.o.subnetFile, []netip.Prefix{k.hint.Subnet4, k.hint.Subnet6}, rec.Subnets())
+		klog.Warningf("this host's subnets changed since the last run (%s held %v, now %v): restart docker.service so that dockerd takes the new subnet.env", k.o.SubnetFile, []netip.Prefix{k.hint.Subnet4, k.hint.Subnet6}, rec.Subnets())
 	case k.held.Node == "":
 	case moved(k.held.Subnet, rec.Subnet) || moved(k.held.IPv6Subnet, rec.IPv6Subnet):
 		klog.Warningf("this host's subnets changed from %v to %v: containers on the old subnet lose connectivity; restart docker.service so that dockerd takes the new subnet.env", k.held.Subnets(), rec.Subnets())
@@ -89,7 +89,7 @@ func (k *leaseKeeper) ensure(ctx context.Context, cfg *lease.Config, be backend.
 		klog.InfoS("this host gained a subnet; restart docker.service to use it (the existing subnets are unchanged)", "subnets", rec.Subnets())
 	}
 	c := claimed{new: true, moved: k.held.Node == "" || k.held.Subnet != rec.Subnet || k.held.IPv6Subnet != rec.IPv6Subnet}
-	klog.InfoS("Lease acquired", "node", k.node, "subnets", rec.Subnets(), "ttl", k.o.leaseTTL)
+	klog.InfoS("Lease acquired", "node", k.node, "subnets", rec.Subnets(), "ttl", k.o.LeaseTTL)
 	k.self = rec
 	k.held = *rec
 	return c, nil
@@ -191,7 +191,7 @@ func (k *leaseKeeper) local(cfg *lease.Config) backend.Local {
 
 // writeSubnetEnv writes the subnet file for the lease, cfg and be.
 func (k *leaseKeeper) writeSubnetEnv(cfg *lease.Config, be backend.Backend) error {
-	env := subnetenv.Env{Subnet4: k.self.Subnet, Subnet6: k.self.IPv6Subnet, MTU: be.MTU(), IPMasq: k.o.ipMasq, Backend: be.Type()}
+	env := subnetenv.Env{Subnet4: k.self.Subnet, Subnet6: k.self.IPv6Subnet, MTU: be.MTU(), IPMasq: k.o.IPMasq, Backend: be.Type()}
 	env.Docker0Bits = k.ipam.lease(env.Subnet4, env.Subnet6) // docker0's share; the rest is the driver's
 	if k.self.Subnet.IsValid() {
 		env.Network4 = cfg.IPv4.Network
@@ -199,12 +199,12 @@ func (k *leaseKeeper) writeSubnetEnv(cfg *lease.Config, be backend.Backend) erro
 	if k.self.IPv6Subnet.IsValid() {
 		env.Network6 = cfg.IPv6.Network
 	}
-	changed, err := subnetenv.Write(k.o.subnetFile, env)
+	changed, err := subnetenv.Write(k.o.SubnetFile, env)
 	if err != nil {
-		return fmt.Errorf("writing %s (check the directory exists and is writable): %w", k.o.subnetFile, err)
+		return fmt.Errorf("writing %s (check the directory exists and is writable): %w", k.o.SubnetFile, err)
 	}
 	if changed {
-		kv := []any{"path", k.o.subnetFile}
+		kv := []any{"path", k.o.SubnetFile}
 		if env.Subnet4.IsValid() {
 			kv = append(kv, "subnet", env.Subnet4)
 		}

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -50,10 +50,10 @@ type agent struct {
 }
 
 func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node string) *agent {
-	reg := lease.NewRegistry(cli, o.etcdPrefix)
-	opts := backend.Options{IPMasq: o.ipMasq, NoForwardRules: !o.iptablesForward, Resync: o.resync}
+	reg := lease.NewRegistry(cli, o.EtcdPrefix)
+	opts := backend.Options{IPMasq: o.IPMasq, NoForwardRules: !o.IPTablesForward, Resync: o.Resync}
 	return &agent{o: o, reg: reg, node: node,
-		conf:  &configKeeper{key: reg.Keys().Config(), endpoints: o.etcdEndpoints},
+		conf:  &configKeeper{key: reg.Keys().Config(), endpoints: o.EtcdEndpoints},
 		lease: newLeaseKeeper(o, cli, reg, ext, node),
 		peers: newPeerTracker(),
 		dp:    newDatapath(ext, node, opts)}
@@ -91,7 +91,7 @@ func (a *agent) run(ctx context.Context) error {
 				}
 			}
 		case <-a.lease.done():
-			klog.Warningf("lease of %s lost (no keep-alive answer within --lease-ttl %s); claiming it again, the datapath stays as it is", a.node, a.o.leaseTTL)
+			klog.Warningf("lease of %s lost (no keep-alive answer within --lease-ttl %s); claiming it again, the datapath stays as it is", a.node, a.o.LeaseTTL)
 			a.lease.sessionLost()
 			a.lost(&lost{why: "lease lost; claiming it again", withdraw: true})
 		case <-retry.C:
@@ -149,7 +149,7 @@ func (a *agent) stop() {
 // lost reacts to this host no longer using its lease (see lost): peers
 // whose leases vanish meanwhile stay programmed for a grace period.
 func (a *agent) lost(l *lost) {
-	a.peers.startGrace(a.o.leaseTTL)
+	a.peers.startGrace(a.o.LeaseTTL)
 	if l.withdraw {
 		a.dp.withdraw()
 	}
@@ -246,7 +246,7 @@ func (a *agent) step(ctx context.Context) error {
 	}
 	if c.new {
 		a.dp.answer(a.lease.local(cfg))
-		a.peers.extendGrace(a.o.leaseTTL)
+		a.peers.extendGrace(a.o.LeaseTTL)
 	}
 	changes := a.peers.update(&a.view, cfg, a.lease.self)
 	a.dp.apply(ctx, changes, a.peers.all)
@@ -313,7 +313,7 @@ func (a *agent) waitingForEtcd() string {
 	if why := a.etcd.Why(); why != "" {
 		return "waiting for etcd: " + why
 	}
-	return "waiting for etcd at " + a.o.etcdEndpoints
+	return "waiting for etcd at " + a.o.EtcdEndpoints
 }
 
 // setStatus reports what the agent is doing to systemd (STATUS=, and

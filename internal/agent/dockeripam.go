@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -40,10 +40,10 @@ func startDockerIPAM(ctx context.Context, o *dockerIPAMOptions, subnetFile strin
 	if env, err := subnetenv.Read(subnetFile); err == nil {
 		di.before = env
 	}
-	if !o.on {
+	if !o.On {
 		return di
 	}
-	d, err := dockeripam.New(o.state, o.split(), func(n4, n6 int) {
+	d, err := dockeripam.New(o.State, o.split(), func(n4, n6 int) {
 		metrics.DockerIPAMPools.WithLabelValues("ipv4").Set(float64(n4))
 		metrics.DockerIPAMPools.WithLabelValues("ipv6").Set(float64(n6))
 	})
@@ -51,18 +51,18 @@ func startDockerIPAM(ctx context.Context, o *dockerIPAMOptions, subnetFile strin
 		klog.ErrorS(err, "the Docker IPAM driver is off: docker network create --ipam-driver=leased fails until this is fixed and leased restarted")
 		return di
 	}
-	l, err := dockeripam.Listen(o.socket)
+	l, err := dockeripam.Listen(o.Socket)
 	if err != nil {
-		klog.ErrorS(err, "the Docker IPAM driver is off: cannot listen on its socket; docker network create --ipam-driver=leased fails until this is fixed and leased restarted", "socket", o.socket)
+		klog.ErrorS(err, "the Docker IPAM driver is off: cannot listen on its socket; docker network create --ipam-driver=leased fails until this is fixed and leased restarted", "socket", o.Socket)
 		return di
 	}
 	di.d = d
 	go func() {
 		if err := d.Serve(ctx, l); err != nil {
-			klog.ErrorS(err, "the Docker IPAM driver stopped serving", "socket", o.socket)
+			klog.ErrorS(err, "the Docker IPAM driver stopped serving", "socket", o.Socket)
 		}
 	}()
-	klog.InfoS("Docker IPAM driver serving", "driver", dockeripam.Name, "socket", o.socket, "state", o.state, "pools", len(d.Pools()))
+	klog.InfoS("Docker IPAM driver serving", "driver", dockeripam.Name, "socket", o.Socket, "state", o.State, "pools", len(d.Pools()))
 	return di
 }
 
@@ -70,7 +70,7 @@ func startDockerIPAM(ctx context.Context, o *dockerIPAMOptions, subnetFile strin
 // subnet.env's Docker0Bits: docker0's share, or 0 (the whole lease) when
 // the driver is off or its pool sizes do not fit the lease.
 func (di *dockerIPAM) lease(subnet4, subnet6 netip.Prefix) int {
-	if di == nil || !di.o.on {
+	if di == nil || !di.o.On {
 		return 0
 	}
 	if b := di.before; b.Docker0Bits == 0 && (b.Subnet4.IsValid() || b.Subnet6.IsValid()) && b.Subnet4 == subnet4 && b.Subnet6 == subnet6 {
@@ -97,12 +97,12 @@ func (di *dockerIPAM) lease(subnet4, subnet6 netip.Prefix) int {
 		return 0
 	}
 	di.misfit = ""
-	return di.o.docker0Bits
+	return di.o.Docker0Bits
 }
 
-// dockerPoolsStatus is `leased status`'s line on the Docker IPAM driver's
+// DockerPoolsStatus is `leased status`'s line on the Docker IPAM driver's
 // pools, and false when one lies outside the lease.
-func dockerPoolsStatus(state string, subnet4, subnet6 netip.Prefix) (string, bool) {
+func DockerPoolsStatus(state string, subnet4, subnet6 netip.Prefix) (string, bool) {
 	pools, err := dockeripam.ReadPools(state)
 	if err != nil {
 		return "docker ipam: " + err.Error(), false
@@ -127,13 +127,13 @@ func dockerPoolsStatus(state string, subnet4, subnet6 netip.Prefix) (string, boo
 	return b.String(), ok
 }
 
-// addDockerPools puts this host's Docker network pools on its row of
+// AddDockerPools puts this host's Docker network pools on its row of
 // `leased leases -o json` (nothing when the state file is missing or
 // unreadable: the command may run on a machine that is no host).
-func addDockerPools(rows []leaseview.Row, node, state string) {
+func AddDockerPools(rows []leaseview.Row, node, state string) {
 	if node == "" {
 		var err error
-		if node, err = defaultNodeName(); err != nil {
+		if node, err = DefaultNodeName(); err != nil {
 			return
 		}
 	}

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"fmt"
@@ -24,9 +24,9 @@ type ownKeys struct {
 	conflict  string             // the conflict last logged ("" when none)
 }
 
-// ownLeasesFile is where the agent keeps the etcd leases it granted.
-func (o *options) ownLeasesFile() string {
-	return filepath.Join(filepath.Dir(o.subnetFile), "own-leases")
+// OwnLeasesFile is where the agent keeps the etcd leases it granted.
+func (o *options) OwnLeasesFile() string {
+	return filepath.Join(filepath.Dir(o.SubnetFile), "own-leases")
 }
 
 // load reads the file once.
@@ -35,7 +35,7 @@ func (k *ownKeys) load(o *options, node string) {
 		return
 	}
 	k.loaded = true
-	k.file = lease.OwnLeases{Path: o.ownLeasesFile(), Node: node}
+	k.file = lease.OwnLeases{Path: o.OwnLeasesFile(), Node: node}
 	ids, ok, err := k.file.Load()
 	if err != nil {
 		klog.InfoS("could not read the etcd leases of this host's earlier runs; treating this as a first start", "path", k.file.Path, "err", err)
