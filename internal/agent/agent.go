@@ -27,7 +27,7 @@ import (
 // tracker, its changes into the datapath. Its state is owned by the
 // goroutine running run; nothing else touches it.
 type agent struct {
-	o    *options
+	o    *Options
 	reg  *lease.Registry
 	node string
 
@@ -49,7 +49,7 @@ type agent struct {
 	etcd *etcdMonitor
 }
 
-func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node string) *agent {
+func newAgent(o *Options, cli *clientv3.Client, ext backend.ExtIface, node string) *agent {
 	reg := lease.NewRegistry(cli, o.EtcdPrefix)
 	opts := backend.Options{IPMasq: o.IPMasq, NoForwardRules: !o.IPTablesForward, Resync: o.Resync}
 	return &agent{o: o, reg: reg, node: node,
@@ -161,7 +161,7 @@ func (a *agent) lost(l *lost) {
 // startWatch follows etcd from the lease cache a previous run saved, when
 // it is usable, else from a full listing.
 func (a *agent) startWatch(ctx context.Context, batches chan lease.Batch) {
-	path := a.o.leaseCachePath()
+	path := a.o.LeaseCachePath()
 	if path != "" {
 		h, decode, err := lease.OpenSnapshot(path)
 		os.Remove(path) // one use: a crash must not leave an old cache behind
@@ -193,7 +193,7 @@ const cacheMinLeases = 1000
 
 // saveCache saves the lease set for the next run (see startWatch).
 func (a *agent) saveCache() {
-	path := a.o.leaseCachePath()
+	path := a.o.LeaseCachePath()
 	if path == "" || !a.view.Synced {
 		return
 	}

@@ -19,7 +19,7 @@ import (
 // crashed agent leaves no stale lock behind.
 
 // AgentLockFile is the lock file of the agents that use o.SubnetFile.
-func (o *options) AgentLockFile() string {
+func (o *Options) AgentLockFile() string {
 	return filepath.Join(filepath.Dir(o.SubnetFile), "agent.lock")
 }
 
@@ -28,7 +28,7 @@ func (o *options) AgentLockFile() string {
 // ctx ends). A lock that cannot be taken for another reason is logged and
 // not waited for: the agent runs without it (teardown then cannot tell
 // that it runs).
-func holdAgentLock(ctx context.Context, o *options) error {
+func holdAgentLock(ctx context.Context, o *Options) error {
 	path := o.AgentLockFile()
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		klog.ErrorS(err, "cannot create the agent lock file; running without it, so leased teardown cannot tell that this agent runs", "path", path)

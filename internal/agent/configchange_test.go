@@ -185,7 +185,7 @@ func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 		return fmt.Sprintf(`{"Network":"10.100.0.0/16","Backend":{"Type":"vxlan","VNI":%d}}`, n)
 	}
 	etcdtest.Put(t, cli, cfgKey, cfg(1))
-	o := &options{EtcdEndpoints: srv.ClientURL, EtcdPrefix: lease.DefaultPrefix, LeaseTTL: 10 * time.Second,
+	o := &Options{EtcdEndpoints: srv.ClientURL, EtcdPrefix: lease.DefaultPrefix, LeaseTTL: 10 * time.Second,
 		SubnetFile: filepath.Join(t.TempDir(), "subnet.env")}
 	addr := netip.MustParseAddr("192.0.2.1")
 	ext := backend.ExtIface{Name: "eth0", Index: eth0.Attrs().Index, MTU: 1500, Addr4: addr, Public4: addr, HardwareAddr: eth0.Attrs().HardwareAddr}

@@ -17,7 +17,7 @@ import (
 // dockerd on its socket from the start and learns the host's subnets
 // whenever subnet.env is written (see lease).
 type dockerIPAM struct {
-	o      *dockerIPAMOptions
+	o      *DockerIPAMOptions
 	d      *dockeripam.Driver // nil when it could not start
 	misfit string             // the split's error last logged
 	// before is the subnet.env this process found at start (zero: none).
@@ -35,7 +35,7 @@ type dockerIPAM struct {
 // done. A driver that cannot start (a corrupt state file, a socket another
 // process answers on) is logged and left off: the datapath does not depend
 // on it, and docker network create then says the plugin is missing.
-func startDockerIPAM(ctx context.Context, o *dockerIPAMOptions, subnetFile string) *dockerIPAM {
+func startDockerIPAM(ctx context.Context, o *DockerIPAMOptions, subnetFile string) *dockerIPAM {
 	di := &dockerIPAM{o: o, subnetFile: subnetFile}
 	if env, err := subnetenv.Read(subnetFile); err == nil {
 		di.before = env

@@ -31,7 +31,7 @@ func TestDockerIPAMDocker0Share(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			o := &dockerIPAMOptions{On: tc.on, Socket: filepath.Join(dir, "leased.sock"), State: filepath.Join(dir, "ipam.json"),
+			o := &DockerIPAMOptions{On: tc.on, Socket: filepath.Join(dir, "leased.sock"), State: filepath.Join(dir, "ipam.json"),
 				Docker0Bits: 2, PoolBits4: 3, PoolBits6: 16}
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
@@ -123,7 +123,7 @@ func TestDockerIPAMKeepsDocker0OnUpgrade(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			o := &dockerIPAMOptions{On: true, Socket: filepath.Join(dir, "leased.sock"), State: filepath.Join(dir, "ipam.json"),
+			o := &DockerIPAMOptions{On: true, Socket: filepath.Join(dir, "leased.sock"), State: filepath.Join(dir, "ipam.json"),
 				Docker0Bits: 2, PoolBits4: 3, PoolBits6: 16}
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()

@@ -26,7 +26,7 @@ import (
 // for etcd to be reachable (callers retry their own requests), except with
 // a user name, when it authenticates (within DialTimeout). Flags no retry
 // can fix, and a refused user or password, give a usageError.
-func NewEtcdClient(o *options) (*clientv3.Client, error) {
+func NewEtcdClient(o *Options) (*clientv3.Client, error) {
 	if err := o.ValidateEtcd(); err != nil {
 		return nil, err
 	}
@@ -123,7 +123,7 @@ func (e *connError) Unwrap() error { return e.ctx }
 // request that never got a connection into a connError. It runs inside the
 // etcd client's retry interceptor and only acts once the caller's context is
 // done, so the client's own retries are unchanged.
-func explainConnErrors(o *options, eps []string, tc *tls.Config) grpc.UnaryClientInterceptor {
+func explainConnErrors(o *Options, eps []string, tc *tls.Config) grpc.UnaryClientInterceptor {
 	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 		err := invoker(ctx, method, req, reply, cc, opts...)
 		if err == nil || ctx.Err() == nil {
@@ -198,7 +198,7 @@ func probe(eps []string, tc *tls.Config) string {
 
 // explainConn says in an operator's terms what a gRPC connection error
 // means, naming the flag and file concerned.
-func explainConn(o *options, cause string) string {
+func explainConn(o *Options, cause string) string {
 	has := func(s string) bool { return strings.Contains(cause, s) }
 	cert := "--etcd-certfile " + o.EtcdCertFile
 	switch {

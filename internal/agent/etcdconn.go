@@ -48,7 +48,7 @@ func ExitCode(err error) int {
 // etcd client speaks the first endpoint's scheme to every endpoint, so a
 // mix would send TLS-meant traffic, the password included, in plaintext),
 // TLS flags come with TLS endpoints, and a user name comes with a password.
-func (o *options) ValidateEtcd() error {
+func (o *Options) ValidateEtcd() error {
 	if strings.TrimSpace(o.EtcdEndpoints) == "" {
 		return usageErrorf("--etcd-endpoints is empty: give etcd's client URLs, e.g. --etcd-endpoints=https://10.0.0.1:2379,https://10.0.0.2:2379")
 	}
@@ -113,7 +113,7 @@ func (o *options) ValidateEtcd() error {
 // explainAuth says what an etcd authentication or authorization error
 // means, naming the flag to fix; fatal is true when no retry can fix it.
 // It returns "" for other errors.
-func explainAuth(o *options, err error) (why string, fatal bool) {
+func explainAuth(o *Options, err error) (why string, fatal bool) {
 	pw := "--etcd-password-file " + o.EtcdPasswordFile
 	if o.EtcdPasswordFile == "" {
 		pw = "--etcd-password (or LEASED_ETCD_PASSWORD)"
@@ -137,7 +137,7 @@ func explainAuth(o *options, err error) (why string, fatal bool) {
 
 // WhyEtcd says in an operator's terms why a request to etcd failed, and
 // whether no retry can fix it.
-func WhyEtcd(o *options, err error) (why string, fatal bool) {
+func WhyEtcd(o *Options, err error) (why string, fatal bool) {
 	var ce *connError
 	if errors.As(err, &ce) {
 		return ce.why + " (" + ce.cause + ")", false
@@ -173,7 +173,7 @@ var (
 // one request per etcdRecheck while etcd is down, and none while the gRPC
 // connection stays ready.
 type etcdMonitor struct {
-	o    *options
+	o    *Options
 	now  func() time.Time
 	down atomic.Bool // etcd cannot be used (as of the last check)
 
@@ -187,7 +187,7 @@ type etcdMonitor struct {
 	unready  time.Time // when the gRPC connection last left the ready state
 }
 
-func newEtcdMonitor(o *options) *etcdMonitor {
+func newEtcdMonitor(o *Options) *etcdMonitor {
 	m := &etcdMonitor{o: o, now: time.Now, changed: make(chan struct{}, 1)}
 	m.since = m.now()
 	return m

@@ -20,7 +20,7 @@ import (
 // route (IPv4 the IPv4 default route's, IPv6 the IPv6 one's), and a family
 // without a default route uses the other family's link. The returned text
 // says why, per family when they differ.
-func FindExtIface(o *options) (backend.ExtIface, string, error) {
+func FindExtIface(o *Options) (backend.ExtIface, string, error) {
 	link4, link6, why, err := pickLinks(o)
 	if err != nil {
 		return backend.ExtIface{}, "", err
@@ -50,7 +50,7 @@ func FindExtIface(o *options) (backend.ExtIface, string, error) {
 
 // pickLinks returns the links of IPv4 and IPv6 traffic and why they were
 // chosen.
-func pickLinks(o *options) (link4, link6 netlink.Link, why string, err error) {
+func pickLinks(o *Options) (link4, link6 netlink.Link, why string, err error) {
 	if len(o.Ifaces) > 0 {
 		for _, spec := range o.Ifaces {
 			if ip, err := netip.ParseAddr(spec); err == nil {

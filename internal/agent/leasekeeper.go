@@ -22,7 +22,7 @@ import (
 // changes, the subnet file, and the keys carrying the node name that are
 // this host's own (ownkeys.go). Not safe for concurrent use.
 type leaseKeeper struct {
-	o    *options
+	o    *Options
 	cli  *clientv3.Client
 	reg  *lease.Registry
 	node string
@@ -39,7 +39,7 @@ type leaseKeeper struct {
 	ipam       *dockerIPAM   // the Docker IPAM driver (dockeripam.go); nil in tests
 }
 
-func newLeaseKeeper(o *options, cli *clientv3.Client, reg *lease.Registry, ext backend.ExtIface, node string) *leaseKeeper {
+func newLeaseKeeper(o *Options, cli *clientv3.Client, reg *lease.Registry, ext backend.ExtIface, node string) *leaseKeeper {
 	k := &leaseKeeper{o: o, cli: cli, reg: reg, node: node, ext: ext}
 	if env, err := subnetenv.Read(o.SubnetFile); err == nil {
 		k.hint = env

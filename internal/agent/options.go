@@ -55,21 +55,15 @@ type DockerIPAMOptions struct {
 // TTL/3.
 const DefaultLeaseTTL = 10 * time.Minute
 
-// options is the name the agent's code uses for Options.
-type options = Options
-
-// dockerIPAMOptions is the name the agent's code uses for DockerIPAMOptions.
-type dockerIPAMOptions = DockerIPAMOptions
-
 // split is how the leased subnets are shared between docker0 and the
 // Docker IPAM driver's pools.
-func (d *dockerIPAMOptions) split() dockeripam.Split {
+func (d *DockerIPAMOptions) split() dockeripam.Split {
 	return dockeripam.Split{Docker0Bits: d.Docker0Bits, PoolBits4: d.PoolBits4, PoolBits6: d.PoolBits6}
 }
 
 // docker0Share is subnet.env's split: docker0 keeps everything without the
 // driver.
-func (d *dockerIPAMOptions) docker0Share() int {
+func (d *DockerIPAMOptions) docker0Share() int {
 	if !d.On {
 		return 0
 	}
@@ -77,9 +71,7 @@ func (d *dockerIPAMOptions) docker0Share() int {
 }
 
 // LeaseCachePath is the lease cache file, "" when disabled.
-func (o *Options) LeaseCachePath() string { return o.leaseCachePath() }
-
-func (o *options) leaseCachePath() string {
+func (o *Options) LeaseCachePath() string {
 	switch o.LeaseCache {
 	case "none":
 		return ""

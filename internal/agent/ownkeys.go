@@ -25,12 +25,12 @@ type ownKeys struct {
 }
 
 // OwnLeasesFile is where the agent keeps the etcd leases it granted.
-func (o *options) OwnLeasesFile() string {
+func (o *Options) OwnLeasesFile() string {
 	return filepath.Join(filepath.Dir(o.SubnetFile), "own-leases")
 }
 
 // load reads the file once.
-func (k *ownKeys) load(o *options, node string) {
+func (k *ownKeys) load(o *Options, node string) {
 	if k.loaded {
 		return
 	}

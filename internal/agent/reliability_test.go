@@ -90,7 +90,7 @@ func newIdleAgent(t *testing.T, endpoint, node, ip string, be backend.Backend) *
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := &options{EtcdEndpoints: endpoint, EtcdPrefix: lease.DefaultPrefix, LeaseTTL: 10 * time.Second,
+	o := &Options{EtcdEndpoints: endpoint, EtcdPrefix: lease.DefaultPrefix, LeaseTTL: 10 * time.Second,
 		SubnetFile: filepath.Join(t.TempDir(), "subnet.env")}
 	ext := backend.ExtIface{Name: "eth0", MTU: 1500, Public4: netip.MustParseAddr(ip), Addr4: netip.MustParseAddr(ip)}
 	a := newAgent(o, cli, ext, node)
@@ -420,7 +420,7 @@ func TestAgentResumesFromLeaseCache(t *testing.T) {
 	waitPeers(t, hb1, want)
 	stop1()
 	<-a1.done
-	cache := a1.o.leaseCachePath()
+	cache := a1.o.LeaseCachePath()
 	if _, err := os.Stat(cache); err != nil {
 		t.Fatalf("no lease cache saved at exit: %v", err)
 	}
