@@ -420,31 +420,12 @@ func runStatus(args []string) int {
 			fail("%s", msg)
 		}
 	}
-	ext, _, err := agent.FindExtIface(o)
+	drift, npeers, nrefused, err := agent.CheckDatapath(ctx, o, node, cfg, self, view.Records)
 	if err != nil {
 		fail("datapath:    %v", err)
 		return code
 	}
-	be, err := backend.New(cfg.Backend.Raw, ext, node, backend.Options{})
-	if err != nil {
-		fail("datapath:    %v", err)
-		return code
-	}
-	ps := lease.NewPeerSet(cfg, self, view.Records)
-	peers, rejected := ps.Accepted(), ps.Rejected()
-	local := backend.Local{Node: node, Subnet4: self.Subnet, Subnet6: self.IPv6Subnet}
-	if cfg.IPv4 != nil {
-		local.Network4 = cfg.IPv4.Network
-	}
-	if cfg.IPv6 != nil {
-		local.Network6 = cfg.IPv6.Network
-	}
-	drift, err := backend.Check(ctx, be, local, agent.ToPeers(peers))
-	if err != nil {
-		fail("datapath:    %v", err)
-		return code
-	}
-	fmt.Printf("peers:       %d programmed, %d refused\n", len(peers), len(rejected)+len(view.Malformed))
+	fmt.Printf("peers:       %d programmed, %d refused\n", npeers, nrefused+len(view.Malformed))
 	if drift.Empty() {
 		fmt.Println("datapath:    the kernel matches the leases")
 		return code

@@ -13,14 +13,14 @@ import (
 	"github.com/leased/leased/pkg/backend"
 )
 
-// FindExtIface picks the interface that carries inter-host traffic: the
+// findExtIface picks the interface that carries inter-host traffic: the
 // first --iface (name or address) that exists, else the first link whose
 // name matches --iface-regex and has an address; both families then use
 // that link. Without either, each family uses the link of its own default
 // route (IPv4 the IPv4 default route's, IPv6 the IPv6 one's), and a family
 // without a default route uses the other family's link. The returned text
 // says why, per family when they differ.
-func FindExtIface(o *Options) (backend.ExtIface, string, error) {
+func findExtIface(o *Options) (backend.ExtIface, string, error) {
 	link4, link6, why, err := pickLinks(o)
 	if err != nil {
 		return backend.ExtIface{}, "", err

@@ -119,7 +119,7 @@ func TestFindExtIfacePerFamily(t *testing.T) {
 					idx[n] = l.Attrs().Index
 				}
 				o := tc.o
-				ext, why, ferr = FindExtIface(&o)
+				ext, why, ferr = findExtIface(&o)
 				return nil
 			})
 			if err != nil {
@@ -127,7 +127,7 @@ func TestFindExtIfacePerFamily(t *testing.T) {
 			}
 			if tc.wantErr != "" {
 				if ferr == nil || !strings.Contains(ferr.Error(), tc.wantErr) {
-					t.Fatalf("FindExtIface error = %v, want one saying %q", ferr, tc.wantErr)
+					t.Fatalf("findExtIface error = %v, want one saying %q", ferr, tc.wantErr)
 				}
 				return
 			}

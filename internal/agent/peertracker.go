@@ -48,7 +48,7 @@ type peerChanges struct {
 func (c peerChanges) empty() bool { return len(c.ups) == 0 && len(c.removed) == 0 }
 
 // upserts returns the peers to add or replace, oldest lease first (see
-// ToPeers). It is computed only when needed: a new backend gets the whole
+// toPeers). It is computed only when needed: a new backend gets the whole
 // set instead.
 func (c peerChanges) upserts() []backend.Peer { return sortedPeers(c.ups) }
 
@@ -201,7 +201,7 @@ func (t *peerTracker) logRejected(v *lease.View) {
 // all returns the whole programmed set, oldest lease first: what a new
 // backend is handed.
 func (t *peerTracker) all() []backend.Peer {
-	return ToPeers(t.programmed)
+	return toPeers(t.programmed)
 }
 
 // counts returns the number of programmed and of rejected peers (the
@@ -267,16 +267,16 @@ func takenBy(r *lease.Record, held map[netip.Prefix]bool) bool {
 	return slices.ContainsFunc(r.Subnets(), func(s netip.Prefix) bool { return held[s] })
 }
 
-// ToPeers returns the backend's peers for recs, oldest lease (lowest create
+// toPeers returns the backend's peers for recs, oldest lease (lowest create
 // revision, then node name) first. The backend resolves a conflict between
 // two peers (both wanting one kernel object) in favour of the first, so the
 // order must not change from one call to the next, and the older holder
 // wins as in the peer filter.
-func ToPeers(recs map[string]*lease.Record) []backend.Peer {
+func toPeers(recs map[string]*lease.Record) []backend.Peer {
 	return sortedPeers(slices.Collect(maps.Values(recs)))
 }
 
-// sortedPeers is ToPeers for a slice, which it sorts.
+// sortedPeers is toPeers for a slice, which it sorts.
 func sortedPeers(recs []*lease.Record) []backend.Peer {
 	slices.SortFunc(recs, func(a, b *lease.Record) int {
 		if c := cmp.Compare(a.Rev, b.Rev); c != 0 {

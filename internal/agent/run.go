@@ -44,7 +44,7 @@ func Run(ctx context.Context, o *Options) error {
 	// gRPC connects on the first request; start now, so that the
 	// connection is being set up while the interface is looked up.
 	cli.ActiveConnection().Connect()
-	ext, why, err := FindExtIface(o)
+	ext, why, err := findExtIface(o)
 	if err != nil {
 		return fmt.Errorf("choosing the interface for inter-host traffic: %w", err)
 	}
