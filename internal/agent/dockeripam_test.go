@@ -62,7 +62,7 @@ func TestDockerIPAMDocker0Share(t *testing.T) {
 			}
 		})
 	}
-	var nilIPAM *dockerIPAM // agents built without runAgent (tests)
+	var nilIPAM *dockerIPAM // agents built without Run (tests)
 	if got := nilIPAM.lease(s4, s6); got != 0 {
 		t.Errorf("nil driver: docker0 share %d", got)
 	}
