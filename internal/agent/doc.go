@@ -22,4 +22,8 @@
 // etcd cannot be used (etcd.go, etcdconn.go), the interface for inter-host
 // traffic (iface.go), the Docker IPAM driver (dockeripam.go) and the HTTP
 // endpoints (http.go). cmd/leased turns flags into Options and calls Run.
+// For its operator commands the package also offers the agent's side of
+// them: NewEtcdClient and WhyEtcd, CheckDatapath (status.go, for leased
+// status), LockOutAgent and ReleaseOwnKeys (teardown.go, for leased
+// teardown).
 package agent
