@@ -18,8 +18,8 @@ import (
 // lock when the process ends however it ends (SIGKILL included), so a
 // crashed agent leaves no stale lock behind.
 
-// AgentLockFile is the lock file of the agents that use o.SubnetFile.
-func (o *Options) AgentLockFile() string {
+// agentLockFile is the lock file of the agents that use o.SubnetFile.
+func (o *Options) agentLockFile() string {
 	return filepath.Join(filepath.Dir(o.SubnetFile), "agent.lock")
 }
 
@@ -29,7 +29,7 @@ func (o *Options) AgentLockFile() string {
 // not waited for: the agent runs without it (teardown then cannot tell
 // that it runs).
 func holdAgentLock(ctx context.Context, o *Options) error {
-	path := o.AgentLockFile()
+	path := o.agentLockFile()
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		klog.ErrorS(err, "cannot create the agent lock file; running without it, so leased teardown cannot tell that this agent runs", "path", path)
 		return nil

@@ -28,7 +28,7 @@ import (
 // of a build without the lock, or one whose --subnet-file differs).
 func LockOutAgent(o *Options) (unlock func(), err error) {
 	unlock = func() {}
-	path := o.AgentLockFile()
+	path := o.agentLockFile()
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
