@@ -44,6 +44,9 @@ func runSim(args []string) int {
 	expire := fs.Float64("expire", 0.1, "fraction of the fleet killed at once in the mass expiry")
 	dual := fs.Bool("dual", false, "dual-stack config (one more lock key per host)")
 	dir := fs.String("dir", "", "keep the etcd data here (default: a temporary directory, removed)")
+	agents := fs.String("agent", "current", "comma-separated agent behaviours to run each K with: current, or previous (the whole-prefix watch and a new etcd lease per restart, as before Documentation/scale.md \"What was wasted\" 1 and 2), for before/after figures in one run")
+	heartbeat := fs.Duration("etcd-heartbeat", 0, "the members' --heartbeat-interval (0: etcd's default, 100ms); raise it with --etcd-election on a loaded machine; members started from the binary only")
+	election := fs.Duration("etcd-election", 0, "the members' --election-timeout (0: etcd's default, 1s)")
 	verbose := fs.Bool("v", false, "print progress")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -57,6 +60,25 @@ func runSim(args []string) int {
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "leased-lab sim: --proxies: %v\n", err)
 		return 2
+	}
+	var previous []bool
+	for _, a := range strings.Split(*agents, ",") {
+		switch strings.TrimSpace(a) {
+		case "current":
+			previous = append(previous, false)
+		case "previous":
+			previous = append(previous, true)
+		default:
+			fmt.Fprintf(os.Stderr, "leased-lab sim: --agent: %q: want current or previous, comma-separated\n", a)
+			return 2
+		}
+	}
+	var memberFlags []string
+	if *heartbeat > 0 {
+		memberFlags = append(memberFlags, "--heartbeat-interval", strconv.FormatInt(heartbeat.Milliseconds(), 10))
+	}
+	if *election > 0 {
+		memberFlags = append(memberFlags, "--election-timeout", strconv.FormatInt(election.Milliseconds(), 10))
 	}
 	if *embedded && (len(ps) > 1 || ps[0] != 0) {
 		fmt.Fprintln(os.Stderr, "leased-lab sim: --embedded runs no proxies: drop --proxies or --embedded")
@@ -82,23 +104,28 @@ func runSim(args []string) int {
 	failed := false
 	for _, k := range ks {
 		for _, np := range ps {
-			o := fleetsim.Options{Hosts: k, LeaseTTL: *ttl, Steady: *steady, Joins: *joins,
-				RestartStep: *step, ExpireFraction: *expire, Dual: *dual, Log: logf}
-			run := filepath.Join(base, fmt.Sprintf("k%d-p%d", k, np))
-			res, err := simOnce(ctx, run, *members, np, *embedded, o, logf)
-			if res != nil {
-				results = append(results, res)
-				if v := res.Violations(); len(v) > 0 {
-					fmt.Fprintf(os.Stderr, "leased-lab sim: K=%d, %d proxies: INVARIANT BROKEN: %s\n", k, np, strings.Join(v, "; "))
+			for _, prev := range previous {
+				o := fleetsim.Options{Hosts: k, LeaseTTL: *ttl, Steady: *steady, Joins: *joins,
+					RestartStep: *step, ExpireFraction: *expire, Dual: *dual, Log: logf, Previous: prev}
+				run := filepath.Join(base, fmt.Sprintf("k%d-p%d-prev%v", k, np, prev))
+				res, err := simOnce(ctx, run, *members, np, *embedded, memberFlags, o, logf)
+				if res != nil && prev {
+					res.Label += ", previous agent"
+				}
+				if res != nil {
+					results = append(results, res)
+					if v := res.Violations(); len(v) > 0 {
+						fmt.Fprintf(os.Stderr, "leased-lab sim: K=%d, %d proxies: INVARIANT BROKEN: %s\n", k, np, strings.Join(v, "; "))
+						failed = true
+					}
+				}
+				if err != nil {
+					fmt.Fprintf(os.Stderr, "leased-lab sim: K=%d, %d proxies: %v\n", k, np, err)
 					failed = true
 				}
-			}
-			if err != nil {
-				fmt.Fprintf(os.Stderr, "leased-lab sim: K=%d, %d proxies: %v\n", k, np, err)
-				failed = true
-			}
-			if ctx.Err() != nil {
-				break
+				if ctx.Err() != nil {
+					break
+				}
 			}
 		}
 	}
@@ -110,7 +137,7 @@ func runSim(args []string) int {
 }
 
 // simOnce runs one K on a fresh cluster (and proxies) under dir.
-func simOnce(ctx context.Context, dir string, members, proxies int, embedded bool, o fleetsim.Options, logf func(string, ...any)) (*fleetsim.Result, error) {
+func simOnce(ctx context.Context, dir string, members, proxies int, embedded bool, memberFlags []string, o fleetsim.Options, logf func(string, ...any)) (*fleetsim.Result, error) {
 	if embedded {
 		c, err := etcdserver.StartCluster(dir, members, etcdserver.ClusterOptions{})
 		if err != nil {
@@ -124,7 +151,7 @@ func simOnce(ctx context.Context, dir string, members, proxies int, embedded boo
 		}
 		return res, err
 	}
-	c, err := etcdserver.StartBinaryCluster(dir, members)
+	c, err := etcdserver.StartBinaryCluster(dir, members, memberFlags...)
 	if err != nil {
 		return nil, err
 	}

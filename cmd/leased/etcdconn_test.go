@@ -28,6 +28,7 @@ import (
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/internal/testutil/etcdtest"
+	"github.com/leased/leased/internal/testutil/testcerts"
 )
 
 // leasedProc is the leased command run as a process.
@@ -116,7 +117,7 @@ func agentArgs(t *testing.T, node string, more ...string) []string {
 // exit status 2 by the agent and by every command that connects to etcd,
 // and the message names the endpoint and the fix. Nothing here connects.
 func TestEtcdFlagsUsageErrors(t *testing.T) {
-	ca := newPKI(t, t.TempDir(), "ca").file
+	ca := testcerts.NewCA(t, t.TempDir(), "ca").File
 	cfgFile := filepath.Join(t.TempDir(), "net.json")
 	os.WriteFile(cfgFile, []byte(`{"Network":"10.100.0.0/16"}`), 0o600)
 	cases := []struct {
@@ -185,7 +186,7 @@ func TestTLSListenerNeverGetsPlaintext(t *testing.T) {
 	}
 	other := closed.Addr().String()
 	closed.Close()
-	tlsEP, ca := "https://"+l.Addr(), newPKI(t, t.TempDir(), "ca").file
+	tlsEP, ca := "https://"+l.Addr(), testcerts.NewCA(t, t.TempDir(), "ca").File
 	for _, c := range []struct {
 		o       agent.Options
 		refused bool // a usage error (exit status 2) before anything is sent
@@ -277,9 +278,9 @@ func TestEtcdAuthFailsFast(t *testing.T) {
 func TestAgentSaysWhyEtcdIsUnreachable(t *testing.T) {
 	ns := testutil.UplinkNS(t, "ec", "192.0.2.1/24")
 	dir := t.TempDir()
-	ca := newPKI(t, dir, "ca")
-	other := newPKI(t, dir, "other")
-	cert, key := ca.issue(t, "server", true, time.Now().Add(24*time.Hour))
+	ca := testcerts.NewCA(t, dir, "ca")
+	other := testcerts.NewCA(t, dir, "other")
+	cert, key := ca.Issue(t, "server", true, time.Now().Add(24*time.Hour))
 	// A TLS etcd on a unix socket, reachable from the namespace. The etcd
 	// client checks the server certificate against the socket's file name.
 	sock := filepath.Join(dir, "localhost")
@@ -299,7 +300,7 @@ func TestAgentSaysWhyEtcdIsUnreachable(t *testing.T) {
 		{"refused", "http://127.0.0.1:9", nil, "is not reachable"},
 		// With a user, building the client needs etcd (it logs in).
 		{"refused with a user", "http://127.0.0.1:9", []string{"--etcd-username=leased", "--etcd-password=pw"}, "is not reachable"},
-		{"unknown CA", "unixs://" + sock, []string{"--etcd-cafile=" + other.file}, "not signed by the CA in --etcd-cafile " + other.file},
+		{"unknown CA", "unixs://" + sock, []string{"--etcd-cafile=" + other.File}, "not signed by the CA in --etcd-cafile " + other.File},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := startLeased(t, ns, nil, agentArgs(t, "u-"+strings.ReplaceAll(tc.name, " ", ""), append(tc.flags, "--etcd-endpoints="+tc.ep)...)...)

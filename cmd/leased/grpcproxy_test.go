@@ -2,11 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"math/big"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -15,6 +10,8 @@ import (
 
 	"github.com/leased/leased/internal/agent"
 	"github.com/leased/leased/internal/etcdserver"
+	"github.com/leased/leased/internal/testutil/etcdtest"
+	"github.com/leased/leased/internal/testutil/testcerts"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -26,39 +23,30 @@ import (
 // cannot demand client certificates itself; see Documentation/scale.md.)
 func TestAgentThroughTLSGRPCProxy(t *testing.T) {
 	dir := t.TempDir()
-	ca := newPKI(t, dir, "ca")
+	ca := testcerts.NewCA(t, dir, "ca")
 	member := startTLSEtcd(t, ca, true)
-	proxyServer, proxyServerKey := ca.issue(t, "proxy-server", true, time.Now().Add(24*time.Hour))
+	proxyServer, proxyServerKey := ca.Issue(t, "proxy-server", true, time.Now().Add(24*time.Hour))
 	// etcd's proxy refuses a certificate towards the cluster that has a
 	// Common Name ("cert has non empty Common Name"): the cluster would
 	// take every proxied request as that user.
-	proxyClient, proxyClientKey := issueWithoutCN(t, ca, "proxy-client")
-	p, err := etcdserver.StartGRPCProxy("proxy", filepath.Join(dir, "proxy"), []string{member}, etcdserver.ProxyTLS{
-		Cert: proxyServer, Key: proxyServerKey, ClientCA: ca.file,
-		CA: ca.file, ClusterCert: proxyClient, ClusterKey: proxyClientKey,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("--- proxy log ---\n%s", p.Log())
-		}
-		p.Stop()
+	proxyClient, proxyClientKey := ca.IssueWithoutCN(t, "proxy-client")
+	p := etcdtest.GRPCProxy(t, "proxy", filepath.Join(dir, "proxy"), []string{member}, etcdserver.ProxyTLS{
+		Cert: proxyServer, Key: proxyServerKey, ClientCA: ca.File,
+		CA: ca.File, ClusterCert: proxyClient, ClusterKey: proxyClientKey,
 	})
 	if !strings.HasPrefix(p.ClientURL, "https://") {
 		t.Fatalf("the proxy serves %s, want https", p.ClientURL)
 	}
-	agentCert, agentKey := ca.issue(t, "agent", false, time.Now().Add(24*time.Hour))
+	agentCert, agentKey := ca.Issue(t, "agent", false, time.Now().Add(24*time.Hour))
 	// A client that does not trust the proxy's CA is refused: the agent
 	// verifies the proxy.
-	wrongCA := newPKI(t, dir, "wrong-ca")
-	if err := tryClient(t, &agent.Options{EtcdEndpoints: p.ClientURL, EtcdCAFile: wrongCA.file, EtcdCertFile: agentCert, EtcdKeyFile: agentKey}); err == nil ||
+	wrongCA := testcerts.NewCA(t, dir, "wrong-ca")
+	if err := tryClient(t, &agent.Options{EtcdEndpoints: p.ClientURL, EtcdCAFile: wrongCA.File, EtcdCertFile: agentCert, EtcdKeyFile: agentKey}); err == nil ||
 		!strings.Contains(err.Error(), "certificate signed by unknown authority") {
 		t.Errorf("a client that does not trust the proxy's certificate: %v; want certificate signed by unknown authority", err)
 	}
 
-	o := &agent.Options{EtcdEndpoints: p.ClientURL, EtcdCAFile: ca.file, EtcdCertFile: agentCert, EtcdKeyFile: agentKey}
+	o := &agent.Options{EtcdEndpoints: p.ClientURL, EtcdCAFile: ca.File, EtcdCertFile: agentCert, EtcdKeyFile: agentKey}
 	cli, err := agent.NewEtcdClient(o)
 	if err != nil {
 		t.Fatal(err)
@@ -113,25 +101,4 @@ func TestAgentThroughTLSGRPCProxy(t *testing.T) {
 	if err != nil || ttl.TTL <= 0 {
 		t.Fatalf("the etcd lease after 5 s of keep-alives through the proxy: %+v, %v", ttl, err)
 	}
-}
-
-// issueWithoutCN is pki.issue for a client certificate with an empty
-// Common Name.
-func issueWithoutCN(t *testing.T, p *pki, file string) (certFile, keyFile string) {
-	t.Helper()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	serial++
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(serial), NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.cert, &key.PublicKey, p.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, _ := x509.MarshalECPrivateKey(key)
-	certFile, keyFile = filepath.Join(p.dir, file+".pem"), filepath.Join(p.dir, file+"-key.pem")
-	writePEM(t, certFile, "CERTIFICATE", der)
-	writePEM(t, keyFile, "EC PRIVATE KEY", kder)
-	return certFile, keyFile
 }

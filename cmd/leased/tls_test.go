@@ -8,15 +8,7 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,84 +25,21 @@ import (
 	"github.com/leased/leased/internal/agent"
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/testutil"
+	"github.com/leased/leased/internal/testutil/testcerts"
 	"github.com/leased/leased/pkg/lease"
 )
-
-// pki is a throwaway certificate authority writing PEM files into dir.
-type pki struct {
-	dir  string
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	file string // the CA certificate
-}
-
-var serial int64 = 1
-
-func newPKI(t *testing.T, dir, name string) *pki {
-	t.Helper()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	serial++
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	p := &pki{dir: dir, cert: cert, key: key, file: filepath.Join(dir, name+".pem")}
-	writePEM(t, p.file, "CERTIFICATE", der)
-	return p
-}
-
-func writePEM(t *testing.T, path, typ string, der []byte) {
-	t.Helper()
-	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// issue signs a leaf certificate and returns its cert and key file. server
-// certificates are for 127.0.0.1; notAfter in the past makes an expired one.
-func (p *pki) issue(t *testing.T, name string, server bool, notAfter time.Time) (certFile, keyFile string) {
-	t.Helper()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	serial++
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name},
-		NotBefore: notAfter.Add(-48 * time.Hour), NotAfter: notAfter,
-		KeyUsage:    x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	}
-	if server {
-		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
-		tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
-		tmpl.DNSNames = []string{"localhost"}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.cert, &key.PublicKey, p.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, _ := x509.MarshalECPrivateKey(key)
-	certFile, keyFile = filepath.Join(p.dir, name+".pem"), filepath.Join(p.dir, name+"-key.pem")
-	writePEM(t, certFile, "CERTIFICATE", der)
-	writePEM(t, keyFile, "EC PRIVATE KEY", kder)
-	return certFile, keyFile
-}
 
 // startTLSEtcd runs a one-member etcd serving clients over TLS with the
 // server certificate of ca; clientCertAuth makes it demand client
 // certificates signed by ca.
-func startTLSEtcd(t *testing.T, ca *pki, clientCertAuth bool) string {
+func startTLSEtcd(t *testing.T, ca *testcerts.CA, clientCertAuth bool) string {
 	t.Helper()
-	cert, key := ca.issue(t, "server", true, time.Now().Add(24*time.Hour))
+	cert, key := ca.Issue(t, "server", true, time.Now().Add(24*time.Hour))
 	c, err := etcdserver.StartCluster(t.TempDir(), 1, etcdserver.ClusterOptions{Configure: func(cfg *embed.Config) {
 		// etcd demands client certificates whenever it has a trusted CA file.
 		cfg.ClientTLSInfo = transport.TLSInfo{CertFile: cert, KeyFile: key, ClientCertAuth: clientCertAuth}
 		if clientCertAuth {
-			cfg.ClientTLSInfo.TrustedCAFile = ca.file
+			cfg.ClientTLSInfo.TrustedCAFile = ca.File
 		}
 	}})
 	if err != nil {
@@ -137,30 +66,30 @@ func tryClient(t *testing.T, o *agent.Options) error {
 
 func TestEtcdClientCertificates(t *testing.T) {
 	dir := t.TempDir()
-	ca := newPKI(t, dir, "ca")
-	wrongCA := newPKI(t, dir, "wrong-ca")
+	ca := testcerts.NewCA(t, dir, "ca")
+	wrongCA := testcerts.NewCA(t, dir, "wrong-ca")
 	ep := startTLSEtcd(t, ca, true)
-	good, goodKey := ca.issue(t, "client", false, time.Now().Add(24*time.Hour))
-	expired, expiredKey := ca.issue(t, "expired-client", false, time.Now().Add(-time.Hour))
-	foreign, foreignKey := wrongCA.issue(t, "foreign-client", false, time.Now().Add(24*time.Hour))
+	good, goodKey := ca.Issue(t, "client", false, time.Now().Add(24*time.Hour))
+	expired, expiredKey := ca.Issue(t, "expired-client", false, time.Now().Add(-time.Hour))
+	foreign, foreignKey := wrongCA.Issue(t, "foreign-client", false, time.Now().Add(24*time.Hour))
 
 	tests := []struct {
 		name      string
 		o         agent.Options
 		wantError []string // substrings the error must contain; nil = must work
 	}{
-		{"right CA and client cert", agent.Options{EtcdCAFile: ca.file, EtcdCertFile: good, EtcdKeyFile: goodKey}, nil},
-		{"wrong CA for the server", agent.Options{EtcdCAFile: wrongCA.file, EtcdCertFile: good, EtcdKeyFile: goodKey},
+		{"right CA and client cert", agent.Options{EtcdCAFile: ca.File, EtcdCertFile: good, EtcdKeyFile: goodKey}, nil},
+		{"wrong CA for the server", agent.Options{EtcdCAFile: wrongCA.File, EtcdCertFile: good, EtcdKeyFile: goodKey},
 			[]string{"certificate signed by unknown authority"}},
-		{"expired client cert", agent.Options{EtcdCAFile: ca.file, EtcdCertFile: expired, EtcdKeyFile: expiredKey},
+		{"expired client cert", agent.Options{EtcdCAFile: ca.File, EtcdCertFile: expired, EtcdKeyFile: expiredKey},
 			[]string{expired, "expired"}},
-		{"client cert from another CA", agent.Options{EtcdCAFile: ca.file, EtcdCertFile: foreign, EtcdKeyFile: foreignKey},
+		{"client cert from another CA", agent.Options{EtcdCAFile: ca.File, EtcdCertFile: foreign, EtcdKeyFile: foreignKey},
 			[]string{"unknown certificate authority"}},
-		{"missing client cert", agent.Options{EtcdCAFile: ca.file},
+		{"missing client cert", agent.Options{EtcdCAFile: ca.File},
 			[]string{"certificate required"}},
-		{"cert without its key", agent.Options{EtcdCAFile: ca.file, EtcdCertFile: good},
+		{"cert without its key", agent.Options{EtcdCAFile: ca.File, EtcdCertFile: good},
 			[]string{"--etcd-keyfile"}},
-		{"key of another cert", agent.Options{EtcdCAFile: ca.file, EtcdCertFile: good, EtcdKeyFile: expiredKey},
+		{"key of another cert", agent.Options{EtcdCAFile: ca.File, EtcdCertFile: good, EtcdKeyFile: expiredKey},
 			[]string{"private key does not match public key"}},
 		{"CA file missing", agent.Options{EtcdCAFile: filepath.Join(dir, "nope.pem"), EtcdCertFile: good, EtcdKeyFile: goodKey},
 			[]string{"nope.pem"}},
@@ -193,9 +122,9 @@ func TestEtcdClientCertificates(t *testing.T) {
 // Server-only TLS: the server has a certificate, clients need only the CA.
 func TestEtcdServerOnlyTLS(t *testing.T) {
 	dir := t.TempDir()
-	ca := newPKI(t, dir, "ca")
+	ca := testcerts.NewCA(t, dir, "ca")
 	ep := startTLSEtcd(t, ca, false)
-	if err := tryClient(t, &agent.Options{EtcdEndpoints: ep, EtcdCAFile: ca.file}); err != nil {
+	if err := tryClient(t, &agent.Options{EtcdEndpoints: ep, EtcdCAFile: ca.File}); err != nil {
 		t.Fatalf("CA only: %v", err)
 	}
 	// Without the CA the system roots do not know the server: refused, and said so.
@@ -212,7 +141,7 @@ func TestHTTPSEndpointNeverPlaintext(t *testing.T) {
 	l := testutil.NewSniffer(t, []byte("HTTP/1.1 400 Bad Request\r\n\r\n")) // a plaintext server's answer
 	for _, o := range []agent.Options{
 		{EtcdEndpoints: "https://" + l.Addr()},
-		{EtcdEndpoints: "https://" + l.Addr(), EtcdCAFile: newPKI(t, t.TempDir(), "ca").file},
+		{EtcdEndpoints: "https://" + l.Addr(), EtcdCAFile: testcerts.NewCA(t, t.TempDir(), "ca").File},
 	} {
 		if err := tryClient(t, &o); err == nil {
 			t.Errorf("%+v: a request to a plaintext server over https:// worked", o)

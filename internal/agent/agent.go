@@ -13,6 +13,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"k8s.io/klog/v2"
 
+	"github.com/leased/leased/internal/hoptrace"
 	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/lease"
 	"github.com/leased/leased/pkg/metrics"
@@ -90,6 +91,10 @@ func (a *agent) run(ctx context.Context) error {
 					drained = true
 				}
 			}
+		case b := <-a.lease.lockEvents():
+			if l := a.lease.checkOwnKeys(b); l != nil {
+				a.lost(l)
+			}
 		case <-a.lease.done():
 			klog.Warningf("lease of %s lost (no keep-alive answer within --lease-ttl %s); claiming it again, the datapath stays as it is", a.node, a.o.LeaseTTL)
 			a.lease.sessionLost()
@@ -97,6 +102,7 @@ func (a *agent) run(ctx context.Context) error {
 		case <-retry.C:
 		}
 		err := a.step(ctx)
+		hoptrace.Flush()
 		if err != nil && ctx.Err() != nil {
 			return nil
 		}
@@ -205,6 +211,11 @@ func (a *agent) saveCache() {
 // apply folds one watch batch into the agent's view of etcd, checking it
 // for changes to this host's own keys.
 func (a *agent) apply(b lease.Batch) {
+	if hoptrace.On {
+		for _, e := range b.Events {
+			hoptrace.Taken(e.Node)
+		}
+	}
 	l := a.lease.checkOwnKeys(b)
 	a.view.Apply(b)
 	if l == nil {
@@ -249,6 +260,7 @@ func (a *agent) step(ctx context.Context) error {
 		a.peers.extendGrace(a.o.LeaseTTL)
 	}
 	changes := a.peers.update(&a.view, cfg, a.lease.self)
+	hoptrace.Stage(hoptrace.Peers)
 	a.dp.apply(ctx, changes, a.peers.all)
 	if err := a.dp.start(ctx, a.lease.local(cfg)); err != nil {
 		return err

@@ -7,7 +7,7 @@
 //
 //   - the config keeper (configkeeper.go): the config applied, refusing
 //     one that strands a subnet this host or a live peer holds;
-//   - the lease keeper (leasekeeper.go, ownkeys.go, exclude.go): the etcd
+//   - the lease keeper (leasekeeper.go, ownkeys.go, ownlocks.go, exclude.go): the etcd
 //     session, the claim, republishing the record, subnet.env, and which
 //     keys with this host's node name are its own;
 //   - the peer tracker (peertracker.go): the accepted peers, what changed

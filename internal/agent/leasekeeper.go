@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -37,6 +36,10 @@ type leaseKeeper struct {
 	own        ownKeys       // which keys carrying the node name are this host's
 	exclLogged string        // the host's own routes last logged (exclude.go)
 	ipam       *dockerIPAM   // the Docker IPAM driver (dockeripam.go); nil in tests
+	locks      lockWatch     // this host's own subnet locks (ownlocks.go)
+	// resumeTried: the first session of the run tried to resume the
+	// previous run's etcd lease (ownlocks.go).
+	resumeTried bool
 }
 
 func newLeaseKeeper(o *Options, cli *clientv3.Client, reg *lease.Registry, ext backend.ExtIface, node string) *leaseKeeper {
@@ -58,15 +61,15 @@ type claimed struct {
 // enables, with its record naming be's current data.
 func (k *leaseKeeper) ensure(ctx context.Context, cfg *lease.Config, be backend.Backend) (claimed, error) {
 	if k.sess == nil {
-		// The grant waits at most 10s so that an unreachable etcd is
-		// reported and retried.
-		sess, err := lease.NewSession(ctx, k.cli, k.o.LeaseTTL, 10*time.Second)
+		k.own.load(k.o, k.node)
+		sess, resumed, err := k.session(ctx) // ownlocks.go
 		if err != nil {
 			return claimed{}, fmt.Errorf("creating an etcd lease at %s (is etcd up and reachable? check --etcd-endpoints and the TLS flags): %w", k.o.EtcdEndpoints, err)
 		}
 		k.sess = sess
-		k.own.load(k.o, k.node)
-		k.own.granted(sess.Lease())
+		if !resumed {
+			k.own.granted(sess.Lease())
+		}
 	}
 	want := k.self == nil ||
 		(cfg.IPv4 != nil && !k.self.Subnet.IsValid()) ||
@@ -92,6 +95,7 @@ func (k *leaseKeeper) ensure(ctx context.Context, cfg *lease.Config, be backend.
 	klog.InfoS("Lease acquired", "node", k.node, "subnets", rec.Subnets(), "ttl", k.o.LeaseTTL)
 	k.self = rec
 	k.held = *rec
+	k.watchLocks(ctx)
 	return c, nil
 }
 
@@ -201,7 +205,7 @@ func (k *leaseKeeper) writeSubnetEnv(cfg *lease.Config, be backend.Backend) erro
 	}
 	changed, err := subnetenv.Write(k.o.SubnetFile, env)
 	if err != nil {
-		return fmt.Errorf("writing %s (check the directory exists and is writable): %w", k.o.SubnetFile, err)
+		return fmt.Errorf("subnet file (--subnet-file): %w", err)
 	}
 	if changed {
 		kv := []any{"path", k.o.SubnetFile}

@@ -35,7 +35,7 @@ func recordOf(t *testing.T, cli *clientv3.Client, node string) (*lease.Record, i
 }
 
 // startTestAgentIn is startTestAgent with the subnet file (and so the lease
-// file next to it) at subnetFile: another run on the same machine.
+// file next to it) at SubnetFile: another run on the same machine.
 func startTestAgentIn(t *testing.T, endpoint, node, ip, subnetFile string) *testAgent {
 	t.Helper()
 	rec := &recorder{}
@@ -148,7 +148,11 @@ func TestAgentsWithOneNodeNameStartTogether(t *testing.T) {
 // A restarted agent on the same machine keeps its subnets at once, with
 // its lease file (an ordinary restart) and without it (the first start
 // after a reboot or an upgrade), as long as the record names this host's
-// address.
+// address. An ordinary restart within the TTL resumes the previous run's
+// etcd lease and writes nothing: another host watching the prefix gets no
+// event (before: the record and the locks moved to a new lease, 3
+// events). When the previous lease is gone, the restart grants a new one
+// and keeps its subnets all the same.
 func TestAgentRestartKeepsSubnet(t *testing.T) {
 	srv, cli := etcdtest.Start(t)
 	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
@@ -157,9 +161,10 @@ func TestAgentRestartKeepsSubnet(t *testing.T) {
 	env0, _ := a.env(t)
 	dir := a.o.SubnetFile
 	for _, tc := range []struct {
-		name     string
-		keepFile bool
-	}{{"restart", true}, {"first start since boot", false}} {
+		name      string
+		keepFile  bool
+		killLease bool // the previous run's lease expired meanwhile
+	}{{"restart", true, false}, {"first start since boot", false, false}, {"previous lease expired", true, true}} {
 		_, before := recordOf(t, cli, "h")
 		a.stop()
 		if !tc.keepFile {
@@ -167,10 +172,23 @@ func TestAgentRestartKeepsSubnet(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+		if tc.killLease {
+			if _, err := cli.Revoke(context.Background(), clientv3.LeaseID(before)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// What another host watching the prefix gets from the restart.
+		cur, err := cli.Get(context.Background(), cfgKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wctx, wcancel := context.WithCancel(context.Background())
+		wch := cli.Watch(wctx, lease.NewKeys("").Prefix(), clientv3.WithPrefix(), clientv3.WithRev(cur.Header.Revision+1))
 		a = startTestAgentIn(t, srv.ClientURL, "h", "192.168.1.1", dir) // same machine
-		testutil.Eventually(t, 20*time.Second, tc.name+": the record under the new run's lease", func() bool {
+		resumes := tc.keepFile && !tc.killLease
+		testutil.Eventually(t, 20*time.Second, tc.name+": ready with the record under the expected lease", func() bool {
 			rec, l := recordOf(t, cli, "h")
-			return rec != nil && l != before && a.health.ready.Load()
+			return rec != nil && (l == before) == resumes && a.health.ready.Load()
 		})
 		if env, err := a.env(t); err != nil || env != env0 {
 			t.Fatalf("%s: subnet.env %+v (%v), want %+v", tc.name, env, err, env0)
@@ -178,6 +196,18 @@ func TestAgentRestartKeepsSubnet(t *testing.T) {
 		if s := a.health.statusText(); strings.Contains(s, "conflict") {
 			t.Fatalf("%s: %s", tc.name, s)
 		}
+		if resumes {
+			select {
+			case resp := <-wch:
+				var keys []string
+				for _, ev := range resp.Events {
+					keys = append(keys, string(ev.Kv.Key))
+				}
+				t.Errorf("%s: a watcher of the prefix got events %v; want none", tc.name, keys)
+			case <-time.After(2 * time.Second):
+			}
+		}
+		wcancel()
 	}
 }
 

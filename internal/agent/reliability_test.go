@@ -431,7 +431,7 @@ func TestAgentResumesFromLeaseCache(t *testing.T) {
 	hb2 := &histBackend{}
 	a2 := newIdleAgent(t, srv.ClientURL, "host", "192.168.200.1", hb2)
 	a2.o.SubnetFile = a1.o.SubnetFile // same directory: same cache
-	log := captureLog(t)
+	log := testutil.CaptureKlog(t)
 	ctx2, stop2 := context.WithCancel(context.Background())
 	defer func() { stop2(); <-a2.done }()
 	a2.run(ctx2)
@@ -466,19 +466,4 @@ func peerDiff(got, want map[string]netip.Prefix) string {
 		d = append(d[:20], fmt.Sprintf("and %d more", len(d)-20))
 	}
 	return strings.Join(d, "; ")
-}
-
-// captureLog sends klog's output (what the agent logs at the default
-// verbosity) to a buffer until the test ends.
-func captureLog(t *testing.T) *testutil.SyncBuffer {
-	t.Helper()
-	buf := &testutil.SyncBuffer{}
-	klog.LogToStderr(false)
-	klog.SetOutput(buf)
-	t.Cleanup(func() {
-		klog.Flush()
-		klog.SetOutput(os.Stderr)
-		klog.LogToStderr(true)
-	})
-	return buf
 }

@@ -11,6 +11,8 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -86,19 +88,43 @@ func (s countingStream) SendMsg(m any) error {
 }
 
 // countingWatcher counts the events etcd delivers to a watch, whether or
-// not the registry makes use of them.
+// not the registry makes use of them. With wholePrefix set (Options.Previous)
+// it turns the peer watch (lease.Keys.PeerRange) into a watch of the whole
+// prefix, as the agent had before, counts every event etcd sends it and
+// hands the registry only those in the range it asked for.
 type countingWatcher struct {
 	clientv3.Watcher
-	n *atomic.Int64
+	n           *atomic.Int64
+	wholePrefix string
 }
 
 func (w countingWatcher) Watch(ctx context.Context, key string, opts ...clientv3.OpOption) clientv3.WatchChan {
+	op := clientv3.OpGet(key, opts...)
+	end := string(op.RangeBytes())
+	widened := w.wholePrefix != "" && end != "" && strings.HasPrefix(key, w.wholePrefix)
+	if widened {
+		opts = append(slices.Clone(opts), clientv3.WithRange(clientv3.GetPrefixRangeEnd(w.wholePrefix)))
+		key = w.wholePrefix
+	}
+	lo := string(op.KeyBytes())
 	in := w.Watcher.Watch(ctx, key, opts...)
 	out := make(chan clientv3.WatchResponse)
 	go func() {
 		defer close(out)
 		for r := range in {
 			w.n.Add(int64(len(r.Events)))
+			if widened {
+				evs := r.Events[:0:0]
+				for _, ev := range r.Events {
+					if k := string(ev.Kv.Key); k >= lo && k < end {
+						evs = append(evs, ev)
+					}
+				}
+				if len(evs) == 0 && len(r.Events) > 0 {
+					continue // nothing the registry asked for
+				}
+				r.Events = evs
+			}
 			select {
 			case out <- r:
 			case <-ctx.Done():
@@ -121,6 +147,8 @@ type Host struct {
 	mu     sync.Mutex // guards sess, rec and AcquiredAt
 	sess   *lease.Session
 	rec    *lease.Record
+	// lockCancel ends the watch of the host's own locks (watchLocks).
+	lockCancel context.CancelFunc
 	// own are the etcd leases earlier runs of this host granted (the
 	// agent's own-leases file).
 	own []clientv3.LeaseID
@@ -154,7 +182,11 @@ func (h *Host) start(ctx context.Context, endpoint string) error {
 	if err != nil {
 		return fmt.Errorf("%s: etcd client: %w", h.Name, err)
 	}
-	cli.Watcher = countingWatcher{cli.Watcher, &f.ctr.watchEvents}
+	cw := countingWatcher{Watcher: cli.Watcher, n: &f.ctr.watchEvents}
+	if f.opts.Previous {
+		cw.wholePrefix = lease.NewKeys(f.opts.Prefix).Prefix()
+	}
+	cli.Watcher = cw
 	hctx, cancel := context.WithCancel(ctx)
 	h.cli, h.cancel, h.exited = cli, cancel, make(chan struct{})
 	h.synced.Store(false)
@@ -163,7 +195,7 @@ func (h *Host) start(ctx context.Context, endpoint string) error {
 	// start failed is not waited for.
 	h.stopped.Store(true)
 	reg := lease.NewRegistry(cli, f.opts.Prefix)
-	if err := h.claim(hctx, reg); err != nil {
+	if err := h.claim(hctx, reg, !f.opts.Previous); err != nil {
 		cancel()
 		cli.Close()
 		return err
@@ -174,14 +206,20 @@ func (h *Host) start(ctx context.Context, endpoint string) error {
 	return nil
 }
 
-// claim grants a session and claims, retrying like the agent does.
-func (h *Host) claim(ctx context.Context, reg *lease.Registry) error {
+// claim grants a session and claims, retrying like the agent does. With
+// resume, the first try resumes the etcd lease of the host's previous run
+// when it is still alive (the agent's restart, lease.ResumeSession).
+func (h *Host) claim(ctx context.Context, reg *lease.Registry, resume bool) error {
 	f := h.f
 	deadline := time.Now().Add(f.opts.Timeout)
 	bo := time.Second
 	for {
-		err := h.claimOnce(ctx, reg)
+		err := h.claimOnce(ctx, reg, resume)
+		resume = false
 		if err == nil {
+			if !f.opts.Previous {
+				h.watchLocks(ctx, reg)
+			}
 			return nil
 		}
 		if ctx.Err() != nil || time.Now().After(deadline) {
@@ -199,9 +237,18 @@ func (h *Host) claim(ctx context.Context, reg *lease.Registry) error {
 	}
 }
 
-func (h *Host) claimOnce(ctx context.Context, reg *lease.Registry) error {
+func (h *Host) claimOnce(ctx context.Context, reg *lease.Registry, resume bool) error {
 	f := h.f
-	sess, err := lease.NewSession(ctx, h.cli, f.opts.LeaseTTL, 10*time.Second)
+	var sess *lease.Session
+	var err error
+	resumed := false
+	if resume && len(h.own) > 0 {
+		sess, err = lease.ResumeSession(ctx, h.cli, h.own[len(h.own)-1], f.opts.LeaseTTL, 10*time.Second)
+		resumed = err == nil
+	}
+	if !resumed {
+		sess, err = lease.NewSession(ctx, h.cli, f.opts.LeaseTTL, 10*time.Second)
+	}
 	if err != nil {
 		return fmt.Errorf("%s: %w", h.Name, err)
 	}
@@ -219,7 +266,9 @@ func (h *Host) claimOnce(ctx context.Context, reg *lease.Registry) error {
 	}
 	h.mu.Lock()
 	h.rec, h.sess, h.AcquiredAt = rec, sess, time.Now()
-	h.own = append(h.own, sess.Lease())
+	if !resumed {
+		h.own = append(h.own, sess.Lease())
+	}
 	h.mu.Unlock()
 	return nil
 }
@@ -239,11 +288,36 @@ func (h *Host) keep(ctx context.Context, reg *lease.Registry) {
 		}
 		h.f.ctr.lostLeases.Add(1)
 		h.f.logf("%s lost its etcd lease %x; claiming again", h.Name, sess.Lease())
-		if err := h.claim(ctx, reg); err != nil {
+		if err := h.claim(ctx, reg, false); err != nil {
 			h.f.logf("%v", err) // names the host
 			return
 		}
 	}
+}
+
+// watchLocks follows the host's own locks as the agent does for its
+// ownership checks (the changes are counted, not acted on: nobody else
+// writes them here). It ends with ctx or the host's next claim.
+func (h *Host) watchLocks(ctx context.Context, reg *lease.Registry) {
+	rec := h.record()
+	h.mu.Lock()
+	if h.lockCancel != nil {
+		h.lockCancel()
+	}
+	lctx, cancel := context.WithCancel(ctx)
+	h.lockCancel = cancel
+	h.mu.Unlock()
+	ch := make(chan lease.Batch)
+	go reg.WatchLocks(lctx, rec.Subnets(), rec.ModRev+1, ch)
+	go func() {
+		for {
+			select {
+			case <-ch:
+			case <-lctx.Done():
+				return
+			}
+		}
+	}()
 }
 
 func (h *Host) record() *lease.Record {

@@ -24,6 +24,7 @@ import (
 
 	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/lease"
+	"github.com/leased/leased/pkg/subnetenv"
 )
 
 // BenchResult is one row of the datapath benchmark.
@@ -102,28 +103,86 @@ func BenchDatapathWith(ctx context.Context, o BenchOptions) ([]BenchResult, erro
 	return out, nil
 }
 
+// benchRun is one measured run of the datapath benchmark at one size: a
+// fresh lab with one host-gw host whose agent is stopped, N synthetic
+// peers in etcd, and the same routes as ip -batch input. Its steps run in
+// the order of benchOne; each fills in its part of res.
+type benchRun struct {
+	ctx  context.Context
+	o    BenchOptions
+	n    int
+	log  func(string, ...any)
+	l    *Lab
+	h    *Host
+	own  subnetenv.Env
+	g    *clientv3.LeaseGrantResponse
+	next int // the next synthetic peer's index
+	// The same 2N routes as ip -batch input: plain gateway routes per
+	// family, and through one nexthop object per route.
+	batch4, batch6, batchNH strings.Builder
+	nsh                     netns.NsHandle
+	nl                      *netlink.Handle
+	res                     BenchResult
+}
+
 func benchOne(ctx context.Context, o BenchOptions, n int) (BenchResult, error) {
-	log, newPeers := o.Log, o.NewPeers
-	res := BenchResult{Peers: n, Routes: 2 * n}
-	l, err := Up(ctx, Config{Hosts: 1, Backend: "host-gw", IPv4: true, IPv6: true, Network: "10.0.0.0/8", SubnetLen: 24,
-		IPv6Network: "2001:db8::/32", IPv6SubnetLen: 64, Binary: o.Binary, LeaseTTL: 30 * time.Minute, Log: log})
-	if err != nil {
-		return res, err
+	b := &benchRun{ctx: ctx, o: o, n: n, log: o.Log, nsh: netns.None(), res: BenchResult{Peers: n, Routes: 2 * n}}
+	defer b.close()
+	if err := b.setup(); err != nil {
+		return b.res, err
 	}
-	defer l.Close()
+	if err := b.ipBatches(); err != nil {
+		return b.res, err
+	}
+	if err := b.agentStart(); err != nil {
+		return b.res, err
+	}
+	if err := b.joins(); err != nil {
+		return b.res, err
+	}
+	if err := b.idle(); err != nil {
+		return b.res, err
+	}
+	return b.res, b.finish()
+}
+
+// close releases what setup made, in reverse order.
+func (b *benchRun) close() {
+	if b.nl != nil {
+		b.nl.Close()
+	}
+	if b.nsh.IsOpen() {
+		b.nsh.Close()
+	}
+	if b.l != nil {
+		b.l.Close()
+	}
+}
+
+// setup brings up the lab, stops its agent, puts the N peers into etcd
+// (100 per transaction) while writing the ip -batch input for the same
+// routes, and opens a netlink handle in the host's namespace.
+func (b *benchRun) setup() error {
+	ctx := b.ctx
+	l, err := Up(ctx, Config{Hosts: 1, Backend: "host-gw", IPv4: true, IPv6: true, Network: "10.0.0.0/8", SubnetLen: 24,
+		IPv6Network: "2001:db8::/32", IPv6SubnetLen: 64, Binary: b.o.Binary, LeaseTTL: 30 * time.Minute, Log: b.log})
+	if err != nil {
+		return err
+	}
+	b.l = l
 	h := l.Hosts[0]
+	b.h = h
 	if err := l.StopAgent(h, syscall.SIGTERM); err != nil {
-		return res, err
+		return err
 	}
 	// N peers, each with a public IP of its own on the host's link, as in
 	// a real cluster: IPv4 from benchPeerNet4 (an extra prefix on eth0),
 	// IPv6 from the LAN's /64.
 	if _, err := h.IP("addr", "add", benchPeerNet4.String(), "dev", "eth0"); err != nil {
-		return res, fmt.Errorf("adding %s to eth0: %w", benchPeerNet4, err)
+		return fmt.Errorf("adding %s to eth0: %w", benchPeerNet4, err)
 	}
-	g, err := l.Client.Grant(ctx, 3600)
-	if err != nil {
-		return res, err
+	if b.g, err = l.Client.Grant(ctx, 3600); err != nil {
+		return err
 	}
 	var ops []clientv3.Op
 	flush := func() error {
@@ -134,194 +193,219 @@ func benchOne(ctx context.Context, o BenchOptions, n int) (BenchResult, error) {
 		ops = ops[:0]
 		return err
 	}
-	own, err := h.Env()
-	if err != nil {
-		return res, err
+	if b.own, err = h.Env(); err != nil {
+		return err
 	}
-	next := 0
-	nextPeer := func() *lease.Record { // synthetic peers, never the host's own subnets
-		for {
-			rec := benchPeer(next)
-			next++
-			if rec.Subnet != own.Subnet4 && rec.IPv6Subnet != own.Subnet6 {
-				return rec
-			}
-		}
-	}
-	var batch4, batch6, batchNH strings.Builder
-	for i := range n {
-		rec := nextPeer()
+	for i := range b.n {
+		rec := b.nextPeer()
 		v, _ := json.Marshal(rec)
-		ops = append(ops, clientv3.OpPut(lease.NewKeys("").Lease(rec.Node), string(v), clientv3.WithLease(g.ID)))
-		fmt.Fprintf(&batch4, "route add %s via %s dev eth0 proto 76\n", rec.Subnet, rec.PublicIP)
-		fmt.Fprintf(&batch6, "route add %s via %s dev eth0 proto 76\n", rec.IPv6Subnet, rec.PublicIPv6)
+		ops = append(ops, clientv3.OpPut(lease.NewKeys("").Lease(rec.Node), string(v), clientv3.WithLease(b.g.ID)))
+		fmt.Fprintf(&b.batch4, "route add %s via %s dev eth0 proto 76\n", rec.Subnet, rec.PublicIP)
+		fmt.Fprintf(&b.batch6, "route add %s via %s dev eth0 proto 76\n", rec.IPv6Subnet, rec.PublicIPv6)
 		id4, id6 := 1000000+2*i, 1000000+2*i+1
-		fmt.Fprintf(&batchNH, "nexthop add id %d via %s dev eth0 proto 76\nroute add %s nhid %d proto 76\n", id4, rec.PublicIP, rec.Subnet, id4)
-		fmt.Fprintf(&batchNH, "nexthop add id %d via %s dev eth0 proto 76\nroute add %s nhid %d proto 76\n", id6, rec.PublicIPv6, rec.IPv6Subnet, id6)
+		fmt.Fprintf(&b.batchNH, "nexthop add id %d via %s dev eth0 proto 76\nroute add %s nhid %d proto 76\n", id4, rec.PublicIP, rec.Subnet, id4)
+		fmt.Fprintf(&b.batchNH, "nexthop add id %d via %s dev eth0 proto 76\nroute add %s nhid %d proto 76\n", id6, rec.PublicIPv6, rec.IPv6Subnet, id6)
 		if len(ops) == 100 {
 			if err := flush(); err != nil {
-				return res, err
+				return err
 			}
 		}
 	}
 	if err := flush(); err != nil {
-		return res, err
+		return err
 	}
-	nsh, err := netns.GetFromName(h.NS)
-	if err != nil {
-		return res, err
+	if b.nsh, err = netns.GetFromName(h.NS); err != nil {
+		return err
 	}
-	defer nsh.Close()
-	nl, err := netlink.NewHandleAt(nsh)
-	if err != nil {
-		return res, err
-	}
-	defer nl.Close()
-	countRoutes := func() int {
-		c := 0
-		for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-			rs, _ := nl.RouteListFiltered(fam, &netlink.Route{Protocol: backend.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
-			c += len(rs)
-		}
-		return c
-	}
-	flushRoutes := func() error {
-		// Nexthop objects first (ip -batch's or the agent's), which takes
-		// the routes through them along: `ip route flush` cannot delete
-		// those. An older kernel or ip has none to flush.
-		_, _ = h.IP("nexthop", "flush", "proto", "76")
-		for _, fam := range []string{"-4", "-6"} {
-			if out, err := h.IP(fam, "route", "flush", "proto", "76"); err != nil {
-				log("ip %s route flush proto 76: %v: %s", fam, err, out)
-			}
-		}
-		if c := countRoutes(); c != 0 {
-			return fmt.Errorf("%d routes left after flush", c)
-		}
-		return nil
-	}
+	b.nl, err = netlink.NewHandleAt(b.nsh)
+	return err
+}
 
-	// untilRoutes starts something that installs the 2N routes and times
-	// it until the last one is in the kernel. The routes are counted as the
-	// kernel announces them (RTM_NEWROUTE, proto 76) rather than by dumping
-	// the table in a loop: a dump of 10,000 routes every few milliseconds
-	// would take CPU from what is being measured. ip -batch and the agent
-	// are timed the same way, so the cost of reading the announcements is
-	// in both. A dump every 100ms backs the count up should the
-	// subscription overflow.
-	untilRoutes := func(what string, start func() error) (time.Duration, error) {
-		if err := flushRoutes(); err != nil {
-			return 0, err
+// nextPeer returns the next synthetic peer, never one of the host's own
+// subnets.
+func (b *benchRun) nextPeer() *lease.Record {
+	for {
+		rec := benchPeer(b.next)
+		b.next++
+		if rec.Subnet != b.own.Subnet4 && rec.IPv6Subnet != b.own.Subnet6 {
+			return rec
 		}
-		updates := make(chan netlink.RouteUpdate, 4096)
-		done := make(chan struct{})
-		defer close(done)
-		overflow := make(chan error, 1)
-		if err := netlink.RouteSubscribeWithOptions(updates, done, netlink.RouteSubscribeOptions{
-			Namespace: &nsh, ReceiveBufferSize: 64 << 20, ReceiveBufferForceSize: true,
-			ErrorCallback: func(err error) {
-				select {
-				case overflow <- err:
-				default:
-				}
-			},
-		}); err != nil {
-			return 0, err
+	}
+}
+
+// countRoutes counts the host's routes of protocol 76, both families.
+func (b *benchRun) countRoutes() int {
+	c := 0
+	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		rs, _ := b.nl.RouteListFiltered(fam, &netlink.Route{Protocol: backend.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
+		c += len(rs)
+	}
+	return c
+}
+
+// flushRoutes removes every route and nexthop object of protocol 76.
+func (b *benchRun) flushRoutes() error {
+	// Nexthop objects first (ip -batch's or the agent's), which takes
+	// the routes through them along: `ip route flush` cannot delete
+	// those. An older kernel or ip has none to flush.
+	_, _ = b.h.IP("nexthop", "flush", "proto", "76")
+	for _, fam := range []string{"-4", "-6"} {
+		if out, err := b.h.IP(fam, "route", "flush", "proto", "76"); err != nil {
+			b.log("ip %s route flush proto 76: %v: %s", fam, err, out)
 		}
-		seen := make(map[netip.Prefix]bool, 2*n)
-		t0 := time.Now()
-		if err := start(); err != nil {
-			return 0, err
-		}
-		deadline := time.After(15 * time.Minute)
-		tick := time.NewTicker(100 * time.Millisecond)
-		defer tick.Stop()
-	count:
-		for len(seen) < 2*n {
+	}
+	if c := b.countRoutes(); c != 0 {
+		return fmt.Errorf("%d routes left after flush", c)
+	}
+	return nil
+}
+
+// untilRoutes starts something that installs the 2N routes and times
+// it until the last one is in the kernel. The routes are counted as the
+// kernel announces them (RTM_NEWROUTE, proto 76) rather than by dumping
+// the table in a loop: a dump of 10,000 routes every few milliseconds
+// would take CPU from what is being measured. ip -batch and the agent
+// are timed the same way, so the cost of reading the announcements is
+// in both. A dump every 100ms backs the count up should the
+// subscription overflow.
+func (b *benchRun) untilRoutes(what string, start func() error) (time.Duration, error) {
+	n := b.n
+	if err := b.flushRoutes(); err != nil {
+		return 0, err
+	}
+	updates := make(chan netlink.RouteUpdate, 4096)
+	done := make(chan struct{})
+	defer close(done)
+	overflow := make(chan error, 1)
+	if err := netlink.RouteSubscribeWithOptions(updates, done, netlink.RouteSubscribeOptions{
+		Namespace: &b.nsh, ReceiveBufferSize: 64 << 20, ReceiveBufferForceSize: true,
+		ErrorCallback: func(err error) {
 			select {
-			case u := <-updates:
-				if u.Type == syscall.RTM_NEWROUTE && u.Protocol == backend.RouteProtocol && u.Dst != nil {
-					if p, ok := netipx(u.Dst); ok {
-						seen[p] = true
-					}
-				}
-			case err := <-overflow:
-				log("route subscription: %v; counting by dumps", err)
-			case <-tick.C:
-				if countRoutes() >= 2*n {
-					break count
-				}
-			case <-deadline:
-				return 0, fmt.Errorf("%s installed %d of %d routes within 15m", what, countRoutes(), 2*n)
+			case overflow <- err:
+			default:
 			}
-		}
-		took := time.Since(t0)
-		if c := countRoutes(); c != 2*n {
-			return took, fmt.Errorf("%s: %d routes in the kernel, want %d", what, c, 2*n)
-		}
-		log("%s: %d routes in %s (t0 %s)", what, 2*n, took, t0.Format("15:04:05.000000"))
-		return took, nil
+		},
+	}); err != nil {
+		return 0, err
 	}
+	seen := make(map[netip.Prefix]bool, 2*n)
+	t0 := time.Now()
+	if err := start(); err != nil {
+		return 0, err
+	}
+	deadline := time.After(15 * time.Minute)
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+count:
+	for len(seen) < 2*n {
+		select {
+		case u := <-updates:
+			if u.Type == syscall.RTM_NEWROUTE && u.Protocol == backend.RouteProtocol && u.Dst != nil {
+				if p, ok := netipx(u.Dst); ok {
+					seen[p] = true
+				}
+			}
+		case err := <-overflow:
+			b.log("route subscription: %v; counting by dumps", err)
+		case <-tick.C:
+			if b.countRoutes() >= 2*n {
+				break count
+			}
+		case <-deadline:
+			return 0, fmt.Errorf("%s installed %d of %d routes within 15m", what, b.countRoutes(), 2*n)
+		}
+	}
+	took := time.Since(t0)
+	if c := b.countRoutes(); c != 2*n {
+		return took, fmt.Errorf("%s: %d routes in the kernel, want %d", what, c, 2*n)
+	}
+	b.log("%s: %d routes in %s (t0 %s)", what, 2*n, took, t0.Format("15:04:05.000000"))
+	return took, nil
+}
 
-	// ip -batch baselines, on the same namespace: plain gateway routes,
-	// then routes through nexthop objects.
-	runBatch := func(what, file, text string) (time.Duration, error) {
-		bf := filepath.Join(h.Dir, file)
-		if err := os.WriteFile(bf, []byte(text), 0o644); err != nil {
-			return 0, err
-		}
-		ipBatch := exec.Command("ip", "-n", h.NS, "-batch", bf)
-		var ipOut strings.Builder
-		ipBatch.Stdout, ipBatch.Stderr = &ipOut, &ipOut
-		took, err := untilRoutes(what, ipBatch.Start)
-		if werr := ipBatch.Wait(); werr != nil {
-			return took, fmt.Errorf("%s: %v: %s", what, werr, ipOut.String())
-		}
-		return took, err
+// runBatch times `ip -batch` installing text (written to file in the
+// host's directory) until all 2N routes are in the kernel.
+func (b *benchRun) runBatch(what, file, text string) (time.Duration, error) {
+	bf := filepath.Join(b.h.Dir, file)
+	if err := os.WriteFile(bf, []byte(text), 0o644); err != nil {
+		return 0, err
 	}
-	if o.PlainMax == 0 || n <= o.PlainMax {
-		if res.IPBatch, err = runBatch("ip -batch", "routes.batch", batch4.String()+batch6.String()); err != nil {
-			return res, err
+	ipBatch := exec.Command("ip", "-n", b.h.NS, "-batch", bf)
+	var ipOut strings.Builder
+	ipBatch.Stdout, ipBatch.Stderr = &ipOut, &ipOut
+	took, err := b.untilRoutes(what, ipBatch.Start)
+	if werr := ipBatch.Wait(); werr != nil {
+		return took, fmt.Errorf("%s: %v: %s", what, werr, ipOut.String())
+	}
+	return took, err
+}
+
+// ipBatches runs the ip -batch baselines, on the same namespace: plain
+// gateway routes (unless above PlainMax), then routes through nexthop
+// objects.
+func (b *benchRun) ipBatches() error {
+	var err error
+	if b.o.PlainMax == 0 || b.n <= b.o.PlainMax {
+		if b.res.IPBatch, err = b.runBatch("ip -batch", "routes.batch", b.batch4.String()+b.batch6.String()); err != nil {
+			return err
 		}
 	}
-	if res.IPBatchNH, err = runBatch("ip -batch (nexthops)", "routes-nh.batch", batchNH.String()); err != nil {
+	if b.res.IPBatchNH, err = b.runBatch("ip -batch (nexthops)", "routes-nh.batch", b.batchNH.String()); err != nil {
 		// Kernels before 5.3 have no nexthop objects: the column stays empty.
-		log("%v", err)
-		res.IPBatchNH = 0
+		b.log("%v", err)
+		b.res.IPBatchNH = 0
 	}
+	return nil
+}
 
-	// Agent start → 2N routes.
-	res.AgentStart, err = untilRoutes("agent", func() error { return l.StartAgent(h) })
+// agentStart times agent start → 2N routes.
+func (b *benchRun) agentStart() error {
+	var err error
+	b.res.AgentStart, err = b.untilRoutes("agent", func() error { return b.l.StartAgent(b.h) })
 	if err != nil {
-		return res, fmt.Errorf("%w; log:\n%s", err, l.LogTail(h, 20))
+		return fmt.Errorf("%w; log:\n%s", err, b.l.LogTail(b.h, 20))
 	}
-	log("agent log after start with %d peers:\n%s", n, l.LogTail(h, 0))
+	b.log("agent log after start with %d peers:\n%s", b.n, b.l.LogTail(b.h, 0))
+	return nil
+}
 
-	// New peer → route, measured with a route subscription in the namespace.
+// joins times NewPeers joins, JoinInterval apart: new peer lease put →
+// its route, seen by a route subscription in the namespace.
+func (b *benchRun) joins() error {
+	ctx := b.ctx
 	updates := make(chan netlink.RouteUpdate, 64)
 	done := make(chan struct{})
 	defer close(done)
-	if err := netlink.RouteSubscribeAt(nsh, updates, done); err != nil {
-		return res, err
+	if err := netlink.RouteSubscribeAt(b.nsh, updates, done); err != nil {
+		return err
 	}
 	var lat, puts []time.Duration
-	for j := range newPeers {
-		if j > 0 && o.JoinInterval > 0 {
+	var joins []joinTimes // for the hop trace (jointrace.go)
+	var bw *benchWatch
+	if traceHops() {
+		wctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		bw = startBenchWatch(wctx, b.l.Client)
+	}
+	for j := range b.o.NewPeers {
+		if j > 0 && b.o.JoinInterval > 0 {
 			select {
 			case <-ctx.Done():
-				return res, ctx.Err()
-			case <-time.After(o.JoinInterval):
+				return ctx.Err()
+			case <-time.After(b.o.JoinInterval):
 			}
 		}
-		rec := nextPeer()
+		rec := b.nextPeer()
 		rec.IPv6Subnet, rec.PublicIPv6 = netip.Prefix{}, netip.Addr{}
 		v, _ := json.Marshal(rec)
 		want := rec.Subnet.String()
+		gc0 := benchGCCycles()
 		t0 := time.Now()
-		if _, err := l.Client.Put(ctx, lease.NewKeys("").Lease(rec.Node), string(v), clientv3.WithLease(g.ID)); err != nil {
-			return res, err
+		if _, err := b.l.Client.Put(ctx, lease.NewKeys("").Lease(rec.Node), string(v), clientv3.WithLease(b.g.ID)); err != nil {
+			return err
 		}
 		puts = append(puts, time.Since(t0))
+		jt := joinTimes{node: rec.Node, sent: t0, answered: t0.Add(puts[len(puts)-1])}
 		timeout := time.After(5 * time.Second)
 	wait:
 		for {
@@ -329,61 +413,84 @@ func benchOne(ctx context.Context, o BenchOptions, n int) (BenchResult, error) {
 			case u := <-updates:
 				if u.Type == syscall.RTM_NEWROUTE && u.Dst != nil && u.Dst.String() == want {
 					lat = append(lat, time.Since(t0))
+					jt.seen, jt.gc = t0.Add(lat[len(lat)-1]), benchGCCycles()-gc0
+					joins = append(joins, jt)
 					break wait
 				}
 			case <-timeout:
-				return res, fmt.Errorf("no route for new peer %s within 5s", want)
+				return fmt.Errorf("no route for new peer %s within 5s", want)
 			}
 		}
 	}
-	if len(lat) > 0 {
-		slices.Sort(lat)
-		res.NewPeerP50 = lat[len(lat)/2]
-		res.NewPeerP99 = lat[min(len(lat)-1, len(lat)*99/100)]
-		res.NewPeerMax = lat[len(lat)-1]
-		res.NewPeerSample = len(lat)
-		after := make([]time.Duration, len(lat))
-		for i := range lat {
-			after[i] = max(0, lat[i]-puts[i])
-		}
-		slices.Sort(after)
-		res.AfterPutP99 = after[min(len(after)-1, len(after)*99/100)]
-		slices.Sort(puts)
-		res.PutP99 = puts[min(len(puts)-1, len(puts)*99/100)]
+	if traceHops() {
+		logJoinTrace(b.log, joins, bw, b.l.LogTail(b.h, 0))
 	}
-	pid := h.cmd.Process.Pid
-	if o.IdleWindow > 0 {
-		// The agent's own CPU time (utime+stime) over the window, with no
-		// lease changes; children (iptables runs of the periodic check)
-		// are counted once they are reaped.
-		c0, ch0, err := procCPU(pid)
-		if err != nil {
-			return res, err
-		}
-		t0 := time.Now()
-		log("measuring the idle agent's CPU for %s", o.IdleWindow)
-		select {
-		case <-ctx.Done():
-			return res, ctx.Err()
-		case <-time.After(o.IdleWindow):
-		}
-		c1, ch1, err := procCPU(pid)
-		if err != nil {
-			return res, err
-		}
-		res.IdleWindow = time.Since(t0)
-		res.IdleCPU = float64(c1-c0) / float64(res.IdleWindow)
-		log("idle CPU: agent %s (of which its reaped children, such as iptables runs: %s) in %s", c1-c0, ch1-ch0, res.IdleWindow)
+	b.res.joinStats(lat, puts)
+	return nil
+}
+
+// joinStats fills in the join columns from each join's latency and its
+// put's duration (same order).
+func (res *BenchResult) joinStats(lat, puts []time.Duration) {
+	if len(lat) == 0 {
+		return
 	}
+	slices.Sort(lat)
+	res.NewPeerP50 = lat[len(lat)/2]
+	res.NewPeerP99 = lat[min(len(lat)-1, len(lat)*99/100)]
+	res.NewPeerMax = lat[len(lat)-1]
+	res.NewPeerSample = len(lat)
+	after := make([]time.Duration, len(lat))
+	for i := range lat {
+		after[i] = max(0, lat[i]-puts[i])
+	}
+	slices.Sort(after)
+	res.AfterPutP99 = after[min(len(after)-1, len(after)*99/100)]
+	slices.Sort(puts)
+	res.PutP99 = puts[min(len(puts)-1, len(puts)*99/100)]
+}
+
+// idle measures the agent's own CPU time (utime+stime) over IdleWindow,
+// with no lease changes; children (iptables runs of the periodic check)
+// are counted once they are reaped. IdleWindow 0 skips it.
+func (b *benchRun) idle() error {
+	if b.o.IdleWindow <= 0 {
+		return nil
+	}
+	pid := b.h.cmd.Process.Pid
+	c0, ch0, err := procCPU(pid)
+	if err != nil {
+		return err
+	}
+	t0 := time.Now()
+	b.log("measuring the idle agent's CPU for %s", b.o.IdleWindow)
+	select {
+	case <-b.ctx.Done():
+		return b.ctx.Err()
+	case <-time.After(b.o.IdleWindow):
+	}
+	c1, ch1, err := procCPU(pid)
+	if err != nil {
+		return err
+	}
+	b.res.IdleWindow = time.Since(t0)
+	b.res.IdleCPU = float64(c1-c0) / float64(b.res.IdleWindow)
+	b.log("idle CPU: agent %s (of which its reaped children, such as iptables runs: %s) in %s", c1-c0, ch1-ch0, b.res.IdleWindow)
+	return nil
+}
+
+// finish reads the agent's peak RSS, logs the result and stops the agent.
+func (b *benchRun) finish() error {
+	pid := b.h.cmd.Process.Pid
 	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	res.PeakRSS = vmHWM(string(status))
-	log("result: %+v", res)
+	b.res.PeakRSS = vmHWM(string(status))
+	b.log("result: %+v", b.res)
 	for _, line := range strings.Split(string(status), "\n") {
 		if strings.HasPrefix(line, "Rss") { // file-backed (binary) vs anonymous (heap)
-			log("agent %s", line)
+			b.log("agent %s", line)
 		}
 	}
-	return res, l.StopAgent(h, syscall.SIGTERM)
+	return b.l.StopAgent(b.h, syscall.SIGTERM)
 }
 
 // benchPeerNet4 is added to the bench host's eth0 so that every synthetic

@@ -71,13 +71,16 @@ type Config struct {
 
 // Host is one lab host.
 type Host struct {
-	Name      string // node name, e.g. host1
-	NS        string // host namespace
-	CNS       string // container namespace
-	LAN       int    // 0 or 1
-	Addr4     netip.Addr
-	Addr6     netip.Addr
-	Dir       string
+	Name  string // node name, e.g. host1
+	NS    string // host namespace
+	CNS   string // container namespace
+	LAN   int    // 0 or 1
+	Addr4 netip.Addr
+	Addr6 netip.Addr
+	Dir   string
+	// Binary, when set, is the leased executable this host's agent runs
+	// instead of Config.Binary (another version, in a mixed fleet).
+	Binary    string
 	cmd       *exec.Cmd
 	exited    chan struct{}
 	Container struct{ Addr4, Addr6 netip.Addr }
@@ -385,7 +388,11 @@ func (l *Lab) startEtcd() error {
 
 // StartAgent starts (or restarts) the leased agent of h.
 func (l *Lab) StartAgent(h *Host) error {
-	args := []string{"netns", "exec", h.NS, l.Cfg.Binary,
+	bin := l.Cfg.Binary
+	if h.Binary != "" {
+		bin = h.Binary
+	}
+	args := []string{"netns", "exec", h.NS, bin,
 		"--etcd-endpoints=" + l.EtcdEndpoint,
 		"--iface=eth0",
 		"--node-name=" + h.Name,

@@ -2,7 +2,11 @@ package testutil
 
 import (
 	"bytes"
+	"os"
 	"sync"
+	"testing"
+
+	"k8s.io/klog/v2"
 )
 
 // SyncBuffer is a bytes.Buffer that several goroutines may write and read
@@ -25,4 +29,19 @@ func (s *SyncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// CaptureKlog sends klog's output (what leased logs, at the verbosity set)
+// to the buffer it returns, instead of stderr, until the test ends.
+func CaptureKlog(t testing.TB) *SyncBuffer {
+	t.Helper()
+	buf := &SyncBuffer{}
+	klog.LogToStderr(false)
+	klog.SetOutput(buf)
+	t.Cleanup(func() {
+		klog.Flush()
+		klog.SetOutput(os.Stderr)
+		klog.LogToStderr(true)
+	})
+	return buf
 }

@@ -10,6 +10,17 @@ import (
 	"golang.org/x/net/ipv6"
 )
 
+// The addresses of the proxy-NDP tests: the router that solicits, the
+// host that answers, the host's slice and the network it belongs to (an
+// on-link /65 that holds the slice).
+var (
+	NDPRouterMAC = [6]byte{0x02, 0, 0, 0, 0, 0x01}
+	NDPHostMAC   = [6]byte{0x02, 0, 0, 0, 0, 0x11}
+	NDPRouter    = netip.MustParseAddr("2001:db8:ab11::1")
+	NDPSlice     = netip.MustParsePrefix("2001:db8:ab11:0:8000::/80")
+	NDPNetwork   = netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")
+)
+
 // NSFrame builds an Ethernet frame from ethSrc carrying an IPv6 Neighbor
 // Solicitation for target from src (the unspecified address for duplicate
 // address detection) to target's solicited-node group, with a source

@@ -35,8 +35,7 @@ func (e *engine) Close() error {
 
 // closedLocked reports whether Close ran; e.mu must be held.
 func (e *engine) closedLocked() bool {
-	_, closed := e.k.(closedKernel)
-	return closed
+	return e.k == closedKernel{}
 }
 
 // Close implements Closer: it also stops the answers.
@@ -93,6 +92,7 @@ func (closedKernel) SubscribeNeighs(chan<- netlink.NeighUpdate, <-chan struct{},
 }
 func (closedKernel) Side() ndp.Kernel                           { return closedSide{} }
 func (closedKernel) Close() error                               { return nil }
+func (closedKernel) Nexthops() nexthopKernel                    { return nil }
 func (closedKernel) PacketSockets(int) (map[uint64]bool, error) { return nil, ErrClosed }
 
 // closedSide is the side connection of a closed backend's kernel.

@@ -12,6 +12,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/leased/leased/internal/hoptrace"
 	"github.com/leased/leased/pkg/metrics"
 )
 
@@ -85,6 +86,10 @@ type engine struct {
 	// after it starts); kickedAt is the count when the latest kick came.
 	// Run skips a kicked pass when a full pass started after the kick.
 	fullPasses, kickedAt atomic.Uint64
+	// bursts, burstUntil (unix ns) and passDue: see inBurst.
+	bursts     atomic.Int32
+	burstUntil atomic.Int64
+	passDue    atomic.Bool
 	// wanted is the desired state of the current or last pass, updated
 	// before its kernel calls: event goroutines compare events with it so
 	// that the agent's own changes do not trigger passes, while anything
@@ -98,8 +103,10 @@ type engine struct {
 	mu      sync.Mutex // guards everything below and every kernel call
 	local   Local
 	started bool
-	// hostMu serialises setupHost (Start's and the resync's).
-	hostMu sync.Mutex
+	// hostMu serialises setupHost (Start's and the resync's) and guards
+	// natGone (fwOptions).
+	hostMu  sync.Mutex
+	natGone [2]bool
 	// peersSet is true once SetPeers has given the full peer set; no pass
 	// runs before, so a restart never prunes against an empty set.
 	peersSet bool
@@ -154,7 +161,12 @@ func New(raw json.RawMessage, ext ExtIface, node string, opts Options) (Backend,
 	if err != nil {
 		return nil, err
 	}
-	return assemble(cfg, ext, opts, k, dp), nil
+	b, err := assemble(cfg, ext, opts, k, dp)
+	if err != nil {
+		k.Close()
+		return nil, err
+	}
+	return b, nil
 }
 
 // datapathFor returns the datapath of cfg's type, for a config and an
@@ -177,13 +189,19 @@ func datapathFor(cfg Config, ext ExtIface, node string) (datapath, error) {
 	return nil, fmt.Errorf("%w: %q is not implemented yet", ErrUnknownType, cfg.Type)
 }
 
-// assemble returns the backend of cfg's type over the kernel k.
-func assemble(cfg Config, ext ExtIface, opts Options, k kernel, dp datapath) Backend {
+// assemble returns the backend of cfg's type over the kernel k. It fails
+// only when the proxy-NDP responder cannot be made (ndp.NewResponder); the
+// caller then still owns k.
+func assemble(cfg Config, ext ExtIface, opts Options, k kernel, dp datapath) (Backend, error) {
 	e := newEngine(cfg.Type, ext, opts, k, dp)
 	if cfg.Type == TypeProxyNDP {
-		return newProxyNDP(e, cfg)
+		b, err := newProxyNDP(e, cfg)
+		if err != nil {
+			return nil, err
+		}
+		return b, nil
 	}
-	return e
+	return e, nil
 }
 
 func newEngine(typ string, ext ExtIface, opts Options, k kernel, dp datapath) *engine {
@@ -270,7 +288,7 @@ func (e *engine) setupHost(k kernel, local Local, changed *bool) error {
 	defer e.hostMu.Unlock()
 	return errors.Join(
 		enableForwarding(k, e.ext.Link(true).Name, local.Network4.IsValid(), local.Network6.IsValid(), changed),
-		setupForwarding(k, local, fwOptions{masq: e.opts.IPMasq, noFwd: e.opts.NoForwardRules}, changed),
+		setupForwarding(k, local, fwOptions{masq: e.opts.IPMasq, noFwd: e.opts.NoForwardRules, natGone: &e.natGone}, changed),
 	)
 }
 
@@ -286,6 +304,7 @@ func (e *engine) ensureHost() {
 		return
 	}
 	var changed bool
+	defer hoptrace.Span("host check", time.Now())
 	err := e.setupHost(k, local, &changed)
 	if changed {
 		klog.Warning("forwarding sysctls or iptables rules restored (they were changed or removed outside leased)")
@@ -327,6 +346,7 @@ func (e *engine) pass(ctx context.Context) error {
 	}
 	start := time.Now()
 	defer observe("full", start)
+	defer hoptrace.Span("full pass", start)
 	nk := e.nhk()
 	if nk == nil || !e.started || !e.peersSet || e.dumpTouched != nil {
 		defer e.mu.Unlock()

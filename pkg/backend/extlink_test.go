@@ -143,7 +143,10 @@ func TestProxyNDPAnswersOnIPv6Link(t *testing.T) {
 	k := newFakeKernel()
 	mac := net.HardwareAddr{2, 0, 0, 0, 0, 3}
 	k.addLink(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Name: "eth1", Index: 3, MTU: 1400, HardwareAddr: mac}}, "2001:db8:88::2/64", "fe80::3/64")
-	b := newProxyNDP(newEngine(TypeProxyNDP, splitExt(), Options{}, k, hostGW{}), cfg)
+	b, err := newProxyNDP(newEngine(TypeProxyNDP, splitExt(), Options{}, k, hostGW{}), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() { b.Close() })
 	if err := b.Answer(Local{Node: "a", Subnet6: netip.MustParsePrefix("2001:db8:88:0:8000::/80"), Network6: netip.MustParsePrefix("2001:db8:88:0:8000::/65")}); err != nil {
 		t.Fatal(err)

@@ -355,6 +355,10 @@ func (f *fakeKernel) Close() error {
 
 func (f *fakeKernel) Side() ndp.Kernel { return fakeSide{f} }
 
+// Nexthops implements nexthopSource: the fake has no nexthop objects, so
+// the engine lists routes with RouteList and puts plain gateway routes.
+func (f *fakeKernel) Nexthops() nexthopKernel { return nil }
+
 // fakeSide is the responder's connection: packet sockets are fakeConns;
 // the rest is not used in subnet mode and fails.
 type fakeSide struct{ f *fakeKernel }
@@ -441,6 +445,7 @@ type fakeIPTables struct {
 	mu     sync.Mutex
 	chains map[string][]string // "table/chain" -> rule lines
 	calls  int                 // changes
+	runs   int                 // iptables runs, changes and listings alike
 }
 
 func newFakeIPTables(bin string) *fakeIPTables {
@@ -453,21 +458,28 @@ func newFakeIPTables(bin string) *fakeIPTables {
 
 func (t *fakeIPTables) Cmd() string { return t.bin }
 
-func (t *fakeIPTables) ChainExists(table, chain string) (bool, error) {
+func (t *fakeIPTables) ListTable(table string) ([]string, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	_, ok := t.chains[table+"/"+chain]
-	return ok, nil
-}
-
-func (t *fakeIPTables) List(table, chain string) ([]string, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	rules, ok := t.chains[table+"/"+chain]
-	if !ok {
-		return nil, fmt.Errorf("%s: no chain %s/%s", t.bin, table, chain)
+	t.runs++
+	keys := make([]string, 0, len(t.chains))
+	for k := range t.chains {
+		if tb, _, _ := strings.Cut(k, "/"); tb == table {
+			keys = append(keys, k)
+		}
 	}
-	return append([]string{"-N " + chain}, rules...), nil
+	slices.Sort(keys)
+	var decl, rules []string
+	for _, k := range keys {
+		_, chain, _ := strings.Cut(k, "/")
+		if slices.Contains([]string{"INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"}, chain) {
+			decl = append(decl, "-P "+chain+" ACCEPT")
+		} else {
+			decl = append(decl, "-N "+chain)
+		}
+		rules = append(rules, t.chains[k]...)
+	}
+	return append(decl, rules...), nil
 }
 
 // edit applies fn to a chain that must exist.
@@ -478,6 +490,7 @@ func (t *fakeIPTables) edit(table, chain string, fn func([]string) ([]string, er
 	if !ok {
 		return fmt.Errorf("%s: no chain %s/%s", t.bin, table, chain)
 	}
+	t.runs++
 	rules, err := fn(rules)
 	if err == nil {
 		t.chains[table+"/"+chain] = rules
@@ -506,17 +519,12 @@ func (t *fakeIPTables) Delete(table, chain string, r ...string) error {
 	})
 }
 
-func (t *fakeIPTables) Exists(table, chain string, r ...string) (bool, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return slices.Contains(t.chains[table+"/"+chain], rule(r).line(chain)), nil
-}
-
 func (t *fakeIPTables) ClearAndDeleteChain(table, chain string) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	delete(t.chains, table+"/"+chain)
 	t.calls++
+	t.runs++
 	return nil
 }
 
@@ -525,6 +533,7 @@ func (t *fakeIPTables) Restore(table, chain string, lines []string) error {
 	defer t.mu.Unlock()
 	t.chains[table+"/"+chain] = slices.Clone(lines)
 	t.calls++
+	t.runs++
 	return nil
 }
 

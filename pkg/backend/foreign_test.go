@@ -3,7 +3,6 @@ package backend
 import (
 	"context"
 	"net/netip"
-	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -15,20 +14,6 @@ import (
 
 	"github.com/leased/leased/internal/testutil"
 )
-
-// captureKlog sends klog's output to a buffer until the test ends.
-func captureKlog(t *testing.T) *testutil.SyncBuffer {
-	t.Helper()
-	buf := &testutil.SyncBuffer{}
-	klog.LogToStderr(false)
-	klog.SetOutput(buf)
-	t.Cleanup(func() {
-		klog.Flush()
-		klog.SetOutput(os.Stderr)
-		klog.LogToStderr(true)
-	})
-	return buf
-}
 
 // mainRoutes returns the main-table routes to dst (every protocol).
 func mainRoutes(t testing.TB, h *netlink.Handle, dst string) []netlink.Route {
@@ -69,7 +54,7 @@ func onlyForeign(t testing.TB, h *netlink.Handle, dst string, link int, proto ne
 // peer's subnet.
 func TestForeignRoutesAreNotLeaseds(t *testing.T) {
 	ns, h, ext := hostGWLab(t)
-	logs := captureKlog(t)
+	logs := testutil.CaptureKlog(t)
 	ctx := context.Background()
 
 	// The host's second LAN, inside the cluster network.

@@ -81,6 +81,11 @@ func masqRules(subnet, network netip.Prefix) []rule {
 type fwOptions struct {
 	masq  bool // --ip-masq: LEASED-POSTRTG for every enabled family
 	noFwd bool // --iptables-forward-rules=false: no LEASED-FWD, FORWARD is the operator's
+	// natGone, when set, remembers per family (0: IPv4, 1: IPv6) that
+	// LEASED-POSTRTG was found absent or removed without --ip-masq: only
+	// leased creates it, so later checks need not list the nat table
+	// again (two iptables runs fewer per resync).
+	natGone *[2]bool
 }
 
 // setupForwarding installs the forward and (with masq) NAT rules for the
@@ -111,10 +116,23 @@ func setupForwarding(k firewall, local Local, o fwOptions, changed *bool) error 
 		} else {
 			errs = append(errs, c.ensure("filter", "FORWARD", ForwardChain, forwardRules(f.network, f.subnet), changed))
 		}
-		if o.masq && f.subnet.IsValid() {
+		fam := 0
+		if f.v6 {
+			fam = 1
+		}
+		switch {
+		case o.masq && f.subnet.IsValid():
 			errs = append(errs, c.ensure("nat", "POSTROUTING", MasqChain, masqRules(f.subnet, f.network), changed))
-		} else {
-			errs = append(errs, c.remove("nat", "POSTROUTING", MasqChain, changed))
+			if o.natGone != nil {
+				o.natGone[fam] = false
+			}
+		case o.natGone != nil && o.natGone[fam]:
+		default:
+			listed, err := c.removeListed("nat", "POSTROUTING", MasqChain, changed)
+			errs = append(errs, err)
+			if o.natGone != nil {
+				o.natGone[fam] = listed && err == nil
+			}
 		}
 	}
 	return errors.Join(errs...)
@@ -134,35 +152,58 @@ type chains struct {
 // it (see placeJump). A chain that is missing or differs is written in one
 // iptables-restore --noflush transaction: declaring the chain flushes it
 // and the new rules land in the same commit, so packets see either the old
-// rules or the new ones, never an empty chain.
+// rules or the new ones, never an empty chain. The table is read with one
+// listing (one iptables run), so that the periodic check of a host whose
+// rules are in place costs one run per table and family.
 func (c chains) ensure(table, parent, chain string, rules []rule, changed *bool) error {
-	exists, err := c.ipt.ChainExists(table, chain)
+	lines, err := c.ipt.ListTable(table)
 	if err != nil {
-		return fmt.Errorf("checking chain %s/%s: %w", table, chain, err)
+		return fmt.Errorf("listing table %s: %w", table, err)
 	}
+	t := parseTable(lines)
 	want := make([]string, len(rules))
 	for i, r := range rules {
 		want[i] = r.line(chain)
 	}
-	var have []string
-	if exists {
-		lines, err := c.ipt.List(table, chain)
-		if err != nil {
-			return fmt.Errorf("listing chain %s/%s: %w", table, chain, err)
-		}
-		have = ruleLines(lines)
-	}
-	if !exists || !slices.Equal(have, want) {
+	if !t.chains[chain] || !slices.Equal(t.rules[chain], want) {
 		if err := c.ipt.Restore(table, chain, want); err != nil {
 			return err
 		}
 		mark(changed)
 		klog.V(2).InfoS("set iptables chain", "cmd", c.bin, "table", table, "chain", chain, "rules", len(rules))
 	}
-	return c.placeJump(table, parent, chain, changed)
+	// The restore wrote chain only: parent's rules are as listed.
+	return c.placeJump(table, parent, chain, t.rules[parent], changed)
 }
 
-// placeJump makes parent jump to chain exactly once. A missing jump is
+// tableRules is one listing of a table (iptables -t TABLE -S): the chains
+// it declares and each chain's rules, in order, as "-A CHAIN args" lines.
+type tableRules struct {
+	chains map[string]bool // user-defined chains (-N); built-in ones have -P lines
+	rules  map[string][]string
+}
+
+// parseTable reads an iptables -S listing of a whole table.
+func parseTable(lines []string) tableRules {
+	t := tableRules{chains: map[string]bool{}, rules: map[string][]string{}}
+	for _, l := range lines {
+		switch {
+		case strings.HasPrefix(l, "-N "):
+			t.chains[strings.TrimSpace(l[3:])] = true
+		case strings.HasPrefix(l, "-P "):
+			if f := strings.Fields(l); len(f) >= 2 {
+				t.chains[f[1]] = true
+			}
+		case strings.HasPrefix(l, "-A "):
+			name, _, _ := strings.Cut(l[3:], " ")
+			t.rules[name] = append(t.rules[name], l)
+		}
+	}
+	return t
+}
+
+// placeJump makes parent, whose rules are parentRules ("-A PARENT args"
+// lines), jump to chain exactly once. A missing jump is
 // appended to FORWARD, after Docker's rules (dockerd inserts its own at the
 // top, so this also holds when dockerd starts or restarts later), and
 // inserted first in other chains (nat POSTROUTING). A jump that is there is
@@ -171,14 +212,10 @@ func (c chains) ensure(table, parent, chain string, rules []rule, changed *bool)
 // by an older leased, which kept its jump first), which is moved to the
 // end: the operator's DOCKER-USER rules must be evaluated before leased's
 // accept rules. Moving adds the new jump before deleting the old one.
-func (c chains) placeJump(table, parent, chain string, changed *bool) error {
+func (c chains) placeJump(table, parent, chain string, parentRules []string, changed *bool) error {
 	jump := jumpRule(chain)
 	jl := jump.line(parent)
-	lines, err := c.ipt.List(table, parent)
-	if err != nil {
-		return fmt.Errorf("listing chain %s/%s: %w", table, parent, err)
-	}
-	rules := ruleLines(lines)
+	rules := parentRules
 	n := 0
 	for _, r := range rules {
 		if r == jl {
@@ -190,6 +227,7 @@ func (c chains) placeJump(table, parent, chain string, changed *bool) error {
 	if n == 1 && !misplaced {
 		return nil
 	}
+	var err error
 	switch {
 	case n == 0 || misplaced:
 		if forward {
@@ -246,23 +284,32 @@ func ruleLines(lines []string) []string {
 // remove deletes parent's jumps to chain and the chain, if present. A table
 // that cannot be listed (e.g. no ip6tables nat support in the kernel) holds
 // nothing of leased's, so that is not an error: hosts without --ip-masq do
-// not need the nat table.
+// not need the nat table. When the chain is absent it costs one listing.
 func (c chains) remove(table, parent, chain string, changed *bool) error {
-	exists, err := c.ipt.ChainExists(table, chain)
+	_, err := c.removeListed(table, parent, chain, changed)
+	return err
+}
+
+// removeListed is remove that also reports whether the table could be
+// listed (false: nothing was checked).
+func (c chains) removeListed(table, parent, chain string, changed *bool) (listed bool, err error) {
+	lines, err := c.ipt.ListTable(table)
 	if err != nil {
 		klog.V(2).InfoS("cannot list the table; nothing of leased's to remove there", "cmd", c.bin, "table", table, "err", err)
+		return false, nil
+	}
+	return true, c.removeFrom(parseTable(lines), table, parent, chain, changed)
+}
+
+// removeFrom is remove on the table's listing t.
+func (c chains) removeFrom(t tableRules, table, parent, chain string, changed *bool) error {
+	if !t.chains[chain] {
 		return nil
 	}
-	if !exists {
-		return nil
-	}
-	for {
-		ok, err := c.ipt.Exists(table, parent, jumpRule(chain)...)
-		if err != nil {
-			return fmt.Errorf("checking the jump to %s in %s/%s: %w", chain, table, parent, err)
-		}
-		if !ok {
-			break
+	jl := jumpRule(chain).line(parent)
+	for _, r := range t.rules[parent] {
+		if r != jl {
+			continue
 		}
 		if err := c.ipt.Delete(table, parent, jumpRule(chain)...); err != nil {
 			return fmt.Errorf("deleting jump to %s in %s/%s: %w", chain, table, parent, err)

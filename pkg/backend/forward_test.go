@@ -3,8 +3,11 @@ package backend
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -224,5 +227,136 @@ func TestForwardingRestoredOnResync(t *testing.T) {
 	}
 	if fwd := forwardLines(t, ns, "ip6tables"); len(fwd) != 2 || fwd[0] != "-A FORWARD -j DROP" {
 		t.Errorf("ip6tables FORWARD: the operator's rule must stay first, leased's jump after it: %q", fwd)
+	}
+}
+
+// The periodic host check of rules that are in place lists each table
+// once per family (one iptables run each) and changes nothing; a leased
+// rule an operator deleted or changed is put back, a rule of the
+// operator's is left alone.
+func TestHostCheckRuns(t *testing.T) {
+	for _, masq := range []bool{false, true} {
+		k := newFakeKernel()
+		o := fwOptions{masq: masq, natGone: new([2]bool)}
+		if err := setupForwarding(k, localA(), o, nil); err != nil {
+			t.Fatal(err)
+		}
+		want4 := k.ipt[0].dump()
+		want6 := k.ipt[1].dump()
+		runs := func() int { return k.ipt[0].runs + k.ipt[1].runs }
+		before := runs()
+		var changed bool
+		if err := setupForwarding(k, localA(), o, &changed); err != nil {
+			t.Fatal(err)
+		}
+		// filter and nat, per family: 4 runs; without masquerading the
+		// nat table, found without leased's chain, is not listed again:
+		// 2 (before: ChainExists, List and the parent's List per kept
+		// chain, ChainExists per removed one: 8, and an `iptables
+		// --version` per family).
+		want := 2
+		if masq {
+			want = 4
+		}
+		if n := runs() - before; changed || n != want {
+			t.Errorf("masq=%v: a check of rules in place made %d iptables runs (changed=%v), want %d and no change", masq, n, changed, want)
+		}
+
+		// An operator deletes one of leased's rules, changes another and
+		// adds one of their own.
+		fwd := k.ipt[0].chains["filter/"+ForwardChain]
+		k.ipt[0].chains["filter/"+ForwardChain] = slices.Delete(slices.Clone(fwd), 1, 2)
+		k.ipt[1].chains["filter/"+ForwardChain][0] = strings.Replace(k.ipt[1].chains["filter/"+ForwardChain][0], "ACCEPT", "DROP", 1)
+		k.ipt[0].chains["filter/FORWARD"] = append([]string{"-A FORWARD -j DROP"}, k.ipt[0].chains["filter/FORWARD"]...)
+		changed = false
+		if err := setupForwarding(k, localA(), o, &changed); err != nil {
+			t.Fatal(err)
+		}
+		if !changed {
+			t.Errorf("masq=%v: the deleted and changed rules were not reported as restored", masq)
+		}
+		if got := k.ipt[1].dump(); !slices.Equal(got, want6) {
+			t.Errorf("masq=%v: ip6tables after the repair:\n%q\nwant\n%q", masq, got, want6)
+		}
+		if got, w := k.ipt[0].dump(), append([]string{"filter -A FORWARD -j DROP"}, want4...); !slices.Equal(slices.Sorted(slices.Values(got)), slices.Sorted(slices.Values(w))) ||
+			k.ipt[0].chains["filter/FORWARD"][0] != "-A FORWARD -j DROP" {
+			t.Errorf("masq=%v: iptables after the repair:\n%q\nwant\n%q (the operator's rule first)", masq, got, w)
+		}
+	}
+}
+
+// On a real kernel, with iptables-legacy and iptables-nft as Debian ships
+// them (xtables-legacy-multi, xtables-nft-multi): the check of rules in
+// place runs iptables/ip6tables four times with --ip-masq (a listing of
+// filter and nat per family; before, 14 runs) and twice without (10
+// before), and a leased rule an operator
+// deleted or changed comes back while the operator's own rule stays first.
+func TestHostCheckRunsIptablesVariants(t *testing.T) {
+	testutil.RequireRoot(t)
+	ctx := context.Background()
+	for _, multi := range []string{"xtables-legacy-multi", "xtables-nft-multi"} {
+		t.Run(multi, func(t *testing.T) {
+			real, err := exec.LookPath(multi)
+			if err != nil {
+				t.Skipf("%s not installed", multi)
+			}
+			// Wrappers that log each run, then run the variant.
+			dir := t.TempDir()
+			logf := filepath.Join(dir, "runs.log")
+			for _, name := range []string{"iptables", "ip6tables", "iptables-restore", "ip6tables-restore"} {
+				script := fmt.Sprintf("#!/bin/sh\necho \"%s $*\" >> %s\nexec %s %s \"$@\"\n", name, logf, real, name)
+				if err := os.WriteFile(filepath.Join(dir, name), []byte(script), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			t.Setenv("PATH", dir+":"+os.Getenv("PATH"))
+			ns, _, ext := hostGWLab(t)
+			b := mustNew(t, `{}`, ext, "a", ns, Options{IPMasq: true})
+			if err := b.Start(ctx, localA()); err != nil {
+				t.Fatal(err)
+			}
+			check := func() (changed bool, runs []string) {
+				t.Helper()
+				os.Remove(logf)
+				if err := b.setupHost(b.k, localA(), &changed); err != nil {
+					t.Fatal(err)
+				}
+				out, _ := os.ReadFile(logf)
+				return changed, strings.Fields(strings.ReplaceAll(strings.TrimSpace(string(out)), " ", "_"))
+			}
+			if changed, runs := check(); changed || len(runs) != 4 {
+				t.Errorf("a check of rules in place: changed=%v, %d iptables runs, want no change and 4:\n%s", changed, len(runs), strings.Join(runs, "\n"))
+			}
+
+			run := func(args ...string) string { return testutil.RunIn(t, ns, args...) }
+			defer func() {
+				// Without --ip-masq (the default) the nat table, once
+				// found without leased's chain, is not listed again: 2.
+				b2 := mustNew(t, `{}`, ext, "a", ns, Options{})
+				if err := b2.Start(ctx, localA()); err != nil {
+					t.Fatal(err)
+				}
+				b = b2
+				if changed, runs := check(); changed || len(runs) != 2 {
+					t.Errorf("a check without --ip-masq: changed=%v, %d iptables runs, want no change and 2:\n%s", changed, len(runs), strings.Join(runs, "\n"))
+				}
+			}()
+			run("iptables", "-D", ForwardChain, "2")
+			run("ip6tables", "-t", "nat", "-R", MasqChain, "3", "-s", "fd00:100:1::/64", "-j", "ACCEPT")
+			run("iptables", "-I", "FORWARD", "1", "-j", "DROP")
+			if changed, _ := check(); !changed {
+				t.Error("the deleted and changed rules were not reported as restored")
+			}
+			if got := strings.Count(run("iptables", "-S", ForwardChain), "-j ACCEPT\n"); got != 2 {
+				t.Errorf("iptables %s has %d ACCEPT rules after the repair, want 2", ForwardChain, got)
+			}
+			nat6 := run("ip6tables", "-t", "nat", "-S", MasqChain)
+			if strings.Count(nat6, "-j MASQUERADE\n") != 1 || strings.Contains(nat6, "-j ACCEPT") {
+				t.Errorf("ip6tables nat %s after the repair:\n%s", MasqChain, nat6)
+			}
+			if fwd := forwardLines(t, ns, "iptables"); len(fwd) != 2 || fwd[0] != "-A FORWARD -j DROP" {
+				t.Errorf("FORWARD: the operator's rule must stay first, leased's jump after it: %q", fwd)
+			}
+		})
 	}
 }

@@ -5,10 +5,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"sync"
 	"time"
 
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/internal/hoptrace"
 )
 
 // The agent computes what changed in the peer set (one place: its peer
@@ -156,6 +159,7 @@ func (e *engine) UpdatePeers(ctx context.Context, upserts []Peer, removed []stri
 		return ErrClosed
 	}
 	defer observe("peers", time.Now())
+	hoptrace.Stage(hoptrace.Apply)
 	if !e.peersSet || e.idx.pos == nil {
 		return e.setPeersLocked(ctx, e.patched(upserts, removed))
 	}
@@ -362,22 +366,36 @@ func (e *engine) applyObjectChangesLocked(gone, added state) error {
 			rReplace[r.key()] = true
 		}
 	}
-	// Publish before the kernel calls, so that their events match.
+	// Publish before the kernel calls, so that their events match. A
+	// kind whose applied map is the wanted one (applyKind) is updated
+	// once, under the wanted set's lock.
+	sharedF := sameMap(e.applied.fdbs, e.wanted.st.fdbs)
+	sharedN := sameMap(e.applied.neighs, e.wanted.st.neighs)
+	sharedR := sameMap(e.applied.routes, e.wanted.st.routes)
 	e.wanted.mu.Lock()
 	updateMap(e.wanted.st.fdbs, gone.fdbs, added.fdbs)
 	updateMap(e.wanted.st.neighs, gone.neighs, added.neighs)
 	updateMap(e.wanted.st.routes, gone.routes, added.routes)
 	e.wanted.mu.Unlock()
-	updateMap(e.applied.fdbs, gone.fdbs, added.fdbs)
-	updateMap(e.applied.neighs, gone.neighs, added.neighs)
-	updateMap(e.applied.routes, gone.routes, added.routes)
+	if !sharedF {
+		updateMap(e.applied.fdbs, gone.fdbs, added.fdbs)
+	}
+	if !sharedN {
+		updateMap(e.applied.neighs, gone.neighs, added.neighs)
+	}
+	if !sharedR {
+		updateMap(e.applied.routes, gone.routes, added.routes)
+	}
 
 	// FDB entries, then neighbours, then routes, as in a full pass; a
-	// failed put is removed from applied again.
-	nF, errF := applyChanges(fPut, fDel, nil, e.applied.fdbs, e.putFDBs, e.delFDBs, "fdb entry")
-	nN, errN := applyChanges(nPut, nDel, nil, e.applied.neighs, e.putNeighs, e.delNeighs, "neighbour")
+	// failed put is removed from applied again (which then stops sharing
+	// the wanted map: the wanted state keeps the object).
+	hoptrace.Stage(hoptrace.Kernel)
+	defer hoptrace.Stage(hoptrace.Acked)
+	nF, errF := applyChanges(fPut, fDel, nil, len(e.wanted.st.fdbs), unshareDrop(&e.applied.fdbs, &sharedF), e.putFDBs, e.delFDBs, "fdb entry")
+	nN, errN := applyChanges(nPut, nDel, nil, len(e.wanted.st.neighs), unshareDrop(&e.applied.neighs, &sharedN), e.putNeighs, e.delNeighs, "neighbour")
 	e.routeHave = func(k routeKey) bool { return rReplace[k] }
-	nR, errR := applyChanges(rPut, rDel, nil, e.applied.routes, e.putRoutes, e.delRoutes, "route")
+	nR, errR := applyChanges(rPut, rDel, nil, len(e.wanted.st.routes), unshareDrop(&e.applied.routes, &sharedR), e.putRoutes, e.delRoutes, "route")
 	e.routeHave = nil
 	e.lastChanges = nF + nN + nR
 	err := errors.Join(errF, errN, errR)
@@ -385,6 +403,19 @@ func (e *engine) applyObjectChangesLocked(gone, added state) error {
 		e.trusted = false // the next pass looks at the kernel again
 	}
 	return err
+}
+
+// unshareDrop returns a function that deletes a key from *m, first giving
+// *m a copy of its own when *shared (it is the wanted state's map, which
+// keeps the key). Called with engine.mu held, the only writer of both.
+func unshareDrop[K comparable, V any](m *map[K]V, shared *bool) func(K) {
+	return func(k K) {
+		if *shared {
+			*m = maps.Clone(*m)
+			*shared = false
+		}
+		delete(*m, k)
+	}
 }
 
 // collides reports whether an object of add has the key of one that stays

@@ -39,8 +39,9 @@ const RouteProtocol netlink.RouteProtocol = 76
 // backend's Start runs as a pass does. It is composed of small interfaces,
 // one per kind of kernel object.
 //
-// The table methods (routeTable, neighTable, linkTable) are not safe for
-// concurrent use; the engine serialises them with its mutex. The others
+// The table methods (routeTable, neighTable, linkTable and the nexthopSource's
+// nexthopKernel) are not safe for concurrent use; the engine serialises them
+// with its mutex (dumps excepted: see nexthopKernel). The others
 // (sysctls, firewall, eventSource, sideOpener, packetSockets) may be called from any
 // goroutine, also while a table method runs.
 type kernel interface {
@@ -52,6 +53,7 @@ type kernel interface {
 	eventSource
 	sideOpener
 	packetSockets
+	nexthopSource
 	// Close releases the handles and sockets; the kernel state stays.
 	Close() error
 }
@@ -76,6 +78,18 @@ type routeTable interface {
 	// keep returns true; keep sees each route while the dump is read, so
 	// that a large dump is never held whole (HostRoutes).
 	RouteListAll(family int, keep func(*netlink.Route) bool) ([]netlink.Route, error)
+}
+
+// nexthopSource gives the kernel's nexthop objects and its route dump that
+// reports them, where it has them.
+type nexthopSource interface {
+	// Nexthops returns them, or nil for a kernel that offers neither (the
+	// in-memory fake of the unit tests, a closed backend's): the engine
+	// then lists routes with RouteList and puts plain gateway routes. The
+	// netlink kernel always returns them; on Linux before 5.3 its
+	// NexthopProbe fails, so routes stay plain gateway routes, and its
+	// nexthop dumps fail with EOPNOTSUPP or EINVAL.
+	Nexthops() nexthopKernel
 }
 
 // neighTable is the neighbour table, FDB entries (AF_BRIDGE) included.
@@ -114,6 +128,8 @@ type netlinkKernel struct {
 	b  *routeBatcher // route puts and deletes, in the handle's namespace
 	d  *dumper       // route and nexthop dumps, on a socket of their own (nil: on b)
 	ns nsExec        // the namespace, for sysctls, iptables, sockets and subscriptions
+	// ipts keeps the iptables of each family (nil: made on every call).
+	ipts *iptCache
 }
 
 const dumpTries = 5

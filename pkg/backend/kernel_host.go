@@ -7,6 +7,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
+	"sync"
 
 	"github.com/coreos/go-iptables/iptables"
 	"github.com/vishvananda/netlink"
@@ -41,12 +43,12 @@ type firewall interface {
 type ipTables interface {
 	// Cmd is the binary's name, iptables or ip6tables, for messages.
 	Cmd() string
-	ChainExists(table, chain string) (bool, error)
-	List(table, chain string) ([]string, error)
+	// ListTable lists every chain and rule of table (iptables -t TABLE
+	// -S: "-P", "-N" and "-A" lines), in one run.
+	ListTable(table string) ([]string, error)
 	Append(table, chain string, rule ...string) error
 	Insert(table, chain string, pos int, rule ...string) error
 	Delete(table, chain string, rule ...string) error
-	Exists(table, chain string, rule ...string) (bool, error)
 	ClearAndDeleteChain(table, chain string) error
 	// Restore replaces chain's rules with lines (iptables -S form) in
 	// one transaction, creating the chain if needed; other chains are
@@ -96,7 +98,7 @@ func openKernel(ns nsExec) (netlinkKernel, error) {
 		b.close()
 		return netlinkKernel{}, err
 	}
-	return netlinkKernel{h: h, b: b, d: &dumper{b: db}, ns: ns}, nil
+	return netlinkKernel{h: h, b: b, d: &dumper{b: db}, ns: ns, ipts: &iptCache{t: map[bool]ipTables{}}}, nil
 }
 
 func (k netlinkKernel) Close() error {
@@ -160,6 +162,13 @@ func (k netlinkKernel) IPTables(v6 bool) (ipTables, error) {
 	if _, err := exec.LookPath(bin + "-restore"); err != nil {
 		return nil, fmt.Errorf("%w (%s-restore: %v)", ErrNoIptables, bin, err)
 	}
+	if k.ipts != nil {
+		k.ipts.mu.Lock()
+		defer k.ipts.mu.Unlock()
+		if t := k.ipts.t[v6]; t != nil {
+			return t, nil
+		}
+	}
 	var ipt *iptables.IPTables
 	err := k.ns.do(func() error {
 		var err error
@@ -169,7 +178,19 @@ func (k netlinkKernel) IPTables(v6 bool) (ipTables, error) {
 	if err != nil {
 		return nil, fmt.Errorf("running %s: %w", bin, err)
 	}
-	return nsIPTables{ns: k.ns, ipt: ipt, bin: bin}, nil
+	t := nsIPTables{ns: k.ns, ipt: ipt, bin: bin}
+	if k.ipts != nil {
+		k.ipts.t[v6] = t
+	}
+	return t, nil
+}
+
+// iptCache keeps each family's iptables across the periodic host checks:
+// making one runs `iptables --version`. The binaries' presence is still
+// checked on every call.
+type iptCache struct {
+	mu sync.Mutex
+	t  map[bool]ipTables
 }
 
 // nsIPTables runs go-iptables in a namespace: a command forks from the
@@ -182,13 +203,20 @@ type nsIPTables struct {
 
 func (t nsIPTables) Cmd() string { return t.bin }
 
-func (t nsIPTables) ChainExists(table, chain string) (ok bool, err error) {
-	err = t.ns.do(func() (err error) { ok, err = t.ipt.ChainExists(table, chain); return })
-	return ok, err
-}
-
-func (t nsIPTables) List(table, chain string) (lines []string, err error) {
-	err = t.ns.do(func() (err error) { lines, err = t.ipt.List(table, chain); return })
+func (t nsIPTables) ListTable(table string) (lines []string, err error) {
+	err = t.ns.do(func() error {
+		// -w 5 as the restore: wait for iptables-legacy's lock rather
+		// than fail while another program holds it.
+		cmd := exec.Command(t.bin, "-w", "5", "-t", table, "-S")
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if err != nil {
+			return fmt.Errorf("%s -t %s -S: %w: %s", t.bin, table, err, bytes.TrimSpace(stderr.Bytes()))
+		}
+		lines = strings.Split(strings.TrimSpace(string(out)), "\n")
+		return nil
+	})
 	return lines, err
 }
 
@@ -202,11 +230,6 @@ func (t nsIPTables) Insert(table, chain string, pos int, rule ...string) error {
 
 func (t nsIPTables) Delete(table, chain string, rule ...string) error {
 	return t.ns.do(func() error { return t.ipt.Delete(table, chain, rule...) })
-}
-
-func (t nsIPTables) Exists(table, chain string, rule ...string) (ok bool, err error) {
-	err = t.ns.do(func() (err error) { ok, err = t.ipt.Exists(table, chain, rule...); return })
-	return ok, err
 }
 
 func (t nsIPTables) ClearAndDeleteChain(table, chain string) error {

@@ -101,10 +101,10 @@ func (r kroute) netlinkRoute() netlink.Route {
 	return out
 }
 
-// nexthopKernel is what the netlink kernel offers beyond the kernel
-// interface: its own route dump (which reports nexthop ids) and nexthop
-// objects. The in-memory fake of the unit tests does not implement it; the
-// engine then uses plain gateway routes only.
+// nexthopKernel is the netlink kernel's own route dump (which reports
+// nexthop ids) and its nexthop objects; kernel.Nexthops returns it. The
+// in-memory fake of the unit tests has none; the engine then uses plain
+// gateway routes only.
 type nexthopKernel interface {
 	// RouteDump calls fn for every route of family in every table; an
 	// interrupted dump is retried from the start (fn sees the routes of
@@ -129,6 +129,9 @@ type nexthopKernel interface {
 	// RTM_DELNEXTHOP) until ctx is done (nil) or the subscription fails.
 	SubscribeNexthops(ctx context.Context, fn func(typ uint16, n nexthop)) error
 }
+
+// Nexthops implements nexthopSource: the netlink kernel has both.
+func (k netlinkKernel) Nexthops() nexthopKernel { return k }
 
 var errDumpInterrupted = errors.New("backend: netlink dump interrupted")
 

@@ -78,9 +78,15 @@ type Answerer interface {
 	Answer(local Local) error
 }
 
-func newProxyNDP(e *engine, cfg Config) *proxyNDP {
+func newProxyNDP(e *engine, cfg Config) (*proxyNDP, error) {
 	l := e.ext.Link(true)
-	return &proxyNDP{engine: e, r: ndp.NewResponder(e.k.Side(), l.Name, l.Index, cfg.Mode)}
+	side := e.k.Side()
+	r, err := ndp.NewResponder(side, l.Name, l.Index, cfg.Mode)
+	if err != nil {
+		side.Close()
+		return nil, err
+	}
+	return &proxyNDP{engine: e, r: r}, nil
 }
 
 // Start checks that the IPv6 network lies inside a prefix on-link on the

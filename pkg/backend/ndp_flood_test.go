@@ -36,7 +36,7 @@ func TestNDPPresentFloodOnTheWire(t *testing.T) {
 		testutil.Run(t, "ip", "-n", ns, "link", "set", l, "up")
 	}
 	testutil.Run(t, "ip", "-n", ns, "addr", "add", "2001:db8:ab11::11/64", "dev", "eth0", "nodad")
-	testutil.Run(t, "ip", "-n", ns, "addr", "add", netip.PrefixFrom(ndpSlice.Addr().Next(), ndpSlice.Bits()).String(), "dev", "cbr0", "nodad")
+	testutil.Run(t, "ip", "-n", ns, "addr", "add", netip.PrefixFrom(testutil.NDPSlice.Addr().Next(), testutil.NDPSlice.Bits()).String(), "dev", "cbr0", "nodad")
 	h := testutil.NSHandle(t, ns)
 	br, err := h.LinkByName("cbr0")
 	if err != nil {
@@ -47,7 +47,7 @@ func TestNDPPresentFloodOnTheWire(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := mustNDP(t, `{"Type":"proxy-ndp","Mode":"present"}`, extOf(t, h, "eth0", "", "2001:db8:ab11::11"), ns)
-	if err := b.Answer(Local{Node: "a", Subnet6: ndpSlice, Network6: ndpNetwork}); err != nil {
+	if err := b.Answer(Local{Node: "a", Subnet6: testutil.NDPSlice, Network6: testutil.NDPNetwork}); err != nil {
 		t.Fatal(err)
 	}
 
@@ -64,7 +64,7 @@ func TestNDPPresentFloodOnTheWire(t *testing.T) {
 	}
 	t.Cleanup(func() { unix.Close(fd) })
 	send := func(target netip.Addr) {
-		if err := unix.Sendto(fd, testutil.NSFrame(t, ndpRouterMAC, ndpRouter, target, true), 0, &unix.SockaddrLinklayer{Ifindex: e0.Attrs().Index, Halen: 6}); err != nil && err != unix.ENOBUFS {
+		if err := unix.Sendto(fd, testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, target, true), 0, &unix.SockaddrLinklayer{Ifindex: e0.Attrs().Index, Halen: 6}); err != nil && err != unix.ENOBUFS {
 			t.Fatal(err)
 		}
 	}
@@ -77,7 +77,7 @@ func TestNDPPresentFloodOnTheWire(t *testing.T) {
 		// A dump that races with changes may repeat entries: count addresses.
 		seen := map[netip.Addr]bool{}
 		for _, e := range ns {
-			if a := netip.AddrFrom16([16]byte(e.IP.To16())); e.LinkIndex == br.Attrs().Index && ndpSlice.Contains(a) {
+			if a := netip.AddrFrom16([16]byte(e.IP.To16())); e.LinkIndex == br.Attrs().Index && testutil.NDPSlice.Contains(a) {
 				seen[a] = true
 			}
 		}
@@ -87,7 +87,7 @@ func TestNDPPresentFloodOnTheWire(t *testing.T) {
 	start := time.Now()
 	maxNeigh := 0
 	for i := range targets {
-		a := ndpSlice.Addr().As16()
+		a := testutil.NDPSlice.Addr().As16()
 		binary.BigEndian.PutUint32(a[12:], uint32(0x1000+i))
 		send(netip.AddrFrom16(a))
 		if i%50 == 49 {

@@ -14,14 +14,6 @@ import (
 	"github.com/leased/leased/pkg/backend/ndp"
 )
 
-var (
-	ndpRouterMAC = [6]byte{0x02, 0, 0, 0, 0, 0x01}
-	ndpHostMAC   = [6]byte{0x02, 0, 0, 0, 0, 0x11}
-	ndpRouter    = netip.MustParseAddr("2001:db8:ab11::1")
-	ndpSlice     = netip.MustParsePrefix("2001:db8:ab11:0:8000::/80")
-	ndpNetwork   = netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")
-)
-
 func TestNDPCheckOnLink(t *testing.T) {
 	pfx := func(ss ...string) []netip.Prefix {
 		var out []netip.Prefix
@@ -67,7 +59,7 @@ func ndpLab(t *testing.T) (router, host string, ext ExtIface) {
 	testutil.RequireRoot(t)
 	router, host = testutil.NewNS(t, "rtr"), testutil.NewNS(t, "ndp")
 	testutil.Run(t, "ip", "-n", host, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", router)
-	testutil.Run(t, "ip", "-n", host, "link", "set", "eth0", "address", net.HardwareAddr(ndpHostMAC[:]).String(), "up")
+	testutil.Run(t, "ip", "-n", host, "link", "set", "eth0", "address", net.HardwareAddr(testutil.NDPHostMAC[:]).String(), "up")
 	testutil.Run(t, "ip", "-n", router, "link", "set", "eth0", "up")
 	testutil.Run(t, "ip", "-n", host, "addr", "add", "2001:db8:ab11::11/64", "dev", "eth0", "nodad")
 	testutil.Run(t, "ip", "-n", router, "addr", "add", "2001:db8:ab11::1/64", "dev", "eth0", "nodad")
@@ -90,7 +82,7 @@ func routerNeigh(t *testing.T, router string, a netip.Addr) string {
 }
 
 func answered(entry string) bool {
-	return strings.Contains(entry, "lladdr "+net.HardwareAddr(ndpHostMAC[:]).String()) && !strings.Contains(entry, "FAILED")
+	return strings.Contains(entry, "lladdr "+net.HardwareAddr(testutil.NDPHostMAC[:]).String()) && !strings.Contains(entry, "FAILED")
 }
 
 // The responder answers for its slice only, follows a lease change, stops
@@ -103,7 +95,7 @@ func TestNDPResponderNamespace(t *testing.T) {
 	go func() { done <- b.Run(ctx) }()
 	defer func() { cancel(); <-done }()
 
-	local := Local{Node: "a", Subnet6: ndpSlice, Network6: ndpNetwork}
+	local := Local{Node: "a", Subnet6: testutil.NDPSlice, Network6: testutil.NDPNetwork}
 	if err := b.Start(context.Background(), local); err != nil {
 		t.Fatal(err)
 	}
@@ -182,7 +174,7 @@ func TestNDPPresentModeNamespace(t *testing.T) {
 
 	b := mustNDP(t, `{"Type":"proxy-ndp","Mode":"present"}`, ext, host)
 	runBackend(t, b)
-	if err := b.Start(context.Background(), Local{Node: "a", Subnet6: ndpSlice, Network6: ndpNetwork}); err != nil {
+	if err := b.Start(context.Background(), Local{Node: "a", Subnet6: testutil.NDPSlice, Network6: testutil.NDPNetwork}); err != nil {
 		t.Fatal(err)
 	}
 	if err := b.SetPeers(context.Background(), nil); err != nil {

@@ -103,10 +103,7 @@ func (t *nhTable) alloc() uint32 {
 
 // nhk returns the kernel's nexthop interface, or nil (the unit tests'
 // fake, a closed backend).
-func (e *engine) nhk() nexthopKernel {
-	nk, _ := e.k.(nexthopKernel)
-	return nk
-}
+func (e *engine) nhk() nexthopKernel { return e.k.Nexthops() }
 
 // probeNexthopsLocked decides, once, whether routes go through nexthop
 // objects, and logs the choice. e.mu must be held.
@@ -469,7 +466,13 @@ func (e *engine) watchNexthops(ctx context.Context, nk nexthopKernel) {
 				e.kickPass()
 			}
 		})
-		if err != nil && ctx.Err() == nil {
+		switch {
+		case err == nil || ctx.Err() != nil:
+		case isOverflow(err) && e.inBurst():
+			// Mostly the agent's own events were lost (see inBurst).
+			klog.InfoS("netlink events overflowed while leased programmed many kernel objects; subscribing again, the kernel is compared in full at the next resync", "kind", "nexthop", "err", err)
+			e.passDue.Store(true)
+		default:
 			klog.ErrorS(err, "netlink subscription failed; subscribing again", "kind", "nexthop")
 			e.kickPass() // events may have been lost
 		}

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
+	"reflect"
 	"slices"
 
 	"github.com/vishvananda/netlink"
@@ -142,29 +144,43 @@ func values[K comparable, V any](m map[K]V) []V {
 
 // applyKind diffs one kind of object, puts then deletes, and returns the
 // objects now known to be in the kernel as wanted. applied is what the last
-// pass left; a put of an object it held is drift being repaired.
+// pass left; a put of an object it held is drift being repaired. When every
+// put succeeded, reached is want itself, not a copy: the applied state then
+// shares its map with the wanted state (see sameMap), which at 50,000 peers
+// saves a map of 100,000 routes.
 func applyKind[K comparable, V object[K, V]](want map[K]V, have []V, applied map[K]V, put, del func([]V) []error, kind string) (reached map[K]V, changes int, err error) {
 	puts, dels := diff(want, have)
-	reached = make(map[K]V, len(want))
-	for k, w := range want {
-		reached[k] = w
+	var failed []K
+	changes, err = applyChanges(puts, dels, applied, len(want), func(k K) { failed = append(failed, k) }, put, del, kind)
+	if len(failed) == 0 {
+		return want, changes, err
 	}
-	changes, err = applyChanges(puts, dels, applied, reached, put, del, kind)
+	reached = maps.Clone(want)
+	for _, k := range failed {
+		delete(reached, k)
+	}
 	return reached, changes, err
 }
 
+// sameMap reports whether a and b are one map (not two equal ones).
+func sameMap[K comparable, V any](a, b map[K]V) bool {
+	return a != nil && reflect.ValueOf(a).UnsafePointer() == reflect.ValueOf(b).UnsafePointer()
+}
+
 // applyChanges puts then deletes objects of one kind, in a deterministic
-// order, logging each at V(2). A put that fails is removed from reached.
+// order, logging each at V(2). For each put that fails it calls failed
+// with its key (the caller removes it from what it records as applied).
 // It returns the number of changes and the joined failures; deletes that
-// find the object already gone succeed.
-func applyChanges[K comparable, V object[K, V]](puts, dels []V, applied, reached map[K]V, put, del func([]V) []error, kind string) (int, error) {
+// find the object already gone succeed. nWant is the size of the wanted
+// state, for the log.
+func applyChanges[K comparable, V object[K, V]](puts, dels []V, applied map[K]V, nWant int, failed func(K), put, del func([]V) []error, kind string) (int, error) {
 	if len(puts) == 0 && len(dels) == 0 {
 		return 0, nil
 	}
 	sortObjects(puts)
 	sortObjects(dels)
 	if v := klog.V(4); v.Enabled() {
-		v.InfoS("reconcile diff", "kind", kind, "want", len(reached), "put", puts, "delete", dels)
+		v.InfoS("reconcile diff", "kind", kind, "want", nWant, "put", puts, "delete", dels)
 	}
 	var errs []error
 	if len(puts) > 0 {
@@ -179,7 +195,7 @@ func applyChanges[K comparable, V object[K, V]](puts, dels []V, applied, reached
 		}
 		for i, err := range put(puts) {
 			if err != nil {
-				delete(reached, puts[i].key())
+				failed(puts[i].key())
 				metrics.ReconcileErrors.WithLabelValues(kind).Inc()
 				errs = append(errs, fmt.Errorf("setting %s %s: %w", kind, puts[i], err))
 			}
@@ -286,6 +302,7 @@ func (e *engine) listNeighs(owned []int) ([]neigh, []fdb, error) {
 // is then requested, which refuses the peer.
 func (e *engine) putRoutes(rs []route) []error {
 	e.touch(rs)
+	defer e.burst(len(rs))()
 	nk := e.nhk()
 	if nk != nil && e.nh.use {
 		return e.putRoutesNH(nk, rs)
@@ -366,6 +383,7 @@ func lazyKeys(rs []route) func(routeKey) bool {
 }
 func (e *engine) delRoutes(rs []route) []error {
 	e.touch(rs)
+	defer e.burst(len(rs))()
 	if nk := e.nhk(); nk != nil {
 		return e.delRoutesNH(nk, rs)
 	}

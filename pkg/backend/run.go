@@ -2,7 +2,11 @@ package backend
 
 import (
 	"context"
+	"errors"
+	"runtime"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -18,7 +22,8 @@ const resubscribeDelay = time.Second
 // route, nexthop, link or neighbour event that concerns us; every
 // e.resync a check of the forwarding sysctls and firewall rules
 // (ensureHost), which send no events; and every FullPassEvery resyncs a
-// full pass regardless. It returns nil once ctx is cancelled and leaves the
+// full pass regardless, or at the next resync after a subscription
+// overflowed during the agent's own burst of changes (see inBurst). It returns nil once ctx is cancelled and leaves the
 // kernel state in place. Pass errors are logged, not returned: the next pass
 // retries. Run must be called at most once per backend.
 func (e *engine) Run(ctx context.Context) error {
@@ -41,9 +46,16 @@ func (e *engine) Run(ctx context.Context) error {
 			return nil
 		case <-ticker.C:
 			ticks++
-			if ticks%FullPassEvery != 0 && e.fullPasses.Load() > 0 && !e.untrusted() {
+			due := e.passDue.Swap(false)
+			if ticks%FullPassEvery != 0 && e.fullPasses.Load() > 0 && !e.untrusted() && !due {
 				e.ensureHost()
 				continue
+			}
+			if due {
+				// Free the burst's garbage first: without a collection
+				// since the burst, the pass's dump would be allocated on
+				// top of it (the agent's peak RSS at 50,000 peers).
+				runtime.GC()
 			}
 			resync = true
 		case <-e.kick:
@@ -73,6 +85,46 @@ func (e *engine) Run(ctx context.Context) error {
 	}
 }
 
+// burstMin is the number of routes a put or delete must change for the
+// agent's own events to be a burst that may overflow a subscription, and
+// burstGrace how long after it an overflow is still put down to it (the
+// subscriptions' readers lag behind the kernel).
+const (
+	burstMin   = 1024
+	burstGrace = 5 * time.Second
+)
+
+// burst marks the engine's change of n routes (see inBurst) until the
+// returned function is called, when its change is done.
+func (e *engine) burst(n int) (done func()) {
+	if n < burstMin {
+		return func() {}
+	}
+	e.bursts.Add(1)
+	return func() {
+		e.burstUntil.Store(time.Now().Add(burstGrace).UnixNano())
+		e.bursts.Add(-1)
+	}
+}
+
+// inBurst reports whether the engine is changing many routes or did so
+// within burstGrace: a subscription overflow (ENOBUFS) then comes from the
+// kernel's announcements of the agent's own changes, and the full pass
+// that makes up for the lost events waits for the next resync (passDue)
+// instead of running at once, on top of the burst's memory. Events of
+// others lost in the overflow are seen by that pass, within one
+// --resync-interval.
+func (e *engine) inBurst() bool {
+	return e.bursts.Load() > 0 || time.Now().UnixNano() < e.burstUntil.Load()
+}
+
+// isOverflow reports whether err is a subscription's ENOBUFS: the kernel
+// dropped events because the socket's buffer was full. (The netlink
+// library reports it as text.)
+func isOverflow(err error) bool {
+	return errors.Is(err, unix.ENOBUFS) || strings.Contains(err.Error(), unix.ENOBUFS.Error())
+}
+
 // untrusted reports whether the last pass or peer change failed, so that
 // the next resync runs a full pass (the retry) instead of waiting for the
 // periodic one.
@@ -83,14 +135,14 @@ func (e *engine) untrusted() bool {
 }
 
 // watch runs the netlink subscriptions of k until ctx is done.
-func (e *engine) watch(ctx context.Context, k eventSource) {
+func (e *engine) watch(ctx context.Context, k kernel) {
 	ours := func(idx int) bool {
 		return idx == e.ext.Index || idx == e.ext.Link(true).Index || slices.Contains(*e.owned.Load(), idx)
 	}
 	routes, links, neighs := k.SubscribeRoutes, k.SubscribeLinks, k.SubscribeNeighs
 	finished := make(chan struct{}, 4)
 	go func() {
-		if nk, ok := k.(nexthopKernel); ok {
+		if nk := k.Nexthops(); nk != nil {
 			e.watchNexthops(ctx, nk)
 		}
 		finished <- struct{}{}
@@ -122,19 +174,33 @@ func (e *engine) watch(ctx context.Context, k eventSource) {
 // subscribes again and requests a pass, since events may have been lost.
 func subscribe[T any](ctx context.Context, e *engine, kind string,
 	sub func(chan<- T, <-chan struct{}, func(error)) error, relevant func(T) bool) {
+	var ownBurst atomic.Bool // the last failure was an overflow during our own burst
 	for ctx.Err() == nil {
 		ch := make(chan T, 128) // the socket's 4 MiB buffer absorbs bursts
 		done := make(chan struct{})
 		err := sub(ch, done, func(err error) {
-			if ctx.Err() == nil {
-				klog.ErrorS(err, "netlink subscription failed; subscribing again", "kind", kind)
+			if ctx.Err() != nil {
+				return
 			}
+			if isOverflow(err) && e.inBurst() {
+				ownBurst.Store(true)
+				klog.InfoS("netlink events overflowed while leased programmed many kernel objects; subscribing again, the kernel is compared in full at the next resync", "kind", kind, "err", err)
+				return
+			}
+			klog.ErrorS(err, "netlink subscription failed; subscribing again", "kind", kind)
 		})
 		if err != nil {
 			klog.ErrorS(err, "subscribing to netlink events", "kind", kind)
 			close(done)
 		} else {
-			e.kickPass()
+			if ownBurst.Swap(false) {
+				// The lost events were mostly the agent's own: compare
+				// the kernel in full at the next resync, once the
+				// burst's memory is free, not at once at its peak.
+				e.passDue.Store(true)
+			} else {
+				e.kickPass()
+			}
 			consume(ctx, ch, relevant, e.kickPass)
 			close(done)
 			go func() { // let the library's reader finish and close ch

@@ -209,7 +209,10 @@ func TestStartOnFakeKernel(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			b := assemble(cfg, tc.ext, tc.opts, k, dp)
+			b, err := assemble(cfg, tc.ext, tc.opts, k, dp)
+			if err != nil {
+				t.Fatal(err)
+			}
 			t.Cleanup(func() { b.(Closer).Close() })
 			ctx := context.Background()
 			if err := b.Start(ctx, tc.local); err != nil {
@@ -297,13 +300,13 @@ func checkAnswers(t *testing.T, k *fakeKernel, slice netip.Prefix) {
 	}
 	c := conns[0]
 	in, out := slice.Addr().Next(), netip.MustParseAddr("2001:db8:ab11:0:8001::5")
-	if !c.passes(testutil.NSFrame(t, ndpRouterMAC, ndpRouter, in, true)) {
+	if !c.passes(testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, in, true)) {
 		t.Errorf("the socket's filter drops a solicitation for %s, in the slice", in)
 	}
-	if c.passes(testutil.NSFrame(t, ndpRouterMAC, ndpRouter, out, true)) {
+	if c.passes(testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, out, true)) {
 		t.Errorf("the socket's filter passes a solicitation for %s, outside the slice", out)
 	}
-	c.in <- testutil.NSFrame(t, ndpRouterMAC, ndpRouter, in, true)
+	c.in <- testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, in, true)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		c.mu.Lock()
@@ -346,7 +349,11 @@ func TestCheckOnFakeKernel(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		return assemble(cfg, ext, Options{}, k, dp)
+		b, err := assemble(cfg, ext, Options{}, k, dp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
 	}
 	b := newB()
 	if err := b.Start(context.Background(), local); err != nil {
@@ -402,7 +409,10 @@ func TestTeardownOnFakeKernel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := assemble(cfg, fakeExt, Options{IPMasq: true}, k, dp)
+	b, err := assemble(cfg, fakeExt, Options{IPMasq: true}, k, dp)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := b.Start(context.Background(), localA()); err != nil {
 		t.Fatal(err)
 	}
@@ -493,7 +503,11 @@ func TestCheckProxyNDPOnFakeKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 	local := Local{Node: "a", Subnet6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/80"), Network6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")}
-	d, err := Check(context.Background(), assemble(cfg, ndpExt, Options{}, k, dp), local, nil)
+	b, err := assemble(cfg, ndpExt, Options{}, k, dp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := Check(context.Background(), b, local, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

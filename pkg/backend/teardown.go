@@ -105,7 +105,7 @@ func teardownKernel(k kernel) (removed []string, err error) {
 			removed = append(removed, descs[i])
 		}
 	}
-	if nk, ok := k.(nexthopKernel); ok {
+	if nk := k.Nexthops(); nk != nil {
 		// The nexthop objects of those routes (protocol RouteProtocol);
 		// others' are left alone. A kernel without them has none.
 		nhs, err := nk.NexthopList()
@@ -161,8 +161,8 @@ func teardownKernel(k kernel) (removed []string, err error) {
 // matches a route through a nexthop object (a delete naming its gateway
 // and device does not).
 func delOwnRoutes(k kernel, rs []*netlink.Route) []error {
-	nk, ok := k.(nexthopKernel)
-	if !ok {
+	nk := k.Nexthops()
+	if nk == nil {
 		return k.RoutesDel(rs)
 	}
 	del := make([]nhRoute, len(rs))

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/internal/atomicfile"
 )
 
 // Name is the driver name users give Docker: --ipam-driver=leased.
@@ -379,7 +381,7 @@ func (d *Driver) save() error {
 	}
 	data = append(data, '\n')
 	if err := writeAtomic(d.path, data); err != nil {
-		return fmt.Errorf("saving the leased Docker IPAM state %s (check the directory is writable; --docker-ipam-state): %w", d.path, err)
+		return fmt.Errorf("saving the leased Docker IPAM state (--docker-ipam-state): %w", err)
 	}
 	d.changed()
 	return nil
@@ -400,36 +402,18 @@ func (d *Driver) changed() {
 	d.onChange(n4, n6)
 }
 
+// writeAtomic replaces the file at path with data (mode 0644), creating
+// its directory (0755) if missing; see atomicfile.Write. A failed sync of
+// the directory after the rename is logged, not returned: the new content
+// is in place and the caller's state must match it.
 func writeAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("creating the directory of %s: %w", path, err)
 	}
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
+	err := atomicfile.Write(path, data, 0o644)
+	if errors.Is(err, atomicfile.ErrDirSync) {
+		klog.ErrorS(err, "saved the Docker IPAM state, but a crash may bring back its previous content; check the file system's health")
+		return nil
 	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	if f, err := os.Open(dir); err == nil {
-		f.Sync()
-		f.Close()
-	}
-	return nil
+	return err
 }

@@ -281,14 +281,7 @@ func TestListenRefusesLiveSocket(t *testing.T) {
 // When the host's lease changes, the agent's log names every pool left
 // outside it and says what to do, once per change.
 func TestLeaseChangeIsLogged(t *testing.T) {
-	var buf testutil.SyncBuffer // klog's flush daemon writes too
-	klog.LogToStderr(false)
-	klog.SetOutput(&buf)
-	t.Cleanup(func() {
-		klog.Flush()
-		klog.SetOutput(os.Stderr)
-		klog.LogToStderr(true)
-	})
+	buf := testutil.CaptureKlog(t)
 	d, err := New(filepath.Join(t.TempDir(), "ipam.json"), DefaultSplit, nil)
 	if err != nil {
 		t.Fatal(err)

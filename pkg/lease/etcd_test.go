@@ -6,6 +6,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 func newSession(t testing.TB, cli *clientv3.Client, ttl int) *Session {
@@ -16,6 +18,14 @@ func newSession(t testing.TB, cli *clientv3.Client, ttl int) *Session {
 	}
 	t.Cleanup(func() { s.Orphan() })
 	return s
+}
+
+// startRegistry starts an etcd member (etcdtest.Start) and returns its
+// client, a registry under the default prefix and the config js.
+func startRegistry(t testing.TB, js string) (*clientv3.Client, *Registry, *Config) {
+	t.Helper()
+	_, cli := etcdtest.Start(t)
+	return cli, NewRegistry(cli, ""), mustConfig(t, js)
 }
 
 func mustConfig(t testing.TB, js string) *Config {

@@ -81,9 +81,7 @@ func TestAcquireSkipsExcluded(t *testing.T) {
 // In a huge range the random pick and the gap search both avoid
 // exclusions much larger than a subnet.
 func TestAcquireSkipsExcludedHugeRange(t *testing.T) {
-	_, cli := etcdtest.Start(t)
-	reg := NewRegistry(cli, "")
-	cfg := mustConfig(t, `{"IPv6Network":"2001:db8::/46","IPv6SubnetLen":64}`)
+	cli, reg, cfg := startRegistry(t, `{"IPv6Network":"2001:db8::/46","IPv6SubnetLen":64}`)
 	ex := []Excluded{{Prefix: netip.MustParsePrefix("2001:db8::/47")}, {Prefix: netip.MustParsePrefix("2001:db8:2::/48")}}
 	free := netip.MustParsePrefix("2001:db8:3::/48")
 	for i := range 20 {

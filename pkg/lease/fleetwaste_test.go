@@ -8,8 +8,6 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-
-	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 // An agent restart that keeps its subnets does not write its affinity
@@ -17,9 +15,7 @@ import (
 // the record and the lock, which move to the new etcd lease, and nothing
 // else. A changed subnet still updates the affinity.
 func TestRestartDoesNotRewriteAffinity(t *testing.T) {
-	_, cli := etcdtest.Start(t)
-	cfg := mustConfig(t, `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
-	reg := NewRegistry(cli, "")
+	cli, reg, cfg := startRegistry(t, `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
 	first := newSession(t, cli, 30)
 	rec, err := reg.Acquire(ctxT(t), first.Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1")})
 	if err != nil {

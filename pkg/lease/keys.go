@@ -103,3 +103,51 @@ func ValidNodeName(name string) error {
 	}
 	return nil
 }
+
+// What a host follows of the prefix, in one place. The keys sort as
+//
+//	config < leases/ < nodes/ < reservations/ < subnets/ < subnets6/
+//
+// so one range, from Config up to (not including) "<prefix>/leases0"
+// ('0' is the byte after '/'), holds exactly the config and the lease
+// records: the peer watch (Registry.Watch) watches that range and is sent
+// nothing else. A join, a restart or an expiry of another host then costs
+// each watching host one event (its record), not one per key the host
+// writes. The host's own subnet locks are watched one by one
+// (Registry.WatchLocks), for the ownership checks; affinity and
+// reservations are read when the host claims. A key kind added to the
+// layout must be added to keyKinds (TestWatchCoversEveryKeyKind fails
+// otherwise), saying which of these follows it.
+
+// PeerRange returns the key range [start, end) the peer watch follows:
+// the config key and every lease record, nothing else.
+func (k Keys) PeerRange() (start, end string) {
+	return k.Config(), k.prefix + "/leases0"
+}
+
+// follow says how a running host learns of changes to one kind of key.
+type follow int
+
+const (
+	followPeerRange follow = iota // in PeerRange: Registry.Watch
+	followOwnLocks                // the host's own locks only: Registry.WatchLocks
+	followOnClaim                 // read when the host claims (Acquire), not watched
+)
+
+// keyKind is one kind of key of the layout, with an example key.
+type keyKind struct {
+	name   string
+	key    func(Keys) string
+	follow follow
+}
+
+// keyKinds lists every kind of key leased writes or reads under the
+// prefix and how a running host follows it.
+var keyKinds = []keyKind{
+	{"config", func(k Keys) string { return k.Config() }, followPeerRange},
+	{"lease record", func(k Keys) string { return k.Lease("host-1") }, followPeerRange},
+	{"affinity", func(k Keys) string { return k.Node("host-1") }, followOnClaim},
+	{"reservation", func(k Keys) string { return k.Reservation("host-1") }, followOnClaim},
+	{"IPv4 lock", func(k Keys) string { return k.SubnetLock(netip.MustParsePrefix("10.1.2.0/24")) }, followOwnLocks},
+	{"IPv6 lock", func(k Keys) string { return k.SubnetLock(netip.MustParsePrefix("2001:db8:1::/64")) }, followOwnLocks},
+}

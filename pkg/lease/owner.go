@@ -9,13 +9,14 @@ import (
 	"io/fs"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/leased/leased/internal/atomicfile"
 )
 
 // ErrNotHeld is wrapped by Publish's error when the node's record or one of
@@ -154,7 +155,8 @@ func (o OwnLeases) Load() (ids []clientv3.LeaseID, ok bool, err error) {
 	return ids, true, nil
 }
 
-// Save writes ids (the last ownLeasesMax of them) for o.Node, atomically.
+// Save writes ids (the last ownLeasesMax of them) for o.Node, atomically,
+// mode 0600 (see atomicfile.Write).
 func (o OwnLeases) Save(ids []clientv3.LeaseID) error {
 	if len(ids) > ownLeasesMax {
 		ids = ids[len(ids)-ownLeasesMax:]
@@ -165,21 +167,5 @@ func (o OwnLeases) Save(ids []clientv3.LeaseID) error {
 	for _, id := range ids {
 		fmt.Fprintf(&b, "%x\n", uint64(id))
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(o.Path), ".own-leases-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.WriteString(b.String()); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), o.Path)
+	return atomicfile.Write(o.Path, []byte(b.String()), 0o600)
 }

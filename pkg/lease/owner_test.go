@@ -142,9 +142,7 @@ func TestSameNodeNameConcurrentClaims(t *testing.T) {
 // previous run in Claim.Own, and without any history (first start after a
 // reboot or an upgrade) when the record names this host's addresses.
 func TestRestartOnSameMachineKeepsSubnet(t *testing.T) {
-	_, cli := etcdtest.Start(t)
-	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
-	reg := NewRegistry(cli, "")
+	cli, reg, cfg := startRegistry(t, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
 	ip := netip.MustParseAddr("192.0.2.1")
 	s1 := newSession(t, cli, 30)
 	first, err := reg.Acquire(ctxT(t), s1.Lease(), cfg, Claim{Node: "h", PublicIP: ip, NoHistory: true})
@@ -175,9 +173,7 @@ func TestRestartOnSameMachineKeepsSubnet(t *testing.T) {
 // moves to the reservation. A host serving a subnet reserved for another
 // node keeps it too.
 func TestReservationDoesNotMoveServingHost(t *testing.T) {
-	_, cli := etcdtest.Start(t)
-	cfg := mustConfig(t, `{"Network":"10.100.0.0/16"}`)
-	reg := NewRegistry(cli, "")
+	cli, reg, cfg := startRegistry(t, `{"Network":"10.100.0.0/16"}`)
 	sess := newSession(t, cli, 30)
 	ip := netip.MustParseAddr("192.0.2.1")
 	held, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "h", PublicIP: ip})
@@ -223,9 +219,7 @@ func TestReservationDoesNotMoveServingHost(t *testing.T) {
 
 // Publish never rewrites a record another host took.
 func TestPublishRefusesForeignRecord(t *testing.T) {
-	_, cli := etcdtest.Start(t)
-	cfg := mustConfig(t, `{"Network":"10.100.0.0/16"}`)
-	reg := NewRegistry(cli, "")
+	cli, reg, cfg := startRegistry(t, `{"Network":"10.100.0.0/16"}`)
 	sess := newSession(t, cli, 30)
 	rec, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "h", PublicIP: netip.MustParseAddr("192.0.2.1")})
 	if err != nil {
@@ -247,8 +241,8 @@ func TestPublishRefusesForeignRecord(t *testing.T) {
 	}
 }
 
-// The lease file round-trips, keeps the newest IDs, and is ignored for
-// another node name.
+// The lease file round-trips, keeps the newest IDs, is readable by root
+// only, and is ignored for another node name.
 func TestOwnLeasesFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "own-leases")
 	o := OwnLeases{Path: path, Node: "h"}
@@ -261,6 +255,11 @@ func TestOwnLeasesFile(t *testing.T) {
 	}
 	if err := o.Save(all); err != nil {
 		t.Fatal(err)
+	}
+	if fi, err := os.Stat(path); err != nil {
+		t.Fatal(err)
+	} else if fi.Mode() != 0o600 {
+		t.Errorf("the file's mode is %v, want 0600: it is this machine's alone", fi.Mode())
 	}
 	ids, ok, err := o.Load()
 	if !ok || err != nil || !slices.Equal(ids, all[len(all)-ownLeasesMax:]) {

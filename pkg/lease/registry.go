@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"k8s.io/klog/v2"
 )
@@ -109,6 +110,35 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 	if err := ValidNodeName(c.Node); err != nil {
 		return nil, err
 	}
+	st, err := r.readClaim(ctx, leaseID, c)
+	if err != nil {
+		return nil, err
+	}
+	fams, err := st.families(cfg, c, r.keys)
+	if err != nil {
+		return nil, err
+	}
+	return r.claim(ctx, leaseID, c, st, fams)
+}
+
+// claimState is what Acquire read of the node's keys before it claims.
+type claimState struct {
+	own    ownSet  // the etcd leases whose keys of the node are this host's
+	prev   *Record // the node's lease record; nil when there is none or it is malformed
+	cur    stored  // the node's record as read; Rev 0 when there is none
+	aff    affinity
+	affVal []byte // the affinity record as stored; nil when there is none
+	// mine is the node's reservation; reservedForOthers the subnets
+	// reserved for other nodes.
+	mine              affinity
+	reservedForOthers map[netip.Prefix]string
+}
+
+// readClaim reads, in one transaction, the node's lease record, its
+// affinity record and every reservation. It returns a *ConflictError when
+// the node's record is held under an etcd lease that is not this host's
+// (see Claim.Own).
+func (r *Registry) readClaim(ctx context.Context, leaseID clientv3.LeaseID, c Claim) (*claimState, error) {
 	k := r.keys
 	resp, err := r.cli.Txn(ctx).Then(
 		clientv3.OpGet(k.Lease(c.Node)),
@@ -118,68 +148,87 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 	if err != nil {
 		return nil, fmt.Errorf("reading lease records of %s: %w", c.Node, err)
 	}
-	own := ownSet{int64(leaseID): true}
+	st := &claimState{own: ownSet{int64(leaseID): true}}
 	for _, id := range c.Own {
-		own[int64(id)] = true
+		st.own[int64(id)] = true
 	}
-	var prev *Record
-	var recRev int64 // mod revision of the node's record; 0 when there is none
 	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
-		kv := kvs[0]
-		rec, derr := DecodeRecord(c.Node, kv.Value)
-		if !own[kv.Lease] {
-			if c.NoHistory && derr == nil && kv.Lease != 0 && sameAddrs(rec, c) {
-				klog.InfoS("taking over the lease keys of this host's previous run (same node name and public addresses)", "node", c.Node, "lease", fmt.Sprintf("%x", kv.Lease))
-				own[kv.Lease] = true
-			} else {
-				return nil, r.conflict(ctx, c.Node, string(kv.Key), kv)
-			}
-		}
-		recRev = kv.ModRevision
-		if prev = rec; derr != nil {
-			klog.Warningf("ignoring this node's own malformed lease record: %v", derr)
-			prev = nil
-		} else {
-			prev.Lease = kv.Lease
+		if err := r.adoptRecord(ctx, c, kvs[0], st); err != nil {
+			return nil, err
 		}
 	}
-	var aff affinity
-	var affVal []byte // the affinity record as stored; nil when there is none
 	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
-		aff, _ = decodeAffinity(kvs[0].Value)
-		affVal = kvs[0].Value
+		st.aff, _ = decodeAffinity(kvs[0].Value)
+		st.affVal = kvs[0].Value
 	}
-	var mine affinity
-	reservedForOthers := map[netip.Prefix]string{}
-	for _, kv := range resp.Responses[2].GetResponseRange().Kvs {
-		node := strings.TrimPrefix(string(kv.Key), k.Reservations())
+	st.mine, st.reservedForOthers = r.reservations(c.Node, resp.Responses[2].GetResponseRange().Kvs)
+	return st, nil
+}
+
+// adoptRecord sets st.prev and st.cur from the node's lease record kv,
+// if it is this host's own: held under one of st.own, or, with
+// c.NoHistory, naming exactly this host's public addresses (then its lease
+// joins st.own). Otherwise it returns a *ConflictError.
+func (r *Registry) adoptRecord(ctx context.Context, c Claim, kv *mvccpb.KeyValue, st *claimState) error {
+	rec, derr := DecodeRecord(c.Node, kv.Value)
+	if !st.own[kv.Lease] {
+		if c.NoHistory && derr == nil && kv.Lease != 0 && sameAddrs(rec, c) {
+			klog.InfoS("taking over the lease keys of this host's previous run (same node name and public addresses)", "node", c.Node, "lease", fmt.Sprintf("%x", kv.Lease))
+			st.own[kv.Lease] = true
+		} else {
+			return r.conflict(ctx, c.Node, string(kv.Key), kv)
+		}
+	}
+	st.cur = stored{Rev: kv.ModRevision, Value: kv.Value, Lease: kv.Lease}
+	if st.prev = rec; derr != nil {
+		klog.Warningf("ignoring this node's own malformed lease record: %v", derr)
+		st.prev = nil
+	} else {
+		st.prev.Lease = kv.Lease
+	}
+	return nil
+}
+
+// reservations returns node's reservation and the subnets reserved for
+// other nodes, from the reservation keys kvs; malformed ones are logged
+// and ignored.
+func (r *Registry) reservations(node string, kvs []*mvccpb.KeyValue) (mine affinity, reservedForOthers map[netip.Prefix]string) {
+	reservedForOthers = map[netip.Prefix]string{}
+	for _, kv := range kvs {
+		other := strings.TrimPrefix(string(kv.Key), r.keys.Reservations())
 		a, err := decodeAffinity(kv.Value)
 		if err != nil {
 			klog.Warningf("ignoring malformed reservation %s: %v", kv.Key, err)
 			continue
 		}
-		if node == c.Node {
+		if other == node {
 			mine = a
 			continue
 		}
 		for _, s := range []netip.Prefix{a.Subnet, a.IPv6Subnet} {
 			if s.IsValid() {
-				reservedForOthers[s] = node
+				reservedForOthers[s] = other
 			}
 		}
 	}
+	return mine, reservedForOthers
+}
 
+// families returns Acquire's state for each family cfg enables, with the
+// subnets to try first in the order Acquire documents, and logs a
+// reservation it cannot or will not use.
+func (st *claimState) families(cfg *Config, c Claim, k Keys) ([]*family, error) {
 	fams := []*family{}
 	if cfg.IPv4 != nil {
-		f := &family{pool: cfg.IPv4, taken: map[netip.Prefix]bool{}, reserved: reservedForOthers, own: own,
-			keep: c.Keep4, reservation: mine.Subnet}
-		f.prefs = []netip.Prefix{c.Keep4, mine.Subnet, prev.subnet4(), aff.Subnet, c.Hint4}
+		f := &family{pool: cfg.IPv4, taken: map[netip.Prefix]bool{}, reserved: st.reservedForOthers, own: st.own,
+			keep: c.Keep4, reservation: st.mine.Subnet}
+		f.prefs = []netip.Prefix{c.Keep4, st.mine.Subnet, st.prev.subnet4(), st.aff.Subnet, c.Hint4}
 		fams = append(fams, f)
 	}
 	if cfg.IPv6 != nil {
-		f := &family{pool: cfg.IPv6, taken: map[netip.Prefix]bool{}, reserved: reservedForOthers, own: own,
-			keep: c.Keep6, reservation: mine.IPv6Subnet}
-		f.prefs = []netip.Prefix{c.Keep6, mine.IPv6Subnet, prev.subnet6(), aff.IPv6Subnet, c.Hint6}
+		f := &family{pool: cfg.IPv6, taken: map[netip.Prefix]bool{}, reserved: st.reservedForOthers, own: st.own,
+			keep: c.Keep6, reservation: st.mine.IPv6Subnet}
+		f.prefs = []netip.Prefix{c.Keep6, st.mine.IPv6Subnet, st.prev.subnet6(), st.aff.IPv6Subnet, c.Hint6}
 		fams = append(fams, f)
 	}
 	if len(fams) == 0 {
@@ -194,7 +243,12 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 			klog.InfoS("this host serves another subnet than its reservation; it keeps the one it serves (restart leased to move it to the reservation)", "node", c.Node, "serves", f.keep, "reserved", r)
 		}
 	}
+	return fams, nil
+}
 
+// claim picks a candidate per family and commits them with the node's
+// record, picking again after each lost race, until a commit succeeds.
+func (r *Registry) claim(ctx context.Context, leaseID clientv3.LeaseID, c Claim, st *claimState, fams []*family) (*Record, error) {
 	for attempt := 0; ; attempt++ {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -204,22 +258,8 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 				return nil, err
 			}
 		}
-		rec := &Record{
-			Node: c.Node, PublicIP: c.PublicIP, PublicIPv6: c.PublicIPv6,
-			BackendType: c.BackendType, BackendData: c.BackendData,
-			Acquired: time.Now().UTC().Truncate(time.Second),
-		}
-		for _, f := range fams {
-			if f.cand.Addr().Is4() {
-				rec.Subnet = f.cand
-			} else {
-				rec.IPv6Subnet = f.cand
-			}
-		}
-		if prev != nil && prev.Subnet == rec.Subnet && prev.IPv6Subnet == rec.IPv6Subnet && !prev.Acquired.IsZero() {
-			rec.Acquired = prev.Acquired
-		}
-		ok, err := r.commit(ctx, leaseID, rec, prev, &recRev, affVal, fams)
+		rec := st.record(c, fams)
+		ok, err := r.commit(ctx, leaseID, rec, st.prev, &st.cur, st.affVal, fams)
 		if err != nil {
 			return nil, err
 		}
@@ -229,6 +269,28 @@ func (r *Registry) Acquire(ctx context.Context, leaseID clientv3.LeaseID, cfg *C
 		}
 		klog.V(2).InfoS("claim lost a race, trying another subnet", "node", c.Node, "attempt", attempt+1)
 	}
+}
+
+// record returns the lease record for the candidates of fams; it keeps the
+// previous record's acquisition time when the subnets are the same.
+func (st *claimState) record(c Claim, fams []*family) *Record {
+	rec := &Record{
+		Node: c.Node, PublicIP: c.PublicIP, PublicIPv6: c.PublicIPv6,
+		BackendType: c.BackendType, BackendData: c.BackendData,
+		Acquired: time.Now().UTC().Truncate(time.Second),
+	}
+	for _, f := range fams {
+		if f.cand.Addr().Is4() {
+			rec.Subnet = f.cand
+		} else {
+			rec.IPv6Subnet = f.cand
+		}
+	}
+	prev := st.prev
+	if prev != nil && prev.Subnet == rec.Subnet && prev.IPv6Subnet == rec.IPv6Subnet && !prev.Acquired.IsZero() {
+		rec.Acquired = prev.Acquired
+	}
+	return rec
 }
 
 // family is Acquire's per-address-family state.
@@ -249,9 +311,18 @@ type family struct {
 	excluded   []Excluded
 	loggedSkip map[netip.Prefix]bool
 
-	cand    netip.Prefix // the candidate of this attempt
-	modRev  int64        // mod revision of cand's lock when it is already ours
-	ownLock bool
+	cand      netip.Prefix // the candidate of this attempt
+	modRev    int64        // mod revision of cand's lock when it is already ours
+	lockLease int64        // the etcd lease of cand's lock when it is already ours
+	ownLock   bool
+}
+
+// stored is a key as read from etcd: its mod revision (0: it does not
+// exist), value and etcd lease.
+type stored struct {
+	Rev   int64
+	Value []byte
+	Lease int64
 }
 
 func (r *Record) subnet4() netip.Prefix {
@@ -286,7 +357,7 @@ func (r *Registry) pick(ctx context.Context, f *family, node string) error {
 	if f.usable(f.cand) {
 		return nil
 	}
-	f.ownLock, f.modRev = false, 0
+	f.ownLock, f.modRev, f.lockLease = false, 0, 0
 	for _, s := range f.prefs {
 		if f.usable(s) {
 			f.cand = s
@@ -405,12 +476,12 @@ func (r *Registry) listTaken(ctx context.Context, f *family, node string) error 
 
 // commit runs the claim transaction. It reports false when another node
 // holds a candidate (recorded in the family's taken set) or the candidate's
-// lock or the node's record changed under us; *recRev is the mod revision
-// of the node's record as last read (0: none). It returns a
+// lock or the node's record changed under us; *cur is the node's record
+// as last read (Rev 0: none). It returns a
 // *ConflictError when another host with the same node name holds the
 // record or a candidate's lock. oldAff is the node's affinity record as
 // read before the claim (nil: none).
-func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, prev *Record, recRev *int64, oldAff []byte, fams []*family) (bool, error) {
+func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, prev *Record, cur *stored, oldAff []byte, fams []*family) (bool, error) {
 	k := r.keys
 	lease := clientv3.WithLease(leaseID)
 	val, err := json.Marshal(rec)
@@ -427,19 +498,29 @@ func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, pr
 		} else {
 			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(key), "=", 0))
 		}
-		thens = append(thens, clientv3.OpPut(key, rec.Node, lease))
+		// A lock that is already this host's under this very etcd lease
+		// (a restart that resumed its lease, see ResumeSession) is left
+		// as it is: a put of the same value would still send every
+		// watcher of the key an event.
+		if !f.ownLock || f.lockLease != int64(leaseID) {
+			thens = append(thens, clientv3.OpPut(key, rec.Node, lease))
+		}
 		elses = append(elses, clientv3.OpGet(key))
 	}
 	// The record is this host's to write only while it is the one read
 	// (this host's own) or there is none: never another host's.
 	recKey := k.Lease(rec.Node)
-	if *recRev != 0 {
-		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(recKey), "=", *recRev))
+	if cur.Rev != 0 {
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(recKey), "=", cur.Rev))
 	} else {
 		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(recKey), "=", 0))
 	}
 	elses = append(elses, clientv3.OpGet(recKey))
-	thens = append(thens, clientv3.OpPut(recKey, string(val), lease))
+	// Likewise the record, when it already says exactly this under this
+	// etcd lease: then the claim writes nothing at all.
+	if cur.Rev == 0 || cur.Lease != int64(leaseID) || !bytes.Equal(cur.Value, val) {
+		thens = append(thens, clientv3.OpPut(recKey, string(val), lease))
+	}
 	// The affinity record has no lease, so a claim that keeps the subnets
 	// (an agent restart) need not write it again: an unchanged write
 	// would only send every watcher of the prefix one more event. Only
@@ -473,24 +554,25 @@ func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, pr
 		return true, nil
 	}
 	if kvs := resp.Responses[len(fams)].GetResponseRange().Kvs; len(kvs) > 0 {
-		if kv := kvs[0]; kv.ModRevision != *recRev {
+		if kv := kvs[0]; kv.ModRevision != cur.Rev {
 			if !fams[0].own[kv.Lease] {
 				return false, r.conflict(ctx, rec.Node, recKey, kv)
 			}
-			*recRev = kv.ModRevision // rewritten by this host (an earlier run)
+			// rewritten by this host (an earlier run)
+			*cur = stored{Rev: kv.ModRevision, Value: kv.Value, Lease: kv.Lease}
 		}
 	} else {
-		*recRev = 0 // gone (expired, or deleted by hand)
+		*cur = stored{} // gone (expired, or deleted by hand)
 	}
 	for i, f := range fams {
 		kvs := resp.Responses[i].GetResponseRange().Kvs
 		switch {
 		case len(kvs) == 0:
 			// Free now (it was ours with another revision, or was released).
-			f.ownLock, f.modRev = false, 0
+			f.ownLock, f.modRev, f.lockLease = false, 0, 0
 		case string(kvs[0].Value) == rec.Node && f.own[kvs[0].Lease]:
 			// Already ours (a previous run of this host): take it over.
-			f.ownLock, f.modRev = true, kvs[0].ModRevision
+			f.ownLock, f.modRev, f.lockLease = true, kvs[0].ModRevision, kvs[0].Lease
 		case string(kvs[0].Value) == rec.Node:
 			return false, r.conflict(ctx, rec.Node, string(kvs[0].Key), kvs[0])
 		default:

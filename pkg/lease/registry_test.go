@@ -110,9 +110,7 @@ func TestConcurrentClaimsDistinct(t *testing.T) {
 // A node gets its subnets back after a restart (new session while the old
 // lease lives) and after its lease expired, keyed by node name.
 func TestReclaimAfterRestartAndExpiry(t *testing.T) {
-	_, cli := etcdtest.Start(t)
-	cfg := mustConfig(t, `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
-	reg := NewRegistry(cli, "")
+	cli, reg, cfg := startRegistry(t, `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
 	firstSess := newSession(t, cli, 2)
 	first, err := reg.Acquire(ctxT(t), firstSess.Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1")})
 	if err != nil {
@@ -160,9 +158,7 @@ func TestReclaimAfterRestartAndExpiry(t *testing.T) {
 
 // A real TTL expiry frees the subnet lock and the record.
 func TestLeaseExpiresWithTTL(t *testing.T) {
-	_, cli := etcdtest.Start(t)
-	cfg := mustConfig(t, `{"Network":"10.100.0.0/16"}`)
-	reg := NewRegistry(cli, "")
+	cli, reg, cfg := startRegistry(t, `{"Network":"10.100.0.0/16"}`)
 	sess := newSession(t, cli, 2)
 	rec, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "dying", PublicIP: netip.MustParseAddr("192.0.2.1")})
 	if err != nil {
@@ -188,10 +184,8 @@ func TestLeaseExpiresWithTTL(t *testing.T) {
 }
 
 func TestExhaustionAndReservation(t *testing.T) {
-	_, cli := etcdtest.Start(t)
 	// The cookbook's example: room for exactly three /25s.
-	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","SubnetLen":25,"SubnetMin":"10.100.0.0","SubnetMax":"10.100.1.0"}`)
-	reg := NewRegistry(cli, "")
+	cli, reg, cfg := startRegistry(t, `{"Network":"10.100.0.0/16","SubnetLen":25,"SubnetMin":"10.100.0.0","SubnetMax":"10.100.1.0"}`)
 	// Reserve 10.100.0.128/25 for "pinned".
 	if _, err := cli.Put(ctxT(t), reg.Keys().Reservation("pinned"), `{"Subnet":"10.100.0.128/25"}`); err != nil {
 		t.Fatal(err)
@@ -227,9 +221,7 @@ func TestExhaustionAndReservation(t *testing.T) {
 // Candidate choice is independent of the range size: a /32 with /64s
 // (2^32 candidates) leases like a small range.
 func TestHugeRangeAndNearlyFull(t *testing.T) {
-	_, cli := etcdtest.Start(t)
-	reg := NewRegistry(cli, "")
-	huge := mustConfig(t, `{"IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
+	cli, reg, huge := startRegistry(t, `{"IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
 	if _, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), huge, Claim{Node: "x"}); err != nil {
 		t.Fatal(err)
 	}

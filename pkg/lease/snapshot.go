@@ -9,12 +9,12 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"path/filepath"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"k8s.io/klog/v2"
 
+	"github.com/leased/leased/internal/atomicfile"
 	"github.com/leased/leased/pkg/metrics"
 )
 
@@ -44,25 +44,14 @@ type SnapshotHeader struct {
 	Leases int `json:"-"`
 }
 
-// SaveSnapshot writes v atomically (temp file, rename) to path.
+// SaveSnapshot writes v atomically to path, mode 0600 (see
+// atomicfile.Write).
 func SaveSnapshot(path, prefix string, v *View) error {
 	data, err := EncodeSnapshot(prefix, v)
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".leases-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return atomicfile.Write(path, data, 0o600)
 }
 
 // EncodeSnapshot returns v in the snapshot format (see above), as

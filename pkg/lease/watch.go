@@ -16,6 +16,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"k8s.io/klog/v2"
 
+	"github.com/leased/leased/internal/hoptrace"
 	"github.com/leased/leased/pkg/metrics"
 )
 
@@ -85,8 +86,9 @@ type Batch struct {
 }
 
 // Watch lists the config and every lease record in one round trip, sends
-// that as a Reset batch, then watches the whole prefix from the listing's
-// revision onwards and sends each change. After a disconnect it resumes from
+// that as a Reset batch, then watches the same keys (Keys.PeerRange: the
+// config and the lease records, no lock, affinity or reservation key) from
+// the listing's revision onwards and sends each change. After a disconnect it resumes from
 // the last revision it delivered; when that revision has been compacted it
 // lists again (another Reset batch). Sends block until the consumer
 // receives. Watch returns ctx's error when ctx is done; it never closes out.
@@ -171,7 +173,8 @@ func (r *Registry) watchFrom(ctx context.Context, rev int64, out chan<- Batch) e
 	backoff := newBackoff()
 	for {
 		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
-		wch := r.cli.Watch(wctx, r.keys.Prefix(), clientv3.WithPrefix(), clientv3.WithRev(rev))
+		start, end := r.keys.PeerRange()
+		wch := r.cli.Watch(wctx, start, clientv3.WithRange(end), clientv3.WithRev(rev))
 		for resp := range wch {
 			if resp.CompactRevision != 0 || errors.Is(resp.Err(), rpctypes.ErrCompacted) {
 				cancel()
@@ -201,6 +204,11 @@ func (r *Registry) watchFrom(ctx context.Context, rev int64, out chan<- Batch) e
 			}
 			if len(b.Events) == 0 {
 				continue
+			}
+			if hoptrace.On {
+				for _, e := range b.Events {
+					hoptrace.Arrived(e.Node, len(b.Events))
+				}
 			}
 			select {
 			case out <- b:

@@ -47,6 +47,8 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+
+	"github.com/leased/leased/internal/atomicfile"
 )
 
 // Variable names in the file.
@@ -304,65 +306,27 @@ func quote(v string) string {
 // Write atomically replaces the file at path with e's content and reports
 // whether it changed anything. If the file already holds exactly that
 // content, Write leaves it alone (same inode and mtime) and returns false.
-// Otherwise it writes a temporary file in the same directory, syncs it, sets
-// mode 0644, renames it over path and syncs the directory, so that a reader
-// sees either the old or the new content, never a mix, even across a crash.
-// It creates the directory (mode 0755) if missing. e must pass Validate.
-// Concurrent Writes to one path are safe: the last rename wins. Errors do
-// not repeat path (the os errors they wrap name the files); the caller adds
-// it. A directory-sync failure returns changed=true with the error.
+// Otherwise it replaces the file, mode 0644, with atomicfile.Write, so that
+// a reader sees either the old or the new content, never a mix, even
+// across a crash. It creates the directory (mode 0755) if missing. e must
+// pass Validate. Concurrent Writes to one path are safe: the last rename
+// wins. Errors name path. A directory-sync failure (atomicfile.ErrDirSync)
+// returns changed=true with the error.
 func Write(path string, e Env) (changed bool, err error) {
 	if err := e.Validate(); err != nil {
-		return false, err
+		return false, fmt.Errorf("not writing %s: %w", path, err)
 	}
 	data := e.Render()
 	if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, data) {
 		return false, nil
 	}
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return false, fmt.Errorf("creating directory: %w", err)
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return false, fmt.Errorf("creating the directory of %s: %w", path, err)
 	}
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return false, fmt.Errorf("creating temporary file: %w", err)
-	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if _, err = tmp.Write(data); err != nil {
-		return false, fmt.Errorf("writing temporary file: %w", err)
-	}
-	if err = tmp.Chmod(0o644); err != nil {
-		return false, fmt.Errorf("setting mode of temporary file: %w", err)
-	}
-	if err = tmp.Sync(); err != nil {
-		return false, fmt.Errorf("syncing temporary file: %w", err)
-	}
-	if err = tmp.Close(); err != nil {
-		return false, fmt.Errorf("closing temporary file: %w", err)
-	}
-	if err = os.Rename(tmp.Name(), path); err != nil {
-		return false, fmt.Errorf("renaming temporary file into place: %w", err)
-	}
-	// The new content is in place; a failed directory sync only means the
-	// rename might not survive a crash, so it is reported but changed=true.
-	if err := syncDir(dir); err != nil {
-		return true, fmt.Errorf("syncing directory after rename: %w", err)
+	if err := atomicfile.Write(path, data, 0o644); err != nil {
+		return errors.Is(err, atomicfile.ErrDirSync), err
 	}
 	return true, nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // Read parses the file at path. An error for a missing file wraps

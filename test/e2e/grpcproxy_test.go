@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -11,7 +12,7 @@ import (
 
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/lab"
-	"github.com/leased/leased/pkg/lease"
+	"github.com/leased/leased/internal/testutil/etcdtest"
 )
 
 // Real agents whose only way to etcd is an etcd gRPC proxy in front of a
@@ -26,16 +27,7 @@ func TestConnectivityThroughGRPCProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(c.Stop)
-	p, err := etcdserver.StartGRPCProxy("proxy", filepath.Join(dir, "proxy"), c.Endpoints(), etcdserver.ProxyTLS{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("--- proxy log ---\n%s", p.Log())
-		}
-		p.Stop()
-	})
+	p := etcdtest.GRPCProxy(t, "proxy", filepath.Join(dir, "proxy"), c.Endpoints(), etcdserver.ProxyTLS{})
 	l := up(t, lab.Config{Hosts: 3, Backend: "host-gw", EtcdEndpoints: []string{p.ClientURL}})
 	check := func(when string) {
 		t.Helper()
@@ -68,23 +60,24 @@ func TestConnectivityThroughGRPCProxy(t *testing.T) {
 	if err := l.StartAgent(h); err != nil {
 		t.Fatal(err)
 	}
-	// The restarted agent claims again through the proxy, under a new
-	// etcd lease, and keeps its subnet.
+	// The restarted agent resumes its etcd lease through the proxy
+	// (TimeToLive, keep-alive) and keeps its subnet; its claim writes
+	// nothing: the record is the very one it left.
 	deadline := time.Now().Add(60 * time.Second)
-	for {
-		cur, err := member.Get(ctx(t), key)
-		if err == nil && len(cur.Kvs) == 1 && cur.Kvs[0].Lease != old.Kvs[0].Lease {
-			o, _ := lease.DecodeRecord(h.Name, old.Kvs[0].Value)
-			n, err := lease.DecodeRecord(h.Name, cur.Kvs[0].Value)
-			if err != nil || o == nil || n.Subnet != o.Subnet || n.IPv6Subnet != o.IPv6Subnet {
-				t.Errorf("the agent restarted through the proxy holds %s, want %s (%v)", cur.Kvs[0].Value, old.Kvs[0].Value, err)
-			}
-			break
-		}
+	resumedAndReady := func() bool {
+		log := l.LogTail(h, 200)
+		i := strings.LastIndex(log, "resuming the etcd lease of this host's previous run")
+		return i >= 0 && strings.Contains(log[i:], `"ready"`)
+	}
+	for !resumedAndReady() {
 		if time.Now().After(deadline) {
-			t.Fatalf("the restarted agent did not claim again within 60s; its log:\n%s", l.LogTail(h, 30))
+			t.Fatalf("the restarted agent did not resume its etcd lease and get ready within 60s; its log:\n%s", l.LogTail(h, 30))
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+	cur, err := member.Get(ctx(t), key)
+	if err != nil || len(cur.Kvs) != 1 || cur.Kvs[0].Lease != old.Kvs[0].Lease || cur.Kvs[0].ModRevision != old.Kvs[0].ModRevision {
+		t.Errorf("after a restart through the proxy the record is %v (%v), want the one before, unchanged: %v", cur.Kvs, err, old.Kvs)
 	}
 	check("after an agent restart through the proxy")
 }

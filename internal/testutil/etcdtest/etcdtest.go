@@ -89,3 +89,21 @@ func Proxy(t testing.TB, target string) *tcpproxy.Proxy {
 	t.Cleanup(func() { p.Close() })
 	return p
 }
+
+// GRPCProxy runs etcd's gRPC proxy (etcdserver.StartGRPCProxy) named name
+// in front of endpoints, with its files under dir, until t ends; a failed
+// test logs the proxy's output.
+func GRPCProxy(t testing.TB, name, dir string, endpoints []string, tls etcdserver.ProxyTLS) *etcdserver.Proc {
+	t.Helper()
+	p, err := etcdserver.StartGRPCProxy(name, dir, endpoints, tls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("--- %s log ---\n%s", name, p.Log())
+		}
+		p.Stop()
+	})
+	return p
+}

@@ -12,6 +12,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/leased/leased/internal/testutil"
 )
 
 // fakeKernel is the present mode's kernel for tests of its bookkeeping:
@@ -72,8 +74,11 @@ func (c *writeConn) Close() error                         { return nil }
 // a real kernel and counts the neighbour entries the probes leave.)
 func TestNDPPresentFloodBounded(t *testing.T) {
 	k := &fakeKernel{subbed: make(chan struct{})}
-	r := NewResponder(k, "eth0", 2, ModePresent)
-	r.cfg.Store(&Answer{Slice: ndpSlice, MAC: ndpHostMAC})
+	r, err := NewResponder(k, "eth0", 2, ModePresent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.cfg.Store(&Answer{Slice: testutil.NDPSlice, MAC: testutil.NDPHostMAC})
 	conn := &writeConn{}
 	r.f = conn
 	p := newPresence(k, 2, r)
@@ -88,9 +93,9 @@ func TestNDPPresentFloodBounded(t *testing.T) {
 	start := time.Now()
 	maxPending, maxProbed := 0, 0
 	for i := range targets {
-		a := ndpSlice.Addr().As16()
+		a := testutil.NDPSlice.Addr().As16()
 		binary.BigEndian.PutUint32(a[12:], uint32(0x1000+i))
-		p.solicited(solicitation{ethSrc: ndpRouterMAC, src: ndpRouter, dst: ndpRouter, target: netip.AddrFrom16(a)})
+		p.solicited(solicitation{ethSrc: testutil.NDPRouterMAC, src: testutil.NDPRouter, dst: testutil.NDPRouter, target: netip.AddrFrom16(a)})
 		if i%50 == 49 {
 			time.Sleep(time.Millisecond) // about 2 s in all: the probe budget refills
 		}
@@ -132,7 +137,7 @@ func TestNDPPresentFloodBounded(t *testing.T) {
 			t.Fatalf("%d remembered solicitations not expired after the flood", n)
 		}
 	}
-	p.solicited(solicitation{ethSrc: ndpRouterMAC, src: ndpRouter, dst: ndpRouter, target: real})
+	p.solicited(solicitation{ethSrc: testutil.NDPRouterMAC, src: testutil.NDPRouter, dst: testutil.NDPRouter, target: real})
 	k.mu.Lock()
 	events := k.events
 	k.mu.Unlock()

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"golang.org/x/net/bpf"
@@ -15,30 +16,22 @@ import (
 	"github.com/leased/leased/internal/testutil"
 )
 
-var (
-	ndpRouterMAC = [6]byte{0x02, 0, 0, 0, 0, 0x01}
-	ndpHostMAC   = [6]byte{0x02, 0, 0, 0, 0, 0x11}
-	ndpRouter    = netip.MustParseAddr("2001:db8:ab11::1")
-	ndpSlice     = netip.MustParsePrefix("2001:db8:ab11:0:8000::/80")
-	ndpNetwork   = netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")
-)
-
 func TestNDPParseAndAnswer(t *testing.T) {
 	target := netip.MustParseAddr("2001:db8:ab11:0:8000::42")
 	lladdr := netip.MustParseAddr("fe80::11")
 	for _, sll := range []bool{true, false} {
 		var s solicitation
-		if err := parseNS(testutil.NSFrame(t, ndpRouterMAC, ndpRouter, target, sll), &s); err != nil {
+		if err := parseNS(testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, target, sll), &s); err != nil {
 			t.Fatalf("parseNS(sll=%v): %v", sll, err)
 		}
-		if s.src != ndpRouter || s.target != target || s.hasSLL != sll || s.ethSrc != ndpRouterMAC || s.dad() {
+		if s.src != testutil.NDPRouter || s.target != target || s.hasSLL != sll || s.ethSrc != testutil.NDPRouterMAC || s.dad() {
 			t.Fatalf("parsed %+v", s)
 		}
-		na := appendNA(nil, &s, ndpHostMAC, lladdr)
+		na := appendNA(nil, &s, testutil.NDPHostMAC, lladdr)
 		if len(na) != naLen {
 			t.Fatalf("NA is %d bytes, want %d", len(na), naLen)
 		}
-		if !bytes.Equal(na[0:6], ndpRouterMAC[:]) || !bytes.Equal(na[6:12], ndpHostMAC[:]) || binary.BigEndian.Uint16(na[12:]) != 0x86dd {
+		if !bytes.Equal(na[0:6], testutil.NDPRouterMAC[:]) || !bytes.Equal(na[6:12], testutil.NDPHostMAC[:]) || binary.BigEndian.Uint16(na[12:]) != 0x86dd {
 			t.Errorf("Ethernet header % x", na[:14])
 		}
 		h, err := ipv6.ParseHeader(na[14:])
@@ -46,7 +39,7 @@ func TestNDPParseAndAnswer(t *testing.T) {
 			t.Fatal(err)
 		}
 		if h.Version != 6 || h.NextHeader != 58 || h.HopLimit != 255 || h.PayloadLen != 32 ||
-			!h.Src.Equal(net.IP(lladdr.AsSlice())) || !h.Dst.Equal(net.IP(ndpRouter.AsSlice())) {
+			!h.Src.Equal(net.IP(lladdr.AsSlice())) || !h.Dst.Equal(net.IP(testutil.NDPRouter.AsSlice())) {
 			t.Errorf("IPv6 header %+v", h)
 		}
 		msg := na[54:]
@@ -67,7 +60,7 @@ func TestNDPParseAndAnswer(t *testing.T) {
 		if got := netip.AddrFrom16([16]byte(body[4:20])); got != target {
 			t.Errorf("target %s", got)
 		}
-		if !bytes.Equal(body[20:22], []byte{optTargetLL, 1}) || !bytes.Equal(body[22:28], ndpHostMAC[:]) {
+		if !bytes.Equal(body[20:22], []byte{optTargetLL, 1}) || !bytes.Equal(body[22:28], testutil.NDPHostMAC[:]) {
 			t.Errorf("target link-layer option % x", body[20:])
 		}
 	}
@@ -76,13 +69,13 @@ func TestNDPParseAndAnswer(t *testing.T) {
 func TestNDPParseDAD(t *testing.T) {
 	target := netip.MustParseAddr("2001:db8:ab11:0:8000::42")
 	var s solicitation
-	if err := parseNS(testutil.NSFrame(t, ndpRouterMAC, netip.IPv6Unspecified(), target, false), &s); err != nil {
+	if err := parseNS(testutil.NSFrame(t, testutil.NDPRouterMAC, netip.IPv6Unspecified(), target, false), &s); err != nil {
 		t.Fatal(err)
 	}
 	if !s.dad() {
 		t.Fatal("not recognised as DAD")
 	}
-	na := appendNA(nil, &s, ndpHostMAC, netip.MustParseAddr("fe80::11"))
+	na := appendNA(nil, &s, testutil.NDPHostMAC, netip.MustParseAddr("fe80::11"))
 	if !bytes.Equal(na[0:6], []byte{0x33, 0x33, 0, 0, 0, 1}) || netip.AddrFrom16([16]byte(na[38:54])) != allNodes {
 		t.Errorf("DAD answer not sent to all nodes: % x", na[:54])
 	}
@@ -96,7 +89,7 @@ func TestNDPParseDAD(t *testing.T) {
 
 func TestNDPParseRejects(t *testing.T) {
 	target := netip.MustParseAddr("2001:db8:ab11:0:8000::42")
-	good := func() []byte { return testutil.NSFrame(t, ndpRouterMAC, ndpRouter, target, true) }
+	good := func() []byte { return testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, target, true) }
 	cases := map[string]func() []byte{
 		"hop limit 254":    func() []byte { f := good(); f[21] = 254; return f },
 		"bad checksum":     func() []byte { f := good(); f[56] ^= 1; return f },
@@ -108,17 +101,19 @@ func TestNDPParseRejects(t *testing.T) {
 		"payload too long": func() []byte { f := good(); f[19] += 8; return f },
 		"advertisement":    func() []byte { f := good(); f[54] = icmpTypeNA; return f },
 		"multicast target": func() []byte {
-			return testutil.NSFrame(t, ndpRouterMAC, ndpRouter, netip.MustParseAddr("ff02::1"), false)
+			return testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, netip.MustParseAddr("ff02::1"), false)
 		},
-		"DAD with SLL": func() []byte { return testutil.NSFrame(t, ndpRouterMAC, netip.IPv6Unspecified(), target, true) },
+		"DAD with SLL": func() []byte {
+			return testutil.NSFrame(t, testutil.NDPRouterMAC, netip.IPv6Unspecified(), target, true)
+		},
 		"zero-length option": func() []byte {
-			f := testutil.NSFrame(t, ndpRouterMAC, ndpRouter, target, true)
+			f := testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, target, true)
 			f[79] = 0
 			fixSum(f)
 			return f
 		},
 		"DAD not solicited-node": func() []byte {
-			f := testutil.NSFrame(t, ndpRouterMAC, netip.IPv6Unspecified(), target, false)
+			f := testutil.NSFrame(t, testutil.NDPRouterMAC, netip.IPv6Unspecified(), target, false)
 			f[53] ^= 1
 			fixSum(f)
 			return f
@@ -158,28 +153,28 @@ func TestNDPFilter(t *testing.T) {
 			t.Fatalf("%s: %v", tc.slice, err)
 		}
 		for _, a := range tc.in {
-			if n, err := vm.Run(testutil.NSFrame(t, ndpRouterMAC, ndpRouter, netip.MustParseAddr(a), true)); err != nil || n == 0 {
+			if n, err := vm.Run(testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, netip.MustParseAddr(a), true)); err != nil || n == 0 {
 				t.Errorf("%s: solicitation for %s dropped (%d, %v)", tc.slice, a, n, err)
 			}
 		}
 		for _, a := range tc.out {
-			if n, _ := vm.Run(testutil.NSFrame(t, ndpRouterMAC, ndpRouter, netip.MustParseAddr(a), true)); n != 0 {
+			if n, _ := vm.Run(testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, netip.MustParseAddr(a), true)); n != 0 {
 				t.Errorf("%s: solicitation for %s passed", tc.slice, a)
 			}
 		}
-		f := testutil.NSFrame(t, ndpRouterMAC, ndpRouter, netip.MustParseAddr(tc.in[0]), true)
+		f := testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, netip.MustParseAddr(tc.in[0]), true)
 		f[54] = icmpTypeNA
 		if n, _ := vm.Run(f); n != 0 {
 			t.Errorf("%s: an advertisement passed", tc.slice)
 		}
-		f = testutil.NSFrame(t, ndpRouterMAC, ndpRouter, netip.MustParseAddr(tc.in[0]), true)
+		f = testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, netip.MustParseAddr(tc.in[0]), true)
 		f[21] = 64
 		if n, _ := vm.Run(f); n != 0 {
 			t.Errorf("%s: hop limit 64 passed", tc.slice)
 		}
 	}
 	vm, _ := bpf.NewVM(nsFilter(netip.Prefix{}))
-	if n, _ := vm.Run(testutil.NSFrame(t, ndpRouterMAC, ndpRouter, netip.MustParseAddr("2001:db8::1"), true)); n != 0 {
+	if n, _ := vm.Run(testutil.NSFrame(t, testutil.NDPRouterMAC, testutil.NDPRouter, netip.MustParseAddr("2001:db8::1"), true)); n != 0 {
 		t.Error("the withdrawn filter passed a solicitation")
 	}
 	if _, err := bpf.Assemble(nsFilter(netip.MustParsePrefix("::/0"))); err != nil {
@@ -187,23 +182,54 @@ func TestNDPFilter(t *testing.T) {
 	}
 }
 
+// The filter assembles for a slice of every length, so NewResponder
+// succeeds; a filter that does not assemble is an error that says what to
+// do, not a panic.
+func TestNDPFilterAssembles(t *testing.T) {
+	if err := checkFilters(nsFilter); err != nil {
+		t.Fatalf("checkFilters(nsFilter) = %v", err)
+	}
+	if _, err := NewResponder(nil, "eth0", 2, ModeSubnet); err != nil {
+		t.Fatalf("NewResponder = %v", err)
+	}
+	broken := func(slice netip.Prefix) []bpf.Instruction {
+		prog := nsFilter(slice)
+		if slice.Bits() == 77 {
+			prog[0] = bpf.LoadAbsolute{Off: 12, Size: 3} // no such load size
+		}
+		return prog
+	}
+	err := checkFilters(broken)
+	if err == nil {
+		t.Fatal("checkFilters accepted a filter that does not assemble")
+	}
+	for _, want := range []string{"length 77", "defective", "install another version"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+}
+
 func TestNDPDecide(t *testing.T) {
-	r := NewResponder(nil, "eth0", 2, ModeSubnet)
-	cfg := &Answer{Slice: ndpSlice, MAC: ndpHostMAC}
+	r, err := NewResponder(nil, "eth0", 2, ModeSubnet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := &Answer{Slice: testutil.NDPSlice, MAC: testutil.NDPHostMAC}
 	s := func(target string, from [6]byte) *solicitation {
-		return &solicitation{ethSrc: from, src: ndpRouter, target: netip.MustParseAddr(target)}
+		return &solicitation{ethSrc: from, src: testutil.NDPRouter, target: netip.MustParseAddr(target)}
 	}
 	for _, tc := range []struct {
 		cfg  *Answer
 		s    *solicitation
 		want verdict
 	}{
-		{cfg, s("2001:db8:ab11:0:8000::2", ndpRouterMAC), verdictAnswer},
-		{cfg, s("2001:db8:ab11:0:8000:ffff:ffff:ffff", ndpRouterMAC), verdictAnswer},
-		{cfg, s("2001:db8:ab11:0:8001::2", ndpRouterMAC), verdictDrop},                      // a peer's slice
-		{cfg, s("2001:db8:ab11::12", ndpRouterMAC), verdictDrop},                            // a host
-		{cfg, s("2001:db8:ab11:0:8000::2", ndpHostMAC), verdictDrop},                        // ourselves
-		{&Answer{MAC: ndpHostMAC}, s("2001:db8:ab11:0:8000::2", ndpRouterMAC), verdictDrop}, // withdrawn
+		{cfg, s("2001:db8:ab11:0:8000::2", testutil.NDPRouterMAC), verdictAnswer},
+		{cfg, s("2001:db8:ab11:0:8000:ffff:ffff:ffff", testutil.NDPRouterMAC), verdictAnswer},
+		{cfg, s("2001:db8:ab11:0:8001::2", testutil.NDPRouterMAC), verdictDrop},                               // a peer's slice
+		{cfg, s("2001:db8:ab11::12", testutil.NDPRouterMAC), verdictDrop},                                     // a host
+		{cfg, s("2001:db8:ab11:0:8000::2", testutil.NDPHostMAC), verdictDrop},                                 // ourselves
+		{&Answer{MAC: testutil.NDPHostMAC}, s("2001:db8:ab11:0:8000::2", testutil.NDPRouterMAC), verdictDrop}, // withdrawn
 	} {
 		if got := r.decide(tc.cfg, tc.s); got != tc.want {
 			t.Errorf("subnet mode, %s in %s: %v, want %v", tc.s.target, tc.cfg.Slice, got, tc.want)
@@ -211,19 +237,19 @@ func TestNDPDecide(t *testing.T) {
 	}
 	r.mode = ModePresent
 	r.present = &presence{addrs: map[netip.Addr]bool{netip.MustParseAddr("2001:db8:ab11:0:8000::2"): true}}
-	if got := r.decide(cfg, s("2001:db8:ab11:0:8000::2", ndpRouterMAC)); got != verdictAnswer {
+	if got := r.decide(cfg, s("2001:db8:ab11:0:8000::2", testutil.NDPRouterMAC)); got != verdictAnswer {
 		t.Errorf("present address: %v", got)
 	}
-	if got := r.decide(cfg, s("2001:db8:ab11:0:8000::3", ndpRouterMAC)); got != verdictPending {
+	if got := r.decide(cfg, s("2001:db8:ab11:0:8000::3", testutil.NDPRouterMAC)); got != verdictPending {
 		t.Errorf("absent address in the slice: %v", got)
 	}
-	if got := r.decide(cfg, s("2001:db8:ab11:0:8001::2", ndpRouterMAC)); got != verdictDrop {
+	if got := r.decide(cfg, s("2001:db8:ab11:0:8001::2", testutil.NDPRouterMAC)); got != verdictDrop {
 		t.Errorf("address outside the slice: %v", got)
 	}
 }
 
 func BenchmarkNDPAnswer(b *testing.B) {
-	f := testutil.NSFrame(b, ndpRouterMAC, ndpRouter, netip.MustParseAddr("2001:db8:ab11:0:8000::42"), true)
+	f := testutil.NSFrame(b, testutil.NDPRouterMAC, testutil.NDPRouter, netip.MustParseAddr("2001:db8:ab11:0:8000::42"), true)
 	out := make([]byte, 0, naLen)
 	var s solicitation
 	src := netip.MustParseAddr("fe80::11")
@@ -232,6 +258,6 @@ func BenchmarkNDPAnswer(b *testing.B) {
 		if err := parseNS(f, &s); err != nil {
 			b.Fatal(err)
 		}
-		out = appendNA(out[:0], &s, ndpHostMAC, src)
+		out = appendNA(out[:0], &s, testutil.NDPHostMAC, src)
 	}
 }

@@ -121,11 +121,36 @@ var (
 
 // NewResponder returns a responder for the uplink ifname (index ifindex)
 // in mode (ModeSubnet or ModePresent) that reaches the kernel through k,
-// which it owns from now on. It opens nothing until Start.
-func NewResponder(k Kernel, ifname string, ifindex int, mode string) *Responder {
+// which it owns from now on. It opens nothing until Start. It fails, and
+// does not take k, only when the kernel filter for solicitations does not
+// assemble (filtersAssemble): a defect of this build of leased.
+func NewResponder(k Kernel, ifname string, ifindex int, mode string) (*Responder, error) {
+	if err := filtersAssemble(); err != nil {
+		return nil, err
+	}
 	r := &Responder{k: k, ifname: ifname, ifindex: ifindex, mode: mode}
 	r.cfg.Store(&Answer{})
-	return r
+	return r, nil
+}
+
+// filtersAssemble checks, once per process, that nsFilter assembles for
+// every slice, so that the filters Start and Withdraw set cannot fail to.
+var filtersAssemble = sync.OnceValue(func() error { return checkFilters(nsFilter) })
+
+// checkFilters assembles the filter that build makes for no slice and for
+// an IPv6 slice of every length (the program's shape depends only on the
+// length; the address only fills in constants).
+func checkFilters(build func(netip.Prefix) []bpf.Instruction) error {
+	slices := []netip.Prefix{{}}
+	for bits := 0; bits <= 128; bits++ {
+		slices = append(slices, netip.PrefixFrom(netip.IPv6Unspecified(), bits))
+	}
+	for _, s := range slices {
+		if _, err := assemble(build(s)); err != nil {
+			return fmt.Errorf("proxy-ndp: this build of leased is defective: %w (for a slice of length %d); report it to the leased project and install another version of leased", err, s.Bits())
+		}
+	}
+	return nil
 }
 
 // ErrClosed is returned by Start after Close.
@@ -202,7 +227,11 @@ func (r *Responder) Close() {
 // openLocked opens the socket, passing nothing until the first filter is
 // set, and starts the goroutines.
 func (r *Responder) openLocked() error {
-	f, err := r.k.ListenPacket(r.ifname, r.ifindex, assemble(nsFilter(netip.Prefix{})))
+	filter, err := assemble(nsFilter(netip.Prefix{}))
+	if err != nil {
+		return err
+	}
+	f, err := r.k.ListenPacket(r.ifname, r.ifindex, filter)
 	if err != nil {
 		return err
 	}
@@ -222,20 +251,24 @@ func (r *Responder) openLocked() error {
 }
 
 func (r *Responder) setFilterLocked(slice netip.Prefix) error {
-	if err := r.f.SetFilter(assemble(nsFilter(slice))); err != nil {
+	filter, err := assemble(nsFilter(slice))
+	if err != nil {
+		return err
+	}
+	if err := r.f.SetFilter(filter); err != nil {
 		return fmt.Errorf("setting the solicitation filter: %w", err)
 	}
 	return nil
 }
 
-// assemble assembles a filter that nsFilter built; it cannot fail for
-// those (TestNDPFilter assembles every shape).
-func assemble(prog []bpf.Instruction) []bpf.RawInstruction {
+// assemble assembles a filter that nsFilter built. NewResponder has
+// checked that every shape assembles (filtersAssemble).
+func assemble(prog []bpf.Instruction) ([]bpf.RawInstruction, error) {
 	raw, err := bpf.Assemble(prog)
 	if err != nil {
-		panic(fmt.Sprintf("ndp: assembling the solicitation filter: %v", err))
+		return nil, fmt.Errorf("assembling the kernel filter for solicitations: %w", err)
 	}
-	return raw
+	return raw, nil
 }
 
 // serve reads solicitations until f is closed and answers them in place:
