@@ -3,6 +3,7 @@ package dist_test
 import (
 	"bytes"
 	"encoding/json"
+	"github.com/leased/leased/pkg/ipfam"
 	"io/fs"
 	"math/big"
 	"net/netip"
@@ -116,8 +117,8 @@ func poolSize(p *lease.Pool) int64 {
 // ExecStart= in force.
 func TestDropInDockerdArgs(t *testing.T) {
 	env := subnetenv.Env{
-		Network4: netip.MustParsePrefix("10.100.0.0/16"), Subnet4: netip.MustParsePrefix("10.100.15.0/24"),
-		Network6: netip.MustParsePrefix("2001:db8:cd11::/48"), Subnet6: netip.MustParsePrefix("2001:db8:cd11:0:8000::/80"),
+		Network: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.0.0/16"), V6: netip.MustParsePrefix("2001:db8:cd11::/48")}, Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.15.0/24"), V6: netip.MustParsePrefix("2001:db8:cd11:0:8000::/80")},
+
 		MTU: 1450, IPMasq: true, Backend: "vxlan",
 	}
 	for _, tc := range []struct {
@@ -166,7 +167,7 @@ func TestExpandCommand(t *testing.T) {
 // dist's EnvironmentFile reader agrees with subnetenv on what it writes,
 // including values that need quoting.
 func TestEnvironmentFileReadsSubnetEnv(t *testing.T) {
-	env := subnetenv.Env{Network6: netip.MustParsePrefix("2001:db8::/48"), Subnet6: netip.MustParsePrefix("2001:db8:0:1::/64"), MTU: 1500, Backend: "host-gw"}
+	env := subnetenv.Env{Network: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2001:db8::/48")}, Subnet: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2001:db8:0:1::/64")}, MTU: 1500, Backend: "host-gw"}
 	got, err := dist.ParseEnvironmentFile(env.Render())
 	if err != nil {
 		t.Fatal(err)

@@ -288,7 +288,7 @@ func TestAlertRulesFireOnAgentMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	peerNet := "10.100.77.0/24"
-	if own.Subnet.String() == peerNet {
+	if own.Subnet.V4.String() == peerNet {
 		peerNet = "10.100.78.0/24"
 	}
 	etcdtest.Put(t, cli, lease.NewKeys("").Lease("peer"), fmt.Sprintf(`{"Node":"peer","Subnet":%q,"PublicIP":"192.0.2.2","BackendType":"host-gw"}`, peerNet))

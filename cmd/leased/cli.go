@@ -408,13 +408,13 @@ func runStatus(args []string) int {
 	switch {
 	case err != nil:
 		fail("subnet.env:  %v", err)
-	case env.Subnet4 != self.Subnet || env.Subnet6 != self.IPv6Subnet:
-		fail("subnet.env:  %s holds %v, the lease %v: the agent has not caught up or dockerd's file is stale", o.SubnetFile, []any{env.Subnet4, env.Subnet6}, self.Subnets())
+	case env.Subnet != self.Subnet:
+		fail("subnet.env:  %s holds %v, the lease %v: the agent has not caught up or dockerd's file is stale", o.SubnetFile, []any{env.Subnet.V4, env.Subnet.V6}, self.Subnets())
 	default:
 		fmt.Printf("subnet.env:  %s matches the lease (MTU %d)\n", o.SubnetFile, env.MTU)
 	}
 	if o.DockerIPAM.On {
-		if msg, ok := agent.DockerPoolsStatus(o.DockerIPAM.State, self.Subnet, self.IPv6Subnet); ok {
+		if msg, ok := agent.DockerPoolsStatus(o.DockerIPAM.State, self.Subnet); ok {
 			fmt.Println(msg)
 		} else {
 			fail("%s", msg)

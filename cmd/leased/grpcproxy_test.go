@@ -12,6 +12,7 @@ import (
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/internal/testutil/testcerts"
+	"github.com/leased/leased/pkg/ipfam"
 	"github.com/leased/leased/pkg/lease"
 )
 
@@ -70,7 +71,7 @@ func TestAgentThroughTLSGRPCProxy(t *testing.T) {
 	}
 	defer sess.Orphan()
 	reg := lease.NewRegistry(cli, "")
-	rec, err := reg.Acquire(ctx, sess.Lease(), cfg, lease.Claim{Node: "host1", PublicIP: netip.MustParseAddr("192.0.2.1"), BackendType: "host-gw"})
+	rec, err := reg.Acquire(ctx, sess.Lease(), cfg, lease.Claim{Node: "host1", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}, BackendType: "host-gw"})
 	if err != nil {
 		t.Fatalf("claim through the proxy: %v", err)
 	}
@@ -79,7 +80,7 @@ func TestAgentThroughTLSGRPCProxy(t *testing.T) {
 	var view lease.View
 	view.Apply(<-batches)
 	if got := view.Records["host1"]; got == nil || got.Subnet != rec.Subnet {
-		t.Fatalf("the listing through the proxy holds %v, want host1 with %s", view.Records, rec.Subnet)
+		t.Fatalf("the listing through the proxy holds %v, want host1 with %s", view.Records, rec.Subnet.V4)
 	}
 	if _, err := cli.Put(ctx, lease.NewKeys("").Lease("host2"), `{"Node":"host2","Subnet":"10.0.200.0/24","PublicIP":"192.0.2.2","BackendType":"host-gw"}`); err != nil {
 		t.Fatal(err)

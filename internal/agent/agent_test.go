@@ -124,20 +124,20 @@ func TestAgentMissingConfigThenPeers(t *testing.T) {
 	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48","IPv6SubnetLen":80}`)
 	testutil.Eventually(t, 20*time.Second, "subnet.env", func() bool { _, err := a.env(t); return err == nil })
 	env, _ := a.env(t)
-	if env.Subnet4.Bits() != 24 || env.Subnet6.Bits() != 80 || env.Network4.String() != "10.100.0.0/16" || env.MTU != 1500 {
+	if env.Subnet.V4.Bits() != 24 || env.Subnet.V6.Bits() != 80 || env.Network.V4.String() != "10.100.0.0/16" || env.MTU != 1500 {
 		t.Errorf("subnet.env %+v", env)
 	}
 	b := startTestAgent(t, srv.ClientURL, "b", "192.168.1.2")
 	testutil.Eventually(t, 20*time.Second, "a sees b", func() bool { return a.rec.peerNodes() == "b" })
 	testutil.Eventually(t, 20*time.Second, "b sees a", func() bool { return b.rec.peerNodes() == "a" })
 	// A hostile lease claiming a's subnet, and garbage, are never programmed.
-	etcdtest.Put(t, cli, lease.NewKeys("").Lease("evil"), fmt.Sprintf(`{"Node":"evil","Subnet":%q,"PublicIP":"192.168.1.66"}`, env.Subnet4))
+	etcdtest.Put(t, cli, lease.NewKeys("").Lease("evil"), fmt.Sprintf(`{"Node":"evil","Subnet":%q,"PublicIP":"192.168.1.66"}`, env.Subnet.V4))
 	etcdtest.Put(t, cli, lease.NewKeys("").Lease("junk"), `{"Node":`)
 	// c's subnet is one neither a nor b holds (they pick theirs at random).
 	envB, _ := b.env(t)
 	cSubnet := "10.100.250.0/24"
 	for _, s := range []string{"10.100.250.0/24", "10.100.251.0/24", "10.100.252.0/24"} {
-		if s != env.Subnet4.String() && s != envB.Subnet4.String() {
+		if s != env.Subnet.V4.String() && s != envB.Subnet.V4.String() {
 			cSubnet = s
 			break
 		}
@@ -165,7 +165,7 @@ func TestAgentExhaustedThenSubnetMaxRaised(t *testing.T) {
 	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","SubnetLen":25,"SubnetMin":"10.100.0.0","SubnetMax":"10.100.1.128"}`)
 	testutil.Eventually(t, 20*time.Second, "fourth host's lease after SubnetMax raise", func() bool {
 		env, err := fourth.env(t)
-		return err == nil && env.Subnet4 == netip.MustParsePrefix("10.100.1.128/25")
+		return err == nil && env.Subnet.V4 == netip.MustParsePrefix("10.100.1.128/25")
 	})
 	testutil.Eventually(t, 20*time.Second, "the others see the fourth", func() bool { return strings.Contains(agents[0].rec.peerNodes(), "h3") })
 }
@@ -194,7 +194,7 @@ func TestAgentKeepsLastGoodConfig(t *testing.T) {
 	env0, _ := subnetenv.Read(a.o.SubnetFile)
 	testutil.Eventually(t, 20*time.Second, "IPv6 subnet added", func() bool {
 		env, err := a.env(t)
-		return err == nil && env.Subnet6.IsValid() && env.Subnet4 == env0.Subnet4
+		return err == nil && env.Subnet.V6.IsValid() && env.Subnet.V4 == env0.Subnet.V4
 	})
 }
 
@@ -235,14 +235,14 @@ func TestAgentRepairsDeletedKeys(t *testing.T) {
 	env, _ := a.env(t)
 	ctx := context.Background()
 	k := lease.NewKeys("")
-	for _, key := range []string{k.Lease("a"), k.SubnetLock(env.Subnet6)} {
+	for _, key := range []string{k.Lease("a"), k.SubnetLock(env.Subnet.V6)} {
 		if _, err := cli.Delete(ctx, key); err != nil {
 			t.Fatal(err)
 		}
 		testutil.Eventually(t, 20*time.Second, key+" put back", func() bool {
 			r1, _ := cli.Get(ctx, k.Lease("a"))
-			r2, _ := cli.Get(ctx, k.SubnetLock(env.Subnet4))
-			r3, _ := cli.Get(ctx, k.SubnetLock(env.Subnet6))
+			r2, _ := cli.Get(ctx, k.SubnetLock(env.Subnet.V4))
+			r3, _ := cli.Get(ctx, k.SubnetLock(env.Subnet.V6))
 			return len(r1.Kvs) == 1 && len(r2.Kvs) == 1 && len(r3.Kvs) == 1 && string(r3.Kvs[0].Value) == "a"
 		})
 		if now, _ := a.env(t); now != env {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -33,14 +34,14 @@ func startHinted(t *testing.T, endpoint, node, ip, hint string) *testAgent {
 func startHintedWith(t *testing.T, endpoint, node, ip, hint string, rec *recorder, be backend.Backend) *testAgent {
 	t.Helper()
 	ia := newIdleAgent(t, endpoint, node, ip, be)
-	ia.lease.hint = subnetenv.Env{Subnet4: netip.MustParsePrefix(hint)}
+	ia.lease.hint = subnetenv.Env{Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix(hint)}}
 	ctx, cancel := context.WithCancel(context.Background())
 	ia.run(ctx)
 	ta := &testAgent{agent: ia.agent, rec: rec, cancel: cancel, done: ia.done}
 	t.Cleanup(ta.stop)
 	testutil.Eventually(t, 20*time.Second, node+" holds "+hint, func() bool {
 		env, err := ta.env(t)
-		return err == nil && env.Subnet4.String() == hint
+		return err == nil && env.Subnet.V4.String() == hint
 	})
 	return ta
 }
@@ -62,7 +63,7 @@ func TestAgentsRefuseConfigThatStrandsAPeer(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	for _, a := range []*testAgent{low, high} {
 		env, err := a.env(t)
-		if err != nil || env.Network4.String() != "10.100.0.0/16" {
+		if err != nil || env.Network.V4.String() != "10.100.0.0/16" {
 			t.Errorf("%s: subnet.env %+v (%v), want the network to stay 10.100.0.0/16", a.node, env, err)
 		}
 	}
@@ -83,7 +84,7 @@ func TestAgentsRefuseConfigThatStrandsAPeer(t *testing.T) {
 	}
 	testutil.Eventually(t, 20*time.Second, "low adopts the /17 once high is gone", func() bool {
 		env, err := low.env(t)
-		return err == nil && env.Network4.String() == "10.100.0.0/17" && env.Subnet4.String() == "10.100.1.0/24"
+		return err == nil && env.Network.V4.String() == "10.100.0.0/17" && env.Subnet.V4.String() == "10.100.1.0/24"
 	})
 }
 
@@ -102,7 +103,7 @@ func TestAgentRefusesConfigWhileReclaiming(t *testing.T) {
 	// One transaction, so that the agent sees the loss and the config together.
 	if _, err := cli.Txn(ctx).Then(
 		clientv3.OpDelete(k.Lease("a")),
-		clientv3.OpDelete(k.SubnetLock(env0.Subnet4)),
+		clientv3.OpDelete(k.SubnetLock(env0.Subnet.V4)),
 		clientv3.OpPut(cfgKey, `{"Network":"10.100.0.0/17"}`),
 	).Commit(); err != nil {
 		t.Fatal(err)
@@ -114,8 +115,8 @@ func TestAgentRefusesConfigWhileReclaiming(t *testing.T) {
 	time.Sleep(time.Second)
 	r, _ := cli.Get(ctx, k.Lease("a"))
 	var rec lease.Record
-	if err := json.Unmarshal(r.Kvs[0].Value, &rec); err != nil || rec.Subnet != env0.Subnet4 {
-		t.Errorf("a re-claimed %s (%v), want its subnet %s", rec.Subnet, err, env0.Subnet4)
+	if err := json.Unmarshal(r.Kvs[0].Value, &rec); err != nil || rec.Subnet.V4 != env0.Subnet.V4 {
+		t.Errorf("a re-claimed %s (%v), want its subnet %s", rec.Subnet.V4, err, env0.Subnet.V4)
 	}
 	if env, _ := a.env(t); env != env0 {
 		t.Errorf("subnet.env changed from %+v to %+v", env0, env)
@@ -188,7 +189,7 @@ func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 	o := &Options{EtcdEndpoints: srv.ClientURL, EtcdPrefix: lease.DefaultPrefix, LeaseTTL: 10 * time.Second,
 		SubnetFile: filepath.Join(t.TempDir(), "subnet.env")}
 	addr := netip.MustParseAddr("192.0.2.1")
-	ext := backend.ExtIface{Name: "eth0", Index: eth0.Attrs().Index, MTU: 1500, Addr4: addr, Public4: addr, HardwareAddr: eth0.Attrs().HardwareAddr}
+	ext := backend.ExtIface{V4: backend.ExtLink{Name: "eth0", Index: eth0.Attrs().Index, MTU: 1500, Addr: addr, Public: addr, HardwareAddr: eth0.Attrs().HardwareAddr}}
 	a := newAgent(o, cli, ext, "fd")
 	a.dp.newBackend = func(raw json.RawMessage, ext backend.ExtIface, node string, bo backend.Options) (backend.Backend, error) {
 		bo.NetNS = nsPath

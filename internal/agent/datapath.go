@@ -78,9 +78,9 @@ func (d *datapath) ensure(cfg *lease.Config) error {
 		}
 	}()
 	d.be, d.raw, d.handed, d.started = be, cfg.Backend.Raw, false, false
-	kv := []any{"type", be.Type(), "mtu", be.MTU(), "iface", d.ext.Name}
+	kv := []any{"type", be.Type(), "mtu", be.MTU(), "iface", d.ext.V4.Name}
 	if d.ext.Split() { // IPv6 uses another link (its own default route's)
-		kv = append(kv, "iface6", d.ext.Name6)
+		kv = append(kv, "iface6", d.ext.V6.Name)
 	}
 	klog.InfoS("backend", kv...)
 	return nil
@@ -123,7 +123,7 @@ func (d *datapath) start(ctx context.Context, local backend.Local) error {
 // set is computed and the backend started (Start answers again).
 func (d *datapath) answer(local backend.Local) {
 	ans, ok := d.be.(backend.Answerer)
-	if !ok || !local.Subnet6.IsValid() {
+	if !ok || !local.Subnet.V6.IsValid() {
 		return
 	}
 	if err := ans.Answer(local); err != nil {

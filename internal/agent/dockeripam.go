@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"github.com/leased/leased/pkg/ipfam"
+
 	"context"
 	"fmt"
 	"net/netip"
@@ -69,14 +71,14 @@ func startDockerIPAM(ctx context.Context, o *DockerIPAMOptions, subnetFile strin
 // lease tells the driver this host's leased subnets and returns
 // subnet.env's Docker0Bits: docker0's share, or 0 (the whole lease) when
 // the driver is off or its pool sizes do not fit the lease.
-func (di *dockerIPAM) lease(subnet4, subnet6 netip.Prefix) int {
+func (di *dockerIPAM) lease(subnets ipfam.Pair[netip.Prefix]) int {
 	if di == nil || !di.o.On {
 		return 0
 	}
-	if b := di.before; b.Docker0Bits == 0 && (b.Subnet4.IsValid() || b.Subnet6.IsValid()) && b.Subnet4 == subnet4 && b.Subnet6 == subnet6 {
-		why := fmt.Errorf("docker0 keeps the whole of this host's leased subnets %v, which it had before the Docker IPAM driver was on (shrinking it would renumber docker0's containers): the driver takes its share after the next boot, or now: stop docker, remove %s, restart leased, start docker", validOnly(subnet4, subnet6), di.subnetFile)
+	if b := di.before; b.Docker0Bits == 0 && ipfam.Any(b.Subnet) && b.Subnet == subnets {
+		why := fmt.Errorf("docker0 keeps the whole of this host's leased subnets %v, which it had before the Docker IPAM driver was on (shrinking it would renumber docker0's containers): the driver takes its share after the next boot, or now: stop docker, remove %s, restart leased, start docker", validOnly(subnets), di.subnetFile)
 		if di.d != nil {
-			di.d.Docker0KeepsAll(subnet4, subnet6, why)
+			di.d.Docker0KeepsAll(subnets, why)
 		}
 		if !di.keptLogd {
 			klog.Warning(why.Error())
@@ -85,9 +87,9 @@ func (di *dockerIPAM) lease(subnet4, subnet6 netip.Prefix) int {
 		return 0
 	}
 	di.before = subnetenv.Env{} // a new lease: the split applies from now on
-	err := di.o.split().Validate(subnet4, subnet6)
+	err := di.o.split().Validate(subnets)
 	if di.d != nil {
-		err = di.d.SetSubnets(subnet4, subnet6)
+		err = di.d.SetSubnets(subnets)
 	}
 	if err != nil {
 		if err.Error() != di.misfit {
@@ -102,7 +104,7 @@ func (di *dockerIPAM) lease(subnet4, subnet6 netip.Prefix) int {
 
 // DockerPoolsStatus is `leased status`'s line on the Docker IPAM driver's
 // pools, and false when one lies outside the lease.
-func DockerPoolsStatus(state string, subnet4, subnet6 netip.Prefix) (string, bool) {
+func DockerPoolsStatus(state string, subnets ipfam.Pair[netip.Prefix]) (string, bool) {
 	pools, err := dockeripam.ReadPools(state)
 	if err != nil {
 		return "docker ipam: " + err.Error(), false
@@ -115,10 +117,7 @@ func DockerPoolsStatus(state string, subnet4, subnet6 netip.Prefix) (string, boo
 	fmt.Fprintf(&b, "docker ipam: %d pools for user-defined networks (%s):", len(pools), state)
 	for _, p := range pools {
 		fmt.Fprintf(&b, "\n  %s  %d addresses in use", p.Prefix, len(p.Addrs))
-		lease := subnet4
-		if p.Prefix.Addr().Is6() {
-			lease = subnet6
-		}
+		lease := subnets.Get(ipfam.Of(p.Prefix.Addr()))
 		if !lease.IsValid() || !lease.Contains(p.Prefix.Addr()) || p.Prefix.Bits() < lease.Bits() {
 			b.WriteString("  OUTSIDE the lease: other hosts do not reach it; recreate the network")
 			ok = false
@@ -150,13 +149,11 @@ func AddDockerPools(rows []leaseview.Row, node, state string) {
 	}
 }
 
-// validOnly returns the valid prefixes of ps.
-func validOnly(ps ...netip.Prefix) []netip.Prefix {
+// validOnly returns the valid prefixes of ps, IPv4 first.
+func validOnly(ps ipfam.Pair[netip.Prefix]) []netip.Prefix {
 	var out []netip.Prefix
-	for _, p := range ps {
-		if p.IsValid() {
-			out = append(out, p)
-		}
+	for _, p := range ipfam.Valid(ps) {
+		out = append(out, p)
 	}
 	return out
 }

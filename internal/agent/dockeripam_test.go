@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -36,7 +37,7 @@ func TestDockerIPAMDocker0Share(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			di := startDockerIPAM(ctx, o, filepath.Join(dir, "subnet.env"))
-			if got := di.lease(tc.s4, s6); got != tc.want {
+			if got := di.lease(ipfam.Pair[netip.Prefix]{V4: tc.s4, V6: s6}); got != tc.want {
 				t.Fatalf("docker0 share = %d, want %d", got, tc.want)
 			}
 			if !tc.on {
@@ -63,7 +64,7 @@ func TestDockerIPAMDocker0Share(t *testing.T) {
 		})
 	}
 	var nilIPAM *dockerIPAM // agents built without Run (tests)
-	if got := nilIPAM.lease(s4, s6); got != 0 {
+	if got := nilIPAM.lease(ipfam.Pair[netip.Prefix]{V4: s4, V6: s6}); got != 0 {
 		t.Errorf("nil driver: docker0 share %d", got)
 	}
 }
@@ -73,7 +74,7 @@ func TestDockerIPAMDocker0Share(t *testing.T) {
 func TestDockerPoolsStatus(t *testing.T) {
 	state := filepath.Join(t.TempDir(), "ipam.json")
 	s4 := netip.MustParsePrefix("10.100.15.0/24")
-	msg, ok := DockerPoolsStatus(state, s4, netip.Prefix{})
+	msg, ok := DockerPoolsStatus(state, ipfam.Pair[netip.Prefix]{V4: s4})
 	if !ok || !strings.Contains(msg, "no pools") {
 		t.Fatalf("no state file: %q %v", msg, ok)
 	}
@@ -81,15 +82,15 @@ func TestDockerPoolsStatus(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.SetSubnets(s4, netip.Prefix{})
+	d.SetSubnets(ipfam.Pair[netip.Prefix]{V4: s4})
 	if _, err := d.RequestPool(dockeripam.PoolRequest{}); err != nil {
 		t.Fatal(err)
 	}
-	msg, ok = DockerPoolsStatus(state, s4, netip.Prefix{})
+	msg, ok = DockerPoolsStatus(state, ipfam.Pair[netip.Prefix]{V4: s4})
 	if !ok || !strings.Contains(msg, "1 pools for user-defined networks") || !strings.Contains(msg, "10.100.15.64/27  0 addresses in use") {
 		t.Fatalf("one pool: %q %v", msg, ok)
 	}
-	msg, ok = DockerPoolsStatus(state, netip.MustParsePrefix("10.100.99.0/24"), netip.Prefix{})
+	msg, ok = DockerPoolsStatus(state, ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.99.0/24")})
 	if ok || !strings.Contains(msg, "10.100.15.64/27  0 addresses in use  OUTSIDE the lease") {
 		t.Fatalf("after a lease change: %q %v", msg, ok)
 	}
@@ -110,9 +111,9 @@ func TestDockerIPAMKeepsDocker0OnUpgrade(t *testing.T) {
 		lease4 netip.Prefix
 		want   int
 	}{
-		{"whole lease before, same lease", &subnetenv.Env{Network4: netip.MustParsePrefix("10.100.0.0/16"), Subnet4: s4, Network6: netip.MustParsePrefix("2001:db8:cd11::/48"), Subnet6: s6, MTU: 1500, Backend: "host-gw"}, s4, 0},
-		{"whole lease before, new lease", &subnetenv.Env{Network4: netip.MustParsePrefix("10.100.0.0/16"), Subnet4: s4, Network6: netip.MustParsePrefix("2001:db8:cd11::/48"), Subnet6: s6, MTU: 1500, Backend: "host-gw"}, other4, 2},
-		{"split before", &subnetenv.Env{Network4: netip.MustParsePrefix("10.100.0.0/16"), Subnet4: s4, Network6: netip.MustParsePrefix("2001:db8:cd11::/48"), Subnet6: s6, MTU: 1500, Backend: "host-gw", Docker0Bits: 2}, s4, 2},
+		{"whole lease before, same lease", &subnetenv.Env{Network: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.0.0/16"), V6: netip.MustParsePrefix("2001:db8:cd11::/48")}, Subnet: ipfam.Pair[netip.Prefix]{V4: s4, V6: s6}, MTU: 1500, Backend: "host-gw"}, s4, 0},
+		{"whole lease before, new lease", &subnetenv.Env{Network: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.0.0/16"), V6: netip.MustParsePrefix("2001:db8:cd11::/48")}, Subnet: ipfam.Pair[netip.Prefix]{V4: s4, V6: s6}, MTU: 1500, Backend: "host-gw"}, other4, 2},
+		{"split before", &subnetenv.Env{Network: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.0.0/16"), V6: netip.MustParsePrefix("2001:db8:cd11::/48")}, Subnet: ipfam.Pair[netip.Prefix]{V4: s4, V6: s6}, MTU: 1500, Backend: "host-gw", Docker0Bits: 2}, s4, 2},
 		{"no subnet.env", nil, s4, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -129,7 +130,7 @@ func TestDockerIPAMKeepsDocker0OnUpgrade(t *testing.T) {
 			defer cancel()
 			di := startDockerIPAM(ctx, o, envFile)
 			for i := 0; i < 2; i++ { // the answer holds on every write of subnet.env
-				if got := di.lease(tc.lease4, s6); got != tc.want {
+				if got := di.lease(ipfam.Pair[netip.Prefix]{V4: tc.lease4, V6: s6}); got != tc.want {
 					t.Fatalf("write %d: docker0 share = %d, want %d", i, got, tc.want)
 				}
 			}

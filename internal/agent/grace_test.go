@@ -48,7 +48,7 @@ func TestOutOfSubnetsAfterGraceWaitsQuietly(t *testing.T) {
 	t.Cleanup(func() { cancel(); <-ia.done })
 	testutil.Eventually(t, 20*time.Second, "a holds 10.100.5.0/24", func() bool {
 		env, err := subnetEnvOf(ia)
-		return err == nil && env.Subnet4.String() == "10.100.5.0/24"
+		return err == nil && env.Subnet.V4.String() == "10.100.5.0/24"
 	})
 
 	// b takes the only subnet: a's record goes, b's lock and record come.

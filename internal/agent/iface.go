@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"github.com/leased/leased/pkg/ipfam"
+
 	"errors"
 	"fmt"
 	"net"
@@ -26,24 +28,24 @@ func findExtIface(o *Options) (backend.ExtIface, string, error) {
 		return backend.ExtIface{}, "", err
 	}
 	a4 := link4.Attrs()
-	ext := backend.ExtIface{Name: a4.Name, Index: a4.Index, MTU: a4.MTU, HardwareAddr: a4.HardwareAddr}
-	ext.Addr4, ext.Addr6 = linkAddrs(link4)
+	ext := backend.ExtIface{V4: backend.ExtLink{Name: a4.Name, Index: a4.Index, MTU: a4.MTU, HardwareAddr: a4.HardwareAddr}}
+	ext.V4.Addr, ext.V6.Addr = linkAddrs(link4)
 	if a6 := link6.Attrs(); a6.Index != a4.Index {
-		ext.Name6, ext.Index6, ext.MTU6, ext.HardwareAddr6 = a6.Name, a6.Index, a6.MTU, a6.HardwareAddr
-		_, ext.Addr6 = linkAddrs(link6)
+		ext.V6.Name, ext.V6.Index, ext.V6.MTU, ext.V6.HardwareAddr = a6.Name, a6.Index, a6.MTU, a6.HardwareAddr
+		_, ext.V6.Addr = linkAddrs(link6)
 	}
-	ext.Public4, ext.Public6 = ext.Addr4, ext.Addr6
+	ext.V4.Public, ext.V6.Public = ext.V4.Addr, ext.V6.Addr
 	if o.PublicIP != "" {
-		ext.Public4 = netip.MustParseAddr(o.PublicIP) // validated in options.validate
+		ext.V4.Public = netip.MustParseAddr(o.PublicIP) // validated in options.validate
 	}
 	if o.PublicIPv6 != "" {
-		ext.Public6 = netip.MustParseAddr(o.PublicIPv6)
+		ext.V6.Public = netip.MustParseAddr(o.PublicIPv6)
 	}
-	if !ext.Public4.IsValid() && !ext.Public6.IsValid() {
+	if !ipfam.Any(ext.Public()) {
 		if ext.Split() {
-			return ext, "", fmt.Errorf("interface %s has no global IPv4 address and %s no global IPv6 address: add one, or pick another interface with --iface", ext.Name, ext.Name6)
+			return ext, "", fmt.Errorf("interface %s has no global IPv4 address and %s no global IPv6 address: add one, or pick another interface with --iface", ext.V4.Name, ext.V6.Name)
 		}
-		return ext, "", fmt.Errorf("interface %s has no global IPv4 or IPv6 address: add one, or pick another with --iface", ext.Name)
+		return ext, "", fmt.Errorf("interface %s has no global IPv4 or IPv6 address: add one, or pick another with --iface", ext.V4.Name)
 	}
 	return ext, why, nil
 }

@@ -3,6 +3,7 @@ package agent
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"os/exec"
 	"strings"
@@ -137,26 +138,26 @@ func TestFindExtIfacePerFamily(t *testing.T) {
 			if !strings.Contains(why, tc.why) {
 				t.Errorf("reason %q, want it to mention %q", why, tc.why)
 			}
-			if ext.Name != tc.want4 || ext.Index != idx[tc.want4] || ext.MTU != mtu[tc.want4] {
-				t.Errorf("IPv4 link = %s #%d mtu %d, want %s #%d mtu %d", ext.Name, ext.Index, ext.MTU, tc.want4, idx[tc.want4], mtu[tc.want4])
+			if ext.V4.Name != tc.want4 || ext.V4.Index != idx[tc.want4] || ext.V4.MTU != mtu[tc.want4] {
+				t.Errorf("IPv4 link = %s #%d mtu %d, want %s #%d mtu %d", ext.V4.Name, ext.V4.Index, ext.V4.MTU, tc.want4, idx[tc.want4], mtu[tc.want4])
 			}
-			l6 := ext.Link(true)
+			l6 := ext.Link(ipfam.IPv6)
 			if l6.Name != tc.want6 || l6.Index != idx[tc.want6] || l6.MTU != mtu[tc.want6] || len(l6.HardwareAddr) != 6 {
 				t.Errorf("IPv6 link = %s #%d mtu %d mac %s, want %s #%d mtu %d with a MAC", l6.Name, l6.Index, l6.MTU, l6.HardwareAddr, tc.want6, idx[tc.want6], mtu[tc.want6])
 			}
 			if split := tc.want4 != tc.want6; ext.Split() != split {
 				t.Errorf("Split() = %v, want %v", ext.Split(), split)
-			} else if split && (ext.Name6 != tc.want6 || ext.Index6 != idx[tc.want6] || ext.MTU6 != mtu[tc.want6]) {
-				t.Errorf("Name6/Index6/MTU6 = %s/%d/%d, want %s/%d/%d", ext.Name6, ext.Index6, ext.MTU6, tc.want6, idx[tc.want6], mtu[tc.want6])
-			} else if !split && (ext.Name6 != "" || ext.Index6 != 0 || ext.MTU6 != 0) {
-				t.Errorf("Name6/Index6/MTU6 = %s/%d/%d, want zero (same link)", ext.Name6, ext.Index6, ext.MTU6)
+			} else if split && (ext.V6.Name != tc.want6 || ext.V6.Index != idx[tc.want6] || ext.V6.MTU != mtu[tc.want6]) {
+				t.Errorf("Name6/Index6/MTU6 = %s/%d/%d, want %s/%d/%d", ext.V6.Name, ext.V6.Index, ext.V6.MTU, tc.want6, idx[tc.want6], mtu[tc.want6])
+			} else if !split && (ext.V6.Name != "" || ext.V6.Index != 0 || ext.V6.MTU != 0) {
+				t.Errorf("Name6/Index6/MTU6 = %s/%d/%d, want zero (same link)", ext.V6.Name, ext.V6.Index, ext.V6.MTU)
 			}
 			want4, want6 := netip.MustParseAddr(addr4[tc.want4]), netip.MustParseAddr(addr6[tc.want6])
-			if ext.Addr4 != want4 || ext.Public4 != want4 {
-				t.Errorf("Addr4/Public4 = %s/%s, want %s (of %s)", ext.Addr4, ext.Public4, want4, tc.want4)
+			if ext.V4.Addr != want4 || ext.V4.Public != want4 {
+				t.Errorf("Addr4/Public4 = %s/%s, want %s (of %s)", ext.V4.Addr, ext.V4.Public, want4, tc.want4)
 			}
-			if ext.Addr6 != want6 || ext.Public6 != want6 {
-				t.Errorf("Addr6/Public6 = %s/%s, want %s (of %s)", ext.Addr6, ext.Public6, want6, tc.want6)
+			if ext.V6.Addr != want6 || ext.V6.Public != want6 {
+				t.Errorf("Addr6/Public6 = %s/%s, want %s (of %s)", ext.V6.Addr, ext.V6.Public, want6, tc.want6)
 			}
 		})
 	}

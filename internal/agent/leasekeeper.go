@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -71,9 +72,10 @@ func (k *leaseKeeper) ensure(ctx context.Context, cfg *lease.Config, be backend.
 			k.own.granted(sess.Lease())
 		}
 	}
-	want := k.self == nil ||
-		(cfg.IPv4 != nil && !k.self.Subnet.IsValid()) ||
-		(cfg.IPv6 != nil && !k.self.IPv6Subnet.IsValid())
+	want := k.self == nil
+	for f, pool := range cfg.Pools().All() {
+		want = want || (pool != nil && !k.self.Subnet.Get(f).IsValid())
+	}
 	if !want {
 		return claimed{}, k.republish(ctx, be)
 	}
@@ -81,17 +83,24 @@ func (k *leaseKeeper) ensure(ctx context.Context, cfg *lease.Config, be backend.
 	if err != nil {
 		return claimed{}, err
 	}
-	moved := func(old, new netip.Prefix) bool { return old.IsValid() && old != new }
+	moved := func(old ipfam.Pair[netip.Prefix]) bool {
+		for f, s := range ipfam.Valid(old) {
+			if s != rec.Subnet.Get(f) {
+				return true
+			}
+		}
+		return false
+	}
 	switch {
-	case k.held.Node == "" && (moved(k.hint.Subnet4, rec.Subnet) || moved(k.hint.Subnet6, rec.IPv6Subnet)):
-		klog.Warningf("this host's subnets changed since the last run (%s held %v, now %v): restart docker.service so that dockerd takes the new subnet.env", k.o.SubnetFile, []netip.Prefix{k.hint.Subnet4, k.hint.Subnet6}, rec.Subnets())
+	case k.held.Node == "" && moved(k.hint.Subnet):
+		klog.Warningf("this host's subnets changed since the last run (%s held %v, now %v): restart docker.service so that dockerd takes the new subnet.env", k.o.SubnetFile, []netip.Prefix{k.hint.Subnet.V4, k.hint.Subnet.V6}, rec.Subnets())
 	case k.held.Node == "":
-	case moved(k.held.Subnet, rec.Subnet) || moved(k.held.IPv6Subnet, rec.IPv6Subnet):
+	case moved(k.held.Subnet):
 		klog.Warningf("this host's subnets changed from %v to %v: containers on the old subnet lose connectivity; restart docker.service so that dockerd takes the new subnet.env", k.held.Subnets(), rec.Subnets())
-	case k.held.Subnet != rec.Subnet || k.held.IPv6Subnet != rec.IPv6Subnet:
+	case k.held.Subnet != rec.Subnet:
 		klog.InfoS("this host gained a subnet; restart docker.service to use it (the existing subnets are unchanged)", "subnets", rec.Subnets())
 	}
-	c := claimed{new: true, moved: k.held.Node == "" || k.held.Subnet != rec.Subnet || k.held.IPv6Subnet != rec.IPv6Subnet}
+	c := claimed{new: true, moved: k.held.Node == "" || k.held.Subnet != rec.Subnet}
 	klog.InfoS("Lease acquired", "node", k.node, "subnets", rec.Subnets(), "ttl", k.o.LeaseTTL)
 	k.self = rec
 	k.held = *rec
@@ -124,10 +133,9 @@ func (k *leaseKeeper) claim(ctx context.Context, cfg *lease.Config, be backend.B
 		return nil, err
 	}
 	c := lease.Claim{
-		Node: k.node, PublicIP: k.ext.Public4, PublicIPv6: k.ext.Public6, Exclude: exclude,
+		Node: k.node, PublicIP: k.ext.Public(), Exclude: exclude,
 		BackendType: be.Type(), BackendData: be.LeaseData(),
-		Hint4: k.hint.Subnet4, Hint6: k.hint.Subnet6,
-		Keep4: k.held.Subnet, Keep6: k.held.IPv6Subnet,
+		Hint: k.hint.Subnet, Keep: k.held.Subnet,
 		Own: k.own.ids, NoHistory: k.own.noHistory,
 	}
 	if cfg.IPv4 != nil {
@@ -183,25 +191,26 @@ func (k *leaseKeeper) subnets() []netip.Prefix {
 
 // local is the backend's view of the lease for cfg.
 func (k *leaseKeeper) local(cfg *lease.Config) backend.Local {
-	local := backend.Local{Node: k.node, Subnet4: k.self.Subnet, Subnet6: k.self.IPv6Subnet}
-	if cfg.IPv4 != nil {
-		local.Network4 = cfg.IPv4.Network
-	}
-	if cfg.IPv6 != nil {
-		local.Network6 = cfg.IPv6.Network
+	return backendLocal(k.node, k.self, cfg)
+}
+
+// backendLocal is the backend's view of node's lease self for cfg.
+func backendLocal(node string, self *lease.Record, cfg *lease.Config) backend.Local {
+	local := backend.Local{Node: node, Subnet: self.Subnet}
+	for f, pool := range cfg.Pools().All() {
+		if pool != nil {
+			local.Network.Set(f, pool.Network)
+		}
 	}
 	return local
 }
 
 // writeSubnetEnv writes the subnet file for the lease, cfg and be.
 func (k *leaseKeeper) writeSubnetEnv(cfg *lease.Config, be backend.Backend) error {
-	env := subnetenv.Env{Subnet4: k.self.Subnet, Subnet6: k.self.IPv6Subnet, MTU: be.MTU(), IPMasq: k.o.IPMasq, Backend: be.Type()}
-	env.Docker0Bits = k.ipam.lease(env.Subnet4, env.Subnet6) // docker0's share; the rest is the driver's
-	if k.self.Subnet.IsValid() {
-		env.Network4 = cfg.IPv4.Network
-	}
-	if k.self.IPv6Subnet.IsValid() {
-		env.Network6 = cfg.IPv6.Network
+	env := subnetenv.Env{Subnet: k.self.Subnet, MTU: be.MTU(), IPMasq: k.o.IPMasq, Backend: be.Type()}
+	env.Docker0Bits = k.ipam.lease(env.Subnet) // docker0's share; the rest is the driver's
+	for f := range ipfam.Valid(k.self.Subnet) {
+		env.Network.Set(f, cfg.Pools().Get(f).Network)
 	}
 	changed, err := subnetenv.Write(k.o.SubnetFile, env)
 	if err != nil {
@@ -209,11 +218,11 @@ func (k *leaseKeeper) writeSubnetEnv(cfg *lease.Config, be backend.Backend) erro
 	}
 	if changed {
 		kv := []any{"path", k.o.SubnetFile}
-		if env.Subnet4.IsValid() {
-			kv = append(kv, "subnet", env.Subnet4)
+		if env.Subnet.V4.IsValid() {
+			kv = append(kv, "subnet", env.Subnet.V4)
 		}
-		if env.Subnet6.IsValid() {
-			kv = append(kv, "ipv6Subnet", env.Subnet6)
+		if env.Subnet.V6.IsValid() {
+			kv = append(kv, "ipv6Subnet", env.Subnet.V6)
 		}
 		klog.InfoS("wrote subnet file", append(kv, "mtu", env.MTU)...)
 	}

@@ -83,7 +83,7 @@ func TestAgentsWithOneNodeNameNeverShareSubnet(t *testing.T) {
 	if n := a2.rec.started(); n != 0 {
 		t.Errorf("the second host started its datapath %d times", n)
 	}
-	if rec, l := recordOf(t, cli, "twin"); rec == nil || l != lease1 || rec.PublicIP.String() != "192.168.1.1" || rec.Subnet != env1.Subnet4 {
+	if rec, l := recordOf(t, cli, "twin"); rec == nil || l != lease1 || rec.PublicIP.V4.String() != "192.168.1.1" || rec.Subnet.V4 != env1.Subnet.V4 {
 		t.Fatalf("the first host's record changed: %+v under %x", rec, l)
 	}
 	if !a1.health.ready.Load() {
@@ -98,7 +98,7 @@ func TestAgentsWithOneNodeNameNeverShareSubnet(t *testing.T) {
 	testutil.Eventually(t, 20*time.Second, "the second host claims", func() bool {
 		rec, _ := recordOf(t, cli, "twin")
 		_, err := a2.env(t)
-		return err == nil && rec != nil && rec.PublicIP.String() == "192.168.1.2" && a2.health.ready.Load()
+		return err == nil && rec != nil && rec.PublicIP.V4.String() == "192.168.1.2" && a2.health.ready.Load()
 	})
 }
 
@@ -226,7 +226,7 @@ func TestAgentNoticesOverwrittenKeys(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		foreign := `{"Node":"a","Subnet":"` + env.Subnet4.String() + `","PublicIP":"192.168.1.9","BackendType":"host-gw"}`
+		foreign := `{"Node":"a","Subnet":"` + env.Subnet.V4.String() + `","PublicIP":"192.168.1.9","BackendType":"host-gw"}`
 		if _, err := cli.Put(context.Background(), lease.NewKeys("").Lease("a"), foreign, clientv3.WithLease(g.ID)); err != nil {
 			t.Fatal(err)
 		}
@@ -235,7 +235,7 @@ func TestAgentNoticesOverwrittenKeys(t *testing.T) {
 			return strings.Contains(s, "node name conflict") && strings.Contains(s, "192.168.1.9") && !a.health.ready.Load()
 		})
 		time.Sleep(time.Second)
-		if rec, l := recordOf(t, cli, "a"); rec == nil || l != int64(g.ID) || rec.PublicIP.String() != "192.168.1.9" {
+		if rec, l := recordOf(t, cli, "a"); rec == nil || l != int64(g.ID) || rec.PublicIP.V4.String() != "192.168.1.9" {
 			t.Fatalf("the other host's record was replaced: %+v under %x", rec, l)
 		}
 	})
@@ -249,13 +249,13 @@ func TestAgentNoticesOverwrittenKeys(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		lock := lease.NewKeys("").SubnetLock(env.Subnet4)
+		lock := lease.NewKeys("").SubnetLock(env.Subnet.V4)
 		if _, err := cli.Put(context.Background(), lock, "intruder", clientv3.WithLease(g.ID)); err != nil {
 			t.Fatal(err)
 		}
 		testutil.Eventually(t, 20*time.Second, "the record no longer names the lost subnet", func() bool {
 			rec, _ := recordOf(t, cli, "a")
-			return rec != nil && rec.Subnet.IsValid() && rec.Subnet != env.Subnet4
+			return rec != nil && rec.Subnet.V4.IsValid() && rec.Subnet.V4 != env.Subnet.V4
 		})
 		resp, err := cli.Get(context.Background(), lock)
 		if err != nil || len(resp.Kvs) != 1 || string(resp.Kvs[0].Value) != "intruder" {

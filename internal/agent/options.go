@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/leased/leased/pkg/dockeripam"
+	"github.com/leased/leased/pkg/ipfam"
 )
 
 // Options are the agent's settings. cmd/leased fills them from its flags
@@ -101,7 +102,7 @@ func (o *Options) Validate() error {
 	}
 	if o.DockerIPAM.On {
 		// The subnets' lengths are checked once the lease is known.
-		if err := o.DockerIPAM.split().Validate(netip.Prefix{}, netip.Prefix{}); err != nil {
+		if err := o.DockerIPAM.split().Validate(ipfam.Pair[netip.Prefix]{}); err != nil {
 			return err
 		}
 	}

@@ -1,8 +1,9 @@
 package agent
 
 import (
+	"github.com/leased/leased/pkg/ipfam"
+
 	"fmt"
-	"net/netip"
 	"path/filepath"
 	"slices"
 
@@ -154,10 +155,8 @@ func (k *leaseKeeper) checkOwnRecord(b lease.Batch, v *lease.View) *lost {
 func (k *leaseKeeper) lostOwnKeys(key, node string, holder *lease.Record) *lost {
 	kv := []any{"key", key, "subnets", k.self.Subnets()}
 	if holder != nil {
-		for _, ip := range []netip.Addr{holder.PublicIP, holder.PublicIPv6} {
-			if ip.IsValid() {
-				kv = append(kv, "writerPublicIP", ip.String())
-			}
+		for _, ip := range ipfam.Valid(holder.PublicIP) {
+			kv = append(kv, "writerPublicIP", ip.String())
 		}
 	}
 	if node == k.node {

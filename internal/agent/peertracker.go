@@ -293,8 +293,7 @@ func sortedPeers(recs []*lease.Record) []backend.Peer {
 
 func toPeer(r *lease.Record) backend.Peer {
 	return backend.Peer{
-		Node: r.Node, Subnet4: r.Subnet, Subnet6: r.IPv6Subnet,
-		PublicIP4: r.PublicIP, PublicIP6: r.PublicIPv6,
+		Node: r.Node, Subnet: r.Subnet, PublicIP: r.PublicIP,
 		BackendType: r.BackendType, BackendData: r.BackendData,
 	}
 }

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"slices"
 	"testing"
@@ -39,8 +40,8 @@ func newTrackerHarness(t *testing.T) *trackerHarness {
 
 func (h *trackerHarness) record(node string, third int) *lease.Record {
 	h.rev++
-	return &lease.Record{Node: node, Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100, byte(third), 0}), 24),
-		PublicIP: netip.AddrFrom4([4]byte{192, 168, 1, byte(third)}), BackendType: backend.TypeHostGW, Rev: h.rev}
+	return &lease.Record{Node: node, Subnet: ipfam.Pair[netip.Prefix]{V4: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100, byte(third), 0}), 24)},
+		PublicIP: ipfam.Pair[netip.Addr]{V4: netip.AddrFrom4([4]byte{192, 168, 1, byte(third)})}, BackendType: backend.TypeHostGW, Rev: h.rev}
 }
 
 // put and del change a lease in the view and tell the tracker.

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"strings"
 	"testing"
@@ -37,7 +38,7 @@ func TestReadyMetricFollowsLeaseAndConfig(t *testing.T) {
 	a.o.LeaseTTL = 3 * time.Second
 	// A subnet below the SubnetMax of the config accepted below (a random
 	// one above it made that config refused, legitimately, 5 times in 256).
-	a.lease.hint = subnetenv.Env{Subnet4: netip.MustParsePrefix("10.100.1.0/24")}
+	a.lease.hint = subnetenv.Env{Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.1.0/24")}}
 	ctx, cancel := context.WithCancel(context.Background())
 	a.run(ctx)
 	t.Cleanup(func() { cancel(); <-a.done })

@@ -70,7 +70,7 @@ func (h *histBackend) last() (map[string]netip.Prefix, int) {
 	}
 	m := map[string]netip.Prefix{}
 	for _, p := range h.sets[len(h.sets)-1] {
-		m[p.Node] = p.Subnet4
+		m[p.Node] = p.Subnet.V4
 	}
 	return m, len(h.sets)
 }
@@ -92,7 +92,7 @@ func newIdleAgent(t *testing.T, endpoint, node, ip string, be backend.Backend) *
 	}
 	o := &Options{EtcdEndpoints: endpoint, EtcdPrefix: lease.DefaultPrefix, LeaseTTL: 10 * time.Second,
 		SubnetFile: filepath.Join(t.TempDir(), "subnet.env")}
-	ext := backend.ExtIface{Name: "eth0", MTU: 1500, Public4: netip.MustParseAddr(ip), Addr4: netip.MustParseAddr(ip)}
+	ext := backend.ExtIface{V4: backend.ExtLink{Name: "eth0", MTU: 1500, Public: netip.MustParseAddr(ip), Addr: netip.MustParseAddr(ip)}}
 	a := newAgent(o, cli, ext, node)
 	a.dp.newBackend = func(json.RawMessage, backend.ExtIface, string, backend.Options) (backend.Backend, error) {
 		return be, nil
@@ -171,16 +171,16 @@ func TestFiftyAgentsStartTogether(t *testing.T) {
 	for i, a := range agents {
 		env, _ := subnetEnvOf(a)
 		node := fmt.Sprintf("host%02d", i)
-		if !env.Subnet4.IsValid() || !env.Subnet6.IsValid() {
+		if !env.Subnet.V4.IsValid() || !env.Subnet.V6.IsValid() {
 			t.Errorf("%s: subnet.env lacks a family: %+v", node, env)
 		}
-		if o, dup := seen4[env.Subnet4]; dup {
-			t.Errorf("%s and %s both hold %s", o, node, env.Subnet4)
+		if o, dup := seen4[env.Subnet.V4]; dup {
+			t.Errorf("%s and %s both hold %s", o, node, env.Subnet.V4)
 		}
-		if o, dup := seen6[env.Subnet6]; dup {
-			t.Errorf("%s and %s both hold %s", o, node, env.Subnet6)
+		if o, dup := seen6[env.Subnet.V6]; dup {
+			t.Errorf("%s and %s both hold %s", o, node, env.Subnet.V6)
 		}
-		seen4[env.Subnet4], seen6[env.Subnet6] = node, node
+		seen4[env.Subnet.V4], seen6[env.Subnet.V6] = node, node
 	}
 	// etcd agrees: 50 records, each naming the subnets of its subnet.env.
 	resp, err := cli.Get(context.Background(), lease.NewKeys("").Leases(), clientv3.WithPrefix())
@@ -197,7 +197,7 @@ func TestFiftyAgentsStartTogether(t *testing.T) {
 			t.Errorf("record of %s: %v", node, err)
 			continue
 		}
-		if seen4[r.Subnet] != node || seen6[r.IPv6Subnet] != node {
+		if seen4[r.Subnet.V4] != node || seen6[r.Subnet.V6] != node {
 			t.Errorf("etcd says %s holds %v, its subnet.env says otherwise", node, r.Subnets())
 		}
 	}
@@ -400,7 +400,7 @@ func firstSet(hb *histBackend) map[string]netip.Prefix {
 	defer hb.mu.Unlock()
 	first := map[string]netip.Prefix{}
 	for _, p := range hb.sets[0] {
-		first[p.Node] = p.Subnet4
+		first[p.Node] = p.Subnet.V4
 	}
 	return first
 }

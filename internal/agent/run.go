@@ -6,6 +6,8 @@ import (
 	"fmt"
 
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/pkg/ipfam"
 )
 
 // Run runs the agent for this host with the options o (already checked
@@ -49,11 +51,11 @@ func Run(ctx context.Context, o *Options) error {
 		return fmt.Errorf("choosing the interface for inter-host traffic: %w", err)
 	}
 	if ext.Split() {
-		l6 := ext.Link(true)
-		klog.InfoS("Using interface", "family", "IPv4", "iface", ext.Name, "chosenBy", why, "publicIP", ext.Public4, "mtu", ext.MTU)
-		klog.InfoS("Using interface", "family", "IPv6", "iface", l6.Name, "chosenBy", why, "publicIPv6", ext.Public6, "mtu", l6.MTU)
+		l6 := ext.Link(ipfam.IPv6)
+		klog.InfoS("Using interface", "family", "IPv4", "iface", ext.V4.Name, "chosenBy", why, "publicIP", ext.V4.Public, "mtu", ext.V4.MTU)
+		klog.InfoS("Using interface", "family", "IPv6", "iface", l6.Name, "chosenBy", why, "publicIPv6", ext.V6.Public, "mtu", l6.MTU)
 	} else {
-		klog.InfoS("Using interface", "iface", ext.Name, "chosenBy", why, "publicIP", ext.Public4, "publicIPv6", ext.Public6, "mtu", ext.MTU)
+		klog.InfoS("Using interface", "iface", ext.V4.Name, "chosenBy", why, "publicIP", ext.V4.Public, "publicIPv6", ext.V6.Public, "mtu", ext.V4.MTU)
 	}
 	a := newAgent(o, cli, ext, node)
 	a.etcd = mon

@@ -23,13 +23,6 @@ func CheckDatapath(ctx context.Context, o *Options, node string, cfg *lease.Conf
 	}
 	ps := lease.NewPeerSet(cfg, self, records)
 	peers, rejected := ps.Accepted(), ps.Rejected()
-	local := backend.Local{Node: node, Subnet4: self.Subnet, Subnet6: self.IPv6Subnet}
-	if cfg.IPv4 != nil {
-		local.Network4 = cfg.IPv4.Network
-	}
-	if cfg.IPv6 != nil {
-		local.Network6 = cfg.IPv6.Network
-	}
-	drift, err = backend.Check(ctx, be, local, toPeers(peers))
+	drift, err = backend.Check(ctx, be, backendLocal(node, self, cfg), toPeers(peers))
 	return drift, len(peers), len(rejected), err
 }

@@ -394,7 +394,7 @@ func (f *Fleet) rollingRestart(ctx context.Context, res *Result) error {
 		for _, h := range batch {
 			h.stop()
 			idx = append(idx, h.idx)
-			old[h.idx] = h.record().Subnet
+			old[h.idx] = h.record().Subnet.V4
 		}
 		restarted, err := f.startHosts(ctx, idx, 0, false)
 		if err != nil {
@@ -402,7 +402,7 @@ func (f *Fleet) rollingRestart(ctx context.Context, res *Result) error {
 		}
 		others := len(f.live()) - 1
 		for _, h := range restarted {
-			if h.record().Subnet != old[h.idx] {
+			if h.record().Subnet.V4 != old[h.idx] {
 				res.RestartSubnetMoved++
 			}
 			var at time.Time

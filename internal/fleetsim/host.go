@@ -10,6 +10,7 @@ package fleetsim
 import (
 	"context"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"slices"
 	"strings"
@@ -254,11 +255,11 @@ func (h *Host) claimOnce(ctx context.Context, reg *lease.Registry, resume bool) 
 	}
 	var hint netip.Prefix
 	if r := h.record(); r != nil {
-		hint = r.Subnet
+		hint = r.Subnet.V4
 	}
 	h.ClaimStart = time.Now()
 	rec, err := reg.Acquire(ctx, sess.Lease(), f.cfg, lease.Claim{
-		Node: h.Name, PublicIP: h.publicIP, BackendType: "host-gw", Own: h.own, Hint4: hint,
+		Node: h.Name, PublicIP: ipfam.Pair[netip.Addr]{V4: h.publicIP}, BackendType: "host-gw", Own: h.own, Hint: ipfam.Pair[netip.Prefix]{V4: hint},
 	})
 	if err != nil {
 		sess.Orphan()

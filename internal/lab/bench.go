@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"io"
 	"net"
 	"net/netip"
@@ -200,11 +201,11 @@ func (b *benchRun) setup() error {
 		rec := b.nextPeer()
 		v, _ := json.Marshal(rec)
 		ops = append(ops, clientv3.OpPut(lease.NewKeys("").Lease(rec.Node), string(v), clientv3.WithLease(b.g.ID)))
-		fmt.Fprintf(&b.batch4, "route add %s via %s dev eth0 proto 76\n", rec.Subnet, rec.PublicIP)
-		fmt.Fprintf(&b.batch6, "route add %s via %s dev eth0 proto 76\n", rec.IPv6Subnet, rec.PublicIPv6)
+		fmt.Fprintf(&b.batch4, "route add %s via %s dev eth0 proto 76\n", rec.Subnet.V4, rec.PublicIP.V4)
+		fmt.Fprintf(&b.batch6, "route add %s via %s dev eth0 proto 76\n", rec.Subnet.V6, rec.PublicIP.V6)
 		id4, id6 := 1000000+2*i, 1000000+2*i+1
-		fmt.Fprintf(&b.batchNH, "nexthop add id %d via %s dev eth0 proto 76\nroute add %s nhid %d proto 76\n", id4, rec.PublicIP, rec.Subnet, id4)
-		fmt.Fprintf(&b.batchNH, "nexthop add id %d via %s dev eth0 proto 76\nroute add %s nhid %d proto 76\n", id6, rec.PublicIPv6, rec.IPv6Subnet, id6)
+		fmt.Fprintf(&b.batchNH, "nexthop add id %d via %s dev eth0 proto 76\nroute add %s nhid %d proto 76\n", id4, rec.PublicIP.V4, rec.Subnet.V4, id4)
+		fmt.Fprintf(&b.batchNH, "nexthop add id %d via %s dev eth0 proto 76\nroute add %s nhid %d proto 76\n", id6, rec.PublicIP.V6, rec.Subnet.V6, id6)
 		if len(ops) == 100 {
 			if err := flush(); err != nil {
 				return err
@@ -227,7 +228,7 @@ func (b *benchRun) nextPeer() *lease.Record {
 	for {
 		rec := benchPeer(b.next)
 		b.next++
-		if rec.Subnet != b.own.Subnet4 && rec.IPv6Subnet != b.own.Subnet6 {
+		if rec.Subnet.V4 != b.own.Subnet.V4 && rec.Subnet.V6 != b.own.Subnet.V6 {
 			return rec
 		}
 	}
@@ -396,9 +397,9 @@ func (b *benchRun) joins() error {
 			}
 		}
 		rec := b.nextPeer()
-		rec.IPv6Subnet, rec.PublicIPv6 = netip.Prefix{}, netip.Addr{}
+		rec.Subnet.V6, rec.PublicIP.V6 = netip.Prefix{}, netip.Addr{}
 		v, _ := json.Marshal(rec)
-		want := rec.Subnet.String()
+		want := rec.Subnet.V4.String()
 		gc0 := benchGCCycles()
 		t0 := time.Now()
 		if _, err := b.l.Client.Put(ctx, lease.NewKeys("").Lease(rec.Node), string(v), clientv3.WithLease(b.g.ID)); err != nil {
@@ -516,10 +517,8 @@ func benchPeer(i int) *lease.Record {
 	g4, g6 := netip.AddrFrom4(g4b), netip.AddrFrom16(g6b)
 	return &lease.Record{
 		Node:        "peer-" + strconv.Itoa(i),
-		Subnet:      netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i4 >> 8), byte(i4), 0}), 24),
-		IPv6Subnet:  netip.PrefixFrom(netip.AddrFrom16(a6), 64),
-		PublicIP:    g4,
-		PublicIPv6:  g6,
+		Subnet:      ipfam.Pair[netip.Prefix]{V4: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i4 >> 8), byte(i4), 0}), 24), V6: netip.PrefixFrom(netip.AddrFrom16(a6), 64)},
+		PublicIP:    ipfam.Pair[netip.Addr]{V4: g4, V6: g6},
 		BackendType: "host-gw",
 	}
 }

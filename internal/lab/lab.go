@@ -478,20 +478,20 @@ func (l *Lab) addContainer(h *Host) error {
 		"-n " + h.NS + " link set veth0 master cbr0 mtu " + mtu + " up",
 		"-n " + h.CNS + " link set eth0 mtu " + mtu + " up",
 	}
-	if env.Subnet4.IsValid() {
-		gw := env.Subnet4.Addr().Next()
+	if env.Subnet.V4.IsValid() {
+		gw := env.Subnet.V4.Addr().Next()
 		h.Container.Addr4 = gw.Next()
 		cmds = append(cmds,
-			"-n "+h.NS+" addr add "+netip.PrefixFrom(gw, env.Subnet4.Bits()).String()+" dev cbr0",
-			"-n "+h.CNS+" addr add "+netip.PrefixFrom(h.Container.Addr4, env.Subnet4.Bits()).String()+" dev eth0",
+			"-n "+h.NS+" addr add "+netip.PrefixFrom(gw, env.Subnet.V4.Bits()).String()+" dev cbr0",
+			"-n "+h.CNS+" addr add "+netip.PrefixFrom(h.Container.Addr4, env.Subnet.V4.Bits()).String()+" dev eth0",
 			"-n "+h.CNS+" route add default via "+gw.String())
 	}
-	if env.Subnet6.IsValid() {
-		gw := env.Subnet6.Addr().Next()
+	if env.Subnet.V6.IsValid() {
+		gw := env.Subnet.V6.Addr().Next()
 		h.Container.Addr6 = gw.Next()
 		cmds = append(cmds,
-			"-n "+h.NS+" addr add "+netip.PrefixFrom(gw, env.Subnet6.Bits()).String()+" dev cbr0 nodad",
-			"-n "+h.CNS+" addr add "+netip.PrefixFrom(h.Container.Addr6, env.Subnet6.Bits()).String()+" dev eth0 nodad",
+			"-n "+h.NS+" addr add "+netip.PrefixFrom(gw, env.Subnet.V6.Bits()).String()+" dev cbr0 nodad",
+			"-n "+h.CNS+" addr add "+netip.PrefixFrom(h.Container.Addr6, env.Subnet.V6.Bits()).String()+" dev eth0 nodad",
 			"-n "+h.CNS+" -6 route add default via "+gw.String())
 	}
 	return batch(cmds)

@@ -19,6 +19,17 @@ import (
 	"github.com/leased/leased/pkg/lease"
 )
 
+// validString is v as text, "" when v is not valid.
+func validString[T interface {
+	IsValid() bool
+	String() string
+}](v T) string {
+	if !v.IsValid() {
+		return ""
+	}
+	return v.String()
+}
+
 // Row is one host's lease.
 type Row struct {
 	Node        string          `json:"node"`
@@ -54,18 +65,8 @@ func Read(ctx context.Context, cli *clientv3.Client, prefix string) ([]Row, []er
 	ids := map[clientv3.LeaseID]int64{}
 	for _, r := range view.Records {
 		row := Row{Node: r.Node, Backend: r.BackendType, BackendData: r.BackendData, ExpiresIn: -1}
-		if r.Subnet.IsValid() {
-			row.Subnet = r.Subnet.String()
-		}
-		if r.IPv6Subnet.IsValid() {
-			row.IPv6Subnet = r.IPv6Subnet.String()
-		}
-		if r.PublicIP.IsValid() {
-			row.PublicIP = r.PublicIP.String()
-		}
-		if r.PublicIPv6.IsValid() {
-			row.PublicIPv6 = r.PublicIPv6.String()
-		}
+		row.Subnet, row.IPv6Subnet = validString(r.Subnet.V4), validString(r.Subnet.V6)
+		row.PublicIP, row.PublicIPv6 = validString(r.PublicIP.V4), validString(r.PublicIP.V6)
 		if !r.Acquired.IsZero() {
 			t := r.Acquired
 			row.Acquired = &t

@@ -16,6 +16,8 @@ import (
 	"net"
 	"net/netip"
 	"time"
+
+	"github.com/leased/leased/pkg/ipfam"
 )
 
 // Backend type names as they appear in the network config's Backend.Type.
@@ -28,14 +30,14 @@ const (
 // ErrUnknownType is returned by New for a Backend.Type this build does not know.
 var ErrUnknownType = errors.New("backend: unknown backend type")
 
-// Peer is another host's lease as the datapath needs it. A zero Subnet4 or
-// Subnet6 means the peer holds no subnet of that family.
+// Peer is another host's lease as the datapath needs it. A zero subnet of a
+// family means the peer holds no subnet of that family.
 type Peer struct {
-	Node      string
-	Subnet4   netip.Prefix
-	Subnet6   netip.Prefix
-	PublicIP4 netip.Addr
-	PublicIP6 netip.Addr
+	Node string
+	// Subnet and PublicIP are the peer's subnet and public address per
+	// family (lease.Record's fields of the same names).
+	Subnet   ipfam.Pair[netip.Prefix]
+	PublicIP ipfam.Pair[netip.Addr]
 	// BackendType and BackendData are what the peer's own backend published
 	// in its lease (LeaseData); each backend decodes its own format and
 	// ignores peers whose data it cannot use, with a log line.
@@ -44,49 +46,26 @@ type Peer struct {
 }
 
 // Local is this host's own lease and the cluster networks it belongs to. A
-// zero Subnet4/Network4 (Subnet6/Network6) means the family is disabled.
+// zero Subnet and Network of a family means the family is disabled.
 type Local struct {
-	Node     string
-	Subnet4  netip.Prefix
-	Subnet6  netip.Prefix
-	Network4 netip.Prefix
-	Network6 netip.Prefix
+	Node    string
+	Subnet  ipfam.Pair[netip.Prefix]
+	Network ipfam.Pair[netip.Prefix]
 }
 
-// ExtIface is the interface that carries traffic between hosts, per
-// address family.
+// ExtIface is the interface that carries traffic between hosts: one ExtLink
+// per address family.
 //
-// Name, Index, MTU and HardwareAddr describe the link IPv4 uses. IPv6 uses
-// the same link unless Index6 is set to another link's index: then Name6,
-// Index6, MTU6 and HardwareAddr6 describe the link IPv6 uses (the agent,
-// without --iface, takes each family's default route's link, and the two
-// may differ). Zero IPv6 fields mean "the IPv4 link", so a caller with one
-// link sets only the IPv4 ones. Backends read a family's link with Link.
-type ExtIface struct {
-	Name  string
-	Index int
-	MTU   int
-	// Name6, Index6, MTU6 and HardwareAddr6 are the IPv6 link when it is
-	// not the IPv4 one (Index6 > 0 and != Index); otherwise they are
-	// ignored. With Index6 set, Name6 is required, MTU6 0 means MTU, and a
-	// nil HardwareAddr6 is read from the link when needed (proxy-ndp).
-	Name6  string
-	Index6 int
-	MTU6   int
-	// Addr4/Addr6 are addresses configured on the interface (zero if the
-	// family has none): Addr4 on the IPv4 link, Addr6 on the IPv6 link.
-	// They are the VXLAN underlay source addresses.
-	Addr4 netip.Addr
-	Addr6 netip.Addr
-	// Public4/Public6 are the addresses peers use to reach this host
-	// (--public-ip/--public-ipv6, else Addr4/Addr6).
-	Public4 netip.Addr
-	Public6 netip.Addr
-	// HardwareAddr is the IPv4 link's MAC, HardwareAddr6 the IPv6 link's
-	// (used by proxy-ndp).
-	HardwareAddr  net.HardwareAddr
-	HardwareAddr6 net.HardwareAddr
-}
+// V4 describes the link IPv4 uses. IPv6 uses the same link unless V6.Index
+// is set to another link's index: then V6's Name, Index, MTU and
+// HardwareAddr describe the link IPv6 uses (the agent, without --iface,
+// takes each family's default route's link, and the two may differ). With
+// V6.Index set, V6.Name is required, V6.MTU 0 means V4.MTU, and a nil
+// V6.HardwareAddr is read from the link when needed (proxy-ndp); with
+// V6.Index 0 (or V4.Index) they are ignored, so a caller with one link sets
+// only V4's. Addr and Public are each family's own in either case. Backends
+// read a family's link with Link.
+type ExtIface ipfam.Pair[ExtLink]
 
 // ExtLink is the link one address family's inter-host traffic uses.
 type ExtLink struct {
@@ -94,30 +73,43 @@ type ExtLink struct {
 	Index        int
 	MTU          int
 	HardwareAddr net.HardwareAddr
+	// Addr is an address of the family configured on the link (zero if
+	// there is none): the VXLAN underlay source address.
+	Addr netip.Addr
+	// Public is the address of the family peers use to reach this host
+	// (--public-ip/--public-ipv6, else Addr).
+	Public netip.Addr
 }
 
 // Split reports whether IPv6 uses another link than IPv4.
-func (e ExtIface) Split() bool { return e.Index6 > 0 && e.Index6 != e.Index }
+func (e ExtIface) Split() bool { return e.V6.Index > 0 && e.V6.Index != e.V4.Index }
 
-// Link returns the link of IPv6 (v6) or IPv4 (!v6) traffic.
-func (e ExtIface) Link(v6 bool) ExtLink {
-	if !v6 || !e.Split() {
-		return ExtLink{Name: e.Name, Index: e.Index, MTU: e.MTU, HardwareAddr: e.HardwareAddr}
+// Link returns the link family f's traffic uses, with f's addresses.
+func (e ExtIface) Link(f ipfam.Family) ExtLink {
+	if f == ipfam.IPv4 {
+		return e.V4
 	}
-	l := ExtLink{Name: e.Name6, Index: e.Index6, MTU: e.MTU6, HardwareAddr: e.HardwareAddr6}
-	if l.MTU <= 0 {
-		l.MTU = e.MTU
+	l := e.V6
+	if !e.Split() {
+		l.Name, l.Index, l.MTU, l.HardwareAddr = e.V4.Name, e.V4.Index, e.V4.MTU, e.V4.HardwareAddr
+	} else if l.MTU <= 0 {
+		l.MTU = e.V4.MTU
 	}
 	return l
 }
 
+// Public returns each family's public address (ExtLink.Public).
+func (e ExtIface) Public() ipfam.Pair[netip.Addr] {
+	return ipfam.Pair[netip.Addr]{V4: e.V4.Public, V6: e.V6.Public}
+}
+
 // validate reports an ExtIface New cannot use.
 func (e ExtIface) validate() error {
-	if e.Index <= 0 || e.MTU <= 0 {
-		return fmt.Errorf("backend: external interface %q needs an index and an MTU", e.Name)
+	if e.V4.Index <= 0 || e.V4.MTU <= 0 {
+		return fmt.Errorf("backend: external interface %q needs an index and an MTU", e.V4.Name)
 	}
-	if e.Index6 < 0 || e.MTU6 < 0 || (e.Split() && e.Name6 == "") {
-		return fmt.Errorf("backend: external IPv6 link #%d (%q) needs a name, a positive index and an MTU (or Index6 0 to use %s for IPv6 too)", e.Index6, e.Name6, e.Name)
+	if e.V6.Index < 0 || e.V6.MTU < 0 || (e.Split() && e.V6.Name == "") {
+		return fmt.Errorf("backend: external IPv6 link #%d (%q) needs a name, a positive index and an MTU (or index 0 to use %s for IPv6 too)", e.V6.Index, e.V6.Name, e.V4.Name)
 	}
 	return nil
 }
@@ -125,14 +117,15 @@ func (e ExtIface) validate() error {
 // minMTU is the smallest MTU of the links local's enabled families use
 // (zero Local, before Start: of both links).
 func (e ExtIface) minMTU(local Local) int {
-	v4, v6 := local.Subnet4.IsValid(), local.Subnet6.IsValid()
-	switch {
-	case v4 && !v6:
-		return e.Link(false).MTU
-	case v6 && !v4:
-		return e.Link(true).MTU
+	m := 0
+	for f, s := range local.Subnet.All() {
+		if s.IsValid() || !ipfam.Any(local.Subnet) {
+			if mtu := e.Link(f).MTU; m == 0 || mtu < m {
+				m = mtu
+			}
+		}
 	}
-	return min(e.Link(false).MTU, e.Link(true).MTU)
+	return m
 }
 
 // Options are the settings every backend shares, from flags.

@@ -3,6 +3,7 @@ package backend
 import (
 	"context"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"testing"
 
@@ -19,7 +20,7 @@ func BenchmarkHostGWSetPeers(b *testing.B) {
 			h := testutil.NSHandle(b, ns)
 			ext := extOf(b, h, "eth0", "192.168.0.1", "")
 			e := mustNew(b, `{"Type":"host-gw"}`, ext, "bench", ns, Options{})
-			local := Local{Node: "bench", Subnet4: netip.MustParsePrefix("10.0.0.0/24"), Network4: netip.MustParsePrefix("10.0.0.0/8")}
+			local := Local{Node: "bench", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.0.0.0/24")}, Network: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.0.0.0/8")}}
 			ctx := context.Background()
 			if err := e.Start(ctx, local); err != nil {
 				b.Fatal(err)
@@ -27,9 +28,9 @@ func BenchmarkHostGWSetPeers(b *testing.B) {
 			peers := make([]Peer, n)
 			for i := range peers {
 				peers[i] = Peer{
-					Node:      fmt.Sprintf("peer-%d", i),
-					Subnet4:   netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte((i + 1) >> 8), byte(i + 1), 0}), 24),
-					PublicIP4: netip.AddrFrom4([4]byte{192, 168, byte((i + 2) / 250), byte((i+2)%250 + 1)}),
+					Node:     fmt.Sprintf("peer-%d", i),
+					Subnet:   ipfam.Pair[netip.Prefix]{V4: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte((i + 1) >> 8), byte(i + 1), 0}), 24)},
+					PublicIP: ipfam.Pair[netip.Addr]{V4: netip.AddrFrom4([4]byte{192, 168, byte((i + 2) / 250), byte((i+2)%250 + 1)})},
 				}
 			}
 			b.ResetTimer()

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"io/fs"
 	"net/netip"
 	"os"
@@ -21,14 +22,14 @@ import (
 //
 //   - missing: no leased process holds an IPv6 packet socket bound to the
 //     uplink, so nothing answers the upstream router's solicitations for
-//     local.Subnet6 (the agent is not running, or its responder stopped);
+//     local.Subnet.V6 (the agent is not running, or its responder stopped);
 //   - extra: kernel proxy-NDP entries (ip -6 neigh add proxy) on the
 //     uplink for addresses of the cluster network. leased uses none; such
 //     an entry answers (with proxy_ndp on) besides or instead of the
 //     host that holds the address.
 func (b *proxyNDP) checkAnswers(local Local) (missing, extra []string, err error) {
-	link := b.ext.Link(true)
-	if !local.Subnet6.IsValid() {
+	link := b.ext.Link(ipfam.IPv6)
+	if !local.Subnet.V6.IsValid() {
 		return nil, nil, nil
 	}
 	inodes, err := b.k.PacketSockets(link.Index)
@@ -40,16 +41,16 @@ func (b *proxyNDP) checkAnswers(local Local) (missing, extra []string, err error
 		return nil, nil, err
 	}
 	if !owned {
-		missing = append(missing, fmt.Sprintf("ndp answers for %s on %s (no leased process listens for neighbour solicitations there: is the agent running?)", local.Subnet6.Masked(), link.Name))
+		missing = append(missing, fmt.Sprintf("ndp answers for %s on %s (no leased process listens for neighbour solicitations there: is the agent running?)", local.Subnet.V6.Masked(), link.Name))
 	}
-	if local.Network6.IsValid() {
+	if local.Network.V6.IsValid() {
 		ps, err := b.k.NeighProxyList(link.Index, netlink.FAMILY_V6)
 		if err != nil {
 			return nil, nil, fmt.Errorf("listing proxy neighbour entries on %s: %w", link.Name, err)
 		}
 		for _, p := range ps {
 			a, ok := netip.AddrFromSlice(p.IP)
-			if !ok || !local.Network6.Contains(a.Unmap()) {
+			if !ok || !local.Network.V6.Contains(a.Unmap()) {
 				continue
 			}
 			extra = append(extra, fmt.Sprintf("ndp proxy entry %s dev %s (leased answers from user space; delete it: ip -6 neigh del proxy %s dev %s)", a, link.Name, a, link.Name))

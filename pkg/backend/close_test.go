@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"os"
 	"runtime"
@@ -22,8 +23,7 @@ func TestCloseReleasesHandles(t *testing.T) {
 	ns := testutil.UplinkNS(t, "close", "192.0.2.1/24", "2001:db8:1::1/64")
 	h := testutil.NSHandle(t, ns)
 	ext := extOf(t, h, "eth0", "192.0.2.1", "2001:db8:1::1")
-	local := Local{Node: "a", Subnet4: netip.MustParsePrefix("10.100.1.0/24"), Network4: netip.MustParsePrefix("10.100.0.0/16"),
-		Subnet6: netip.MustParsePrefix("2001:db8:1:0:8000::/80"), Network6: netip.MustParsePrefix("2001:db8:1:0:8000::/65")}
+	local := Local{Node: "a", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.1.0/24"), V6: netip.MustParsePrefix("2001:db8:1:0:8000::/80")}, Network: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.0.0/16"), V6: netip.MustParsePrefix("2001:db8:1:0:8000::/65")}}
 	vx, _ := json.Marshal(VXLANLeaseData{VtepMAC: vtepMAC("b", false).String(), VtepMAC6: vtepMAC("b", true).String()})
 	fds := func() int {
 		des, err := os.ReadDir("/proc/self/fd")
@@ -45,7 +45,7 @@ func TestCloseReleasesHandles(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan error, 1)
 			go func() { done <- b.Run(ctx) }()
-			peer := Peer{Node: "b", Subnet4: netip.MustParsePrefix("10.100.2.0/24"), PublicIP4: netip.MustParseAddr("192.0.2.2"), BackendType: b.Type()}
+			peer := Peer{Node: "b", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.2.0/24")}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.2")}, BackendType: b.Type()}
 			if b.Type() == TypeVXLAN {
 				peer.BackendData = vx
 			}

@@ -73,7 +73,7 @@ func TestValidateConfig(t *testing.T) {
 }
 
 func TestNewProxyNDP(t *testing.T) {
-	b, err := New([]byte(`{"Type":"proxy-ndp","Mode":"present"}`), ExtIface{Name: "eth0", Index: 2, MTU: 1500}, "n", Options{})
+	b, err := New([]byte(`{"Type":"proxy-ndp","Mode":"present"}`), ExtIface{V4: ExtLink{Name: "eth0", Index: 2, MTU: 1500}}, "n", Options{})
 	if err != nil {
 		t.Fatalf("New(proxy-ndp) = %v", err)
 	}

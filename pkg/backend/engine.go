@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -176,11 +177,11 @@ func datapathFor(cfg Config, ext ExtIface, node string) (datapath, error) {
 	case TypeHostGW:
 		return &hostGW{}, nil
 	case TypeVXLAN:
-		if !ext.Addr4.IsValid() && !ext.Addr6.IsValid() {
+		if !ext.V4.Addr.IsValid() && !ext.V6.Addr.IsValid() {
 			if ext.Split() {
-				return nil, fmt.Errorf("backend: vxlan needs an underlay address: %s has no IPv4 address and %s no IPv6 address; add one, or pick the interface with --iface", ext.Name, ext.Link(true).Name)
+				return nil, fmt.Errorf("backend: vxlan needs an underlay address: %s has no IPv4 address and %s no IPv6 address; add one, or pick the interface with --iface", ext.V4.Name, ext.Link(ipfam.IPv6).Name)
 			}
-			return nil, fmt.Errorf("backend: vxlan needs an address on %s for the underlay; it has none: add one, or pick another interface with --iface", ext.Name)
+			return nil, fmt.Errorf("backend: vxlan needs an address on %s for the underlay; it has none: add one, or pick another interface with --iface", ext.V4.Name)
 		}
 		return newVXLAN(cfg, ext, node), nil
 	case TypeProxyNDP:
@@ -251,7 +252,7 @@ func (e *engine) MTU() int {
 // hands over the peer set before Start gets its routes without waiting for
 // iptables; Start returns when both are done.
 func (e *engine) Start(ctx context.Context, local Local) error {
-	if !local.Subnet4.IsValid() && !local.Subnet6.IsValid() {
+	if !ipfam.Any(local.Subnet) {
 		return errors.New("backend: the local lease holds no subnet")
 	}
 	e.mu.Lock()
@@ -262,7 +263,7 @@ func (e *engine) Start(ctx context.Context, local Local) error {
 	e.local = local
 	e.started = true
 	e.probeNexthopsLocked()
-	klog.InfoS("backend starting", "type", e.typ, "node", local.Node, "subnet4", local.Subnet4, "subnet6", local.Subnet6, "iface", e.ext.Name)
+	klog.InfoS("backend starting", "type", e.typ, "node", local.Node, "subnet4", local.Subnet.V4, "subnet6", local.Subnet.V6, "iface", e.ext.V4.Name)
 	fwd := make(chan error, 1)
 	k := e.k
 	go func() { fwd <- e.setupHost(k, local, nil) }()
@@ -287,7 +288,7 @@ func (e *engine) setupHost(k kernel, local Local, changed *bool) error {
 	e.hostMu.Lock()
 	defer e.hostMu.Unlock()
 	return errors.Join(
-		enableForwarding(k, e.ext.Link(true).Name, local.Network4.IsValid(), local.Network6.IsValid(), changed),
+		enableForwarding(k, e.ext.Link(ipfam.IPv6).Name, local.Network.V4.IsValid(), local.Network.V6.IsValid(), changed),
 		setupForwarding(k, local, fwOptions{masq: e.opts.IPMasq, noFwd: e.opts.NoForwardRules, natGone: &e.natGone}, changed),
 	)
 }

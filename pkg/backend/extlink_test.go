@@ -2,6 +2,7 @@ package backend
 
 import (
 	"context"
+	"github.com/leased/leased/pkg/ipfam"
 	"net"
 	"net/netip"
 	"strings"
@@ -26,41 +27,41 @@ func TestExtIfaceLink(t *testing.T) {
 		mtu          map[string]int // minMTU by enabled families: "4", "6", "46", "" (before Start)
 	}{
 		{
-			name:  "IPv4 fields only: IPv6 uses the same link",
-			ext:   ExtIface{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: mac4},
-			want4: ExtLink{"eth0", 2, 1500, mac4}, want6: ExtLink{"eth0", 2, 1500, mac4},
+			name:  "V4 only: IPv6 uses the same link",
+			ext:   ExtIface{V4: ExtLink{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: mac4}},
+			want4: ExtLink{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: mac4}, want6: ExtLink{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: mac4},
 			mtu: map[string]int{"4": 1500, "6": 1500, "46": 1500, "": 1500},
 		},
 		{
-			name:  "Index6 equal to Index: the same link",
-			ext:   ExtIface{Name: "eth0", Index: 2, MTU: 1500, Name6: "eth0", Index6: 2, MTU6: 1280},
-			want4: ExtLink{"eth0", 2, 1500, nil}, want6: ExtLink{"eth0", 2, 1500, nil},
+			name:  "V6.Index equal to V4.Index: the same link",
+			ext:   ExtIface{V4: ExtLink{Name: "eth0", Index: 2, MTU: 1500}, V6: ExtLink{Name: "eth0", Index: 2, MTU: 1280}},
+			want4: ExtLink{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: nil}, want6: ExtLink{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: nil},
 			mtu: map[string]int{"46": 1500},
 		},
 		{
 			name:  "IPv6 on another link",
-			ext:   ExtIface{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: mac4, Name6: "eth1", Index6: 3, MTU6: 1400, HardwareAddr6: mac6},
-			want4: ExtLink{"eth0", 2, 1500, mac4}, want6: ExtLink{"eth1", 3, 1400, mac6}, split: true,
+			ext:   ExtIface{V4: ExtLink{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: mac4}, V6: ExtLink{Name: "eth1", Index: 3, MTU: 1400, HardwareAddr: mac6}},
+			want4: ExtLink{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: mac4}, want6: ExtLink{Name: "eth1", Index: 3, MTU: 1400, HardwareAddr: mac6}, split: true,
 			mtu: map[string]int{"4": 1500, "6": 1400, "46": 1400, "": 1400},
 		},
 		{
-			name:  "MTU6 zero means MTU",
-			ext:   ExtIface{Name: "eth0", Index: 2, MTU: 9000, Name6: "eth1", Index6: 3},
-			want4: ExtLink{"eth0", 2, 9000, nil}, want6: ExtLink{"eth1", 3, 9000, nil}, split: true,
+			name:  "V6.MTU zero means V4.MTU",
+			ext:   ExtIface{V4: ExtLink{Name: "eth0", Index: 2, MTU: 9000}, V6: ExtLink{Name: "eth1", Index: 3}},
+			want4: ExtLink{Name: "eth0", Index: 2, MTU: 9000, HardwareAddr: nil}, want6: ExtLink{Name: "eth1", Index: 3, MTU: 9000, HardwareAddr: nil}, split: true,
 			mtu: map[string]int{"46": 9000},
 		},
 	}
 	locals := map[string]Local{
-		"4": {Subnet4: netip.MustParsePrefix("10.100.1.0/24")}, "6": {Subnet6: netip.MustParsePrefix("fd00:100:1::/64")},
+		"4": {Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.1.0/24")}}, "6": {Subnet: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("fd00:100:1::/64")}},
 		"46": localA(), "": {},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := tc.ext.Link(false); got.Name != tc.want4.Name || got.Index != tc.want4.Index || got.MTU != tc.want4.MTU || got.HardwareAddr.String() != tc.want4.HardwareAddr.String() {
-				t.Errorf("Link(false) = %+v, want %+v", got, tc.want4)
+			if got := tc.ext.Link(ipfam.IPv4); got.Name != tc.want4.Name || got.Index != tc.want4.Index || got.MTU != tc.want4.MTU || got.HardwareAddr.String() != tc.want4.HardwareAddr.String() {
+				t.Errorf("Link(IPv4) = %+v, want %+v", got, tc.want4)
 			}
-			if got := tc.ext.Link(true); got.Name != tc.want6.Name || got.Index != tc.want6.Index || got.MTU != tc.want6.MTU || got.HardwareAddr.String() != tc.want6.HardwareAddr.String() {
-				t.Errorf("Link(true) = %+v, want %+v", got, tc.want6)
+			if got := tc.ext.Link(ipfam.IPv6); got.Name != tc.want6.Name || got.Index != tc.want6.Index || got.MTU != tc.want6.MTU || got.HardwareAddr.String() != tc.want6.HardwareAddr.String() {
+				t.Errorf("Link(IPv6) = %+v, want %+v", got, tc.want6)
 			}
 			if tc.ext.Split() != tc.split {
 				t.Errorf("Split() = %v, want %v", tc.ext.Split(), tc.split)
@@ -82,10 +83,10 @@ func TestExtIfaceValidate(t *testing.T) {
 		ext  ExtIface
 		want string
 	}{
-		{ExtIface{Name: "eth0"}, "needs an index and an MTU"},
-		{ExtIface{Name: "eth0", Index: 2, MTU: 1500, Index6: 3}, "needs a name"},
-		{ExtIface{Name: "eth0", Index: 2, MTU: 1500, Name6: "eth1", Index6: -1}, "positive index"},
-		{ExtIface{Name: "eth0", Index: 2, MTU: 1500, Name6: "eth1", Index6: 3, MTU6: -1}, "MTU"},
+		{ExtIface{V4: ExtLink{Name: "eth0"}}, "needs an index and an MTU"},
+		{ExtIface{V4: ExtLink{Name: "eth0", Index: 2, MTU: 1500}, V6: ExtLink{Index: 3}}, "needs a name"},
+		{ExtIface{V4: ExtLink{Name: "eth0", Index: 2, MTU: 1500}, V6: ExtLink{Name: "eth1", Index: -1}}, "positive index"},
+		{ExtIface{V4: ExtLink{Name: "eth0", Index: 2, MTU: 1500}, V6: ExtLink{Name: "eth1", Index: 3, MTU: -1}}, "MTU"},
 	} {
 		err := tc.ext.validate()
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -100,9 +101,7 @@ func TestExtIfaceValidate(t *testing.T) {
 // splitExt is eth0 (#2, IPv4, MTU 1500) and eth1 (#3, IPv6, MTU 1400).
 func splitExt() ExtIface {
 	return ExtIface{
-		Name: "eth0", Index: 2, MTU: 1500, Name6: "eth1", Index6: 3, MTU6: 1400,
-		Addr4: netip.MustParseAddr("192.168.77.2"), Public4: netip.MustParseAddr("192.168.77.2"),
-		Addr6: netip.MustParseAddr("2001:db8:88::2"), Public6: netip.MustParseAddr("2001:db8:88::2"),
+		V4: ExtLink{Name: "eth0", Index: 2, MTU: 1500, Addr: netip.MustParseAddr("192.168.77.2"), Public: netip.MustParseAddr("192.168.77.2")}, V6: ExtLink{Name: "eth1", Index: 3, MTU: 1400, Addr: netip.MustParseAddr("2001:db8:88::2"), Public: netip.MustParseAddr("2001:db8:88::2")},
 	}
 }
 
@@ -112,23 +111,23 @@ func TestVXLANUnderlayPerFamily(t *testing.T) {
 		t.Fatal(err)
 	}
 	v := newVXLAN(cfg, splitExt(), "a")
-	if d := v.devs[0]; d.underlay6 || d.underIndex != 2 || d.mtu != 1500-50 || d.src != splitExt().Addr4 {
+	if d := v.devs[0]; d.underlay6 || d.underIndex != 2 || d.mtu != 1500-50 || d.src != splitExt().V4.Addr {
 		t.Errorf("%s: underlay6 %v on #%d mtu %d src %s, want IPv4 on #2 mtu 1450 src 192.168.77.2", d.name, d.underlay6, d.underIndex, d.mtu, d.src)
 	}
-	if d := v.devs[1]; !d.underlay6 || d.underIndex != 3 || d.mtu != 1400-70 || d.src != splitExt().Addr6 {
+	if d := v.devs[1]; !d.underlay6 || d.underIndex != 3 || d.mtu != 1400-70 || d.src != splitExt().V6.Addr {
 		t.Errorf("%s: underlay6 %v on #%d mtu %d src %s, want IPv6 on #3 mtu 1330 src 2001:db8:88::2", d.name, d.underlay6, d.underIndex, d.mtu, d.src)
 	}
 	if got := v.mtu(localA()); got != 1330 {
 		t.Errorf("MTU with both overlays = %d, want 1330 (the smaller device's)", got)
 	}
-	if got := v.mtu(Local{Subnet4: netip.MustParsePrefix("10.100.1.0/24")}); got != 1450 {
+	if got := v.mtu(Local{Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.1.0/24")}}); got != 1450 {
 		t.Errorf("MTU with the IPv4 overlay only = %d, want 1450", got)
 	}
 
 	// Without an IPv6 address the IPv6 overlay borrows the IPv4 underlay,
 	// and with it the IPv4 link.
 	ext := splitExt()
-	ext.Addr6 = netip.Addr{}
+	ext.V6.Addr = netip.Addr{}
 	v = newVXLAN(cfg, ext, "a")
 	if d := v.devs[1]; d.underlay6 || d.underIndex != 2 || d.mtu != 1450 {
 		t.Errorf("%s without an IPv6 address: underlay6 %v on #%d mtu %d, want IPv4 on #2 mtu 1450", d.name, d.underlay6, d.underIndex, d.mtu)
@@ -148,7 +147,7 @@ func TestProxyNDPAnswersOnIPv6Link(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Close() })
-	if err := b.Answer(Local{Node: "a", Subnet6: netip.MustParsePrefix("2001:db8:88:0:8000::/80"), Network6: netip.MustParsePrefix("2001:db8:88:0:8000::/65")}); err != nil {
+	if err := b.Answer(Local{Node: "a", Subnet: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2001:db8:88:0:8000::/80")}, Network: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2001:db8:88:0:8000::/65")}}); err != nil {
 		t.Fatal(err)
 	}
 	if len(k.conns) != 1 || k.conns[0].ifname != "eth1" || k.conns[0].ifindex != 3 {
@@ -190,19 +189,19 @@ func TestHostGWRoutesPerFamilyLink(t *testing.T) {
 func splitPeers() []Peer {
 	return []Peer{
 		{
-			Node:    "b",
-			Subnet4: netip.MustParsePrefix("10.100.2.0/24"), Subnet6: netip.MustParsePrefix("fd00:100:2::/64"),
-			PublicIP4: netip.MustParseAddr("192.168.77.3"), PublicIP6: netip.MustParseAddr("2001:db8:88::3"),
+			Node:     "b",
+			Subnet:   ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.2.0/24"), V6: netip.MustParsePrefix("fd00:100:2::/64")},
+			PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.77.3"), V6: netip.MustParseAddr("2001:db8:88::3")},
 		},
 		{
-			Node:    "c",
-			Subnet4: netip.MustParsePrefix("10.100.3.0/24"), Subnet6: netip.MustParsePrefix("fd00:100:3::/64"),
-			PublicIP4: netip.MustParseAddr("192.168.77.4"), PublicIP6: netip.MustParseAddr("2001:db8:77::4"),
+			Node:     "c",
+			Subnet:   ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.3.0/24"), V6: netip.MustParsePrefix("fd00:100:3::/64")},
+			PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.77.4"), V6: netip.MustParseAddr("2001:db8:77::4")},
 		},
 		{
-			Node:      "d",
-			Subnet4:   netip.MustParsePrefix("10.100.4.0/24"),
-			PublicIP4: netip.MustParseAddr("192.168.88.5"),
+			Node:     "d",
+			Subnet:   ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.4.0/24")},
+			PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.88.5")},
 		},
 	}
 }
@@ -227,8 +226,8 @@ func TestHostGWIPv6LinkKernel(t *testing.T) {
 	h := testutil.NSHandle(t, ns)
 	ext := extOf(t, h, "eth0", "192.168.77.2", "")
 	l6 := extOf(t, h, "eth1", "", "2001:db8:88::2")
-	ext.Name6, ext.Index6, ext.MTU6, ext.HardwareAddr6 = l6.Name, l6.Index, l6.MTU, l6.HardwareAddr
-	ext.Addr6, ext.Public6 = l6.Addr6, l6.Public6
+	ext.V6.Name, ext.V6.Index, ext.V6.MTU, ext.V6.HardwareAddr = l6.V4.Name, l6.V4.Index, l6.V4.MTU, l6.V4.HardwareAddr
+	ext.V6.Addr, ext.V6.Public = l6.V6.Addr, l6.V6.Public
 
 	ctx := context.Background()
 	b := mustNew(t, `{"Type":"host-gw"}`, ext, "a", ns, Options{})
@@ -247,9 +246,9 @@ func TestHostGWIPv6LinkKernel(t *testing.T) {
 		gw   string
 		link int
 	}{
-		"10.100.2.0/24":   {"192.168.77.3", ext.Index},
-		"10.100.3.0/24":   {"192.168.77.4", ext.Index},
-		"fd00:100:2::/64": {"2001:db8:88::3", ext.Index6},
+		"10.100.2.0/24":   {"192.168.77.3", ext.V4.Index},
+		"10.100.3.0/24":   {"192.168.77.4", ext.V4.Index},
+		"fd00:100:2::/64": {"2001:db8:88::3", ext.V6.Index},
 	} {
 		r, ok := rs[dst]
 		if !ok {

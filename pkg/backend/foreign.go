@@ -103,7 +103,7 @@ func isForeign(r *netlink.Route) bool {
 // every protocol) for local's networks; name gives a link's name for the
 // log line ("" when unknown).
 func newForeignSet(local Local, rs []netlink.Route, name func(int) string) *foreignSet {
-	s := &foreignSet{net4: local.Network4, net6: local.Network6}
+	s := &foreignSet{net4: local.Network.V4, net6: local.Network.V6}
 	for i := range rs {
 		r := &rs[i]
 		if !isForeign(r) || r.Dst == nil {

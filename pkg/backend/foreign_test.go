@@ -2,6 +2,7 @@ package backend
 
 import (
 	"context"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"strings"
 	"sync/atomic"
@@ -69,10 +70,10 @@ func TestForeignRoutesAreNotLeaseds(t *testing.T) {
 		t.Fatal(err)
 	}
 	lan := Peer{Node: "lan",
-		Subnet4: netip.MustParsePrefix("10.100.7.0/24"), PublicIP4: netip.MustParseAddr("192.168.77.9"),
-		Subnet6: netip.MustParsePrefix("fd00:100:7::/64"), PublicIP6: netip.MustParseAddr("2001:db8:77::9")}
+		Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.7.0/24"), V6: netip.MustParsePrefix("fd00:100:7::/64")}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.77.9"), V6: netip.MustParseAddr("2001:db8:77::9")},
+	}
 	static6 := Peer{Node: "static6",
-		Subnet6: netip.MustParsePrefix("fd00:100:8::/64"), PublicIP6: netip.MustParseAddr("2001:db8:77::8")}
+		Subnet: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("fd00:100:8::/64")}, PublicIP: ipfam.Pair[netip.Addr]{V6: netip.MustParseAddr("2001:db8:77::8")}}
 	foreign := map[string]netlink.RouteProtocol{
 		"10.100.7.0/24": unix.RTPROT_KERNEL, "fd00:100:7::/64": unix.RTPROT_KERNEL, "fd00:100:8::/64": unix.RTPROT_STATIC,
 	}
@@ -129,8 +130,8 @@ func TestForeignRoutesAreNotLeaseds(t *testing.T) {
 	testutil.Run(t, "ip", "-n", ns, "route", "add", "10.100.11.0/24", "dev", "a0", "proto", "static")
 	testutil.Run(t, "ip", "-n", ns, "-6", "route", "add", "fd00:100:11::/64", "dev", "a0", "metric", "1024", "proto", "static")
 	race := Peer{Node: "race",
-		Subnet4: netip.MustParsePrefix("10.100.11.0/24"), PublicIP4: netip.MustParseAddr("192.168.77.11"),
-		Subnet6: netip.MustParsePrefix("fd00:100:11::/64"), PublicIP6: netip.MustParseAddr("2001:db8:77::11")}
+		Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.11.0/24"), V6: netip.MustParsePrefix("fd00:100:11::/64")}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.77.11"), V6: netip.MustParseAddr("2001:db8:77::11")},
+	}
 	foreign["10.100.11.0/24"], foreign["fd00:100:11::/64"] = unix.RTPROT_STATIC, unix.RTPROT_STATIC
 	if err := b.UpdatePeers(ctx, []Peer{race}, nil); err == nil || !strings.Contains(err.Error(), "a route leased did not install has this destination") {
 		t.Errorf("UpdatePeers over a foreign route's key: err %v, want EEXIST explained", err)
@@ -153,8 +154,8 @@ func TestForeignRoutesAreNotLeaseds(t *testing.T) {
 	// bridge later) wins: leased withdraws its route, leaves the new one,
 	// and routes the peer again once the LAN is gone.
 	late := Peer{Node: "late",
-		Subnet4: netip.MustParsePrefix("10.100.9.0/24"), PublicIP4: netip.MustParseAddr("192.168.77.10"),
-		Subnet6: netip.MustParsePrefix("fd00:100:9::/64"), PublicIP6: netip.MustParseAddr("2001:db8:77::10")}
+		Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.9.0/24"), V6: netip.MustParsePrefix("fd00:100:9::/64")}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.77.10"), V6: netip.MustParseAddr("2001:db8:77::10")},
+	}
 	if err := b.UpdatePeers(ctx, []Peer{late}, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -197,7 +198,7 @@ func TestForeignRoutesAreNotLeaseds(t *testing.T) {
 // The selection of foreign routes: inside a cluster network without
 // covering all of it, of another protocol, in the main table.
 func TestForeignSetSelection(t *testing.T) {
-	local := Local{Network4: netip.MustParsePrefix("10.100.0.0/16"), Network6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")}
+	local := Local{Network: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.0.0/16"), V6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")}}
 	mk := func(dst string, proto netlink.RouteProtocol, table int) netlink.Route {
 		r := fakeRoute(dst, "", proto)
 		r.Table = table

@@ -3,6 +3,7 @@ package backend
 import (
 	"errors"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"slices"
 	"strings"
@@ -96,17 +97,12 @@ type fwOptions struct {
 // state. It sets *changed (when not nil) if it had to change anything.
 func setupForwarding(k firewall, local Local, o fwOptions, changed *bool) error {
 	var errs []error
-	for _, f := range []struct {
-		network, subnet netip.Prefix
-		v6              bool
-	}{
-		{local.Network4, local.Subnet4, false},
-		{local.Network6, local.Subnet6, true},
-	} {
-		if !f.network.IsValid() {
+	for fam, network := range local.Network.All() {
+		if !network.IsValid() {
 			continue
 		}
-		ipt, err := k.IPTables(f.v6)
+		subnet := local.Subnet.Get(fam)
+		ipt, err := k.IPTables(fam == ipfam.IPv6)
 		if err != nil {
 			return errors.Join(append(errs, err)...)
 		}
@@ -114,15 +110,11 @@ func setupForwarding(k firewall, local Local, o fwOptions, changed *bool) error 
 		if o.noFwd {
 			errs = append(errs, c.remove("filter", "FORWARD", ForwardChain, changed))
 		} else {
-			errs = append(errs, c.ensure("filter", "FORWARD", ForwardChain, forwardRules(f.network, f.subnet), changed))
-		}
-		fam := 0
-		if f.v6 {
-			fam = 1
+			errs = append(errs, c.ensure("filter", "FORWARD", ForwardChain, forwardRules(network, subnet), changed))
 		}
 		switch {
-		case o.masq && f.subnet.IsValid():
-			errs = append(errs, c.ensure("nat", "POSTROUTING", MasqChain, masqRules(f.subnet, f.network), changed))
+		case o.masq && subnet.IsValid():
+			errs = append(errs, c.ensure("nat", "POSTROUTING", MasqChain, masqRules(subnet, network), changed))
 			if o.natGone != nil {
 				o.natGone[fam] = false
 			}

@@ -134,7 +134,7 @@ func TestForwardingSwapNeverEmpty(t *testing.T) {
 	ctx := context.Background()
 	b := mustNew(t, `{}`, ext, "a", ns, Options{})
 	wide := localA()
-	wide.Network4, wide.Network6 = netip.MustParsePrefix("10.96.0.0/11"), netip.MustParsePrefix("fd00::/16")
+	wide.Network.V4, wide.Network.V6 = netip.MustParsePrefix("10.96.0.0/11"), netip.MustParsePrefix("fd00::/16")
 	if err := b.Start(ctx, localA()); err != nil {
 		t.Fatal(err)
 	}

@@ -3,6 +3,7 @@ package backend
 import (
 	"encoding/json"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
@@ -46,11 +47,11 @@ func directRoute(in input, p Peer, f peerFamily, st *state) (skip, bool) {
 		sk.reason = r
 		return sk, false
 	}
-	if !f.public.IsValid() || f.public.Is4() == f.v6 {
+	if !f.public.IsValid() || ipfam.Of(f.public) != f.fam {
 		sk.reason = "peer has no public address of the subnet's family: skipped"
 		return sk, false
 	}
-	link := in.ext.Link(f.v6)
+	link := in.ext.Link(f.fam)
 	if !onLink(f.public, in.connected) {
 		sk.reason = fmt.Sprintf("peer not on-link via %s: use vxlan", link.Name)
 		return sk, false
@@ -72,9 +73,9 @@ func extPrefixes(k kernel, ext ExtIface) ([]netip.Prefix, error) {
 		link   ExtLink
 		family int
 	}
-	dumps := []dump{{ext.Link(false), netlink.FAMILY_ALL}}
+	dumps := []dump{{ext.Link(ipfam.IPv4), netlink.FAMILY_ALL}}
 	if ext.Split() {
-		dumps = []dump{{ext.Link(false), netlink.FAMILY_V4}, {ext.Link(true), netlink.FAMILY_V6}}
+		dumps = []dump{{ext.Link(ipfam.IPv4), netlink.FAMILY_V4}, {ext.Link(ipfam.IPv6), netlink.FAMILY_V6}}
 	}
 	var out []netip.Prefix
 	for _, d := range dumps {

@@ -2,6 +2,7 @@ package backend
 
 import (
 	"context"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"testing"
 	"time"
@@ -20,8 +21,8 @@ var (
 func localA() Local {
 	return Local{
 		Node:    "a",
-		Subnet4: netip.MustParsePrefix("10.100.1.0/24"), Subnet6: netip.MustParsePrefix("fd00:100:1::/64"),
-		Network4: net4, Network6: net6,
+		Subnet:  ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.1.0/24"), V6: netip.MustParsePrefix("fd00:100:1::/64")},
+		Network: ipfam.Pair[netip.Prefix]{V4: net4, V6: net6},
 	}
 }
 
@@ -36,15 +37,15 @@ func hostGWLab(t *testing.T) (string, *netlink.Handle, ExtIface) {
 
 var (
 	peerB = Peer{
-		Node:    "b",
-		Subnet4: netip.MustParsePrefix("10.100.2.0/24"), Subnet6: netip.MustParsePrefix("fd00:100:2::/64"),
-		PublicIP4: netip.MustParseAddr("192.168.77.3"), PublicIP6: netip.MustParseAddr("2001:db8:77::3"),
+		Node:     "b",
+		Subnet:   ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.2.0/24"), V6: netip.MustParsePrefix("fd00:100:2::/64")},
+		PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.77.3"), V6: netip.MustParseAddr("2001:db8:77::3")},
 	}
 	// peerFar is behind a router: host-gw cannot reach it.
 	peerFar = Peer{
-		Node:      "far",
-		Subnet4:   netip.MustParsePrefix("10.100.3.0/24"),
-		PublicIP4: netip.MustParseAddr("10.9.9.9"),
+		Node:     "far",
+		Subnet:   ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.3.0/24")},
+		PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("10.9.9.9")},
 	}
 )
 
@@ -75,8 +76,8 @@ func TestHostGWRoutes(t *testing.T) {
 		t.Fatal(err)
 	}
 	assertSteady(t, b)
-	if got := b.MTU(); got != ext.MTU {
-		t.Errorf("MTU() = %d, want %d", got, ext.MTU)
+	if got := b.MTU(); got != ext.V4.MTU {
+		t.Errorf("MTU() = %d, want %d", got, ext.V4.MTU)
 	}
 
 	rs := ourRoutes(t, h)
@@ -89,8 +90,8 @@ func TestHostGWRoutes(t *testing.T) {
 			t.Errorf("no route to %s", dst)
 			continue
 		}
-		if r.Gw.String() != gw || r.LinkIndex != ext.Index || r.Protocol != RouteProtocol {
-			t.Errorf("route %s = via %s dev#%d proto %d, want via %s dev#%d proto %d", dst, r.Gw, r.LinkIndex, r.Protocol, gw, ext.Index, RouteProtocol)
+		if r.Gw.String() != gw || r.LinkIndex != ext.V4.Index || r.Protocol != RouteProtocol {
+			t.Errorf("route %s = via %s dev#%d proto %d, want via %s dev#%d proto %d", dst, r.Gw, r.LinkIndex, r.Protocol, gw, ext.V4.Index, RouteProtocol)
 		}
 	}
 	all, _ := h.RouteList(nil, netlink.FAMILY_V4)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"maps"
 	"sync"
 	"time"
@@ -73,8 +74,7 @@ func (x *peerIndex) rebuild(peers []Peer) {
 
 // samePeer compares two peers by value, BackendData by its bytes.
 func samePeer(a, b Peer) bool {
-	return a.Node == b.Node && a.Subnet4 == b.Subnet4 && a.Subnet6 == b.Subnet6 &&
-		a.PublicIP4 == b.PublicIP4 && a.PublicIP6 == b.PublicIP6 &&
+	return a.Node == b.Node && a.Subnet == b.Subnet && a.PublicIP == b.PublicIP &&
 		a.BackendType == b.BackendType && bytes.Equal(a.BackendData, b.BackendData)
 }
 
@@ -267,11 +267,10 @@ func logEach(summary string, n, added, changed, removed int) bool {
 }
 
 func logSubnets(msg string, p, other Peer) {
-	if p.Subnet4.IsValid() && (p.Subnet4 != other.Subnet4 || p.PublicIP4 != other.PublicIP4) {
-		klog.InfoS(msg, "node", p.Node, "subnet", p.Subnet4.String(), "via", p.PublicIP4.String())
-	}
-	if p.Subnet6.IsValid() && (p.Subnet6 != other.Subnet6 || p.PublicIP6 != other.PublicIP6) {
-		klog.InfoS(msg, "node", p.Node, "subnet", p.Subnet6.String(), "via", p.PublicIP6.String())
+	for f, s := range ipfam.Valid(p.Subnet) {
+		if s != other.Subnet.Get(f) || p.PublicIP.Get(f) != other.PublicIP.Get(f) {
+			klog.InfoS(msg, "node", p.Node, "subnet", s.String(), "via", p.PublicIP.Get(f).String())
+		}
 	}
 }
 

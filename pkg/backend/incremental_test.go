@@ -3,6 +3,7 @@ package backend
 import (
 	"context"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"maps"
 	"math/rand/v2"
 	"net/netip"
@@ -25,19 +26,19 @@ func randomPeer(r *rand.Rand, node string) Peer {
 		case 0:
 			third = 1 // this host's subnet
 		case 1:
-			p.Subnet4 = netip.MustParsePrefix("10.200.0.0/24") // outside the network
+			p.Subnet.V4 = netip.MustParsePrefix("10.200.0.0/24") // outside the network
 		}
-		if !p.Subnet4.IsValid() {
-			p.Subnet4 = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100, byte(third), 0}), 24)
+		if !p.Subnet.V4.IsValid() {
+			p.Subnet.V4 = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100, byte(third), 0}), 24)
 		}
-		p.PublicIP4 = netip.AddrFrom4([4]byte{192, 168, 77, byte(2 + r.IntN(20))})
+		p.PublicIP.V4 = netip.AddrFrom4([4]byte{192, 168, 77, byte(2 + r.IntN(20))})
 		if r.IntN(20) == 0 {
-			p.PublicIP4 = netip.MustParseAddr("10.9.9.9") // off-link
+			p.PublicIP.V4 = netip.MustParseAddr("10.9.9.9") // off-link
 		}
 	}
 	if r.IntN(4) > 0 {
-		p.Subnet6 = netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfd, 0, 1, 0, 0, byte(2 + r.IntN(40))}), 64)
-		p.PublicIP6 = netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x77, 15: byte(2 + r.IntN(20))})
+		p.Subnet.V6 = netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfd, 0, 1, 0, 0, byte(2 + r.IntN(40))}), 64)
+		p.PublicIP.V6 = netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x77, 15: byte(2 + r.IntN(20))})
 	}
 	return p
 }
@@ -57,7 +58,7 @@ func newHostGWFake() (*engine, *fakeKernel) {
 	k.addrs[2] = []netip.Prefix{netip.MustParsePrefix("192.168.77.2/24"), netip.MustParsePrefix("2001:db8:77::2/64")}
 	stale := fakeRoute("10.100.39.0/24", "192.168.77.99", RouteProtocol)
 	k.routes[routeID(&stale)] = stale
-	e := newEngine(TypeHostGW, ExtIface{Name: "eth0", Index: 2, MTU: 1500}, Options{}, k, hostGW{})
+	e := newEngine(TypeHostGW, ExtIface{V4: ExtLink{Name: "eth0", Index: 2, MTU: 1500}}, Options{}, k, hostGW{})
 	e.started, e.local = true, localA()
 	return e, k
 }
@@ -166,14 +167,13 @@ func cmpString(a, b string) int {
 func TestSetPeersCostsWhatChanged(t *testing.T) {
 	ctx := context.Background()
 	e, k := newHostGWFake()
-	e.local.Network4 = netip.MustParsePrefix("10.0.0.0/8")
+	e.local.Network.V4 = netip.MustParsePrefix("10.0.0.0/8")
 	var peers []Peer
 	for i := range 2000 {
 		peers = append(peers, Peer{Node: fmt.Sprintf("p%d", i),
-			Subnet4:   netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(101 + i/250), byte(i % 250), 0}), 24),
-			PublicIP4: netip.AddrFrom4([4]byte{192, 168, 77, byte(3 + i%200)}),
-			Subnet6:   netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfd, 0, 1, 0, byte(0x10 + i>>8), byte(i)}), 64),
-			PublicIP6: netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x77, 15: byte(3 + i%200)})})
+			Subnet:   ipfam.Pair[netip.Prefix]{V4: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(101 + i/250), byte(i % 250), 0}), 24), V6: netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfd, 0, 1, 0, byte(0x10 + i>>8), byte(i)}), 64)},
+			PublicIP: ipfam.Pair[netip.Addr]{V4: netip.AddrFrom4([4]byte{192, 168, 77, byte(3 + i%200)}), V6: netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x77, 15: byte(3 + i%200)})},
+		})
 	}
 	if err := e.SetPeers(ctx, peers); err != nil {
 		t.Fatal(err)
@@ -192,10 +192,10 @@ func TestSetPeersCostsWhatChanged(t *testing.T) {
 		}
 	}
 	step("unchanged", peers, 0)
-	added := append(slices.Clone(peers), Peer{Node: "new", Subnet4: netip.MustParsePrefix("10.120.0.0/24"), PublicIP4: netip.MustParseAddr("192.168.77.250")})
+	added := append(slices.Clone(peers), Peer{Node: "new", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.120.0.0/24")}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.77.250")}})
 	step("one new single-stack peer", added, 1)
 	changed := slices.Clone(added)
-	changed[7].PublicIP4 = netip.MustParseAddr("192.168.77.251")
+	changed[7].PublicIP.V4 = netip.MustParseAddr("192.168.77.251")
 	step("one peer's IPv4 gateway moved", changed, 1)
 	changed[8].BackendData = []byte(`{}`)
 	step("one peer's backend data changed, no route change", changed, 0)
@@ -206,13 +206,13 @@ func TestSetPeersCostsWhatChanged(t *testing.T) {
 	}
 	// A subnet taken twice falls back to the whole-set computation, which
 	// skips the later peer; removing the first holder routes the second.
-	twice := append(slices.Clone(removed), Peer{Node: "thief", Subnet4: removed[0].Subnet4, PublicIP4: netip.MustParseAddr("192.168.77.252")})
+	twice := append(slices.Clone(removed), Peer{Node: "thief", Subnet: ipfam.Pair[netip.Prefix]{V4: removed[0].Subnet.V4}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.77.252")}})
 	step("a subnet taken twice", twice, 0)
 	if e.idx.clean {
 		t.Fatal("clean after a duplicate subnet")
 	}
 	step("the first holder removed", twice[1:], 2) // its v6 route deleted, its v4 route replaced by the thief's
-	got := e.applied.routes[routeKey{removed[0].Subnet4, 0}]
+	got := e.applied.routes[routeKey{removed[0].Subnet.V4, 0}]
 	if got.Gw != netip.MustParseAddr("192.168.77.252") {
 		t.Fatalf("route of the twice-taken subnet goes via %s, want the remaining peer's 192.168.77.252", got.Gw)
 	}
@@ -226,7 +226,7 @@ func TestAppliedSharesWantedUntilAPutFails(t *testing.T) {
 	ctx := context.Background()
 	e, k := newHostGWFake()
 	peer := func(node string, i byte) Peer {
-		return Peer{Node: node, Subnet4: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100, i, 0}), 24), PublicIP4: netip.AddrFrom4([4]byte{192, 168, 77, i})}
+		return Peer{Node: node, Subnet: ipfam.Pair[netip.Prefix]{V4: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100, i, 0}), 24)}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.AddrFrom4([4]byte{192, 168, 77, i})}}
 	}
 	if err := e.SetPeers(ctx, []Peer{peer("b", 2), peer("c", 3)}); err != nil {
 		t.Fatal(err)

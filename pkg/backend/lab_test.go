@@ -20,14 +20,14 @@ func extOf(t testing.TB, h *netlink.Handle, name string, addr4, addr6 string) Ex
 	if err != nil {
 		t.Fatal(err)
 	}
-	ext := ExtIface{Name: name, Index: l.Attrs().Index, MTU: l.Attrs().MTU, HardwareAddr: l.Attrs().HardwareAddr}
+	ext := ExtIface{V4: ExtLink{Name: name, Index: l.Attrs().Index, MTU: l.Attrs().MTU, HardwareAddr: l.Attrs().HardwareAddr}}
 	if addr4 != "" {
-		ext.Addr4 = netip.MustParseAddr(addr4)
-		ext.Public4 = ext.Addr4
+		ext.V4.Addr = netip.MustParseAddr(addr4)
+		ext.V4.Public = ext.V4.Addr
 	}
 	if addr6 != "" {
-		ext.Addr6 = netip.MustParseAddr(addr6)
-		ext.Public6 = ext.Addr6
+		ext.V6.Addr = netip.MustParseAddr(addr6)
+		ext.V6.Public = ext.V6.Addr
 	}
 	return ext
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"strings"
 	"sync/atomic"
@@ -25,7 +26,7 @@ const (
 
 // ErrNotOnLink is returned by the proxy-ndp backend's Start when the IPv6
 // network is not part of a prefix on-link on the external interface's IPv6
-// link (ExtIface.Link(true)), or holds one of that link's own addresses.
+// link (ExtIface.Link(ipfam.IPv6)), or holds one of that link's own addresses.
 var ErrNotOnLink = errors.New("backend: proxy-ndp: IPv6Network must be a part of a prefix that is on-link on the external interface")
 
 // proxyNDP is the proxy-ndp backend. Hosts share an on-link IPv6 prefix
@@ -34,7 +35,7 @@ var ErrNotOnLink = errors.New("backend: proxy-ndp: IPv6Network must be a part of
 // made reachable on the link by answering Neighbor Solicitations for its
 // addresses with the host's MAC (package ndp). Nothing happens per
 // container. The link is the external interface's IPv6 link
-// (ExtIface.Link(true)), which may differ from the IPv4 one.
+// (ExtIface.Link(ipfam.IPv6)), which may differ from the IPv4 one.
 //
 // Peers' subnets of both families are routed via the peer's address on the
 // link exactly as host-gw does (the engine with the hostGW datapath), so
@@ -79,7 +80,7 @@ type Answerer interface {
 }
 
 func newProxyNDP(e *engine, cfg Config) (*proxyNDP, error) {
-	l := e.ext.Link(true)
+	l := e.ext.Link(ipfam.IPv6)
 	side := e.k.Side()
 	r, err := ndp.NewResponder(side, l.Name, l.Index, cfg.Mode)
 	if err != nil {
@@ -91,7 +92,7 @@ func newProxyNDP(e *engine, cfg Config) (*proxyNDP, error) {
 
 // Start checks that the IPv6 network lies inside a prefix on-link on the
 // external interface and holds none of its addresses, answers for
-// local.Subnet6 from now on (Answer; the packet socket opens on the first
+// local.Subnet.V6 from now on (Answer; the packet socket opens on the first
 // call), then programs what the engine programs for host-gw (forwarding
 // sysctls, forward rules, routes to peers once known); the engine's part
 // runs even when the socket cannot be opened. A Start with a new lease
@@ -112,7 +113,7 @@ func (b *proxyNDP) Start(ctx context.Context, local Local) error {
 
 // Answer checks that the IPv6 network lies inside a prefix on-link on the
 // external interface and holds none of its addresses, then answers for
-// local.Subnet6 from now on (see Answerer), opening the packet socket on
+// local.Subnet.V6 from now on (see Answerer), opening the packet socket on
 // the first call.
 func (b *proxyNDP) Answer(local Local) error {
 	checkErr, startErr := b.answer(local)
@@ -122,8 +123,8 @@ func (b *proxyNDP) Answer(local Local) error {
 // answer is Answer; checkErr says why local cannot be answered for on
 // this link, startErr why the responder could not start.
 func (b *proxyNDP) answer(local Local) (checkErr, startErr error) {
-	link := b.ext.Link(true)
-	if !local.Network6.IsValid() || !local.Subnet6.IsValid() {
+	link := b.ext.Link(ipfam.IPv6)
+	if !local.Network.V6.IsValid() || !local.Subnet.V6.IsValid() {
 		return fmt.Errorf("backend: proxy-ndp needs IPv6: set IPv6Network in the network config (a part of the on-link prefix of %s), or use Backend.Type %q for an IPv4-only network", link.Name, TypeHostGW), nil
 	}
 	b.mu.Lock()
@@ -152,17 +153,17 @@ func (b *proxyNDP) answer(local Local) (checkErr, startErr error) {
 			}
 		}
 	}
-	if err := checkOnLink(link.Name, local.Network6, ifAddrs); err != nil {
+	if err := checkOnLink(link.Name, local.Network.V6, ifAddrs); err != nil {
 		return err, nil
 	}
-	cfg := ndp.Answer{Slice: local.Subnet6.Masked(), MAC: [6]byte(mac), Src: src}
+	cfg := ndp.Answer{Slice: local.Subnet.V6.Masked(), MAC: [6]byte(mac), Src: src}
 	if b.r.Answering() == cfg {
 		return nil, nil // answering already (Answer, then Start)
 	}
 	if err := b.r.Start(cfg); err != nil {
 		return nil, err
 	}
-	klog.InfoS("proxy-ndp answering", "subnet", local.Subnet6.Masked(), "iface", link.Name, "mac", mac.String(), "mode", b.r.Mode(), "source", src)
+	klog.InfoS("proxy-ndp answering", "subnet", local.Subnet.V6.Masked(), "iface", link.Name, "mac", mac.String(), "mode", b.r.Mode(), "source", src)
 	return nil, nil
 }
 
@@ -182,7 +183,7 @@ func (b *proxyNDP) Run(ctx context.Context) error {
 // Handoff leaves the answering in place when Run ends (see Handoff).
 func (b *proxyNDP) Handoff() {
 	b.keep.Store(true)
-	klog.V(2).InfoS("proxy-ndp keeps answering until the process exits", "iface", b.ext.Link(true).Name)
+	klog.V(2).InfoS("proxy-ndp keeps answering until the process exits", "iface", b.ext.Link(ipfam.IPv6).Name)
 }
 
 // Withdraw stops answering until the next Start (see Withdrawer).
@@ -190,12 +191,12 @@ func (b *proxyNDP) Withdraw() {
 	if err := b.r.Withdraw(); err != nil {
 		klog.ErrorS(err, "proxy-ndp: withdrawing the solicitation filter; answering is off in user space")
 	}
-	klog.InfoS("proxy-ndp stopped answering until the lease is held again", "iface", b.ext.Link(true).Name)
+	klog.InfoS("proxy-ndp stopped answering until the lease is held again", "iface", b.ext.Link(ipfam.IPv6).Name)
 }
 
 // logSysctls logs the sysctls the backend depends on, as they are now.
 func (b *proxyNDP) logSysctls() {
-	name := b.ext.Link(true).Name
+	name := b.ext.Link(ipfam.IPv6).Name
 	names := []string{"net/ipv6/conf/all/forwarding", "net/ipv6/conf/" + name + "/forwarding", "net/ipv6/conf/" + name + "/accept_ra"}
 	kv := make([]any, 0, 2*len(names))
 	b.mu.Lock()

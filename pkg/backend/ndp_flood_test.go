@@ -2,6 +2,7 @@ package backend
 
 import (
 	"encoding/binary"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"testing"
 	"time"
@@ -47,7 +48,7 @@ func TestNDPPresentFloodOnTheWire(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := mustNDP(t, `{"Type":"proxy-ndp","Mode":"present"}`, extOf(t, h, "eth0", "", "2001:db8:ab11::11"), ns)
-	if err := b.Answer(Local{Node: "a", Subnet6: testutil.NDPSlice, Network6: testutil.NDPNetwork}); err != nil {
+	if err := b.Answer(Local{Node: "a", Subnet: ipfam.Pair[netip.Prefix]{V6: testutil.NDPSlice}, Network: ipfam.Pair[netip.Prefix]{V6: testutil.NDPNetwork}}); err != nil {
 		t.Fatal(err)
 	}
 

@@ -3,6 +3,7 @@ package backend
 import (
 	"context"
 	"errors"
+	"github.com/leased/leased/pkg/ipfam"
 	"net"
 	"net/netip"
 	"os/exec"
@@ -95,7 +96,7 @@ func TestNDPResponderNamespace(t *testing.T) {
 	go func() { done <- b.Run(ctx) }()
 	defer func() { cancel(); <-done }()
 
-	local := Local{Node: "a", Subnet6: testutil.NDPSlice, Network6: testutil.NDPNetwork}
+	local := Local{Node: "a", Subnet: ipfam.Pair[netip.Prefix]{V6: testutil.NDPSlice}, Network: ipfam.Pair[netip.Prefix]{V6: testutil.NDPNetwork}}
 	if err := b.Start(context.Background(), local); err != nil {
 		t.Fatal(err)
 	}
@@ -116,7 +117,7 @@ func TestNDPResponderNamespace(t *testing.T) {
 
 	// The lease moves: the new slice is answered, the old one no longer.
 	moved := local
-	moved.Subnet6 = netip.MustParsePrefix("2001:db8:ab11:0:8001::/80")
+	moved.Subnet.V6 = netip.MustParsePrefix("2001:db8:ab11:0:8001::/80")
 	if err := b.Start(context.Background(), moved); err != nil {
 		t.Fatal(err)
 	}
@@ -174,7 +175,7 @@ func TestNDPPresentModeNamespace(t *testing.T) {
 
 	b := mustNDP(t, `{"Type":"proxy-ndp","Mode":"present"}`, ext, host)
 	runBackend(t, b)
-	if err := b.Start(context.Background(), Local{Node: "a", Subnet6: testutil.NDPSlice, Network6: testutil.NDPNetwork}); err != nil {
+	if err := b.Start(context.Background(), Local{Node: "a", Subnet: ipfam.Pair[netip.Prefix]{V6: testutil.NDPSlice}, Network: ipfam.Pair[netip.Prefix]{V6: testutil.NDPNetwork}}); err != nil {
 		t.Fatal(err)
 	}
 	if err := b.SetPeers(context.Background(), nil); err != nil {

@@ -3,6 +3,7 @@ package backend
 import (
 	"context"
 	"encoding/json"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -60,9 +61,9 @@ func nsNexthops(t *testing.T, ns string) map[uint32]ipNexthop {
 }
 
 var peerC = Peer{
-	Node:    "c",
-	Subnet4: netip.MustParsePrefix("10.100.5.0/24"), Subnet6: netip.MustParsePrefix("fd00:100:5::/64"),
-	PublicIP4: netip.MustParseAddr("192.168.77.5"), PublicIP6: netip.MustParseAddr("2001:db8:77::5"),
+	Node:     "c",
+	Subnet:   ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.5.0/24"), V6: netip.MustParsePrefix("fd00:100:5::/64")},
+	PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.77.5"), V6: netip.MustParseAddr("2001:db8:77::5")},
 }
 
 // wantNH checks that the route to dst goes through a nexthop object of
@@ -130,7 +131,7 @@ func TestNexthopRoutes(t *testing.T) {
 	// route (through the same id) is not replaced.
 	events := subscribeRoutes(t, ns)
 	b2 := peerB
-	b2.PublicIP4 = netip.MustParseAddr("192.168.77.33")
+	b2.PublicIP.V4 = netip.MustParseAddr("192.168.77.33")
 	if err := b.UpdatePeers(ctx, []Peer{b2}, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -218,7 +219,7 @@ func TestNexthopFallback(t *testing.T) {
 	}
 	assertSteady(t, b)
 	b2 := peerB
-	b2.PublicIP4 = netip.MustParseAddr("192.168.77.33")
+	b2.PublicIP.V4 = netip.MustParseAddr("192.168.77.33")
 	if err := b.UpdatePeers(ctx, []Peer{b2}, nil); err != nil {
 		t.Fatal(err)
 	}

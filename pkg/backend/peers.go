@@ -2,6 +2,7 @@ package backend
 
 import (
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"slices"
 
@@ -10,7 +11,7 @@ import (
 
 // peerFamily is one address family of a peer's lease.
 type peerFamily struct {
-	v6      bool
+	fam     ipfam.Family
 	subnet  netip.Prefix // the peer's subnet of this family
 	public  netip.Addr   // the peer's public address of this family
 	network netip.Prefix // our cluster network of this family
@@ -20,13 +21,11 @@ type peerFamily struct {
 // families returns the families both the peer and this host have, so that
 // v4 and v6 go through the same code.
 func families(local Local, p Peer) (out [2]peerFamily, n int) {
-	if local.Network4.IsValid() && p.Subnet4.IsValid() {
-		out[n] = peerFamily{false, p.Subnet4.Masked(), p.PublicIP4, local.Network4, local.Subnet4}
-		n++
-	}
-	if local.Network6.IsValid() && p.Subnet6.IsValid() {
-		out[n] = peerFamily{true, p.Subnet6.Masked(), p.PublicIP6, local.Network6, local.Subnet6}
-		n++
+	for f, network := range local.Network.All() {
+		if s := p.Subnet.Get(f); network.IsValid() && s.IsValid() {
+			out[n] = peerFamily{f, s.Masked(), p.PublicIP.Get(f), network, local.Subnet.Get(f)}
+			n++
+		}
 	}
 	return out, n
 }
@@ -34,7 +33,7 @@ func families(local Local, p Peer) (out [2]peerFamily, n int) {
 // check returns why the peer's subnet must not be routed, or "".
 func (f peerFamily) check() string {
 	switch {
-	case f.subnet.Addr().Is4() == f.v6 || f.subnet.Bits() < f.network.Bits() || !f.network.Contains(f.subnet.Addr()):
+	case ipfam.Of(f.subnet.Addr()) != f.fam || f.subnet.Bits() < f.network.Bits() || !f.network.Contains(f.subnet.Addr()):
 		return fmt.Sprintf("peer subnet is outside the cluster network %s: skipped", f.network)
 	case f.own.IsValid() && f.own.Overlaps(f.subnet):
 		return fmt.Sprintf("peer subnet overlaps this host's subnet %s: skipped", f.own)
@@ -63,11 +62,8 @@ type peerRoute struct{ node, subnet, via string }
 func peerRoutes(peers []Peer) map[peerRoute]bool {
 	out := map[peerRoute]bool{}
 	for _, p := range peers {
-		if p.Subnet4.IsValid() {
-			out[peerRoute{p.Node, p.Subnet4.String(), p.PublicIP4.String()}] = true
-		}
-		if p.Subnet6.IsValid() {
-			out[peerRoute{p.Node, p.Subnet6.String(), p.PublicIP6.String()}] = true
+		for f, s := range ipfam.Valid(p.Subnet) {
+			out[peerRoute{p.Node, s.String(), p.PublicIP.Get(f).String()}] = true
 		}
 	}
 	return out

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -113,7 +114,7 @@ func probeSysctls(ext ExtIface, v4, v6 bool) []string {
 	}
 	if v6 {
 		names = append(names, "net/ipv6/conf/all/forwarding")
-		if l := ext.Link(true).Name; l != "" {
+		if l := ext.Link(ipfam.IPv6).Name; l != "" {
 			ra := "net/ipv6/conf/" + l + "/accept_ra"
 			if cur, err := getSysctl(ra); err == nil && cur == "1" {
 				names = append(names, ra)

@@ -28,10 +28,10 @@ func fakeRoute(dst, gw string, proto netlink.RouteProtocol) netlink.Route {
 func gwPeer(node, sub4, gw4, sub6, gw6 string) Peer {
 	p := Peer{Node: node}
 	if sub4 != "" {
-		p.Subnet4, p.PublicIP4 = netip.MustParsePrefix(sub4), netip.MustParseAddr(gw4)
+		p.Subnet.V4, p.PublicIP.V4 = netip.MustParsePrefix(sub4), netip.MustParseAddr(gw4)
 	}
 	if sub6 != "" {
-		p.Subnet6, p.PublicIP6 = netip.MustParsePrefix(sub6), netip.MustParseAddr(gw6)
+		p.Subnet.V6, p.PublicIP.V6 = netip.MustParsePrefix(sub6), netip.MustParseAddr(gw6)
 	}
 	return p
 }
@@ -74,7 +74,7 @@ func TestReconcileTable(t *testing.T) {
 		k.routes[routeID(&foreign)] = foreign
 		return k
 	}
-	ext := ExtIface{Name: "eth0", Index: 2, MTU: 1500}
+	ext := ExtIface{V4: ExtLink{Name: "eth0", Index: 2, MTU: 1500}}
 	run := func(t *testing.T, e *engine, k *fakeKernel, peers []Peer, want []string) {
 		t.Helper()
 		if err := e.SetPeers(context.Background(), peers); err != nil {
@@ -118,7 +118,7 @@ func TestReconcileKeepsGoing(t *testing.T) {
 	k := newFakeKernel()
 	k.addrs[2] = []netip.Prefix{netip.MustParsePrefix("192.168.77.2/24")}
 	k.failRoute = "10.100.2.0/24"
-	e := newEngine(TypeHostGW, ExtIface{Name: "eth0", Index: 2, MTU: 1500}, Options{}, k, hostGW{})
+	e := newEngine(TypeHostGW, ExtIface{V4: ExtLink{Name: "eth0", Index: 2, MTU: 1500}}, Options{}, k, hostGW{})
 	e.started, e.local = true, localA()
 	peers := []Peer{gwPeer("b", "10.100.2.0/24", "192.168.77.3", "", ""), gwPeer("c", "10.100.3.0/24", "192.168.77.4", "", "")}
 	if err := e.SetPeers(context.Background(), peers); err == nil {

@@ -3,6 +3,7 @@ package backend
 import (
 	"context"
 	"errors"
+	"github.com/leased/leased/pkg/ipfam"
 	"runtime"
 	"slices"
 	"strings"
@@ -137,7 +138,7 @@ func (e *engine) untrusted() bool {
 // watch runs the netlink subscriptions of k until ctx is done.
 func (e *engine) watch(ctx context.Context, k kernel) {
 	ours := func(idx int) bool {
-		return idx == e.ext.Index || idx == e.ext.Link(true).Index || slices.Contains(*e.owned.Load(), idx)
+		return idx == e.ext.V4.Index || idx == e.ext.Link(ipfam.IPv6).Index || slices.Contains(*e.owned.Load(), idx)
 	}
 	routes, links, neighs := k.SubscribeRoutes, k.SubscribeLinks, k.SubscribeNeighs
 	finished := make(chan struct{}, 4)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net"
 	"net/netip"
 	"slices"
@@ -69,11 +70,8 @@ func vxPeer(node, sub4, gw4, sub6, gw6 string) Peer {
 // for host-gw and vxlan, on 2001:db8:ab11::/64 for proxy-ndp.
 var (
 	fakeMAC = net.HardwareAddr{2, 0, 0, 0, 0, 0x11}
-	fakeExt = ExtIface{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: fakeMAC,
-		Addr4: netip.MustParseAddr("192.168.77.2"), Public4: netip.MustParseAddr("192.168.77.2"),
-		Addr6: netip.MustParseAddr("2001:db8:77::2"), Public6: netip.MustParseAddr("2001:db8:77::2")}
-	ndpExt = ExtIface{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: fakeMAC,
-		Addr6: netip.MustParseAddr("2001:db8:ab11::11"), Public6: netip.MustParseAddr("2001:db8:ab11::11")}
+	fakeExt = ExtIface{V4: ExtLink{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: fakeMAC, Addr: netip.MustParseAddr("192.168.77.2"), Public: netip.MustParseAddr("192.168.77.2")}, V6: ExtLink{Addr: netip.MustParseAddr("2001:db8:77::2"), Public: netip.MustParseAddr("2001:db8:77::2")}}
+	ndpExt  = ExtIface{V4: ExtLink{Name: "eth0", Index: 2, MTU: 1500, HardwareAddr: fakeMAC}, V6: ExtLink{Addr: netip.MustParseAddr("2001:db8:ab11::11"), Public: netip.MustParseAddr("2001:db8:ab11::11")}}
 )
 
 // Start, a first peer set and a changed one of each backend type run
@@ -99,7 +97,7 @@ func TestStartOnFakeKernel(t *testing.T) {
 			`filter -A LEASED-FWD -d ` + network + ` -m comment --comment "leased: to the cluster network" -j ACCEPT`,
 		}
 	}
-	ndpLocal := Local{Node: "a", Subnet6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/80"), Network6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")}
+	ndpLocal := Local{Node: "a", Subnet: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/80")}, Network: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")}}
 	cases := []struct {
 		name   string
 		raw    string
@@ -116,7 +114,7 @@ func TestStartOnFakeKernel(t *testing.T) {
 		routes       []string // after the first set
 		routesAfter  []string // after the changed set
 		neighsAfter  []string
-		answersSlice bool // proxy-ndp: a packet socket on eth0 answers for local.Subnet6
+		answersSlice bool // proxy-ndp: a packet socket on eth0 answers for local.Subnet.V6
 	}{
 		{
 			name: "host-gw dual-stack with --ip-masq", raw: `{"Type":"host-gw"}`, ext: fakeExt, opts: Options{IPMasq: true},
@@ -148,7 +146,7 @@ func TestStartOnFakeKernel(t *testing.T) {
 		{
 			name: "host-gw IPv4 only, --iptables-forward-rules=false", raw: `{"Type":"host-gw"}`, ext: fakeExt, opts: Options{NoForwardRules: true},
 			addrs: []string{"192.168.77.2/24"},
-			local: Local{Node: "a", Subnet4: netip.MustParsePrefix("10.100.1.0/24"), Network4: net4},
+			local: Local{Node: "a", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.1.0/24")}, Network: ipfam.Pair[netip.Prefix]{V4: net4}},
 			peers: []Peer{gwPeer("b", "10.100.2.0/24", "192.168.77.3", "", "")},
 			// b leaves.
 			sysctls:     map[string]string{"net/ipv4/ip_forward": "1", "net/ipv6/conf/all/forwarding": "0", "net/ipv6/conf/eth0/accept_ra": "1"},
@@ -258,7 +256,7 @@ func TestStartOnFakeKernel(t *testing.T) {
 			}
 
 			if tc.answersSlice {
-				checkAnswers(t, k, tc.local.Subnet6)
+				checkAnswers(t, k, tc.local.Subnet.V6)
 			} else if len(k.conns) != 0 {
 				t.Errorf("%d packet sockets opened, want none", len(k.conns))
 			}
@@ -341,8 +339,8 @@ func TestCheckOnFakeKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 	ext := fakeExt
-	ext.Addr6, ext.Public6 = netip.Addr{}, netip.Addr{}
-	local := Local{Node: "a", Subnet4: netip.MustParsePrefix("10.100.1.0/24"), Network4: net4}
+	ext.V6.Addr, ext.V6.Public = netip.Addr{}, netip.Addr{}
+	local := Local{Node: "a", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.1.0/24")}, Network: ipfam.Pair[netip.Prefix]{V4: net4}}
 	peers := []Peer{vxPeer("b", "10.100.2.0/24", "192.168.77.3", "", "")}
 	newB := func() Backend {
 		dp, err := datapathFor(cfg, ext, "a")
@@ -502,7 +500,7 @@ func TestCheckProxyNDPOnFakeKernel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	local := Local{Node: "a", Subnet6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/80"), Network6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")}
+	local := Local{Node: "a", Subnet: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/80")}, Network: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2001:db8:ab11:0:8000::/65")}}
 	b, err := assemble(cfg, ndpExt, Options{}, k, dp)
 	if err != nil {
 		t.Fatal(err)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net"
 	"net/netip"
 
@@ -19,10 +20,10 @@ import (
 // overlay family:
 //
 //   - VXLANDev4 ("leased.4") carries the IPv4 overlay; its underlay is IPv4
-//     (source ext.Addr4) when the external interface has an IPv4 address,
+//     (source ext.V4.Addr) when the external interface has an IPv4 address,
 //     else IPv6.
 //   - VXLANDev6 ("leased.6") carries the IPv6 overlay; its underlay is IPv6
-//     (source ext.Addr6) when ext has an IPv6 address, else IPv4.
+//     (source ext.V6.Addr) when ext has an IPv6 address, else IPv4.
 //
 // Both use the configured UDP port and VNI, learning off, bound to the
 // external link of their underlay family (ExtIface.Link: IPv4 and IPv6 may
@@ -67,33 +68,33 @@ type vxlan struct {
 	cfg  Config
 	ext  ExtIface
 	data json.RawMessage
-	devs [2]vxDev // by overlay family: 0 IPv4, 1 IPv6
+	devs [2]vxDev // by overlay family (indexed by ipfam.Family)
 	idx  [2]int   // ifindex after the last ensure, 0 when absent
 }
 
 func newVXLAN(cfg Config, ext ExtIface, node string) *vxlan {
 	v := &vxlan{cfg: cfg, ext: ext}
-	for i, overlay6 := range []bool{false, true} {
-		under6 := overlay6
-		if (under6 && !ext.Addr6.IsValid()) || (!under6 && !ext.Addr4.IsValid()) {
-			under6 = !under6
+	for overlay := range ipfam.Families() {
+		under := overlay
+		if !ext.Link(under).Addr.IsValid() {
+			under = under.Other()
 		}
-		under := ext.Link(under6)
+		link := ext.Link(under)
 		d := vxDev{
-			name: VXLANDev4, overlay6: overlay6, underlay6: under6,
-			vni: cfg.VNI, port: cfg.Port, mac: vtepMAC(node, overlay6),
-			mtu: under.MTU - 50, underIndex: under.Index, src: ext.Addr4,
+			name: VXLANDev4, overlay6: overlay == ipfam.IPv6, underlay6: under == ipfam.IPv6,
+			vni: cfg.VNI, port: cfg.Port, mac: vtepMAC(node, overlay == ipfam.IPv6),
+			mtu: link.MTU - 50, underIndex: link.Index, src: link.Addr,
 		}
-		if overlay6 {
+		if overlay == ipfam.IPv6 {
 			d.name = VXLANDev6
 		}
-		if under6 {
-			d.mtu, d.src = under.MTU-70, ext.Addr6
+		if under == ipfam.IPv6 {
+			d.mtu = link.MTU - 70
 		}
-		if under6 != overlay6 {
+		if under != overlay {
 			d.vni = d.vni%maxVNI + 1
 		}
-		v.devs[i] = d
+		v.devs[overlay] = d
 	}
 	v.data = vtep.Data(node)
 	return v
@@ -104,20 +105,13 @@ func (v *vxlan) leaseData() json.RawMessage { return v.data }
 func (v *vxlan) mtu(local Local) int {
 	m := 0
 	for i, d := range v.devs {
-		if enabled(local, i == 1) || (!local.Subnet4.IsValid() && !local.Subnet6.IsValid()) {
+		if local.Subnet.Get(ipfam.Family(i)).IsValid() || !ipfam.Any(local.Subnet) {
 			if m == 0 || d.mtu < m {
 				m = d.mtu
 			}
 		}
 	}
 	return m
-}
-
-func enabled(local Local, v6 bool) bool {
-	if v6 {
-		return local.Subnet6.IsValid()
-	}
-	return local.Subnet4.IsValid()
 }
 
 // checkDevices implements deviceChecker. The desired state names the
@@ -127,7 +121,7 @@ func (v *vxlan) checkDevices(k kernel, local Local) (owned []int, missing, extra
 	for i, dev := range v.devs {
 		v.idx[i] = 0
 		l, err := k.LinkByName(dev.name)
-		if !enabled(local, i == 1) {
+		if !local.Subnet.Get(ipfam.Family(i)).IsValid() {
 			if err == nil {
 				extra = append(extra, "device "+dev.name+" (its family holds no subnet)")
 			}
@@ -152,14 +146,11 @@ func (v *vxlan) ensure(k kernel, local Local) ([]int, error) {
 	var errs []error
 	var owned []int
 	for i, d := range v.devs {
-		if !enabled(local, i == 1) {
+		subnet := local.Subnet.Get(ipfam.Family(i))
+		if !subnet.IsValid() {
 			errs = append(errs, removeDevice(k, d.name))
 			v.idx[i] = 0
 			continue
-		}
-		subnet := local.Subnet4
-		if d.overlay6 {
-			subnet = local.Subnet6
 		}
 		idx, err := ensureDevice(k, d, subnet, v.idx[i] != 0)
 		if err != nil {
@@ -340,13 +331,13 @@ func (v *vxlan) desired(in input) (state, []skip) {
 func (v *vxlan) overlayPeer(in input, p Peer, f peerFamily, data VXLANLeaseData, derr error, st *state) (skip, bool) {
 	i := 0
 	macStr := data.VtepMAC
-	if f.v6 {
+	if f.fam == ipfam.IPv6 {
 		i, macStr = 1, data.VtepMAC6
 	}
 	d, idx := v.devs[i], v.idx[i]
-	dst := p.PublicIP4
+	dst := p.PublicIP.V4
 	if d.underlay6 {
-		dst = p.PublicIP6
+		dst = p.PublicIP.V6
 	}
 	gw := f.subnet.Addr()
 	sk := skip{node: p.Node, subnet: f.subnet, gateway: dst}

@@ -3,6 +3,7 @@ package backend
 import (
 	"context"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"os/exec"
 	"slices"
@@ -29,8 +30,8 @@ type vxHost struct {
 
 func (x *vxHost) peer() Peer {
 	return Peer{
-		Node: x.local.Node, Subnet4: x.local.Subnet4, Subnet6: x.local.Subnet6,
-		PublicIP4: x.ext.Public4, PublicIP6: x.ext.Public6,
+		Node: x.local.Node, Subnet: ipfam.Pair[netip.Prefix]{V4: x.local.Subnet.V4, V6: x.local.Subnet.V6},
+		PublicIP:    ipfam.Pair[netip.Addr]{V4: x.ext.V4.Public, V6: x.ext.V6.Public},
 		BackendType: TypeVXLAN, BackendData: x.b.LeaseData(),
 	}
 }
@@ -59,9 +60,8 @@ func vxlanLab(t *testing.T, raw string, v4Underlay bool) (*vxHost, *vxHost) {
 		x.h = testutil.NSHandle(t, ns)
 		x.ext = extOf(t, x.h, "eth0", a4, a6)
 		x.local = Local{
-			Node:    fmt.Sprintf("node-%d", n),
-			Subnet4: netip.MustParsePrefix(fmt.Sprintf("10.100.%d.0/24", n)), Network4: net4,
-			Subnet6: netip.MustParsePrefix(fmt.Sprintf("fd00:100:%d::/64", n)), Network6: net6,
+			Node:   fmt.Sprintf("node-%d", n),
+			Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix(fmt.Sprintf("10.100.%d.0/24", n)), V6: netip.MustParsePrefix(fmt.Sprintf("fd00:100:%d::/64", n))}, Network: ipfam.Pair[netip.Prefix]{V4: net4, V6: net6},
 		}
 		x.b = mustNew(t, raw, x.ext, x.local.Node, ns, Options{Resync: 300 * time.Millisecond})
 		if err := x.b.Start(context.Background(), x.local); err != nil {
@@ -122,7 +122,7 @@ func checkOverlay(t *testing.T, a, b *vxHost) {
 func TestVXLANIPv4Underlay(t *testing.T) {
 	a, b := vxlanLab(t, `{"Type":"vxlan"}`, true)
 	// leased.6 rides IPv6 (70 bytes of overhead), leased.4 IPv4 (50).
-	if got, want := a.b.MTU(), a.ext.MTU-70; got != want {
+	if got, want := a.b.MTU(), a.ext.V4.MTU-70; got != want {
 		t.Fatalf("MTU() = %d, want %d (the smaller device MTU)", got, want)
 	}
 	checkOverlay(t, a, b)
@@ -134,10 +134,10 @@ func TestVXLANIPv4Underlay(t *testing.T) {
 		t.Fatal(err)
 	}
 	vx := l.(*netlink.Vxlan)
-	if vx.MTU != a.ext.MTU-50 {
-		t.Errorf("%s MTU = %d, want %d", VXLANDev4, vx.MTU, a.ext.MTU-50)
+	if vx.MTU != a.ext.V4.MTU-50 {
+		t.Errorf("%s MTU = %d, want %d", VXLANDev4, vx.MTU, a.ext.V4.MTU-50)
 	}
-	if vx.VxlanId != DefaultVNI || vx.Port != DefaultPort || vx.Learning || vx.VtepDevIndex != a.ext.Index {
+	if vx.VxlanId != DefaultVNI || vx.Port != DefaultPort || vx.Learning || vx.VtepDevIndex != a.ext.V4.Index {
 		t.Errorf("%s = vni %d port %d learning %v vtepdev %d", VXLANDev4, vx.VxlanId, vx.Port, vx.Learning, vx.VtepDevIndex)
 	}
 	if got, want := vx.HardwareAddr.String(), vtepMAC("node-1", false).String(); got != want {
@@ -159,7 +159,7 @@ func TestVXLANIPv4Underlay(t *testing.T) {
 
 func TestVXLANIPv6Underlay(t *testing.T) {
 	a, b := vxlanLab(t, `{"Type":"vxlan","VNI":7,"Port":4789}`, false)
-	if got, want := a.b.MTU(), a.ext.MTU-70; got != want {
+	if got, want := a.b.MTU(), a.ext.V4.MTU-70; got != want {
 		t.Fatalf("MTU() = %d, want %d (IPv6 underlay)", got, want)
 	}
 	checkOverlay(t, a, b)
@@ -170,8 +170,8 @@ func TestVXLANIPv6Underlay(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if vx := l.(*netlink.Vxlan); vx.VxlanId != vni || vx.Port != 4789 || !vx.SrcAddr.Equal(a.ext.Addr6.AsSlice()) {
-			t.Errorf("%s = vni %d port %d local %s, want vni %d port 4789 local %s", dev, vx.VxlanId, vx.Port, vx.SrcAddr, vni, a.ext.Addr6)
+		if vx := l.(*netlink.Vxlan); vx.VxlanId != vni || vx.Port != 4789 || !vx.SrcAddr.Equal(a.ext.V6.Addr.AsSlice()) {
+			t.Errorf("%s = vni %d port %d local %s, want vni %d port 4789 local %s", dev, vx.VxlanId, vx.Port, vx.SrcAddr, vni, a.ext.V6.Addr)
 		}
 	}
 

@@ -16,6 +16,7 @@ package dockeripam
 
 import (
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 )
 
@@ -44,7 +45,7 @@ const (
 )
 
 // Validate checks s against the leased subnets (either may be zero).
-func (s Split) Validate(subnet4, subnet6 netip.Prefix) error {
+func (s Split) Validate(subnets ipfam.Pair[netip.Prefix]) error {
 	if s.Docker0Bits < 1 {
 		return fmt.Errorf("--docker-ipam-docker0-bits %d: use at least 1 (docker0 keeps half of the subnet), or turn the driver off with --docker-ipam=false", s.Docker0Bits)
 	}
@@ -53,7 +54,7 @@ func (s Split) Validate(subnet4, subnet6 netip.Prefix) error {
 		bits   int
 		subnet netip.Prefix
 		max    int
-	}{{"--docker-ipam-pool-bits4", s.PoolBits4, subnet4, maxBits4}, {"--docker-ipam-pool-bits6", s.PoolBits6, subnet6, maxBits6}} {
+	}{{"--docker-ipam-pool-bits4", s.PoolBits4, subnets.V4, maxBits4}, {"--docker-ipam-pool-bits6", s.PoolBits6, subnets.V6, maxBits6}} {
 		if f.bits < s.Docker0Bits {
 			return fmt.Errorf("%s %d is less than --docker-ipam-docker0-bits %d: a pool would be larger than docker0's share; use at least %d", f.name, f.bits, s.Docker0Bits, s.Docker0Bits)
 		}

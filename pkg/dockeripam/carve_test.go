@@ -1,6 +1,7 @@
 package dockeripam
 
 import (
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"strings"
 	"testing"
@@ -107,7 +108,7 @@ func TestSplitValidate(t *testing.T) {
 		{Split{Docker0Bits: 2, PoolBits4: 7, PoolBits6: 16}, "--docker-ipam-pool-bits4 7 makes pools of /31 from the leased 10.100.15.0/24: too small for containers; use at most 6"},
 		{Split{Docker0Bits: 2, PoolBits4: 3, PoolBits6: 63}, "use at most 62"},
 	} {
-		err := tc.split.Validate(s4, s6)
+		err := tc.split.Validate(ipfam.Pair[netip.Prefix]{V4: s4, V6: s6})
 		if (tc.err == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tc.err)) {
 			t.Errorf("%+v.Validate = %v, want %q", tc.split, err, tc.err)
 		}

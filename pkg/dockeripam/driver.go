@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"io/fs"
 	"net/netip"
 	"os"
@@ -61,12 +62,11 @@ type Driver struct {
 	split Split
 
 	mu      sync.Mutex
-	known   bool // SetSubnets ran: the lease is held
-	subnet4 netip.Prefix
-	subnet6 netip.Prefix
-	broken  error // the split does not fit the lease (SetSubnets)
-	refuse  error // why every pool request is refused (nil: none)
-	keepAll bool  // docker0 keeps the whole lease (Docker0KeepsAll)
+	known   bool                     // SetSubnets ran: the lease is held
+	subnets ipfam.Pair[netip.Prefix] // the leased subnets
+	broken  error                    // the split does not fit the lease (SetSubnets)
+	refuse  error                    // why every pool request is refused (nil: none)
+	keepAll bool                     // docker0 keeps the whole lease (Docker0KeepsAll)
 	pools   map[string]*Pool
 	// OnChange, when set, runs (under the lock) after the pools changed,
 	// with the number of pools per family (for the metric).
@@ -137,26 +137,23 @@ func (d *Driver) Pools() []Pool {
 // hosts until the network is recreated. The error says the split does not
 // fit these subnets; the driver then refuses every pool with it, and
 // docker0 should keep the whole lease.
-func (d *Driver) SetSubnets(subnet4, subnet6 netip.Prefix) error {
+func (d *Driver) SetSubnets(subnets ipfam.Pair[netip.Prefix]) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.known && !d.keepAll && d.subnet4 == subnet4 && d.subnet6 == subnet6 {
+	if d.known && !d.keepAll && d.subnets == subnets {
 		return d.broken
 	}
-	d.known, d.subnet4, d.subnet6 = true, subnet4, subnet6
+	d.known, d.subnets = true, subnets
 	d.keepAll, d.refuse = false, nil
-	if d.broken = d.split.Validate(subnet4, subnet6); d.broken != nil {
+	if d.broken = d.split.Validate(subnets); d.broken != nil {
 		d.refuse = fmt.Errorf("the agent's pool sizes do not fit this host's lease: %w", d.broken)
 		return d.broken
 	}
 	for _, p := range d.sorted() {
-		subnet := subnet4
-		if p.Prefix.Addr().Is6() {
-			subnet = subnet6
-		}
+		subnet := subnets.Get(ipfam.Of(p.Prefix.Addr()))
 		switch {
 		case !subnet.IsValid() || !subnet.Contains(p.Prefix.Addr()) || p.Prefix.Bits() < subnet.Bits():
-			klog.Warningf("Docker network pool %s is outside this host's leased subnets %v: its containers are not reachable from other hosts; recreate the network (docker network rm, then create it again, or docker compose down and up) to move it into the lease", p.Prefix, validOnly(subnet4, subnet6))
+			klog.Warningf("Docker network pool %s is outside this host's leased subnets %v: its containers are not reachable from other hosts; recreate the network (docker network rm, then create it again, or docker compose down and up) to move it into the lease", p.Prefix, validOnly(subnets))
 		case p.Prefix.Overlaps(d.split.Docker0(subnet)):
 			klog.Warningf("Docker network pool %s overlaps docker0's share %s of this host's subnet: --docker-ipam-docker0-bits changed since it was made; recreate the network to move it", p.Prefix, d.split.Docker0(subnet))
 		}
@@ -168,19 +165,18 @@ func (d *Driver) SetSubnets(subnet4, subnet6 netip.Prefix) error {
 // docker0 keeps all of them (the agent does so when docker0 already had the
 // whole lease, so as not to renumber it under running containers): every
 // pool request is refused with why, and existing pools stay.
-func (d *Driver) Docker0KeepsAll(subnet4, subnet6 netip.Prefix, why error) {
+func (d *Driver) Docker0KeepsAll(subnets ipfam.Pair[netip.Prefix], why error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.known, d.subnet4, d.subnet6 = true, subnet4, subnet6
+	d.known, d.subnets = true, subnets
 	d.keepAll, d.broken, d.refuse = true, nil, why
 }
 
-func validOnly(ps ...netip.Prefix) []netip.Prefix {
+// validOnly returns the valid prefixes of ps, IPv4 first.
+func validOnly(ps ipfam.Pair[netip.Prefix]) []netip.Prefix {
 	var out []netip.Prefix
-	for _, p := range ps {
-		if p.IsValid() {
-			out = append(out, p)
-		}
+	for _, p := range ipfam.Valid(ps) {
+		out = append(out, p)
 	}
 	return out
 }
@@ -214,9 +210,9 @@ func (d *Driver) RequestPool(r PoolRequest) (*Pool, error) {
 	for k := range r.Options {
 		return nil, fmt.Errorf("unknown IPAM option %q: the %s IPAM driver takes no --ipam-opt; remove it (pool sizes are set on the agent: --docker-ipam-pool-bits4/6)", k, Name)
 	}
-	subnet := d.subnet4
+	subnet := d.subnets.V4
 	if r.V6 {
-		subnet = d.subnet6
+		subnet = d.subnets.V6
 	}
 	if !d.known {
 		return nil, fmt.Errorf("this host holds no leased subnet yet (the leased agent is still acquiring its lease; see journalctl -u leased or leased status): retry once the agent is ready")

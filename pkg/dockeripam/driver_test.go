@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"github.com/leased/leased/pkg/ipfam"
 	"net"
 	"net/http"
 	"net/netip"
@@ -38,7 +39,7 @@ func serve(t *testing.T, state string, s4, s6 string) (*Driver, *client) {
 		p6 = netip.MustParsePrefix(s6)
 	}
 	if s4 != "" || s6 != "" {
-		if err := d.SetSubnets(p4, p6); err != nil {
+		if err := d.SetSubnets(ipfam.Pair[netip.Prefix]{V4: p4, V6: p6}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -286,18 +287,18 @@ func TestLeaseChangeIsLogged(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.SetSubnets(netip.MustParsePrefix("10.100.15.0/24"), netip.Prefix{})
+	d.SetSubnets(ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.15.0/24")})
 	if _, err := d.RequestPool(PoolRequest{}); err != nil {
 		t.Fatal(err)
 	}
 	want := "Docker network pool 10.100.15.64/27 is outside this host's leased subnets [10.100.99.0/24]: its containers are not reachable from other hosts; recreate the network (docker network rm, then create it again, or docker compose down and up) to move it into the lease"
-	d.SetSubnets(netip.MustParsePrefix("10.100.99.0/24"), netip.Prefix{})
+	d.SetSubnets(ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.99.0/24")})
 	klog.Flush()
 	n := strings.Count(buf.String(), want)
 	if n == 0 {
 		t.Fatalf("the log lacks %q:\n%s", want, buf.String())
 	}
-	d.SetSubnets(netip.MustParsePrefix("10.100.99.0/24"), netip.Prefix{}) // the same lease again
+	d.SetSubnets(ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.99.0/24")}) // the same lease again
 	klog.Flush()
 	if m := strings.Count(buf.String(), want); m != n {
 		t.Fatalf("the same lease logged the pool again:\n%s", buf.String())

@@ -2,6 +2,7 @@ package lease
 
 import (
 	"errors"
+	"github.com/leased/leased/pkg/ipfam"
 	"math/big"
 	"net/netip"
 	"slices"
@@ -442,9 +443,9 @@ func TestConfigConflicts(t *testing.T) {
 	}
 	old := parse(`{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
 	recs := map[string]*Record{
-		"low":   {Node: "low", Subnet: netip.MustParsePrefix("10.100.1.0/24"), IPv6Subnet: netip.MustParsePrefix("2001:db8:0:1::/64"), BackendType: "host-gw"},
-		"high":  {Node: "high", Subnet: netip.MustParsePrefix("10.100.200.0/24"), IPv6Subnet: netip.MustParsePrefix("2001:db8:0:2::/64"), BackendType: "host-gw"},
-		"stale": {Node: "stale", Subnet: netip.MustParsePrefix("10.99.0.0/24"), BackendType: "host-gw"},
+		"low":   {Node: "low", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.1.0/24"), V6: netip.MustParsePrefix("2001:db8:0:1::/64")}, BackendType: "host-gw"},
+		"high":  {Node: "high", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.200.0/24"), V6: netip.MustParsePrefix("2001:db8:0:2::/64")}, BackendType: "host-gw"},
+		"stale": {Node: "stale", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.99.0.0/24")}, BackendType: "host-gw"},
 	}
 	tests := []struct {
 		name string
@@ -479,7 +480,7 @@ func TestConfigConflicts(t *testing.T) {
 	}
 	// A host on another backend than the config says blocks only a change
 	// of the backend type: its lease is refused as a peer either way.
-	recs["odd"] = &Record{Node: "odd", Subnet: netip.MustParsePrefix("10.100.3.0/24"), BackendType: "vxlan"}
+	recs["odd"] = &Record{Node: "odd", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.3.0/24")}, BackendType: "vxlan"}
 	if got := ConfigConflicts(old, parse(`{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/48"}`), recs); len(got) != 0 {
 		t.Errorf("a widening blocked by a host on another backend: %v", got)
 	}

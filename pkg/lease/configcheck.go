@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"reflect"
 	"slices"
@@ -77,6 +78,12 @@ func (c *Config) Pool(s netip.Prefix) *Pool {
 		return c.IPv4
 	}
 	return c.IPv6
+}
+
+// Pools returns the config's pools per family (nil: the family is
+// disabled).
+func (c *Config) Pools() ipfam.Pair[*Pool] {
+	return ipfam.Pair[*Pool]{V4: c.IPv4, V6: c.IPv6}
 }
 
 // Outside says why subnet is not one of the config's subnets, or "" when it

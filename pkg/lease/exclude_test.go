@@ -2,6 +2,7 @@ package lease
 
 import (
 	"errors"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"strings"
 	"testing"
@@ -27,7 +28,7 @@ func TestAcquireSkipsExcluded(t *testing.T) {
 	}{
 		{name: "LAN of eth1 named by the hint, another LAN, IPv4 and IPv6",
 			cfg: `{"Network":"10.10.8.0/22","IPv6Network":"fd00:10::/62","IPv6SubnetLen":64}`,
-			claim: Claim{Node: "lan", Hint4: mp("10.10.10.0/24"), Hint6: mp("fd00:10:0:2::/64"), Exclude: []Excluded{
+			claim: Claim{Node: "lan", Hint: ipfam.Pair[netip.Prefix]{V4: mp("10.10.10.0/24"), V6: mp("fd00:10:0:2::/64")}, Exclude: []Excluded{
 				{Prefix: mp("10.10.10.0/24"), Route: "10.10.10.0/24 dev eth1 proto kernel"},
 				{Prefix: mp("10.10.8.0/23"), Route: "10.10.8.0/23 dev eth2 proto kernel"},
 				{Prefix: mp("fd00:10:0:2::/64"), Route: "fd00:10:0:2::/64 dev eth1 proto kernel metric 256"},
@@ -37,14 +38,14 @@ func TestAcquireSkipsExcluded(t *testing.T) {
 			want4: "10.10.11.0/24", want6: "fd00:10:0:3::/64"},
 		{name: "own bridge inside the subnet held before",
 			cfg: `{"Network":"10.11.8.0/22"}`,
-			claim: Claim{Node: "own", Hint4: mp("10.11.9.0/24"), Exclude: []Excluded{
+			claim: Claim{Node: "own", Hint: ipfam.Pair[netip.Prefix]{V4: mp("10.11.9.0/24")}, Exclude: []Excluded{
 				{Prefix: mp("10.11.9.0/24"), Route: "10.11.9.0/24 dev docker0 proto kernel", Own: true},
 				{Prefix: mp("10.11.9.1/32"), Route: "local 10.11.9.1 dev docker0 proto kernel", Own: true},
 			}},
 			want4: "10.11.9.0/24"},
 		{name: "a host address inside a subnet",
 			cfg: `{"Network":"10.12.8.0/23","SubnetLen":24}`,
-			claim: Claim{Node: "addr", Hint4: mp("10.12.8.0/24"), Exclude: []Excluded{
+			claim: Claim{Node: "addr", Hint: ipfam.Pair[netip.Prefix]{V4: mp("10.12.8.0/24")}, Exclude: []Excluded{
 				{Prefix: mp("10.12.8.7/32"), Route: "local 10.12.8.7 dev lo proto kernel"},
 			}},
 			want4: "10.12.9.0/24"},
@@ -68,11 +69,11 @@ func TestAcquireSkipsExcluded(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if rec.Subnet.String() != tc.want4 && !(tc.want4 == "" && !rec.Subnet.IsValid()) {
-				t.Errorf("IPv4 subnet %v, want %s", rec.Subnet, tc.want4)
+			if rec.Subnet.V4.String() != tc.want4 && !(tc.want4 == "" && !rec.Subnet.V4.IsValid()) {
+				t.Errorf("IPv4 subnet %v, want %s", rec.Subnet.V4, tc.want4)
 			}
-			if tc.want6 != "" && rec.IPv6Subnet.String() != tc.want6 {
-				t.Errorf("IPv6 subnet %v, want %s", rec.IPv6Subnet, tc.want6)
+			if tc.want6 != "" && rec.Subnet.V6.String() != tc.want6 {
+				t.Errorf("IPv6 subnet %v, want %s", rec.Subnet.V6, tc.want6)
 			}
 		})
 	}
@@ -89,8 +90,8 @@ func TestAcquireSkipsExcludedHugeRange(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !free.Contains(rec.IPv6Subnet.Addr()) {
-			t.Fatalf("got %v, inside an excluded prefix", rec.IPv6Subnet)
+		if !free.Contains(rec.Subnet.V6.Addr()) {
+			t.Fatalf("got %v, inside an excluded prefix", rec.Subnet.V6)
 		}
 	}
 	// The gap search: only the last subnet is free.

@@ -2,6 +2,7 @@ package lease
 
 import (
 	"context"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"sync"
 	"testing"
@@ -17,7 +18,7 @@ import (
 func TestRestartDoesNotRewriteAffinity(t *testing.T) {
 	cli, reg, cfg := startRegistry(t, `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
 	first := newSession(t, cli, 30)
-	rec, err := reg.Acquire(ctxT(t), first.Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1")})
+	rec, err := reg.Acquire(ctxT(t), first.Lease(), cfg, Claim{Node: "a", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -25,11 +26,11 @@ func TestRestartDoesNotRewriteAffinity(t *testing.T) {
 	defer cancel()
 	wch := cli.Watch(ctx, reg.Keys().Prefix(), clientv3.WithPrefix(), clientv3.WithRev(rec.ModRev+1))
 	again := newSession(t, cli, 30)
-	rec2, err := reg.Acquire(ctxT(t), again.Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1"), Own: []clientv3.LeaseID{first.Lease()}})
+	rec2, err := reg.Acquire(ctxT(t), again.Lease(), cfg, Claim{Node: "a", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}, Own: []clientv3.LeaseID{first.Lease()}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rec2.Subnet != rec.Subnet || rec2.IPv6Subnet != rec.IPv6Subnet {
+	if rec2.Subnet != rec.Subnet {
 		t.Fatalf("the restart moved the host from %v to %v", rec.Subnets(), rec2.Subnets())
 	}
 	var keys []string
@@ -43,7 +44,7 @@ func TestRestartDoesNotRewriteAffinity(t *testing.T) {
 			quiet = true
 		}
 	}
-	want := map[string]bool{reg.Keys().Lease("a"): true, reg.Keys().SubnetLock(rec.Subnet): true, reg.Keys().SubnetLock(rec.IPv6Subnet): true}
+	want := map[string]bool{reg.Keys().Lease("a"): true, reg.Keys().SubnetLock(rec.Subnet.V4): true, reg.Keys().SubnetLock(rec.Subnet.V6): true}
 	if len(keys) != len(want) {
 		t.Errorf("the restart sent watchers %d events %v; want only the record and the two locks", len(keys), keys)
 	}
@@ -61,7 +62,7 @@ func TestRestartDoesNotRewriteAffinity(t *testing.T) {
 		t.Fatal(err)
 	}
 	third := newSession(t, cli, 30)
-	if _, err := reg.Acquire(ctxT(t), third.Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1"), Own: []clientv3.LeaseID{first.Lease(), again.Lease()}}); err != nil {
+	if _, err := reg.Acquire(ctxT(t), third.Lease(), cfg, Claim{Node: "a", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}, Own: []clientv3.LeaseID{first.Lease(), again.Lease()}}); err != nil {
 		t.Fatal(err)
 	}
 	resp, err := cli.Get(ctxT(t), reg.Keys().Node("a"))

@@ -3,6 +3,7 @@ package lease
 import (
 	"context"
 	"errors"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"strings"
 	"sync"
@@ -91,7 +92,7 @@ func TestJoinCostsAWatcherOneEvent(t *testing.T) {
 
 	reg := NewRegistry(admin, "")
 	sess := newSession(t, admin, 30)
-	if _, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1")}); err != nil {
+	if _, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "a", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}}); err != nil {
 		t.Fatal(err)
 	}
 	testutil.Eventually(t, 20*time.Second, "a in b's view", func() bool { w.mu.Lock(); defer w.mu.Unlock(); return w.view.Records["a"] != nil })
@@ -142,7 +143,7 @@ func TestWatchCoversEveryKeyKind(t *testing.T) {
 	cfg := mustConfig(t, `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
 	real := NewRegistry(cli, "")
 	for _, node := range []string{"a", "b"} {
-		if _, err := real.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: node, PublicIP: netip.MustParseAddr("192.0.2.1")}); err != nil {
+		if _, err := real.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: node, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -183,7 +184,7 @@ func TestRestartResumingLeaseWritesNothing(t *testing.T) {
 	cfg := mustConfig(t, `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
 	reg := NewRegistry(cli, "")
 	first := newSession(t, cli, 30)
-	claim := Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1"), BackendType: "vxlan", BackendData: []byte(`{"VtepMAC":"02:00:00:00:00:01"}`)}
+	claim := Claim{Node: "a", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}, BackendType: "vxlan", BackendData: []byte(`{"VtepMAC":"02:00:00:00:00:01"}`)}
 	rec, err := reg.Acquire(ctxT(t), first.Lease(), cfg, claim)
 	if err != nil {
 		t.Fatal(err)
@@ -203,7 +204,7 @@ func TestRestartResumingLeaseWritesNothing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rec2.Subnet != rec.Subnet || rec2.IPv6Subnet != rec.IPv6Subnet || rec2.Lease != int64(first.Lease()) {
+	if rec2.Subnet != rec.Subnet || rec2.Subnet.V6 != rec.Subnet.V6 || rec2.Lease != int64(first.Lease()) {
 		t.Fatalf("the restart moved the host from %v (lease %x) to %v (lease %x)", rec.Subnets(), first.Lease(), rec2.Subnets(), rec2.Lease)
 	}
 	select {
@@ -236,7 +237,7 @@ func TestRestartResumingLeaseWritesNothing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rec3.Subnet != rec.Subnet || rec3.IPv6Subnet != rec.IPv6Subnet || rec3.Lease != int64(fresh.Lease()) {
+	if rec3.Subnet != rec.Subnet || rec3.Subnet.V6 != rec.Subnet.V6 || rec3.Lease != int64(fresh.Lease()) {
 		t.Errorf("after the lease expired the host got %v under %x; want %v under the new lease %x", rec3.Subnets(), rec3.Lease, rec.Subnets(), fresh.Lease())
 	}
 }
@@ -248,7 +249,7 @@ func TestWatchLocks(t *testing.T) {
 	cfg := mustConfig(t, `{"Network":"10.0.0.0/8"}`)
 	reg := NewRegistry(cli, "")
 	sess := newSession(t, cli, 30)
-	rec, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1")})
+	rec, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "a", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -269,11 +270,11 @@ func TestWatchLocks(t *testing.T) {
 		}
 		return Event{}
 	}
-	lock := reg.Keys().SubnetLock(rec.Subnet)
+	lock := reg.Keys().SubnetLock(rec.Subnet.V4)
 	if _, err := cli.Delete(ctxT(t), lock); err != nil {
 		t.Fatal(err)
 	}
-	if e := next(); e.Kind != LockDelete || e.Subnet != rec.Subnet || e.ModRev <= rec.ModRev {
+	if e := next(); e.Kind != LockDelete || e.Subnet != rec.Subnet.V4 || e.ModRev <= rec.ModRev {
 		t.Errorf("after the delete: %+v", e)
 	}
 	if _, err := cli.Put(ctxT(t), reg.Keys().Lease("unrelated"), "x"); err != nil {

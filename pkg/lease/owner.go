@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"io/fs"
 	"net/netip"
 	"os"
@@ -36,9 +37,9 @@ type ConflictError struct {
 	// Lease is the etcd lease the key is attached to (0: none, the key was
 	// written by hand and never expires).
 	Lease int64
-	// PublicIP/PublicIPv6 are the other host's addresses from its lease
+	// PublicIP is the other host's address per family from its lease
 	// record, when there is one.
-	PublicIP, PublicIPv6 netip.Addr
+	PublicIP ipfam.Pair[netip.Addr]
 	// TTL is how long the other lease lives unless it is renewed (-1:
 	// unknown).
 	TTL time.Duration
@@ -48,10 +49,8 @@ type ConflictError struct {
 // they are not known.
 func (e *ConflictError) Holder() string {
 	var a []string
-	for _, ip := range []netip.Addr{e.PublicIP, e.PublicIPv6} {
-		if ip.IsValid() {
-			a = append(a, ip.String())
-		}
+	for _, ip := range ipfam.Valid(e.PublicIP) {
+		a = append(a, ip.String())
 	}
 	if len(a) == 0 {
 		return "unknown public address"
@@ -82,7 +81,7 @@ type ownSet map[int64]bool
 // sameAddrs reports whether rec names exactly c's public addresses (and at
 // least one).
 func sameAddrs(rec *Record, c Claim) bool {
-	return rec.PublicIP == c.PublicIP && rec.PublicIPv6 == c.PublicIPv6 && (c.PublicIP.IsValid() || c.PublicIPv6.IsValid())
+	return rec.PublicIP == c.PublicIP && ipfam.Any(c.PublicIP)
 }
 
 // conflict builds the *ConflictError for kv, a key carrying node held under
@@ -99,7 +98,7 @@ func (r *Registry) conflict(ctx context.Context, node, key string, kv *mvccpb.Ke
 	}
 	if recKV != nil {
 		if rec, err := DecodeRecord(node, recKV.Value); err == nil {
-			e.PublicIP, e.PublicIPv6 = rec.PublicIP, rec.PublicIPv6
+			e.PublicIP = rec.PublicIP
 		}
 	}
 	if kv.Lease != 0 {

@@ -3,6 +3,7 @@ package lease
 import (
 	"errors"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -58,21 +59,21 @@ func TestSameNodeNameNeverSharesSubnet(t *testing.T) {
 			cliA, cliB := etcdtest.Client(t, srv.ClientURL), etcdtest.Client(t, srv.ClientURL)
 			regA, regB := NewRegistry(cliA, prefix), NewRegistry(cliB, prefix)
 			sessA, sessB := newSession(t, cliA, 30), newSession(t, cliB, 30)
-			a, err := regA.Acquire(ctxT(t), sessA.Lease(), cfg, Claim{Node: "twin", PublicIP: ipA, NoHistory: true})
+			a, err := regA.Acquire(ctxT(t), sessA.Lease(), cfg, Claim{Node: "twin", PublicIP: ipfam.Pair[netip.Addr]{V4: ipA}, NoHistory: true})
 			if err != nil {
 				t.Fatal(err)
 			}
 			c := tc.claim
-			c.Node, c.PublicIP = "twin", ipB
+			c.Node, c.PublicIP.V4 = "twin", ipB
 			if tc.name == "same subnet.env hint" {
-				c.Hint4, c.Hint6 = a.Subnet, a.IPv6Subnet
+				c.Hint.V4, c.Hint.V6 = a.Subnet.V4, a.Subnet.V6
 			}
 			b, err := regB.Acquire(ctxT(t), sessB.Lease(), cfg, c)
 			var cf *ConflictError
 			if !errors.As(err, &cf) {
 				t.Fatalf("second host with the same node name got %v, %v; want a node name conflict", b, err)
 			}
-			if cf.PublicIP != ipA || !strings.Contains(err.Error(), ipA.String()) || !strings.Contains(err.Error(), "--node-name") || !strings.Contains(err.Error(), "/etc/machine-id") {
+			if cf.PublicIP.V4 != ipA || !strings.Contains(err.Error(), ipA.String()) || !strings.Contains(err.Error(), "--node-name") || !strings.Contains(err.Error(), "/etc/machine-id") {
 				t.Errorf("conflict error does not name the other host's address %s and the fix: %v", ipA, err)
 			}
 			for key, l := range lockLeases(t, cliA, regA) {
@@ -84,8 +85,8 @@ func TestSameNodeNameNeverSharesSubnet(t *testing.T) {
 			if err != nil || len(resp.Kvs) != 1 || resp.Kvs[0].Lease != int64(sessA.Lease()) {
 				t.Fatalf("record of twin is no longer the first host's: %v %v", resp, err)
 			}
-			if rec, _ := DecodeRecord("twin", resp.Kvs[0].Value); rec.PublicIP != ipA {
-				t.Errorf("record names %s, want the first host's %s", rec.PublicIP, ipA)
+			if rec, _ := DecodeRecord("twin", resp.Kvs[0].Value); rec.PublicIP.V4 != ipA {
+				t.Errorf("record names %s, want the first host's %s", rec.PublicIP.V4, ipA)
 			}
 			// The first host goes away for good: its lease expires (revoked
 			// here); now the second one claims.
@@ -93,7 +94,7 @@ func TestSameNodeNameNeverSharesSubnet(t *testing.T) {
 				t.Fatal(err)
 			}
 			b, err = regB.Acquire(ctxT(t), sessB.Lease(), cfg, c)
-			if err != nil || b.PublicIP != ipB {
+			if err != nil || b.PublicIP.V4 != ipB {
 				t.Fatalf("after the first host's lease expired: %v, %v", b, err)
 			}
 		})
@@ -120,7 +121,7 @@ func TestSameNodeNameConcurrentClaims(t *testing.T) {
 				defer wg.Done()
 				<-start
 				recs[i], errs[i] = NewRegistry(clis[i], prefix).Acquire(ctxT(t), sess[i].Lease(), cfg,
-					Claim{Node: "twin", PublicIP: netip.AddrFrom4([4]byte{192, 0, 2, byte(1 + i)}), NoHistory: true})
+					Claim{Node: "twin", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.AddrFrom4([4]byte{192, 0, 2, byte(1 + i)})}, NoHistory: true})
 			}()
 		}
 		close(start)
@@ -145,20 +146,20 @@ func TestRestartOnSameMachineKeepsSubnet(t *testing.T) {
 	cli, reg, cfg := startRegistry(t, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
 	ip := netip.MustParseAddr("192.0.2.1")
 	s1 := newSession(t, cli, 30)
-	first, err := reg.Acquire(ctxT(t), s1.Lease(), cfg, Claim{Node: "h", PublicIP: ip, NoHistory: true})
+	first, err := reg.Acquire(ctxT(t), s1.Lease(), cfg, Claim{Node: "h", PublicIP: ipfam.Pair[netip.Addr]{V4: ip}, NoHistory: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	s1.Orphan() // the agent stops without revoking
 	s2 := newSession(t, cli, 30)
-	again, err := reg.Acquire(ctxT(t), s2.Lease(), cfg, Claim{Node: "h", PublicIP: ip, Own: []clientv3.LeaseID{s1.Lease(), s2.Lease()}})
-	if err != nil || again.Subnet != first.Subnet || again.IPv6Subnet != first.IPv6Subnet {
+	again, err := reg.Acquire(ctxT(t), s2.Lease(), cfg, Claim{Node: "h", PublicIP: ipfam.Pair[netip.Addr]{V4: ip}, Own: []clientv3.LeaseID{s1.Lease(), s2.Lease()}})
+	if err != nil || again.Subnet != first.Subnet {
 		t.Fatalf("restart with its lease history: %v, %v; want %v", again, err, first.Subnets())
 	}
 	s2.Orphan()
 	s3 := newSession(t, cli, 30)
-	third, err := reg.Acquire(ctxT(t), s3.Lease(), cfg, Claim{Node: "h", PublicIP: ip, NoHistory: true})
-	if err != nil || third.Subnet != first.Subnet || third.IPv6Subnet != first.IPv6Subnet {
+	third, err := reg.Acquire(ctxT(t), s3.Lease(), cfg, Claim{Node: "h", PublicIP: ipfam.Pair[netip.Addr]{V4: ip}, NoHistory: true})
+	if err != nil || third.Subnet != first.Subnet {
 		t.Fatalf("restart without history, same addresses: %v, %v; want %v", third, err, first.Subnets())
 	}
 	for key, l := range lockLeases(t, cli, reg) {
@@ -176,12 +177,12 @@ func TestReservationDoesNotMoveServingHost(t *testing.T) {
 	cli, reg, cfg := startRegistry(t, `{"Network":"10.100.0.0/16"}`)
 	sess := newSession(t, cli, 30)
 	ip := netip.MustParseAddr("192.0.2.1")
-	held, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "h", PublicIP: ip})
+	held, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "h", PublicIP: ipfam.Pair[netip.Addr]{V4: ip}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	other := netip.MustParsePrefix("10.100.250.0/24")
-	if held.Subnet == other {
+	if held.Subnet.V4 == other {
 		other = netip.MustParsePrefix("10.100.251.0/24")
 	}
 	if _, err := cli.Put(ctxT(t), reg.Keys().Reservation("h"), `{"Subnet":"`+other.String()+`"}`); err != nil {
@@ -192,27 +193,27 @@ func TestReservationDoesNotMoveServingHost(t *testing.T) {
 		t.Fatal(err)
 	}
 	sess2 := newSession(t, cli, 30)
-	again, err := reg.Acquire(ctxT(t), sess2.Lease(), cfg, Claim{Node: "h", PublicIP: ip, Keep4: held.Subnet})
-	if err != nil || again.Subnet != held.Subnet {
-		t.Fatalf("re-claim of a serving host: %v, %v; want to keep %s (not the reservation %s)", again, err, held.Subnet, other)
+	again, err := reg.Acquire(ctxT(t), sess2.Lease(), cfg, Claim{Node: "h", PublicIP: ipfam.Pair[netip.Addr]{V4: ip}, Keep: ipfam.Pair[netip.Prefix]{V4: held.Subnet.V4}})
+	if err != nil || again.Subnet.V4 != held.Subnet.V4 {
+		t.Fatalf("re-claim of a serving host: %v, %v; want to keep %s (not the reservation %s)", again, err, held.Subnet.V4, other)
 	}
 	// A reservation of its subnet for another node does not move it either.
-	if _, err := cli.Put(ctxT(t), reg.Keys().Reservation("x"), `{"Subnet":"`+held.Subnet.String()+`"}`); err != nil {
+	if _, err := cli.Put(ctxT(t), reg.Keys().Reservation("x"), `{"Subnet":"`+held.Subnet.V4.String()+`"}`); err != nil {
 		t.Fatal(err)
 	}
-	again, err = reg.Acquire(ctxT(t), sess2.Lease(), cfg, Claim{Node: "h", PublicIP: ip, Keep4: held.Subnet})
-	if err != nil || again.Subnet != held.Subnet {
-		t.Fatalf("re-claim with its subnet reserved for another node: %v, %v; want to keep %s", again, err, held.Subnet)
+	again, err = reg.Acquire(ctxT(t), sess2.Lease(), cfg, Claim{Node: "h", PublicIP: ipfam.Pair[netip.Addr]{V4: ip}, Keep: ipfam.Pair[netip.Prefix]{V4: held.Subnet.V4}})
+	if err != nil || again.Subnet.V4 != held.Subnet.V4 {
+		t.Fatalf("re-claim with its subnet reserved for another node: %v, %v; want to keep %s", again, err, held.Subnet.V4)
 	}
 	if _, err := cli.Delete(ctxT(t), reg.Keys().Reservation("x")); err != nil {
 		t.Fatal(err)
 	}
 	// A restart (nothing served yet) takes the reservation.
-	moved, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: "h", PublicIP: ip, Own: []clientv3.LeaseID{sess2.Lease()}})
-	if err != nil || moved.Subnet != other {
+	moved, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: "h", PublicIP: ipfam.Pair[netip.Addr]{V4: ip}, Own: []clientv3.LeaseID{sess2.Lease()}})
+	if err != nil || moved.Subnet.V4 != other {
 		t.Fatalf("restart: %v, %v; want the reservation %s", moved, err, other)
 	}
-	if resp, _ := cli.Get(ctxT(t), reg.Keys().SubnetLock(held.Subnet)); len(resp.Kvs) != 0 {
+	if resp, _ := cli.Get(ctxT(t), reg.Keys().SubnetLock(held.Subnet.V4)); len(resp.Kvs) != 0 {
 		t.Errorf("the lock of the subnet left behind was not released: %v", resp.Kvs)
 	}
 }
@@ -221,7 +222,7 @@ func TestReservationDoesNotMoveServingHost(t *testing.T) {
 func TestPublishRefusesForeignRecord(t *testing.T) {
 	cli, reg, cfg := startRegistry(t, `{"Network":"10.100.0.0/16"}`)
 	sess := newSession(t, cli, 30)
-	rec, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "h", PublicIP: netip.MustParseAddr("192.0.2.1")})
+	rec, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "h", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -288,7 +289,7 @@ func TestNodeNameConflictOnOlderEtcd(t *testing.T) {
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16"}`)
 	reg := NewRegistry(cli, "")
 	sessA, sessB := newSession(t, cli, 30), newSession(t, cli, 30)
-	a, err := reg.Acquire(ctxT(t), sessA.Lease(), cfg, Claim{Node: "twin", PublicIP: netip.MustParseAddr("192.0.2.1")})
+	a, err := reg.Acquire(ctxT(t), sessA.Lease(), cfg, Claim{Node: "twin", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -298,7 +299,7 @@ func TestNodeNameConflictOnOlderEtcd(t *testing.T) {
 		t.Fatalf("Publish of the holder on etcd %s: %v", ext.Version, err)
 	}
 	var cf *ConflictError
-	if _, err := reg.Acquire(ctxT(t), sessB.Lease(), cfg, Claim{Node: "twin", PublicIP: netip.MustParseAddr("192.0.2.2"), NoHistory: true}); !errors.As(err, &cf) {
+	if _, err := reg.Acquire(ctxT(t), sessB.Lease(), cfg, Claim{Node: "twin", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.2")}, NoHistory: true}); !errors.As(err, &cf) {
 		t.Fatalf("second host on etcd %s: %v, want a conflict", ext.Version, err)
 	}
 	if err := reg.Publish(ctxT(t), sessB.Lease(), &upd); !errors.Is(err, ErrNotHeld) {

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"math/bits"
 	"net/netip"
 	"slices"
@@ -69,7 +70,7 @@ func peersUnordered(cfg *Config, self *Record, records map[string]*Record) (peer
 			errs[i] = errSelf
 			return
 		}
-		for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
+		for _, s := range r.Subnet.All() {
 			f, idx, ok := poolIndex(cfg, s)
 			if !ok {
 				continue
@@ -195,10 +196,8 @@ func peersByAge(cfg *Config, self *Record, records map[string]*Record) (peers []
 			rejected[r.Node] = err
 			continue
 		}
-		for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
-			if s.IsValid() {
-				held.add(s, r.Node)
-			}
+		for _, s := range ipfam.Valid(r.Subnet) {
+			held.add(s, r.Node)
 		}
 		peers = append(peers, r)
 	}
@@ -254,14 +253,8 @@ func prefix4Key(s netip.Prefix) uint64 {
 
 func checkPeer(cfg *Config, self *Record, r *Record, held heldSet) error {
 	n := 0
-	for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
-		if !s.IsValid() {
-			continue
-		}
-		pool := cfg.IPv4
-		if s.Addr().Is6() {
-			pool = cfg.IPv6
-		}
+	for _, s := range ipfam.Valid(r.Subnet) {
+		pool := cfg.Pool(s)
 		if pool == nil {
 			continue // family not enabled here: ignore that subnet
 		}
@@ -277,14 +270,11 @@ func checkPeer(cfg *Config, self *Record, r *Record, held heldSet) error {
 		return fmt.Errorf("holds no subnet of a family enabled in the config")
 	}
 	pubs := 0
-	for _, a := range [2]netip.Addr{r.PublicIP, r.PublicIPv6} {
-		if !a.IsValid() {
-			continue
-		}
+	for _, a := range ipfam.Valid(r.PublicIP) {
 		if !a.IsGlobalUnicast() && !a.IsPrivate() {
 			return fmt.Errorf("public address %s is not a unicast address (loopback, link-local, multicast and unspecified are refused)", a)
 		}
-		if self != nil && (a == self.PublicIP || a == self.PublicIPv6) {
+		if self != nil && (a == self.PublicIP.V4 || a == self.PublicIP.V6) {
 			return errOwnAddress(a)
 		}
 		pubs++

@@ -2,6 +2,7 @@ package lease
 
 import (
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"testing"
 )
@@ -20,10 +21,8 @@ func benchPeers(b *testing.B, n int) {
 	for i := range n {
 		node := fmt.Sprintf("peer-%d", i)
 		records[node] = &Record{Node: node, Rev: int64(i / 100),
-			Subnet:     netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte((i + 1) >> 8), byte(i + 1), 0}), 24),
-			IPv6Subnet: netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0, byte((i + 1) >> 8), byte(i + 1)}), 64),
-			PublicIP:   netip.AddrFrom4([4]byte{192, 168, byte(i >> 8), byte(i)}),
-			PublicIPv6: netip.AddrFrom16([16]byte{0xfd, 0, 14: byte(i >> 8), 15: byte(i)}),
+			Subnet:   ipfam.Pair[netip.Prefix]{V4: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte((i + 1) >> 8), byte(i + 1), 0}), 24), V6: netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0, byte((i + 1) >> 8), byte(i + 1)}), 64)},
+			PublicIP: ipfam.Pair[netip.Addr]{V4: netip.AddrFrom4([4]byte{192, 168, byte(i >> 8), byte(i)}), V6: netip.AddrFrom16([16]byte{0xfd, 0, 14: byte(i >> 8), 15: byte(i)})},
 		}
 	}
 	for b.Loop() {

@@ -3,6 +3,7 @@ package lease
 import (
 	"encoding/json"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"maps"
 	"math/rand/v2"
 	"net/netip"
@@ -15,22 +16,22 @@ import (
 
 func TestPeersRefusesHostileRecords(t *testing.T) {
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48","IPv6SubnetLen":64}`)
-	self := &Record{Node: "me", Subnet: netip.MustParsePrefix("10.100.1.0/24"), IPv6Subnet: netip.MustParsePrefix("2001:db8:0:1::/64"),
-		PublicIP: netip.MustParseAddr("192.168.1.1"), PublicIPv6: netip.MustParseAddr("fd00::1")}
+	self := &Record{Node: "me", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.1.0/24"), V6: netip.MustParsePrefix("2001:db8:0:1::/64")},
+		PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.1.1"), V6: netip.MustParseAddr("fd00::1")}}
 	rec := func(node, s4, s6, ip string, rev int64) *Record {
 		r := &Record{Node: node, Rev: rev}
 		if s4 != "" {
-			r.Subnet = netip.MustParsePrefix(s4)
+			r.Subnet.V4 = netip.MustParsePrefix(s4)
 		}
 		if s6 != "" {
-			r.IPv6Subnet = netip.MustParsePrefix(s6)
+			r.Subnet.V6 = netip.MustParsePrefix(s6)
 		}
 		if ip != "" {
 			a := netip.MustParseAddr(ip)
 			if a.Is4() {
-				r.PublicIP = a
+				r.PublicIP.V4 = a
 			} else {
-				r.PublicIPv6 = a
+				r.PublicIP.V6 = a
 			}
 		}
 		return r
@@ -156,10 +157,10 @@ func TestPeersMatchesByAge(t *testing.T) {
 			records := map[string]*Record{}
 			for i := range n {
 				node := fmt.Sprintf("n%d", i)
-				r := &Record{Node: node, Rev: int64(rnd.IntN(n)), Subnet: pick4(), IPv6Subnet: pick6(),
-					PublicIP: netip.AddrFrom4([4]byte{192, 0, 2, byte(rnd.IntN(4))})}
+				r := &Record{Node: node, Rev: int64(rnd.IntN(n)), Subnet: ipfam.Pair[netip.Prefix]{V4: pick4(), V6: pick6()},
+					PublicIP: ipfam.Pair[netip.Addr]{V4: netip.AddrFrom4([4]byte{192, 0, 2, byte(rnd.IntN(4))})}}
 				if rnd.IntN(20) == 0 {
-					r.PublicIP = netip.MustParseAddr("127.0.0.1")
+					r.PublicIP.V4 = netip.MustParseAddr("127.0.0.1")
 				}
 				records[node] = r
 			}
@@ -204,9 +205,9 @@ func peerNames(peers []*Record) string {
 // the honest record stays accepted.
 func TestPeersRefusesCopiedVTEPMAC(t *testing.T) {
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","Backend":{"Type":"vxlan"}}`)
-	self := &Record{Node: "me", Subnet: netip.MustParsePrefix("10.100.1.0/24"), PublicIP: netip.MustParseAddr("192.168.1.1")}
+	self := &Record{Node: "me", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.1.0/24")}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.1.1")}}
 	rec := func(node, s4, ip, data string, rev int64) *Record {
-		return &Record{Node: node, Subnet: netip.MustParsePrefix(s4), PublicIP: netip.MustParseAddr(ip),
+		return &Record{Node: node, Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix(s4)}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr(ip)},
 			BackendType: "vxlan", BackendData: json.RawMessage(data), Rev: rev}
 	}
 	honest := rec("honest", "10.100.2.0/24", "192.168.1.2", string(vtep.Data("honest")), 10)

@@ -1,6 +1,6 @@
 package lease
 
-import "net/netip"
+import "github.com/leased/leased/pkg/ipfam"
 
 // PeerSet is the result of Peers kept up to date record by record, so that
 // one changed lease costs O(1) instead of a pass over every lease. It gives
@@ -56,18 +56,14 @@ func (ps *PeerSet) buildHeld() {
 }
 
 func (ps *PeerSet) addHeld(r *Record) {
-	for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
-		if s.IsValid() {
-			ps.held.add(s, r.Node)
-		}
+	for _, s := range ipfam.Valid(r.Subnet) {
+		ps.held.add(s, r.Node)
 	}
 }
 
 func (ps *PeerSet) delHeld(r *Record) {
-	for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
-		if s.IsValid() {
-			ps.held.del(s)
-		}
+	for _, s := range ipfam.Valid(r.Subnet) {
+		ps.held.del(s)
 	}
 }
 

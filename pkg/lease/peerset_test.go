@@ -2,6 +2,7 @@ package lease
 
 import (
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"math/rand/v2"
 	"net/netip"
 	"sort"
@@ -12,7 +13,7 @@ import (
 // including overlaps, hostile records and deletions.
 func TestPeerSetMatchesPeers(t *testing.T) {
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48","IPv6SubnetLen":64}`)
-	self := &Record{Node: "me", Subnet: netip.MustParsePrefix("10.100.1.0/24"), PublicIP: netip.MustParseAddr("192.168.0.1")}
+	self := &Record{Node: "me", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.1.0/24")}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.0.1")}}
 	for seed := range uint64(30) {
 		rng := rand.New(rand.NewPCG(seed, 7))
 		records := map[string]*Record{"me": self}
@@ -24,17 +25,17 @@ func TestPeerSetMatchesPeers(t *testing.T) {
 				delete(records, node)
 			} else {
 				rev++
-				r := &Record{Node: node, Rev: rev, PublicIP: netip.AddrFrom4([4]byte{192, 168, 0, byte(2 + rng.IntN(3))})}
+				r := &Record{Node: node, Rev: rev, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.AddrFrom4([4]byte{192, 168, 0, byte(2 + rng.IntN(3))})}}
 				if old := records[node]; old != nil && rng.IntN(2) == 0 {
 					r.Rev = old.Rev // a modification keeps the create revision
 				}
 				// Few subnets, so that overlaps (with peers and self) are common.
-				r.Subnet = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100, byte(rng.IntN(8)), 0}), 24)
+				r.Subnet.V4 = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100, byte(rng.IntN(8)), 0}), 24)
 				if rng.IntN(3) == 0 {
-					r.IPv6Subnet = netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, byte(rng.IntN(8))}), 64)
+					r.Subnet.V6 = netip.PrefixFrom(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, byte(rng.IntN(8))}), 64)
 				}
 				if rng.IntN(15) == 0 {
-					r.PublicIP = netip.MustParseAddr("127.0.0.1") // hostile
+					r.PublicIP.V4 = netip.MustParseAddr("127.0.0.1") // hostile
 				}
 				records[node] = r
 			}
@@ -72,18 +73,18 @@ func sortedNodes(rs []*Record) []string {
 // that orders records by age.
 func TestPeersUnorderedMatchesByAge(t *testing.T) {
 	cfg := mustConfig(t, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48","IPv6SubnetLen":64}`)
-	self := &Record{Node: "me", Subnet: netip.MustParsePrefix("10.100.1.0/24"), PublicIP: netip.MustParseAddr("192.168.0.1")}
+	self := &Record{Node: "me", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.1.0/24")}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.0.1")}}
 	for seed := range uint64(50) {
 		rng := rand.New(rand.NewPCG(seed, 9))
 		records := map[string]*Record{"me": self}
 		for i := range 40 {
-			r := &Record{Node: fmt.Sprintf("n%d", i), Rev: int64(rng.IntN(1000)), PublicIP: netip.AddrFrom4([4]byte{192, 168, 0, byte(2 + rng.IntN(3))})}
-			r.Subnet = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100, byte(i), 0}), 24) // distinct; n1 overlaps self
+			r := &Record{Node: fmt.Sprintf("n%d", i), Rev: int64(rng.IntN(1000)), PublicIP: ipfam.Pair[netip.Addr]{V4: netip.AddrFrom4([4]byte{192, 168, 0, byte(2 + rng.IntN(3))})}}
+			r.Subnet.V4 = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100, byte(i), 0}), 24) // distinct; n1 overlaps self
 			if rng.IntN(8) == 0 {
-				r.PublicIP = netip.MustParseAddr("224.0.0.1") // hostile
+				r.PublicIP.V4 = netip.MustParseAddr("224.0.0.1") // hostile
 			}
 			if rng.IntN(10) == 0 {
-				r.Subnet = netip.MustParsePrefix("10.200.0.0/24") // outside (may repeat: then by age)
+				r.Subnet.V4 = netip.MustParsePrefix("10.200.0.0/24") // outside (may repeat: then by age)
 			}
 			records[r.Node] = r
 		}

@@ -4,23 +4,30 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"sync"
 	"time"
+
+	"github.com/leased/leased/pkg/ipfam"
 )
 
 // Record is the value of a lease key <prefix>/leases/<node>: who holds which
-// subnets and how to reach them. A zero Subnet/IPv6Subnet means the host
+// subnets and how to reach them. A zero subnet of a family means the host
 // holds no subnet of that family.
+//
+// Its JSON form (MarshalJSON, UnmarshalJSON) is recordJSON: the stored
+// format of Documentation/etcd-data-model.md, with one key per family
+// (Subnet, IPv6Subnet, PublicIP, PublicIPv6).
 type Record struct {
-	Node        string          `json:"Node"`
-	Subnet      netip.Prefix    `json:"Subnet,omitzero"`
-	IPv6Subnet  netip.Prefix    `json:"IPv6Subnet,omitzero"`
-	PublicIP    netip.Addr      `json:"PublicIP,omitzero"`
-	PublicIPv6  netip.Addr      `json:"PublicIPv6,omitzero"`
-	BackendType string          `json:"BackendType"`
-	BackendData json.RawMessage `json:"BackendData,omitempty"`
+	Node string
+	// Subnet is the subnet the host holds per family.
+	Subnet ipfam.Pair[netip.Prefix]
+	// PublicIP is the address per family that peers reach the host at.
+	PublicIP    ipfam.Pair[netip.Addr]
+	BackendType string
+	BackendData json.RawMessage
 	// Acquired is when the host first took these subnets (kept across
 	// renewals and restarts that keep them).
-	Acquired time.Time `json:"Acquired,omitzero"`
+	Acquired time.Time
 
 	// Rev is the etcd create revision of the record key; not stored. Lower
 	// is older; it breaks ties between overlapping records.
@@ -33,13 +40,50 @@ type Record struct {
 	ModRev int64 `json:"-"`
 }
 
+// recordJSON is a Record as stored in etcd: the keys, their order and
+// omitzero are the format; changing them changes what every host reads.
+type recordJSON struct {
+	Node        string          `json:"Node"`
+	Subnet      netip.Prefix    `json:"Subnet,omitzero"`
+	IPv6Subnet  netip.Prefix    `json:"IPv6Subnet,omitzero"`
+	PublicIP    netip.Addr      `json:"PublicIP,omitzero"`
+	PublicIPv6  netip.Addr      `json:"PublicIPv6,omitzero"`
+	BackendType string          `json:"BackendType"`
+	BackendData json.RawMessage `json:"BackendData,omitempty"`
+	Acquired    time.Time       `json:"Acquired,omitzero"`
+}
+
+func (r *Record) toJSON() recordJSON {
+	return recordJSON{
+		Node: r.Node, Subnet: r.Subnet.V4, IPv6Subnet: r.Subnet.V6, PublicIP: r.PublicIP.V4, PublicIPv6: r.PublicIP.V6,
+		BackendType: r.BackendType, BackendData: r.BackendData, Acquired: r.Acquired,
+	}
+}
+
+func (r *Record) fromJSON(j *recordJSON) {
+	r.Node, r.Subnet, r.PublicIP = j.Node, ipfam.Pair[netip.Prefix]{V4: j.Subnet, V6: j.IPv6Subnet}, ipfam.Pair[netip.Addr]{V4: j.PublicIP, V6: j.PublicIPv6}
+	r.BackendType, r.BackendData, r.Acquired = j.BackendType, j.BackendData, j.Acquired
+}
+
+// MarshalJSON encodes r in the stored format (recordJSON).
+func (r Record) MarshalJSON() ([]byte, error) { return json.Marshal(r.toJSON()) }
+
+// UnmarshalJSON decodes the stored format (recordJSON) into *r. As for a
+// plain struct, keys absent from data leave their fields as they were.
+func (r *Record) UnmarshalJSON(data []byte) error {
+	j := r.toJSON()
+	if err := json.Unmarshal(data, &j); err != nil {
+		return err
+	}
+	r.fromJSON(&j)
+	return nil
+}
+
 // Subnets returns the record's subnets, IPv4 first, zero prefixes omitted.
 func (r *Record) Subnets() []netip.Prefix {
 	var out []netip.Prefix
-	for _, s := range []netip.Prefix{r.Subnet, r.IPv6Subnet} {
-		if s.IsValid() {
-			out = append(out, s)
-		}
+	for _, s := range ipfam.Valid(r.Subnet) {
+		out = append(out, s)
 	}
 	return out
 }
@@ -59,11 +103,22 @@ func DecodeRecord(node string, data []byte) (*Record, error) {
 // decodeRecordInto is DecodeRecord into *r, for decoding many records into
 // one slice (a listing allocates them together).
 func decodeRecordInto(node string, data []byte, rp *Record) error {
-	if err := json.Unmarshal(data, rp); err != nil {
+	// Into the stored format directly, not through UnmarshalJSON, which
+	// would have encoding/json scan data twice; through a pooled one, which
+	// would otherwise escape to the heap for every record of a listing.
+	j := recordJSONPool.Get().(*recordJSON)
+	*j = rp.toJSON()
+	err := json.Unmarshal(data, j)
+	rp.fromJSON(j)
+	*j = recordJSON{}
+	recordJSONPool.Put(j)
+	if err != nil {
 		return fmt.Errorf("lease: decoding lease of %q: %w", node, err)
 	}
 	return rp.checkShape(node)
 }
+
+var recordJSONPool = sync.Pool{New: func() any { return new(recordJSON) }}
 
 // checkShape is DecodeRecord's check of a decoded record stored under node.
 func (rp *Record) checkShape(node string) error {
@@ -71,32 +126,42 @@ func (rp *Record) checkShape(node string) error {
 	if r.Node != node {
 		return fmt.Errorf("lease: lease under key %q names node %q", node, r.Node)
 	}
-	if r.Subnet.IsValid() && (!r.Subnet.Addr().Is4() || r.Subnet.Masked() != r.Subnet) {
-		return fmt.Errorf("lease: lease of %q: Subnet %s is not an IPv4 network address", node, r.Subnet)
+	for f, s := range ipfam.Valid(r.Subnet) {
+		if !f.Has(s.Addr()) || s.Masked() != s {
+			return fmt.Errorf("lease: lease of %q: %s %s is not an %s network address", node, subnetKey.Get(f), s, f)
+		}
 	}
-	if r.IPv6Subnet.IsValid() && (!r.IPv6Subnet.Addr().Is6() || r.IPv6Subnet.Addr().Is4In6() || r.IPv6Subnet.Masked() != r.IPv6Subnet) {
-		return fmt.Errorf("lease: lease of %q: IPv6Subnet %s is not an IPv6 network address", node, r.IPv6Subnet)
-	}
-	if !r.Subnet.IsValid() && !r.IPv6Subnet.IsValid() {
+	if !ipfam.Any(r.Subnet) {
 		return fmt.Errorf("lease: lease of %q holds no subnet", node)
 	}
-	if r.PublicIP.IsValid() && !r.PublicIP.Is4() {
-		return fmt.Errorf("lease: lease of %q: PublicIP %s is not an IPv4 address", node, r.PublicIP)
+	for f, a := range ipfam.Valid(r.PublicIP) {
+		if !f.Has(a) {
+			return fmt.Errorf("lease: lease of %q: %s %s is not an %s address", node, publicKey.Get(f), a, f)
+		}
 	}
-	if r.PublicIPv6.IsValid() && (!r.PublicIPv6.Is6() || r.PublicIPv6.Is4In6()) {
-		return fmt.Errorf("lease: lease of %q: PublicIPv6 %s is not an IPv6 address", node, r.PublicIPv6)
-	}
-	if r.PublicIP.Zone() != "" || r.PublicIPv6.Zone() != "" {
+	if r.PublicIP.V4.Zone() != "" || r.PublicIP.V6.Zone() != "" {
 		return fmt.Errorf("lease: lease of %q: public addresses must not carry a zone", node)
 	}
 	return nil
 }
+
+// subnetKey and publicKey are the JSON keys of a family's subnet and
+// public address, for error messages.
+var (
+	subnetKey = ipfam.Pair[string]{V4: "Subnet", V6: "IPv6Subnet"}
+	publicKey = ipfam.Pair[string]{V4: "PublicIP", V6: "PublicIPv6"}
+)
 
 // affinity is the value of <prefix>/nodes/<node> and
 // <prefix>/reservations/<node>.
 type affinity struct {
 	Subnet     netip.Prefix `json:"Subnet,omitzero"`
 	IPv6Subnet netip.Prefix `json:"IPv6Subnet,omitzero"`
+}
+
+// subnets returns a's subnet per family.
+func (a affinity) subnets() ipfam.Pair[netip.Prefix] {
+	return ipfam.Pair[netip.Prefix]{V4: a.Subnet, V6: a.IPv6Subnet}
 }
 
 func decodeAffinity(data []byte) (affinity, error) {

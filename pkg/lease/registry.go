@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"strings"
 	"time"
@@ -56,17 +57,17 @@ func (r *Registry) Keys() Keys { return r.keys }
 
 // Claim describes the lease a host asks for.
 type Claim struct {
-	Node        string
-	PublicIP    netip.Addr
-	PublicIPv6  netip.Addr
+	Node string
+	// PublicIP is the host's public address per family (Record.PublicIP).
+	PublicIP    ipfam.Pair[netip.Addr]
 	BackendType string
 	BackendData json.RawMessage
-	// Hint4/Hint6 are subnets the host used before (e.g. read back from
+	// Hint are subnets the host used before (e.g. read back from
 	// subnet.env); they are tried after the host's records in etcd.
-	Hint4, Hint6 netip.Prefix
-	// Keep4/Keep6 are the subnets the host holds now and serves; they are
-	// tried first, before a reservation: a running host is never moved.
-	Keep4, Keep6 netip.Prefix
+	Hint ipfam.Pair[netip.Prefix]
+	// Keep are the subnets the host holds now and serves; they are tried
+	// first, before a reservation: a running host is never moved.
+	Keep ipfam.Pair[netip.Prefix]
 	// Own lists the etcd leases, besides the one the claim is made under,
 	// that earlier runs of this agent on this machine granted (see
 	// OwnLeases). Keys carrying c.Node under one of them are this host's
@@ -78,7 +79,7 @@ type Claim struct {
 	// lease file: the first start since boot, or since an upgrade from a
 	// version that kept none). Then the keys of c.Node under another lease
 	// are taken over only when that lease's record names exactly this
-	// host's public addresses (c.PublicIP, c.PublicIPv6), which no other
+	// host's public addresses (c.PublicIP), which no other
 	// live host can have.
 	NoHistory bool
 	// Exclude are the host's own routes: no subnet overlapping one is
@@ -205,10 +206,8 @@ func (r *Registry) reservations(node string, kvs []*mvccpb.KeyValue) (mine affin
 			mine = a
 			continue
 		}
-		for _, s := range []netip.Prefix{a.Subnet, a.IPv6Subnet} {
-			if s.IsValid() {
-				reservedForOthers[s] = other
-			}
+		for _, s := range ipfam.Valid(a.subnets()) {
+			reservedForOthers[s] = other
 		}
 	}
 	return mine, reservedForOthers
@@ -219,16 +218,13 @@ func (r *Registry) reservations(node string, kvs []*mvccpb.KeyValue) (mine affin
 // reservation it cannot or will not use.
 func (st *claimState) families(cfg *Config, c Claim, k Keys) ([]*family, error) {
 	fams := []*family{}
-	if cfg.IPv4 != nil {
-		f := &family{pool: cfg.IPv4, taken: map[netip.Prefix]bool{}, reserved: st.reservedForOthers, own: st.own,
-			keep: c.Keep4, reservation: st.mine.Subnet}
-		f.prefs = []netip.Prefix{c.Keep4, st.mine.Subnet, st.prev.subnet4(), st.aff.Subnet, c.Hint4}
-		fams = append(fams, f)
-	}
-	if cfg.IPv6 != nil {
-		f := &family{pool: cfg.IPv6, taken: map[netip.Prefix]bool{}, reserved: st.reservedForOthers, own: st.own,
-			keep: c.Keep6, reservation: st.mine.IPv6Subnet}
-		f.prefs = []netip.Prefix{c.Keep6, st.mine.IPv6Subnet, st.prev.subnet6(), st.aff.IPv6Subnet, c.Hint6}
+	for fam, pool := range cfg.Pools().All() {
+		if pool == nil {
+			continue
+		}
+		f := &family{fam: fam, pool: pool, taken: map[netip.Prefix]bool{}, reserved: st.reservedForOthers, own: st.own,
+			keep: c.Keep.Get(fam), reservation: st.mine.subnets().Get(fam)}
+		f.prefs = []netip.Prefix{c.Keep.Get(fam), st.mine.subnets().Get(fam), st.prev.subnet(fam), st.aff.subnets().Get(fam), c.Hint.Get(fam)}
 		fams = append(fams, f)
 	}
 	if len(fams) == 0 {
@@ -275,19 +271,15 @@ func (r *Registry) claim(ctx context.Context, leaseID clientv3.LeaseID, c Claim,
 // previous record's acquisition time when the subnets are the same.
 func (st *claimState) record(c Claim, fams []*family) *Record {
 	rec := &Record{
-		Node: c.Node, PublicIP: c.PublicIP, PublicIPv6: c.PublicIPv6,
+		Node: c.Node, PublicIP: c.PublicIP,
 		BackendType: c.BackendType, BackendData: c.BackendData,
 		Acquired: time.Now().UTC().Truncate(time.Second),
 	}
 	for _, f := range fams {
-		if f.cand.Addr().Is4() {
-			rec.Subnet = f.cand
-		} else {
-			rec.IPv6Subnet = f.cand
-		}
+		rec.Subnet.Set(f.fam, f.cand)
 	}
 	prev := st.prev
-	if prev != nil && prev.Subnet == rec.Subnet && prev.IPv6Subnet == rec.IPv6Subnet && !prev.Acquired.IsZero() {
+	if prev != nil && prev.Subnet == rec.Subnet && !prev.Acquired.IsZero() {
 		rec.Acquired = prev.Acquired
 	}
 	return rec
@@ -295,6 +287,7 @@ func (st *claimState) record(c Claim, fams []*family) *Record {
 
 // family is Acquire's per-address-family state.
 type family struct {
+	fam      ipfam.Family
 	pool     *Pool
 	prefs    []netip.Prefix
 	taken    map[netip.Prefix]bool   // held by other nodes, as far as we know
@@ -325,18 +318,12 @@ type stored struct {
 	Lease int64
 }
 
-func (r *Record) subnet4() netip.Prefix {
+// subnet is r's subnet of family f; zero when r is nil.
+func (r *Record) subnet(f ipfam.Family) netip.Prefix {
 	if r == nil {
 		return netip.Prefix{}
 	}
-	return r.Subnet
-}
-
-func (r *Record) subnet6() netip.Prefix {
-	if r == nil {
-		return netip.Prefix{}
-	}
-	return r.IPv6Subnet
+	return r.Subnet.Get(f)
 }
 
 // usable reports whether s may be tried: in the pool, not known to be held
@@ -488,7 +475,7 @@ func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, pr
 	if err != nil {
 		return false, fmt.Errorf("encoding lease record: %w", err)
 	}
-	aff, _ := json.Marshal(affinity{Subnet: rec.Subnet, IPv6Subnet: rec.IPv6Subnet})
+	aff, _ := json.Marshal(affinity{Subnet: rec.Subnet.V4, IPv6Subnet: rec.Subnet.V6})
 	var cmps []clientv3.Cmp
 	var thens, elses []clientv3.Op
 	for _, f := range fams {
@@ -535,7 +522,7 @@ func (r *Registry) commit(ctx context.Context, leaseID clientv3.LeaseID, rec, pr
 	// that named them (a claim writes both under one lease).
 	if prev != nil {
 		for _, old := range prev.Subnets() {
-			if old == rec.Subnet || old == rec.IPv6Subnet {
+			if old == rec.Subnet.V4 || old == rec.Subnet.V6 {
 				continue
 			}
 			key := k.SubnetLock(old)

@@ -3,6 +3,7 @@ package lease
 import (
 	"errors"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"sync"
 	"testing"
@@ -35,15 +36,15 @@ func TestAcquireFamiliesAndLengths(t *testing.T) {
 			seen := map[netip.Prefix]string{}
 			for n := 0; n < 3; n++ {
 				node := fmt.Sprintf("host-%d", n)
-				rec, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: node, PublicIP: netip.MustParseAddr("192.0.2.1")})
+				rec, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: node, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}})
 				if err != nil {
 					t.Fatal(err)
 				}
-				if got := rec.Subnet.Bits(); rec.Subnet.IsValid() != (tc.want4 > 0) || (tc.want4 > 0 && got != tc.want4) {
-					t.Errorf("%s: IPv4 subnet %v, want a /%d", node, rec.Subnet, tc.want4)
+				if got := rec.Subnet.V4.Bits(); rec.Subnet.V4.IsValid() != (tc.want4 > 0) || (tc.want4 > 0 && got != tc.want4) {
+					t.Errorf("%s: IPv4 subnet %v, want a /%d", node, rec.Subnet.V4, tc.want4)
 				}
-				if got := rec.IPv6Subnet.Bits(); rec.IPv6Subnet.IsValid() != (tc.want6 > 0) || (tc.want6 > 0 && got != tc.want6) {
-					t.Errorf("%s: IPv6 subnet %v, want a /%d", node, rec.IPv6Subnet, tc.want6)
+				if got := rec.Subnet.V6.Bits(); rec.Subnet.V6.IsValid() != (tc.want6 > 0) || (tc.want6 > 0 && got != tc.want6) {
+					t.Errorf("%s: IPv6 subnet %v, want a /%d", node, rec.Subnet.V6, tc.want6)
 				}
 				for _, s := range rec.Subnets() {
 					if cfg.IPv4 != nil && s.Addr().Is4() && !cfg.IPv4.Contains(s) || cfg.IPv6 != nil && s.Addr().Is6() && !cfg.IPv6.Contains(s) {
@@ -60,7 +61,7 @@ func TestAcquireFamiliesAndLengths(t *testing.T) {
 					t.Fatalf("lease record of %s: %v %v", node, resp, err)
 				}
 				got, err := DecodeRecord(node, resp.Kvs[0].Value)
-				if err != nil || got.Subnet != rec.Subnet || got.IPv6Subnet != rec.IPv6Subnet {
+				if err != nil || got.Subnet != rec.Subnet {
 					t.Errorf("stored record %+v (%v), want %+v", got, err, rec)
 				}
 			}
@@ -85,7 +86,7 @@ func TestConcurrentClaimsDistinct(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			<-start
-			recs[i], errs[i] = NewRegistry(cli, "").Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: fmt.Sprintf("host-%02d", i), PublicIP: netip.MustParseAddr("192.0.2.1")})
+			recs[i], errs[i] = NewRegistry(cli, "").Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: fmt.Sprintf("host-%02d", i), PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}})
 		}()
 	}
 	close(start)
@@ -112,18 +113,18 @@ func TestConcurrentClaimsDistinct(t *testing.T) {
 func TestReclaimAfterRestartAndExpiry(t *testing.T) {
 	cli, reg, cfg := startRegistry(t, `{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","IPv6SubnetLen":64}`)
 	firstSess := newSession(t, cli, 2)
-	first, err := reg.Acquire(ctxT(t), firstSess.Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1")})
+	first, err := reg.Acquire(ctxT(t), firstSess.Lease(), cfg, Claim{Node: "a", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Restart: a new process with a new session, a different IP; it knows
 	// the lease of its previous run (the agent keeps it in a file).
 	againSess := newSession(t, cli, 30)
-	again, err := reg.Acquire(ctxT(t), againSess.Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.99"), Own: []clientv3.LeaseID{firstSess.Lease()}})
+	again, err := reg.Acquire(ctxT(t), againSess.Lease(), cfg, Claim{Node: "a", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.99")}, Own: []clientv3.LeaseID{firstSess.Lease()}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if again.Subnet != first.Subnet || again.IPv6Subnet != first.IPv6Subnet {
+	if again.Subnet != first.Subnet {
 		t.Fatalf("after restart got %v, want %v", again.Subnets(), first.Subnets())
 	}
 	if !again.Acquired.Equal(first.Acquired) {
@@ -143,15 +144,15 @@ func TestReclaimAfterRestartAndExpiry(t *testing.T) {
 	}
 	// Meanwhile other hosts come and go.
 	for i := range 5 {
-		if _, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: fmt.Sprintf("other-%d", i), PublicIP: netip.MustParseAddr("192.0.2.2")}); err != nil {
+		if _, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: fmt.Sprintf("other-%d", i), PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.2")}}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	back, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: "a", PublicIP: netip.MustParseAddr("192.0.2.1")})
+	back, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: "a", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if back.Subnet != third.Subnet || back.IPv6Subnet != third.IPv6Subnet {
+	if back.Subnet != third.Subnet {
 		t.Fatalf("after expiry got %v, want %v", back.Subnets(), third.Subnets())
 	}
 }
@@ -160,7 +161,7 @@ func TestReclaimAfterRestartAndExpiry(t *testing.T) {
 func TestLeaseExpiresWithTTL(t *testing.T) {
 	cli, reg, cfg := startRegistry(t, `{"Network":"10.100.0.0/16"}`)
 	sess := newSession(t, cli, 2)
-	rec, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "dying", PublicIP: netip.MustParseAddr("192.0.2.1")})
+	rec, err := reg.Acquire(ctxT(t), sess.Lease(), cfg, Claim{Node: "dying", PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -168,7 +169,7 @@ func TestLeaseExpiresWithTTL(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		r1, _ := cli.Get(ctxT(t), reg.Keys().Lease("dying"))
-		r2, _ := cli.Get(ctxT(t), reg.Keys().SubnetLock(rec.Subnet))
+		r2, _ := cli.Get(ctxT(t), reg.Keys().SubnetLock(rec.Subnet.V4))
 		if len(r1.Kvs) == 0 && len(r2.Kvs) == 0 {
 			break
 		}
@@ -196,10 +197,10 @@ func TestExhaustionAndReservation(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if rec.Subnet == netip.MustParsePrefix("10.100.0.128/25") {
+		if rec.Subnet.V4 == netip.MustParsePrefix("10.100.0.128/25") {
 			t.Fatalf("h%d got the subnet reserved for pinned", i)
 		}
-		got[rec.Subnet] = true
+		got[rec.Subnet.V4] = true
 	}
 	_, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: "h2"})
 	var ex *ExhaustedError
@@ -207,13 +208,13 @@ func TestExhaustionAndReservation(t *testing.T) {
 		t.Fatalf("fourth host: err %v, want out of subnets with 3 in use", err)
 	}
 	pinned, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), cfg, Claim{Node: "pinned"})
-	if err != nil || pinned.Subnet != netip.MustParsePrefix("10.100.0.128/25") {
+	if err != nil || pinned.Subnet.V4 != netip.MustParsePrefix("10.100.0.128/25") {
 		t.Fatalf("pinned got %v, %v; want its reservation", pinned, err)
 	}
 	// Raising SubnetMax makes room without anything else changing.
 	bigger := mustConfig(t, `{"Network":"10.100.0.0/16","SubnetLen":25,"SubnetMin":"10.100.0.0","SubnetMax":"10.100.1.128"}`)
 	rec, err := reg.Acquire(ctxT(t), newSession(t, cli, 30).Lease(), bigger, Claim{Node: "h2"})
-	if err != nil || rec.Subnet != netip.MustParsePrefix("10.100.1.128/25") {
+	if err != nil || rec.Subnet.V4 != netip.MustParsePrefix("10.100.1.128/25") {
 		t.Fatalf("after raising SubnetMax: %v, %v", rec, err)
 	}
 }

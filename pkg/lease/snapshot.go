@@ -179,16 +179,16 @@ func appendSnapshotRecord(b []byte, r *Record) []byte {
 	b = appendBytes(b, []byte(r.Node))
 	var flags byte
 	var acq []byte
-	if r.Subnet.IsValid() {
+	if r.Subnet.V4.IsValid() {
 		flags |= snapSubnet4
 	}
-	if r.IPv6Subnet.IsValid() {
+	if r.Subnet.V6.IsValid() {
 		flags |= snapSubnet6
 	}
-	if r.PublicIP.IsValid() {
+	if r.PublicIP.V4.IsValid() {
 		flags |= snapPublic4
 	}
-	if r.PublicIPv6.IsValid() {
+	if r.PublicIP.V6.IsValid() {
 		flags |= snapPublic6
 	}
 	if !r.Acquired.IsZero() {
@@ -199,19 +199,19 @@ func appendSnapshotRecord(b []byte, r *Record) []byte {
 	}
 	b = append(b, flags)
 	if flags&snapSubnet4 != 0 {
-		a := r.Subnet.Addr().As4()
-		b = append(append(b, a[:]...), byte(r.Subnet.Bits()))
+		a := r.Subnet.V4.Addr().As4()
+		b = append(append(b, a[:]...), byte(r.Subnet.V4.Bits()))
 	}
 	if flags&snapSubnet6 != 0 {
-		a := r.IPv6Subnet.Addr().As16()
-		b = append(append(b, a[:]...), byte(r.IPv6Subnet.Bits()))
+		a := r.Subnet.V6.Addr().As16()
+		b = append(append(b, a[:]...), byte(r.Subnet.V6.Bits()))
 	}
 	if flags&snapPublic4 != 0 {
-		a := r.PublicIP.As4()
+		a := r.PublicIP.V4.As4()
 		b = append(b, a[:]...)
 	}
 	if flags&snapPublic6 != 0 {
-		a := r.PublicIPv6.As16()
+		a := r.PublicIP.V6.As16()
 		b = append(b, a[:]...)
 	}
 	if flags&snapAcquired != 0 {
@@ -240,22 +240,22 @@ func decodeSnapshotRecord(data []byte, r *Record) bool {
 	f := flags[0]
 	if f&snapSubnet4 != 0 {
 		if v := d.next(5); v != nil {
-			r.Subnet = netip.PrefixFrom(netip.AddrFrom4([4]byte(v[:4])), int(v[4]))
+			r.Subnet.V4 = netip.PrefixFrom(netip.AddrFrom4([4]byte(v[:4])), int(v[4]))
 		}
 	}
 	if f&snapSubnet6 != 0 {
 		if v := d.next(17); v != nil {
-			r.IPv6Subnet = netip.PrefixFrom(netip.AddrFrom16([16]byte(v[:16])), int(v[16]))
+			r.Subnet.V6 = netip.PrefixFrom(netip.AddrFrom16([16]byte(v[:16])), int(v[16]))
 		}
 	}
 	if f&snapPublic4 != 0 {
 		if v := d.next(4); v != nil {
-			r.PublicIP = netip.AddrFrom4([4]byte(v))
+			r.PublicIP.V4 = netip.AddrFrom4([4]byte(v))
 		}
 	}
 	if f&snapPublic6 != 0 {
 		if v := d.next(16); v != nil {
-			r.PublicIPv6 = netip.AddrFrom16([16]byte(v))
+			r.PublicIP.V6 = netip.AddrFrom16([16]byte(v))
 		}
 	}
 	if f&snapAcquired != 0 {
@@ -270,7 +270,7 @@ func decodeSnapshotRecord(data []byte, r *Record) bool {
 	if d.bad || len(d.b) != 0 || ValidNodeName(r.Node) != nil {
 		return false
 	}
-	for _, s := range [2]netip.Prefix{r.Subnet, r.IPv6Subnet} {
+	for _, s := range r.Subnet.All() {
 		if (s != netip.Prefix{}) && !s.IsValid() {
 			return false // a length beyond the address
 		}

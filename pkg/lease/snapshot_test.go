@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/leased/leased/pkg/ipfam"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -109,7 +110,7 @@ func TestSnapshotResume(t *testing.T) {
 	w2 := startWatchFrom(t, reg, path)
 	w2.waitFor(t, "resumed state equals etcd", func(v *View) bool {
 		r1, r9 := v.Records["n1"], v.Records["n9"]
-		return len(v.Records) == 4 && v.Records["n0"] == nil && r1 != nil && r1.Subnet == netip.MustParsePrefix("10.100.41.0/24") &&
+		return len(v.Records) == 4 && v.Records["n0"] == nil && r1 != nil && r1.Subnet.V4 == netip.MustParsePrefix("10.100.41.0/24") &&
 			r9 != nil && v.Records["n4"] == nil && v.Malformed["n4"] != nil && string(v.Config) == `{"Network":"10.100.0.0/16","SubnetLen":25}`
 	})
 	w2.mu.Lock()
@@ -141,12 +142,12 @@ func TestSnapshotResume(t *testing.T) {
 func TestSnapshotRecordRoundTrip(t *testing.T) {
 	acq := time.Date(2026, 11, 30, 22, 31, 4, 123456789, time.UTC)
 	for _, r := range []Record{
-		{Node: "a", Subnet: netip.MustParsePrefix("10.1.2.0/24"), PublicIP: netip.MustParseAddr("192.0.2.1"), BackendType: "host-gw", Rev: 7, Lease: 0x1234567890},
-		{Node: "b-6only", IPv6Subnet: netip.MustParsePrefix("2001:db8:cd11:0:8000::/80"), PublicIPv6: netip.MustParseAddr("2001:db8::1"), BackendType: "proxy-ndp", Acquired: acq},
-		{Node: "c.dual", Subnet: netip.MustParsePrefix("10.1.3.0/24"), IPv6Subnet: netip.MustParsePrefix("2001:db8:1::/64"),
-			PublicIP: netip.MustParseAddr("192.0.2.3"), PublicIPv6: netip.MustParseAddr("2001:db8::3"), BackendType: "vxlan",
+		{Node: "a", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.1.2.0/24")}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}, BackendType: "host-gw", Rev: 7, Lease: 0x1234567890},
+		{Node: "b-6only", Subnet: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2001:db8:cd11:0:8000::/80")}, PublicIP: ipfam.Pair[netip.Addr]{V6: netip.MustParseAddr("2001:db8::1")}, BackendType: "proxy-ndp", Acquired: acq},
+		{Node: "c.dual", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.1.3.0/24"), V6: netip.MustParsePrefix("2001:db8:1::/64")},
+			PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.3"), V6: netip.MustParseAddr("2001:db8::3")}, BackendType: "vxlan",
 			BackendData: json.RawMessage(`{"VtepMAC":"02:00:00:00:00:03"}`), Acquired: acq.In(time.FixedZone("", 3600)), Rev: 1 << 40, Lease: -1},
-		{Node: "d", Subnet: netip.MustParsePrefix("10.1.4.0/24"), PublicIP: netip.MustParseAddr("192.0.2.4"), BackendType: "some-future-type"},
+		{Node: "d", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.1.4.0/24")}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.4")}, BackendType: "some-future-type"},
 	} {
 		var got Record
 		if !decodeSnapshotRecord(appendSnapshotRecord(nil, &r), &got) {
@@ -161,7 +162,7 @@ func TestSnapshotRecordRoundTrip(t *testing.T) {
 			t.Errorf("round trip:\n got %+v\nwant %+v", got, r)
 		}
 	}
-	bad := Record{Node: "e", Subnet: netip.MustParsePrefix("10.1.5.7/24"), BackendType: "host-gw"} // not a network address
+	bad := Record{Node: "e", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.1.5.7/24")}, BackendType: "host-gw"} // not a network address
 	if decodeSnapshotRecord(appendSnapshotRecord(nil, &bad), new(Record)) {
 		t.Error("a record with an unmasked subnet was decoded")
 	}
@@ -170,8 +171,8 @@ func TestSnapshotRecordRoundTrip(t *testing.T) {
 // A damaged cache never panics the decoder, and whatever it decodes passes
 // the same checks as a record from etcd.
 func FuzzDecodeSnapshotRecord(f *testing.F) {
-	r := Record{Node: "c", Subnet: netip.MustParsePrefix("10.1.3.0/24"), IPv6Subnet: netip.MustParsePrefix("2001:db8:1::/64"),
-		PublicIP: netip.MustParseAddr("192.0.2.3"), BackendType: "vxlan", BackendData: json.RawMessage(`{"VtepMAC":"02:00:00:00:00:03"}`),
+	r := Record{Node: "c", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.1.3.0/24"), V6: netip.MustParsePrefix("2001:db8:1::/64")},
+		PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.3")}, BackendType: "vxlan", BackendData: json.RawMessage(`{"VtepMAC":"02:00:00:00:00:03"}`),
 		Acquired: time.Unix(1e9, 5)}
 	f.Add(appendSnapshotRecord(nil, &r))
 	f.Add([]byte{})
@@ -217,7 +218,7 @@ func TestListAndResumeOnOlderEtcd(t *testing.T) {
 	w2 := startWatchFrom(t, resumed, path)
 	w2.waitFor(t, "resumed state equals etcd", func(v *View) bool {
 		r1 := v.Records["n1"]
-		return len(v.Records) == 3 && v.Records["n0"] == nil && r1 != nil && r1.Subnet == netip.MustParsePrefix("10.100.41.0/24") && v.Records["n9"] != nil
+		return len(v.Records) == 3 && v.Records["n0"] == nil && r1 != nil && r1.Subnet.V4 == netip.MustParsePrefix("10.100.41.0/24") && v.Records["n9"] != nil
 	})
 	w2.mu.Lock()
 	defer w2.mu.Unlock()
@@ -231,8 +232,8 @@ func TestListAndResumeOnOlderEtcd(t *testing.T) {
 // every lease it yields passes the same checks as a record from etcd.
 func FuzzParseSnapshot(f *testing.F) {
 	v := &View{Synced: true, ClusterID: 7, Rev: 42, Config: []byte(`{"Network":"10.0.0.0/8"}`), Records: map[string]*Record{
-		"a": {Node: "a", Subnet: netip.MustParsePrefix("10.1.0.0/24"), PublicIP: netip.MustParseAddr("192.0.2.1"), BackendType: "host-gw", Rev: 5},
-		"b": {Node: "b", IPv6Subnet: netip.MustParsePrefix("2001:db8:1::/64"), BackendType: "vxlan", BackendData: []byte(`{"VtepMAC":"02:00:00:00:00:03"}`), Rev: 9},
+		"a": {Node: "a", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.1.0.0/24")}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.0.2.1")}, BackendType: "host-gw", Rev: 5},
+		"b": {Node: "b", Subnet: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2001:db8:1::/64")}, BackendType: "vxlan", BackendData: []byte(`{"VtepMAC":"02:00:00:00:00:03"}`), Rev: 9},
 	}}
 	data, err := EncodeSnapshot("/leased/network/", v)
 	if err != nil {

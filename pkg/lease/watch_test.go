@@ -75,7 +75,7 @@ func (w *watcher) waitFor(t *testing.T, what string, cond func(v *View) bool) {
 			defer w.mu.Unlock()
 			var recs []string
 			for n, r := range w.view.Records {
-				recs = append(recs, n+"="+r.Subnet.String())
+				recs = append(recs, n+"="+r.Subnet.V4.String())
 			}
 			t.Fatalf("timed out waiting for %s; view has %d records %v, config %q", what, len(w.view.Records), recs, w.view.Config)
 		}
@@ -147,7 +147,7 @@ func TestWatchRelistsAfterCompaction(t *testing.T) {
 	w.waitFor(t, "relist after compaction", func(v *View) bool {
 		r2 := v.Records["n2"]
 		return len(v.Records) == 4 && v.Records["n0"] == nil && v.Records["n1"] == nil &&
-			r2 != nil && r2.Subnet == netip.MustParsePrefix("10.100.42.0/24") && v.Records["n9"] != nil
+			r2 != nil && r2.Subnet.V4 == netip.MustParsePrefix("10.100.42.0/24") && v.Records["n9"] != nil
 	})
 	w.mu.Lock()
 	defer w.mu.Unlock()

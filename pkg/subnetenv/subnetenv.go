@@ -37,6 +37,8 @@
 package subnetenv
 
 import (
+	"github.com/leased/leased/pkg/ipfam"
+
 	"bufio"
 	"bytes"
 	"errors"
@@ -74,11 +76,9 @@ const Header = "# written by leased; do not edit"
 
 // Env is the content of subnet.env.
 type Env struct {
-	// Network4 is the cluster's IPv4 network and Subnet4 the host's leased
-	// IPv4 subnet (a masked prefix); both zero when IPv4 is disabled.
-	Network4, Subnet4 netip.Prefix
-	// Network6 and Subnet6 are the same for IPv6.
-	Network6, Subnet6 netip.Prefix
+	// Network is the cluster's network and Subnet the host's leased subnet
+	// (a masked prefix) per family; both zero when the family is disabled.
+	Network, Subnet ipfam.Pair[netip.Prefix]
 	// MTU is the MTU containers must use (docker0's --mtu).
 	MTU int
 	// IPMasq says that leased runs with --ip-masq: it masquerades the
@@ -96,10 +96,10 @@ type Env struct {
 
 // Docker0Subnet4 is the part of Subnet4 docker0 uses: Subnet4 itself, or
 // its first 1/2^Docker0Bits. Zero when IPv4 is disabled.
-func (e Env) Docker0Subnet4() netip.Prefix { return share(e.Subnet4, e.Docker0Bits) }
+func (e Env) Docker0Subnet4() netip.Prefix { return share(e.Subnet.V4, e.Docker0Bits) }
 
 // Docker0Subnet6 is the part of Subnet6 docker0 uses (--fixed-cidr-v6).
-func (e Env) Docker0Subnet6() netip.Prefix { return share(e.Subnet6, e.Docker0Bits) }
+func (e Env) Docker0Subnet6() netip.Prefix { return share(e.Subnet.V6, e.Docker0Bits) }
 
 func share(p netip.Prefix, bits int) netip.Prefix {
 	if !p.IsValid() {
@@ -123,8 +123,8 @@ func (e Env) Validate() error {
 		v6              bool
 		maxBits         int
 	}{
-		{e.Network4, e.Subnet4, "Network4", "Subnet4", false, 30},
-		{e.Network6, e.Subnet6, "Network6", "Subnet6", true, 126},
+		{e.Network.V4, e.Subnet.V4, "Network4", "Subnet4", false, 30},
+		{e.Network.V6, e.Subnet.V6, "Network6", "Subnet6", true, 126},
 	} {
 		if !f.network.IsValid() && !f.subnet.IsValid() {
 			continue
@@ -163,7 +163,7 @@ func (e Env) Validate() error {
 		return errors.New("subnetenv: no subnet to write: set Network4/Subnet4 and/or Network6/Subnet6")
 	}
 	minMTU := 68
-	if e.Subnet6.IsValid() {
+	if e.Subnet.V6.IsValid() {
 		minMTU = 1280
 	}
 	if e.MTU < minMTU || e.MTU > 65535 {
@@ -188,7 +188,7 @@ const (
 // then gets --ip-masq=false), dockerd otherwise, including on an IPv6-only
 // network, where docker0's IPv4 subnet is dockerd's own.
 func (e Env) Masq4() string {
-	if e.IPMasq && e.Subnet4.IsValid() {
+	if e.IPMasq && e.Subnet.V4.IsValid() {
 		return MasqLeased
 	}
 	return MasqDockerd
@@ -200,7 +200,7 @@ func (e Env) Masq4() string {
 // "" when IPv6 is disabled.
 func (e Env) Masq6() string {
 	switch {
-	case !e.Subnet6.IsValid():
+	case !e.Subnet.V6.IsValid():
 		return ""
 	case e.IPMasq:
 		return MasqLeased
@@ -213,19 +213,19 @@ func (e Env) Masq6() string {
 // the zero prefix when IPv4 is disabled. It is LEASED_SUBNET, the whole
 // lease, also when docker0 keeps only a share (see Docker0BridgeIP).
 func (e Env) BridgeIP() netip.Prefix {
-	if !e.Subnet4.IsValid() {
+	if !e.Subnet.V4.IsValid() {
 		return netip.Prefix{}
 	}
-	return netip.PrefixFrom(e.Subnet4.Addr().Next(), e.Subnet4.Bits())
+	return netip.PrefixFrom(e.Subnet.V4.Addr().Next(), e.Subnet.V4.Bits())
 }
 
 // Docker0BridgeIP is dockerd's --bip: BridgeIP with docker0's share's
 // length.
 func (e Env) Docker0BridgeIP() netip.Prefix {
-	if !e.Subnet4.IsValid() {
+	if !e.Subnet.V4.IsValid() {
 		return netip.Prefix{}
 	}
-	return netip.PrefixFrom(e.Subnet4.Addr().Next(), e.Docker0Subnet4().Bits())
+	return netip.PrefixFrom(e.Subnet.V4.Addr().Next(), e.Docker0Subnet4().Bits())
 }
 
 // DockerOpts returns the dockerd flags for e, in order: --bip, --mtu, then
@@ -240,11 +240,11 @@ func (e Env) Docker0BridgeIP() netip.Prefix {
 // network it must, or nobody masquerades docker0's own IPv4 subnet.
 func (e Env) DockerOpts() []string {
 	var opts []string
-	if e.Subnet4.IsValid() {
+	if e.Subnet.V4.IsValid() {
 		opts = append(opts, "--bip="+e.Docker0BridgeIP().String())
 	}
 	opts = append(opts, "--mtu="+strconv.Itoa(e.MTU))
-	if e.Subnet6.IsValid() {
+	if e.Subnet.V6.IsValid() {
 		opts = append(opts, "--ipv6", "--fixed-cidr-v6="+e.Docker0Subnet6().String())
 	}
 	if e.Masq4() == MasqLeased {
@@ -259,13 +259,13 @@ func (e Env) Render() []byte {
 	var b bytes.Buffer
 	line := func(k, v string) { b.WriteString(k + "=" + quote(v) + "\n") }
 	b.WriteString(Header + "\n")
-	if e.Subnet4.IsValid() || e.Network4.IsValid() {
-		line(KeyNetwork, prefixString(e.Network4))
+	if e.Subnet.V4.IsValid() || e.Network.V4.IsValid() {
+		line(KeyNetwork, prefixString(e.Network.V4))
 		line(KeySubnet, prefixString(e.BridgeIP()))
 	}
-	if e.Subnet6.IsValid() || e.Network6.IsValid() {
-		line(KeyNetwork6, prefixString(e.Network6))
-		line(KeySubnet6, prefixString(e.Subnet6))
+	if e.Subnet.V6.IsValid() || e.Network.V6.IsValid() {
+		line(KeyNetwork6, prefixString(e.Network.V6))
+		line(KeySubnet6, prefixString(e.Subnet.V6))
 	}
 	line(KeyMTU, strconv.Itoa(e.MTU))
 	line(KeyIPMasq, strconv.FormatBool(e.IPMasq))
@@ -275,10 +275,10 @@ func (e Env) Render() []byte {
 	}
 	line(KeyBackend, e.Backend)
 	if e.Docker0Bits > 0 {
-		if e.Subnet4.IsValid() {
+		if e.Subnet.V4.IsValid() {
 			line(KeyDocker0, e.Docker0BridgeIP().String())
 		}
-		if e.Subnet6.IsValid() {
+		if e.Subnet.V6.IsValid() {
 			line(KeyDocker06, e.Docker0Subnet6().String())
 		}
 	}
@@ -414,7 +414,7 @@ func (e *Env) parseDocker0(d0, d06 string) error {
 	for _, f := range []struct {
 		key, v string
 		subnet netip.Prefix
-	}{{KeyDocker0, d0, e.Subnet4}, {KeyDocker06, d06, e.Subnet6}} {
+	}{{KeyDocker0, d0, e.Subnet.V4}, {KeyDocker06, d06, e.Subnet.V6}} {
 		if f.v == "" {
 			continue
 		}
@@ -456,13 +456,13 @@ func (e *Env) set(k, v string) error {
 	}
 	switch k {
 	case KeyNetwork:
-		return prefix(&e.Network4, false, "10.100.0.0/16")
+		return prefix(&e.Network.V4, false, "10.100.0.0/16")
 	case KeySubnet:
-		return prefix(&e.Subnet4, true, "10.100.15.1/24")
+		return prefix(&e.Subnet.V4, true, "10.100.15.1/24")
 	case KeyNetwork6:
-		return prefix(&e.Network6, false, "2001:db8:cd11::/48")
+		return prefix(&e.Network.V6, false, "2001:db8:cd11::/48")
 	case KeySubnet6:
-		return prefix(&e.Subnet6, false, "2001:db8:cd11:0:8000::/80")
+		return prefix(&e.Subnet.V6, false, "2001:db8:cd11:0:8000::/80")
 	case KeyMTU:
 		n, err := strconv.Atoi(v)
 		if err != nil {

@@ -2,6 +2,7 @@ package subnetenv
 
 import (
 	"errors"
+	"github.com/leased/leased/pkg/ipfam"
 	"io/fs"
 	"net/netip"
 	"os"
@@ -27,7 +28,7 @@ func TestRender(t *testing.T) {
 	}{
 		{
 			name: "IPv4 only",
-			env:  Env{Network4: net4, Subnet4: sub4, MTU: 1450, IPMasq: true, Backend: "vxlan"},
+			env:  Env{Network: ipfam.Pair[netip.Prefix]{V4: net4}, Subnet: ipfam.Pair[netip.Prefix]{V4: sub4}, MTU: 1450, IPMasq: true, Backend: "vxlan"},
 			want: `# written by leased; do not edit
 LEASED_NETWORK=10.100.0.0/16
 LEASED_SUBNET=10.100.15.1/24
@@ -40,7 +41,7 @@ LEASED_DOCKER_OPTS="--bip=10.100.15.1/24 --mtu=1450 --ip-masq=false"
 		},
 		{
 			name: "IPv4 /30 without masquerading",
-			env:  Env{Network4: net4, Subnet4: netip.MustParsePrefix("10.100.0.4/30"), MTU: 1500, Backend: "host-gw"},
+			env:  Env{Network: ipfam.Pair[netip.Prefix]{V4: net4}, Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.0.4/30")}, MTU: 1500, Backend: "host-gw"},
 			want: `# written by leased; do not edit
 LEASED_NETWORK=10.100.0.0/16
 LEASED_SUBNET=10.100.0.5/30
@@ -53,7 +54,7 @@ LEASED_DOCKER_OPTS="--bip=10.100.0.5/30 --mtu=1500"
 		},
 		{
 			name: "dual stack",
-			env:  Env{Network4: net4, Subnet4: sub4, Network6: net6, Subnet6: sub6, MTU: 1450, IPMasq: true, Backend: "vxlan"},
+			env:  Env{Network: ipfam.Pair[netip.Prefix]{V4: net4, V6: net6}, Subnet: ipfam.Pair[netip.Prefix]{V4: sub4, V6: sub6}, MTU: 1450, IPMasq: true, Backend: "vxlan"},
 			want: `# written by leased; do not edit
 LEASED_NETWORK=10.100.0.0/16
 LEASED_SUBNET=10.100.15.1/24
@@ -70,7 +71,7 @@ LEASED_DOCKER_OPTS="--bip=10.100.15.1/24 --mtu=1450 --ipv6 --fixed-cidr-v6=2001:
 		{
 			// leased's Docker IPAM driver has the rest of each subnet.
 			name: "dual stack, docker0 keeps a quarter",
-			env:  Env{Network4: net4, Subnet4: sub4, Network6: net6, Subnet6: netip.MustParsePrefix("2001:db8:cd11:7::/64"), MTU: 1450, IPMasq: true, Backend: "vxlan", Docker0Bits: 2},
+			env:  Env{Network: ipfam.Pair[netip.Prefix]{V4: net4, V6: net6}, Subnet: ipfam.Pair[netip.Prefix]{V4: sub4, V6: netip.MustParsePrefix("2001:db8:cd11:7::/64")}, MTU: 1450, IPMasq: true, Backend: "vxlan", Docker0Bits: 2},
 			want: `# written by leased; do not edit
 LEASED_NETWORK=10.100.0.0/16
 LEASED_SUBNET=10.100.15.1/24
@@ -88,7 +89,7 @@ LEASED_DOCKER_OPTS="--bip=10.100.15.1/26 --mtu=1450 --ipv6 --fixed-cidr-v6=2001:
 		},
 		{
 			name: "IPv6 only /64",
-			env:  Env{Network6: net6, Subnet6: netip.MustParsePrefix("2001:db8:cd11:7::/64"), MTU: 1500, Backend: "host-gw"},
+			env:  Env{Network: ipfam.Pair[netip.Prefix]{V6: net6}, Subnet: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2001:db8:cd11:7::/64")}, MTU: 1500, Backend: "host-gw"},
 			want: `# written by leased; do not edit
 LEASED_NETWORK6=2001:db8:cd11::/48
 LEASED_SUBNET6=2001:db8:cd11:7::/64
@@ -102,7 +103,7 @@ LEASED_DOCKER_OPTS="--mtu=1500 --ipv6 --fixed-cidr-v6=2001:db8:cd11:7::/64"
 		},
 		{
 			name: "IPv6 only /80 proxy-ndp",
-			env:  Env{Network6: netip.MustParsePrefix("2003:ab11::/64"), Subnet6: netip.MustParsePrefix("2003:ab11:0:0:8000::/80"), MTU: 1500, Backend: "proxy-ndp"},
+			env:  Env{Network: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2003:ab11::/64")}, Subnet: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2003:ab11:0:0:8000::/80")}, MTU: 1500, Backend: "proxy-ndp"},
 			want: `# written by leased; do not edit
 LEASED_NETWORK6=2003:ab11::/64
 LEASED_SUBNET6=2003:ab11:0:0:8000::/80
@@ -118,7 +119,7 @@ LEASED_DOCKER_OPTS="--mtu=1500 --ipv6 --fixed-cidr-v6=2003:ab11:0:0:8000::/80"
 			// --ip-masq on an IPv6-only network: leased masquerades IPv6,
 			// dockerd keeps masquerading docker0's own IPv4 subnet.
 			name: "IPv6 only with ip-masq",
-			env:  Env{Network6: net6, Subnet6: sub6, MTU: 1500, IPMasq: true, Backend: "host-gw"},
+			env:  Env{Network: ipfam.Pair[netip.Prefix]{V6: net6}, Subnet: ipfam.Pair[netip.Prefix]{V6: sub6}, MTU: 1500, IPMasq: true, Backend: "host-gw"},
 			want: `# written by leased; do not edit
 LEASED_NETWORK6=2001:db8:cd11::/48
 LEASED_SUBNET6=2001:db8:cd11:0:8000::/80
@@ -132,7 +133,7 @@ LEASED_DOCKER_OPTS="--mtu=1500 --ipv6 --fixed-cidr-v6=2001:db8:cd11:0:8000::/80"
 		},
 		{
 			name: "IPv6 only /126",
-			env:  Env{Network6: netip.MustParsePrefix("2600:1f18:47b:ca03::/120"), Subnet6: netip.MustParsePrefix("2600:1f18:47b:ca03::8/126"), MTU: 9001, Backend: "host-gw"},
+			env:  Env{Network: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2600:1f18:47b:ca03::/120")}, Subnet: ipfam.Pair[netip.Prefix]{V6: netip.MustParsePrefix("2600:1f18:47b:ca03::8/126")}, MTU: 9001, Backend: "host-gw"},
 			want: `# written by leased; do not edit
 LEASED_NETWORK6=2600:1f18:47b:ca03::/120
 LEASED_SUBNET6=2600:1f18:47b:ca03::8/126
@@ -170,19 +171,19 @@ LEASED_DOCKER_OPTS="--mtu=9001 --ipv6 --fixed-cidr-v6=2600:1f18:47b:ca03::8/126"
 }
 
 func TestValidate(t *testing.T) {
-	ok := Env{Network4: net4, Subnet4: sub4, Network6: net6, Subnet6: sub6, MTU: 1450, Backend: "vxlan"}
+	ok := Env{Network: ipfam.Pair[netip.Prefix]{V4: net4, V6: net6}, Subnet: ipfam.Pair[netip.Prefix]{V4: sub4, V6: sub6}, MTU: 1450, Backend: "vxlan"}
 	tests := []struct {
 		name   string
 		modify func(*Env)
 		want   string
 	}{
 		{"no family", func(e *Env) { *e = Env{MTU: 1500, Backend: "host-gw"} }, "no subnet"},
-		{"subnet without network", func(e *Env) { e.Network4 = netip.Prefix{} }, "Network4"},
-		{"subnet outside network", func(e *Env) { e.Subnet4 = netip.MustParsePrefix("10.101.0.0/24") }, "not inside"},
-		{"subnet not masked", func(e *Env) { e.Subnet4 = netip.MustParsePrefix("10.100.15.1/24") }, "use 10.100.15.0/24"},
-		{"wrong family", func(e *Env) { e.Subnet6 = sub4 }, "not an IPv6 prefix"},
-		{"IPv4 /31", func(e *Env) { e.Subnet4 = netip.MustParsePrefix("10.100.0.2/31") }, "/30 or shorter"},
-		{"IPv6 /127", func(e *Env) { e.Subnet6 = netip.MustParsePrefix("2001:db8:cd11::2/127") }, "/126 or shorter"},
+		{"subnet without network", func(e *Env) { e.Network.V4 = netip.Prefix{} }, "Network4"},
+		{"subnet outside network", func(e *Env) { e.Subnet.V4 = netip.MustParsePrefix("10.101.0.0/24") }, "not inside"},
+		{"subnet not masked", func(e *Env) { e.Subnet.V4 = netip.MustParsePrefix("10.100.15.1/24") }, "use 10.100.15.0/24"},
+		{"wrong family", func(e *Env) { e.Subnet.V6 = sub4 }, "not an IPv6 prefix"},
+		{"IPv4 /31", func(e *Env) { e.Subnet.V4 = netip.MustParsePrefix("10.100.0.2/31") }, "/30 or shorter"},
+		{"IPv6 /127", func(e *Env) { e.Subnet.V6 = netip.MustParsePrefix("2001:db8:cd11::2/127") }, "/126 or shorter"},
 		{"MTU zero", func(e *Env) { e.MTU = 0 }, "MTU 0"},
 		{"MTU too small for IPv6", func(e *Env) { e.MTU = 1000 }, "1280 to 65535"},
 		{"backend with space", func(e *Env) { e.Backend = "host gw" }, "backend name"},
@@ -205,7 +206,7 @@ func TestValidate(t *testing.T) {
 
 func TestWriteUnchanged(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "subnet.env")
-	e := Env{Network4: net4, Subnet4: sub4, MTU: 1450, IPMasq: true, Backend: "vxlan"}
+	e := Env{Network: ipfam.Pair[netip.Prefix]{V4: net4}, Subnet: ipfam.Pair[netip.Prefix]{V4: sub4}, MTU: 1450, IPMasq: true, Backend: "vxlan"}
 	changed, err := Write(path, e)
 	if err != nil || !changed {
 		t.Fatalf("first Write = %v, %v; want true, nil", changed, err)
@@ -252,7 +253,7 @@ func TestWriteCreatesDirAndMode(t *testing.T) {
 	defer syscall.Umask(old)
 	dir := filepath.Join(t.TempDir(), "run", "leased")
 	path := filepath.Join(dir, "subnet.env")
-	e := Env{Network6: net6, Subnet6: sub6, MTU: 1450, Backend: "host-gw"}
+	e := Env{Network: ipfam.Pair[netip.Prefix]{V6: net6}, Subnet: ipfam.Pair[netip.Prefix]{V6: sub6}, MTU: 1450, Backend: "host-gw"}
 	if changed, err := Write(path, e); err != nil || !changed {
 		t.Fatalf("Write = %v, %v", changed, err)
 	}
@@ -273,7 +274,7 @@ func TestWriteFixesModeOnRewrite(t *testing.T) {
 	if err := os.WriteFile(path, []byte("old\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Write(path, Env{Network4: net4, Subnet4: sub4, MTU: 1450, Backend: "vxlan"}); err != nil {
+	if _, err := Write(path, Env{Network: ipfam.Pair[netip.Prefix]{V4: net4}, Subnet: ipfam.Pair[netip.Prefix]{V4: sub4}, MTU: 1450, Backend: "vxlan"}); err != nil {
 		t.Fatal(err)
 	}
 	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o644 {
@@ -289,7 +290,7 @@ func TestReadMissing(t *testing.T) {
 }
 
 func TestParse(t *testing.T) {
-	good := Env{Network4: net4, Subnet4: sub4, MTU: 1450, IPMasq: true, Backend: "vxlan"}
+	good := Env{Network: ipfam.Pair[netip.Prefix]{V4: net4}, Subnet: ipfam.Pair[netip.Prefix]{V4: sub4}, MTU: 1450, IPMasq: true, Backend: "vxlan"}
 	tests := []struct {
 		name    string
 		in      string
@@ -391,7 +392,7 @@ func TestQuote(t *testing.T) {
 }
 
 func FuzzParse(f *testing.F) {
-	f.Add(Env{Network4: net4, Subnet4: sub4, Network6: net6, Subnet6: sub6, MTU: 1450, IPMasq: true, Backend: "vxlan"}.Render())
+	f.Add(Env{Network: ipfam.Pair[netip.Prefix]{V4: net4, V6: net6}, Subnet: ipfam.Pair[netip.Prefix]{V4: sub4, V6: sub6}, MTU: 1450, IPMasq: true, Backend: "vxlan"}.Render())
 	f.Add([]byte("LEASED_SUBNET=\"10.0.0.1/8\nLEASED_MTU='x'\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		e, err := Parse(data)
@@ -407,7 +408,7 @@ func FuzzParse(f *testing.F) {
 }
 
 func TestWriteErrors(t *testing.T) {
-	e := Env{Network4: net4, Subnet4: sub4, MTU: 1450, Backend: "vxlan"}
+	e := Env{Network: ipfam.Pair[netip.Prefix]{V4: net4}, Subnet: ipfam.Pair[netip.Prefix]{V4: sub4}, MTU: 1450, Backend: "vxlan"}
 	tests := []struct {
 		name  string
 		setup func(dir string) string // returns the path to write

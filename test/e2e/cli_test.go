@@ -57,8 +57,8 @@ func TestCLILeasesAndConfig(t *testing.T) {
 	for i, h := range l.Hosts {
 		env, _ := h.Env()
 		f := strings.Fields(lines[i+1])
-		if f[0] != h.Name || f[1] != env.Subnet4.String() || f[2] != env.Subnet6.String() || f[3] != h.Addr4.String() || f[5] != "host-gw" {
-			t.Errorf("row %q does not show %s with %s %s %s", lines[i+1], h.Name, env.Subnet4, env.Subnet6, h.Addr4)
+		if f[0] != h.Name || f[1] != env.Subnet.V4.String() || f[2] != env.Subnet.V6.String() || f[3] != h.Addr4.String() || f[5] != "host-gw" {
+			t.Errorf("row %q does not show %s with %s %s %s", lines[i+1], h.Name, env.Subnet.V4, env.Subnet.V6, h.Addr4)
 		}
 	}
 	out, code = cli(t, "", "leases", "-o", "json", etcdFlag(l))
@@ -71,8 +71,8 @@ func TestCLILeasesAndConfig(t *testing.T) {
 	}
 	for i, r := range rows {
 		env, _ := l.Hosts[i].Env()
-		if r.Node != l.Hosts[i].Name || r.Subnet != env.Subnet4.String() || r.IPv6Subnet != env.Subnet6.String() || r.ExpiresIn <= 0 || r.ExpiresIn > 30 {
-			t.Errorf("json row %+v, want %s %s %s expiring within the 30s TTL", r, l.Hosts[i].Name, env.Subnet4, env.Subnet6)
+		if r.Node != l.Hosts[i].Name || r.Subnet != env.Subnet.V4.String() || r.IPv6Subnet != env.Subnet.V6.String() || r.ExpiresIn <= 0 || r.ExpiresIn > 30 {
+			t.Errorf("json row %+v, want %s %s %s expiring within the 30s TTL", r, l.Hosts[i].Name, env.Subnet.V4, env.Subnet.V6)
 		}
 	}
 
@@ -121,10 +121,10 @@ func TestCLIStatusSeesDrift(t *testing.T) {
 		t.Fatal(err)
 	}
 	env2, _ := h2.Env()
-	mustIP(t, h1, "route", "del", env2.Subnet4.String())
+	mustIP(t, h1, "route", "del", env2.Subnet.V4.String())
 	mustIP(t, h1, "route", "add", "10.100.251.0/24", "via", h2.Addr4.String(), "proto", "76")
 	statusNames(t, l, h1,
-		"missing  route "+env2.Subnet4.String()+" via "+h2.Addr4.String(),
+		"missing  route "+env2.Subnet.V4.String()+" via "+h2.Addr4.String(),
 		"extra    route 10.100.251.0/24 via "+h2.Addr4.String())
 }
 

@@ -61,8 +61,8 @@ func TestConnectivity(t *testing.T) {
 			}
 			if tc.cfg.IPv6SubnetLen != 0 {
 				env, _ := l.Hosts[0].Env()
-				if env.Subnet6.Bits() != tc.cfg.IPv6SubnetLen {
-					t.Errorf("leased IPv6 subnet %s, want a /%d", env.Subnet6, tc.cfg.IPv6SubnetLen)
+				if env.Subnet.V6.Bits() != tc.cfg.IPv6SubnetLen {
+					t.Errorf("leased IPv6 subnet %s, want a /%d", env.Subnet.V6, tc.cfg.IPv6SubnetLen)
 				}
 			}
 		})
@@ -109,8 +109,8 @@ func TestRemovedPeerRoutesDisappear(t *testing.T) {
 			h1, h3 := l.Hosts[0], l.Hosts[2]
 			env3, _ := h3.Env()
 			testutil.Eventually(t, 10*time.Second, "route to host3", func() error {
-				if routeTo(t, h1, env3.Subnet4.String()) == "" || routeTo(t, h1, env3.Subnet6.String()) == "" {
-					return fmt.Errorf("no route to %s/%s", env3.Subnet4, env3.Subnet6)
+				if routeTo(t, h1, env3.Subnet.V4.String()) == "" || routeTo(t, h1, env3.Subnet.V6.String()) == "" {
+					return fmt.Errorf("no route to %s/%s", env3.Subnet.V4, env3.Subnet.V6)
 				}
 				return nil
 			})
@@ -119,13 +119,13 @@ func TestRemovedPeerRoutesDisappear(t *testing.T) {
 			}
 			revokeLease(t, l, h3.Name)
 			testutil.Eventually(t, 5*time.Second, "host3's routes removed from host1", func() error {
-				if r := routeTo(t, h1, env3.Subnet4.String()) + routeTo(t, h1, env3.Subnet6.String()); r != "" {
+				if r := routeTo(t, h1, env3.Subnet.V4.String()) + routeTo(t, h1, env3.Subnet.V6.String()); r != "" {
 					return fmt.Errorf("still there: %s", r)
 				}
 				return nil
 			})
 			if backend == "vxlan" {
-				if out := mustIP(t, h1, "neigh", "show", "dev", "leased.4"); strings.Contains(out, env3.Subnet4.Addr().String()+" ") {
+				if out := mustIP(t, h1, "neigh", "show", "dev", "leased.4"); strings.Contains(out, env3.Subnet.V4.Addr().String()+" ") {
 					t.Errorf("neighbour entry of host3 left behind:\n%s", out)
 				}
 			}
@@ -155,7 +155,7 @@ func TestDriftIsRepaired(t *testing.T) {
 		l := up(t, lab.Config{Backend: "host-gw"})
 		h1, h2 := l.Hosts[0], l.Hosts[1]
 		env2, _ := h2.Env()
-		for _, s := range []string{env2.Subnet4.String(), env2.Subnet6.String()} {
+		for _, s := range []string{env2.Subnet.V4.String(), env2.Subnet.V6.String()} {
 			testutil.Eventually(t, 10*time.Second, "route", func() error { return nonEmpty(routeTo(t, h1, s)) })
 			mustIP(t, h1, "route", "del", s)
 			testutil.Eventually(t, 15*time.Second, "route "+s+" restored", func() error {
@@ -211,7 +211,7 @@ func TestStaleRoutesRemovedAtStart(t *testing.T) {
 	l := up(t, lab.Config{Backend: "host-gw"})
 	h1, h2 := l.Hosts[0], l.Hosts[1]
 	env2, _ := h2.Env()
-	testutil.Eventually(t, 10*time.Second, "route to host2", func() error { return nonEmpty(routeTo(t, h1, env2.Subnet4.String())) })
+	testutil.Eventually(t, 10*time.Second, "route to host2", func() error { return nonEmpty(routeTo(t, h1, env2.Subnet.V4.String())) })
 	if err := l.StopAgent(h1, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -220,7 +220,7 @@ func TestStaleRoutesRemovedAtStart(t *testing.T) {
 	mustIP(t, h1, "-6", "route", "add", "2001:db8:cd11:ffff::/64", "via", h2.Addr6.String(), "proto", "76")
 	// Someone else's route in the cluster range.
 	mustIP(t, h1, "route", "add", "10.100.253.0/24", "via", h2.Addr4.String(), "proto", "static")
-	valid := routeTo(t, h1, env2.Subnet4.String())
+	valid := routeTo(t, h1, env2.Subnet.V4.String())
 	if err := l.StartAgent(h1); err != nil {
 		t.Fatal(err)
 	}
@@ -233,7 +233,7 @@ func TestStaleRoutesRemovedAtStart(t *testing.T) {
 	if r := routeTo(t, h1, "10.100.253.0/24"); !strings.Contains(r, "proto static") {
 		t.Errorf("a route leased did not create was touched: %q", r)
 	}
-	if r := routeTo(t, h1, env2.Subnet4.String()); r != valid {
+	if r := routeTo(t, h1, env2.Subnet.V4.String()); r != valid {
 		t.Errorf("valid route changed from %q to %q", valid, r)
 	}
 }

@@ -425,13 +425,13 @@ func TestDocker(t *testing.T) {
 				d := startDockerd(t, h, dockerd, docker)
 				d.importImage(t, busybox)
 				c := d.runContainer(t, "c-"+h.Name)
-				if !env.Subnet4.Contains(c.addr4) || !env.Subnet6.Contains(c.addr6) {
-					t.Fatalf("%s's container has %s and %s, outside the leased %s and %s", h.Name, c.addr4, c.addr6, env.Subnet4, env.Subnet6)
+				if !env.Subnet.V4.Contains(c.addr4) || !env.Subnet.V6.Contains(c.addr6) {
+					t.Fatalf("%s's container has %s and %s, outside the leased %s and %s", h.Name, c.addr4, c.addr6, env.Subnet.V4, env.Subnet.V6)
 				}
 				if out, _ := d.run(ctx(t), "exec", c.name, "cat", "/sys/class/net/eth0/mtu"); strings.TrimSpace(out) != fmt.Sprint(env.MTU) {
 					t.Errorf("%s's container has MTU %q, want LEASED_MTU=%d", h.Name, strings.TrimSpace(out), env.MTU)
 				}
-				t.Logf("%s: container %s, %s in %s, %s (MTU %d)", h.Name, c.addr4, c.addr6, env.Subnet4, env.Subnet6, env.MTU)
+				t.Logf("%s: container %s, %s in %s, %s (MTU %d)", h.Name, c.addr4, c.addr6, env.Subnet.V4, env.Subnet.V6, env.MTU)
 				conts = append(conts, c)
 			}
 			for _, a := range conts {
@@ -521,7 +521,7 @@ func TestDockerSubnetChange(t *testing.T) {
 	// a running host: TestReservationDoesNotMoveServingHost.)
 	next4, next6 := netip.MustParsePrefix("10.100.200.0/24"), netip.MustParsePrefix("2001:db8:cd11:fa::/64") // inside SubnetMax (the lab reserves the top)
 	for _, h := range []*lab.Host{h1, h2} {                                                                  // not a subnet a host drew
-		if e, _ := h.Env(); e.Subnet4 == next4 || e.Subnet6 == next6 {
+		if e, _ := h.Env(); e.Subnet.V4 == next4 || e.Subnet.V6 == next6 {
 			next4, next6 = netip.MustParsePrefix("10.100.201.0/24"), netip.MustParsePrefix("2001:db8:cd11:fb::/64")
 		}
 	}
@@ -530,12 +530,12 @@ func TestDockerSubnetChange(t *testing.T) {
 	if _, err := l.Client.Put(ctx(t), k.Reservation(h1.Name), res); err != nil {
 		t.Fatal(err)
 	}
-	rec := mustJSON(synthPeer(l, "taker", old.Subnet4, old.Subnet6, 0x97))
+	rec := mustJSON(synthPeer(l, "taker", old.Subnet.V4, old.Subnet.V6, 0x97))
 	if _, err := l.Client.Txn(ctx(t)).Then(
 		clientv3.OpDelete(k.Lease(h1.Name)),
 		clientv3.OpPut(k.Lease("taker"), rec),
-		clientv3.OpPut(k.SubnetLock(old.Subnet4), "taker"),
-		clientv3.OpPut(k.SubnetLock(old.Subnet6), "taker"),
+		clientv3.OpPut(k.SubnetLock(old.Subnet.V4), "taker"),
+		clientv3.OpPut(k.SubnetLock(old.Subnet.V6), "taker"),
 	).Commit(); err != nil {
 		t.Fatal(err)
 	}
@@ -544,13 +544,13 @@ func TestDockerSubnetChange(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if env.Subnet4 != next4 || env.Subnet6 != next6 {
-			return fmt.Errorf("subnet.env has %s %s", env.Subnet4, env.Subnet6)
+		if env.Subnet.V4 != next4 || env.Subnet.V6 != next6 {
+			return fmt.Errorf("subnet.env has %s %s", env.Subnet.V4, env.Subnet.V6)
 		}
 		return nil
 	})
 	logText, _ := os.ReadFile(h1.LogFile())
-	loud := fmt.Sprintf("this host's subnets changed from %v to %v", []netip.Prefix{old.Subnet4, old.Subnet6}, []netip.Prefix{next4, next6})
+	loud := fmt.Sprintf("this host's subnets changed from %v to %v", []netip.Prefix{old.Subnet.V4, old.Subnet.V6}, []netip.Prefix{next4, next6})
 	if !bytes.Contains(logText, []byte(loud)) || !bytes.Contains(logText, []byte("restart docker.service")) {
 		t.Errorf("agent log lacks %q ... restart docker.service:\n%s", loud, l.LogTail(h1, 20))
 	}

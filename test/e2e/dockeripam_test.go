@@ -226,9 +226,9 @@ func TestDockerIPAM(t *testing.T) {
 						t.Fatalf("%s: network %s has subnets %v, want one per family", h.Name, n, subs)
 					}
 					for _, s := range subs {
-						lease := env.Subnet4
+						lease := env.Subnet.V4
 						if s.Addr().Is6() {
-							lease = env.Subnet6
+							lease = env.Subnet.V6
 						}
 						if !lease.Contains(s.Addr()) || s.Bits() <= lease.Bits() {
 							t.Errorf("%s: network %s's pool %s is not inside the lease %s", h.Name, n, s, lease)
@@ -347,7 +347,7 @@ func badRequests(t *testing.T, h *lab.Host, d *dockerHost) {
 		args []string
 		want string
 	}{
-		{[]string{"--subnet=172.30.0.0/24"}, "--subnet 172.30.0.0/24 is outside this host's leased subnet " + env.Subnet4.String()},
+		{[]string{"--subnet=172.30.0.0/24"}, "--subnet 172.30.0.0/24 is outside this host's leased subnet " + env.Subnet.V4.String()},
 		{[]string{"--subnet=" + env.Docker0Subnet4().String()}, "overlaps docker0's share " + env.Docker0Subnet4().String()},
 		{[]string{"--ipam-opt=size=28"}, `unknown IPAM option "size"`},
 	} {
@@ -364,7 +364,7 @@ func badRequests(t *testing.T, h *lab.Host, d *dockerHost) {
 		}
 	}
 	out, err := d.run(ctx(t), "network", "create", "--ipam-driver=leased", "full")
-	if err == nil || !strings.Contains(out, "no free /27 left in this host's leased subnet "+env.Subnet4.String()) {
+	if err == nil || !strings.Contains(out, "no free /27 left in this host's leased subnet "+env.Subnet.V4.String()) {
 		t.Errorf("docker network create when the lease is full: %v\n%s", err, out)
 	}
 	t.Logf("docker network create --ipam-driver=leased full:\n%s", strings.TrimSpace(out))
@@ -470,9 +470,9 @@ func TestDockerIPAMCompose(t *testing.T) {
 			t.Fatalf("%s: demo_default has %v, want a pool per family", h.Name, subs)
 		}
 		for _, s := range subs {
-			lease, d0 := env.Subnet4, env.Docker0Subnet4()
+			lease, d0 := env.Subnet.V4, env.Docker0Subnet4()
 			if s.Addr().Is6() {
-				lease, d0 = env.Subnet6, env.Docker0Subnet6()
+				lease, d0 = env.Subnet.V6, env.Docker0Subnet6()
 			}
 			if !lease.Contains(s.Addr()) || s.Bits() <= lease.Bits() || s.Overlaps(d0) {
 				t.Errorf("%s: compose's pool %s is not in the lease %s outside docker0's %s", h.Name, s, lease, d0)

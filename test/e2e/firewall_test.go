@@ -90,7 +90,7 @@ func TestDockerUserPrecedence(t *testing.T) {
 	c2 := ds[h2].runContainer(t, "c2")
 	testutil.Eventually(t, 20*time.Second, "c1 → c2 before any DOCKER-USER rule", func() error { return c1.ping(ctx(t), c2.addr4) })
 
-	drop := []string{"DOCKER-USER", "-s", env1.Subnet4.String(), "-d", env2.Subnet4.String(), "-j", "DROP"}
+	drop := []string{"DOCKER-USER", "-s", env1.Subnet.V4.String(), "-d", env2.Subnet.V4.String(), "-j", "DROP"}
 	nsRun(t, h2, append([]string{"iptables", "-I"}, drop...)...)
 	stillBlocked(t, "dockerd started after leased", c1, c2.addr4, h2, 8*time.Second)
 	forwardOrder(t, "dockerd started after leased", h2)
@@ -249,14 +249,14 @@ func TestIPMasqPerFamily(t *testing.T) {
 			d := startDockerd(t, h, dockerd, docker)
 			d.importImage(t, busybox)
 			c := d.runContainer(t, "cm")
-			if !env.Subnet6.Contains(c.addr6) || !c.addr4.IsValid() {
-				t.Fatalf("the container has %s and %s; want an IPv4 address and one in %s", c.addr4, c.addr6, env.Subnet6)
+			if !env.Subnet.V6.Contains(c.addr6) || !c.addr4.IsValid() {
+				t.Fatalf("the container has %s and %s; want an IPv4 address and one in %s", c.addr4, c.addr6, env.Subnet.V6)
 			}
 			for _, dst := range []netip.Addr{in.addr4, in.addr6} {
 				testutil.Eventually(t, 15*time.Second, fmt.Sprintf("container (%s, %s) → internet %s", c.addr4, c.addr6, dst), func() error { return c.ping(ctx(t), dst) })
 			}
 			nat6 := nsRun(t, h, "ip6tables", "-t", "nat", "-S", "LEASED-POSTRTG")
-			if !strings.Contains(nat6, "-s "+env.Subnet6.String()+" -m comment --comment \"leased: NAT leaving the cluster network\" -j MASQUERADE") {
+			if !strings.Contains(nat6, "-s "+env.Subnet.V6.String()+" -m comment --comment \"leased: NAT leaving the cluster network\" -j MASQUERADE") {
 				t.Errorf("ip6tables LEASED-POSTRTG:\n%s", nat6)
 			}
 			nat4 := nsRun(t, h, "iptables", "-t", "nat", "-S")

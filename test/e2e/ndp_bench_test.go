@@ -74,7 +74,7 @@ func BenchmarkNDP(b *testing.B) {
 				sub = fmt.Sprintf("%s/window%d", name, w)
 			}
 			b.Run(sub, func(b *testing.B) {
-				r := s.run(env.Subnet6, wantMAC, b.N, w)
+				r := s.run(env.Subnet.V6, wantMAC, b.N, w)
 				b.ReportMetric(0, "ns/op")
 				b.ReportMetric(r.rate, "answers/s")
 				b.ReportMetric(float64(r.p50.Microseconds()), "p50-µs")
@@ -97,7 +97,7 @@ func BenchmarkNDP(b *testing.B) {
 		b.Fatal(err)
 	}
 	conf := filepath.Join(b.TempDir(), "ndppd.conf")
-	rule := fmt.Sprintf("route-ttl 30000\nproxy eth0 {\n  router no\n  timeout 500\n  ttl 30000\n  rule %s {\n    static\n  }\n}\n", env.Subnet6)
+	rule := fmt.Sprintf("route-ttl 30000\nproxy eth0 {\n  router no\n  timeout 500\n  ttl 30000\n  rule %s {\n    static\n  }\n}\n", env.Subnet.V6)
 	if err := os.WriteFile(conf, []byte(rule), 0o644); err != nil {
 		b.Fatal(err)
 	}
@@ -109,7 +109,7 @@ func BenchmarkNDP(b *testing.B) {
 	defer func() { nd.Process.Kill(); nd.Wait() }()
 	// Wait until ndppd answers.
 	deadline := time.Now().Add(10 * time.Second)
-	for s.run(env.Subnet6, wantMAC, 1, 1).unanswered > 0 {
+	for s.run(env.Subnet.V6, wantMAC, 1, 1).unanswered > 0 {
 		if time.Now().After(deadline) {
 			b.Fatal("ndppd does not answer")
 		}

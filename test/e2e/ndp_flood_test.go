@@ -66,7 +66,7 @@ func TestNDPPresentModeFlood(t *testing.T) {
 		start := time.Now()
 		var f []byte
 		for i := range targets {
-			a := env.Subnet6.Masked().Addr().As16()
+			a := env.Subnet.V6.Masked().Addr().As16()
 			be.BigEndian.PutUint32(a[12:], 0x10000+uint32(i)) // clear of the container's address
 			f = s.appendNS(f[:0], netip.AddrFrom16(a))
 			unix.Write(s.fd, f)
@@ -143,12 +143,12 @@ func TestNDPStopsWhenOwnKeysDeleted(t *testing.T) {
 	// In one transaction, as an operator reassigning the slice would: the
 	// host's keys go, another host's record and subnet lock come.
 	k := lease.NewKeys("")
-	rec := mustJSON(synthPeer(l, "intruder", netip.Prefix{}, env.Subnet6, 0x99))
+	rec := mustJSON(synthPeer(l, "intruder", netip.Prefix{}, env.Subnet.V6, 0x99))
 	c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	_, err = l.Client.Txn(c).Then(
 		clientv3.OpDelete(k.Lease(h.Name)),
 		clientv3.OpPut(k.Lease("intruder"), rec),
-		clientv3.OpPut(k.SubnetLock(env.Subnet6), "intruder"),
+		clientv3.OpPut(k.SubnetLock(env.Subnet.V6), "intruder"),
 	).Commit()
 	cancel()
 	if err != nil {

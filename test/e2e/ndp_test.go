@@ -56,7 +56,7 @@ func TestNDPUpstream(t *testing.T) {
 		// Host to host, container traffic is routed, not resolved: host1
 		// routes host2's slice via host2's address on the link.
 		env2, _ := h2.Env()
-		if r := routeTo(t, h1, env2.Subnet6.String()); !strings.Contains(r, "via "+h2.Addr6.String()) {
+		if r := routeTo(t, h1, env2.Subnet.V6.String()); !strings.Contains(r, "via "+h2.Addr6.String()) {
 			t.Errorf("host1's route to host2's slice: %q", r)
 		}
 	})
@@ -72,8 +72,8 @@ func TestNDPUpstream(t *testing.T) {
 
 	t.Run("address added after start is reachable", func(t *testing.T) {
 		env2, _ := h2.Env()
-		late := addrIn(env2.Subnet6, 0x99)
-		testutil.RunIn(t, h2.CNS, "ip", "-6", "addr", "add", netip.PrefixFrom(late, env2.Subnet6.Bits()).String(), "dev", "eth0", "nodad")
+		late := addrIn(env2.Subnet.V6, 0x99)
+		testutil.RunIn(t, h2.CNS, "ip", "-6", "addr", "add", netip.PrefixFrom(late, env2.Subnet.V6.Bits()).String(), "dev", "eth0", "nodad")
 		start := time.Now()
 		if err := lab.PingUntil(ctx(t), rtr.NS, late, 0, 5*time.Second); err != nil {
 			t.Fatalf("router → new container address %s: %v", late, err)
@@ -95,7 +95,7 @@ func TestNDPUpstream(t *testing.T) {
 		for p := netip.PrefixFrom(network.Addr(), 80); network.Contains(p.Addr()); p = nextPrefix(p) {
 			used := false
 			for _, r := range recs {
-				used = used || r.IPv6Subnet.Overlaps(p)
+				used = used || r.Subnet.V6.Overlaps(p)
 			}
 			if !used {
 				free = p
@@ -165,7 +165,7 @@ func TestNDPPresentMode(t *testing.T) {
 		wantMAC(t, l, h.Container.Addr6, h)
 	}
 	env, _ := l.Hosts[0].Env()
-	unused := addrIn(env.Subnet6, 0x77)
+	unused := addrIn(env.Subnet.V6, 0x77)
 	_ = lab.Ping(ctx(t), l.Upstream.NS, unused, 0)
 	testutil.Eventually(t, 6*time.Second, "unused address failed", func() error {
 		n, err := l.Upstream.Neigh(unused)

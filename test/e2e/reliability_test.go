@@ -75,7 +75,7 @@ func TestEtcdClusterMemberLossAndQuorum(t *testing.T) {
 				return fmt.Errorf("no record: %v", err)
 			}
 			env, _ := h.Env()
-			if r.Subnet != env.Subnet4 || r.IPv6Subnet != env.Subnet6 {
+			if r.Subnet != env.Subnet {
 				return fmt.Errorf("record %v, subnet.env %v", r.Subnets(), env)
 			}
 			leases[h.Name] = r.Lease
@@ -178,7 +178,7 @@ func TestEtcdClusterMemberLossAndQuorum(t *testing.T) {
 				return fmt.Errorf("no record: %v", err)
 			}
 			env, _ := h.Env()
-			if fmt.Sprint(env) != envs[h.Name] || r.Subnet != env.Subnet4 || r.IPv6Subnet != env.Subnet6 {
+			if fmt.Sprint(env) != envs[h.Name] || r.Subnet != env.Subnet {
 				return fmt.Errorf("record %v, subnet.env %v, before %v", r.Subnets(), env, envs[h.Name])
 			}
 			if dp := leasedState(t, h); !mentions(dp, peerB["Subnet"].(string)) || !mentions(dp, peerB["IPv6Subnet"].(string)) {
@@ -311,7 +311,7 @@ func TestEtcdUnreachable(t *testing.T) {
 						return fmt.Errorf("no lease record: %v", err)
 					}
 					env, _ := h.Env()
-					if fmt.Sprint(env) != envs[h.Name] || r.Subnet != env.Subnet4 || r.IPv6Subnet != env.Subnet6 {
+					if fmt.Sprint(env) != envs[h.Name] || r.Subnet != env.Subnet {
 						return fmt.Errorf("record %v, subnet.env %v, before %v", r.Subnets(), env, envs[h.Name])
 					}
 					dp := leasedState(t, h)
@@ -348,7 +348,7 @@ func TestDeadHostRemovedWithinTTL(t *testing.T) {
 	env3, _ := h3.Env()
 	for _, h := range []*lab.Host{h1, h2} {
 		testutil.Eventually(t, 10*time.Second, h.Name+" routes to host3", func() error {
-			if !mentions(leasedState(t, h), env3.Subnet4.String()) || !mentions(leasedState(t, h), env3.Subnet6.String()) {
+			if !mentions(leasedState(t, h), env3.Subnet.V4.String()) || !mentions(leasedState(t, h), env3.Subnet.V6.String()) {
 				return fmt.Errorf("no routes to %s", h3.Name)
 			}
 			return nil
@@ -362,16 +362,16 @@ func TestDeadHostRemovedWithinTTL(t *testing.T) {
 	// TTL left at the kill: one second later nothing may be gone yet.
 	time.Sleep(time.Second)
 	for _, h := range []*lab.Host{h1, h2} {
-		if dp := leasedState(t, h); !mentions(dp, env3.Subnet4.String()) {
+		if dp := leasedState(t, h); !mentions(dp, env3.Subnet.V4.String()) {
 			t.Errorf("%s dropped host3 1s after its agent died, before its lease could expire", h.Name)
 		}
 	}
 	vtep := func(h *lab.Host) []string {
 		var out []string
 		for _, line := range leasedState(t, h) {
-			if strings.Contains(line, env3.Subnet4.String()) || strings.Contains(line, env3.Subnet6.String()) ||
+			if strings.Contains(line, env3.Subnet.V4.String()) || strings.Contains(line, env3.Subnet.V6.String()) ||
 				strings.Contains(line, " dst "+h3.Addr4.String()+" ") || strings.Contains(line, " dst "+h3.Addr6.String()+" ") ||
-				strings.HasPrefix(line, "neigh "+env3.Subnet4.Addr().String()+" ") || strings.HasPrefix(line, "neigh "+env3.Subnet6.Addr().String()+" ") {
+				strings.HasPrefix(line, "neigh "+env3.Subnet.V4.Addr().String()+" ") || strings.HasPrefix(line, "neigh "+env3.Subnet.V6.Addr().String()+" ") {
 				out = append(out, line)
 			}
 		}
@@ -407,7 +407,7 @@ func TestBadConfigKeepsDatapath(t *testing.T) {
 	env1, _ := h1.Env()
 	env2, _ := h2.Env()
 	testutil.Eventually(t, 10*time.Second, "routes", func() error {
-		if !mentions(leasedState(t, h1), env2.Subnet4.String()) || !mentions(leasedState(t, h2), env1.Subnet4.String()) {
+		if !mentions(leasedState(t, h1), env2.Subnet.V4.String()) || !mentions(leasedState(t, h2), env1.Subnet.V4.String()) {
 			return fmt.Errorf("hosts do not route to each other yet")
 		}
 		return nil
@@ -418,7 +418,7 @@ func TestBadConfigKeepsDatapath(t *testing.T) {
 	var small netip.Prefix
 	for i := 0; i < 16; i++ {
 		p := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 100, byte(16 * i), 0}), 20)
-		if !p.Overlaps(env1.Subnet4) && !p.Overlaps(env2.Subnet4) {
+		if !p.Overlaps(env1.Subnet.V4) && !p.Overlaps(env2.Subnet.V4) {
 			small = p
 			break
 		}
@@ -489,11 +489,11 @@ func TestBadConfigKeepsDatapath(t *testing.T) {
 		testutil.Eventually(t, 15*time.Second, h.Name+" applies the valid config", func() error {
 			env, _ := h.Env()
 			penv, _ := peer.Env()
-			was, _ := map[string]netip.Prefix{h1.Name: env1.Subnet4, h2.Name: env2.Subnet4}[h.Name]
-			if env.Subnet4 != was || !env.Subnet6.IsValid() || !penv.Subnet6.IsValid() {
+			was, _ := map[string]netip.Prefix{h1.Name: env1.Subnet.V4, h2.Name: env2.Subnet.V4}[h.Name]
+			if env.Subnet.V4 != was || !env.Subnet.V6.IsValid() || !penv.Subnet.V6.IsValid() {
 				return fmt.Errorf("subnet.env %+v", env)
 			}
-			if !mentions(leasedState(t, h), penv.Subnet6.String()) {
+			if !mentions(leasedState(t, h), penv.Subnet.V6.String()) {
 				return fmt.Errorf("no IPv6 route to %s", peer.Name)
 			}
 			return nil
@@ -521,13 +521,13 @@ func TestHostileLeasesNeverProgrammed(t *testing.T) {
 	env1, _ := h1.Env()
 	env2, _ := h2.Env()
 	testutil.Eventually(t, 10*time.Second, "routes", func() error {
-		if !mentions(leasedState(t, h1), env2.Subnet6.String()) || !mentions(leasedState(t, h2), env1.Subnet6.String()) {
+		if !mentions(leasedState(t, h1), env2.Subnet.V6.String()) || !mentions(leasedState(t, h2), env1.Subnet.V6.String()) {
 			return fmt.Errorf("hosts do not route to each other yet")
 		}
 		return nil
 	})
-	own1 := routeTo(t, h1, env1.Subnet4.String()) + routeTo(t, h1, env1.Subnet6.String())
-	toH2 := routeTo(t, h1, env2.Subnet4.String()) + routeTo(t, h1, env2.Subnet6.String())
+	own1 := routeTo(t, h1, env1.Subnet.V4.String()) + routeTo(t, h1, env1.Subnet.V6.String())
+	toH2 := routeTo(t, h1, env2.Subnet.V4.String()) + routeTo(t, h1, env2.Subnet.V6.String())
 	before := map[string][]string{h1.Name: leasedState(t, h1), h2.Name: leasedState(t, h2)}
 
 	cfg := l.Cfg
@@ -561,8 +561,12 @@ func TestHostileLeasesNeverProgrammed(t *testing.T) {
 			r["Subnet"] = strings.Replace(r["Subnet"].(string), "/24", "/25", 1)
 			delete(r, "IPv6Subnet")
 		}),
-		mk("h-overlaps-host1", 3, func(r map[string]any) { r["Subnet"], r["IPv6Subnet"] = env1.Subnet4.String(), env1.Subnet6.String() }),
-		mk("h-overlaps-host2", 4, func(r map[string]any) { r["Subnet"], r["IPv6Subnet"] = env2.Subnet4.String(), env2.Subnet6.String() }),
+		mk("h-overlaps-host1", 3, func(r map[string]any) {
+			r["Subnet"], r["IPv6Subnet"] = env1.Subnet.V4.String(), env1.Subnet.V6.String()
+		}),
+		mk("h-overlaps-host2", 4, func(r map[string]any) {
+			r["Subnet"], r["IPv6Subnet"] = env2.Subnet.V4.String(), env2.Subnet.V6.String()
+		}),
 		mk("h-host1-ip", 5, func(r map[string]any) { r["PublicIP"], r["PublicIPv6"] = h1.Addr4.String(), h1.Addr6.String() }),
 		mk("h-loopback", 6, func(r map[string]any) { r["PublicIP"], r["PublicIPv6"] = "127.0.0.1", "::1" }),
 		mk("h-multicast", 7, func(r map[string]any) { r["PublicIP"], r["PublicIPv6"] = "224.0.0.1", "ff02::1" }),
@@ -611,7 +615,7 @@ func TestHostileLeasesNeverProgrammed(t *testing.T) {
 			if r, ok := bad.rec.(map[string]any); ok {
 				for _, k := range []string{"Subnet", "IPv6Subnet"} {
 					s, _ := r[k].(string)
-					if s == "" || s == env1.Subnet4.String() || s == env1.Subnet6.String() || s == env2.Subnet4.String() || s == env2.Subnet6.String() {
+					if s == "" || s == env1.Subnet.V4.String() || s == env1.Subnet.V6.String() || s == env2.Subnet.V4.String() || s == env2.Subnet.V6.String() {
 						continue // checked below: the route stays the legitimate holder's
 					}
 					for _, line := range dp {
@@ -638,10 +642,10 @@ func TestHostileLeasesNeverProgrammed(t *testing.T) {
 			}
 		}
 	}
-	if now := routeTo(t, h1, env1.Subnet4.String()) + routeTo(t, h1, env1.Subnet6.String()); now != own1 {
+	if now := routeTo(t, h1, env1.Subnet.V4.String()) + routeTo(t, h1, env1.Subnet.V6.String()); now != own1 {
 		t.Errorf("host1's own routes changed from %q to %q", own1, now)
 	}
-	if now := routeTo(t, h1, env2.Subnet4.String()) + routeTo(t, h1, env2.Subnet6.String()); now != toH2 {
+	if now := routeTo(t, h1, env2.Subnet.V4.String()) + routeTo(t, h1, env2.Subnet.V6.String()); now != toH2 {
 		t.Errorf("host1's routes to host2 changed from %q to %q", toH2, now)
 	}
 	for _, h := range l.Hosts {

@@ -86,7 +86,7 @@ func TestLeaseChurnAbsorbed(t *testing.T) {
 		s4 := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(1 + i/256), byte(i % 256), 0}), 24)
 		a6 := [16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 1, byte(i >> 8), byte(i)}
 		s6 := netip.PrefixFrom(netip.AddrFrom16(a6), 64)
-		if s4 == own.Subnet4 || s6 == own.Subnet6 {
+		if s4 == own.Subnet.V4 || s6 == own.Subnet.V6 {
 			continue
 		}
 		ps = append(ps, peer{s4, s6})

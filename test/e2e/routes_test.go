@@ -105,7 +105,7 @@ func TestHostRoutesStayTheHosts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	old4, old6 := env.Subnet4.Masked(), env.Subnet6.Masked()
+	old4, old6 := env.Subnet.V4.Masked(), env.Subnet.V6.Masked()
 	if err := l.StopAgent(a, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -122,10 +122,10 @@ func TestHostRoutesStayTheHosts(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if r.Subnet == old4 || r.IPv6Subnet == old6 || env.Subnet4.Masked() == old4 || env.Subnet6.Masked() == old6 {
-			return fmt.Errorf("a holds %v, subnet.env %v/%v; its LAN is %v and %v", r.Subnets(), env.Subnet4, env.Subnet6, old4, old6)
+		if r.Subnet.V4 == old4 || r.Subnet.V6 == old6 || env.Subnet.V4.Masked() == old4 || env.Subnet.V6.Masked() == old6 {
+			return fmt.Errorf("a holds %v, subnet.env %v/%v; its LAN is %v and %v", r.Subnets(), env.Subnet.V4, env.Subnet.V6, old4, old6)
 		}
-		if !r.Subnet.IsValid() || !r.IPv6Subnet.IsValid() {
+		if !r.Subnet.V4.IsValid() || !r.Subnet.V6.IsValid() {
 			return fmt.Errorf("a holds %v", r.Subnets())
 		}
 		return nil

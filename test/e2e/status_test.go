@@ -67,7 +67,7 @@ func TestCLIStatusVXLAN(t *testing.T) {
 	if err := l.StopAgent(h1, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	gw := rec.Subnet.Masked().Addr().String()
+	gw := rec.Subnet.V4.Masked().Addr().String()
 	mustIP(t, h1, "neigh", "del", gw, "dev", "leased.4")
 	if out, err := runCmd("ip", "netns", "exec", h1.NS, "bridge", "fdb", "del", macs.VtepMAC6, "dev", "leased.6", "dst", h2.Addr6.String()); err != nil {
 		t.Fatalf("bridge fdb del: %v: %s", err, out)
@@ -92,7 +92,7 @@ func TestCLIStatusProxyNDP(t *testing.T) {
 
 	env1, _ := h1.Env()
 	env2, _ := h2.Env()
-	a := env2.Subnet6.Masked().Addr().As16()
+	a := env2.Subnet.V6.Masked().Addr().As16()
 	a[15] = 5
 	peerAddr := netip.AddrFrom16(a).String()
 	mustIP(t, h1, "-6", "neigh", "add", "proxy", peerAddr, "dev", "eth0")
@@ -115,10 +115,10 @@ func TestCLIStatusProxyNDP(t *testing.T) {
 	if err := l.StopAgent(h1, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	mustIP(t, h1, "-6", "route", "del", env2.Subnet6.String())
+	mustIP(t, h1, "-6", "route", "del", env2.Subnet.V6.String())
 	statusNames(t, l, h1,
-		"missing  route "+env2.Subnet6.String(),
-		"missing  ndp answers for "+env1.Subnet6.String()+" on eth0")
+		"missing  route "+env2.Subnet.V6.String(),
+		"missing  ndp answers for "+env1.Subnet.V6.String()+" on eth0")
 
 	t.Run("without CAP_NET_RAW", func(t *testing.T) {
 		runUnprivileged(t, l, h1, "unprivndp", unprivileged{"bounding set without net_raw",
