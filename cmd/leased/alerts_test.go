@@ -12,6 +12,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -278,9 +279,13 @@ func TestAlertRulesFireOnAgentMetrics(t *testing.T) {
 
 	// A peer on eth0's link, so that the agent has a route to lose.
 	waitFor("the agent to be ready", settled)
-	own, _ := recordOf(t, cli, "agent")
-	if own == nil {
-		t.Fatalf("the agent has no lease record:\n%s", p.log)
+	resp, err := cli.Get(context.Background(), lease.NewKeys("").Lease("agent"))
+	if err != nil || len(resp.Kvs) == 0 {
+		t.Fatalf("the agent has no lease record (%v):\n%s", err, p.log)
+	}
+	own, err := lease.DecodeRecord("agent", resp.Kvs[0].Value)
+	if err != nil {
+		t.Fatal(err)
 	}
 	peerNet := "10.100.77.0/24"
 	if own.Subnet.V4.String() == peerNet {

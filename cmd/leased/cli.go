@@ -13,6 +13,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/leased/leased/internal/agent"
 	"github.com/leased/leased/internal/leaseview"
 	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/lease"
@@ -23,9 +24,9 @@ import (
 const cliTimeout = 10 * time.Second
 
 // cliFlags returns a flag set with the etcd flags (and LEASED_* variables).
-func cliFlags(name, usage string, o *options) *flag.FlagSet {
+func cliFlags(name, usage string, o *agent.Options) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	o.registerEtcd(fs)
+	registerEtcd(fs, o)
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: %s\n\nflags (each also settable as LEASED_<FLAG>):\n", usage)
 		fs.PrintDefaults()
@@ -45,7 +46,7 @@ func parseCLI(fs *flag.FlagSet, args []string) bool {
 		fmt.Fprintf(os.Stderr, "%s: %v\n", fs.Name(), err)
 		return false
 	}
-	if err := etcdOptions(fs).validateEtcd(); err != nil {
+	if err := etcdOptions(fs).ValidateEtcd(); err != nil {
 		fmt.Fprintf(os.Stderr, "%s: %v\n", fs.Name(), err)
 		return false
 	}
@@ -75,14 +76,14 @@ func parseInterspersed(fs *flag.FlagSet, args []string) error {
 }
 
 // etcdErr turns an etcd client error into advice.
-func etcdErr(o *options, err error) string {
+func etcdErr(o *agent.Options, err error) string {
 	if errors.Is(err, context.DeadlineExceeded) {
-		return fmt.Sprintf("etcd at %s did not answer within %s: check that it runs, --etcd-endpoints, and the TLS flags (%v)", o.etcdEndpoints, cliTimeout, err)
+		return fmt.Sprintf("etcd at %s did not answer within %s: check that it runs, --etcd-endpoints, and the TLS flags (%v)", o.EtcdEndpoints, cliTimeout, err)
 	}
-	if why, _ := whyEtcd(o, err); why != err.Error() {
+	if why, _ := agent.WhyEtcd(o, err); why != err.Error() {
 		return why
 	}
-	return fmt.Sprintf("etcd at %s: %v", o.etcdEndpoints, err)
+	return fmt.Sprintf("etcd at %s: %v", o.EtcdEndpoints, err)
 }
 
 // runConfig is `leased config validate|put|get`.
@@ -96,7 +97,7 @@ func runConfigTo(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	cmd := args[0]
-	o := &options{}
+	o := &agent.Options{}
 	fs := cliFlags("leased config "+cmd, "leased config "+cmd+" [flags]"+map[bool]string{true: " FILE"}[cmd != "get"], o)
 	fs.SetOutput(stderr)
 	var force, dryRun *bool
@@ -123,29 +124,29 @@ func runConfigTo(args []string, stdout, stderr io.Writer) int {
 		}
 		if cmd == "validate" {
 			if *host {
-				return hostReport(data)
+				return agent.HostReport(data)
 			}
 			return 0
 		}
-		cli, err := newEtcdClient(o)
+		cli, err := agent.NewEtcdClient(o)
 		if err != nil {
 			fmt.Fprintf(stderr, "leased config put: %v\n", err)
-			return exitCode(err)
+			return agent.ExitCode(err)
 		}
 		defer cli.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
 		defer cancel()
 		return putConfig(ctx, o, cli, bytes.TrimSpace(data), cfg, *force, *dryRun, stdout, stderr)
 	case "get":
-		cli, err := newEtcdClient(o)
+		cli, err := agent.NewEtcdClient(o)
 		if err != nil {
 			fmt.Fprintf(stderr, "leased config get: %v\n", err)
-			return exitCode(err)
+			return agent.ExitCode(err)
 		}
 		defer cli.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
 		defer cancel()
-		key := lease.NewKeys(o.etcdPrefix).Config()
+		key := lease.NewKeys(o.EtcdPrefix).Config()
 		resp, err := cli.Get(ctx, key)
 		if err != nil {
 			fmt.Fprintf(stderr, "leased config get: %s\n", etcdErr(o, err))
@@ -177,8 +178,8 @@ var beforeConfigWrite func()
 // compare-and-swap on the config key's mod revision, so that a write made
 // by someone else since the read is never overwritten unseen. With dryRun
 // it prints what would change and writes nothing.
-func putConfig(ctx context.Context, o *options, cli *clientv3.Client, data []byte, cfg *lease.Config, force, dryRun bool, stdout, stderr io.Writer) int {
-	reg := lease.NewRegistry(cli, o.etcdPrefix)
+func putConfig(ctx context.Context, o *agent.Options, cli *clientv3.Client, data []byte, cfg *lease.Config, force, dryRun bool, stdout, stderr io.Writer) int {
+	reg := lease.NewRegistry(cli, o.EtcdPrefix)
 	k := reg.Keys()
 	view, err := reg.List(ctx)
 	if err != nil {
@@ -260,15 +261,15 @@ func configChanges(old *lease.Config, stored bool, new *lease.Config) []string {
 		if stored {
 			what = "the stored config is invalid"
 		}
-		return []string{fmt.Sprintf("%s; the new one: IPv4 %s; IPv6 %s; backend %s", what, poolString(new.IPv4), poolString(new.IPv6), new.Backend.Raw)}
+		return []string{fmt.Sprintf("%s; the new one: IPv4 %s; IPv6 %s; backend %s", what, agent.PoolString(new.IPv4), agent.PoolString(new.IPv6), new.Backend.Raw)}
 	}
 	var out []string
 	for _, f := range []struct {
 		name     string
 		old, new *lease.Pool
 	}{{"IPv4", old.IPv4, new.IPv4}, {"IPv6", old.IPv6, new.IPv6}} {
-		if poolString(f.old) != poolString(f.new) {
-			out = append(out, fmt.Sprintf("%s: %s -> %s", f.name, poolString(f.old), poolString(f.new)))
+		if agent.PoolString(f.old) != agent.PoolString(f.new) {
+			out = append(out, fmt.Sprintf("%s: %s -> %s", f.name, agent.PoolString(f.old), agent.PoolString(f.new)))
 		}
 	}
 	if !backend.SameConfig(old.Backend.Raw, new.Backend.Raw) {
@@ -302,13 +303,13 @@ func validateFile(path string, w io.Writer) ([]byte, *lease.Config, bool) {
 		fmt.Fprintf(w, "%s: %v\n", path, err)
 		return nil, nil, false
 	}
-	fmt.Fprintf(w, "%s: valid: IPv4 %s; IPv6 %s; backend %s\n", path, poolString(cfg.IPv4), poolString(cfg.IPv6), cfg.Backend.Type)
+	fmt.Fprintf(w, "%s: valid: IPv4 %s; IPv6 %s; backend %s\n", path, agent.PoolString(cfg.IPv4), agent.PoolString(cfg.IPv6), cfg.Backend.Type)
 	return data, cfg, true
 }
 
 // runLeases is `leased leases [-o table|json]`.
 func runLeases(args []string) int {
-	o := &options{}
+	o := &agent.Options{}
 	fs := cliFlags("leased leases", "leased leases [-o table|json] [flags]", o)
 	format := fs.String("o", "table", "output format: table or json")
 	ipamState := fs.String("docker-ipam-state", "/var/lib/leased/docker-ipam.json", "with -o json, this host's Docker network pools are read from here and shown on its row")
@@ -320,15 +321,15 @@ func runLeases(args []string) int {
 		fmt.Fprintf(os.Stderr, "leased leases: -o %q: use table or json\n", *format)
 		return 2
 	}
-	cli, err := newEtcdClient(o)
+	cli, err := agent.NewEtcdClient(o)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "leased leases: %v\n", err)
-		return exitCode(err)
+		return agent.ExitCode(err)
 	}
 	defer cli.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
 	defer cancel()
-	rows, bad, err := leaseview.Read(ctx, cli, o.etcdPrefix)
+	rows, bad, err := leaseview.Read(ctx, cli, o.EtcdPrefix)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "leased leases: %s\n", etcdErr(o, err))
 		return 1
@@ -337,7 +338,7 @@ func runLeases(args []string) int {
 		fmt.Fprintf(os.Stderr, "leased leases: warning: %v\n", e)
 	}
 	if *format == "json" {
-		addDockerPools(rows, *node, *ipamState)
+		agent.AddDockerPools(rows, *node, *ipamState)
 		if err := leaseview.JSON(os.Stdout, rows); err != nil {
 			return 1
 		}
@@ -351,9 +352,9 @@ func runLeases(args []string) int {
 // difference between the leases and the kernel. Exit 0 when they agree,
 // 1 when they differ or something could not be read.
 func runStatus(args []string) int {
-	o := &options{}
+	o := &agent.Options{}
 	fs := flag.NewFlagSet("leased status", flag.ContinueOnError)
-	o.register(fs)
+	register(fs, o)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), "usage: leased status [flags]\n\nRun on a host with the agent's flags (or /etc/default/leased in the environment).\nExit 0 when the kernel matches the leases, 1 otherwise.\n\nflags:\n")
 		fs.PrintDefaults()
@@ -361,18 +362,18 @@ func runStatus(args []string) int {
 	if !parseCLI(fs, args) {
 		return 2
 	}
-	node := o.nodeName
+	node := o.NodeName
 	if node == "" {
 		var err error
-		if node, err = defaultNodeName(); err != nil {
+		if node, err = agent.DefaultNodeName(); err != nil {
 			fmt.Fprintf(os.Stderr, "leased status: %v\n", err)
 			return 1
 		}
 	}
-	cli, err := newEtcdClient(o)
+	cli, err := agent.NewEtcdClient(o)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "leased status: %v\n", err)
-		return exitCode(err)
+		return agent.ExitCode(err)
 	}
 	defer cli.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), cliTimeout)
@@ -380,7 +381,7 @@ func runStatus(args []string) int {
 	code := 0
 	fail := func(format string, a ...any) { fmt.Printf(format+"\n", a...); code = 1 }
 
-	reg := lease.NewRegistry(cli, o.etcdPrefix)
+	reg := lease.NewRegistry(cli, o.EtcdPrefix)
 	k := reg.Keys()
 	view, err := reg.List(ctx)
 	if err != nil {
@@ -403,41 +404,28 @@ func runStatus(args []string) int {
 		return code
 	}
 	fmt.Printf("lease:       %v (backend %s)\n", self.Subnets(), self.BackendType)
-	env, err := subnetenv.Read(o.subnetFile)
+	env, err := subnetenv.Read(o.SubnetFile)
 	switch {
 	case err != nil:
 		fail("subnet.env:  %v", err)
 	case env.Subnet != self.Subnet:
-		fail("subnet.env:  %s holds %v, the lease %v: the agent has not caught up or dockerd's file is stale", o.subnetFile, []any{env.Subnet.V4, env.Subnet.V6}, self.Subnets())
+		fail("subnet.env:  %s holds %v, the lease %v: the agent has not caught up or dockerd's file is stale", o.SubnetFile, []any{env.Subnet.V4, env.Subnet.V6}, self.Subnets())
 	default:
-		fmt.Printf("subnet.env:  %s matches the lease (MTU %d)\n", o.subnetFile, env.MTU)
+		fmt.Printf("subnet.env:  %s matches the lease (MTU %d)\n", o.SubnetFile, env.MTU)
 	}
-	if o.dockerIPAM.on {
-		if msg, ok := dockerPoolsStatus(o.dockerIPAM.state, self.Subnet); ok {
+	if o.DockerIPAM.On {
+		if msg, ok := agent.DockerPoolsStatus(o.DockerIPAM.State, self.Subnet); ok {
 			fmt.Println(msg)
 		} else {
 			fail("%s", msg)
 		}
 	}
-	ext, _, err := findExtIface(o)
+	drift, npeers, nrefused, err := agent.CheckDatapath(ctx, o, node, cfg, self, view.Records)
 	if err != nil {
 		fail("datapath:    %v", err)
 		return code
 	}
-	be, err := backend.New(cfg.Backend.Raw, ext, node, backend.Options{})
-	if err != nil {
-		fail("datapath:    %v", err)
-		return code
-	}
-	ps := lease.NewPeerSet(cfg, self, view.Records)
-	peers, rejected := ps.Accepted(), ps.Rejected()
-	local := backendLocal(node, self, cfg)
-	drift, err := backend.Check(ctx, be, local, toPeers(peers))
-	if err != nil {
-		fail("datapath:    %v", err)
-		return code
-	}
-	fmt.Printf("peers:       %d programmed, %d refused\n", len(peers), len(rejected)+len(view.Malformed))
+	fmt.Printf("peers:       %d programmed, %d refused\n", npeers, nrefused+len(view.Malformed))
 	if drift.Empty() {
 		fmt.Println("datapath:    the kernel matches the leases")
 		return code

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/leased/leased/internal/agent"
 	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/pkg/lease"
 )
@@ -28,9 +29,9 @@ func TestParseInterspersed(t *testing.T) {
 		{[]string{"a", "--", "-b"}, []string{"a", "-b"}, lease.DefaultPrefix},
 		{nil, nil, lease.DefaultPrefix},
 	} {
-		o := &options{}
+		o := &agent.Options{}
 		fs := flag.NewFlagSet("t", flag.ContinueOnError)
-		o.registerEtcd(fs)
+		registerEtcd(fs, o)
 		if err := parseInterspersed(fs, c.args); err != nil {
 			t.Errorf("%q: %v", c.args, err)
 			continue
@@ -38,8 +39,8 @@ func TestParseInterspersed(t *testing.T) {
 		if got := fs.Args(); !slices.Equal(got, c.pos) && (len(got) != 0 || len(c.pos) != 0) {
 			t.Errorf("%q: positional %q, want %q", c.args, got, c.pos)
 		}
-		if o.etcdPrefix != c.prefix {
-			t.Errorf("%q: --etcd-prefix %q, want %q", c.args, o.etcdPrefix, c.prefix)
+		if o.EtcdPrefix != c.prefix {
+			t.Errorf("%q: --etcd-prefix %q, want %q", c.args, o.EtcdPrefix, c.prefix)
 		}
 	}
 }

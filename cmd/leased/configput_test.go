@@ -16,6 +16,9 @@ import (
 	"github.com/leased/leased/pkg/lease"
 )
 
+// cfgKey is the config key under the default prefix.
+var cfgKey = lease.NewKeys("").Config()
+
 // configCLI runs `leased config ARGS` against etcd at endpoint, with the
 // config text in a file (the last argument), and returns the exit code,
 // standard output and standard error.

@@ -24,6 +24,7 @@ import (
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	"go.etcd.io/etcd/server/v3/embed"
 
+	"github.com/leased/leased/internal/agent"
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/internal/testutil/etcdtest"
@@ -187,24 +188,24 @@ func TestTLSListenerNeverGetsPlaintext(t *testing.T) {
 	closed.Close()
 	tlsEP, ca := "https://"+l.Addr(), testcerts.NewCA(t, t.TempDir(), "ca").File
 	for _, c := range []struct {
-		o       options
+		o       agent.Options
 		refused bool // a usage error (exit status 2) before anything is sent
 	}{
-		{options{etcdEndpoints: tlsEP}, false},
-		{options{etcdEndpoints: tlsEP, etcdCAFile: ca}, false},
-		{options{etcdEndpoints: "http://" + other + "," + tlsEP}, true},
-		{options{etcdEndpoints: "http://" + other + "," + tlsEP, etcdCAFile: ca}, true},
-		{options{etcdEndpoints: tlsEP + ",http://" + other}, true},
+		{agent.Options{EtcdEndpoints: tlsEP}, false},
+		{agent.Options{EtcdEndpoints: tlsEP, EtcdCAFile: ca}, false},
+		{agent.Options{EtcdEndpoints: "http://" + other + "," + tlsEP}, true},
+		{agent.Options{EtcdEndpoints: "http://" + other + "," + tlsEP, EtcdCAFile: ca}, true},
+		{agent.Options{EtcdEndpoints: tlsEP + ",http://" + other}, true},
 		// The listener meant as TLS by the flags, written http://.
-		{options{etcdEndpoints: "http://" + l.Addr(), etcdCAFile: ca}, true},
+		{agent.Options{EtcdEndpoints: "http://" + l.Addr(), EtcdCAFile: ca}, true},
 	} {
 		err := tryClient(t, &c.o)
 		switch {
 		case err == nil:
 			t.Errorf("%+v: a request to a server that speaks nothing worked", c.o)
-		case c.refused && exitCode(err) != 2:
+		case c.refused && agent.ExitCode(err) != 2:
 			t.Errorf("%+v: not refused as a usage error: %v", c.o, err)
-		case !c.refused && exitCode(err) == 2:
+		case !c.refused && agent.ExitCode(err) == 2:
 			t.Errorf("%+v: refused: %v", c.o, err)
 		}
 	}

@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/internal/agent"
 )
 
 // The man page and the bash completion are generated from the flag sets
@@ -33,7 +35,7 @@ var subcommands = []struct{ name, args, what string }{
 // flags, each sorted by name.
 func ownFlags() []*flag.Flag {
 	fs := flag.NewFlagSet("leased", flag.ContinueOnError)
-	(&options{}).register(fs)
+	register(fs, &agent.Options{})
 	return allFlags(fs)
 }
 

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/leased/leased/internal/agent"
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/testutil/etcdtest"
 	"github.com/leased/leased/internal/testutil/testcerts"
@@ -41,13 +42,13 @@ func TestAgentThroughTLSGRPCProxy(t *testing.T) {
 	// A client that does not trust the proxy's CA is refused: the agent
 	// verifies the proxy.
 	wrongCA := testcerts.NewCA(t, dir, "wrong-ca")
-	if err := tryClient(t, &options{etcdEndpoints: p.ClientURL, etcdCAFile: wrongCA.File, etcdCertFile: agentCert, etcdKeyFile: agentKey}); err == nil ||
+	if err := tryClient(t, &agent.Options{EtcdEndpoints: p.ClientURL, EtcdCAFile: wrongCA.File, EtcdCertFile: agentCert, EtcdKeyFile: agentKey}); err == nil ||
 		!strings.Contains(err.Error(), "certificate signed by unknown authority") {
 		t.Errorf("a client that does not trust the proxy's certificate: %v; want certificate signed by unknown authority", err)
 	}
 
-	o := &options{etcdEndpoints: p.ClientURL, etcdCAFile: ca.File, etcdCertFile: agentCert, etcdKeyFile: agentKey}
-	cli, err := newEtcdClient(o)
+	o := &agent.Options{EtcdEndpoints: p.ClientURL, EtcdCAFile: ca.File, EtcdCertFile: agentCert, EtcdKeyFile: agentKey}
+	cli, err := agent.NewEtcdClient(o)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,7 +15,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"github.com/leased/leased/pkg/ipfam"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -27,6 +26,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/leased/leased/internal/agent"
 	"github.com/leased/leased/pkg/backend"
 	"github.com/leased/leased/pkg/metrics"
 )
@@ -72,7 +72,7 @@ func run(args []string) int {
 			return 0
 		}
 	}
-	o := &options{}
+	o := &agent.Options{}
 	fs := newFlagSet("leased", o)
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -85,7 +85,7 @@ func run(args []string) int {
 		fmt.Fprintf(os.Stderr, "leased: %v\n", err)
 		return 2
 	}
-	if err := o.validate(); err != nil {
+	if err := o.Validate(); err != nil {
 		fmt.Fprintf(os.Stderr, "leased: %v\n", err)
 		return 2
 	}
@@ -108,14 +108,16 @@ func run(args []string) int {
 		runtime.MemProfileRate = 4096
 		go writeHeapWhenReady(ctx, p)
 	}
-	if err := runAgent(ctx, o); err != nil {
+	klog.InfoS("leased starting", "version", buildVersion(), "go", runtime.Version())
+	metrics.SetBuildInfo(buildVersion(), runtime.Version())
+	if err := agent.Run(ctx, o); err != nil {
 		var pe *backend.PrivilegeError
 		if errors.As(err, &pe) {
 			klog.ErrorS(err, "leased stopped without claiming a subnet; restarting cannot help", "exitStatus", backend.PrivilegeExitStatus)
 			return backend.PrivilegeExitStatus
 		}
 		klog.ErrorS(err, "leased stopped")
-		return exitCode(err)
+		return agent.ExitCode(err)
 	}
 	klog.InfoS("leased stopped; the lease and the datapath stay in place until the lease expires")
 	return 0
@@ -141,75 +143,15 @@ Each command takes -h.
 flags (each also settable as LEASED_<FLAG>, e.g. LEASED_ETCD_ENDPOINTS):
 `
 
-func newFlagSet(name string, o *options) *flag.FlagSet {
+func newFlagSet(name string, o *agent.Options) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	o.register(fs)
+	register(fs, o)
 	klog.InitFlags(fs)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usage)
 		printGroupedDefaults(fs.Output())
 	}
 	return fs
-}
-
-func runAgent(ctx context.Context, o *options) error {
-	klog.InfoS("leased starting", "version", buildVersion(), "go", runtime.Version())
-	if err := holdAgentLock(ctx, o); err != nil {
-		return nil
-	}
-	metrics.SetBuildInfo(buildVersion(), runtime.Version())
-	node := o.nodeName
-	if node == "" {
-		var err error
-		if node, err = defaultNodeName(); err != nil {
-			return err
-		}
-	}
-	// The monitor says why etcd cannot be used, and stops the agent
-	// (exit status 2) when no retry can fix it.
-	ctx, stopAgent := context.WithCancelCause(ctx)
-	defer stopAgent(nil)
-	mon := newEtcdMonitor(o)
-	cli, err := mon.connect(ctx)
-	if err != nil {
-		if errors.Is(err, context.Canceled) {
-			return nil
-		}
-		return err
-	}
-	defer cli.Close()
-	go mon.run(ctx, cli, stopAgent)
-	// gRPC connects on the first request; start now, so that the
-	// connection is being set up while the interface is looked up.
-	cli.ActiveConnection().Connect()
-	ext, why, err := findExtIface(o)
-	if err != nil {
-		return fmt.Errorf("choosing the interface for inter-host traffic: %w", err)
-	}
-	if ext.Split() {
-		l6 := ext.Link(ipfam.IPv6)
-		klog.InfoS("Using interface", "family", "IPv4", "iface", ext.V4.Name, "chosenBy", why, "publicIP", ext.V4.Public, "mtu", ext.V4.MTU)
-		klog.InfoS("Using interface", "family", "IPv6", "iface", l6.Name, "chosenBy", why, "publicIPv6", ext.V6.Public, "mtu", l6.MTU)
-	} else {
-		klog.InfoS("Using interface", "iface", ext.V4.Name, "chosenBy", why, "publicIP", ext.V4.Public, "publicIPv6", ext.V6.Public, "mtu", ext.V4.MTU)
-	}
-	a := newAgent(o, cli, ext, node)
-	a.etcd = mon
-	a.lease.ipam = startDockerIPAM(ctx, &o.dockerIPAM, o.subnetFile)
-	if o.metricsAddr != "" {
-		if err := serveHTTP(ctx, o.metricsAddr, &a.health); err != nil {
-			return err
-		}
-	}
-	err = a.run(ctx)
-	var ue *usageError
-	if cause := context.Cause(ctx); errors.As(cause, &ue) {
-		return cause
-	}
-	if errors.Is(err, context.Canceled) {
-		return nil
-	}
-	return err
 }
 
 // execLab runs `leased-lab args...` from next to this executable (or $PATH).

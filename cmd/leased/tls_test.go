@@ -2,7 +2,7 @@ package main
 
 // Scenario 9 of issue 6: the agent's etcd client over TLS (client
 // certificates, server-only TLS) and with user/password authentication.
-// Each case builds the client exactly as the agent does (newEtcdClient from
+// Each case builds the client exactly as the agent does (NewEtcdClient from
 // the options the flags fill) and makes a real request.
 
 import (
@@ -22,6 +22,7 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 
+	"github.com/leased/leased/internal/agent"
 	"github.com/leased/leased/internal/etcdserver"
 	"github.com/leased/leased/internal/testutil"
 	"github.com/leased/leased/internal/testutil/testcerts"
@@ -50,9 +51,9 @@ func startTLSEtcd(t *testing.T, ca *testcerts.CA, clientCertAuth bool) string {
 
 // tryClient builds the agent's client from o and makes one request, as the
 // agent's first step does; it returns the error the agent would log.
-func tryClient(t *testing.T, o *options) error {
+func tryClient(t *testing.T, o *agent.Options) error {
 	t.Helper()
-	cli, err := newEtcdClient(o)
+	cli, err := agent.NewEtcdClient(o)
 	if err != nil {
 		return err
 	}
@@ -74,29 +75,29 @@ func TestEtcdClientCertificates(t *testing.T) {
 
 	tests := []struct {
 		name      string
-		o         options
+		o         agent.Options
 		wantError []string // substrings the error must contain; nil = must work
 	}{
-		{"right CA and client cert", options{etcdCAFile: ca.File, etcdCertFile: good, etcdKeyFile: goodKey}, nil},
-		{"wrong CA for the server", options{etcdCAFile: wrongCA.File, etcdCertFile: good, etcdKeyFile: goodKey},
+		{"right CA and client cert", agent.Options{EtcdCAFile: ca.File, EtcdCertFile: good, EtcdKeyFile: goodKey}, nil},
+		{"wrong CA for the server", agent.Options{EtcdCAFile: wrongCA.File, EtcdCertFile: good, EtcdKeyFile: goodKey},
 			[]string{"certificate signed by unknown authority"}},
-		{"expired client cert", options{etcdCAFile: ca.File, etcdCertFile: expired, etcdKeyFile: expiredKey},
+		{"expired client cert", agent.Options{EtcdCAFile: ca.File, EtcdCertFile: expired, EtcdKeyFile: expiredKey},
 			[]string{expired, "expired"}},
-		{"client cert from another CA", options{etcdCAFile: ca.File, etcdCertFile: foreign, etcdKeyFile: foreignKey},
+		{"client cert from another CA", agent.Options{EtcdCAFile: ca.File, EtcdCertFile: foreign, EtcdKeyFile: foreignKey},
 			[]string{"unknown certificate authority"}},
-		{"missing client cert", options{etcdCAFile: ca.File},
+		{"missing client cert", agent.Options{EtcdCAFile: ca.File},
 			[]string{"certificate required"}},
-		{"cert without its key", options{etcdCAFile: ca.File, etcdCertFile: good},
+		{"cert without its key", agent.Options{EtcdCAFile: ca.File, EtcdCertFile: good},
 			[]string{"--etcd-keyfile"}},
-		{"key of another cert", options{etcdCAFile: ca.File, etcdCertFile: good, etcdKeyFile: expiredKey},
+		{"key of another cert", agent.Options{EtcdCAFile: ca.File, EtcdCertFile: good, EtcdKeyFile: expiredKey},
 			[]string{"private key does not match public key"}},
-		{"CA file missing", options{etcdCAFile: filepath.Join(dir, "nope.pem"), etcdCertFile: good, etcdKeyFile: goodKey},
+		{"CA file missing", agent.Options{EtcdCAFile: filepath.Join(dir, "nope.pem"), EtcdCertFile: good, EtcdKeyFile: goodKey},
 			[]string{"nope.pem"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			o := tc.o
-			o.etcdEndpoints = ep
+			o.EtcdEndpoints = ep
 			start := time.Now()
 			err := tryClient(t, &o)
 			t.Logf("after %s: %v", time.Since(start).Round(time.Millisecond), err)
@@ -123,11 +124,11 @@ func TestEtcdServerOnlyTLS(t *testing.T) {
 	dir := t.TempDir()
 	ca := testcerts.NewCA(t, dir, "ca")
 	ep := startTLSEtcd(t, ca, false)
-	if err := tryClient(t, &options{etcdEndpoints: ep, etcdCAFile: ca.File}); err != nil {
+	if err := tryClient(t, &agent.Options{EtcdEndpoints: ep, EtcdCAFile: ca.File}); err != nil {
 		t.Fatalf("CA only: %v", err)
 	}
 	// Without the CA the system roots do not know the server: refused, and said so.
-	err := tryClient(t, &options{etcdEndpoints: ep})
+	err := tryClient(t, &agent.Options{EtcdEndpoints: ep})
 	if err == nil || !strings.Contains(err.Error(), "certificate signed by unknown authority") {
 		t.Errorf("https without the CA: %v", err)
 	}
@@ -138,9 +139,9 @@ func TestEtcdServerOnlyTLS(t *testing.T) {
 // request fails against a plaintext server.
 func TestHTTPSEndpointNeverPlaintext(t *testing.T) {
 	l := testutil.NewSniffer(t, []byte("HTTP/1.1 400 Bad Request\r\n\r\n")) // a plaintext server's answer
-	for _, o := range []options{
-		{etcdEndpoints: "https://" + l.Addr()},
-		{etcdEndpoints: "https://" + l.Addr(), etcdCAFile: testcerts.NewCA(t, t.TempDir(), "ca").File},
+	for _, o := range []agent.Options{
+		{EtcdEndpoints: "https://" + l.Addr()},
+		{EtcdEndpoints: "https://" + l.Addr(), EtcdCAFile: testcerts.NewCA(t, t.TempDir(), "ca").File},
 	} {
 		if err := tryClient(t, &o); err == nil {
 			t.Errorf("%+v: a request to a plaintext server over https:// worked", o)
@@ -160,7 +161,7 @@ func TestHTTPSEndpointNeverPlaintext(t *testing.T) {
 	}
 	// The same server with a plain http:// endpoint does get plaintext: the
 	// check above can tell the two apart.
-	tryClient(t, &options{etcdEndpoints: "http://" + l.Addr()})
+	tryClient(t, &agent.Options{EtcdEndpoints: "http://" + l.Addr()})
 	firsts = l.Take()
 	plain := false
 	for _, b := range firsts {
@@ -217,20 +218,20 @@ func TestEtcdPasswordAuth(t *testing.T) {
 	m, _ := startAuthEtcd(t)
 	pwFile := filepath.Join(t.TempDir(), "pw")
 	os.WriteFile(pwFile, []byte(testPassword+"\n"), 0o600)
-	if err := tryClient(t, &options{etcdEndpoints: m.ClientURL, etcdUsername: "leased", etcdPasswordFile: pwFile}); err != nil {
+	if err := tryClient(t, &agent.Options{EtcdEndpoints: m.ClientURL, EtcdUsername: "leased", EtcdPasswordFile: pwFile}); err != nil {
 		t.Errorf("password file: %v", err)
 	}
-	if err := tryClient(t, &options{etcdEndpoints: m.ClientURL, etcdUsername: "leased", etcdPassword: testPassword}); err != nil {
+	if err := tryClient(t, &agent.Options{EtcdEndpoints: m.ClientURL, EtcdUsername: "leased", EtcdPassword: testPassword}); err != nil {
 		t.Errorf("password flag: %v", err)
 	}
-	err := tryClient(t, &options{etcdEndpoints: m.ClientURL, etcdUsername: "leased", etcdPassword: "wrong"})
+	err := tryClient(t, &agent.Options{EtcdEndpoints: m.ClientURL, EtcdUsername: "leased", EtcdPassword: "wrong"})
 	if err == nil || !strings.Contains(err.Error(), "authentication failed") {
 		t.Errorf("wrong password: %v", err)
 	}
 	if err != nil && strings.Contains(err.Error(), "wrong") {
 		t.Errorf("the error repeats the password: %v", err)
 	}
-	if err := tryClient(t, &options{etcdEndpoints: m.ClientURL}); err == nil {
+	if err := tryClient(t, &agent.Options{EtcdEndpoints: m.ClientURL}); err == nil {
 		t.Error("no credentials: a request worked with auth enabled")
 	}
 }

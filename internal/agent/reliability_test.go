@@ -1,4 +1,4 @@
-package main
+package agent
 
 // Reliability scenarios of issue 6 that need only etcd and the agent's own
 // logic (the datapath side is in test/e2e/reliability_test.go):
@@ -90,8 +90,8 @@ func newIdleAgent(t *testing.T, endpoint, node, ip string, be backend.Backend) *
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := &options{etcdEndpoints: endpoint, etcdPrefix: lease.DefaultPrefix, leaseTTL: 10 * time.Second,
-		subnetFile: filepath.Join(t.TempDir(), "subnet.env")}
+	o := &Options{EtcdEndpoints: endpoint, EtcdPrefix: lease.DefaultPrefix, LeaseTTL: 10 * time.Second,
+		SubnetFile: filepath.Join(t.TempDir(), "subnet.env")}
 	ext := backend.ExtIface{V4: backend.ExtLink{Name: "eth0", MTU: 1500, Public: netip.MustParseAddr(ip), Addr: netip.MustParseAddr(ip)}}
 	a := newAgent(o, cli, ext, node)
 	a.dp.newBackend = func(json.RawMessage, backend.ExtIface, string, backend.Options) (backend.Backend, error) {
@@ -220,7 +220,7 @@ func TestFiftyAgentsStartTogether(t *testing.T) {
 	}
 }
 
-func subnetEnvOf(a *idleAgent) (subnetenv.Env, error) { return subnetenv.Read(a.o.subnetFile) }
+func subnetEnvOf(a *idleAgent) (subnetenv.Env, error) { return subnetenv.Read(a.o.SubnetFile) }
 
 // Scenario 6: while an agent is cut off from etcd, peers leave, move and
 // arrive, and etcd compacts past the agent's watch revision. On reconnect
@@ -420,7 +420,7 @@ func TestAgentResumesFromLeaseCache(t *testing.T) {
 	waitPeers(t, hb1, want)
 	stop1()
 	<-a1.done
-	cache := a1.o.leaseCachePath()
+	cache := a1.o.LeaseCachePath()
 	if _, err := os.Stat(cache); err != nil {
 		t.Fatalf("no lease cache saved at exit: %v", err)
 	}
@@ -430,7 +430,7 @@ func TestAgentResumesFromLeaseCache(t *testing.T) {
 
 	hb2 := &histBackend{}
 	a2 := newIdleAgent(t, srv.ClientURL, "host", "192.168.200.1", hb2)
-	a2.o.subnetFile = a1.o.subnetFile // same directory: same cache
+	a2.o.SubnetFile = a1.o.SubnetFile // same directory: same cache
 	log := testutil.CaptureKlog(t)
 	ctx2, stop2 := context.WithCancel(context.Background())
 	defer func() { stop2(); <-a2.done }()

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"crypto/sha256"
@@ -10,10 +10,10 @@ import (
 	"github.com/leased/leased/pkg/lease"
 )
 
-// defaultNodeName derives a stable node identity: the hostname when it is a
+// DefaultNodeName derives a stable node identity: the hostname when it is a
 // valid node name, else a digest of /etc/machine-id. The identity, not the
 // IP address, is what a host's subnet is remembered by.
-func defaultNodeName() (string, error) {
+func DefaultNodeName() (string, error) {
 	if h, err := os.Hostname(); err == nil && lease.ValidNodeName(h) == nil && h != "localhost" {
 		return h, nil
 	}

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"bytes"
@@ -103,16 +103,16 @@ func (c *configKeeper) adopt(raw []byte, own []netip.Prefix, records map[string]
 			return c.refusedWhy
 		}
 		c.refused = nil
-		klog.InfoS("network config changed; applying", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
+		klog.InfoS("network config changed; applying", "ipv4", PoolString(cfg.IPv4), "ipv6", PoolString(cfg.IPv6), "backend", cfg.Backend.Type)
 	} else {
-		klog.InfoS("network config", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
+		klog.InfoS("network config", "ipv4", PoolString(cfg.IPv4), "ipv6", PoolString(cfg.IPv6), "backend", cfg.Backend.Type)
 	}
 	c.cfg = cfg
 	c.refusedWhy = ""
 	return ""
 }
 
-func poolString(p *lease.Pool) string {
+func PoolString(p *lease.Pool) string {
 	if p == nil {
 		return "disabled"
 	}
@@ -172,6 +172,6 @@ func (c *configKeeper) recheckRefused(own []netip.Prefix, records map[string]*le
 	}
 	cfg := c.refused
 	c.refused, c.refusedWhy = nil, ""
-	klog.InfoS("network config no longer strands a held subnet; applying", "ipv4", poolString(cfg.IPv4), "ipv6", poolString(cfg.IPv6), "backend", cfg.Backend.Type)
+	klog.InfoS("network config no longer strands a held subnet; applying", "ipv4", PoolString(cfg.IPv4), "ipv6", PoolString(cfg.IPv6), "backend", cfg.Backend.Type)
 	c.cfg = cfg
 }

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -186,8 +186,8 @@ func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 		return fmt.Sprintf(`{"Network":"10.100.0.0/16","Backend":{"Type":"vxlan","VNI":%d}}`, n)
 	}
 	etcdtest.Put(t, cli, cfgKey, cfg(1))
-	o := &options{etcdEndpoints: srv.ClientURL, etcdPrefix: lease.DefaultPrefix, leaseTTL: 10 * time.Second,
-		subnetFile: filepath.Join(t.TempDir(), "subnet.env")}
+	o := &Options{EtcdEndpoints: srv.ClientURL, EtcdPrefix: lease.DefaultPrefix, LeaseTTL: 10 * time.Second,
+		SubnetFile: filepath.Join(t.TempDir(), "subnet.env")}
 	addr := netip.MustParseAddr("192.0.2.1")
 	ext := backend.ExtIface{V4: backend.ExtLink{Name: "eth0", Index: eth0.Attrs().Index, MTU: 1500, Addr: addr, Public: addr, HardwareAddr: eth0.Attrs().HardwareAddr}}
 	a := newAgent(o, cli, ext, "fd")
@@ -201,7 +201,7 @@ func TestAgentRebuildsBackendWithoutLeaking(t *testing.T) {
 	t.Cleanup(func() { cancel(); <-done })
 
 	testutil.Eventually(t, 20*time.Second, "the vxlan device with VNI 1", func() bool { return vni() == 1 })
-	testutil.Eventually(t, 20*time.Second, "subnet.env", func() bool { _, err := subnetenv.Read(o.subnetFile); return err == nil })
+	testutil.Eventually(t, 20*time.Second, "subnet.env", func() bool { _, err := subnetenv.Read(o.SubnetFile); return err == nil })
 	time.Sleep(500 * time.Millisecond) // let the first backend's subscriptions open
 	// The netlink sockets are *os.File: the garbage collector would close
 	// a leaked one some time later. Handles must be released when the

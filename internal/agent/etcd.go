@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -22,15 +22,15 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// newEtcdClient builds the etcd client from the options. It does not wait
+// NewEtcdClient builds the etcd client from the options. It does not wait
 // for etcd to be reachable (callers retry their own requests), except with
 // a user name, when it authenticates (within DialTimeout). Flags no retry
 // can fix, and a refused user or password, give a usageError.
-func newEtcdClient(o *options) (*clientv3.Client, error) {
-	if err := o.validateEtcd(); err != nil {
+func NewEtcdClient(o *Options) (*clientv3.Client, error) {
+	if err := o.ValidateEtcd(); err != nil {
 		return nil, err
 	}
-	eps := strings.Split(o.etcdEndpoints, ",")
+	eps := strings.Split(o.EtcdEndpoints, ",")
 	cfg := clientv3.Config{
 		Endpoints:   eps,
 		DialTimeout: 5 * time.Second,
@@ -39,39 +39,39 @@ func newEtcdClient(o *options) (*clientv3.Client, error) {
 		// up. etcd refuses pings more often than every 5s by default.
 		DialKeepAliveTime:    10 * time.Second,
 		DialKeepAliveTimeout: 5 * time.Second,
-		Username:             o.etcdUsername,
-		Password:             o.etcdPassword,
+		Username:             o.EtcdUsername,
+		Password:             o.EtcdPassword,
 		// The client's own zap logger is noisy about every retry; leased
 		// logs what matters itself.
 		Logger: zap.NewNop(),
 	}
-	if o.etcdPasswordFile != "" {
-		b, err := os.ReadFile(o.etcdPasswordFile)
+	if o.EtcdPasswordFile != "" {
+		b, err := os.ReadFile(o.EtcdPasswordFile)
 		if err != nil {
 			return nil, fmt.Errorf("reading --etcd-password-file: %w", err)
 		}
 		cfg.Password = strings.TrimRight(string(b), "\r\n")
 	}
-	tlsWanted := o.etcdCAFile != "" || o.etcdCertFile != "" || o.etcdKeyFile != ""
+	tlsWanted := o.EtcdCAFile != "" || o.EtcdCertFile != "" || o.EtcdKeyFile != ""
 	for _, ep := range eps {
 		if strings.HasPrefix(ep, "https://") {
 			tlsWanted = true
 		}
 	}
 	if tlsWanted {
-		if (o.etcdCertFile == "") != (o.etcdKeyFile == "") {
+		if (o.EtcdCertFile == "") != (o.EtcdKeyFile == "") {
 			return nil, fmt.Errorf("--etcd-certfile and --etcd-keyfile go together: give both or neither")
 		}
 		// The client certificate is read again at every handshake, so a
 		// renewed certificate is used without a restart. Logger must be
 		// set: TLSInfo logs through it when a file has gone missing.
-		info := transport.TLSInfo{CertFile: o.etcdCertFile, KeyFile: o.etcdKeyFile, TrustedCAFile: o.etcdCAFile, Logger: zap.NewNop()}
+		info := transport.TLSInfo{CertFile: o.EtcdCertFile, KeyFile: o.EtcdKeyFile, TrustedCAFile: o.EtcdCAFile, Logger: zap.NewNop()}
 		var tc *tls.Config
 		var err error
-		if info.Empty() && o.etcdCAFile == "" {
+		if info.Empty() && o.EtcdCAFile == "" {
 			tc = &tls.Config{MinVersion: tls.VersionTLS12}
 		} else if tc, err = info.ClientConfig(); err != nil {
-			return nil, fmt.Errorf("loading etcd TLS files (ca %q, cert %q, key %q): %w", o.etcdCAFile, o.etcdCertFile, o.etcdKeyFile, err)
+			return nil, fmt.Errorf("loading etcd TLS files (ca %q, cert %q, key %q): %w", o.EtcdCAFile, o.EtcdCertFile, o.EtcdKeyFile, err)
 		}
 		cfg.TLS = tc
 	}
@@ -84,19 +84,19 @@ func newEtcdClient(o *options) (*clientv3.Client, error) {
 			BaseDelay: time.Second, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 10 * time.Second}, MinConnectTimeout: 20 * time.Second}))
 	cli, err := clientv3.New(cfg)
 	if err != nil {
-		why, fatal := whyEtcd(o, err)
+		why, fatal := WhyEtcd(o, err)
 		if fatal {
 			return nil, &usageError{why + " (" + err.Error() + ")"}
 		}
 		// With a user name, New authenticates and so needs etcd.
 		var ce *connError
 		if errors.As(err, &ce) {
-			return nil, fmt.Errorf("authenticating to etcd as %q: %w", o.etcdUsername, err)
+			return nil, fmt.Errorf("authenticating to etcd as %q: %w", o.EtcdUsername, err)
 		}
 		if errors.Is(err, context.DeadlineExceeded) {
-			return nil, fmt.Errorf("authenticating to etcd as %q: %s: %w", o.etcdUsername, why, err)
+			return nil, fmt.Errorf("authenticating to etcd as %q: %s: %w", o.EtcdUsername, why, err)
 		}
-		return nil, fmt.Errorf("creating etcd client for %s: %w", o.etcdEndpoints, err)
+		return nil, fmt.Errorf("creating etcd client for %s: %w", o.EtcdEndpoints, err)
 	}
 	return cli, nil
 }
@@ -123,7 +123,7 @@ func (e *connError) Unwrap() error { return e.ctx }
 // request that never got a connection into a connError. It runs inside the
 // etcd client's retry interceptor and only acts once the caller's context is
 // done, so the client's own retries are unchanged.
-func explainConnErrors(o *options, eps []string, tc *tls.Config) grpc.UnaryClientInterceptor {
+func explainConnErrors(o *Options, eps []string, tc *tls.Config) grpc.UnaryClientInterceptor {
 	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 		err := invoker(ctx, method, req, reply, cc, opts...)
 		if err == nil || ctx.Err() == nil {
@@ -198,40 +198,40 @@ func probe(eps []string, tc *tls.Config) string {
 
 // explainConn says in an operator's terms what a gRPC connection error
 // means, naming the flag and file concerned.
-func explainConn(o *options, cause string) string {
+func explainConn(o *Options, cause string) string {
 	has := func(s string) bool { return strings.Contains(cause, s) }
-	cert := "--etcd-certfile " + o.etcdCertFile
+	cert := "--etcd-certfile " + o.EtcdCertFile
 	switch {
 	case has("x509: certificate signed by unknown authority"):
-		if o.etcdCAFile == "" {
+		if o.EtcdCAFile == "" {
 			return "etcd's server certificate is not signed by a CA this host trusts: give the CA that signed it with --etcd-cafile"
 		}
-		return "etcd's server certificate is not signed by the CA in --etcd-cafile " + o.etcdCAFile
+		return "etcd's server certificate is not signed by the CA in --etcd-cafile " + o.EtcdCAFile
 	case has("x509: certificate has expired or is not yet valid"):
 		return "etcd's server certificate has expired or is not yet valid (check the server's certificate and this host's clock)"
 	case has("x509: certificate is valid for"):
-		return "etcd's server certificate does not name the host of --etcd-endpoints " + o.etcdEndpoints
+		return "etcd's server certificate does not name the host of --etcd-endpoints " + o.EtcdEndpoints
 	case has("remote error: tls: expired certificate"):
-		return "etcd refused the client certificate " + cert + ": " + certValidity(o.etcdCertFile)
+		return "etcd refused the client certificate " + cert + ": " + certValidity(o.EtcdCertFile)
 	case has("remote error: tls: unknown certificate authority"):
 		return "etcd refused the client certificate " + cert + ": it is not signed by a CA etcd trusts (etcd's --trusted-ca-file)"
 	case has("remote error: tls: certificate required"):
-		if o.etcdCertFile == "" {
+		if o.EtcdCertFile == "" {
 			return "etcd requires a client certificate: give --etcd-certfile and --etcd-keyfile"
 		}
 		return "etcd did not get the client certificate " + cert
 	case has("remote error: tls: bad certificate"), has("remote error: tls: unsupported certificate"):
 		return "etcd refused the client certificate " + cert + " (is it a client certificate, with the clientAuth key usage?)"
 	case has("first record does not look like a TLS handshake"):
-		return "etcd at " + o.etcdEndpoints + " does not speak TLS: use http:// endpoints or enable TLS on etcd"
-	case (has("server preface") || has("http2: frame too large")) && strings.Contains(o.etcdEndpoints, "http://"):
-		return "etcd at " + o.etcdEndpoints + " does not answer plaintext gRPC (does it use TLS? then write https:// endpoints and give --etcd-cafile)"
+		return "etcd at " + o.EtcdEndpoints + " does not speak TLS: use http:// endpoints or enable TLS on etcd"
+	case (has("server preface") || has("http2: frame too large")) && strings.Contains(o.EtcdEndpoints, "http://"):
+		return "etcd at " + o.EtcdEndpoints + " does not answer plaintext gRPC (does it use TLS? then write https:// endpoints and give --etcd-cafile)"
 	case has("authentication handshake failed"), has("remote error: tls:"):
 		return "the TLS handshake with etcd failed (check --etcd-cafile, --etcd-certfile and --etcd-keyfile)"
 	case has("connection refused"), has("no route to host"), has("i/o timeout"), has("network is unreachable"), has("no such file or directory"):
-		return "etcd at " + o.etcdEndpoints + " is not reachable (is it up? check --etcd-endpoints)"
+		return "etcd at " + o.EtcdEndpoints + " is not reachable (is it up? check --etcd-endpoints)"
 	}
-	return "no connection to etcd at " + o.etcdEndpoints
+	return "no connection to etcd at " + o.EtcdEndpoints
 }
 
 // certValidity describes the validity period of the first certificate in

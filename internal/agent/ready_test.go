@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -35,7 +35,7 @@ func TestReadyMetricFollowsLeaseAndConfig(t *testing.T) {
 	etcdtest.Put(t, cli, cfgKey, good)
 	p := etcdtest.Proxy(t, strings.TrimPrefix(srv.ClientURL, "http://"))
 	a := newIdleAgent(t, "http://"+p.Addr().String(), "a", "192.168.1.1", &recorder{})
-	a.o.leaseTTL = 3 * time.Second
+	a.o.LeaseTTL = 3 * time.Second
 	// A subnet below the SubnetMax of the config accepted below (a random
 	// one above it made that config refused, legitimately, 5 times in 256).
 	a.lease.hint = subnetenv.Env{Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.1.0/24")}}

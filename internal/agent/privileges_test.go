@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -40,7 +40,7 @@ func TestAgentStopsBeforeClaimingWithoutPrivileges(t *testing.T) {
 	if !errors.As(ia.err, &pe) || checked != backend.TypeHostGW {
 		t.Fatalf("run returned %v (checked %q), want the PrivilegeError of host-gw", ia.err, checked)
 	}
-	if _, err := subnetenv.Read(ia.o.subnetFile); err == nil {
+	if _, err := subnetenv.Read(ia.o.SubnetFile); err == nil {
 		t.Error("subnet.env written")
 	}
 	if len(rec.starts) != 0 {

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"fmt"
@@ -50,10 +50,10 @@ func (k *leaseKeeper) exclusions(cfg *lease.Config) ([]lease.Excluded, error) {
 	return out, nil
 }
 
-// hostReport is `leased config validate --host`: which parts of the valid
+// HostReport is `leased config validate --host`: which parts of the valid
 // config data's networks this host cannot lease a subnet in, because it
 // routes them itself. It returns the exit status.
-func hostReport(data []byte) int {
+func HostReport(data []byte) int {
 	cfg, _, err := lease.ParseConfig(data)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "%v\n", err)

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"github.com/leased/leased/pkg/ipfam"
@@ -25,18 +25,18 @@ type ownKeys struct {
 	conflict  string             // the conflict last logged ("" when none)
 }
 
-// ownLeasesFile is where the agent keeps the etcd leases it granted.
-func (o *options) ownLeasesFile() string {
-	return filepath.Join(filepath.Dir(o.subnetFile), "own-leases")
+// OwnLeasesFile is where the agent keeps the etcd leases it granted.
+func (o *Options) OwnLeasesFile() string {
+	return filepath.Join(filepath.Dir(o.SubnetFile), "own-leases")
 }
 
 // load reads the file once.
-func (k *ownKeys) load(o *options, node string) {
+func (k *ownKeys) load(o *Options, node string) {
 	if k.loaded {
 		return
 	}
 	k.loaded = true
-	k.file = lease.OwnLeases{Path: o.ownLeasesFile(), Node: node}
+	k.file = lease.OwnLeases{Path: o.OwnLeasesFile(), Node: node}
 	ids, ok, err := k.file.Load()
 	if err != nil {
 		klog.InfoS("could not read the etcd leases of this host's earlier runs; treating this as a first start", "path", k.file.Path, "err", err)

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -18,9 +18,9 @@ import (
 // lock when the process ends however it ends (SIGKILL included), so a
 // crashed agent leaves no stale lock behind.
 
-// agentLockFile is the lock file of the agents that use o.subnetFile.
-func (o *options) agentLockFile() string {
-	return filepath.Join(filepath.Dir(o.subnetFile), "agent.lock")
+// agentLockFile is the lock file of the agents that use o.SubnetFile.
+func (o *Options) agentLockFile() string {
+	return filepath.Join(filepath.Dir(o.SubnetFile), "agent.lock")
 }
 
 // holdAgentLock takes the agent's shared lock and keeps it until the
@@ -28,7 +28,7 @@ func (o *options) agentLockFile() string {
 // ctx ends). A lock that cannot be taken for another reason is logged and
 // not waited for: the agent runs without it (teardown then cannot tell
 // that it runs).
-func holdAgentLock(ctx context.Context, o *options) error {
+func holdAgentLock(ctx context.Context, o *Options) error {
 	path := o.agentLockFile()
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		klog.ErrorS(err, "cannot create the agent lock file; running without it, so leased teardown cannot tell that this agent runs", "path", path)

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -107,7 +107,7 @@ func (ta *testAgent) stop() {
 }
 
 func (ta *testAgent) env(t *testing.T) (subnetenv.Env, error) {
-	return subnetenv.Read(ta.o.subnetFile)
+	return subnetenv.Read(ta.o.SubnetFile)
 }
 
 var cfgKey = lease.NewKeys("").Config()
@@ -177,11 +177,11 @@ func TestAgentKeepsLastGoodConfig(t *testing.T) {
 	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16"}`)
 	a := startTestAgent(t, srv.ClientURL, "a", "192.168.1.1")
 	testutil.Eventually(t, 20*time.Second, "lease", func() bool { _, err := a.env(t); return err == nil })
-	before, _ := os.ReadFile(a.o.subnetFile)
+	before, _ := os.ReadFile(a.o.SubnetFile)
 	for _, bad := range []string{`{"Network":`, `{"Network":"10.200.0.0/16"}`, `{"Network":"10.100.0.0/16","Backend":{"Type":"vxlan"}}`} {
 		etcdtest.Put(t, cli, cfgKey, bad)
 		time.Sleep(300 * time.Millisecond)
-		after, _ := os.ReadFile(a.o.subnetFile)
+		after, _ := os.ReadFile(a.o.SubnetFile)
 		if string(after) != string(before) {
 			t.Fatalf("config %s changed subnet.env:\n%s\nto\n%s", bad, before, after)
 		}
@@ -191,7 +191,7 @@ func TestAgentKeepsLastGoodConfig(t *testing.T) {
 	}
 	// Enabling IPv6 is compatible: the host adds an IPv6 subnet, keeps IPv4.
 	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","IPv6Network":"2001:db8::/48"}`)
-	env0, _ := subnetenv.Read(a.o.subnetFile)
+	env0, _ := subnetenv.Read(a.o.SubnetFile)
 	testutil.Eventually(t, 20*time.Second, "IPv6 subnet added", func() bool {
 		env, err := a.env(t)
 		return err == nil && env.Subnet.V6.IsValid() && env.Subnet.V4 == env0.Subnet.V4

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -35,12 +35,12 @@ func recordOf(t *testing.T, cli *clientv3.Client, node string) (*lease.Record, i
 }
 
 // startTestAgentIn is startTestAgent with the subnet file (and so the lease
-// file next to it) at subnetFile: another run on the same machine.
+// file next to it) at SubnetFile: another run on the same machine.
 func startTestAgentIn(t *testing.T, endpoint, node, ip, subnetFile string) *testAgent {
 	t.Helper()
 	rec := &recorder{}
 	ia := newIdleAgent(t, endpoint, node, ip, rec)
-	ia.o.subnetFile = subnetFile
+	ia.o.SubnetFile = subnetFile
 	ctx, cancel := context.WithCancel(context.Background())
 	ia.run(ctx)
 	ta := &testAgent{agent: ia.agent, rec: rec, cancel: cancel, done: ia.done}
@@ -159,7 +159,7 @@ func TestAgentRestartKeepsSubnet(t *testing.T) {
 	a := startTestAgent(t, srv.ClientURL, "h", "192.168.1.1")
 	testutil.Eventually(t, 20*time.Second, "subnet.env", func() bool { _, err := a.env(t); return err == nil })
 	env0, _ := a.env(t)
-	dir := a.o.subnetFile
+	dir := a.o.SubnetFile
 	for _, tc := range []struct {
 		name      string
 		keepFile  bool
@@ -168,7 +168,7 @@ func TestAgentRestartKeepsSubnet(t *testing.T) {
 		_, before := recordOf(t, cli, "h")
 		a.stop()
 		if !tc.keepFile {
-			if err := os.Remove(a.o.ownLeasesFile()); err != nil {
+			if err := os.Remove(a.o.OwnLeasesFile()); err != nil {
 				t.Fatal(err)
 			}
 		}

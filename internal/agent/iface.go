@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"github.com/leased/leased/pkg/ipfam"
@@ -22,7 +22,7 @@ import (
 // route (IPv4 the IPv4 default route's, IPv6 the IPv6 one's), and a family
 // without a default route uses the other family's link. The returned text
 // says why, per family when they differ.
-func findExtIface(o *options) (backend.ExtIface, string, error) {
+func findExtIface(o *Options) (backend.ExtIface, string, error) {
 	link4, link6, why, err := pickLinks(o)
 	if err != nil {
 		return backend.ExtIface{}, "", err
@@ -35,11 +35,11 @@ func findExtIface(o *options) (backend.ExtIface, string, error) {
 		_, ext.V6.Addr = linkAddrs(link6)
 	}
 	ext.V4.Public, ext.V6.Public = ext.V4.Addr, ext.V6.Addr
-	if o.publicIP != "" {
-		ext.V4.Public = netip.MustParseAddr(o.publicIP) // validated in options.validate
+	if o.PublicIP != "" {
+		ext.V4.Public = netip.MustParseAddr(o.PublicIP) // validated in options.validate
 	}
-	if o.publicIPv6 != "" {
-		ext.V6.Public = netip.MustParseAddr(o.publicIPv6)
+	if o.PublicIPv6 != "" {
+		ext.V6.Public = netip.MustParseAddr(o.PublicIPv6)
 	}
 	if !ipfam.Any(ext.Public()) {
 		if ext.Split() {
@@ -52,9 +52,9 @@ func findExtIface(o *options) (backend.ExtIface, string, error) {
 
 // pickLinks returns the links of IPv4 and IPv6 traffic and why they were
 // chosen.
-func pickLinks(o *options) (link4, link6 netlink.Link, why string, err error) {
-	if len(o.ifaces) > 0 {
-		for _, spec := range o.ifaces {
+func pickLinks(o *Options) (link4, link6 netlink.Link, why string, err error) {
+	if len(o.Ifaces) > 0 {
+		for _, spec := range o.Ifaces {
 			if ip, err := netip.ParseAddr(spec); err == nil {
 				if l := linkWithAddr(ip); l != nil {
 					return l, l, "--iface " + spec, nil
@@ -65,12 +65,12 @@ func pickLinks(o *options) (link4, link6 netlink.Link, why string, err error) {
 				return l, l, "--iface " + spec, nil
 			}
 		}
-		return nil, nil, "", fmt.Errorf("none of --iface %v exists on this host: check the names with 'ip link' and addresses with 'ip addr'", []string(o.ifaces))
+		return nil, nil, "", fmt.Errorf("none of --iface %v exists on this host: check the names with 'ip link' and addresses with 'ip addr'", []string(o.Ifaces))
 	}
-	if o.ifaceRegex != "" {
-		re, err := regexp.Compile(o.ifaceRegex)
+	if o.IfaceRegex != "" {
+		re, err := regexp.Compile(o.IfaceRegex)
 		if err != nil {
-			return nil, nil, "", fmt.Errorf("--iface-regex %q: %w", o.ifaceRegex, err)
+			return nil, nil, "", fmt.Errorf("--iface-regex %q: %w", o.IfaceRegex, err)
 		}
 		links, err := netlink.LinkList()
 		if err != nil {
@@ -78,10 +78,10 @@ func pickLinks(o *options) (link4, link6 netlink.Link, why string, err error) {
 		}
 		for _, l := range links {
 			if a4, a6 := linkAddrs(l); re.MatchString(l.Attrs().Name) && (a4.IsValid() || a6.IsValid()) {
-				return l, l, "--iface-regex " + o.ifaceRegex, nil
+				return l, l, "--iface-regex " + o.IfaceRegex, nil
 			}
 		}
-		return nil, nil, "", fmt.Errorf("no interface with an address matches --iface-regex %q", o.ifaceRegex)
+		return nil, nil, "", fmt.Errorf("no interface with an address matches --iface-regex %q", o.IfaceRegex)
 	}
 	if link4, err = defaultRouteLink(netlink.FAMILY_V4); err != nil {
 		return nil, nil, "", err

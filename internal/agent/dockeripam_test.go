@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -32,8 +32,8 @@ func TestDockerIPAMDocker0Share(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			o := &dockerIPAMOptions{on: tc.on, socket: filepath.Join(dir, "leased.sock"), state: filepath.Join(dir, "ipam.json"),
-				docker0Bits: 2, poolBits4: 3, poolBits6: 16}
+			o := &DockerIPAMOptions{On: tc.on, Socket: filepath.Join(dir, "leased.sock"), State: filepath.Join(dir, "ipam.json"),
+				Docker0Bits: 2, PoolBits4: 3, PoolBits6: 16}
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			di := startDockerIPAM(ctx, o, filepath.Join(dir, "subnet.env"))
@@ -63,7 +63,7 @@ func TestDockerIPAMDocker0Share(t *testing.T) {
 			}
 		})
 	}
-	var nilIPAM *dockerIPAM // agents built without runAgent (tests)
+	var nilIPAM *dockerIPAM // agents built without Run (tests)
 	if got := nilIPAM.lease(ipfam.Pair[netip.Prefix]{V4: s4, V6: s6}); got != 0 {
 		t.Errorf("nil driver: docker0 share %d", got)
 	}
@@ -74,7 +74,7 @@ func TestDockerIPAMDocker0Share(t *testing.T) {
 func TestDockerPoolsStatus(t *testing.T) {
 	state := filepath.Join(t.TempDir(), "ipam.json")
 	s4 := netip.MustParsePrefix("10.100.15.0/24")
-	msg, ok := dockerPoolsStatus(state, ipfam.Pair[netip.Prefix]{V4: s4})
+	msg, ok := DockerPoolsStatus(state, ipfam.Pair[netip.Prefix]{V4: s4})
 	if !ok || !strings.Contains(msg, "no pools") {
 		t.Fatalf("no state file: %q %v", msg, ok)
 	}
@@ -86,11 +86,11 @@ func TestDockerPoolsStatus(t *testing.T) {
 	if _, err := d.RequestPool(dockeripam.PoolRequest{}); err != nil {
 		t.Fatal(err)
 	}
-	msg, ok = dockerPoolsStatus(state, ipfam.Pair[netip.Prefix]{V4: s4})
+	msg, ok = DockerPoolsStatus(state, ipfam.Pair[netip.Prefix]{V4: s4})
 	if !ok || !strings.Contains(msg, "1 pools for user-defined networks") || !strings.Contains(msg, "10.100.15.64/27  0 addresses in use") {
 		t.Fatalf("one pool: %q %v", msg, ok)
 	}
-	msg, ok = dockerPoolsStatus(state, ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.99.0/24")})
+	msg, ok = DockerPoolsStatus(state, ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.99.0/24")})
 	if ok || !strings.Contains(msg, "10.100.15.64/27  0 addresses in use  OUTSIDE the lease") {
 		t.Fatalf("after a lease change: %q %v", msg, ok)
 	}
@@ -124,8 +124,8 @@ func TestDockerIPAMKeepsDocker0OnUpgrade(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			o := &dockerIPAMOptions{on: true, socket: filepath.Join(dir, "leased.sock"), state: filepath.Join(dir, "ipam.json"),
-				docker0Bits: 2, poolBits4: 3, poolBits6: 16}
+			o := &DockerIPAMOptions{On: true, Socket: filepath.Join(dir, "leased.sock"), State: filepath.Join(dir, "ipam.json"),
+				Docker0Bits: 2, PoolBits4: 3, PoolBits6: 16}
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			di := startDockerIPAM(ctx, o, envFile)

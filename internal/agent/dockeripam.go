@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"github.com/leased/leased/pkg/ipfam"
@@ -19,7 +19,7 @@ import (
 // dockerd on its socket from the start and learns the host's subnets
 // whenever subnet.env is written (see lease).
 type dockerIPAM struct {
-	o      *dockerIPAMOptions
+	o      *DockerIPAMOptions
 	d      *dockeripam.Driver // nil when it could not start
 	misfit string             // the split's error last logged
 	// before is the subnet.env this process found at start (zero: none).
@@ -37,15 +37,15 @@ type dockerIPAM struct {
 // done. A driver that cannot start (a corrupt state file, a socket another
 // process answers on) is logged and left off: the datapath does not depend
 // on it, and docker network create then says the plugin is missing.
-func startDockerIPAM(ctx context.Context, o *dockerIPAMOptions, subnetFile string) *dockerIPAM {
+func startDockerIPAM(ctx context.Context, o *DockerIPAMOptions, subnetFile string) *dockerIPAM {
 	di := &dockerIPAM{o: o, subnetFile: subnetFile}
 	if env, err := subnetenv.Read(subnetFile); err == nil {
 		di.before = env
 	}
-	if !o.on {
+	if !o.On {
 		return di
 	}
-	d, err := dockeripam.New(o.state, o.split(), func(n4, n6 int) {
+	d, err := dockeripam.New(o.State, o.split(), func(n4, n6 int) {
 		metrics.DockerIPAMPools.WithLabelValues("ipv4").Set(float64(n4))
 		metrics.DockerIPAMPools.WithLabelValues("ipv6").Set(float64(n6))
 	})
@@ -53,18 +53,18 @@ func startDockerIPAM(ctx context.Context, o *dockerIPAMOptions, subnetFile strin
 		klog.ErrorS(err, "the Docker IPAM driver is off: docker network create --ipam-driver=leased fails until this is fixed and leased restarted")
 		return di
 	}
-	l, err := dockeripam.Listen(o.socket)
+	l, err := dockeripam.Listen(o.Socket)
 	if err != nil {
-		klog.ErrorS(err, "the Docker IPAM driver is off: cannot listen on its socket; docker network create --ipam-driver=leased fails until this is fixed and leased restarted", "socket", o.socket)
+		klog.ErrorS(err, "the Docker IPAM driver is off: cannot listen on its socket; docker network create --ipam-driver=leased fails until this is fixed and leased restarted", "socket", o.Socket)
 		return di
 	}
 	di.d = d
 	go func() {
 		if err := d.Serve(ctx, l); err != nil {
-			klog.ErrorS(err, "the Docker IPAM driver stopped serving", "socket", o.socket)
+			klog.ErrorS(err, "the Docker IPAM driver stopped serving", "socket", o.Socket)
 		}
 	}()
-	klog.InfoS("Docker IPAM driver serving", "driver", dockeripam.Name, "socket", o.socket, "state", o.state, "pools", len(d.Pools()))
+	klog.InfoS("Docker IPAM driver serving", "driver", dockeripam.Name, "socket", o.Socket, "state", o.State, "pools", len(d.Pools()))
 	return di
 }
 
@@ -72,7 +72,7 @@ func startDockerIPAM(ctx context.Context, o *dockerIPAMOptions, subnetFile strin
 // subnet.env's Docker0Bits: docker0's share, or 0 (the whole lease) when
 // the driver is off or its pool sizes do not fit the lease.
 func (di *dockerIPAM) lease(subnets ipfam.Pair[netip.Prefix]) int {
-	if di == nil || !di.o.on {
+	if di == nil || !di.o.On {
 		return 0
 	}
 	if b := di.before; b.Docker0Bits == 0 && ipfam.Any(b.Subnet) && b.Subnet == subnets {
@@ -99,12 +99,12 @@ func (di *dockerIPAM) lease(subnets ipfam.Pair[netip.Prefix]) int {
 		return 0
 	}
 	di.misfit = ""
-	return di.o.docker0Bits
+	return di.o.Docker0Bits
 }
 
-// dockerPoolsStatus is `leased status`'s line on the Docker IPAM driver's
+// DockerPoolsStatus is `leased status`'s line on the Docker IPAM driver's
 // pools, and false when one lies outside the lease.
-func dockerPoolsStatus(state string, subnets ipfam.Pair[netip.Prefix]) (string, bool) {
+func DockerPoolsStatus(state string, subnets ipfam.Pair[netip.Prefix]) (string, bool) {
 	pools, err := dockeripam.ReadPools(state)
 	if err != nil {
 		return "docker ipam: " + err.Error(), false
@@ -126,13 +126,13 @@ func dockerPoolsStatus(state string, subnets ipfam.Pair[netip.Prefix]) (string, 
 	return b.String(), ok
 }
 
-// addDockerPools puts this host's Docker network pools on its row of
+// AddDockerPools puts this host's Docker network pools on its row of
 // `leased leases -o json` (nothing when the state file is missing or
 // unreadable: the command may run on a machine that is no host).
-func addDockerPools(rows []leaseview.Row, node, state string) {
+func AddDockerPools(rows []leaseview.Row, node, state string) {
 	if node == "" {
 		var err error
-		if node, err = defaultNodeName(); err != nil {
+		if node, err = DefaultNodeName(); err != nil {
 			return
 		}
 	}

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -48,9 +48,9 @@ func (k *leaseKeeper) session(ctx context.Context) (*lease.Session, bool, error)
 	if !k.resumeTried && !k.own.noHistory && len(k.own.ids) > 0 {
 		k.resumeTried = true
 		id := k.own.ids[len(k.own.ids)-1]
-		sess, err := lease.ResumeSession(ctx, k.cli, id, k.o.leaseTTL, 10*time.Second)
+		sess, err := lease.ResumeSession(ctx, k.cli, id, k.o.LeaseTTL, 10*time.Second)
 		if err == nil {
-			klog.InfoS("resuming the etcd lease of this host's previous run", "lease", fmt.Sprintf("%x", int64(id)), "ttl", k.o.leaseTTL)
+			klog.InfoS("resuming the etcd lease of this host's previous run", "lease", fmt.Sprintf("%x", int64(id)), "ttl", k.o.LeaseTTL)
 			return sess, true, nil
 		}
 		if errors.Is(err, lease.ErrLeaseGone) {
@@ -62,6 +62,6 @@ func (k *leaseKeeper) session(ctx context.Context) (*lease.Session, bool, error)
 	k.resumeTried = true
 	// The grant waits at most 10s so that an unreachable etcd is
 	// reported and retried.
-	sess, err := lease.NewSession(ctx, k.cli, k.o.leaseTTL, 10*time.Second)
+	sess, err := lease.NewSession(ctx, k.cli, k.o.LeaseTTL, 10*time.Second)
 	return sess, false, err
 }

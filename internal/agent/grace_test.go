@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -42,7 +42,7 @@ func TestOutOfSubnetsAfterGraceWaitsQuietly(t *testing.T) {
 	etcdtest.Put(t, cli, cfgKey, `{"Network":"10.100.0.0/16","SubnetMin":"10.100.5.0","SubnetMax":"10.100.5.0"}`)
 	rec := &recorder{}
 	ia := newIdleAgent(t, srv.ClientURL, "a", "192.168.1.1", rec)
-	ia.o.leaseTTL = 2 * time.Second // the grace period
+	ia.o.LeaseTTL = 2 * time.Second // the grace period
 	ctx, cancel := context.WithCancel(context.Background())
 	ia.run(ctx)
 	t.Cleanup(func() { cancel(); <-ia.done })
@@ -63,7 +63,7 @@ func TestOutOfSubnetsAfterGraceWaitsQuietly(t *testing.T) {
 		t.Fatal(err)
 	}
 	testutil.Eventually(t, 20*time.Second, "a out of subnets", func() bool { return strings.Contains(ia.health.statusText(), "out of subnets") })
-	time.Sleep(ia.o.leaseTTL + time.Second) // the grace period is over
+	time.Sleep(ia.o.LeaseTTL + time.Second) // the grace period is over
 
 	before := etcdRanges(t)
 	time.Sleep(2 * time.Second)

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"bytes"
@@ -22,7 +22,7 @@ import (
 // changes, the subnet file, and the keys carrying the node name that are
 // this host's own (ownkeys.go). Not safe for concurrent use.
 type leaseKeeper struct {
-	o    *options
+	o    *Options
 	cli  *clientv3.Client
 	reg  *lease.Registry
 	node string
@@ -43,9 +43,9 @@ type leaseKeeper struct {
 	resumeTried bool
 }
 
-func newLeaseKeeper(o *options, cli *clientv3.Client, reg *lease.Registry, ext backend.ExtIface, node string) *leaseKeeper {
+func newLeaseKeeper(o *Options, cli *clientv3.Client, reg *lease.Registry, ext backend.ExtIface, node string) *leaseKeeper {
 	k := &leaseKeeper{o: o, cli: cli, reg: reg, node: node, ext: ext}
-	if env, err := subnetenv.Read(o.subnetFile); err == nil {
+	if env, err := subnetenv.Read(o.SubnetFile); err == nil {
 		k.hint = env
 	}
 	return k
@@ -65,7 +65,7 @@ func (k *leaseKeeper) ensure(ctx context.Context, cfg *lease.Config, be backend.
 		k.own.load(k.o, k.node)
 		sess, resumed, err := k.session(ctx) // ownlocks.go
 		if err != nil {
-			return claimed{}, fmt.Errorf("creating an etcd lease at %s (is etcd up and reachable? check --etcd-endpoints and the TLS flags): %w", k.o.etcdEndpoints, err)
+			return claimed{}, fmt.Errorf("creating an etcd lease at %s (is etcd up and reachable? check --etcd-endpoints and the TLS flags): %w", k.o.EtcdEndpoints, err)
 		}
 		k.sess = sess
 		if !resumed {
@@ -93,7 +93,7 @@ func (k *leaseKeeper) ensure(ctx context.Context, cfg *lease.Config, be backend.
 	}
 	switch {
 	case k.held.Node == "" && moved(k.hint.Subnet):
-		klog.Warningf("this host's subnets changed since the last run (%s held %v, now %v): restart docker.service so that dockerd takes the new subnet.env", k.o.subnetFile, []netip.Prefix{k.hint.Subnet.V4, k.hint.Subnet.V6}, rec.Subnets())
+		klog.Warningf("this host's subnets changed since the last run (%s held %v, now %v): restart docker.service so that dockerd takes the new subnet.env", k.o.SubnetFile, []netip.Prefix{k.hint.Subnet.V4, k.hint.Subnet.V6}, rec.Subnets())
 	case k.held.Node == "":
 	case moved(k.held.Subnet):
 		klog.Warningf("this host's subnets changed from %v to %v: containers on the old subnet lose connectivity; restart docker.service so that dockerd takes the new subnet.env", k.held.Subnets(), rec.Subnets())
@@ -101,7 +101,7 @@ func (k *leaseKeeper) ensure(ctx context.Context, cfg *lease.Config, be backend.
 		klog.InfoS("this host gained a subnet; restart docker.service to use it (the existing subnets are unchanged)", "subnets", rec.Subnets())
 	}
 	c := claimed{new: true, moved: k.held.Node == "" || k.held.Subnet != rec.Subnet}
-	klog.InfoS("Lease acquired", "node", k.node, "subnets", rec.Subnets(), "ttl", k.o.leaseTTL)
+	klog.InfoS("Lease acquired", "node", k.node, "subnets", rec.Subnets(), "ttl", k.o.LeaseTTL)
 	k.self = rec
 	k.held = *rec
 	k.watchLocks(ctx)
@@ -207,17 +207,17 @@ func backendLocal(node string, self *lease.Record, cfg *lease.Config) backend.Lo
 
 // writeSubnetEnv writes the subnet file for the lease, cfg and be.
 func (k *leaseKeeper) writeSubnetEnv(cfg *lease.Config, be backend.Backend) error {
-	env := subnetenv.Env{Subnet: k.self.Subnet, MTU: be.MTU(), IPMasq: k.o.ipMasq, Backend: be.Type()}
+	env := subnetenv.Env{Subnet: k.self.Subnet, MTU: be.MTU(), IPMasq: k.o.IPMasq, Backend: be.Type()}
 	env.Docker0Bits = k.ipam.lease(env.Subnet) // docker0's share; the rest is the driver's
 	for f := range ipfam.Valid(k.self.Subnet) {
 		env.Network.Set(f, cfg.Pools().Get(f).Network)
 	}
-	changed, err := subnetenv.Write(k.o.subnetFile, env)
+	changed, err := subnetenv.Write(k.o.SubnetFile, env)
 	if err != nil {
 		return fmt.Errorf("subnet file (--subnet-file): %w", err)
 	}
 	if changed {
-		kv := []any{"path", k.o.subnetFile}
+		kv := []any{"path", k.o.SubnetFile}
 		if env.Subnet.V4.IsValid() {
 			kv = append(kv, "subnet", env.Subnet.V4)
 		}

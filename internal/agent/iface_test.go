@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"crypto/rand"
@@ -81,7 +81,7 @@ func TestFindExtIfacePerFamily(t *testing.T) {
 	cases := []struct {
 		name         string
 		routes       [][]string
-		o            options
+		o            Options
 		want4, want6 string // link names; "" with wantErr
 		why          string // a part of the reason
 		wantErr      string
@@ -94,11 +94,11 @@ func TestFindExtIfacePerFamily(t *testing.T) {
 			want4: "lnkb", want6: "lnkb", why: "no IPv4 default route"},
 		{name: "lowest metric wins; unreachable default ignored", routes: [][]string{default4b, default4a, unreach6, default6},
 			want4: "lnka", want6: "lnkb", why: "IPv6 uses lnkb"},
-		{name: "--iface names one link for both", routes: [][]string{default4, default6}, o: options{ifaces: stringList{"lnkb"}},
+		{name: "--iface names one link for both", routes: [][]string{default4, default6}, o: Options{Ifaces: []string{"lnkb"}},
 			want4: "lnkb", want6: "lnkb", why: "--iface lnkb"},
-		{name: "--iface by address", routes: [][]string{default4, default6}, o: options{ifaces: stringList{"nope", "2001:db8:a::2"}},
+		{name: "--iface by address", routes: [][]string{default4, default6}, o: Options{Ifaces: []string{"nope", "2001:db8:a::2"}},
 			want4: "lnka", want6: "lnka", why: "--iface 2001:db8:a::2"},
-		{name: "--iface-regex names one link for both", routes: [][]string{default4, default6}, o: options{ifaceRegex: "^lnka$"},
+		{name: "--iface-regex names one link for both", routes: [][]string{default4, default6}, o: Options{IfaceRegex: "^lnka$"},
 			want4: "lnka", want6: "lnka", why: "--iface-regex ^lnka$"},
 		{name: "no default route", wantErr: "no default route"},
 	}

@@ -1,4 +1,4 @@
-package main
+package agent
 
 // What leased says about its connection to etcd: endpoint and credential
 // checks that refuse a configuration no retry can fix (exit status 2), and
@@ -8,7 +8,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"net/url"
 	"strings"
@@ -35,8 +34,8 @@ func (e *usageError) Error() string { return e.msg }
 
 func usageErrorf(format string, a ...any) error { return &usageError{fmt.Sprintf(format, a...)} }
 
-// exitCode is 2 for a usageError, else 1.
-func exitCode(err error) int {
+// ExitCode is 2 for a usageError, else 1.
+func ExitCode(err error) int {
 	var ue *usageError
 	if errors.As(err, &ue) {
 		return 2
@@ -44,19 +43,19 @@ func exitCode(err error) int {
 	return 1
 }
 
-// validateEtcd checks the etcd flags that no retry can fix: every endpoint
+// ValidateEtcd checks the etcd flags that no retry can fix: every endpoint
 // is a URL etcd's client understands, all of them use TLS or none does (the
 // etcd client speaks the first endpoint's scheme to every endpoint, so a
 // mix would send TLS-meant traffic, the password included, in plaintext),
 // TLS flags come with TLS endpoints, and a user name comes with a password.
-func (o *options) validateEtcd() error {
-	if strings.TrimSpace(o.etcdEndpoints) == "" {
+func (o *Options) ValidateEtcd() error {
+	if strings.TrimSpace(o.EtcdEndpoints) == "" {
 		return usageErrorf("--etcd-endpoints is empty: give etcd's client URLs, e.g. --etcd-endpoints=https://10.0.0.1:2379,https://10.0.0.2:2379")
 	}
 	var plain, secure []string
-	for _, ep := range strings.Split(o.etcdEndpoints, ",") {
+	for _, ep := range strings.Split(o.EtcdEndpoints, ",") {
 		if strings.TrimSpace(ep) == "" {
-			return usageErrorf("--etcd-endpoints %q has an empty entry: separate URLs with single commas", o.etcdEndpoints)
+			return usageErrorf("--etcd-endpoints %q has an empty entry: separate URLs with single commas", o.EtcdEndpoints)
 		}
 		if ep != strings.TrimSpace(ep) {
 			return usageErrorf("--etcd-endpoints entry %q has spaces around it: separate URLs with commas only", ep)
@@ -92,7 +91,7 @@ func (o *options) validateEtcd() error {
 			strings.Join(secure, ","), strings.Join(plain, ","))
 	}
 	var tlsFlags []string
-	for _, f := range []struct{ name, v string }{{"--etcd-cafile", o.etcdCAFile}, {"--etcd-certfile", o.etcdCertFile}, {"--etcd-keyfile", o.etcdKeyFile}} {
+	for _, f := range []struct{ name, v string }{{"--etcd-cafile", o.EtcdCAFile}, {"--etcd-certfile", o.EtcdCertFile}, {"--etcd-keyfile", o.EtcdKeyFile}} {
 		if f.v != "" {
 			tlsFlags = append(tlsFlags, f.name)
 		}
@@ -101,11 +100,11 @@ func (o *options) validateEtcd() error {
 		return usageErrorf("%s given, but --etcd-endpoints entry %s is http://, which the etcd client speaks in plaintext: write it as https://%s (or drop the TLS flags if etcd does not use TLS)",
 			strings.Join(tlsFlags, ", "), plain[0], strings.TrimPrefix(plain[0], "http://"))
 	}
-	password := o.etcdPassword != "" || o.etcdPasswordFile != ""
+	password := o.EtcdPassword != "" || o.EtcdPasswordFile != ""
 	switch {
-	case o.etcdUsername != "" && !password:
-		return usageErrorf("--etcd-username %s given without a password: give it in --etcd-password-file or LEASED_ETCD_PASSWORD", o.etcdUsername)
-	case o.etcdUsername == "" && password:
+	case o.EtcdUsername != "" && !password:
+		return usageErrorf("--etcd-username %s given without a password: give it in --etcd-password-file or LEASED_ETCD_PASSWORD", o.EtcdUsername)
+	case o.EtcdUsername == "" && password:
 		return usageErrorf("an etcd password is given but no --etcd-username: give the user name too")
 	}
 	return nil
@@ -114,31 +113,31 @@ func (o *options) validateEtcd() error {
 // explainAuth says what an etcd authentication or authorization error
 // means, naming the flag to fix; fatal is true when no retry can fix it.
 // It returns "" for other errors.
-func explainAuth(o *options, err error) (why string, fatal bool) {
-	pw := "--etcd-password-file " + o.etcdPasswordFile
-	if o.etcdPasswordFile == "" {
+func explainAuth(o *Options, err error) (why string, fatal bool) {
+	pw := "--etcd-password-file " + o.EtcdPasswordFile
+	if o.EtcdPasswordFile == "" {
 		pw = "--etcd-password (or LEASED_ETCD_PASSWORD)"
 	}
 	switch e := rpctypes.Error(err); {
 	case errors.Is(e, rpctypes.ErrAuthFailed):
-		return fmt.Sprintf("etcd refused the login of user %q: check --etcd-username and the password (from %s)", o.etcdUsername, pw), true
-	case errors.Is(e, rpctypes.ErrUserEmpty) && o.etcdUsername == "":
+		return fmt.Sprintf("etcd refused the login of user %q: check --etcd-username and the password (from %s)", o.EtcdUsername, pw), true
+	case errors.Is(e, rpctypes.ErrUserEmpty) && o.EtcdUsername == "":
 		return "etcd has authentication enabled: give --etcd-username and the password (--etcd-password-file or LEASED_ETCD_PASSWORD)", true
 	case errors.Is(e, rpctypes.ErrPermissionDenied):
 		user := "this host's etcd user"
-		if o.etcdUsername != "" {
-			user = fmt.Sprintf("etcd user %q", o.etcdUsername)
+		if o.EtcdUsername != "" {
+			user = fmt.Sprintf("etcd user %q", o.EtcdUsername)
 		}
-		return fmt.Sprintf("%s may not read %s: grant it a role with readwrite on the prefix (etcdctl role grant-permission ROLE --prefix=true readwrite %s/)", user, o.etcdPrefix, strings.TrimSuffix(o.etcdPrefix, "/")), false
+		return fmt.Sprintf("%s may not read %s: grant it a role with readwrite on the prefix (etcdctl role grant-permission ROLE --prefix=true readwrite %s/)", user, o.EtcdPrefix, strings.TrimSuffix(o.EtcdPrefix, "/")), false
 	case errors.Is(e, rpctypes.ErrUserEmpty), errors.Is(e, rpctypes.ErrInvalidAuthToken), errors.Is(e, rpctypes.ErrAuthOldRevision):
 		return "etcd did not accept this host's auth token (etcd restarted or its auth changed); retrying with a new one", false
 	}
 	return "", false
 }
 
-// whyEtcd says in an operator's terms why a request to etcd failed, and
+// WhyEtcd says in an operator's terms why a request to etcd failed, and
 // whether no retry can fix it.
-func whyEtcd(o *options, err error) (why string, fatal bool) {
+func WhyEtcd(o *Options, err error) (why string, fatal bool) {
 	var ce *connError
 	if errors.As(err, &ce) {
 		return ce.why + " (" + ce.cause + ")", false
@@ -147,10 +146,10 @@ func whyEtcd(o *options, err error) (why string, fatal bool) {
 		return why, fatal
 	}
 	if errors.Is(err, context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded {
-		return "etcd at " + o.etcdEndpoints + " accepts connections but did not answer in time (has the cluster lost its quorum or leader? check etcdctl endpoint status)", false
+		return "etcd at " + o.EtcdEndpoints + " accepts connections but did not answer in time (has the cluster lost its quorum or leader? check etcdctl endpoint status)", false
 	}
 	if status.Code(err) == codes.Unavailable {
-		return "etcd at " + o.etcdEndpoints + " is unavailable: " + err.Error(), false
+		return "etcd at " + o.EtcdEndpoints + " is unavailable: " + err.Error(), false
 	}
 	return err.Error(), false
 }
@@ -174,7 +173,7 @@ var (
 // one request per etcdRecheck while etcd is down, and none while the gRPC
 // connection stays ready.
 type etcdMonitor struct {
-	o    *options
+	o    *Options
 	now  func() time.Time
 	down atomic.Bool // etcd cannot be used (as of the last check)
 
@@ -188,7 +187,7 @@ type etcdMonitor struct {
 	unready  time.Time // when the gRPC connection last left the ready state
 }
 
-func newEtcdMonitor(o *options) *etcdMonitor {
+func newEtcdMonitor(o *Options) *etcdMonitor {
 	m := &etcdMonitor{o: o, now: time.Now, changed: make(chan struct{}, 1)}
 	m.since = m.now()
 	return m
@@ -248,7 +247,7 @@ func (m *etcdMonitor) failed(why string) {
 	metrics.EtcdReachable.Set(0)
 	switch {
 	case !m.reached && m.lastLine.IsZero():
-		klog.ErrorS(nil, "cannot use etcd; retrying", "why", why, "endpoints", m.o.etcdEndpoints)
+		klog.ErrorS(nil, "cannot use etcd; retrying", "why", why, "endpoints", m.o.EtcdEndpoints)
 	case !m.reached && now.Sub(m.lastLine) >= etcdRepeat:
 		klog.ErrorS(nil, "still cannot use etcd; retrying", "for", now.Sub(m.since).Round(time.Second), "why", why)
 	case m.reached && !wasDown:
@@ -256,7 +255,7 @@ func (m *etcdMonitor) failed(why string) {
 		if !m.unready.IsZero() {
 			m.since = m.unready // the outage began before the check failed
 		}
-		klog.ErrorS(nil, "lost the connection to etcd; the datapath stays as it is, retrying", "why", why, "endpoints", m.o.etcdEndpoints)
+		klog.ErrorS(nil, "lost the connection to etcd; the datapath stays as it is, retrying", "why", why, "endpoints", m.o.EtcdEndpoints)
 	case m.reached && why != m.lastWhy && now.Sub(m.lastLine) >= etcdRepeat:
 		klog.ErrorS(nil, "still cannot use etcd; retrying", "for", now.Sub(m.since).Round(time.Second), "why", why)
 	default:
@@ -291,7 +290,7 @@ func (m *etcdMonitor) ok() {
 func (m *etcdMonitor) check(ctx context.Context, cli *clientv3.Client) error {
 	cctx, cancel := context.WithTimeout(ctx, etcdCheckTimeout)
 	defer cancel()
-	_, err := cli.Get(cctx, lease.NewKeys(m.o.etcdPrefix).Config(), clientv3.WithCountOnly())
+	_, err := cli.Get(cctx, lease.NewKeys(m.o.EtcdPrefix).Config(), clientv3.WithCountOnly())
 	return err
 }
 
@@ -319,7 +318,7 @@ func (m *etcdMonitor) run(ctx context.Context, cli *clientv3.Client, stop contex
 			m.mu.Unlock()
 			continue
 		}
-		why, fatal := whyEtcd(m.o, err)
+		why, fatal := WhyEtcd(m.o, err)
 		if fatal {
 			stop(&usageError{why + " (" + err.Error() + ")"})
 			return
@@ -341,15 +340,15 @@ func (m *etcdMonitor) run(ctx context.Context, cli *clientv3.Client, stop contex
 // retry fixes (a usageError).
 func (m *etcdMonitor) connect(ctx context.Context) (*clientv3.Client, error) {
 	for {
-		cli, err := newEtcdClient(m.o)
+		cli, err := NewEtcdClient(m.o)
 		if err == nil {
 			return cli, nil
 		}
 		var ce *connError
-		if exitCode(err) == 2 || !errors.As(err, &ce) && !errors.Is(err, context.DeadlineExceeded) {
+		if ExitCode(err) == 2 || !errors.As(err, &ce) && !errors.Is(err, context.DeadlineExceeded) {
 			return nil, err
 		}
-		why, _ := whyEtcd(m.o, err)
+		why, _ := WhyEtcd(m.o, err)
 		m.failed(why)
 		t := time.NewTimer(etcdRecheck)
 		select {
@@ -359,18 +358,4 @@ func (m *etcdMonitor) connect(ctx context.Context) (*clientv3.Client, error) {
 		case <-t.C:
 		}
 	}
-}
-
-// etcdOptions reads the etcd flags of fs (registered by registerEtcd)
-// into options, for checks that see only the flag set.
-func etcdOptions(fs *flag.FlagSet) *options {
-	get := func(name string) string {
-		if f := fs.Lookup(name); f != nil {
-			return f.Value.String()
-		}
-		return ""
-	}
-	return &options{etcdEndpoints: get("etcd-endpoints"), etcdPrefix: get("etcd-prefix"),
-		etcdCAFile: get("etcd-cafile"), etcdCertFile: get("etcd-certfile"), etcdKeyFile: get("etcd-keyfile"),
-		etcdUsername: get("etcd-username"), etcdPassword: get("etcd-password"), etcdPasswordFile: get("etcd-password-file")}
 }

@@ -1,4 +1,4 @@
-package main
+package agent
 
 import (
 	"context"
@@ -28,7 +28,7 @@ import (
 // tracker, its changes into the datapath. Its state is owned by the
 // goroutine running run; nothing else touches it.
 type agent struct {
-	o    *options
+	o    *Options
 	reg  *lease.Registry
 	node string
 
@@ -50,11 +50,11 @@ type agent struct {
 	etcd *etcdMonitor
 }
 
-func newAgent(o *options, cli *clientv3.Client, ext backend.ExtIface, node string) *agent {
-	reg := lease.NewRegistry(cli, o.etcdPrefix)
-	opts := backend.Options{IPMasq: o.ipMasq, NoForwardRules: !o.iptablesForward, Resync: o.resync}
+func newAgent(o *Options, cli *clientv3.Client, ext backend.ExtIface, node string) *agent {
+	reg := lease.NewRegistry(cli, o.EtcdPrefix)
+	opts := backend.Options{IPMasq: o.IPMasq, NoForwardRules: !o.IPTablesForward, Resync: o.Resync}
 	return &agent{o: o, reg: reg, node: node,
-		conf:  &configKeeper{key: reg.Keys().Config(), endpoints: o.etcdEndpoints},
+		conf:  &configKeeper{key: reg.Keys().Config(), endpoints: o.EtcdEndpoints},
 		lease: newLeaseKeeper(o, cli, reg, ext, node),
 		peers: newPeerTracker(),
 		dp:    newDatapath(ext, node, opts)}
@@ -96,7 +96,7 @@ func (a *agent) run(ctx context.Context) error {
 				a.lost(l)
 			}
 		case <-a.lease.done():
-			klog.Warningf("lease of %s lost (no keep-alive answer within --lease-ttl %s); claiming it again, the datapath stays as it is", a.node, a.o.leaseTTL)
+			klog.Warningf("lease of %s lost (no keep-alive answer within --lease-ttl %s); claiming it again, the datapath stays as it is", a.node, a.o.LeaseTTL)
 			a.lease.sessionLost()
 			a.lost(&lost{why: "lease lost; claiming it again", withdraw: true})
 		case <-retry.C:
@@ -155,7 +155,7 @@ func (a *agent) stop() {
 // lost reacts to this host no longer using its lease (see lost): peers
 // whose leases vanish meanwhile stay programmed for a grace period.
 func (a *agent) lost(l *lost) {
-	a.peers.startGrace(a.o.leaseTTL)
+	a.peers.startGrace(a.o.LeaseTTL)
 	if l.withdraw {
 		a.dp.withdraw()
 	}
@@ -167,7 +167,7 @@ func (a *agent) lost(l *lost) {
 // startWatch follows etcd from the lease cache a previous run saved, when
 // it is usable, else from a full listing.
 func (a *agent) startWatch(ctx context.Context, batches chan lease.Batch) {
-	path := a.o.leaseCachePath()
+	path := a.o.LeaseCachePath()
 	if path != "" {
 		h, decode, err := lease.OpenSnapshot(path)
 		os.Remove(path) // one use: a crash must not leave an old cache behind
@@ -199,7 +199,7 @@ const cacheMinLeases = 1000
 
 // saveCache saves the lease set for the next run (see startWatch).
 func (a *agent) saveCache() {
-	path := a.o.leaseCachePath()
+	path := a.o.LeaseCachePath()
 	if path == "" || !a.view.Synced {
 		return
 	}
@@ -257,7 +257,7 @@ func (a *agent) step(ctx context.Context) error {
 	}
 	if c.new {
 		a.dp.answer(a.lease.local(cfg))
-		a.peers.extendGrace(a.o.leaseTTL)
+		a.peers.extendGrace(a.o.LeaseTTL)
 	}
 	changes := a.peers.update(&a.view, cfg, a.lease.self)
 	hoptrace.Stage(hoptrace.Peers)
@@ -325,7 +325,7 @@ func (a *agent) waitingForEtcd() string {
 	if why := a.etcd.Why(); why != "" {
 		return "waiting for etcd: " + why
 	}
-	return "waiting for etcd at " + a.o.etcdEndpoints
+	return "waiting for etcd at " + a.o.EtcdEndpoints
 }
 
 // setStatus reports what the agent is doing to systemd (STATUS=, and
