@@ -104,3 +104,22 @@ func TestBackoffSpreadsRetries(t *testing.T) {
 		t.Errorf("%d retries of one backoff step spread over only %s", n, spread)
 	}
 }
+
+// The delay a retry log line names (peek) is the one the retry waits, not
+// the jitter's upper bound: a user reading "retry=73ms" sees the retry 73
+// ms later.
+func TestBackoffLogsTheDelayItWaits(t *testing.T) {
+	b := newBackoff()
+	for range 10 {
+		d := b.peek()
+		if again := b.peek(); again != d {
+			t.Fatalf("peek changed from %s to %s without a wait", d, again)
+		}
+		start := time.Now()
+		b.wait(context.Background())
+		if took := time.Since(start); took < d {
+			t.Fatalf("logged retry=%s, but the wait took %s", d, took)
+		}
+		b.reset()
+	}
+}

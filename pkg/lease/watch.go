@@ -292,17 +292,30 @@ func Jitter(d time.Duration) time.Duration {
 }
 
 // backoff is a capped exponential delay for retry loops.
-type backoff struct{ d time.Duration }
+type backoff struct {
+	d    time.Duration // the current delay, before jitter
+	next time.Duration // the jittered wait drawn by peek (0: none yet)
+}
 
 func newBackoff() *backoff { return &backoff{d: 100 * time.Millisecond} }
 
-func (b *backoff) peek() time.Duration { return b.d }
-func (b *backoff) reset()              { b.d = 100 * time.Millisecond }
+// peek returns the wait the next call of wait sleeps (drawing it now, so
+// that a log line says the real delay, not its upper bound).
+func (b *backoff) peek() time.Duration {
+	if b.next == 0 {
+		b.next = Jitter(b.d)
+	}
+	return b.next
+}
 
-// wait sleeps for the current delay, jittered (see Jitter), doubles it
-// (up to 5s) and reports false when ctx ended first.
+func (b *backoff) reset() { b.d, b.next = 100*time.Millisecond, 0 }
+
+// wait sleeps for the current delay, jittered (see Jitter; the one peek
+// returned, if it was called), doubles it (up to 5s) and reports false
+// when ctx ended first.
 func (b *backoff) wait(ctx context.Context) bool {
-	t := time.NewTimer(Jitter(b.d))
+	t := time.NewTimer(b.peek())
+	b.next = 0
 	defer t.Stop()
 	if b.d *= 2; b.d > 5*time.Second {
 		b.d = 5 * time.Second
