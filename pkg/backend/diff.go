@@ -22,6 +22,21 @@ type keyed[K comparable] interface {
 // the desired value produce nothing, so a restart touches nothing that is
 // already right. Callers apply puts before deletes.
 func diff[K comparable, V keyed[K]](want map[K]V, have []V) (put, del []V) {
+	put, del, _ = diffYielding(want, have, 0, nil)
+	return put, del
+}
+
+// diffYielding is diff for a caller that lets other writers at want
+// between steps: after every `every` objects looked at (0: never) it calls
+// yield, and stops, reporting ok false, when yield does. Objects whose key
+// changed in want or in the kernel while it yielded are the caller's to
+// leave out: for them the result is stale.
+func diffYielding[K comparable, V keyed[K]](want map[K]V, have []V, every int, yield func() bool) (put, del []V, ok bool) {
+	n := 0
+	step := func() bool {
+		n++
+		return every == 0 || n%every != 0 || yield()
+	}
 	// Per key: how many actual objects have it and whether one equals
 	// the desired value. Not the objects themselves: at 50,000 peers this
 	// index of 100,000 routes is built at every full pass, at a third of
@@ -39,6 +54,9 @@ func diff[K comparable, V keyed[K]](want map[K]V, have []V) (put, del []V) {
 			s.same = true
 		}
 		byKey[k] = s
+		if !step() {
+			return nil, nil, false
+		}
 	}
 	if missing := len(want) - len(byKey); missing > 0 {
 		put = make([]V, 0, missing) // at least this many: one growth, not a dozen
@@ -47,14 +65,20 @@ func diff[K comparable, V keyed[K]](want map[K]V, have []V) (put, del []V) {
 		if !byKey[k].same {
 			put = append(put, w)
 		}
+		if !step() {
+			return nil, nil, false
+		}
 	}
 	for _, h := range have {
 		k := h.key()
 		if w, wanted := want[k]; !wanted || (byKey[k].n > 1 && h != w) {
 			del = append(del, h)
 		}
+		if !step() {
+			return nil, nil, false
+		}
 	}
-	return put, del
+	return put, del, true
 }
 
 // object is a kernel object value the reconciler applies: keyed,

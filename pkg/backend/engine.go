@@ -128,11 +128,15 @@ type engine struct {
 	// nh.use for the event goroutines.
 	nh   nhTable
 	nhOn atomic.Bool
-	// dumpTouched, while a full pass dumps routes without mu, collects
-	// the keys of the routes changed meanwhile.
+	// dumpTouched, while a full pass dumps routes or compares them
+	// without mu, collects the keys of the routes changed meanwhile.
 	dumpTouched map[routeKey]struct{}
-	// dumpHook, if set (tests), runs in pass before its unlocked dump.
-	dumpHook func()
+	// dumpHook, if set (tests), runs in pass before its unlocked dump;
+	// compareHook each time verifyRoutesLocked releases mu.
+	dumpHook, compareHook func()
+	// wantFrom are the inputs the wanted state was last computed from as
+	// a whole (see wantInputs).
+	wantFrom wantInputs
 	// routeHave tells putRoutes, during a pass's route puts, which keys
 	// hold a route of ours in the kernel (replaced; others are created).
 	routeHave func(routeKey) bool
@@ -338,7 +342,8 @@ func observe(pass string, start time.Time) {
 // nexthop dumps, the bulk of a full pass in a large cluster, run without
 // e.mu, so that a peer change applied meanwhile (SetPeers, UpdatePeers)
 // does not wait for them; what it changes is taken from the applied state
-// instead of the dump (adoptDump).
+// instead of the dump (adoptDump). On a trusted engine the comparison with
+// the wanted state lets peer changes in too (verifyRoutesLocked).
 func (e *engine) pass(ctx context.Context) error {
 	e.mu.Lock()
 	if e.closedLocked() {
@@ -363,13 +368,24 @@ func (e *engine) pass(ctx context.Context) error {
 	d, err := dumpRoutesNH(nk)
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	touched := e.dumpTouched
-	e.dumpTouched = nil
+	defer func() { e.dumpTouched = nil }()
 	if e.closedLocked() {
 		return ErrClosed
 	}
+	if errors.Is(err, errDumpInterrupted) {
+		// Peer changes applied meanwhile kept interrupting the dump (at
+		// 50,000 peers one takes a few hundred milliseconds): list once
+		// more with e.mu held, which holds them back.
+		klog.V(2).InfoS("route dump interrupted by changes at every try; listing again with peer changes held back", "err", err)
+		clear(e.dumpTouched)
+		d, err = dumpRoutesNH(nk)
+	}
 	if err != nil {
 		return err
+	}
+	touched := e.dumpTouched
+	if !e.trusted {
+		e.dumpTouched = nil // nothing compares without e.mu
 	}
 	return e.passLockedWith(ctx, d, touched)
 }
