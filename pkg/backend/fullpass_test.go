@@ -62,14 +62,19 @@ func fullPassLab(t testing.TB, n int) (*engine, string) {
 
 // BenchmarkFullPassDelaysUpdate runs full passes over n dual-stack host-gw
 // peers (2n routes through nexthop objects) in a namespace while another
-// goroutine applies one peer join or removal every 20 ms (a busy cluster),
-// as the agent does when a lease changes. It reports the pass's duration and how long the
+// goroutine applies one peer join or removal every 150 ms (the join rate of
+// leased-lab bench-datapath) or every 20 ms (a fleet rebooting at once), as
+// the agent does when a lease changes. It reports the pass's duration and how long the
 // slowest update took during the pass (update-max-ms): what a join waits
 // for when a full pass is in its way. Compare it with update-idle-ms, the
 // same update with no pass running.
 func BenchmarkFullPassDelaysUpdate(b *testing.B) {
-	for _, n := range []int{5000, 50000} {
-		b.Run(fmt.Sprintf("peers=%d", n), func(b *testing.B) {
+	for _, c := range []struct {
+		n     int
+		every time.Duration
+	}{{5000, 150 * time.Millisecond}, {50000, 150 * time.Millisecond}, {50000, 20 * time.Millisecond}} {
+		n := c.n
+		b.Run(fmt.Sprintf("peers=%d/change-every=%s", n, c.every), func(b *testing.B) {
 			e, _ := fullPassLab(b, n)
 			ctx := context.Background()
 			extra := benchPeers(1, n)[0]
@@ -105,7 +110,7 @@ func BenchmarkFullPassDelaysUpdate(b *testing.B) {
 						default:
 						}
 						worst = max(worst, update(i))
-						time.Sleep(20 * time.Millisecond)
+						time.Sleep(c.every)
 					}
 				}()
 				t0 := time.Now()
