@@ -22,21 +22,6 @@ type keyed[K comparable] interface {
 // the desired value produce nothing, so a restart touches nothing that is
 // already right. Callers apply puts before deletes.
 func diff[K comparable, V keyed[K]](want map[K]V, have []V) (put, del []V) {
-	put, del, _ = diffYielding(want, have, 0, nil)
-	return put, del
-}
-
-// diffYielding is diff for a caller that lets other writers at want
-// between steps: after every `every` objects looked at (0: never) it calls
-// yield, and stops, reporting ok false, when yield does. Objects whose key
-// changed in want or in the kernel while it yielded are the caller's to
-// leave out: for them the result is stale.
-func diffYielding[K comparable, V keyed[K]](want map[K]V, have []V, every int, yield func() bool) (put, del []V, ok bool) {
-	n := 0
-	step := func() bool {
-		n++
-		return every == 0 || n%every != 0 || yield()
-	}
 	// Per key: how many actual objects have it and whether one equals
 	// the desired value. Not the objects themselves: at 50,000 peers this
 	// index of 100,000 routes is built at every full pass, at a third of
@@ -54,9 +39,6 @@ func diffYielding[K comparable, V keyed[K]](want map[K]V, have []V, every int, y
 			s.same = true
 		}
 		byKey[k] = s
-		if !step() {
-			return nil, nil, false
-		}
 	}
 	if missing := len(want) - len(byKey); missing > 0 {
 		put = make([]V, 0, missing) // at least this many: one growth, not a dozen
@@ -65,20 +47,73 @@ func diffYielding[K comparable, V keyed[K]](want map[K]V, have []V, every int, y
 		if !byKey[k].same {
 			put = append(put, w)
 		}
-		if !step() {
-			return nil, nil, false
-		}
 	}
 	for _, h := range have {
 		k := h.key()
 		if w, wanted := want[k]; !wanted || (byKey[k].n > 1 && h != w) {
 			del = append(del, h)
 		}
+	}
+	return put, del
+}
+
+// diffRoutesYielding is diff for routes, for a caller that lets other
+// writers at want between steps: after every `every` routes looked at it
+// calls yield, and stops, reporting ok false, when yield does. Routes whose
+// key changed in want or in the kernel while it yielded are the caller's to
+// leave out (for them the result is stale); touched reports whether any
+// did. It sorts have in place and allocates no index of it: at 50,000
+// peers diff's index of 100,000 routes would be 8 MB at every full pass.
+func diffRoutesYielding(want map[routeKey]route, have []route, every int, yield func() bool, touched func() bool) (put, del []route, ok bool) {
+	n := 0
+	step := func() bool {
+		n++
+		return n%every != 0 || yield()
+	}
+	sortObjects(have) // by key first: the routes of one key are adjacent
+	matched := 0      // keys of have that are wanted
+	for i := 0; i < len(have); {
+		k := have[i].key()
+		j := i + 1
+		for j < len(have) && have[j].key() == k {
+			j++
+		}
+		w, wanted := want[k]
+		if wanted {
+			matched++
+			if !slices.Contains(have[i:j], w) {
+				put = append(put, w)
+			}
+		}
+		for _, h := range have[i:j] {
+			// As diff: one route of a wanted key is replaced in place by
+			// the put; of several, those that differ go.
+			if !wanted || (j-i > 1 && h != w) {
+				del = append(del, h)
+			}
+			if !step() {
+				return nil, nil, false
+			}
+		}
+		i = j
+	}
+	if matched == len(want) && !touched() {
+		return put, del, true // every wanted key is in have
+	}
+	for k, w := range want {
+		if _, found := slices.BinarySearchFunc(have, k, compareRouteKey); !found {
+			put = append(put, w)
+		}
 		if !step() {
 			return nil, nil, false
 		}
 	}
 	return put, del, true
+}
+
+// compareRouteKey orders a route by its key the way route.compare does.
+func compareRouteKey(r route, k routeKey) int {
+	return cmp.Or(comparePrefix(r.Dst, k.Dst), cmp.Compare(r.Priority, k.Priority))
 }
 
 // object is a kernel object value the reconciler applies: keyed,

@@ -361,11 +361,12 @@ func (e *engine) pass(ctx context.Context) error {
 	e.dumpTouched = map[routeKey]struct{}{}
 	e.fullPasses.Add(1) // before the dump: this pass sees every earlier event
 	hook := e.dumpHook
+	hint := len(e.nh.byID)
 	e.mu.Unlock()
 	if hook != nil {
 		hook()
 	}
-	d, err := dumpRoutesNH(nk)
+	d, err := dumpRoutesNH(nk, hint)
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	defer func() { e.dumpTouched = nil }()
@@ -378,7 +379,7 @@ func (e *engine) pass(ctx context.Context) error {
 		// more with e.mu held, which holds them back.
 		klog.V(2).InfoS("route dump interrupted by changes at every try; listing again with peer changes held back", "err", err)
 		clear(e.dumpTouched)
-		d, err = dumpRoutesNH(nk)
+		d, err = dumpRoutesNH(nk, hint)
 	}
 	if err != nil {
 		return err

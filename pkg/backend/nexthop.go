@@ -1,10 +1,12 @@
 package backend
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -186,23 +188,27 @@ type routeDump struct {
 }
 
 // dumpRoutesNH lists the nexthop objects and then the routes of both
-// families. It touches no engine state, so it runs without e.mu.
-func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
-	// Our objects by id, decoded straight from the dump: at 50,000 peers
-	// there are 100,000.
+// families. It touches no engine state, so it runs without e.mu. hint is
+// about how many nexthop objects of ours to expect.
+func dumpRoutesNH(nk nexthopKernel, hint int) (*routeDump, error) {
+	// Our objects, decoded straight from the dump (at 50,000 peers there
+	// are 100,000), in a slice sorted by id rather than a map: the dump
+	// comes in id order, and the slice is a fifth of the map's size.
 	type ownNH struct {
-		gw     netip.Addr
+		id     uint32
 		link   int32
+		gw     netip.Addr
 		onLink bool
+		used   bool
 	}
-	var own map[uint32]ownNH
+	var own []ownNH
 	d := &routeDump{}
 	err := nk.NexthopDump(func() {
-		own = make(map[uint32]ownNH)
+		own = make([]ownNH, 0, hint)
 		d.taken, d.maxOwn = make(map[uint32]struct{}), 0
 	}, func(n nexthop) {
 		if n.Proto == uint8(RouteProtocol) && !n.Other {
-			own[n.ID] = ownNH{n.Gw, int32(n.Link), n.OnLink}
+			own = append(own, ownNH{id: n.ID, link: int32(n.Link), gw: n.Gw, onLink: n.OnLink})
 			d.maxOwn = max(d.maxOwn, n.ID)
 		} else {
 			d.taken[n.ID] = struct{}{}
@@ -211,8 +217,11 @@ func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
 	if err != nil && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EINVAL) {
 		return nil, err // (a kernel without nexthop objects refuses the dump)
 	}
+	cmpID := func(n ownNH, id uint32) int { return cmp.Compare(n.id, id) }
+	if !slices.IsSortedFunc(own, func(a, b ownNH) int { return cmp.Compare(a.id, b.id) }) {
+		slices.SortFunc(own, func(a, b ownNH) int { return cmp.Compare(a.id, b.id) })
+	}
 	d.ids = make(map[nhKey]uint32, len(own))
-	used := make(map[uint32]bool, len(own))
 	// About one route per object of ours: sized once, not grown by
 	// doubling through 100,000 routes.
 	d.routes = make([]route, 0, len(own)+64)
@@ -221,8 +230,11 @@ func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
 		err := nk.RouteDump(fam, func() {
 			d.routes, d.foreign = d.routes[:n0], d.foreign[:a0]
 		}, func(r *kroute) {
+			i, ours := -1, false
 			if r.NH != 0 {
-				used[r.NH] = true
+				if i, ours = slices.BinarySearchFunc(own, r.NH, cmpID); ours {
+					own[i].used = true
+				}
 			}
 			if r.Table != 0 && r.Table != unix.RT_TABLE_MAIN {
 				return
@@ -232,8 +244,9 @@ func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
 				return
 			}
 			rr := route{Dst: r.Dst, Priority: r.Priority, Gw: r.Gw.Unmap(), Link: r.Link, OnLink: r.Flags&unix.RTNH_F_ONLINK != 0}
-			switch n, ours := own[r.NH]; {
-			case r.NH != 0 && ours:
+			switch {
+			case ours:
+				n := own[i]
 				rr.Gw, rr.Link, rr.OnLink = n.gw, int(n.link), n.onLink
 				d.ids[nhKeyOf(rr.key())] = r.NH
 			case r.NH != 0:
@@ -255,10 +268,10 @@ func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
 			return nil, err
 		}
 	}
-	for id := range own {
-		if !used[id] {
-			d.orphans = append(d.orphans, id)
-			d.taken[id] = struct{}{}
+	for _, n := range own {
+		if !n.used {
+			d.orphans = append(d.orphans, n.id)
+			d.taken[n.id] = struct{}{}
 		}
 	}
 	return d, nil
@@ -316,7 +329,7 @@ func (e *engine) adoptDump(d *routeDump, local Local, touched map[routeKey]struc
 // listRoutesNH is listAllRoutesFor on a kernel with its own dumps, under
 // e.mu.
 func (e *engine) listRoutesNH(nk nexthopKernel, local Local) ([]route, *foreignSet, error) {
-	d, err := dumpRoutesNH(nk)
+	d, err := dumpRoutesNH(nk, len(e.nh.byID))
 	if err != nil {
 		return nil, nil, err
 	}

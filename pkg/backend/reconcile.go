@@ -139,7 +139,7 @@ const verifyEvery = 2048
 // must be held; it returns the number of changes.
 func (e *engine) verifyRoutesLocked(want map[routeKey]route, have []route) (int, error) {
 	gen := e.wanted.gen
-	puts, dels, ok := diffYielding(want, have, verifyEvery, func() bool {
+	puts, dels, ok := diffRoutesYielding(want, have, verifyEvery, func() bool {
 		e.mu.Unlock()
 		if h := e.compareHook; h != nil {
 			h()
@@ -147,7 +147,7 @@ func (e *engine) verifyRoutesLocked(want map[routeKey]route, have []route) (int,
 		runtime.Gosched()
 		e.mu.Lock()
 		return !e.closedLocked() && e.wanted.gen == gen
-	})
+	}, func() bool { return len(e.dumpTouched) > 0 })
 	touched := e.dumpTouched
 	e.dumpTouched = nil
 	if !ok {
@@ -176,10 +176,13 @@ func (e *engine) verifyRoutesLocked(want map[routeKey]route, have []route) (int,
 }
 
 // routeHaveIn returns put wrapped so that it runs with e.routeHave telling
-// which keys hold a route of ours in have.
+// which keys hold a route of ours in have, sorted by route.compare.
 func (e *engine) routeHaveIn(have []route, put func([]route) []error) func([]route) []error {
 	return func(rs []route) []error {
-		e.routeHave = lazyKeys(have)
+		e.routeHave = func(k routeKey) bool { // have is sorted (diffRoutesYielding)
+			_, found := slices.BinarySearchFunc(have, k, compareRouteKey)
+			return found
+		}
 		defer func() { e.routeHave = nil }()
 		return put(rs)
 	}
