@@ -57,21 +57,22 @@ func diff[K comparable, V keyed[K]](want map[K]V, have []V) (put, del []V) {
 	return put, del
 }
 
-// diffRoutesYielding is diff for routes, for a caller that lets other
-// writers at want between steps: after every `every` routes looked at it
-// calls yield, and stops, reporting ok false, when yield does. Routes whose
-// key changed in want or in the kernel while it yielded are the caller's to
-// leave out (for them the result is stale); touched reports whether any
-// did. It sorts have in place and allocates no index of it: at 50,000
-// peers diff's index of 100,000 routes would be 8 MB at every full pass.
-func diffRoutesYielding(want map[routeKey]route, have []route, every int, yield func() bool, touched func() bool) (put, del []route, ok bool) {
+// diffYielding is diff for a full pass that lets other writers at want
+// between steps: after every `every` objects looked at it calls yield, and
+// stops, reporting ok false, when yield does. Objects whose key changed in
+// want or in the kernel while it yielded are the caller's to leave out
+// (for them the result is stale); touched reports whether any did. have
+// must be sorted by compare (sortObjects), which orders by key first
+// (keyCmp compares an object's key with a key the same way): the objects
+// of one key are adjacent, and no index of have is allocated (at 50,000
+// peers diff's index of 100,000 routes would be 8 MB).
+func diffYielding[K comparable, V object[K, V]](want map[K]V, have []V, keyCmp func(V, K) int, every int, yield, touched func() bool) (put, del []V, ok bool) {
 	n := 0
 	step := func() bool {
 		n++
 		return n%every != 0 || yield()
 	}
-	sortObjects(have) // by key first: the routes of one key are adjacent
-	matched := 0      // keys of have that are wanted
+	matched := 0 // keys of have that are wanted
 	for i := 0; i < len(have); {
 		k := have[i].key()
 		j := i + 1
@@ -86,7 +87,7 @@ func diffRoutesYielding(want map[routeKey]route, have []route, every int, yield 
 			}
 		}
 		for _, h := range have[i:j] {
-			// As diff: one route of a wanted key is replaced in place by
+			// As diff: one object of a wanted key is replaced in place by
 			// the put; of several, those that differ go.
 			if !wanted || (j-i > 1 && h != w) {
 				del = append(del, h)
@@ -101,7 +102,7 @@ func diffRoutesYielding(want map[routeKey]route, have []route, every int, yield 
 		return put, del, true // every wanted key is in have
 	}
 	for k, w := range want {
-		if _, found := slices.BinarySearchFunc(have, k, compareRouteKey); !found {
+		if _, found := slices.BinarySearchFunc(have, k, keyCmp); !found {
 			put = append(put, w)
 		}
 		if !step() {
@@ -111,9 +112,18 @@ func diffRoutesYielding(want map[routeKey]route, have []route, every int, yield 
 	return put, del, true
 }
 
-// compareRouteKey orders a route by its key the way route.compare does.
+// compareRouteKey, compareNeighKey and compareFDBKey order an object by
+// its key the way its compare method does.
 func compareRouteKey(r route, k routeKey) int {
 	return cmp.Or(comparePrefix(r.Dst, k.Dst), cmp.Compare(r.Priority, k.Priority))
+}
+
+func compareNeighKey(n neigh, k neighKey) int {
+	return cmp.Or(cmp.Compare(n.Link, k.Link), n.IP.Compare(k.IP))
+}
+
+func compareFDBKey(f fdb, k fdbKey) int {
+	return cmp.Or(cmp.Compare(f.Link, k.Link), cmp.Compare(f.MAC, k.MAC))
 }
 
 // object is a kernel object value the reconciler applies: keyed,

@@ -97,11 +97,11 @@ func checkSame[V interface {
 	}
 }
 
-// TestDiffRoutesYieldingMatchesDiff: the full pass's sorting, yielding
+// TestDiffYieldingMatchesDiff: the full pass's sorting, yielding
 // comparison finds the same puts and deletes as diff, on random route sets
 // with drifted, missing, stale and duplicate-key routes, with and without
 // touched keys (which make it look for missing keys the long way).
-func TestDiffRoutesYieldingMatchesDiff(t *testing.T) {
+func TestDiffYieldingMatchesDiff(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for i := range 500 {
 		want := map[routeKey]route{}
@@ -129,9 +129,11 @@ func TestDiffRoutesYieldingMatchesDiff(t *testing.T) {
 		wantPut, wantDel := diff(want, slices.Clone(have))
 		sortObjects(wantPut)
 		sortObjects(wantDel)
+		sorted := slices.Clone(have)
+		sortObjects(sorted)
 		for _, touched := range []bool{false, true} {
 			yields := 0
-			put, del, ok := diffRoutesYielding(want, slices.Clone(have), 7, func() bool { yields++; return true }, func() bool { return touched })
+			put, del, ok := diffYielding(want, sorted, compareRouteKey, 7, func() bool { yields++; return true }, func() bool { return touched })
 			if !ok {
 				t.Fatalf("case %d: stopped without being asked to", i)
 			}
@@ -146,7 +148,7 @@ func TestDiffRoutesYieldingMatchesDiff(t *testing.T) {
 		}
 	}
 	stopped := 0
-	_, _, ok := diffRoutesYielding(map[routeKey]route{}, make([]route, 20), 5, func() bool { stopped++; return false }, func() bool { return false })
+	_, _, ok := diffYielding(map[routeKey]route{}, make([]route, 20), compareRouteKey, 5, func() bool { stopped++; return false }, func() bool { return false })
 	if ok || stopped != 1 {
 		t.Errorf("a yield reporting false: ok %v after %d yields, want false after 1", ok, stopped)
 	}

@@ -111,7 +111,7 @@ type wantedSet struct {
 	st  state
 	set bool // false before the first pass
 	// gen counts the stores: a full pass that compares without
-	// engine.mu (verifyRoutesLocked) learns from it that the state it
+	// engine.mu (verifyLocked) learns from it that the state it
 	// compares with was replaced meanwhile. Written with engine.mu held.
 	gen uint64
 }
@@ -406,8 +406,8 @@ func (e *engine) applyObjectChangesLocked(gone, added state) error {
 	sharedF := sameMap(e.applied.fdbs, e.wanted.st.fdbs)
 	sharedN := sameMap(e.applied.neighs, e.wanted.st.neighs)
 	sharedR := sameMap(e.applied.routes, e.wanted.st.routes)
-	e.touchKeys(gone.routes) // for a full pass comparing meanwhile
-	e.touchKeys(added.routes)
+	e.dumpTouched.touchState(gone) // for a full pass comparing meanwhile
+	e.dumpTouched.touchState(added)
 	e.wanted.mu.Lock()
 	updateMap(e.wanted.st.fdbs, gone.fdbs, added.fdbs)
 	updateMap(e.wanted.st.neighs, gone.neighs, added.neighs)

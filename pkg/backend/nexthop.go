@@ -182,9 +182,16 @@ type routeDump struct {
 	routes  []route
 	foreign []netlink.Route
 	ids     map[nhKey]uint32    // our routes through our nexthop objects
+	byID    map[uint32]nhKey    // ids reversed
 	orphans []uint32            // our nexthop objects no route uses
 	taken   map[uint32]struct{} // other programs' nexthop objects, and orphans
 	maxOwn  uint32
+	// neighs and fdbs are the permanent neighbours and the FDB entries
+	// on the devices neighOwned, when neighsListed (dumpNeighs).
+	neighs       []neigh
+	fdbs         []fdb
+	neighOwned   []int
+	neighsListed bool
 }
 
 // dumpRoutesNH lists the nexthop objects and then the routes of both
@@ -274,6 +281,10 @@ func dumpRoutesNH(nk nexthopKernel, hint int) (*routeDump, error) {
 			d.taken[n.id] = struct{}{}
 		}
 	}
+	d.byID = make(map[uint32]nhKey, len(d.ids))
+	for k, id := range d.ids {
+		d.byID[id] = k
+	}
 	return d, nil
 }
 
@@ -282,22 +293,26 @@ func dumpRoutesNH(nk nexthopKernel, hint int) (*routeDump, error) {
 // the dump began (nil: none, the dump ran under e.mu): for them the
 // applied state, not the dump, tells what the kernel holds. e.mu must be
 // held.
-func (e *engine) adoptDump(d *routeDump, local Local, touched map[routeKey]struct{}) ([]route, *foreignSet) {
-	routes := d.routes
+//
+// The routes it returns are the dump's own, in their order, followed by
+// those of the touched keys: kept tells how many are the dump's.
+func (e *engine) adoptDump(d *routeDump, local Local, touched map[routeKey]struct{}) (routes []route, kept int, fs *foreignSet) {
+	routes = d.routes
 	if len(touched) > 0 {
-		kept := routes[:0]
-		for _, r := range routes {
-			if _, t := touched[r.key()]; !t {
-				kept = append(kept, r)
-			}
-		}
-		routes = kept
+		routes = slices.DeleteFunc(routes, func(r route) bool { _, t := touched[r.key()]; return t })
+	}
+	kept = len(routes)
+	if len(touched) > 0 {
 		for k := range touched {
-			delete(d.ids, nhKeyOf(k))
+			nk := nhKeyOf(k)
+			if old, ok := d.ids[nk]; ok {
+				delete(d.ids, nk)
+				delete(d.byID, old)
+			}
 			if r, ok := e.applied.routes[k]; ok {
 				routes = append(routes, r)
 				if id, ok := e.nh.id(k); ok {
-					d.ids[nhKeyOf(k)] = id
+					d.ids[nk], d.byID[id] = id, nk
 				}
 			}
 		}
@@ -312,18 +327,14 @@ func (e *engine) adoptDump(d *routeDump, local Local, touched map[routeKey]struc
 		d.orphans = kept2
 	}
 	e.nh.mu.Lock()
-	e.nh.ids = d.ids
-	e.nh.byID = make(map[uint32]nhKey, len(d.ids))
-	for k, id := range d.ids {
-		e.nh.byID[id] = k
-	}
+	e.nh.ids, e.nh.byID = d.ids, d.byID
 	e.nh.mu.Unlock()
 	e.nh.orphans = d.orphans
 	e.nh.taken = d.taken
 	if d.maxOwn >= e.nh.next && d.maxOwn != ^uint32(0) {
 		e.nh.next = d.maxOwn + 1
 	}
-	return routes, newForeignSet(local, d.foreign, linkNamer(e.k))
+	return routes, kept, newForeignSet(local, d.foreign, linkNamer(e.k))
 }
 
 // listRoutesNH is listAllRoutesFor on a kernel with its own dumps, under
@@ -333,7 +344,7 @@ func (e *engine) listRoutesNH(nk nexthopKernel, local Local) ([]route, *foreignS
 	if err != nil {
 		return nil, nil, err
 	}
-	routes, fs := e.adoptDump(d, local, nil)
+	routes, _, fs := e.adoptDump(d, local, nil)
 	return routes, fs, nil
 }
 
