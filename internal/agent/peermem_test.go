@@ -69,8 +69,8 @@ func TestPeerMemoryPerPeer(t *testing.T) {
 		typ string
 		max float64 // bytes per peer, all of the agent's side
 	}{
-		{"host-gw", 460},
-		{vtep.Type, 525},
+		{"host-gw", 410}, // 386 measured; 475 with copies of the strings and a second map
+		{vtep.Type, 475}, // 450 measured; 539 before
 	} {
 		t.Run(tc.typ, func(t *testing.T) {
 			cfg, _, err := lease.ParseConfig([]byte(`{"Network":"10.0.0.0/8","IPv6Network":"2001:db8::/32","Backend":{"Type":"` + tc.typ + `"}}`))
