@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"testing"
@@ -93,5 +94,62 @@ func checkSame[V interface {
 	sortByString(want)
 	if !slices.Equal(got, want) {
 		t.Errorf("%s = %v, want %v", what, got, want)
+	}
+}
+
+// TestDiffYieldingMatchesDiff: the full pass's sorting, yielding
+// comparison finds the same puts and deletes as diff, on random route sets
+// with drifted, missing, stale and duplicate-key routes, with and without
+// touched keys (which make it look for missing keys the long way).
+func TestDiffYieldingMatchesDiff(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := range 500 {
+		want := map[routeKey]route{}
+		var have []route
+		n := rng.IntN(60)
+		for j := range n {
+			r := route{Dst: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(rng.IntN(4)), byte(j), 0}), 24),
+				Priority: rng.IntN(2) * 100, Gw: netip.AddrFrom4([4]byte{192, 0, 2, byte(rng.IntN(3))}), Link: 2}
+			if rng.IntN(4) > 0 {
+				want[r.key()] = r
+			}
+			switch x := rng.IntN(10); {
+			case x < 6:
+				have = append(have, r) // as wanted (or stale, when not wanted)
+			case x < 8:
+				d := r
+				d.Gw = netip.AddrFrom4([4]byte{192, 0, 2, 99})
+				have = append(have, d) // drifted
+				if x == 7 {
+					have = append(have, r) // and a second route of the key
+				}
+			} // else missing
+		}
+		rng.Shuffle(len(have), func(a, b int) { have[a], have[b] = have[b], have[a] })
+		wantPut, wantDel := diff(want, slices.Clone(have))
+		sortObjects(wantPut)
+		sortObjects(wantDel)
+		sorted := slices.Clone(have)
+		sortObjects(sorted)
+		for _, touched := range []bool{false, true} {
+			yields := 0
+			put, del, ok := diffYielding(want, sorted, compareRouteKey, 7, func() bool { yields++; return true }, func() bool { return touched })
+			if !ok {
+				t.Fatalf("case %d: stopped without being asked to", i)
+			}
+			sortObjects(put)
+			sortObjects(del)
+			if !slices.Equal(put, wantPut) || !slices.Equal(del, wantDel) {
+				t.Fatalf("case %d (touched %v): put %v del %v, diff gives put %v del %v", i, touched, put, del, wantPut, wantDel)
+			}
+			if len(have) >= 7 && yields == 0 {
+				t.Fatalf("case %d: %d routes compared without yielding", i, len(have))
+			}
+		}
+	}
+	stopped := 0
+	_, _, ok := diffYielding(map[routeKey]route{}, make([]route, 20), compareRouteKey, 5, func() bool { stopped++; return false }, func() bool { return false })
+	if ok || stopped != 1 {
+		t.Errorf("a yield reporting false: ok %v after %d yields, want false after 1", ok, stopped)
 	}
 }

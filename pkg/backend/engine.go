@@ -128,11 +128,15 @@ type engine struct {
 	// nh.use for the event goroutines.
 	nh   nhTable
 	nhOn atomic.Bool
-	// dumpTouched, while a full pass dumps routes without mu, collects
-	// the keys of the routes changed meanwhile.
-	dumpTouched map[routeKey]struct{}
-	// dumpHook, if set (tests), runs in pass before its unlocked dump.
-	dumpHook func()
+	// dumpTouched, while a full pass dumps or compares without mu,
+	// collects the keys of the objects changed meanwhile.
+	dumpTouched *touchedSet
+	// dumpHook, if set (tests), runs in pass before its unlocked dump;
+	// compareHook each time verifyLocked releases mu.
+	dumpHook, compareHook func()
+	// wantFrom are the inputs the wanted state was last computed from as
+	// a whole (see wantInputs).
+	wantFrom wantInputs
 	// routeHave tells putRoutes, during a pass's route puts, which keys
 	// hold a route of ours in the kernel (replaced; others are created).
 	routeHave func(routeKey) bool
@@ -334,11 +338,13 @@ func observe(pass string, start time.Time) {
 	metrics.ReconcileDuration.WithLabelValues(pass).Observe(time.Since(start).Seconds())
 }
 
-// pass runs one full reconcile pass. On the netlink kernel the route and
-// nexthop dumps, the bulk of a full pass in a large cluster, run without
-// e.mu, so that a peer change applied meanwhile (SetPeers, UpdatePeers)
-// does not wait for them; what it changes is taken from the applied state
-// instead of the dump (adoptDump).
+// pass runs one full reconcile pass. On the netlink kernel the route,
+// nexthop, neighbour and FDB dumps, the bulk of a full pass in a large
+// cluster, run without e.mu, so that a peer change applied meanwhile
+// (SetPeers, UpdatePeers) does not wait for them; what it changes is taken
+// from the applied state instead of the dump (adoptDump, adoptKind). On a
+// trusted engine the comparison with the wanted state lets peer changes in
+// too (verifyLocked).
 func (e *engine) pass(ctx context.Context) error {
 	e.mu.Lock()
 	if e.closedLocked() {
@@ -353,25 +359,63 @@ func (e *engine) pass(ctx context.Context) error {
 		defer e.mu.Unlock()
 		return e.passLocked(ctx)
 	}
-	e.dumpTouched = map[routeKey]struct{}{}
+	e.dumpTouched = newTouchedSet()
 	e.fullPasses.Add(1) // before the dump: this pass sees every earlier event
 	hook := e.dumpHook
+	var owned []int
+	if o := e.owned.Load(); o != nil {
+		owned = *o
+	}
+	listN := len(owned) > 0 || len(e.applied.neighs) > 0 || len(e.applied.fdbs) > 0
+	hints := [3]int{len(e.nh.byID), len(e.applied.neighs) + 64, len(e.applied.fdbs) + 64}
 	e.mu.Unlock()
 	if hook != nil {
 		hook()
 	}
-	d, err := dumpRoutesNH(nk)
+	d, err := dumpAll(nk, hints, listN, owned)
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	touched := e.dumpTouched
-	e.dumpTouched = nil
+	defer func() { e.dumpTouched = nil }()
 	if e.closedLocked() {
 		return ErrClosed
+	}
+	if errors.Is(err, errDumpInterrupted) {
+		// Peer changes applied meanwhile kept interrupting the dump (at
+		// 50,000 peers one takes a few hundred milliseconds): list once
+		// more with e.mu held, which holds them back.
+		klog.V(2).InfoS("dump interrupted by changes at every try; listing again with peer changes held back", "err", err)
+		e.dumpTouched.clear()
+		d, err = dumpAll(nk, hints, listN, owned)
 	}
 	if err != nil {
 		return err
 	}
+	touched := e.dumpTouched
+	if !e.trusted {
+		e.dumpTouched = nil // nothing compares without e.mu
+	}
 	return e.passLockedWith(ctx, d, touched)
+}
+
+// dumpAll is dumpRoutesNH and, with neighs, dumpNeighs for the devices
+// owned; it needs no e.mu. hints are about how many nexthop objects,
+// neighbours and FDB entries of ours to expect. It sorts what it lists
+// (sortObjects), for a comparison that releases e.mu between chunks
+// (verifyLocked).
+func dumpAll(nk nexthopKernel, hints [3]int, neighs bool, owned []int) (*routeDump, error) {
+	d, err := dumpRoutesNH(nk, hints[0])
+	if err != nil {
+		return d, err
+	}
+	sortObjects(d.routes) // (the kernel dumps IPv4 routes in this order)
+	if !neighs {
+		return d, nil
+	}
+	d.neighs, d.fdbs, err = dumpNeighs(nk, owned, hints[1], hints[2])
+	d.neighsListed, d.neighOwned = true, owned
+	sortObjects(d.neighs)
+	sortObjects(d.fdbs)
+	return d, err
 }
 
 func (e *engine) kickPass() {

@@ -64,6 +64,14 @@ func (s *foreignSet) overlapping(p netip.Prefix) (foreignRoute, bool) {
 	return foreignRoute{}, false
 }
 
+// equal reports whether two sets hold the same routes for the same networks.
+func (s *foreignSet) equal(o *foreignSet) bool {
+	if s == nil || o == nil {
+		return s == o
+	}
+	return s.net4 == o.net4 && s.net6 == o.net6 && slices.Equal(s.routes, o.routes)
+}
+
 // has reports whether the set holds a route to dst.
 func (s *foreignSet) has(dst netip.Prefix) bool {
 	return s != nil && slices.ContainsFunc(s.routes, func(r foreignRoute) bool { return r.Dst == dst })

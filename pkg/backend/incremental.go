@@ -102,6 +102,10 @@ type wantedSet struct {
 	mu  sync.RWMutex
 	st  state
 	set bool // false before the first pass
+	// gen counts the stores: a full pass that compares without
+	// engine.mu (verifyLocked) learns from it that the state it
+	// compares with was replaced meanwhile. Written with engine.mu held.
+	gen uint64
 }
 
 // store replaces the wanted state; st must not be modified afterwards
@@ -109,6 +113,7 @@ type wantedSet struct {
 func (w *wantedSet) store(st state) {
 	w.mu.Lock()
 	w.st, w.set = st, true
+	w.gen++
 	w.mu.Unlock()
 }
 
@@ -393,6 +398,8 @@ func (e *engine) applyObjectChangesLocked(gone, added state) error {
 	sharedF := sameMap(e.applied.fdbs, e.wanted.st.fdbs)
 	sharedN := sameMap(e.applied.neighs, e.wanted.st.neighs)
 	sharedR := sameMap(e.applied.routes, e.wanted.st.routes)
+	e.dumpTouched.touchState(gone) // for a full pass comparing meanwhile
+	e.dumpTouched.touchState(added)
 	e.wanted.mu.Lock()
 	updateMap(e.wanted.st.fdbs, gone.fdbs, added.fdbs)
 	updateMap(e.wanted.st.neighs, gone.neighs, added.neighs)

@@ -122,6 +122,10 @@ type nexthopKernel interface {
 	// nexthop object; NHRoutesDel deletes each.
 	NHRoutesPut(rs []nhRoute, replace bool) []error
 	NHRoutesDel(rs []nhRoute) []error
+	// NeighDump calls fn for every neighbour entry of family (AF_INET,
+	// AF_INET6; AF_BRIDGE: FDB entries) of every link, as RouteDump does
+	// for routes.
+	NeighDump(family int, reset func(), fn func(*kneigh)) error
 	// NexthopProbe creates and deletes a nexthop object, to learn whether
 	// the kernel has them.
 	NexthopProbe() error
@@ -255,6 +259,54 @@ func (k netlinkKernel) RouteDump(family int, reset func(), fn func(*kroute)) err
 			}
 		})
 	})
+}
+
+// kneigh is a neighbour or FDB entry as NeighDump decodes it.
+type kneigh struct {
+	Link   int
+	State  uint16
+	Family uint8
+	IP     netip.Addr // NDA_DST (invalid: none)
+	MAC    []byte     // NDA_LLADDR; valid until fn returns
+}
+
+func (k netlinkKernel) NeighDump(family int, reset func(), fn func(*kneigh)) error {
+	b, unlock := k.dumpSock()
+	defer unlock()
+	hdr := make([]byte, unix.SizeofNdMsg)
+	hdr[0] = uint8(family)
+	var n kneigh
+	return retryRawDump("neighbours", reset, func() error {
+		return b.dump(unix.RTM_GETNEIGH, hdr, func(typ uint16, m []byte) {
+			if typ == unix.RTM_NEWNEIGH && parseNeigh(m, &n) {
+				fn(&n)
+			}
+		})
+	})
+}
+
+// parseNeigh decodes an RTM_NEWNEIGH payload into n.
+func parseNeigh(m []byte, n *kneigh) bool {
+	if len(m) < unix.SizeofNdMsg {
+		return false
+	}
+	ne := binary.NativeEndian
+	*n = kneigh{Family: m[0], Link: int(int32(ne.Uint32(m[4:]))), State: ne.Uint16(m[8:])}
+	for a := m[unix.SizeofNdMsg:]; len(a) >= unix.SizeofRtAttr; {
+		l := int(ne.Uint16(a))
+		if l < unix.SizeofRtAttr || l > len(a) {
+			break
+		}
+		v := a[unix.SizeofRtAttr:l]
+		switch ne.Uint16(a[2:]) {
+		case unix.NDA_DST:
+			n.IP, _ = netip.AddrFromSlice(v)
+		case unix.NDA_LLADDR:
+			n.MAC = v
+		}
+		a = a[min(nlmAlign(l), len(a)):]
+	}
+	return true
 }
 
 // parseRoute decodes an RTM_NEWROUTE payload into r.

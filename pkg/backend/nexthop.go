@@ -1,10 +1,12 @@
 package backend
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -180,29 +182,40 @@ type routeDump struct {
 	routes  []route
 	foreign []netlink.Route
 	ids     map[nhKey]uint32    // our routes through our nexthop objects
+	byID    map[uint32]nhKey    // ids reversed
 	orphans []uint32            // our nexthop objects no route uses
 	taken   map[uint32]struct{} // other programs' nexthop objects, and orphans
 	maxOwn  uint32
+	// neighs and fdbs are the permanent neighbours and the FDB entries
+	// on the devices neighOwned, when neighsListed (dumpNeighs).
+	neighs       []neigh
+	fdbs         []fdb
+	neighOwned   []int
+	neighsListed bool
 }
 
 // dumpRoutesNH lists the nexthop objects and then the routes of both
-// families. It touches no engine state, so it runs without e.mu.
-func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
-	// Our objects by id, decoded straight from the dump: at 50,000 peers
-	// there are 100,000.
+// families. It touches no engine state, so it runs without e.mu. hint is
+// about how many nexthop objects of ours to expect.
+func dumpRoutesNH(nk nexthopKernel, hint int) (*routeDump, error) {
+	// Our objects, decoded straight from the dump (at 50,000 peers there
+	// are 100,000), in a slice sorted by id rather than a map: the dump
+	// comes in id order, and the slice is a fifth of the map's size.
 	type ownNH struct {
-		gw     netip.Addr
+		id     uint32
 		link   int32
+		gw     netip.Addr
 		onLink bool
+		used   bool
 	}
-	var own map[uint32]ownNH
+	var own []ownNH
 	d := &routeDump{}
 	err := nk.NexthopDump(func() {
-		own = make(map[uint32]ownNH)
+		own = make([]ownNH, 0, hint)
 		d.taken, d.maxOwn = make(map[uint32]struct{}), 0
 	}, func(n nexthop) {
 		if n.Proto == uint8(RouteProtocol) && !n.Other {
-			own[n.ID] = ownNH{n.Gw, int32(n.Link), n.OnLink}
+			own = append(own, ownNH{id: n.ID, link: int32(n.Link), gw: n.Gw, onLink: n.OnLink})
 			d.maxOwn = max(d.maxOwn, n.ID)
 		} else {
 			d.taken[n.ID] = struct{}{}
@@ -211,8 +224,11 @@ func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
 	if err != nil && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EINVAL) {
 		return nil, err // (a kernel without nexthop objects refuses the dump)
 	}
+	cmpID := func(n ownNH, id uint32) int { return cmp.Compare(n.id, id) }
+	if !slices.IsSortedFunc(own, func(a, b ownNH) int { return cmp.Compare(a.id, b.id) }) {
+		slices.SortFunc(own, func(a, b ownNH) int { return cmp.Compare(a.id, b.id) })
+	}
 	d.ids = make(map[nhKey]uint32, len(own))
-	used := make(map[uint32]bool, len(own))
 	// About one route per object of ours: sized once, not grown by
 	// doubling through 100,000 routes.
 	d.routes = make([]route, 0, len(own)+64)
@@ -221,8 +237,11 @@ func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
 		err := nk.RouteDump(fam, func() {
 			d.routes, d.foreign = d.routes[:n0], d.foreign[:a0]
 		}, func(r *kroute) {
+			i, ours := -1, false
 			if r.NH != 0 {
-				used[r.NH] = true
+				if i, ours = slices.BinarySearchFunc(own, r.NH, cmpID); ours {
+					own[i].used = true
+				}
 			}
 			if r.Table != 0 && r.Table != unix.RT_TABLE_MAIN {
 				return
@@ -232,8 +251,9 @@ func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
 				return
 			}
 			rr := route{Dst: r.Dst, Priority: r.Priority, Gw: r.Gw.Unmap(), Link: r.Link, OnLink: r.Flags&unix.RTNH_F_ONLINK != 0}
-			switch n, ours := own[r.NH]; {
-			case r.NH != 0 && ours:
+			switch {
+			case ours:
+				n := own[i]
 				rr.Gw, rr.Link, rr.OnLink = n.gw, int(n.link), n.onLink
 				d.ids[nhKeyOf(rr.key())] = r.NH
 			case r.NH != 0:
@@ -255,11 +275,15 @@ func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
 			return nil, err
 		}
 	}
-	for id := range own {
-		if !used[id] {
-			d.orphans = append(d.orphans, id)
-			d.taken[id] = struct{}{}
+	for _, n := range own {
+		if !n.used {
+			d.orphans = append(d.orphans, n.id)
+			d.taken[n.id] = struct{}{}
 		}
+	}
+	d.byID = make(map[uint32]nhKey, len(d.ids))
+	for k, id := range d.ids {
+		d.byID[id] = k
 	}
 	return d, nil
 }
@@ -269,22 +293,26 @@ func dumpRoutesNH(nk nexthopKernel) (*routeDump, error) {
 // the dump began (nil: none, the dump ran under e.mu): for them the
 // applied state, not the dump, tells what the kernel holds. e.mu must be
 // held.
-func (e *engine) adoptDump(d *routeDump, local Local, touched map[routeKey]struct{}) ([]route, *foreignSet) {
-	routes := d.routes
+//
+// The routes it returns are the dump's own, in their order, followed by
+// those of the touched keys: kept tells how many are the dump's.
+func (e *engine) adoptDump(d *routeDump, local Local, touched map[routeKey]struct{}) (routes []route, kept int, fs *foreignSet) {
+	routes = d.routes
 	if len(touched) > 0 {
-		kept := routes[:0]
-		for _, r := range routes {
-			if _, t := touched[r.key()]; !t {
-				kept = append(kept, r)
-			}
-		}
-		routes = kept
+		routes = slices.DeleteFunc(routes, func(r route) bool { _, t := touched[r.key()]; return t })
+	}
+	kept = len(routes)
+	if len(touched) > 0 {
 		for k := range touched {
-			delete(d.ids, nhKeyOf(k))
+			nk := nhKeyOf(k)
+			if old, ok := d.ids[nk]; ok {
+				delete(d.ids, nk)
+				delete(d.byID, old)
+			}
 			if r, ok := e.applied.routes[k]; ok {
 				routes = append(routes, r)
 				if id, ok := e.nh.id(k); ok {
-					d.ids[nhKeyOf(k)] = id
+					d.ids[nk], d.byID[id] = id, nk
 				}
 			}
 		}
@@ -299,28 +327,24 @@ func (e *engine) adoptDump(d *routeDump, local Local, touched map[routeKey]struc
 		d.orphans = kept2
 	}
 	e.nh.mu.Lock()
-	e.nh.ids = d.ids
-	e.nh.byID = make(map[uint32]nhKey, len(d.ids))
-	for k, id := range d.ids {
-		e.nh.byID[id] = k
-	}
+	e.nh.ids, e.nh.byID = d.ids, d.byID
 	e.nh.mu.Unlock()
 	e.nh.orphans = d.orphans
 	e.nh.taken = d.taken
 	if d.maxOwn >= e.nh.next && d.maxOwn != ^uint32(0) {
 		e.nh.next = d.maxOwn + 1
 	}
-	return routes, newForeignSet(local, d.foreign, linkNamer(e.k))
+	return routes, kept, newForeignSet(local, d.foreign, linkNamer(e.k))
 }
 
 // listRoutesNH is listAllRoutesFor on a kernel with its own dumps, under
 // e.mu.
 func (e *engine) listRoutesNH(nk nexthopKernel, local Local) ([]route, *foreignSet, error) {
-	d, err := dumpRoutesNH(nk)
+	d, err := dumpRoutesNH(nk, len(e.nh.byID))
 	if err != nil {
 		return nil, nil, err
 	}
-	routes, fs := e.adoptDump(d, local, nil)
+	routes, _, fs := e.adoptDump(d, local, nil)
 	return routes, fs, nil
 }
 
