@@ -23,19 +23,34 @@ import (
 type peerTracker struct {
 	dirty map[string]bool // nodes whose lease changed since the last update
 	set   *lease.PeerSet  // the peer filter, kept up to date with dirty
+	reset bool            // the view has a new records map: set is stale
 	cfg   *lease.Config   // the config and
 	self  *lease.Record   // own lease set was computed for
-	// programmed is what the datapath was handed: the accepted peers plus,
-	// during a grace period, peers kept although their leases vanished.
-	// After this host lost its own lease (it was cut off from etcd, and so,
-	// most likely, were its peers), peers that vanish from etcd are kept
-	// until graceUntil unless another node claims their subnet: their
-	// leases may have expired for the same reason, and they are
-	// re-claiming.
-	programmed map[string]*lease.Record
-	kept       map[string]bool // nodes in programmed only for the grace period
+	// What the datapath was handed (the programmed set) is the peer
+	// filter's accepted peers plus kept: after this host lost its own
+	// lease (it was cut off from etcd, and so, most likely, were its
+	// peers), peers that vanish from etcd are kept until graceUntil unless
+	// another node claims their subnet: their leases may have expired for
+	// the same reason, and they are re-claiming. The accepted map is not
+	// copied: at 50,000 peers a second map of every peer is 1.7 MB.
+	kept       map[string]*lease.Record // programmed, not accepted: the grace period's
 	graceUntil time.Time
 	rejected   map[string]string // node → reason last logged
+}
+
+// acceptedBefore is what the peer filter accepted before a refilter: its
+// accepted map as it was then (orig) and the old entries of the nodes the
+// refilter changed in that map in place (journal).
+type acceptedBefore struct {
+	orig    map[string]*lease.Record
+	journal map[string]*lease.Record // node → its entry in orig before (nil: none)
+}
+
+func (b acceptedBefore) get(node string) *lease.Record {
+	if r, ok := b.journal[node]; ok {
+		return r
+	}
+	return b.orig[node]
 }
 
 // peerChanges is what changed in the programmed peer set: the peers to add
@@ -53,15 +68,14 @@ func (c peerChanges) empty() bool { return len(c.ups) == 0 && len(c.removed) == 
 func (c peerChanges) upserts() []backend.Peer { return sortedPeers(c.ups) }
 
 func newPeerTracker() *peerTracker {
-	return &peerTracker{dirty: map[string]bool{}, programmed: map[string]*lease.Record{},
-		kept: map[string]bool{}, rejected: map[string]string{}}
+	return &peerTracker{dirty: map[string]bool{}, kept: map[string]*lease.Record{}, rejected: map[string]string{}}
 }
 
 // saw notes the leases a watch batch, already applied to v, changed, and
 // logs malformed lease records once each.
 func (t *peerTracker) saw(b lease.Batch, v *lease.View) {
 	if b.Reset {
-		t.set = nil // the view has a new records map
+		t.reset = true // the view has a new records map; set's accepted map stays what was programmed
 	}
 	for _, e := range b.Events {
 		if e.Kind == lease.LeasePut || e.Kind == lease.LeaseDelete {
@@ -84,25 +98,26 @@ func (t *peerTracker) changed() bool { return len(t.dirty) > 0 }
 // the leases that changed, except when the filter has to be recomputed
 // (new config or own lease, a rejected lease involved).
 func (t *peerTracker) update(v *lease.View, cfg *lease.Config, self *lease.Record) peerChanges {
-	touched := t.refilter(v, cfg, self)
+	touched, before := t.refilter(v, cfg, self)
 	accepted := t.set.Accepted()
 	var ch peerChanges
 	var held map[netip.Prefix]bool // subnets accepted peers and self hold (grace only)
 	for _, node := range touched {
-		acc, old := accepted[node], t.programmed[node]
+		acc, old := accepted[node], t.kept[node] // kept nodes were not accepted
+		if old == nil {
+			old = before.get(node)
+		}
 		switch {
 		case acc != nil:
 			delete(t.kept, node)
 			if acc != old {
 				ch.ups = append(ch.ups, acc)
-				t.programmed[node] = acc
 			}
 		case old == nil:
 		case !t.graceUntil.IsZero() && !takenBy(old, t.heldOnce(&held, accepted)):
-			t.kept[node] = true // vanished during the grace period
+			t.kept[node] = old // vanished during the grace period
 		default:
 			ch.removed = append(ch.removed, node)
-			delete(t.programmed, node)
 			delete(t.kept, node)
 		}
 	}
@@ -112,17 +127,33 @@ func (t *peerTracker) update(v *lease.View, cfg *lease.Config, self *lease.Recor
 }
 
 // refilter brings the peer filter up to date with the leases that changed
-// and returns the nodes whose programmed entry may have to change.
-func (t *peerTracker) refilter(v *lease.View, cfg *lease.Config, self *lease.Record) []string {
+// and returns the nodes whose programmed entry may have to change, and
+// what the filter accepted before.
+func (t *peerTracker) refilter(v *lease.View, cfg *lease.Config, self *lease.Record) ([]string, acceptedBefore) {
 	defer clear(t.dirty)
-	if t.set == nil || t.cfg != cfg || t.self != self {
-		t.set, t.cfg, t.self = lease.NewPeerSet(cfg, self, v.Records), cfg, self
+	var before acceptedBefore
+	if t.set != nil {
+		before.orig = t.set.Accepted()
+	}
+	if t.set == nil || t.reset || t.cfg != cfg || t.self != self {
+		t.set, t.reset, t.cfg, t.self = lease.NewPeerSet(cfg, self, v.Records), false, cfg, self
 		t.logRejected(v)
-		return t.everyNode()
+		return t.everyNode(before), before
 	}
 	var touched []string
 	all := false
 	for node := range t.dirty {
+		// Until the filter recomputes its accepted map, Update may change
+		// it in place (also just before recomputing): note the node's old
+		// entry first.
+		if !all {
+			if _, noted := before.journal[node]; !noted {
+				if before.journal == nil {
+					before.journal = map[string]*lease.Record{}
+				}
+				before.journal[node] = before.orig[node]
+			}
+		}
 		c, recomputed := t.set.Update(node)
 		all = all || recomputed
 		if c {
@@ -133,20 +164,36 @@ func (t *peerTracker) refilter(v *lease.View, cfg *lease.Config, self *lease.Rec
 		t.logRejected(v)
 	}
 	if all {
-		return t.everyNode()
+		return t.everyNode(before), before
 	}
-	return touched
+	return touched, before
 }
 
-// everyNode returns the nodes accepted or programmed.
-func (t *peerTracker) everyNode() []string {
+// everyNode returns the nodes accepted, accepted before, or kept.
+func (t *peerTracker) everyNode(before acceptedBefore) []string {
 	accepted := t.set.Accepted()
 	out := make([]string, 0, len(accepted))
 	for node := range accepted {
 		out = append(out, node)
 	}
-	for node := range t.programmed {
-		if _, ok := accepted[node]; !ok {
+	seen := func(node string) bool {
+		_, ok := accepted[node]
+		return ok
+	}
+	for node := range before.orig {
+		if !seen(node) {
+			out = append(out, node)
+		}
+	}
+	for node := range before.journal {
+		if _, ok := before.orig[node]; !ok && !seen(node) {
+			out = append(out, node)
+		}
+	}
+	for node := range t.kept {
+		_, orig := before.orig[node]
+		_, journal := before.journal[node]
+		if !seen(node) && !orig && !journal {
 			out = append(out, node)
 		}
 	}
@@ -162,9 +209,8 @@ func (t *peerTracker) dropKept(removed []string, held map[netip.Prefix]bool, acc
 		return removed
 	}
 	for node := range t.kept {
-		if over || takenBy(t.programmed[node], t.heldOnce(&held, accepted)) {
+		if over || takenBy(t.kept[node], t.heldOnce(&held, accepted)) {
 			removed = append(removed, node)
-			delete(t.programmed, node)
 			delete(t.kept, node)
 		}
 	}
@@ -201,7 +247,18 @@ func (t *peerTracker) logRejected(v *lease.View) {
 // all returns the whole programmed set, oldest lease first: what a new
 // backend is handed.
 func (t *peerTracker) all() []backend.Peer {
-	return toPeers(t.programmed)
+	var accepted map[string]*lease.Record
+	if t.set != nil {
+		accepted = t.set.Accepted()
+	}
+	recs := make([]*lease.Record, 0, len(accepted)+len(t.kept))
+	for _, r := range accepted {
+		recs = append(recs, r)
+	}
+	for _, r := range t.kept {
+		recs = append(recs, r)
+	}
+	return sortedPeers(recs)
 }
 
 // counts returns the number of programmed and of rejected peers (the
@@ -209,8 +266,9 @@ func (t *peerTracker) all() []backend.Peer {
 func (t *peerTracker) counts(v *lease.View) (programmed, rejected int) {
 	if t.set != nil {
 		rejected = len(t.set.Rejected())
+		programmed = len(t.set.Accepted())
 	}
-	return len(t.programmed), rejected + len(v.Malformed)
+	return programmed + len(t.kept), rejected + len(v.Malformed)
 }
 
 // startGrace keeps vanishing peers for one lease TTL (see programmed).

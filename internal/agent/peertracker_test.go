@@ -3,6 +3,8 @@ package agent
 import (
 	"fmt"
 	"github.com/leased/leased/pkg/ipfam"
+	"maps"
+	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"testing"
@@ -187,5 +189,44 @@ func TestPeerTrackerGrace(t *testing.T) {
 	h.step()
 	if !slices.Equal(h.last.removed, []string{"c"}) {
 		t.Fatalf("a lease gone after the grace period: got %+v, want c removed", h.last)
+	}
+}
+
+// The tracker keeps no copy of the accepted set: its changes must still
+// lead the datapath to exactly the filter's accepted peers when one update
+// mixes changes the filter makes in place with one that makes it recompute
+// (an overlapping lease), and after the view is listed anew (a new records
+// map). Random batches of puts (some onto another node's subnet) and
+// deletes, checked after each update against lease.Peers from scratch.
+func TestPeerTrackerChangesMatchFilter(t *testing.T) {
+	for seed := range uint64(10) {
+		r := rand.New(rand.NewPCG(seed, 2))
+		h := newTrackerHarness(t)
+		for step := range 200 {
+			for range 1 + r.IntN(5) {
+				node := fmt.Sprintf("n%d", r.IntN(30))
+				if _, ok := h.view.Records[node]; ok && r.IntN(3) == 0 {
+					h.del(node)
+				} else {
+					h.put(node, 10+r.IntN(40)) // subnets repeat: some leases are refused
+				}
+			}
+			if r.IntN(15) == 0 { // a new listing: a new records map
+				h.view.Records = maps.Clone(h.view.Records)
+				h.tr.saw(lease.Batch{Reset: true, Rev: h.rev}, &h.view)
+			}
+			h.step()
+			peers, _ := lease.Peers(h.cfg, h.self, h.view.Records)
+			var want []string
+			for _, p := range peers {
+				want = append(want, p.Node)
+				i := slices.IndexFunc(h.held, func(q backend.Peer) bool { return q.Node == p.Node })
+				if i >= 0 && h.held[i].Subnet != p.Subnet {
+					t.Fatalf("seed %d step %d: the datapath holds %s with %v, the lease says %v", seed, step, p.Node, h.held[i].Subnet, p.Subnet)
+				}
+			}
+			slices.Sort(want)
+			h.want(fmt.Sprintf("seed %d step %d", seed, step), want...)
+		}
 	}
 }

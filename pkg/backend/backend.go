@@ -173,6 +173,13 @@ type Backend interface {
 	// backend are skipped with a log line. The error joins every failure of
 	// the pass; what failed is retried by the next pass. The agent calls it
 	// once per backend, with the whole set; changes go through UpdatePeers.
+	//
+	// The backend keeps the peers' Node, BackendType and BackendData
+	// without copying them (one copy of a fleet's lease data, not two):
+	// the caller must not modify the bytes of a BackendData it handed
+	// over, here or in UpdatePeers. The agent hands over its decoded
+	// lease records' values, which are never modified (a changed lease is
+	// a new record). The peers slice itself is not kept.
 	SetPeers(ctx context.Context, peers []Peer) error
 	// UpdatePeers applies a change to the desired peer set: upserts are
 	// added or replace the peers of their nodes, the nodes in removed are

@@ -79,14 +79,6 @@ func samePeer(a, b Peer) bool {
 		a.BackendType == b.BackendType && bytes.Equal(a.BackendData, b.BackendData)
 }
 
-// clonePeer copies BackendData, which the caller may reuse after SetPeers.
-func clonePeer(p Peer) Peer {
-	if p.BackendData != nil {
-		p.BackendData = bytes.Clone(p.BackendData)
-	}
-	return p
-}
-
 // isClean reports whether a desired state computed from a whole peer set
 // is the disjoint union of what each peer wants alone: no peer was skipped
 // for wanting an object another peer already has, and no neighbour entry
@@ -151,9 +143,10 @@ func (e *engine) setPeersLocked(ctx context.Context, peers []Peer) error {
 	// Sized once: at 50,000 peers, growing by appends would leave about
 	// as much garbage as the set itself during the first pass.
 	e.peers = slices.Grow(e.peers[:0], len(peers))
-	for _, p := range peers {
-		e.peers = append(e.peers, clonePeer(p))
-	}
+	// The peers' strings and BackendData are kept, not copied: the caller
+	// does not modify them (see Backend.SetPeers), and a copy per peer
+	// would be one more copy of the fleet's lease data.
+	e.peers = append(e.peers, peers...)
 	e.peersSet = true
 	e.idx.rebuild(e.peers)
 	if first {
@@ -214,7 +207,6 @@ func (e *engine) UpdatePeers(ctx context.Context, upserts []Peer, removed []stri
 		delete(pos, node)
 	}
 	for _, p := range upserts {
-		p = clonePeer(p)
 		switch i, ok := pos[p.Node]; {
 		case !ok:
 			ch.added = append(ch.added, p)

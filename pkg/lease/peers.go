@@ -50,12 +50,7 @@ func Peers(cfg *Config, self *Record, records map[string]*Record) (peers []*Reco
 // It checks the records on every CPU and finds repeats by sorting each
 // family's subnets as integers (their index in the pool).
 func peersUnordered(cfg *Config, self *Record, records map[string]*Record) (peers []*Record, rejected map[string]error, ok bool) {
-	held := newHeldSet(2) // only this host's subnets: peers' repeats end this path
-	if self != nil {
-		for _, s := range self.Subnets() {
-			held.add(s, self.Node+" (this host)")
-		}
-	}
+	held := newHeldSet(2, self) // only this host's subnets: peers' repeats end this path
 	recs := make([]*Record, 0, len(records))
 	for _, r := range records {
 		recs = append(recs, r)
@@ -183,13 +178,8 @@ func peersByAge(cfg *Config, self *Record, records map[string]*Record) (peers []
 		}
 		return strings.Compare(a.node, b.node)
 	})
-	held := newHeldSet(len(ordered) + 1)
+	held := newHeldSet(len(ordered)+1, self)
 	peers = make([]*Record, 0, len(ordered))
-	if self != nil {
-		for _, s := range self.Subnets() {
-			held.add(s, self.Node+" (this host)")
-		}
-	}
 	for _, e := range ordered {
 		r := e.r
 		if err := checkPeer(cfg, self, r, held); err != nil {
@@ -197,17 +187,21 @@ func peersByAge(cfg *Config, self *Record, records map[string]*Record) (peers []
 			continue
 		}
 		for _, s := range ipfam.Valid(r.Subnet) {
-			held.add(s, r.Node)
+			held.add(s, r)
 		}
 		peers = append(peers, r)
 	}
 	return peers, rejected
 }
 
-// heldSet maps the subnets held so far to their holders.
+// heldSet maps the subnets held so far to their holders' records (self:
+// this host's). A record pointer instead of the holder's name keeps the
+// index at 16 and 32 bytes an entry: the peer filter keeps one entry per
+// subnet of the fleet (PeerSet).
 type heldSet struct {
-	v4 map[uint64]string // address<<8 | bits
-	v6 map[prefix6]string
+	v4   map[uint64]*Record // address<<8 | bits
+	v6   map[prefix6]*Record
+	self *Record
 }
 
 type prefix6 struct {
@@ -215,11 +209,17 @@ type prefix6 struct {
 	bits int
 }
 
-func newHeldSet(n int) heldSet {
-	return heldSet{v4: make(map[uint64]string, n), v6: make(map[prefix6]string, n)}
+func newHeldSet(n int, self *Record) heldSet {
+	h := heldSet{v4: make(map[uint64]*Record, n), v6: make(map[prefix6]*Record, n), self: self}
+	if self != nil {
+		for _, s := range self.Subnets() {
+			h.add(s, self)
+		}
+	}
+	return h
 }
 
-func (h heldSet) add(s netip.Prefix, holder string) {
+func (h heldSet) add(s netip.Prefix, holder *Record) {
 	if s.Addr().Is4() {
 		h.v4[prefix4Key(s)] = holder
 	} else {
@@ -235,15 +235,22 @@ func (h heldSet) del(s netip.Prefix) {
 	}
 }
 
+// get returns the name of s's holder, "<node> (this host)" for this host.
 func (h heldSet) get(s netip.Prefix) (string, bool) {
-	var holder string
+	var holder *Record
 	var ok bool
 	if s.Addr().Is4() {
 		holder, ok = h.v4[prefix4Key(s)]
 	} else {
 		holder, ok = h.v6[prefix6{s.Addr().As16(), s.Bits()}]
 	}
-	return holder, ok
+	if !ok {
+		return "", false
+	}
+	if holder == h.self {
+		return holder.Node + " (this host)", true
+	}
+	return holder.Node, true
 }
 
 func prefix4Key(s netip.Prefix) uint64 {

@@ -44,12 +44,7 @@ func (ps *PeerSet) buildHeld() {
 	if ps.held.v4 != nil {
 		return
 	}
-	ps.held = newHeldSet(len(ps.accepted) + 1)
-	if ps.self != nil {
-		for _, s := range ps.self.Subnets() {
-			ps.held.add(s, ps.self.Node+" (this host)")
-		}
-	}
+	ps.held = newHeldSet(len(ps.accepted)+1, ps.self)
 	for _, r := range ps.accepted {
 		ps.addHeld(r)
 	}
@@ -57,7 +52,7 @@ func (ps *PeerSet) buildHeld() {
 
 func (ps *PeerSet) addHeld(r *Record) {
 	for _, s := range ipfam.Valid(r.Subnet) {
-		ps.held.add(s, r.Node)
+		ps.held.add(s, r)
 	}
 }
 
