@@ -419,7 +419,11 @@ func (b *benchRun) joins() error {
 					break wait
 				}
 			case <-timeout:
-				return fmt.Errorf("no route for new peer %s within 5s", want)
+				inKernel := "not in the kernel either"
+				if rs, err := b.nl.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: netipNet(rec.Subnet.V4)}, netlink.RT_FILTER_DST); err == nil && len(rs) > 0 {
+					inKernel = fmt.Sprintf("but the kernel has it (%d route(s)): its event did not reach the bench's subscription", len(rs))
+				}
+				return fmt.Errorf("no route event for new peer %s within 5s, %s; agent log tail:\n%s", want, inKernel, b.l.LogTail(b.h, 30))
 			}
 		}
 	}
@@ -636,4 +640,8 @@ func medianResult(rs []BenchResult) BenchResult {
 		PutP99:        d(func(r BenchResult) time.Duration { return r.PutP99 }),
 		AfterPutP99:   d(func(r BenchResult) time.Duration { return r.AfterPutP99 }),
 	}
+}
+
+func netipNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
