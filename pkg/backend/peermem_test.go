@@ -2,15 +2,12 @@ package backend
 
 import (
 	"context"
-	"encoding/binary"
 	"net/netip"
 	"runtime"
-	"strconv"
 	"testing"
 	"unsafe"
 
 	"github.com/leased/leased/pkg/backend/vtep"
-	"github.com/leased/leased/pkg/ipfam"
 )
 
 // TestEnginePeerMemory measures the engine's peer list at 50,000 peers (the
@@ -22,21 +19,7 @@ import (
 // heap after a collection, so the bound holds on a loaded machine.
 func TestEnginePeerMemory(t *testing.T) {
 	const n = 50_000
-	peers := make([]Peer, n)
-	for i := range peers {
-		i4 := uint32(i + 1)
-		var a6, g6 [16]byte
-		copy(a6[:4], []byte{0x20, 0x01, 0x0d, 0xb8})
-		binary.BigEndian.PutUint32(a6[4:8], i4)
-		copy(g6[:4], []byte{0x20, 0x01, 0x0d, 0xb9})
-		binary.BigEndian.PutUint32(g6[12:], i4)
-		node := "peer-" + strconv.Itoa(i)
-		peers[i] = Peer{Node: node,
-			Subnet: ipfam.Pair[netip.Prefix]{V4: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i4 >> 8), byte(i4), 0}), 24),
-				V6: netip.PrefixFrom(netip.AddrFrom16(a6), 64)},
-			PublicIP:    ipfam.Pair[netip.Addr]{V4: netip.AddrFrom4([4]byte{100, 64 + byte(i4>>16), byte(i4 >> 8), byte(i4)}), V6: netip.AddrFrom16(g6)},
-			BackendType: vtep.Type, BackendData: vtep.Data(node)}
-	}
+	peers := benchPeersOf(n, 0, TypeVXLAN) // dual-stack, a public address each
 	k := newFakeKernel()
 	e := newEngine(TypeVXLAN, ExtIface{V4: ExtLink{Name: "eth0", Index: 2, MTU: 1500}}, Options{}, k, hostGW{})
 	heap := func() uint64 {
