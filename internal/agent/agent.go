@@ -269,6 +269,7 @@ func (a *agent) step(ctx context.Context) error {
 		return err
 	}
 	a.report()
+	a.peers.prepare() // after the hand-over, before the next change
 	return nil
 }
 

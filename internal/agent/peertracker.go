@@ -355,3 +355,12 @@ func toPeer(r *lease.Record) backend.Peer {
 		BackendType: r.BackendType, BackendData: r.BackendData,
 	}
 }
+
+// prepare builds what the filter needs for the next lease change (the
+// index of held subnets), so that the first change after a start does not
+// wait for it.
+func (t *peerTracker) prepare() {
+	if t.set != nil {
+		t.set.IndexHeld()
+	}
+}

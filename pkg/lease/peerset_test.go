@@ -5,6 +5,7 @@ import (
 	"github.com/leased/leased/pkg/ipfam"
 	"math/rand/v2"
 	"net/netip"
+	"reflect"
 	"sort"
 	"testing"
 )
@@ -38,6 +39,9 @@ func TestPeerSetMatchesPeers(t *testing.T) {
 					r.PublicIP.V4 = netip.MustParseAddr("127.0.0.1") // hostile
 				}
 				records[node] = r
+			}
+			if rng.IntN(5) == 0 {
+				ps.IndexHeld() // as the agent does after each hand-over
 			}
 			ps.Update(node)
 			want, wantRej := Peers(cfg, self, records)
@@ -96,5 +100,27 @@ func TestPeersUnorderedMatchesByAge(t *testing.T) {
 		if fmt.Sprint(sortedNodes(fast)) != fmt.Sprint(sortedNodes(slow)) || len(fastRej) != len(slowRej) {
 			t.Fatalf("seed %d: unordered %v (%d rejected), by age %v (%d rejected)", seed, sortedNodes(fast), len(fastRej), sortedNodes(slow), len(slowRej))
 		}
+	}
+}
+
+// TestIndexHeldBuildsTheIndexOnce: IndexHeld leaves the index that Update
+// needs built, so that the agent's first lease change after a start does
+// not build it (about 40 ms at 50,000 peers), and a second call keeps it.
+func TestIndexHeldBuildsTheIndexOnce(t *testing.T) {
+	cfg := mustConfig(t, `{"Network":"10.100.0.0/16"}`)
+	self := &Record{Node: "me", Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.1.0/24")}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.0.1")}}
+	peer := &Record{Node: "p", Rev: 1, Subnet: ipfam.Pair[netip.Prefix]{V4: netip.MustParsePrefix("10.100.2.0/24")}, PublicIP: ipfam.Pair[netip.Addr]{V4: netip.MustParseAddr("192.168.0.2")}}
+	ps := NewPeerSet(cfg, self, map[string]*Record{"me": self, "p": peer})
+	if ps.held.v4 != nil {
+		t.Fatal("the index is built before anything needs it")
+	}
+	ps.IndexHeld()
+	idx := ps.held.v4
+	if len(idx) != 2 {
+		t.Fatalf("index holds %d IPv4 subnets, want 2 (this host's and the peer's)", len(idx))
+	}
+	ps.IndexHeld()
+	if len(ps.held.v4) != 2 || reflect.ValueOf(ps.held.v4).UnsafePointer() != reflect.ValueOf(idx).UnsafePointer() {
+		t.Error("a second IndexHeld rebuilt the index")
 	}
 }
