@@ -203,7 +203,7 @@ func logJoinTrace(log func(string, ...any), joins []joinTimes, bw *benchWatch, a
 				over = append(over, fmt.Sprintf("%s %.1fms", sp.what, ms(time.Duration(sp.end-sp.start))))
 			}
 		}
-		log("  %s total %.2f (put %.2f, bench watch %.2f): %s; gc %d/%d; events %d; batch %d; %s", r.j.node, ms(r.total), ms(r.j.answered.Sub(r.j.sent)), ms(delta(r, hopDef{"sent", "etcdw"})),
+		log("  %s at %s total %.2f (put %.2f, bench watch %.2f): %s; gc %d/%d; events %d; batch %d; %s", r.j.node, r.j.sent.UTC().Format("15:04:05.000"), ms(r.total), ms(r.j.answered.Sub(r.j.sent)), ms(delta(r, hopDef{"sent", "etcdw"})),
 			strings.Join(parts, " "), r.h["gc"], r.j.gc, r.h["events"], r.h["batch"], strings.Join(over, ", "))
 	}
 	// Joins that overlapped a span of other agent work against the rest.

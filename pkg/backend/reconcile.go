@@ -10,11 +10,13 @@ import (
 	"reflect"
 	"runtime"
 	"slices"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
+	"github.com/leased/leased/internal/hoptrace"
 	"github.com/leased/leased/pkg/metrics"
 )
 
@@ -253,6 +255,7 @@ func (e *engine) routeHaveIn(have []route, put func([]route) []error) func([]rou
 // wantAll computes the desired state from the whole peer set, publishes it
 // as the wanted state and records what it was computed from.
 func (e *engine) wantAll(in input, from wantInputs) state {
+	defer hoptrace.Span("desired state", time.Now())
 	want, skips := e.dp.desired(in)
 	e.wanted.store(want)
 	e.wantFrom = from

@@ -13,6 +13,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
+
+	"github.com/leased/leased/internal/hoptrace"
 )
 
 // resubscribeDelay is the wait before re-subscribing after a netlink
@@ -56,7 +58,9 @@ func (e *engine) Run(ctx context.Context) error {
 				// Free the burst's garbage first: without a collection
 				// since the burst, the pass's dump would be allocated on
 				// top of it (the agent's peak RSS at 50,000 peers).
+				t := time.Now()
 				runtime.GC()
+				hoptrace.Span("forced GC", t)
 			}
 			resync = true
 		case <-e.kick:
