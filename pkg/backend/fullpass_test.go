@@ -250,7 +250,7 @@ func testFullPassLetsChangesIn(t *testing.T, typ string) {
 	assertSteady(t, e)
 }
 
-// TestDumpNeighsMatchesNeighList: the full pass's own neighbour and FDB
+// TestDumpNeighsMatchesNeighList: the engine's own neighbour and FDB
 // dump finds what the netlink library's lists find: the permanent
 // neighbours and unicast FDB entries on leased's devices, not the
 // operator's entries elsewhere.
@@ -262,7 +262,7 @@ func TestDumpNeighsMatchesNeighList(t *testing.T) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	owned := *e.owned.Load()
-	wantN, wantF, err := e.listNeighs(owned)
+	wantN, wantF, err := e.listNeighsLib(owned)
 	if err != nil {
 		t.Fatal(err)
 	}

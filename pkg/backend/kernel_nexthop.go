@@ -247,15 +247,22 @@ func retryRawDump(what string, reset func(), dump func() error) error {
 }
 
 func (k netlinkKernel) RouteDump(family int, reset func(), fn func(*kroute)) error {
-	b, unlock := k.dumpSock()
-	defer unlock()
 	hdr := make([]byte, unix.SizeofRtMsg)
 	hdr[0] = uint8(family)
-	var r kroute
-	return retryRawDump("routes", reset, func() error {
-		return b.dump(unix.RTM_GETROUTE, hdr, func(typ uint16, m []byte) {
-			if typ == unix.RTM_NEWROUTE && parseRoute(m, &r) {
-				fn(&r)
+	return rawDump(k, "routes", unix.RTM_GETROUTE, unix.RTM_NEWROUTE, hdr, reset, parseRoute, fn)
+}
+
+// rawDump sends one dump request typ (payload hdr) on k's dump socket,
+// retried as retryRawDump does, and calls fn with each answer of type
+// want that parse decodes; fn's value is reused for the next answer.
+func rawDump[T any](k netlinkKernel, what string, typ, want uint16, hdr []byte, reset func(), parse func([]byte, *T) bool, fn func(*T)) error {
+	b, unlock := k.dumpSock()
+	defer unlock()
+	var v T
+	return retryRawDump(what, reset, func() error {
+		return b.dump(typ, hdr, func(t uint16, m []byte) {
+			if t == want && parse(m, &v) {
+				fn(&v)
 			}
 		})
 	})
@@ -271,18 +278,9 @@ type kneigh struct {
 }
 
 func (k netlinkKernel) NeighDump(family int, reset func(), fn func(*kneigh)) error {
-	b, unlock := k.dumpSock()
-	defer unlock()
 	hdr := make([]byte, unix.SizeofNdMsg)
 	hdr[0] = uint8(family)
-	var n kneigh
-	return retryRawDump("neighbours", reset, func() error {
-		return b.dump(unix.RTM_GETNEIGH, hdr, func(typ uint16, m []byte) {
-			if typ == unix.RTM_NEWNEIGH && parseNeigh(m, &n) {
-				fn(&n)
-			}
-		})
-	})
+	return rawDump(k, "neighbours", unix.RTM_GETNEIGH, unix.RTM_NEWNEIGH, hdr, reset, parseNeigh, fn)
 }
 
 // parseNeigh decodes an RTM_NEWNEIGH payload into n.
@@ -374,15 +372,8 @@ func (k netlinkKernel) NexthopList() ([]nexthop, error) {
 }
 
 func (k netlinkKernel) NexthopDump(reset func(), fn func(nexthop)) error {
-	b, unlock := k.dumpSock()
-	defer unlock()
-	return retryRawDump("nexthop objects", reset, func() error {
-		return b.dump(unix.RTM_GETNEXTHOP, make([]byte, unix.SizeofNhmsg), func(typ uint16, m []byte) {
-			if n, ok := parseNexthop(m); ok && typ == unix.RTM_NEWNEXTHOP {
-				fn(n)
-			}
-		})
-	})
+	parse := func(m []byte, n *nexthop) (ok bool) { *n, ok = parseNexthop(m); return ok }
+	return rawDump(k, "nexthop objects", unix.RTM_GETNEXTHOP, unix.RTM_NEWNEXTHOP, make([]byte, unix.SizeofNhmsg), reset, parse, func(n *nexthop) { fn(*n) })
 }
 
 // parseNexthop decodes an RTM_NEWNEXTHOP (or RTM_DELNEXTHOP) payload.

@@ -31,7 +31,7 @@ func (e *engine) passLocked(ctx context.Context) error { return e.passLockedWith
 // (nil: dump now); touched are the keys changed since d began (see
 // adoptDump). When the engine is trusted and d was made without e.mu
 // (touched is e.dumpTouched, still collecting), the comparison lets peer
-// changes in too (verifyKindLocked).
+// changes in too (verifyLocked).
 func (e *engine) passLockedWith(ctx context.Context, d *routeDump, touched *touchedSet) error {
 	if !e.started || !e.peersSet {
 		return nil
@@ -163,8 +163,9 @@ func adoptKind[K comparable, V keyed[K]](have []V, touched map[K]struct{}, appli
 const verifyEvery = 2048
 
 // verifyLocked brings the kernel's FDB entries, neighbours and routes (as
-// dumped, sorted, without the touched keys) to want, the wanted state itself, for a trusted
-// engine. Every verifyEvery objects it releases e.mu for a moment, so that
+// dumped, sorted, without the touched keys) to want, the wanted state
+// itself, for a trusted engine. Every verifyEvery objects it releases e.mu
+// for a moment, so that
 // a peer change arriving during the comparison (0.3 s at 50,000 peers)
 // waits for a chunk of it, not all of it. Keys a change touched meanwhile
 // (e.dumpTouched) are left out: the change applied them. If the wanted
@@ -442,8 +443,18 @@ func (e *engine) listAllRoutesFor(local Local) ([]route, *foreignSet, error) {
 }
 
 // listNeighs returns the permanent neighbour and FDB entries on the owned
-// devices: one neighbour dump per family and one FDB dump.
+// devices: one neighbour dump per family and one FDB dump, through the
+// kernel's own dumps where it has them (dumpNeighs), else the library's.
 func (e *engine) listNeighs(owned []int) ([]neigh, []fdb, error) {
+	if nk := e.nhk(); nk != nil {
+		return dumpNeighs(nk, owned, len(e.applied.neighs)+64, len(e.applied.fdbs)+64)
+	}
+	return e.listNeighsLib(owned)
+}
+
+// listNeighsLib is listNeighs through the netlink library (the in-memory
+// fake has no dumps of its own).
+func (e *engine) listNeighsLib(owned []int) ([]neigh, []fdb, error) {
 	var neighs []neigh
 	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
 		ns, err := e.k.NeighList(fam)
